@@ -1,0 +1,147 @@
+//! Wire types of the REST API, shared by the server and its clients.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use crate::gateway::{CatalogEntry, PolicyStatus};
+pub use crate::infra::InfrastructureStatus;
+
+/// Largest request body the server reads.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Most audit records one `GET /audit` returns.
+pub const MAX_AUDIT_LIMIT: u32 = 1000;
+/// Records `GET /audit` returns when no limit is given.
+pub const DEFAULT_AUDIT_LIMIT: u32 = 50;
+
+/// `GET /`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// Always `ok` when the server answers.
+    pub status: String,
+    /// The mode in force.
+    pub mode: String,
+    /// Proxi's version.
+    pub version: String,
+}
+
+/// `POST /tools/execute` body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecuteRequest {
+    /// The tool to run.
+    pub tool_name: String,
+    /// Its arguments (an object; omitted means none).
+    #[serde(default)]
+    pub arguments: Value,
+    /// Free-form caller context, accepted for seed compatibility and not interpreted.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub context: Map<String, Value>,
+}
+
+/// `POST /tools/execute` answer (the seed's shape plus diagnostic fields).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolResponse {
+    /// Whether the tool ran and succeeded.
+    pub success: bool,
+    /// The tool's result when it succeeded.
+    pub result: Option<Value>,
+    /// What went wrong otherwise.
+    pub error: Option<String>,
+    /// Whether the policy refused the call.
+    pub policy_violation: bool,
+    /// The policy's explanation of a refusal.
+    pub blocked_reason: Option<String>,
+    /// Machine-readable reason: a policy reason code, `invalid_arguments` or a tool error code.
+    pub reason_code: Option<String>,
+    /// The tool as requested.
+    pub tool: String,
+    /// The mode the call was decided in.
+    pub mode: String,
+    /// A concrete next step after a refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub how_to_proceed: Option<String>,
+    /// For an unknown tool, the tools that exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_tools: Option<Vec<String>>,
+    /// The call's sequence number in the audit trail.
+    pub audit_seq: u64,
+}
+
+/// `POST /policy/set-mode` body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetModeRequest {
+    /// Target mode, e.g. `EMERGENCY`.
+    pub mode: String,
+    /// Why (required for elevated modes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How long an elevated mode lasts (default 900, capped by the policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// `GET /tools/catalog`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Catalog {
+    /// The mode `allowed` refers to.
+    pub mode: String,
+    /// Every tool.
+    pub tools: Vec<CatalogEntry>,
+}
+
+/// `POST /infrastructure/simulate-incident` body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncidentRequest {
+    /// The service to break.
+    #[serde(default = "default_incident_service")]
+    pub service: String,
+    /// `degraded` or `critical`.
+    #[serde(default = "default_incident_status")]
+    pub status: String,
+}
+
+impl Default for IncidentRequest {
+    fn default() -> Self {
+        IncidentRequest {
+            service: default_incident_service(),
+            status: default_incident_status(),
+        }
+    }
+}
+
+fn default_incident_service() -> String {
+    "web-server".to_owned()
+}
+
+fn default_incident_status() -> String {
+    "critical".to_owned()
+}
+
+/// `POST /infrastructure/simulate-incident` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IncidentResponse {
+    /// Always true on a 200.
+    pub success: bool,
+    /// What was done.
+    pub message: String,
+    /// The infrastructure afterwards.
+    pub infrastructure: InfrastructureStatus,
+}
+
+/// `GET /audit` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditPage {
+    /// Number of records returned.
+    pub count: usize,
+    /// The newest records, oldest first.
+    pub records: Vec<crate::audit::AuditRecord>,
+}
+
+/// Every 4xx/5xx body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, safe to show.
+    pub error: String,
+}

@@ -1,0 +1,279 @@
+//! A typed client for Proxi's REST API, used by the CLI, the agent and the demo.
+
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::api::{
+    AuditPage, Catalog, ErrorBody, ExecuteRequest, Health, IncidentRequest, IncidentResponse,
+    InfrastructureStatus, PolicyStatus, SetModeRequest, ToolResponse,
+};
+use crate::server::ServerInfo;
+use crate::tokens::TokensFile;
+
+/// Where a CLI finds the server when told nothing.
+pub const DEFAULT_SERVER_URL: &str = "http://127.0.0.1:8000";
+
+/// Failures talking to a Proxi server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached.
+    #[error("cannot reach the Proxi server at {url}: {message}")]
+    Unreachable {
+        /// The URL tried.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The server answered with an error.
+    #[error("the server answered {status}: {message}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// The server's error message.
+        message: String,
+    },
+    /// The answer was not what the API promises.
+    #[error("unexpected answer from the server: {0}")]
+    Decode(String),
+    /// The client could not be built.
+    #[error("invalid client configuration: {0}")]
+    Config(String),
+}
+
+/// A connection to one Proxi server with one token.
+#[derive(Clone, Debug)]
+pub struct ProxiClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl ProxiClient {
+    /// A client for `base_url` that sends `token` as a bearer token.
+    pub fn new(base_url: &str, token: Option<String>) -> Result<ProxiClient, ClientError> {
+        let base = base_url.trim_end_matches('/').to_owned();
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60));
+        if is_loopback(&base) {
+            // A proxy from the environment must not see local tokens.
+            builder = builder.no_proxy();
+        }
+        let http = builder
+            .build()
+            .map_err(|error| ClientError::Config(error.to_string()))?;
+        Ok(ProxiClient { base, token, http })
+    }
+
+    /// The server's base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /`.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.get("/").await
+    }
+
+    /// `GET /policy/status`.
+    pub async fn policy_status(&self) -> Result<PolicyStatus, ClientError> {
+        self.get("/policy/status").await
+    }
+
+    /// `POST /policy/set-mode`.
+    pub async fn set_mode(&self, request: &SetModeRequest) -> Result<PolicyStatus, ClientError> {
+        self.post("/policy/set-mode", request).await
+    }
+
+    /// `GET /tools/catalog`.
+    pub async fn catalog(&self) -> Result<Catalog, ClientError> {
+        self.get("/tools/catalog").await
+    }
+
+    /// `GET /infrastructure/status`.
+    pub async fn infrastructure(&self) -> Result<InfrastructureStatus, ClientError> {
+        self.get("/infrastructure/status").await
+    }
+
+    /// `POST /infrastructure/simulate-incident`.
+    pub async fn simulate_incident(
+        &self,
+        request: &IncidentRequest,
+    ) -> Result<IncidentResponse, ClientError> {
+        self.post("/infrastructure/simulate-incident", request)
+            .await
+    }
+
+    /// `GET /audit?limit=N`.
+    pub async fn audit(&self, limit: u32) -> Result<AuditPage, ClientError> {
+        self.get(&format!("/audit?limit={limit}")).await
+    }
+
+    /// `POST /tools/execute`; policy refusals and tool failures are answers, not errors.
+    pub async fn execute(&self, tool: &str, arguments: Value) -> Result<ToolResponse, ClientError> {
+        let request = ExecuteRequest {
+            tool_name: tool.to_owned(),
+            arguments,
+            context: Default::default(),
+        };
+        let response = self
+            .authorize(self.http.post(self.url("/tools/execute")))
+            .json(&request)
+            .send()
+            .await
+            .map_err(|error| self.unreachable(error))?;
+        match response.status() {
+            StatusCode::OK
+            | StatusCode::FORBIDDEN
+            | StatusCode::CONFLICT
+            | StatusCode::UNPROCESSABLE_ENTITY => {
+                let bytes = response
+                    .bytes()
+                    .await
+                    .map_err(|error| ClientError::Decode(error.to_string()))?;
+                // A 403 from authorization carries an ErrorBody, not a ToolResponse.
+                match serde_json::from_slice::<ToolResponse>(&bytes) {
+                    Ok(answer) => Ok(answer),
+                    Err(_) => Err(status_error(StatusCode::FORBIDDEN, &bytes)),
+                }
+            }
+            status => {
+                let bytes = response.bytes().await.unwrap_or_default();
+                Err(status_error(status, &bytes))
+            }
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let request = self.authorize(self.http.get(self.url(path)));
+        self.send(request).await
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let request = self.authorize(self.http.post(self.url(path))).json(body);
+        self.send(request).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|error| self.unreachable(error))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|error| ClientError::Decode(error.to_string()))?;
+        if !status.is_success() {
+            return Err(status_error(status, &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|error| ClientError::Decode(error.to_string()))
+    }
+
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn unreachable(&self, error: reqwest::Error) -> ClientError {
+        let message = if error.is_timeout() {
+            "the request timed out".to_owned()
+        } else if error.is_connect() {
+            "connection refused or failed; is `proxi serve` running?".to_owned()
+        } else {
+            error.to_string()
+        };
+        ClientError::Unreachable {
+            url: self.base.clone(),
+            message,
+        }
+    }
+}
+
+fn status_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ErrorBody>(body)
+        .map(|body| body.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).chars().take(200).collect());
+    ClientError::Status {
+        status: status.as_u16(),
+        message,
+    }
+}
+
+fn is_loopback(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url);
+    rest.starts_with("127.") || rest.starts_with("localhost") || rest.starts_with("[::1]")
+}
+
+/// The server URL a local CLI should use: explicit, else the data dir's `server.json`, else the default.
+pub fn resolve_server_url(explicit: Option<&str>, data_dir: &Path) -> String {
+    explicit
+        .map(str::to_owned)
+        .or_else(|| ServerInfo::read(data_dir).map(|info| info.url))
+        .unwrap_or_else(|| DEFAULT_SERVER_URL.to_owned())
+}
+
+/// A token from the environment variable `env`, else from the data dir's tokens file.
+pub fn resolve_token(env_value: Option<String>, data_dir: &Path, operator: bool) -> Option<String> {
+    env_value.filter(|token| !token.is_empty()).or_else(|| {
+        let file = TokensFile::read(data_dir).ok()?;
+        if operator {
+            file.operator_token
+        } else {
+            file.agent_token
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_urls_are_recognised() {
+        assert!(is_loopback("http://127.0.0.1:8000"));
+        assert!(is_loopback("http://localhost:1"));
+        assert!(is_loopback("http://[::1]:80"));
+        assert!(!is_loopback("https://proxi.example.com"));
+    }
+
+    #[test]
+    fn explicit_urls_win_over_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(resolve_server_url(None, dir.path()), DEFAULT_SERVER_URL);
+        std::fs::write(
+            dir.path().join(crate::server::SERVER_FILE),
+            r#"{"url":"http://127.0.0.1:9999","pid":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            resolve_server_url(None, dir.path()),
+            "http://127.0.0.1:9999"
+        );
+        assert_eq!(
+            resolve_server_url(Some("http://10.0.0.1:1"), dir.path()),
+            "http://10.0.0.1:1"
+        );
+    }
+}

@@ -1,0 +1,875 @@
+//! The one execution path every front end uses:
+//! validate arguments → policy decision → execute → audit.
+//!
+//! The mode lives behind a read-write lock. A tool call holds the read side from
+//! its decision until its audit entry is queued, and a mode change holds the write
+//! side while it switches and queues its own entry. So a call is decided and run
+//! under one mode, no active tool runs once a switch to NORMAL has returned, and
+//! the audit trail's order is the order in which decisions took effect. No lock is
+//! held across I/O: the lock is released before waiting for the audit commit.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::audit::{
+    AuditDecision, AuditEntry, AuditError, AuditLog, AuditRecord, Durability, EntryKind, Recovered,
+    format_time,
+};
+use crate::infra::{CloudInfrastructure, InfraError, InfrastructureStatus, ServiceHealth};
+use crate::policy::{Decision, Denial, ModeId, PolicyEngine, ReasonCode};
+use crate::principal::{Principal, Role};
+use crate::tools::{MAX_TOOL_NAME_LEN, ToolCall, ToolCategory, ToolName};
+
+/// Emergency TTL when the operator does not give one.
+pub const DEFAULT_ELEVATED_TTL: Duration = Duration::from_secs(900);
+/// Longest accepted mode-change reason, in characters.
+pub const MAX_REASON_LEN: usize = 500;
+/// Name of the lock file that keeps two processes off one data dir.
+pub const LOCK_FILE: &str = "proxi.lock";
+
+/// Failures of the gateway as a whole (not of one tool call).
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The audit trail cannot record, so nothing may run.
+    #[error("the audit trail is unavailable; refusing to act without a record")]
+    AuditUnavailable,
+    /// Opening the audit trail failed.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// Another process holds the data dir.
+    #[error(
+        "data dir {0} is in use by another proxi process (two writers would fork the audit chain)"
+    )]
+    DataDirBusy(PathBuf),
+    /// The data dir or its lock file could not be opened.
+    #[error("cannot use data dir {path}: {error}")]
+    DataDir {
+        /// The data dir.
+        path: PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+}
+
+/// Why an operator's mode change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ModeChangeError {
+    /// Only operators may change the mode.
+    #[error("only an operator may change the mode")]
+    NotOperator,
+    /// The policy has no such mode.
+    #[error("unknown mode '{requested}'; available modes: {available}")]
+    UnknownMode {
+        /// What was asked for.
+        requested: String,
+        /// The policy's modes.
+        available: String,
+    },
+    /// Elevated modes need a reason for the audit trail.
+    #[error("a reason is required to enter {0} mode")]
+    ReasonRequired(String),
+    /// The reason is too long.
+    #[error("the reason must be at most {MAX_REASON_LEN} characters")]
+    ReasonTooLong,
+    /// The TTL is zero or above the policy's cap.
+    #[error(
+        "ttl_seconds must be between 1 and {max} (the policy's max_emergency_ttl_seconds), got {requested}"
+    )]
+    TtlOutOfRange {
+        /// What was asked for.
+        requested: u64,
+        /// The policy's cap.
+        max: u64,
+    },
+    /// The default mode does not lapse.
+    #[error(
+        "ttl_seconds applies only to elevated modes; {0} is the default mode and does not expire"
+    )]
+    TtlOnDefaultMode(String),
+    /// The change could not be recorded.
+    #[error("the audit trail is unavailable; the mode change was not recorded")]
+    AuditUnavailable,
+}
+
+/// What happened to one tool call.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The tool ran and returned this result.
+    Executed(Value),
+    /// The policy refused the call.
+    Denied {
+        /// The decision.
+        denial: Denial,
+        /// Why, in words.
+        message: String,
+        /// What the caller could do instead.
+        how_to_proceed: String,
+    },
+    /// No tool has the requested name.
+    UnknownTool {
+        /// Why, in words, listing the real tools.
+        message: String,
+    },
+    /// The arguments do not match the tool's schema.
+    InvalidArguments(String),
+    /// The tool ran and failed (e.g. an unknown service); nothing changed.
+    Failed {
+        /// Machine-readable error code.
+        code: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl Outcome {
+    /// The reason code the API reports, if any.
+    pub fn reason_code(&self) -> Option<&'static str> {
+        match self {
+            Outcome::Executed(_) => None,
+            Outcome::Denied { denial, .. } => Some(denial.reason.as_str()),
+            Outcome::UnknownTool { .. } => Some(ReasonCode::UnknownTool.as_str()),
+            Outcome::InvalidArguments(_) => Some("invalid_arguments"),
+            Outcome::Failed { code, .. } => Some(code),
+        }
+    }
+
+    /// Whether the policy refused the call (unknown tools included, as in the API).
+    pub fn is_policy_violation(&self) -> bool {
+        matches!(self, Outcome::Denied { .. } | Outcome::UnknownTool { .. })
+    }
+}
+
+/// The full answer to one tool call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Execution {
+    /// The tool name as requested.
+    pub tool: String,
+    /// The mode the call was decided in.
+    pub mode: Arc<str>,
+    /// What happened.
+    pub outcome: Outcome,
+    /// The call's position in the audit trail.
+    pub audit_seq: u64,
+}
+
+/// The policy state a client sees (`GET /policy/status`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// The mode in force.
+    pub mode: String,
+    /// The mode's description.
+    pub description: String,
+    /// Tools the mode allows.
+    pub allowed_tools: Vec<String>,
+    /// Tools the mode explicitly blocks.
+    pub blocked_tools: Vec<String>,
+    /// Tools blocked in every mode.
+    pub always_blocked: Vec<String>,
+    /// When an elevated mode lapses (RFC 3339), or null.
+    pub emergency_expires_at: Option<String>,
+    /// The mode Proxi returns to.
+    pub default_mode: String,
+    /// Every mode the policy defines.
+    pub available_modes: Vec<String>,
+    /// Why the current mode was entered.
+    pub reason: Option<String>,
+    /// Who entered it.
+    pub changed_by: String,
+    /// When.
+    pub changed_at: String,
+}
+
+/// One tool as `GET /tools/catalog` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// Wire name.
+    pub name: String,
+    /// What it does.
+    pub description: String,
+    /// `read_only`, `active` or `destructive`.
+    pub category: ToolCategory,
+    /// JSON Schema of its arguments.
+    pub input_schema: Value,
+    /// Whether the current mode allows it.
+    pub allowed: bool,
+    /// Every mode that allows it.
+    pub allowed_modes: Vec<String>,
+}
+
+/// A request to change the mode.
+#[derive(Clone, Debug, Default)]
+pub struct ModeChange {
+    /// The target mode's name (any case).
+    pub mode: String,
+    /// Why; required for elevated modes.
+    pub reason: Option<String>,
+    /// How long an elevated mode lasts; defaults to 15 minutes (capped by policy).
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Clone, Debug)]
+struct ModeState {
+    mode: ModeId,
+    /// Monotonic deadline for decisions, wall-clock time for display and restarts.
+    expires: Option<(Instant, DateTime<Utc>)>,
+    reason: Option<String>,
+    changed_by: Arc<str>,
+    changed_at: DateTime<Utc>,
+}
+
+impl ModeState {
+    /// The mode decisions use: an elevated mode past its deadline counts as lapsed
+    /// even before the expiry task has recorded it.
+    fn effective_mode(&self, now: Instant, default: ModeId) -> ModeId {
+        match self.expires {
+            Some((deadline, _)) if now >= deadline => default,
+            _ => self.mode,
+        }
+    }
+}
+
+/// Where the gateway keeps its state and how it records it.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// Directory for the audit database, tokens and lock file.
+    pub data_dir: PathBuf,
+    /// How hard audit commits push to disk.
+    pub durability: Durability,
+}
+
+/// The policy enforcement point shared by REST, MCP, the agent and the demo.
+pub struct Gateway {
+    policy: PolicyEngine,
+    mode_names: Vec<Arc<str>>,
+    state: RwLock<ModeState>,
+    infra: Mutex<CloudInfrastructure>,
+    audit: AuditLog,
+    mode_events: watch::Sender<PolicyStatus>,
+    data_dir: PathBuf,
+    _data_dir_lock: File,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock_data_dir(data_dir: &Path) -> Result<File, GatewayError> {
+    let io_error = |error| GatewayError::DataDir {
+        path: data_dir.to_owned(),
+        error,
+    };
+    std::fs::create_dir_all(data_dir).map_err(io_error)?;
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join(LOCK_FILE))
+        .map_err(io_error)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(GatewayError::DataDirBusy(data_dir.to_owned()))
+        }
+        Err(std::fs::TryLockError::Error(error)) => Err(io_error(error)),
+    }
+}
+
+impl Gateway {
+    /// Opens the data dir, restores the mode from the audit trail and starts the expiry task.
+    ///
+    /// Must be called inside a Tokio runtime.
+    pub async fn open(
+        policy: PolicyEngine,
+        config: GatewayConfig,
+    ) -> Result<Arc<Gateway>, GatewayError> {
+        let lock = lock_data_dir(&config.data_dir)?;
+        let (audit, recovered) = AuditLog::open(&config.data_dir, config.durability)?;
+        let mode_names = policy
+            .modes()
+            .map(|(_, mode)| Arc::from(mode.name()))
+            .collect();
+        let now = Utc::now();
+        let initial = ModeState {
+            mode: policy.default_mode(),
+            expires: None,
+            reason: None,
+            changed_by: Principal::system().name().clone(),
+            changed_at: now,
+        };
+        let (mode_events, _) = watch::channel(PolicyStatus {
+            mode: String::new(),
+            description: String::new(),
+            allowed_tools: Vec::new(),
+            blocked_tools: Vec::new(),
+            always_blocked: Vec::new(),
+            emergency_expires_at: None,
+            default_mode: String::new(),
+            available_modes: Vec::new(),
+            reason: None,
+            changed_by: String::new(),
+            changed_at: String::new(),
+        });
+        let gateway = Arc::new(Gateway {
+            policy,
+            mode_names,
+            state: RwLock::new(initial),
+            infra: Mutex::new(CloudInfrastructure::new()),
+            audit,
+            mode_events,
+            data_dir: config.data_dir,
+            _data_dir_lock: lock,
+        });
+        gateway.restore_mode(recovered).await?;
+        gateway.mode_events.send_replace(gateway.status());
+        spawn_expiry_task(Arc::downgrade(&gateway), gateway.mode_events.subscribe());
+        Ok(gateway)
+    }
+
+    /// Puts back the mode the trail last recorded, unless it has lapsed meanwhile.
+    async fn restore_mode(&self, recovered: Recovered) -> Result<(), GatewayError> {
+        let Some(record) = recovered.last_mode_event else {
+            return Ok(());
+        };
+        let default = self.policy.default_mode();
+        let Some(mode) = self.policy.mode_id(&record.mode) else {
+            tracing::warn!(mode = %record.mode, "recorded mode no longer exists in the policy; starting in the default mode");
+            return self
+                .record_restore_lapse(&record, "the recorded mode no longer exists in the policy")
+                .await;
+        };
+        let changed_at = DateTime::parse_from_rfc3339(&record.time)
+            .map(|time| time.with_timezone(&Utc))
+            .unwrap_or_else(|_| Utc::now());
+        let mut state = ModeState {
+            mode,
+            expires: None,
+            reason: record
+                .detail
+                .get("reason")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            changed_by: Arc::from(record.principal.as_str()),
+            changed_at,
+        };
+        if mode != default {
+            let expires_at = record
+                .expires_at
+                .as_deref()
+                .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
+                .map(|time| time.with_timezone(&Utc));
+            let remaining = expires_at.and_then(|at| (at - Utc::now()).to_std().ok());
+            match (expires_at, remaining) {
+                (Some(at), Some(remaining)) if !remaining.is_zero() => {
+                    state.expires = Some((Instant::now() + remaining, at));
+                }
+                _ => {
+                    return self
+                        .record_restore_lapse(
+                            &record,
+                            "the mode lapsed while Proxi was not running",
+                        )
+                        .await;
+                }
+            }
+        }
+        *self.state.write().unwrap_or_else(PoisonError::into_inner) = state;
+        Ok(())
+    }
+
+    async fn record_restore_lapse(
+        &self,
+        record: &AuditRecord,
+        why: &str,
+    ) -> Result<(), GatewayError> {
+        if record.mode == self.mode_name(self.policy.default_mode()).as_ref() {
+            return Ok(());
+        }
+        let entry = AuditEntry {
+            time: Utc::now(),
+            principal: Principal::system().name().clone(),
+            kind: EntryKind::ModeExpired,
+            tool: None,
+            arguments: None,
+            mode: self.mode_name(self.policy.default_mode()).clone(),
+            decision: AuditDecision::Allowed,
+            reason_code: None,
+            outcome: "expired",
+            detail: json!({"from": record.mode, "reason": why}),
+            expires_at: None,
+        };
+        self.audit
+            .append(entry)
+            .await
+            .map(|_| ())
+            .map_err(|_| GatewayError::AuditUnavailable)
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &PolicyEngine {
+        &self.policy
+    }
+
+    /// The data dir this gateway owns.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The audit trail.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    fn mode_name(&self, mode: ModeId) -> &Arc<str> {
+        // mode_names is built from the same engine, one entry per mode, in order.
+        &self.mode_names[mode.index()]
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, ModeState> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Validates, decides, runs and records one tool call.
+    pub async fn execute(
+        &self,
+        principal: &Principal,
+        tool_name: &str,
+        arguments: Value,
+    ) -> Result<Execution, GatewayError> {
+        let tool = ToolName::parse(tool_name);
+        // Argument checks need no lock: they depend on the call alone.
+        let parsed = tool.map(|tool| ToolCall::parse(tool, &arguments));
+        if !self.audit.is_healthy() {
+            return Err(GatewayError::AuditUnavailable);
+        }
+        let now = Utc::now();
+        let (pending, mode, outcome) = {
+            let state = self.read_state();
+            let mode_id = state.effective_mode(Instant::now(), self.policy.default_mode());
+            let outcome = match parsed {
+                None => Outcome::UnknownTool {
+                    message: format!(
+                        "Tool '{}' does not exist. Known tools: {}",
+                        truncate(tool_name, MAX_TOOL_NAME_LEN),
+                        ToolName::ALL.map(ToolName::as_str).join(", ")
+                    ),
+                },
+                Some(Err(error)) => Outcome::InvalidArguments(error.to_string()),
+                Some(Ok(call)) => match self.policy.decide(mode_id, &call) {
+                    Decision::Deny(denial) => Outcome::Denied {
+                        message: self.policy.explain(&denial),
+                        how_to_proceed: self.policy.how_to_proceed(&denial),
+                        denial,
+                    },
+                    Decision::Allow => {
+                        let result = self
+                            .infra
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .execute(&call, now);
+                        match result {
+                            Ok(result) => Outcome::Executed(result),
+                            Err(error) => Outcome::Failed {
+                                code: error.code(),
+                                message: error.to_string(),
+                            },
+                        }
+                    }
+                },
+            };
+            let mode = self.mode_name(mode_id).clone();
+            let entry = tool_call_entry(principal, tool_name, arguments, &mode, &outcome, now);
+            (self.audit.submit(entry), mode, outcome)
+        };
+        let audit_seq = pending
+            .durable()
+            .await
+            .map_err(|_| GatewayError::AuditUnavailable)?;
+        Ok(Execution {
+            tool: truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned(),
+            mode,
+            outcome,
+            audit_seq,
+        })
+    }
+
+    /// Changes the mode on an operator's behalf and records it.
+    pub async fn set_mode(
+        &self,
+        principal: &Principal,
+        change: ModeChange,
+    ) -> Result<PolicyStatus, ModeChangeError> {
+        if principal.role() != Role::Operator {
+            return Err(ModeChangeError::NotOperator);
+        }
+        let target = self.policy.mode_id(change.mode.trim()).ok_or_else(|| {
+            ModeChangeError::UnknownMode {
+                requested: truncate(&change.mode, 64).to_owned(),
+                available: self
+                    .mode_names
+                    .iter()
+                    .map(|n| n.as_ref())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        })?;
+        let target_name = self.mode_name(target).clone();
+        let reason = change
+            .reason
+            .map(|reason| reason.trim().to_owned())
+            .filter(|reason| !reason.is_empty());
+        if reason
+            .as_ref()
+            .is_some_and(|r| r.chars().count() > MAX_REASON_LEN)
+        {
+            return Err(ModeChangeError::ReasonTooLong);
+        }
+        let is_default = target == self.policy.default_mode();
+        let ttl = if is_default {
+            if change.ttl.is_some() {
+                return Err(ModeChangeError::TtlOnDefaultMode(target_name.to_string()));
+            }
+            None
+        } else {
+            if reason.is_none() {
+                return Err(ModeChangeError::ReasonRequired(target_name.to_string()));
+            }
+            let max = self.policy.max_elevated_ttl();
+            let ttl = change.ttl.unwrap_or(DEFAULT_ELEVATED_TTL.min(max));
+            if ttl.is_zero() || ttl > max {
+                return Err(ModeChangeError::TtlOutOfRange {
+                    requested: ttl.as_secs(),
+                    max: max.as_secs(),
+                });
+            }
+            Some(ttl)
+        };
+        if !self.audit.is_healthy() {
+            return Err(ModeChangeError::AuditUnavailable);
+        }
+        let now = Utc::now();
+        let pending = {
+            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            let previous = state.effective_mode(Instant::now(), self.policy.default_mode());
+            let expires = ttl.map(|ttl| {
+                let wall =
+                    now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::zero());
+                (Instant::now() + ttl, wall)
+            });
+            *state = ModeState {
+                mode: target,
+                expires,
+                reason: reason.clone(),
+                changed_by: principal.name().clone(),
+                changed_at: now,
+            };
+            self.audit.submit(AuditEntry {
+                time: now,
+                principal: principal.name().clone(),
+                kind: EntryKind::ModeChange,
+                tool: None,
+                arguments: None,
+                mode: target_name,
+                decision: AuditDecision::Allowed,
+                reason_code: None,
+                outcome: "changed",
+                detail: json!({
+                    "from": self.mode_name(previous).as_ref(),
+                    "reason": reason,
+                    "ttl_seconds": ttl.map(|ttl| ttl.as_secs()),
+                }),
+                expires_at: expires.map(|(_, wall)| wall),
+            })
+        };
+        pending
+            .durable()
+            .await
+            .map_err(|_| ModeChangeError::AuditUnavailable)?;
+        let status = self.status();
+        self.mode_events.send_replace(status.clone());
+        Ok(status)
+    }
+
+    /// Returns to the default mode if the elevated mode's deadline has passed.
+    async fn expire_if_due(&self) {
+        let default = self.policy.default_mode();
+        let pending = {
+            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            let due = state
+                .expires
+                .is_some_and(|(deadline, _)| Instant::now() >= deadline);
+            if !due {
+                return;
+            }
+            let from = self.mode_name(state.mode).clone();
+            let now = Utc::now();
+            *state = ModeState {
+                mode: default,
+                expires: None,
+                reason: Some(format!("{from} mode lapsed")),
+                changed_by: Principal::system().name().clone(),
+                changed_at: now,
+            };
+            self.audit.submit(AuditEntry {
+                time: now,
+                principal: Principal::system().name().clone(),
+                kind: EntryKind::ModeExpired,
+                tool: None,
+                arguments: None,
+                mode: self.mode_name(default).clone(),
+                decision: AuditDecision::Allowed,
+                reason_code: None,
+                outcome: "expired",
+                detail: json!({"from": from.as_ref(), "reason": "the time limit lapsed"}),
+                expires_at: None,
+            })
+        };
+        if let Err(error) = pending.durable().await {
+            tracing::error!(%error, "could not record the end of an elevated mode");
+        }
+        tracing::info!("elevated mode lapsed; back to the default mode");
+        self.mode_events.send_replace(self.status());
+    }
+
+    /// The current policy state.
+    pub fn status(&self) -> PolicyStatus {
+        let state = self.read_state().clone();
+        let default = self.policy.default_mode();
+        let now = Instant::now();
+        let mode_id = state.effective_mode(now, default);
+        let lapsed = mode_id != state.mode;
+        let mode = self.policy.mode(mode_id);
+        PolicyStatus {
+            mode: mode.name().to_owned(),
+            description: mode.description().to_owned(),
+            allowed_tools: names(mode.allowed().names()),
+            blocked_tools: names(mode.blocked().names()),
+            always_blocked: names(self.policy.always_blocked().names()),
+            emergency_expires_at: if lapsed {
+                None
+            } else {
+                state.expires.map(|(_, wall)| format_time(wall))
+            },
+            default_mode: self.mode_name(default).to_string(),
+            available_modes: self.mode_names.iter().map(|n| n.to_string()).collect(),
+            reason: if lapsed { None } else { state.reason },
+            changed_by: state.changed_by.to_string(),
+            changed_at: format_time(state.changed_at),
+        }
+    }
+
+    /// Watches policy-status changes (mode changes and expiries).
+    pub fn subscribe(&self) -> watch::Receiver<PolicyStatus> {
+        self.mode_events.subscribe()
+    }
+
+    /// Every tool, its schema, and whether the current mode allows it.
+    pub fn catalog(&self) -> Vec<CatalogEntry> {
+        let mode = self
+            .read_state()
+            .effective_mode(Instant::now(), self.policy.default_mode());
+        ToolName::ALL
+            .into_iter()
+            .map(|tool| CatalogEntry {
+                name: tool.as_str().to_owned(),
+                description: tool.description().to_owned(),
+                category: tool.category(),
+                input_schema: Value::Object(tool.input_schema().as_ref().clone()),
+                allowed: self.policy.permits_tool(mode, tool),
+                allowed_modes: names(self.policy.modes_permitting(tool)),
+            })
+            .collect()
+    }
+
+    /// Services and fleet size.
+    pub fn infrastructure_status(&self) -> InfrastructureStatus {
+        self.infra
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .status()
+    }
+
+    /// Puts a service into a bad state (operators only) and records it.
+    pub async fn simulate_incident(
+        &self,
+        principal: &Principal,
+        service: &str,
+        health: ServiceHealth,
+    ) -> Result<Result<InfrastructureStatus, InfraError>, GatewayError> {
+        if !self.audit.is_healthy() {
+            return Err(GatewayError::AuditUnavailable);
+        }
+        let now = Utc::now();
+        let (pending, result) = {
+            let mode = self
+                .read_state()
+                .effective_mode(Instant::now(), self.policy.default_mode());
+            let mut infra = self.infra.lock().unwrap_or_else(PoisonError::into_inner);
+            let result = infra
+                .simulate_incident(service, health, now)
+                .map(|()| infra.status());
+            let entry = AuditEntry {
+                time: now,
+                principal: principal.name().clone(),
+                kind: EntryKind::Incident,
+                tool: None,
+                arguments: Some(json!({"service": truncate(service, 128), "status": health})),
+                mode: self.mode_name(mode).clone(),
+                decision: AuditDecision::Allowed,
+                reason_code: result.as_ref().err().map(InfraError::code),
+                outcome: if result.is_ok() {
+                    "simulated"
+                } else {
+                    "failed"
+                },
+                detail: match &result {
+                    Ok(_) => json!(format!("{service} set to {health}")),
+                    Err(error) => json!(error.to_string()),
+                },
+                expires_at: None,
+            };
+            (self.audit.submit(entry), result)
+        };
+        pending
+            .durable()
+            .await
+            .map_err(|_| GatewayError::AuditUnavailable)?;
+        Ok(result)
+    }
+
+    /// Records a refused authentication; `what` names the request.
+    pub async fn record_auth_refusal(
+        &self,
+        principal: &Principal,
+        what: &str,
+        reason_code: &'static str,
+    ) -> Result<(), GatewayError> {
+        let mode = self
+            .read_state()
+            .effective_mode(Instant::now(), self.policy.default_mode());
+        let entry = AuditEntry {
+            time: Utc::now(),
+            principal: principal.name().clone(),
+            kind: EntryKind::AuthRefused,
+            tool: None,
+            arguments: None,
+            mode: self.mode_name(mode).clone(),
+            decision: AuditDecision::Denied,
+            reason_code: Some(reason_code),
+            outcome: "refused",
+            detail: Value::String(truncate(what, 200).to_owned()),
+            expires_at: None,
+        };
+        self.audit
+            .append(entry)
+            .await
+            .map(|_| ())
+            .map_err(|_| GatewayError::AuditUnavailable)
+    }
+}
+
+fn names(names: Vec<&str>) -> Vec<String> {
+    names.into_iter().map(str::to_owned).collect()
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary.
+pub fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+fn tool_call_entry(
+    principal: &Principal,
+    tool_name: &str,
+    arguments: Value,
+    mode: &Arc<str>,
+    outcome: &Outcome,
+    now: DateTime<Utc>,
+) -> AuditEntry {
+    let (decision, outcome_name, detail) = match outcome {
+        Outcome::Executed(result) => (AuditDecision::Allowed, "executed", result.clone()),
+        Outcome::Denied { message, .. } => (
+            AuditDecision::Denied,
+            "denied",
+            Value::String(message.clone()),
+        ),
+        Outcome::UnknownTool { .. } => (
+            AuditDecision::Rejected,
+            "unknown_tool",
+            Value::String("no such tool".to_owned()),
+        ),
+        Outcome::InvalidArguments(message) => (
+            AuditDecision::Rejected,
+            "invalid_arguments",
+            Value::String(message.clone()),
+        ),
+        Outcome::Failed { message, .. } => (
+            AuditDecision::Allowed,
+            "failed",
+            Value::String(message.clone()),
+        ),
+    };
+    AuditEntry {
+        time: now,
+        principal: principal.name().clone(),
+        kind: EntryKind::ToolCall,
+        tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
+        arguments: Some(arguments),
+        mode: mode.clone(),
+        decision,
+        reason_code: outcome.reason_code(),
+        outcome: outcome_name,
+        detail,
+        expires_at: None,
+    }
+}
+
+/// Wakes at each elevated mode's deadline and returns to the default mode.
+///
+/// Holds only a weak reference, so dropping the last `Arc<Gateway>` ends it.
+fn spawn_expiry_task(gateway: Weak<Gateway>, mut events: watch::Receiver<PolicyStatus>) {
+    tokio::spawn(async move {
+        loop {
+            events.borrow_and_update();
+            let deadline = {
+                let Some(gateway) = gateway.upgrade() else {
+                    return;
+                };
+                let state = gateway.read_state();
+                state.expires.map(|(deadline, _)| deadline)
+            };
+            let changed = match deadline {
+                Some(deadline) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                            let Some(gateway) = gateway.upgrade() else { return };
+                            gateway.expire_if_due().await;
+                            Ok(())
+                        }
+                        changed = events.changed() => changed,
+                    }
+                }
+                None => events.changed().await,
+            };
+            if changed.is_err() {
+                return;
+            }
+        }
+    });
+}

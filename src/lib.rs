@@ -1,0 +1,17 @@
+//! Proxi: a policy guard between an AI agent and the infrastructure it operates.
+//!
+//! Every tool call passes [`gateway::Gateway::execute`]: arguments are checked
+//! against the tool's schema, the [`policy::PolicyEngine`] decides under the
+//! current mode, the simulated cloud runs the call, and the
+//! [`audit::AuditLog`] records it before anyone hears the answer.
+
+pub mod api;
+pub mod audit;
+pub mod client;
+pub mod gateway;
+pub mod infra;
+pub mod policy;
+pub mod principal;
+pub mod server;
+pub mod tokens;
+pub mod tools;

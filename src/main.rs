@@ -1,0 +1,487 @@
+//! The `proxi` command line: a thin layer over the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use proxi::api::SetModeRequest;
+use proxi::audit::{self, Durability};
+use proxi::client::{ProxiClient, resolve_server_url, resolve_token};
+use proxi::gateway::{Gateway, GatewayConfig};
+use proxi::policy::{Decision, PolicyEngine};
+use proxi::server::{self, AppState, BoundServer};
+use proxi::tokens::{AGENT_TOKEN_ENV, OPERATOR_TOKEN_ENV, Tokens};
+use proxi::tools::{ToolCall, ToolName};
+
+#[derive(Parser)]
+#[command(
+    name = "proxi",
+    version,
+    about = "A policy guard between AI agents and the infrastructure they operate"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the REST API server.
+    Serve(ServeArgs),
+    /// Validate or explain a policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Inspect the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Show or change the mode of a running server.
+    #[command(subcommand)]
+    Mode(ModeCommand),
+}
+
+#[derive(Args, Clone)]
+struct StateArgs {
+    /// Policy file.
+    #[arg(long, default_value = "policies/ops_policy.json")]
+    policy: PathBuf,
+    /// Where the audit trail, tokens and lock file live.
+    #[arg(long, default_value = "./proxi-data")]
+    data_dir: PathBuf,
+    /// `full` fsyncs every audit commit; `process` survives kill -9 but not power loss.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Full)]
+    durability: DurabilityArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DurabilityArg {
+    Full,
+    Process,
+}
+
+impl From<DurabilityArg> for Durability {
+    fn from(value: DurabilityArg) -> Durability {
+        match value {
+            DurabilityArg::Full => Durability::Full,
+            DurabilityArg::Process => Durability::Process,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    bind: SocketAddr,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Show how the policy decides one call.
+    Explain {
+        /// Tool name, e.g. restart_service.
+        tool: String,
+        /// Mode to decide in (default: the policy's default mode).
+        #[arg(long)]
+        mode: Option<String>,
+        /// Arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        /// Policy file.
+        #[arg(long, default_value = "policies/ops_policy.json")]
+        policy: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the hash chain and name the first bad record.
+    Verify {
+        #[arg(long, default_value = "./proxi-data")]
+        data_dir: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the newest records.
+    Tail {
+        #[arg(long, default_value = "./proxi-data")]
+        data_dir: PathBuf,
+        /// How many records.
+        #[arg(short = 'n', long = "lines", default_value_t = 20)]
+        count: u32,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Server URL (default: the data dir's server.json, else http://127.0.0.1:8000).
+    #[arg(long, env = "PROXI_SERVER")]
+    server: Option<String>,
+    /// Data dir to read server.json and tokens.json from.
+    #[arg(long, default_value = "./proxi-data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum ModeCommand {
+    /// Show the current mode.
+    Status {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Print the raw JSON status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the mode (operator token required).
+    Set {
+        /// Target mode, e.g. EMERGENCY or NORMAL.
+        mode: String,
+        /// Why (required for elevated modes; recorded in the audit trail).
+        #[arg(long)]
+        reason: Option<String>,
+        /// How long an elevated mode lasts, e.g. 900, 15m, 1h.
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<Duration>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|error| error.to_string());
+    }
+    humantime::parse_duration(text)
+        .map_err(|error| format!("expected seconds or a duration like 15m or 1h: {error}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Logs go to stderr so stdout stays clean for data (and for MCP over stdio).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging("info");
+            serve(args).await
+        }
+        Command::Policy(command) => policy(command),
+        Command::Audit(command) => audit_command(command),
+        Command::Mode(command) => mode(command).await,
+    }
+}
+
+async fn open_gateway(state: &StateArgs) -> Result<(Arc<Gateway>, Tokens, Option<PathBuf>)> {
+    let policy = PolicyEngine::load(&state.policy)?;
+    let gateway = Gateway::open(
+        policy,
+        GatewayConfig {
+            data_dir: state.data_dir.clone(),
+            durability: state.durability.into(),
+        },
+    )
+    .await?;
+    let (tokens, sources) = Tokens::resolve(
+        &state.data_dir,
+        std::env::var(OPERATOR_TOKEN_ENV).ok(),
+        std::env::var(AGENT_TOKEN_ENV).ok(),
+    )?;
+    Ok((gateway, tokens, sources.file))
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let (gateway, tokens, token_file) = open_gateway(&args.state).await?;
+    let bound = BoundServer::bind(args.bind).await?;
+    bound
+        .advertise(gateway.data_dir())
+        .context("cannot write server.json to the data dir")?;
+    let mode = gateway.status().mode;
+    eprintln!(
+        "Proxi {} listening on {}",
+        env!("CARGO_PKG_VERSION"),
+        bound.url()
+    );
+    eprintln!("  policy:    {}", args.state.policy.display());
+    eprintln!("  mode:      {mode}");
+    eprintln!("  audit:     {}", gateway.audit().db_path().display());
+    match token_file {
+        Some(path) => eprintln!(
+            "  tokens:    generated tokens are in {} (mode 0600)",
+            path.display()
+        ),
+        None => eprintln!("  tokens:    from {OPERATOR_TOKEN_ENV} and {AGENT_TOKEN_ENV}"),
+    }
+    let state = AppState {
+        gateway,
+        tokens: Arc::new(tokens),
+    };
+    bound.serve(server::app(state), shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate.recv() => {}
+    }
+    eprintln!("shutting down");
+}
+
+fn policy(command: PolicyCommand) -> Result<ExitCode> {
+    match command {
+        PolicyCommand::Check { file } => {
+            let engine = PolicyEngine::load(&file)?;
+            println!("{}: valid", file.display());
+            for (id, mode) in engine.modes() {
+                let marker = if id == engine.default_mode() {
+                    " (default)"
+                } else {
+                    ""
+                };
+                println!(
+                    "  {}{marker}: allows {}",
+                    mode.name(),
+                    list_or_none(&mode.allowed().names())
+                );
+            }
+            println!(
+                "  always blocked: {}",
+                list_or_none(&engine.always_blocked().names())
+            );
+            println!(
+                "  elevated modes last at most {}s",
+                engine.max_elevated_ttl().as_secs()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Explain {
+            tool,
+            mode,
+            args,
+            policy,
+        } => {
+            let engine = PolicyEngine::load(&policy)?;
+            let mode_id = match &mode {
+                Some(name) => engine.mode_id(name).with_context(|| {
+                    let known: Vec<&str> = engine.modes().map(|(_, m)| m.name()).collect();
+                    format!("unknown mode '{name}' (modes: {})", known.join(", "))
+                })?,
+                None => engine.default_mode(),
+            };
+            let mode_name = engine.mode(mode_id).name();
+            let Some(tool_name) = ToolName::parse(&tool) else {
+                println!("DENIED  {tool} in {mode_name} mode");
+                println!("  reason: unknown_tool");
+                println!(
+                    "  known tools: {}",
+                    ToolName::ALL.map(ToolName::as_str).join(", ")
+                );
+                return Ok(ExitCode::from(1));
+            };
+            let arguments: serde_json::Value =
+                serde_json::from_str(&args).context("--args is not valid JSON")?;
+            let call = match ToolCall::parse(tool_name, &arguments) {
+                Ok(call) => call,
+                Err(error) => {
+                    println!("REJECTED  {tool} in {mode_name} mode");
+                    println!("  reason: invalid_arguments");
+                    println!("  {error}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            match engine.decide(mode_id, &call) {
+                Decision::Allow => {
+                    println!("ALLOWED  {tool} in {mode_name} mode");
+                    println!(
+                        "  {tool} is in {mode_name}'s allowed_tools, is not blocked, and its arguments meet every constraint"
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Decision::Deny(denial) => {
+                    println!("DENIED  {tool} in {mode_name} mode");
+                    println!("  reason: {}", denial.reason);
+                    println!("  {}", engine.explain(&denial));
+                    println!("  next: {}", engine.how_to_proceed(&denial));
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+    }
+}
+
+fn list_or_none(names: &[&str]) -> String {
+    if names.is_empty() {
+        "nothing".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+fn audit_db(data_dir: &Path) -> PathBuf {
+    data_dir.join(audit::AUDIT_DB_FILE)
+}
+
+fn audit_command(command: AuditCommand) -> Result<ExitCode> {
+    match command {
+        AuditCommand::Verify { data_dir, json } => {
+            let report = audit::verify(&audit_db(&data_dir))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if let Some(broken) = &report.first_bad {
+                println!(
+                    "audit trail BROKEN at record {}: {}",
+                    broken.seq, broken.problem
+                );
+            } else {
+                println!(
+                    "audit trail OK: {} records, chain head {}",
+                    report.records,
+                    report.head.as_deref().unwrap_or("(empty)")
+                );
+            }
+            Ok(if report.first_bad.is_some() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        AuditCommand::Tail {
+            data_dir,
+            count,
+            json,
+        } => {
+            if count == 0 || count > 100_000 {
+                bail!("-n must be between 1 and 100000");
+            }
+            for record in audit::read_recent(&audit_db(&data_dir), count)? {
+                if json {
+                    println!("{}", serde_json::to_string(&record)?);
+                } else {
+                    println!(
+                        "#{:<6} {} {:<22} {:<12} {:<18} {:<9} {:<10} {:<20} {}",
+                        record.seq,
+                        record.time,
+                        record.principal,
+                        record.kind,
+                        record.tool.as_deref().unwrap_or("-"),
+                        record.mode,
+                        record.decision,
+                        record.reason_code.as_deref().unwrap_or("-"),
+                        record.outcome
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn operator_client(server: &ServerArgs) -> Result<ProxiClient> {
+    let url = resolve_server_url(server.server.as_deref(), &server.data_dir);
+    let token = resolve_token(
+        std::env::var(OPERATOR_TOKEN_ENV).ok(),
+        &server.data_dir,
+        true,
+    );
+    if token.is_none() {
+        bail!(
+            "no operator token: set {OPERATOR_TOKEN_ENV} or point --data-dir at the server's data dir (tokens.json)"
+        );
+    }
+    Ok(ProxiClient::new(&url, token)?)
+}
+
+async fn mode(command: ModeCommand) -> Result<ExitCode> {
+    let print_status = |status: &proxi::api::PolicyStatus| {
+        println!("mode: {}", status.mode);
+        if let Some(expires) = &status.emergency_expires_at {
+            println!("expires at: {expires}");
+        }
+        if let Some(reason) = &status.reason {
+            println!("reason: {reason}");
+        }
+        println!("changed by: {} at {}", status.changed_by, status.changed_at);
+        println!("allowed tools: {}", status.allowed_tools.join(", "));
+        println!("always blocked: {}", status.always_blocked.join(", "));
+    };
+    match command {
+        ModeCommand::Status { server, json } => {
+            let client = operator_client(&server)?;
+            let status = client.policy_status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+        }
+        ModeCommand::Set {
+            mode,
+            reason,
+            ttl,
+            server,
+        } => {
+            let client = operator_client(&server)?;
+            let status = client
+                .set_mode(&SetModeRequest {
+                    mode,
+                    reason,
+                    ttl_seconds: ttl.map(|ttl| ttl.as_secs().max(1)),
+                })
+                .await?;
+            print_status(&status);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

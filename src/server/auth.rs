@@ -1,0 +1,109 @@
+//! Bearer-token authentication for REST and `/mcp`, with refusals audited.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::principal::{Principal, Role};
+
+/// Any caller holding a valid token (agent or operator).
+pub struct Caller(pub Principal);
+
+/// A caller holding the operator token.
+pub struct Operator(pub Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        authenticate(parts, state).await.map(Caller)
+    }
+}
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let principal = authenticate(parts, state).await?;
+        if principal.role() == Role::Operator {
+            return Ok(Operator(principal));
+        }
+        let what = describe(parts);
+        if state
+            .gateway
+            .record_auth_refusal(&principal, &what, "forbidden")
+            .await
+            .is_err()
+        {
+            return Err(ApiError::audit_unavailable().into_response());
+        }
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this endpoint requires the operator token; the agent token may not use it",
+        )
+        .into_response())
+    }
+}
+
+/// Checks the `Authorization: Bearer` header; a refusal is audited before the 401 goes out.
+pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, Response> {
+    let presented = parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(bearer_token);
+    let (reason, message) = match presented {
+        Some(token) => match state.tokens.authenticate(token) {
+            Some(principal) => return Ok(principal),
+            None => ("invalid_token", "the bearer token is not valid"),
+        },
+        None => (
+            "missing_token",
+            "missing credentials: send Authorization: Bearer <token>",
+        ),
+    };
+    let what = describe(parts);
+    if state
+        .gateway
+        .record_auth_refusal(&Principal::anonymous(), &what, reason)
+        .await
+        .is_err()
+    {
+        return Err(ApiError::audit_unavailable().into_response());
+    }
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    response
+        .headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Err(response)
+}
+
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+fn describe(parts: &Parts) -> String {
+    format!("{} {}", parts.method, parts.uri.path())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn bearer_tokens_are_parsed_leniently_but_exactly() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer   abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("abc"), None);
+    }
+}

@@ -1,0 +1,124 @@
+//! Error responses and the JSON/query extractors that turn bad input into them.
+//!
+//! Every rejection becomes `{"error": "..."}` with a 4xx status. Messages describe
+//! what was wrong with the request and never carry paths, SQL or backtraces.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+
+use crate::api::{ErrorBody, MAX_BODY_BYTES};
+
+/// An error answer: a status and a safe message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The message for the client.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with this status and message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400 Bad Request.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 503, for when the audit trail cannot record: Proxi refuses to act unrecorded.
+    pub fn audit_unavailable() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit trail is unavailable; Proxi refuses to act without a record",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// `Json<T>` whose rejections are [`ApiError`]s.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected a JSON body with Content-Type: application/json",
+        ),
+        JsonRejection::JsonSyntaxError(error) => ApiError::bad_request(format!(
+            "malformed JSON: {}",
+            serde_cause(&error.body_text())
+        )),
+        JsonRejection::JsonDataError(error) => ApiError::bad_request(format!(
+            "invalid request body: {}",
+            serde_cause(&error.body_text())
+        )),
+        JsonRejection::BytesRejection(error) if error.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body exceeds the {} KiB limit",
+                    MAX_BODY_BYTES / 1024
+                ),
+            )
+        }
+        _ => ApiError::bad_request("could not read the request body"),
+    }
+}
+
+/// axum prefixes serde's message with its own sentence; keep serde's part.
+fn serde_cause(text: &str) -> &str {
+    text.split_once(": ").map_or(text, |(_, cause)| cause)
+}
+
+/// `Query<T>` whose rejections are [`ApiError`]s.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(QueryRejection::FailedToDeserializeQueryString(error)) => {
+                Err(ApiError::bad_request(format!(
+                    "invalid query string: {}",
+                    serde_cause(&error.body_text())
+                )))
+            }
+            Err(_) => Err(ApiError::bad_request("invalid query string")),
+        }
+    }
+}

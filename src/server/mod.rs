@@ -1,0 +1,196 @@
+//! The HTTP server: the REST API (and `/mcp`) over one shared [`Gateway`].
+
+pub mod auth;
+pub mod error;
+pub mod rest;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::api::MAX_BODY_BYTES;
+use crate::gateway::Gateway;
+use crate::tokens::Tokens;
+use error::ApiError;
+
+/// File in the data dir that tells local clients where the server listens.
+pub const SERVER_FILE: &str = "server.json";
+/// Longest a request may take before the server gives up on it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Server start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The address could not be bound.
+    #[error("cannot listen on {address}: {error}")]
+    Bind {
+        /// The requested address.
+        address: SocketAddr,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The enforcement point.
+    pub gateway: Arc<Gateway>,
+    /// The accepted tokens.
+    pub tokens: Arc<Tokens>,
+}
+
+/// Contents of `<data-dir>/server.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// Base URL, e.g. `http://127.0.0.1:8000`.
+    pub url: String,
+    /// The server's process id.
+    pub pid: u32,
+}
+
+impl ServerInfo {
+    /// Reads `<data_dir>/server.json`, if a server wrote one.
+    pub fn read(data_dir: &Path) -> Option<ServerInfo> {
+        let text = std::fs::read_to_string(data_dir.join(SERVER_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// The REST routes, before state is attached; `/mcp` is merged by the caller.
+pub fn rest_routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(rest::health))
+        .route("/policy/status", get(rest::policy_status))
+        .route("/policy/set-mode", post(rest::set_mode))
+        .route("/tools/execute", post(rest::execute))
+        .route("/tools/catalog", get(rest::catalog))
+        .route("/infrastructure/status", get(rest::infrastructure_status))
+        .route(
+            "/infrastructure/simulate-incident",
+            post(rest::simulate_incident),
+        )
+        .route("/audit", get(rest::audit))
+}
+
+/// Adds the layers every route shares: body limit, timeout, panic guard, JSON fallbacks.
+pub fn finish(router: Router<AppState>, state: AppState) -> Router {
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// A listening server, not yet serving.
+pub struct BoundServer {
+    listener: TcpListener,
+    address: SocketAddr,
+}
+
+impl BoundServer {
+    /// Binds `address` (port 0 picks a free port).
+    pub async fn bind(address: SocketAddr) -> Result<BoundServer, ServerError> {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|error| ServerError::Bind { address, error })?;
+        let address = listener
+            .local_addr()
+            .map_err(|error| ServerError::Bind { address, error })?;
+        Ok(BoundServer { listener, address })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// `http://<address>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Records the URL in `<data_dir>/server.json` for local clients.
+    pub fn advertise(&self, data_dir: &Path) -> std::io::Result<()> {
+        let info = ServerInfo {
+            url: self.url(),
+            pid: std::process::id(),
+        };
+        let temporary = data_dir.join(format!("{SERVER_FILE}.tmp"));
+        std::fs::write(
+            &temporary,
+            serde_json::to_vec_pretty(&info).unwrap_or_default(),
+        )?;
+        std::fs::rename(temporary, data_dir.join(SERVER_FILE))
+    }
+
+    /// Serves `app` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        app: Router,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServerError::Serve)
+    }
+}
+
+/// Builds the full application: REST routes plus `/mcp`, sharing one gateway.
+pub fn app(state: AppState) -> Router {
+    finish(rest_routes(), state)
+}
+
+/// Convenience for tests and the demo: binds, then serves in a background task.
+pub async fn spawn(
+    state: AppState,
+    address: SocketAddr,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<(), ServerError>>), ServerError> {
+    let server = BoundServer::bind(address).await?;
+    let local = server.local_addr();
+    let app = app(state);
+    let handle = tokio::spawn(server.serve(app, std::future::pending()));
+    Ok((local, handle))
+}
+
+/// Answers a response with this status and message (used by middleware).
+pub fn error_response(status: StatusCode, message: &str) -> Response {
+    ApiError::new(status, message).into_response()
+}

@@ -1,0 +1,221 @@
+//! The seed's REST API, on top of the gateway.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::AppState;
+use super::auth::{Caller, Operator};
+use super::error::{ApiError, ApiJson, ApiQuery};
+use crate::api::{
+    AuditPage, Catalog, DEFAULT_AUDIT_LIMIT, ExecuteRequest, Health, IncidentRequest,
+    IncidentResponse, MAX_AUDIT_LIMIT, SetModeRequest, ToolResponse,
+};
+use crate::gateway::{Execution, GatewayError, ModeChange, ModeChangeError, Outcome};
+use crate::infra::ServiceHealth;
+use crate::tools::{MAX_TOOL_NAME_LEN, ToolName};
+
+/// `GET /`: liveness, unauthenticated so that probes need no secret.
+pub async fn health(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".to_owned(),
+        mode: state.gateway.status().mode,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
+}
+
+/// `GET /policy/status`.
+pub async fn policy_status(State(state): State<AppState>, _caller: Caller) -> Response {
+    Json(state.gateway.status()).into_response()
+}
+
+/// `POST /policy/set-mode` (operator only).
+pub async fn set_mode(
+    State(state): State<AppState>,
+    Operator(principal): Operator,
+    ApiJson(request): ApiJson<SetModeRequest>,
+) -> Result<Response, ApiError> {
+    let change = ModeChange {
+        mode: request.mode,
+        reason: request.reason,
+        ttl: request.ttl_seconds.map(Duration::from_secs),
+    };
+    match state.gateway.set_mode(&principal, change).await {
+        Ok(status) => Ok(Json(status).into_response()),
+        Err(ModeChangeError::AuditUnavailable) => Err(ApiError::audit_unavailable()),
+        Err(ModeChangeError::NotOperator) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ModeChangeError::NotOperator.to_string(),
+        )),
+        Err(error) => Err(ApiError::bad_request(error.to_string())),
+    }
+}
+
+/// `POST /tools/execute`: the governed path.
+pub async fn execute(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    ApiJson(request): ApiJson<ExecuteRequest>,
+) -> Result<Response, ApiError> {
+    if request.tool_name.len() > MAX_TOOL_NAME_LEN {
+        return Err(ApiError::bad_request(format!(
+            "tool_name must be at most {MAX_TOOL_NAME_LEN} bytes"
+        )));
+    }
+    let execution = state
+        .gateway
+        .execute(&principal, &request.tool_name, request.arguments)
+        .await
+        .map_err(|error| match error {
+            GatewayError::AuditUnavailable => ApiError::audit_unavailable(),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        })?;
+    let status = execution_status(&execution.outcome);
+    Ok((status, Json(tool_response(execution))).into_response())
+}
+
+/// The HTTP status the issue assigns to each outcome.
+pub fn execution_status(outcome: &Outcome) -> StatusCode {
+    match outcome {
+        Outcome::Executed(_) => StatusCode::OK,
+        Outcome::Denied { .. } | Outcome::UnknownTool { .. } => StatusCode::FORBIDDEN,
+        Outcome::InvalidArguments(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Outcome::Failed { .. } => StatusCode::CONFLICT,
+    }
+}
+
+/// Renders an execution in the seed's response shape.
+pub fn tool_response(execution: Execution) -> ToolResponse {
+    let reason_code = execution.outcome.reason_code().map(str::to_owned);
+    let policy_violation = execution.outcome.is_policy_violation();
+    let mut response = ToolResponse {
+        success: false,
+        result: None,
+        error: None,
+        policy_violation,
+        blocked_reason: None,
+        reason_code,
+        tool: execution.tool,
+        mode: execution.mode.to_string(),
+        how_to_proceed: None,
+        known_tools: None,
+        audit_seq: execution.audit_seq,
+    };
+    match execution.outcome {
+        Outcome::Executed(result) => {
+            response.success = true;
+            response.result = Some(result);
+        }
+        Outcome::Denied {
+            message,
+            how_to_proceed,
+            ..
+        } => {
+            response.error = Some(format!("Policy violation: {message}"));
+            response.blocked_reason = Some(message);
+            response.how_to_proceed = Some(how_to_proceed);
+        }
+        Outcome::UnknownTool { message } => {
+            response.error = Some(message.clone());
+            response.blocked_reason = Some(message);
+            response.known_tools = Some(
+                ToolName::ALL
+                    .iter()
+                    .map(|tool| tool.as_str().to_owned())
+                    .collect(),
+            );
+            response.how_to_proceed =
+                Some("Use one of the tools listed in known_tools.".to_owned());
+        }
+        Outcome::InvalidArguments(message) | Outcome::Failed { message, .. } => {
+            response.error = Some(message);
+        }
+    }
+    response
+}
+
+/// `GET /tools/catalog`.
+pub async fn catalog(State(state): State<AppState>, _caller: Caller) -> Json<Catalog> {
+    Json(Catalog {
+        mode: state.gateway.status().mode,
+        tools: state.gateway.catalog(),
+    })
+}
+
+/// `GET /infrastructure/status`.
+pub async fn infrastructure_status(State(state): State<AppState>, _caller: Caller) -> Response {
+    Json(state.gateway.infrastructure_status()).into_response()
+}
+
+/// `POST /infrastructure/simulate-incident` (operator only).
+pub async fn simulate_incident(
+    State(state): State<AppState>,
+    Operator(principal): Operator,
+    ApiJson(request): ApiJson<IncidentRequest>,
+) -> Result<Json<IncidentResponse>, ApiError> {
+    let health = match request.status.to_ascii_lowercase().as_str() {
+        "degraded" => ServiceHealth::Degraded,
+        "critical" => ServiceHealth::Critical,
+        _ => {
+            return Err(ApiError::bad_request(
+                "status must be \"degraded\" or \"critical\"",
+            ));
+        }
+    };
+    if request.service.len() > 128 {
+        return Err(ApiError::bad_request("service must be at most 128 bytes"));
+    }
+    match state
+        .gateway
+        .simulate_incident(&principal, &request.service, health)
+        .await
+    {
+        Ok(Ok(infrastructure)) => Ok(Json(IncidentResponse {
+            success: true,
+            message: format!("Simulated incident: {} is now {health}", request.service),
+            infrastructure,
+        })),
+        Ok(Err(error)) => Err(ApiError::new(StatusCode::NOT_FOUND, error.to_string())),
+        Err(_) => Err(ApiError::audit_unavailable()),
+    }
+}
+
+/// Query of `GET /audit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    limit: Option<u32>,
+}
+
+/// `GET /audit?limit=N` (operator only).
+pub async fn audit(
+    State(state): State<AppState>,
+    _operator: Operator,
+    ApiQuery(query): ApiQuery<AuditQuery>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_AUDIT_LIMIT);
+    if !(1..=MAX_AUDIT_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_AUDIT_LIMIT}"
+        )));
+    }
+    let gateway = state.gateway.clone();
+    let records = tokio::task::spawn_blocking(move || gateway.audit().recent(limit))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?
+        .map_err(|error| {
+            tracing::error!(%error, "reading the audit trail failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the audit trail could not be read",
+            )
+        })?;
+    Ok(Json(AuditPage {
+        count: records.len(),
+        records,
+    }))
+}

@@ -1,0 +1,280 @@
+//! Bearer tokens for the two principals, and the constant-time check of presented ones.
+//!
+//! Tokens come from `PROXI_OPERATOR_TOKEN` / `PROXI_AGENT_TOKEN`. A token that is
+//! not configured is generated once and kept in `<data-dir>/tokens.json` (mode
+//! 0600), so restarts keep it and local CLIs can read it. Tokens are never logged.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::principal::Principal;
+
+/// File name of generated tokens inside the data dir.
+pub const TOKENS_FILE: &str = "tokens.json";
+/// Environment variable holding the operator token.
+pub const OPERATOR_TOKEN_ENV: &str = "PROXI_OPERATOR_TOKEN";
+/// Environment variable holding the agent token.
+pub const AGENT_TOKEN_ENV: &str = "PROXI_AGENT_TOKEN";
+/// Shortest token accepted from configuration.
+pub const MIN_TOKEN_LEN: usize = 16;
+/// Longest token accepted from configuration or a request.
+pub const MAX_TOKEN_LEN: usize = 512;
+
+/// Token configuration problems.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// A configured token is too short or too long.
+    #[error("{0} must be between {MIN_TOKEN_LEN} and {MAX_TOKEN_LEN} characters of visible ASCII")]
+    Weak(&'static str),
+    /// Both principals would share one token, so roles could not be told apart.
+    #[error("the operator and agent tokens must differ")]
+    Shared,
+    /// The tokens file could not be read or written.
+    #[error("cannot use the tokens file {path}: {error}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// The tokens file is not valid JSON of the expected shape.
+    #[error("the tokens file {0} is malformed; delete it to have new tokens generated")]
+    Malformed(PathBuf),
+    /// The system random source failed.
+    #[error("cannot generate a token: {0}")]
+    Random(String),
+}
+
+/// Contents of `tokens.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensFile {
+    /// The generated operator token, if the operator token is not configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_token: Option<String>,
+    /// The generated agent token, if the agent token is not configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_token: Option<String>,
+}
+
+impl TokensFile {
+    /// Reads `<data_dir>/tokens.json`; a missing file is empty.
+    pub fn read(data_dir: &Path) -> Result<TokensFile, TokenError> {
+        let path = data_dir.join(TOKENS_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|_| TokenError::Malformed(path)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(TokensFile::default()),
+            Err(error) => Err(TokenError::File { path, error }),
+        }
+    }
+
+    fn write(&self, data_dir: &Path) -> Result<PathBuf, TokenError> {
+        let path = data_dir.join(TOKENS_FILE);
+        let temporary = data_dir.join(format!("{TOKENS_FILE}.tmp"));
+        let file_error = |error| TokenError::File {
+            path: path.clone(),
+            error,
+        };
+        std::fs::create_dir_all(data_dir).map_err(file_error)?;
+        let _ = std::fs::remove_file(&temporary);
+        let mut file = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(file_error)?;
+        let text = serde_json::to_string_pretty(self).unwrap_or_default();
+        file.write_all(text.as_bytes()).map_err(file_error)?;
+        file.sync_all().map_err(file_error)?;
+        std::fs::rename(&temporary, &path).map_err(file_error)?;
+        Ok(path)
+    }
+}
+
+/// The two tokens the server accepts, kept as digests for constant-time comparison.
+#[derive(Clone)]
+pub struct Tokens {
+    operator: [u8; 32],
+    agent: [u8; 32],
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens { .. }")
+    }
+}
+
+/// Where the tokens came from, so the server can say so without printing them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSources {
+    /// Set when at least one token lives in the tokens file.
+    pub file: Option<PathBuf>,
+}
+
+impl Tokens {
+    /// Uses configured tokens, or generated ones kept in `<data_dir>/tokens.json`.
+    pub fn resolve(
+        data_dir: &Path,
+        operator: Option<String>,
+        agent: Option<String>,
+    ) -> Result<(Tokens, TokenSources), TokenError> {
+        let configured = |value: Option<String>, name| match value {
+            Some(token) if !token.is_empty() => check_strength(&token, name).map(|()| Some(token)),
+            _ => Ok(None),
+        };
+        let operator = configured(operator, OPERATOR_TOKEN_ENV)?;
+        let agent = configured(agent, AGENT_TOKEN_ENV)?;
+        let mut file = TokensFile::read(data_dir)?;
+        let mut changed = false;
+        let mut pick = |configured: Option<String>, stored: &mut Option<String>| {
+            if let Some(token) = configured {
+                return Ok(token);
+            }
+            match stored {
+                Some(token) if check_strength(token, "a stored token").is_ok() => Ok(token.clone()),
+                _ => {
+                    let token = generate_token()?;
+                    *stored = Some(token.clone());
+                    changed = true;
+                    Ok(token)
+                }
+            }
+        };
+        let operator = pick(operator, &mut file.operator_token)?;
+        let agent = pick(agent, &mut file.agent_token)?;
+        if operator == agent {
+            return Err(TokenError::Shared);
+        }
+        let path = data_dir.join(TOKENS_FILE);
+        if changed {
+            file.write(data_dir)?;
+        } else if path.exists() {
+            // Tighten permissions a user may have loosened.
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
+        let uses_file = file.operator_token.is_some() || file.agent_token.is_some();
+        Ok((
+            Tokens {
+                operator: digest(&operator),
+                agent: digest(&agent),
+            },
+            TokenSources {
+                file: uses_file.then_some(path),
+            },
+        ))
+    }
+
+    /// Builds a token set directly (tests, the in-process demo).
+    pub fn new(operator: &str, agent: &str) -> Tokens {
+        Tokens {
+            operator: digest(operator),
+            agent: digest(agent),
+        }
+    }
+
+    /// The principal a presented token belongs to, if any.
+    pub fn authenticate(&self, presented: &str) -> Option<Principal> {
+        if presented.is_empty() || presented.len() > MAX_TOKEN_LEN {
+            return None;
+        }
+        let presented = digest(presented);
+        // Compare against both so timing does not reveal which one matched.
+        let is_operator = constant_time_eq(&presented, &self.operator);
+        let is_agent = constant_time_eq(&presented, &self.agent);
+        match (is_operator, is_agent) {
+            (true, _) => Some(Principal::operator()),
+            (false, true) => Some(Principal::agent()),
+            (false, false) => None,
+        }
+    }
+}
+
+fn check_strength(token: &str, name: &'static str) -> Result<(), TokenError> {
+    let visible = token.bytes().all(|byte| byte.is_ascii_graphic());
+    if visible && (MIN_TOKEN_LEN..=MAX_TOKEN_LEN).contains(&token.len()) {
+        Ok(())
+    } else {
+        Err(TokenError::Weak(name))
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn constant_time_eq(left: &[u8; 32], right: &[u8; 32]) -> bool {
+    left.iter()
+        .zip(right)
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+        == 0
+}
+
+/// A fresh random token: 32 random bytes, hex encoded.
+pub fn generate_token() -> Result<String, TokenError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|error| TokenError::Random(error.to_string()))?;
+    Ok(format!("proxi_{}", hex::encode(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::principal::Role;
+
+    #[test]
+    fn generated_tokens_are_persisted_privately_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tokens, sources) = Tokens::resolve(dir.path(), None, None).unwrap();
+        let path = sources.file.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let stored = TokensFile::read(dir.path()).unwrap();
+        let operator = stored.operator_token.clone().unwrap();
+        assert_eq!(
+            tokens.authenticate(&operator).map(|p| p.role()),
+            Some(Role::Operator)
+        );
+        let (again, _) = Tokens::resolve(dir.path(), None, None).unwrap();
+        assert_eq!(TokensFile::read(dir.path()).unwrap(), stored);
+        assert!(again.authenticate(&operator).is_some());
+    }
+
+    #[test]
+    fn configured_tokens_win_and_are_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tokens, sources) = Tokens::resolve(
+            dir.path(),
+            Some("operator-secret-123456".into()),
+            Some("agent-secret-1234567".into()),
+        )
+        .unwrap();
+        assert_eq!(sources.file, None);
+        assert!(!dir.path().join(TOKENS_FILE).exists());
+        assert_eq!(
+            tokens
+                .authenticate("agent-secret-1234567")
+                .map(|p| p.role()),
+            Some(Role::Agent)
+        );
+        assert_eq!(tokens.authenticate("agent-secret-1234568"), None);
+        assert_eq!(tokens.authenticate(""), None);
+    }
+
+    #[test]
+    fn weak_or_shared_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Tokens::resolve(dir.path(), Some("short".into()), None),
+            Err(TokenError::Weak(OPERATOR_TOKEN_ENV))
+        ));
+        let same = Some("the-same-token-for-both".to_owned());
+        assert!(matches!(
+            Tokens::resolve(dir.path(), same.clone(), same),
+            Err(TokenError::Shared)
+        ));
+    }
+}
