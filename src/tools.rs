@@ -292,42 +292,57 @@ impl ToolCall {
                 ),
             });
         }
-        let invalid = |error: serde_json::Error| ArgumentError {
-            tool,
-            message: error.to_string(),
+        let invalid = |error: serde_path_to_error::Error<serde_json::Error>| {
+            // Name the offending field; errors about the object itself have no path.
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            ArgumentError {
+                tool,
+                message: if path == "." {
+                    inner.to_string()
+                } else {
+                    format!("`{path}`: {inner}")
+                },
+            }
         };
         let call = match tool {
             ToolName::ListServices => {
-                NoArguments::deserialize(arguments).map_err(invalid)?;
+                serde_path_to_error::deserialize::<_, NoArguments>(arguments).map_err(invalid)?;
                 ToolCall::ListServices
             }
             ToolName::GetServiceStatus => {
-                let args = ServiceArguments::deserialize(arguments).map_err(invalid)?;
+                let args = serde_path_to_error::deserialize::<_, ServiceArguments>(arguments)
+                    .map_err(invalid)?;
                 check_identifier(tool, "service_name", &args.service_name)?;
                 ToolCall::GetServiceStatus {
                     service_name: args.service_name,
                 }
             }
             ToolName::ReadLogs => {
-                let args = ReadLogsArguments::deserialize(arguments).map_err(invalid)?;
+                let args = serde_path_to_error::deserialize::<_, ReadLogsArguments>(arguments)
+                    .map_err(invalid)?;
                 let lines = args.lines.unwrap_or(DEFAULT_LOG_LINES);
                 check_range(tool, "lines", lines, 1, MAX_LOG_LINES)?;
                 ToolCall::ReadLogs { lines }
             }
             ToolName::RestartService => {
-                let args = ServiceArguments::deserialize(arguments).map_err(invalid)?;
+                let args = serde_path_to_error::deserialize::<_, ServiceArguments>(arguments)
+                    .map_err(invalid)?;
                 check_identifier(tool, "service_name", &args.service_name)?;
                 ToolCall::RestartService {
                     service_name: args.service_name,
                 }
             }
             ToolName::ScaleFleet => {
-                let args = ScaleFleetArguments::deserialize(arguments).map_err(invalid)?;
+                let args = serde_path_to_error::deserialize::<_, ScaleFleetArguments>(arguments)
+                    .map_err(invalid)?;
                 check_range(tool, "count", args.count, 1, MAX_FLEET_SIZE)?;
                 ToolCall::ScaleFleet { count: args.count }
             }
             ToolName::DeleteDatabase => {
-                let args = DeleteDatabaseArguments::deserialize(arguments).map_err(invalid)?;
+                let args =
+                    serde_path_to_error::deserialize::<_, DeleteDatabaseArguments>(arguments)
+                        .map_err(invalid)?;
                 check_identifier(tool, "db_name", &args.db_name)?;
                 ToolCall::DeleteDatabase {
                     db_name: args.db_name,

@@ -1,0 +1,223 @@
+//! Shared helpers for end-to-end tests: real servers on ephemeral loopback ports.
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proxi::audit::Durability;
+use proxi::gateway::{Gateway, GatewayConfig};
+use proxi::policy::PolicyEngine;
+use proxi::server::{self, AppState, ServerInfo};
+use proxi::tokens::Tokens;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
+pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";
+
+/// The shipped policy file.
+pub fn policy_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/ops_policy.json")
+}
+
+/// Polls `condition` until it holds or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `proxi serve` child process on an ephemeral port.
+pub struct ServerProcess {
+    pub child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `proxi serve` on `data_dir` and waits until it answers.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+        let _ = std::fs::remove_file(data_dir.join(server::SERVER_FILE));
+        let child = Command::new(env!("CARGO_BIN_EXE_proxi"))
+            .arg("serve")
+            .args(["--bind", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .arg("--policy")
+            .arg(policy_path())
+            .args(extra)
+            .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
+            .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the proxi binary starts");
+        let pid = child.id();
+        let url = wait_until("server.json", Duration::from_secs(30), || {
+            ServerInfo::read(data_dir)
+                .filter(|info| info.pid == pid)
+                .map(|info| info.url)
+        });
+        ServerProcess {
+            child,
+            url,
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    /// SIGKILL, as in a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server running inside the test process, sharing its gateway with the test.
+pub struct InProcess {
+    pub url: String,
+    pub address: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    /// Starts a server with the shipped policy on a fresh data dir.
+    pub async fn start() -> InProcess {
+        InProcess::with_policy(PolicyEngine::load(&policy_path()).expect("shipped policy")).await
+    }
+
+    /// Starts a server with `policy` on a fresh data dir.
+    pub async fn with_policy(policy: PolicyEngine) -> InProcess {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let gateway = Gateway::open(
+            policy,
+            GatewayConfig {
+                data_dir: data_dir.path().to_owned(),
+                durability: Durability::Process,
+            },
+        )
+        .await
+        .expect("gateway opens");
+        let state = AppState {
+            gateway: gateway.clone(),
+            tokens: Arc::new(Tokens::new(OPERATOR_TOKEN, AGENT_TOKEN)),
+        };
+        let (address, _handle) = server::spawn(state, "127.0.0.1:0".parse().expect("address"))
+            .await
+            .expect("server binds");
+        InProcess {
+            url: format!("http://{address}"),
+            address,
+            gateway,
+            data_dir,
+        }
+    }
+
+    /// A client for this server.
+    pub fn api(&self) -> Api {
+        Api::new(&self.url)
+    }
+}
+
+/// A raw HTTP client that returns status and JSON body, for asserting exact API behaviour.
+#[derive(Clone)]
+pub struct Api {
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(url: &str) -> Api {
+        Api {
+            url: url.to_owned(),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client builds"),
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        let mut request = self.http.get(format!("{}{path}", self.url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        decode(request.send().await.expect("request is sent")).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        let mut request = self.http.post(format!("{}{path}", self.url)).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        decode(request.send().await.expect("request is sent")).await
+    }
+
+    pub async fn execute(&self, tool: &str, arguments: Value) -> (StatusCode, Value) {
+        self.post(
+            "/tools/execute",
+            Some(AGENT_TOKEN),
+            serde_json::json!({"tool_name": tool, "arguments": arguments}),
+        )
+        .await
+    }
+
+    pub async fn set_mode(
+        &self,
+        mode: &str,
+        reason: Option<&str>,
+        ttl: Option<u64>,
+    ) -> (StatusCode, Value) {
+        let mut body = serde_json::json!({"mode": mode});
+        if let Some(reason) = reason {
+            body["reason"] = reason.into();
+        }
+        if let Some(ttl) = ttl {
+            body["ttl_seconds"] = ttl.into();
+        }
+        self.post("/policy/set-mode", Some(OPERATOR_TOKEN), body)
+            .await
+    }
+
+    pub async fn emergency(&self) {
+        let (status, body) = self
+            .set_mode("EMERGENCY", Some("test incident"), Some(600))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    pub async fn normal(&self) {
+        let (status, body) = self.set_mode("NORMAL", None, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    pub async fn audit(&self, limit: u32) -> Vec<Value> {
+        let (status, body) = self
+            .get(&format!("/audit?limit={limit}"), Some(OPERATOR_TOKEN))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["records"].as_array().expect("records").clone()
+    }
+}
+
+async fn decode(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.expect("body is read");
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body)
+}
