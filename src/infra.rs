@@ -1,5 +1,6 @@
 //! The simulated cloud the tools act on: four services, a fleet, and an action log.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 
@@ -10,6 +11,7 @@ use serde_json::{Value, json};
 use crate::tools::ToolCall;
 
 /// Entries kept for `read_logs`; older ones are dropped so memory stays bounded.
+/// Only state changes are logged: reads change nothing and would drown them.
 pub const ACTION_LOG_CAPACITY: usize = 1000;
 /// Fleet size of a fresh infrastructure, as in the seed.
 pub const INITIAL_FLEET_SIZE: i64 = 3;
@@ -72,7 +74,7 @@ pub struct ActionLogEntry {
     /// When the action happened.
     pub timestamp: DateTime<Utc>,
     /// What was done, e.g. `restart_service`.
-    pub action: String,
+    pub action: Cow<'static, str>,
     /// Action-specific details.
     pub details: Value,
 }
@@ -122,12 +124,10 @@ impl CloudInfrastructure {
                     .iter()
                     .map(|(name, health)| json!({"name": name, "status": health}))
                     .collect();
-                self.log(now, "list_services", json!({}));
                 Ok(json!({"services": services, "fleet_size": self.fleet_size}))
             }
             ToolCall::GetServiceStatus { service_name } => {
                 let health = self.service(service_name)?.1;
-                self.log(now, "get_service_status", json!({"service": service_name}));
                 Ok(json!({"service": service_name, "status": health}))
             }
             ToolCall::ReadLogs { lines } => {
@@ -241,13 +241,13 @@ impl CloudInfrastructure {
         InfraError::UnknownService(name.to_owned(), known.join(", "))
     }
 
-    fn log(&mut self, timestamp: DateTime<Utc>, action: &str, details: Value) {
+    fn log(&mut self, timestamp: DateTime<Utc>, action: &'static str, details: Value) {
         if self.actions.len() == ACTION_LOG_CAPACITY {
             self.actions.pop_front();
         }
         self.actions.push_back(ActionLogEntry {
             timestamp,
-            action: action.to_owned(),
+            action: Cow::Borrowed(action),
             details,
         });
     }
@@ -300,9 +300,17 @@ mod tests {
     fn the_action_log_is_bounded() {
         let mut infra = CloudInfrastructure::new();
         let now = Utc::now();
-        for _ in 0..ACTION_LOG_CAPACITY + 50 {
-            infra.execute(&ToolCall::ListServices, now).unwrap();
+        for count in 0..ACTION_LOG_CAPACITY + 50 {
+            infra
+                .execute(
+                    &ToolCall::ScaleFleet {
+                        count: count as i64 % 10 + 1,
+                    },
+                    now,
+                )
+                .unwrap();
         }
+        infra.execute(&ToolCall::ListServices, now).unwrap();
         assert_eq!(infra.actions.len(), ACTION_LOG_CAPACITY);
         let logs = infra
             .execute(&ToolCall::ReadLogs { lines: 5 }, now)

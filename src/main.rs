@@ -18,6 +18,11 @@ use proxi::server::{self, AppState, BoundServer};
 use proxi::tokens::{AGENT_TOKEN_ENV, OPERATOR_TOKEN_ENV, Tokens};
 use proxi::tools::{ToolCall, ToolName};
 
+// Requests allocate on Tokio workers and the audit writer frees on its own thread;
+// mimalloc handles that cross-thread pattern far better than glibc malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "proxi",
