@@ -459,7 +459,17 @@ pub fn classify(kind: ProviderKind, error: genai::Error) -> ProviderError {
         let body = status_body(&error).unwrap_or_default();
         let message = provider_message(body);
         let status = status.as_u16();
+        // Gemini answers a bad key with 400 INVALID_ARGUMENT / API_KEY_INVALID.
+        let bad_gemini_key = kind == ProviderKind::Gemini
+            && status == 400
+            && (body.contains("API_KEY_INVALID") || body.contains("API key not valid"));
         return match status {
+            _ if bad_gemini_key => ProviderError::Auth {
+                provider,
+                status,
+                message,
+                hint: format!("Check {}.", kind.key_variable()),
+            },
             401 | 403 => ProviderError::Auth {
                 provider,
                 status,
