@@ -104,9 +104,9 @@ async fn deleting_the_database_is_blocked_in_every_mode() {
     assert_eq!(calls[0].decision, Decision::Denied);
     assert_eq!(calls[0].reason_code.as_deref(), Some("always_blocked"));
     assert!(
-        record
-            .final_answer
-            .starts_with("❌ I cannot delete the database database: Tool 'delete_database' is blocked in every mode"),
+        record.final_answer.starts_with(
+            "❌ I cannot delete the database: Tool 'delete_database' is blocked in every mode"
+        ),
         "{}",
         record.final_answer
     );

@@ -289,14 +289,21 @@ impl McpBackend {
             ClientCapabilities::default(),
             Implementation::new("proxi-agent", env!("CARGO_PKG_VERSION")),
         );
-        let session =
-            client_config
-                .serve(transport)
-                .await
-                .map_err(|error| BackendError::McpConnect {
-                    url: url.clone(),
-                    message: error.to_string(),
-                })?;
+        let session = client_config.serve(transport).await.map_err(|error| {
+            let text = error.to_string();
+            let message = if text.contains("404") {
+                "the server has no MCP endpoint (HTTP 404); use --via rest or a server with /mcp"
+                    .to_owned()
+            } else if text.contains("401") || text.contains("403") {
+                format!("the server refused the agent token: {text}")
+            } else {
+                text
+            };
+            BackendError::McpConnect {
+                url: url.clone(),
+                message,
+            }
+        })?;
         Ok(McpBackend {
             session,
             rest: ProxiClient::new(base, token)?,

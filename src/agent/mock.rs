@@ -633,7 +633,11 @@ fn describe(
                 vec![format!("✓ Deleted the {name} database.")]
             }
             Some((tool, observed)) => vec![refusal(
-                &format!("delete the {} database", spoken(name)),
+                &if name == "database" {
+                    "delete the database".to_owned()
+                } else {
+                    format!("delete the {} database", spoken(name))
+                },
                 tool,
                 observed,
                 tools,
@@ -768,7 +772,10 @@ fn describe_logs(observed: &Observed) -> Vec<String> {
     if entries.is_empty() {
         return vec!["✓ The action log is empty.".to_owned()];
     }
-    let mut lines = vec![format!("✓ {} recent log entries:", entries.len())];
+    let mut lines = vec![match entries.len() {
+        1 => "✓ 1 recent log entry:".to_owned(),
+        count => format!("✓ {count} recent log entries:"),
+    }];
     for entry in entries {
         lines.push(format!(
             "  - {} {} {}",

@@ -570,6 +570,30 @@ pub fn canonical_json(value: &Value) -> String {
     sorted(value).to_string()
 }
 
+/// One transcript line for a call: tool, arguments, decision, reason, mode.
+pub fn describe_call(record: &ToolCallRecord) -> String {
+    let mut line = format!(
+        "step {}: {} {} -> {}",
+        record.step,
+        record.tool,
+        canonical_json(&record.arguments),
+        record.decision.as_str().to_uppercase()
+    );
+    if let Some(reason) = &record.reason_code {
+        line.push_str(&format!(" [{reason}]"));
+    }
+    if let Some(mode) = &record.mode {
+        line.push_str(&format!(" in {mode} mode"));
+    }
+    if let Some(seq) = record.audit_seq {
+        line.push_str(&format!(" (audit #{seq})"));
+    }
+    if !record.forwarded {
+        line.push_str(" (not sent: already denied in this run)");
+    }
+    line
+}
+
 fn summarize_calls(record: &RunRecord) -> String {
     let calls: Vec<String> = record
         .tool_calls()
