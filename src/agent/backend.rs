@@ -256,7 +256,8 @@ impl ToolBackend for RestBackend {
 /// Tools over MCP (Streamable HTTP at `<server>/mcp`) with the agent token.
 ///
 /// The policy status has no MCP method, so it is read over REST from the same
-/// server with the same token; every tool call goes over MCP.
+/// server with the same token, as are the tools' modes and categories when
+/// `tools/list` does not carry them. Every tool call goes over MCP.
 pub struct McpBackend {
     session: RunningService<RoleClient, ClientConfig>,
     rest: ProxiClient,
@@ -396,6 +397,24 @@ impl ToolBackend for McpBackend {
                     allowed_modes: mcp_allowed_modes(tool),
                 })
                 .collect();
+            let mut specs = specs;
+            if specs
+                .iter()
+                .any(|spec| spec.allowed_modes.is_none() || spec.category.is_none())
+            {
+                // tools/list need not carry policy metadata; the REST catalog of the
+                // same server does. Names, descriptions and schemas stay MCP's.
+                if let Ok(catalog) = self.rest.catalog().await {
+                    for spec in &mut specs {
+                        if let Some(entry) = catalog.tools.iter().find(|e| e.name == spec.name) {
+                            spec.category
+                                .get_or_insert_with(|| entry.category.as_str().to_owned());
+                            spec.allowed_modes
+                                .get_or_insert_with(|| entry.allowed_modes.clone());
+                        }
+                    }
+                }
+            }
             *self.known.write().await = specs.iter().map(|spec| spec.name.clone()).collect();
             Ok(specs)
         })

@@ -31,6 +31,7 @@ pub struct TestServer {
     pub operator: ProxiClient,
     /// A client holding the agent token.
     pub agent: ProxiClient,
+    gateway: Arc<Gateway>,
     _dir: tempfile::TempDir,
     handle: tokio::task::JoinHandle<Result<(), proxi::server::ServerError>>,
 }
@@ -56,7 +57,7 @@ impl TestServer {
         .await
         .expect("gateway opens");
         let state = AppState {
-            gateway,
+            gateway: gateway.clone(),
             tokens: Arc::new(Tokens::new(OPERATOR_TOKEN, AGENT_TOKEN)),
         };
         let (address, handle) = server::spawn(state, "127.0.0.1:0".parse().expect("address"))
@@ -67,9 +68,15 @@ impl TestServer {
             operator: ProxiClient::new(&url, Some(OPERATOR_TOKEN.to_owned())).expect("client"),
             agent: ProxiClient::new(&url, Some(AGENT_TOKEN.to_owned())).expect("client"),
             url,
+            gateway,
             _dir: dir,
             handle,
         }
+    }
+
+    /// The gateway behind the server.
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.gateway.clone()
     }
 
     /// The server's data dir (audit database, tokens).
