@@ -471,6 +471,7 @@ async fn the_step_limit_ends_a_run_that_never_answers() {
         .with_config(AgentConfig {
             max_steps: 3,
             retry: RetryPolicy::immediate(3),
+            ..AgentConfig::default()
         })
         .run("loop forever")
         .await
@@ -518,8 +519,8 @@ async fn rate_limits_are_retried_a_bounded_number_of_times() {
     };
     let backend = RestBackend::new(server.agent.clone());
     let config = AgentConfig {
-        max_steps: 8,
         retry: RetryPolicy::immediate(3),
+        ..AgentConfig::default()
     };
 
     let provider = Scripted::new(vec![Err(limited()), Ok(AssistantTurn::answer("fine"))]);
@@ -584,4 +585,38 @@ async fn a_bad_agent_token_is_a_backend_error() {
         .unwrap_err();
     assert!(matches!(failure.error, AgentError::Backend(_)));
     assert!(failure.to_string().contains("401"), "{failure}");
+}
+
+#[tokio::test]
+async fn a_turn_with_too_many_calls_runs_only_the_first_ones() {
+    let server = TestServer::start().await;
+    let many = AssistantTurn::calls(
+        (0..5)
+            .map(|i| ToolCallRequest {
+                id: format!("c{i}"),
+                name: "list_services".to_owned(),
+                arguments: json!({}),
+            })
+            .collect(),
+    );
+    let provider = Scripted::new(vec![Ok(many), Ok(AssistantTurn::answer("ok"))]);
+    let backend = RestBackend::new(server.agent.clone());
+    let record = Agent::new(&provider, &backend)
+        .with_config(AgentConfig {
+            max_calls_per_step: 2,
+            ..AgentConfig::default()
+        })
+        .run("x")
+        .await
+        .unwrap();
+    let forwarded: Vec<bool> = record.tool_calls().map(|call| call.forwarded).collect();
+    assert_eq!(forwarded, [true, true, false, false, false]);
+    assert_eq!(server.tool_calls().await.len(), 2);
+    // Every call id still got an answer, as providers require.
+    let seen = provider.seen.lock().unwrap();
+    let Some(Message::ToolResults(results)) = seen[1].last() else {
+        panic!("expected tool results");
+    };
+    assert_eq!(results.len(), 5);
+    assert!(results[4].content.contains(proxi::agent::TOO_MANY_CALLS));
 }

@@ -31,8 +31,12 @@ use provider::{
 
 /// Steps (model turns) a run may take unless told otherwise.
 pub const DEFAULT_MAX_STEPS: usize = 8;
+/// Tool calls one model turn may make unless told otherwise.
+pub const DEFAULT_MAX_CALLS_PER_STEP: usize = 16;
 /// Reason code of a call the agent itself refused because the policy had already denied it.
 pub const ALREADY_DENIED: &str = "already_denied";
+/// Reason code of a call the agent did not run because its turn asked for too many.
+pub const TOO_MANY_CALLS: &str = "too_many_calls";
 
 /// How rate-limited completions are retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +83,8 @@ impl RetryPolicy {
 pub struct AgentConfig {
     /// Most model turns before the run stops.
     pub max_steps: usize,
+    /// Most tool calls one turn may make; the rest are answered without running.
+    pub max_calls_per_step: usize,
     /// Retry policy for rate-limited completions.
     pub retry: RetryPolicy,
 }
@@ -87,6 +93,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             max_steps: DEFAULT_MAX_STEPS,
+            max_calls_per_step: DEFAULT_MAX_CALLS_PER_STEP,
             retry: RetryPolicy::default(),
         }
     }
@@ -316,8 +323,13 @@ impl<'a> Agent<'a> {
             let calls = turn.tool_calls.clone();
             messages.push(Message::Assistant(turn));
             let mut results = Vec::with_capacity(calls.len());
-            for call in calls {
-                let call_record = self.call_tool(step, &call, &known, &mut denied).await?;
+            for (index, call) in calls.into_iter().enumerate() {
+                let call_record = if index < self.config.max_calls_per_step {
+                    self.call_tool(step, &call, &known, &mut denied).await?
+                } else {
+                    // Every call still gets a result: providers reject unanswered call ids.
+                    skipped_call(step, &call, self.config.max_calls_per_step)
+                };
                 results.push(ToolResult {
                     call_id: call.id.clone(),
                     name: call.name.clone(),
@@ -407,6 +419,27 @@ impl<'a> Agent<'a> {
             result: outcome.result,
             ..base
         })
+    }
+}
+
+/// The record of a call the loop did not send because its turn had too many.
+fn skipped_call(step: usize, call: &ToolCallRequest, limit: usize) -> ToolCallRecord {
+    ToolCallRecord {
+        step,
+        call_id: call.id.clone(),
+        tool: call.name.clone(),
+        arguments: call.arguments.clone(),
+        forwarded: false,
+        decision: Decision::Rejected,
+        reason_code: Some(TOO_MANY_CALLS.to_owned()),
+        message: Some(format!(
+            "Not run: one turn may make at most {limit} tool calls."
+        )),
+        how_to_proceed: Some("Make fewer calls per turn.".to_owned()),
+        known_tools: None,
+        mode: None,
+        audit_seq: None,
+        result: None,
     }
 }
 
@@ -532,6 +565,9 @@ pub fn render_for_model(record: &ToolCallRecord) -> String {
     }
     let instruction = match record.decision {
         Decision::Allowed => None,
+        _ if record.reason_code.as_deref() == Some(TOO_MANY_CALLS) => Some(
+            "Not run: this turn asked for too many tool calls. Make fewer calls per turn.".to_owned(),
+        ),
         Decision::Denied if record.reason_code.as_deref() == Some(UNKNOWN_TOOL) => Some(
             "This tool does not exist. Use only the tools in known_tools.".to_owned(),
         ),
@@ -589,7 +625,7 @@ pub fn describe_call(record: &ToolCallRecord) -> String {
         line.push_str(&format!(" (audit #{seq})"));
     }
     if !record.forwarded {
-        line.push_str(" (not sent: already denied in this run)");
+        line.push_str(" (not sent to the server)");
     }
     line
 }
@@ -643,6 +679,39 @@ mod tests {
             serde_json::from_str(r#"{"a":{"x":2,"y":[1,{"p":2,"q":1}]},"b":1}"#).unwrap();
         assert_eq!(canonical_json(&a), canonical_json(&b));
         assert_ne!(canonical_json(&a), canonical_json(&json!({"b": 2})));
+    }
+
+    #[test]
+    fn the_system_prompt_carries_the_policy_and_the_rules() {
+        let status = PolicyStatus {
+            mode: "NORMAL".into(),
+            description: "Read-only.".into(),
+            allowed_tools: vec!["list_services".into()],
+            blocked_tools: vec!["restart_service".into()],
+            always_blocked: vec!["delete_database".into()],
+            emergency_expires_at: None,
+            default_mode: "NORMAL".into(),
+            available_modes: vec!["NORMAL".into(), "EMERGENCY".into()],
+            reason: None,
+            changed_by: "system".into(),
+            changed_at: "now".into(),
+        };
+        let tools = vec![ToolSpec {
+            name: "restart_service".into(),
+            description: "Restart a service.".into(),
+            input_schema: json!({"type": "object"}),
+            category: Some("active".into()),
+            allowed_modes: Some(vec!["EMERGENCY".into()]),
+        }];
+        let prompt = system_prompt(&status, &tools);
+        assert!(prompt.contains("Current mode: NORMAL (Read-only.)"));
+        assert!(prompt.contains("Tools allowed in NORMAL mode: list_services"));
+        assert!(prompt.contains("Tools blocked in every mode: delete_database"));
+        assert!(
+            prompt.contains("- restart_service [active; allowed in EMERGENCY]: Restart a service.")
+        );
+        assert!(prompt.contains("do not retry it"));
+        assert!(prompt.contains("suggest alternatives"));
     }
 
     #[test]
