@@ -1016,6 +1016,16 @@ mod tests {
         assert!(turn.text.unwrap().contains("no restart_service tool"));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_task_gets_a_plan_or_an_answer(task in "\\PC{0,80}") {
+            let tools = catalog();
+            let messages = [Message::User(task)];
+            let turn = plan_turn(ProviderRequest { system: "", messages: &messages, tools: &tools });
+            proptest::prop_assert!(turn.is_final() == turn.text.is_some());
+        }
+    }
+
     #[test]
     fn word_splitting_respects_word_boundaries() {
         assert_eq!(split_words("check x then restart", &["then"]).len(), 2);
