@@ -620,3 +620,71 @@ async fn a_turn_with_too_many_calls_runs_only_the_first_ones() {
     assert_eq!(results.len(), 5);
     assert!(results[4].content.contains(proxi::agent::TOO_MANY_CALLS));
 }
+
+#[tokio::test]
+async fn a_real_provider_adapter_drives_the_same_loop() {
+    use proxi::agent::genai_provider::{GenaiProvider, GenaiSettings, ProviderKind};
+    use wiremock::matchers::{body_string_contains, method};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let server = TestServer::start().await;
+    let llm = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "candidates": [{"content": {"role": "model", "parts": [{
+                "functionCall": {"name": "restart_service", "args": {"service_name": "web-server"}},
+                "thoughtSignature": "c2lnLWxvb3A="
+            }]}, "finishReason": "STOP", "index": 0}],
+            "modelVersion": "gemini-2.5-flash"
+        })))
+        .mount(&llm)
+        .await;
+    // The second turn is recognised by the server's refusal travelling back.
+    Mock::given(method("POST"))
+        .and(body_string_contains("blocked_in_mode"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "candidates": [{"content": {"role": "model", "parts": [{
+                "text": "❌ Restarting is blocked in NORMAL mode; ask an operator for EMERGENCY."
+            }]}, "finishReason": "STOP", "index": 0}]
+        })))
+        .with_priority(1)
+        .mount(&llm)
+        .await;
+
+    let mut settings = GenaiSettings::new(ProviderKind::Gemini);
+    settings.api_key = Some("test-key".to_owned());
+    settings.base_url = Some(format!("{}/v1beta/", llm.uri()));
+    let provider = GenaiProvider::new(settings).unwrap();
+    let backend = RestBackend::new(server.agent.clone());
+    let record = Agent::new(&provider, &backend)
+        .run("Restart the web server")
+        .await
+        .unwrap();
+
+    assert_eq!(record.provider, "gemini");
+    assert_eq!(record.model, "gemini-2.5-flash");
+    let calls = calls(&record);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].decision, Decision::Denied);
+    assert_eq!(
+        record.final_answer,
+        "❌ Restarting is blocked in NORMAL mode; ask an operator for EMERGENCY."
+    );
+    assert_eq!(server.tool_calls().await.len(), 1);
+
+    let requests = llm.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 2);
+    let first: Value = serde_json::from_slice(&requests[0].body).unwrap();
+    let system = first["systemInstruction"]["parts"][0]["text"]
+        .as_str()
+        .unwrap();
+    assert!(system.contains("Current mode: NORMAL"), "{system}");
+    let second: Value = serde_json::from_slice(&requests[1].body).unwrap();
+    assert_eq!(
+        second["contents"][1]["parts"][0]["thoughtSignature"],
+        "c2lnLWxvb3A="
+    );
+    let response = &second["contents"][2]["parts"][0]["functionResponse"];
+    assert_eq!(response["name"], "restart_service");
+    assert!(response.to_string().contains("Do not retry"));
+}
