@@ -5,6 +5,7 @@
 //! current mode, the simulated cloud runs the call, and the
 //! [`audit::AuditLog`] records it before anyone hears the answer.
 
+pub mod agent;
 pub mod api;
 pub mod audit;
 pub mod client;

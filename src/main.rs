@@ -9,6 +9,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use proxi::agent::backend::{McpBackend, RestBackend, ToolBackend};
+use proxi::agent::genai_provider::{GenaiProvider, GenaiSettings, ProviderKind};
+use proxi::agent::mock::MockPlanner;
+use proxi::agent::provider::LlmProvider;
+use proxi::agent::{
+    Agent, AgentConfig, AgentObserver, DEFAULT_MAX_STEPS, RunOutcome, RunRecord, ToolCallRecord,
+    describe_call,
+};
 use proxi::api::SetModeRequest;
 use proxi::audit::{self, Durability};
 use proxi::client::{ProxiClient, resolve_server_url, resolve_token};
@@ -47,6 +55,54 @@ enum Command {
     /// Show or change the mode of a running server.
     #[command(subcommand)]
     Mode(ModeCommand),
+    /// Run the SRE agent on a task; it acts only through the governed tools.
+    Agent(AgentArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProviderArg {
+    Gemini,
+    Openai,
+    Anthropic,
+    Ollama,
+    Mock,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Via {
+    Rest,
+    Mcp,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The task, e.g. "Restart the web server".
+    #[arg(required = true, num_args = 1..)]
+    task: Vec<String>,
+    /// Server URL (default: $PROXI_SERVER, else the data dir's server.json, else http://127.0.0.1:8000).
+    #[arg(long)]
+    server: Option<String>,
+    /// LLM provider (default: gemini when GOOGLE_API_KEY is set, else mock).
+    #[arg(long, value_enum)]
+    provider: Option<ProviderArg>,
+    /// Model name (default depends on the provider).
+    #[arg(long)]
+    model: Option<String>,
+    /// Override the provider's base URL (OpenAI-compatible servers, proxies).
+    #[arg(long)]
+    base_url: Option<String>,
+    /// Most model turns before the agent stops.
+    #[arg(long, default_value_t = DEFAULT_MAX_STEPS, value_parser = parse_max_steps)]
+    max_steps: usize,
+    /// How tool calls reach the server.
+    #[arg(long, value_enum, default_value_t = Via::Rest)]
+    via: Via,
+    /// Print one machine-readable JSON run record instead of the transcript.
+    #[arg(long)]
+    json: bool,
+    /// Data dir to read server.json and tokens.json from.
+    #[arg(long, default_value = "./proxi-data")]
+    data_dir: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -167,6 +223,13 @@ enum ModeCommand {
     },
 }
 
+fn parse_max_steps(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(steps) if (1..=100).contains(&steps) => Ok(steps),
+        _ => Err("expected a number of steps between 1 and 100".to_owned()),
+    }
+}
+
 fn parse_ttl(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
@@ -216,6 +279,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Policy(command) => policy(command),
         Command::Audit(command) => audit_command(command),
         Command::Mode(command) => mode(command).await,
+        Command::Agent(args) => {
+            // rmcp logs transport failures that the agent already reports as errors.
+            init_logging("warn,rmcp=off");
+            agent(args).await
+        }
     }
 }
 
@@ -489,4 +557,174 @@ async fn mode(command: ModeCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints each tool call as soon as it is decided.
+struct LiveTranscript;
+
+impl AgentObserver for LiveTranscript {
+    fn after_tool_call<'a>(
+        &'a self,
+        _step: usize,
+        record: &'a ToolCallRecord,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            println!("  {}", describe_call(record));
+            if let Some(message) = &record.message
+                && record.decision != proxi::agent::backend::Decision::Allowed
+            {
+                println!("      {message}");
+            }
+        })
+    }
+}
+
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+}
+
+fn agent_provider(args: &AgentArgs) -> Result<(Box<dyn LlmProvider>, String)> {
+    let (choice, why) = match args.provider {
+        Some(choice) => (choice, "chosen with --provider"),
+        None if non_empty_env("GOOGLE_API_KEY").is_some() => {
+            (ProviderArg::Gemini, "GOOGLE_API_KEY is set")
+        }
+        None => (
+            ProviderArg::Mock,
+            "no GOOGLE_API_KEY; pass --provider to use another model",
+        ),
+    };
+    let kind = match choice {
+        ProviderArg::Mock => {
+            let planner = MockPlanner::new();
+            let note = format!("mock ({}; {why})", planner.model());
+            return Ok((Box::new(planner), note));
+        }
+        ProviderArg::Gemini => ProviderKind::Gemini,
+        ProviderArg::Openai => ProviderKind::OpenAi,
+        ProviderArg::Anthropic => ProviderKind::Anthropic,
+        ProviderArg::Ollama => ProviderKind::Ollama,
+    };
+    let mut settings = GenaiSettings::from_env(kind, |name| std::env::var(name).ok());
+    if args.model.is_some() {
+        settings.model = args.model.clone();
+    }
+    if args.base_url.is_some() {
+        settings.base_url = args.base_url.clone();
+    }
+    let provider = GenaiProvider::new(settings)?;
+    let note = format!(
+        "{} (model {}, {}; {why})",
+        provider.name(),
+        provider.model(),
+        provider.base_url()
+    );
+    Ok((Box::new(provider), note))
+}
+
+async fn agent(args: AgentArgs) -> Result<ExitCode> {
+    // Like the seed: keys may live in .env; real environment variables win.
+    let _ = dotenvy::dotenv();
+    let task = args.task.join(" ");
+    if task.trim().is_empty() {
+        bail!("the task is empty");
+    }
+    let (provider, note) = agent_provider(&args)?;
+    let server_flag = args
+        .server
+        .clone()
+        .or_else(|| non_empty_env("PROXI_SERVER"));
+    let url = resolve_server_url(server_flag.as_deref(), &args.data_dir);
+    let token = resolve_token(std::env::var(AGENT_TOKEN_ENV).ok(), &args.data_dir, false);
+    if token.is_none() {
+        bail!(
+            "no agent token: set {AGENT_TOKEN_ENV} or point --data-dir at the server's data dir (tokens.json)"
+        );
+    }
+    let via = match args.via {
+        Via::Rest => "rest",
+        Via::Mcp => "mcp",
+    };
+    if args.json {
+        eprintln!("provider: {note}");
+    } else {
+        println!("Proxi agent");
+        println!("  provider: {note}");
+        println!("  server:   {url} via {via}");
+        println!("  task:     {task}");
+        println!();
+    }
+    let config = AgentConfig {
+        max_steps: args.max_steps,
+        ..AgentConfig::default()
+    };
+    let live = LiveTranscript;
+    let observer: Option<&dyn AgentObserver> = (!args.json).then_some(&live as &dyn AgentObserver);
+    let result = match args.via {
+        Via::Rest => {
+            let backend = RestBackend::new(ProxiClient::new(&url, token)?);
+            run_agent(provider.as_ref(), &backend, config, observer, &task).await
+        }
+        Via::Mcp => {
+            let backend = McpBackend::connect(&url, token).await?;
+            let result = run_agent(provider.as_ref(), &backend, config, observer, &task).await;
+            backend.close().await;
+            result
+        }
+    };
+    let (record, failure) = match result {
+        Ok(record) => (record, None),
+        Err(failure) => (*failure.record, Some(failure.error)),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&record)?);
+    } else if !record.steps.is_empty() || failure.is_none() {
+        print_summary(&record);
+    }
+    if let Some(error) = failure {
+        eprintln!("error: {error}");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(match record.outcome {
+        RunOutcome::Answered => ExitCode::SUCCESS,
+        RunOutcome::MaxSteps => ExitCode::from(2),
+        RunOutcome::Failed => ExitCode::FAILURE,
+    })
+}
+
+async fn run_agent(
+    provider: &dyn LlmProvider,
+    backend: &dyn ToolBackend,
+    config: AgentConfig,
+    observer: Option<&dyn AgentObserver>,
+    task: &str,
+) -> Result<RunRecord, proxi::agent::AgentFailure> {
+    let mut agent = Agent::new(provider, backend).with_config(config);
+    if let Some(observer) = observer {
+        agent = agent.with_observer(observer);
+    }
+    agent.run(task).await
+}
+
+fn print_summary(record: &RunRecord) {
+    let calls = record.tool_calls().count();
+    if calls == 0 {
+        println!("  (no tool calls)");
+    }
+    println!();
+    if record.outcome != RunOutcome::Failed {
+        println!("{}", record.final_answer);
+        println!();
+    }
+    println!(
+        "{} step(s), {calls} tool call(s); mode at start: {}",
+        record.steps.len(),
+        if record.mode_at_start.is_empty() {
+            "unknown"
+        } else {
+            &record.mode_at_start
+        }
+    );
 }

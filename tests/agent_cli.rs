@@ -1,0 +1,202 @@
+//! End to end: the real `proxi` binary runs `proxi agent --provider mock --json`
+//! against `proxi serve` started as a child process on an ephemeral port.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use proxi::agent::RunRecord;
+use proxi::agent::backend::Decision;
+use proxi::server::ServerInfo;
+
+const OPERATOR_TOKEN: &str = "operator-token-for-cli-tests-0123";
+const AGENT_TOKEN: &str = "agent-token-for-cli-tests-012345";
+/// Variables that would change which provider or server the agent picks.
+const AMBIENT: [&str; 8] = [
+    "GOOGLE_API_KEY",
+    "GEMINI_API_KEY",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "OLLAMA_HOST",
+    "PROXI_SERVER",
+    "PROXI_AGENT_TOKEN",
+];
+
+/// `proxi serve` as a child; killed (by its own handle) when dropped.
+struct Served {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn proxi(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_proxi"));
+    // The temp dir has no .env, so nothing leaks in from the developer's machine.
+    command.current_dir(dir);
+    for name in AMBIENT {
+        command.env_remove(name);
+    }
+    command
+}
+
+fn serve(dir: &Path) -> Served {
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/ops_policy.json");
+    let data = dir.join("data");
+    let child = proxi(dir)
+        .args(["serve", "--bind", "127.0.0.1:0", "--durability", "process"])
+        .arg("--policy")
+        .arg(&policy)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
+        .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("proxi serve starts");
+    let mut served = Served {
+        child,
+        url: String::new(),
+    };
+    // The server writes server.json once it listens; poll for it with a deadline.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(info) = ServerInfo::read(&data) {
+            served.url = info.url;
+            return served;
+        }
+        if let Ok(Some(status)) = served.child.try_wait() {
+            panic!("proxi serve exited early: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxi serve did not write server.json in time"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn agent(dir: &Path, url: &str, task: &str) -> Output {
+    proxi(dir)
+        .args([
+            "agent",
+            "--provider",
+            "mock",
+            "--json",
+            "--server",
+            url,
+            task,
+        ])
+        .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
+        .output()
+        .expect("proxi agent runs")
+}
+
+fn record(output: &Output) -> RunRecord {
+    assert!(
+        output.status.success(),
+        "proxi agent failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("stdout is one JSON run record")
+}
+
+#[test]
+fn mock_agent_runs_through_a_served_proxi() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = serve(dir.path());
+
+    let output = agent(dir.path(), &served.url, "Restart the web server");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("provider: mock"), "{stderr}");
+    let run = record(&output);
+    assert_eq!(run.provider, "mock");
+    assert_eq!(run.transport, "rest");
+    let calls: Vec<_> = run.tool_calls().collect();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].tool, "restart_service");
+    assert_eq!(calls[0].decision, Decision::Denied);
+    assert_eq!(calls[0].reason_code.as_deref(), Some("blocked_in_mode"));
+    assert!(
+        run.final_answer
+            .starts_with("❌ I cannot restart the web server in NORMAL mode."),
+        "{}",
+        run.final_answer
+    );
+    // The raw JSON carries the documented fields.
+    let raw: Value = serde_json::from_slice(&output.stdout).unwrap();
+    for field in ["task", "steps", "final_answer", "outcome", "mode_at_start"] {
+        assert!(raw.get(field).is_some(), "missing {field}");
+    }
+
+    // An operator declares an emergency; the same task is now allowed.
+    let status = proxi(dir.path())
+        .args([
+            "mode",
+            "set",
+            "EMERGENCY",
+            "--reason",
+            "cli test",
+            "--server",
+        ])
+        .arg(&served.url)
+        .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let run = record(&agent(dir.path(), &served.url, "Restart the web server"));
+    let calls: Vec<_> = run.tool_calls().collect();
+    assert_eq!(calls[0].decision, Decision::Allowed);
+    assert_eq!(calls[0].mode.as_deref(), Some("EMERGENCY"));
+    assert!(run.final_answer.contains("✓ Restarting web-server..."));
+}
+
+#[test]
+fn the_agent_explains_a_missing_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = proxi(dir.path())
+        .args([
+            "agent",
+            "--provider",
+            "mock",
+            "--server",
+            "http://127.0.0.1:9",
+            "hi",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("PROXI_AGENT_TOKEN"), "{stderr}");
+}
+
+#[test]
+fn a_real_provider_without_its_key_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = proxi(dir.path())
+        .args([
+            "agent",
+            "--provider",
+            "anthropic",
+            "--server",
+            "http://127.0.0.1:9",
+            "hi",
+        ])
+        .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ANTHROPIC_API_KEY is not set"), "{stderr}");
+}
