@@ -75,6 +75,11 @@ impl ProxiClient {
         &self.base
     }
 
+    /// The bearer token this client sends, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// `GET /`.
     pub async fn health(&self) -> Result<Health, ClientError> {
         self.get("/").await

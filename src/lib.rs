@@ -9,6 +9,7 @@ pub mod agent;
 pub mod api;
 pub mod audit;
 pub mod client;
+pub mod demo;
 pub mod gateway;
 pub mod infra;
 pub mod policy;

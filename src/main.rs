@@ -10,9 +10,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use proxi::agent::backend::{McpBackend, RestBackend, ToolBackend};
-use proxi::agent::genai_provider::{GenaiProvider, GenaiSettings, ProviderKind};
-use proxi::agent::mock::MockPlanner;
 use proxi::agent::provider::LlmProvider;
+use proxi::agent::select::{ProviderChoice, SelectedProvider, select_provider};
 use proxi::agent::{
     Agent, AgentConfig, AgentObserver, DEFAULT_MAX_STEPS, RunOutcome, RunRecord, ToolCallRecord,
     describe_call,
@@ -57,6 +56,36 @@ enum Command {
     Mode(ModeCommand),
     /// Run the SRE agent on a task; it acts only through the governed tools.
     Agent(AgentArgs),
+    /// Run the seed's ten scenarios end to end against an in-process server (no API key needed).
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Run only this scenario (1-10).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=10))]
+    scenario: Option<u8>,
+    /// Write machine-readable results to stdout instead of the transcript.
+    #[arg(long)]
+    json: bool,
+    /// Keep the data dir here (new or empty) so `proxi audit verify --data-dir DIR` can check it.
+    #[arg(long, value_name = "DIR")]
+    keep_data: Option<PathBuf>,
+    /// Drive the agent with a real LLM instead of the mock planner.
+    #[arg(long, value_enum)]
+    provider: Option<ProviderArg>,
+    /// Model name for --provider.
+    #[arg(long)]
+    model: Option<String>,
+    /// Base URL override for --provider.
+    #[arg(long)]
+    base_url: Option<String>,
+    /// Policy file (default: the shipped policy, built in).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Mode switches in the stress scenario (at least 1000 for the seed's test).
+    #[arg(long, default_value_t = proxi::demo::DEFAULT_STRESS_SWITCHES)]
+    stress_switches: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -279,6 +308,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Policy(command) => policy(command),
         Command::Audit(command) => audit_command(command),
         Command::Mode(command) => mode(command).await,
+        Command::Demo(args) => {
+            init_logging("warn,rmcp=off");
+            demo(args).await
+        }
         Command::Agent(args) => {
             // rmcp logs transport failures that the agent already reports as errors.
             init_logging("warn,rmcp=off");
@@ -585,43 +618,58 @@ fn non_empty_env(name: &str) -> Option<String> {
         .filter(|value| !value.trim().is_empty())
 }
 
-fn agent_provider(args: &AgentArgs) -> Result<(Box<dyn LlmProvider>, String)> {
-    let (choice, why) = match args.provider {
-        Some(choice) => (choice, "chosen with --provider"),
-        None if non_empty_env("GOOGLE_API_KEY").is_some() => {
-            (ProviderArg::Gemini, "GOOGLE_API_KEY is set")
-        }
-        None => (
-            ProviderArg::Mock,
-            "no GOOGLE_API_KEY; pass --provider to use another model",
-        ),
+async fn demo(args: DemoArgs) -> Result<ExitCode> {
+    use std::io::IsTerminal;
+    let _ = dotenvy::dotenv();
+    let options = proxi::demo::DemoOptions {
+        scenario: args.scenario,
+        provider: args.provider.map(provider_choice),
+        model: args.model,
+        base_url: args.base_url,
+        keep_data: args.keep_data,
+        policy: args.policy,
+        stress_switches: args.stress_switches,
     };
-    let kind = match choice {
-        ProviderArg::Mock => {
-            let planner = MockPlanner::new();
-            let note = format!("mock ({}; {why})", planner.model());
-            return Ok((Box::new(planner), note));
-        }
-        ProviderArg::Gemini => ProviderKind::Gemini,
-        ProviderArg::Openai => ProviderKind::OpenAi,
-        ProviderArg::Anthropic => ProviderKind::Anthropic,
-        ProviderArg::Ollama => ProviderKind::Ollama,
+    let report = if args.json {
+        let mut sink = proxi::demo::ProgressOnly {
+            enabled: std::io::stderr().is_terminal(),
+        };
+        let report = proxi::demo::run(options, &mut sink).await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        report
+    } else {
+        let terminal = std::io::stdout().is_terminal();
+        let mut sink = proxi::demo::TextSink::new(std::io::stdout(), terminal, terminal);
+        proxi::demo::run(options, &mut sink).await?
     };
-    let mut settings = GenaiSettings::from_env(kind, |name| std::env::var(name).ok());
-    if args.model.is_some() {
-        settings.model = args.model.clone();
+    Ok(if report.succeeded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn provider_choice(provider: ProviderArg) -> ProviderChoice {
+    match provider {
+        ProviderArg::Gemini => ProviderChoice::Gemini,
+        ProviderArg::Openai => ProviderChoice::OpenAi,
+        ProviderArg::Anthropic => ProviderChoice::Anthropic,
+        ProviderArg::Ollama => ProviderChoice::Ollama,
+        ProviderArg::Mock => ProviderChoice::Mock,
     }
-    if args.base_url.is_some() {
-        settings.base_url = args.base_url.clone();
-    }
-    let provider = GenaiProvider::new(settings)?;
-    let note = format!(
-        "{} (model {}, {}; {why})",
-        provider.name(),
-        provider.model(),
-        provider.base_url()
-    );
-    Ok((Box::new(provider), note))
+}
+
+fn agent_provider(
+    provider: Option<ProviderArg>,
+    model: Option<String>,
+    base_url: Option<String>,
+) -> Result<SelectedProvider> {
+    Ok(select_provider(
+        provider.map(provider_choice),
+        model,
+        base_url,
+        non_empty_env,
+    )?)
 }
 
 async fn agent(args: AgentArgs) -> Result<ExitCode> {
@@ -631,7 +679,10 @@ async fn agent(args: AgentArgs) -> Result<ExitCode> {
     if task.trim().is_empty() {
         bail!("the task is empty");
     }
-    let (provider, note) = agent_provider(&args)?;
+    let SelectedProvider {
+        provider,
+        description: note,
+    } = agent_provider(args.provider, args.model.clone(), args.base_url.clone())?;
     let server_flag = args
         .server
         .clone()

@@ -13,6 +13,7 @@ pub mod backend;
 pub mod genai_provider;
 pub mod mock;
 pub mod provider;
+pub mod select;
 
 use std::collections::HashSet;
 use std::fmt;
