@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::InProcess;
+use common::TestServer;
 use proxi::audit::{self, AuditRecord};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -18,7 +18,7 @@ const MODE_SWITCHES: usize = 300;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_active_tool_runs_under_normal_while_the_mode_thrashes() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -62,7 +62,7 @@ async fn no_active_tool_runs_under_normal_while_the_mode_thrashes() {
         total_calls += worker.await.expect("worker finished cleanly");
     }
 
-    let db = server.gateway.audit().db_path().to_owned();
+    let db = server.gateway().audit().db_path().to_owned();
     let mut records: Vec<AuditRecord> = Vec::new();
     audit::for_each_record(&db, |record| records.push(record)).unwrap();
     let verification = audit::verify(&db).unwrap();

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{AGENT_TOKEN, Api, InProcess, OPERATOR_TOKEN};
+use common::{AGENT_TOKEN, Api, OPERATOR_TOKEN, TestServer};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -37,7 +37,7 @@ async fn service_status(api: &Api, service: &str) -> String {
 
 #[tokio::test]
 async fn scenario_1_normal_mode_blocks_restart() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let (status, body) = api
         .execute("restart_service", json!({"service_name": "web-server"}))
@@ -54,7 +54,7 @@ async fn scenario_1_normal_mode_blocks_restart() {
 
 #[tokio::test]
 async fn scenario_2_emergency_mode_allows_the_fix() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let (status, body) = api
         .post(
@@ -82,7 +82,7 @@ async fn scenario_2_emergency_mode_allows_the_fix() {
 
 #[tokio::test]
 async fn scenario_3_delete_database_is_blocked_in_every_mode() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let (status, body) = api
         .execute("delete_database", json!({"db_name": "database"}))
@@ -98,7 +98,7 @@ async fn scenario_3_delete_database_is_blocked_in_every_mode() {
 
 #[tokio::test]
 async fn scenario_4_chained_calls_are_each_decided() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let chain = [
         (
@@ -131,7 +131,7 @@ async fn scenario_4_chained_calls_are_each_decided() {
 
 #[tokio::test]
 async fn scenario_5_boundary_values_fail_argument_validation() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     api.emergency().await;
     for count in [json!(-1), json!(0), json!(1000), json!("3"), json!(2.5)] {
@@ -153,7 +153,7 @@ async fn scenario_5_boundary_values_fail_argument_validation() {
 
 #[tokio::test]
 async fn scenario_6_mode_changes_are_seen_by_the_next_call() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let restart = json!({"service_name": "cache"});
     let (status, _) = api.execute("restart_service", restart.clone()).await;
@@ -170,7 +170,7 @@ async fn scenario_6_mode_changes_are_seen_by_the_next_call() {
 
 #[tokio::test]
 async fn scenario_7_unknown_tools_are_rejected_with_the_real_list() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let (status, body) = api
         .execute("magic_fix", json!({"service_name": "web-server"}))
@@ -191,7 +191,7 @@ async fn scenario_7_unknown_tools_are_rejected_with_the_real_list() {
 
 #[tokio::test]
 async fn scenario_8_unknown_services_fail_resource_validation() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     api.emergency().await;
     let (status, body) = api
@@ -209,7 +209,7 @@ async fn scenario_8_unknown_services_fail_resource_validation() {
 
 #[tokio::test]
 async fn scenario_9_read_only_monitoring_is_allowed() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let (status, body) = api.execute("list_services", json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -227,7 +227,7 @@ async fn scenario_9_read_only_monitoring_is_allowed() {
 
 #[tokio::test]
 async fn health_status_and_catalog_follow_the_mode() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let (status, health) = api.get("/", None).await;
     assert_eq!(status, StatusCode::OK);
@@ -272,7 +272,7 @@ async fn health_status_and_catalog_follow_the_mode() {
 
 #[tokio::test]
 async fn auth_refusals_are_401_or_403_and_audited() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let response = api
         .http
@@ -338,7 +338,7 @@ async fn auth_refusals_are_401_or_403_and_audited() {
 
 #[tokio::test]
 async fn mode_changes_are_validated() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let (status, body) = api.set_mode("PANIC", Some("why not"), None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -372,7 +372,7 @@ async fn mode_changes_are_validated() {
 
 #[tokio::test]
 async fn emergency_lapses_by_itself_and_the_lapse_is_audited() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let (status, body) = api
         .set_mode("EMERGENCY", Some("short drill"), Some(1))
@@ -413,7 +413,7 @@ async fn emergency_lapses_by_itself_and_the_lapse_is_audited() {
 
 #[tokio::test]
 async fn incidents_and_audit_queries_are_validated() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let (status, body) = api
         .post(
@@ -484,7 +484,7 @@ fn assert_safe_error(status: StatusCode, body: &Value, expected: StatusCode) {
 
 #[tokio::test]
 async fn bad_input_gets_clear_4xx_answers_and_the_server_stays_up() {
-    let server = InProcess::start().await;
+    let server = TestServer::start().await;
     let api = server.api();
     let raw = |body: &'static str, content_type: &'static str| {
         let api = api.clone();

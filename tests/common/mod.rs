@@ -1,7 +1,6 @@
 //! Shared helpers for end-to-end tests: real servers on ephemeral loopback ports.
 #![allow(dead_code)] // Each test binary uses a different subset.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -86,53 +85,6 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A server running inside the test process, sharing its gateway with the test.
-pub struct InProcess {
-    pub url: String,
-    pub address: SocketAddr,
-    pub gateway: Arc<Gateway>,
-    pub data_dir: tempfile::TempDir,
-}
-
-impl InProcess {
-    /// Starts a server with the shipped policy on a fresh data dir.
-    pub async fn start() -> InProcess {
-        InProcess::with_policy(PolicyEngine::load(&policy_path()).expect("shipped policy")).await
-    }
-
-    /// Starts a server with `policy` on a fresh data dir.
-    pub async fn with_policy(policy: PolicyEngine) -> InProcess {
-        let data_dir = tempfile::tempdir().expect("temp dir");
-        let gateway = Gateway::open(
-            policy,
-            GatewayConfig {
-                data_dir: data_dir.path().to_owned(),
-                durability: Durability::Process,
-            },
-        )
-        .await
-        .expect("gateway opens");
-        let state = AppState {
-            gateway: gateway.clone(),
-            tokens: Arc::new(Tokens::new(OPERATOR_TOKEN, AGENT_TOKEN)),
-        };
-        let (address, _handle) = server::spawn(state, "127.0.0.1:0".parse().expect("address"))
-            .await
-            .expect("server binds");
-        InProcess {
-            url: format!("http://{address}"),
-            address,
-            gateway,
-            data_dir,
-        }
-    }
-
-    /// A client for this server.
-    pub fn api(&self) -> Api {
-        Api::new(&self.url)
     }
 }
 
@@ -273,6 +225,11 @@ impl TestServer {
             _dir: dir,
             handle,
         }
+    }
+
+    /// A raw client for asserting exact HTTP behaviour.
+    pub fn api(&self) -> Api {
+        Api::new(&self.url)
     }
 
     /// The gateway behind the server.
