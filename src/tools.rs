@@ -561,4 +561,95 @@ mod tests {
         assert!(message(ToolName::RestartService, json!([1])).contains("must be a JSON object"));
         assert!(message(ToolName::ListServices, json!({"x": 1})).contains("unknown field `x`"));
     }
+
+    mod schema_agreement {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Values that probe each rule: boundaries, wrong types, odd strings.
+        fn any_value() -> impl Strategy<Value = Value> {
+            let boundaries = [0, 1, 2, 10, 99, 100, 101, 199, 200, 201, -1]
+                .into_iter()
+                .map(Value::from)
+                .chain(
+                    ["a".repeat(64), "a".repeat(65)]
+                        .into_iter()
+                        .map(Value::from),
+                )
+                .collect::<Vec<_>>();
+            let leaf = prop_oneof![
+                3 => proptest::sample::select(boundaries),
+                1 => Just(Value::Null),
+                1 => any::<bool>().prop_map(Value::from),
+                1 => (-5i64..=250).prop_map(Value::from),
+                1 => any::<i64>().prop_map(Value::from),
+                1 => any::<u64>().prop_map(Value::from),
+                // Integral floats are left out: JSON Schema counts 3.0 as an integer, Proxi does not.
+                1 => (-1000.0f64..1000.0)
+                    .prop_filter("non-integral", |f| f.fract() != 0.0)
+                    .prop_map(Value::from),
+                1 => "[a-z0-9_-]{0,70}".prop_map(Value::from),
+                1 => ".{0,20}".prop_map(Value::from),
+                1 => prop_oneof![Just("web-server"), Just("-x"), Just("_x"), Just("Web"), Just("")]
+                    .prop_map(Value::from),
+            ];
+            let leaf = leaf.boxed();
+            prop_oneof![
+                8 => leaf.clone(),
+                1 => proptest::collection::vec(leaf.clone(), 0..3).prop_map(Value::Array),
+                1 => proptest::collection::btree_map("[a-z]{1,3}", leaf, 0..3)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        }
+
+        /// Mostly the tool's own argument names (so value rules get exercised),
+        /// sometimes a stray key, sometimes not an object at all.
+        fn any_arguments(tool: ToolName) -> impl Strategy<Value = Value> {
+            let own = proptest::collection::vec(
+                (any::<bool>(), any_value()),
+                tool.argument_names().len(),
+            );
+            let stray = proptest::option::weighted(0.15, ("[a-z_]{1,8}", any_value()));
+            let object = (own, stray).prop_map(move |(own, stray)| {
+                let mut map = Map::new();
+                for (name, (present, value)) in tool.argument_names().iter().zip(own) {
+                    if present || tool != ToolName::ReadLogs {
+                        map.insert((*name).to_owned(), value);
+                    }
+                }
+                if let Some((key, value)) = stray {
+                    map.insert(key, value);
+                }
+                Value::Object(map)
+            });
+            prop_oneof![9 => object, 1 => any_value()]
+        }
+
+        fn any_call() -> impl Strategy<Value = (ToolName, Value)> {
+            proptest::sample::select(ToolName::ALL.to_vec())
+                .prop_flat_map(|tool| (Just(tool), any_arguments(tool)))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// The published schema and the parser accept exactly the same arguments,
+            /// so a client that validates against tools/list is never surprised.
+            #[test]
+            fn the_parser_agrees_with_the_published_schema(
+                (tool, arguments) in any_call(),
+            ) {
+                let schema = Value::Object(tool.input_schema().as_ref().clone());
+                let published = jsonschema::is_valid(&schema, &arguments);
+                let parsed = ToolCall::parse(tool, &arguments);
+                // `null` means "no arguments" to the parser, a convenience the schema does not spell out.
+                if !arguments.is_null() {
+                    prop_assert_eq!(parsed.is_ok(), published, "{} {}: {:?}", tool, arguments, parsed);
+                }
+                if let Ok(call) = parsed {
+                    prop_assert_eq!(call.tool(), tool);
+                }
+            }
+        }
+    }
 }
