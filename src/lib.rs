@@ -10,6 +10,7 @@ pub mod audit;
 pub mod client;
 pub mod gateway;
 pub mod infra;
+pub mod mcp;
 pub mod policy;
 pub mod principal;
 pub mod server;
