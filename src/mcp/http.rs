@@ -202,8 +202,17 @@ async fn guard_mcp(State(guard): State<Guard>, request: Request, next: Next) -> 
         Err(refusal) => return refusal,
     };
     parts.extensions.insert(principal);
+    if parts.method == Method::DELETE {
+        let mut response = next.run(Request::from_parts(parts, body)).await;
+        // rmcp acknowledges a session's end with 202; clients such as the Python
+        // SDK expect 200 or 204 and log anything else as a failed termination.
+        if response.status() == StatusCode::ACCEPTED {
+            *response.status_mut() = StatusCode::NO_CONTENT;
+        }
+        return response;
+    }
     if parts.method != Method::POST || !is_json(parts.headers.get(CONTENT_TYPE)) {
-        // rmcp answers these itself (405, 406, 415, SSE streams, DELETE).
+        // rmcp answers these itself (405, 406, 415, SSE streams).
         return next.run(Request::from_parts(parts, body)).await;
     }
     let bytes = match Limited::new(body, MAX_BODY_BYTES).collect().await {
