@@ -22,7 +22,17 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use rmcp::model::{ClientJsonRpcMessage, ErrorData, RequestId, ServerJsonRpcMessage};
+// Logging is deprecated by SEP-2577 but its method is still part of the 2025-era protocol.
+#[allow(deprecated)]
+use rmcp::model::SetLevelRequestMethod;
+use rmcp::model::{
+    CallToolRequestMethod, ClientJsonRpcMessage, ClientRequest, CompleteRequestMethod, ConstString,
+    DiscoverRequestMethod, ErrorData, GetPromptRequestMethod, InitializeResultMethod,
+    ListPromptsRequestMethod, ListResourceTemplatesRequestMethod, ListResourcesRequestMethod,
+    ListToolsRequestMethod, PingRequestMethod, ReadResourceRequestMethod, RequestId,
+    ServerJsonRpcMessage, SubscribeRequestMethod, SubscriptionsListenRequestMethod,
+    UnsubscribeRequestMethod,
+};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::Value;
@@ -230,8 +240,8 @@ async fn guard_mcp(State(guard): State<Guard>, request: Request, next: Next) -> 
             return error_response(StatusCode::BAD_REQUEST, "could not read the request body");
         }
     };
-    if let Err(refusal) = check_json_rpc(&bytes) {
-        return refusal;
+    if let Some((id, error)) = json_rpc_problem(&bytes) {
+        return json_rpc_error(id, error);
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
@@ -244,18 +254,46 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// Accepts a body rmcp can parse; otherwise builds the JSON-RPC error for it.
-fn check_json_rpc(body: &Bytes) -> Result<(), Response> {
-    if serde_json::from_slice::<ClientJsonRpcMessage>(body).is_ok() {
-        return Ok(());
+/// Standard methods whose params rmcp failed to parse fall back to a custom
+/// request, which would be answered "method not found"; they get -32602 instead.
+const STANDARD_METHODS: [&str; 15] = [
+    InitializeResultMethod::VALUE,
+    PingRequestMethod::VALUE,
+    DiscoverRequestMethod::VALUE,
+    ListToolsRequestMethod::VALUE,
+    CallToolRequestMethod::VALUE,
+    ListResourcesRequestMethod::VALUE,
+    ListResourceTemplatesRequestMethod::VALUE,
+    ReadResourceRequestMethod::VALUE,
+    SubscribeRequestMethod::VALUE,
+    UnsubscribeRequestMethod::VALUE,
+    SubscriptionsListenRequestMethod::VALUE,
+    SetLevelRequestMethod::VALUE,
+    ListPromptsRequestMethod::VALUE,
+    GetPromptRequestMethod::VALUE,
+    CompleteRequestMethod::VALUE,
+];
+
+/// `None` for a body rmcp can serve; otherwise the JSON-RPC error to answer with.
+fn json_rpc_problem(body: &Bytes) -> Option<(Option<RequestId>, ErrorData)> {
+    match serde_json::from_slice::<ClientJsonRpcMessage>(body) {
+        Ok(ClientJsonRpcMessage::Request(request)) => {
+            if let ClientRequest::CustomRequest(custom) = &request.request
+                && STANDARD_METHODS.contains(&custom.method.as_str())
+            {
+                let message = format!("Invalid params for method '{}'", custom.method);
+                return Some((Some(request.id), ErrorData::invalid_params(message, None)));
+            }
+            return None;
+        }
+        Ok(_) => return None,
+        Err(_) => {}
     }
     let value: Value = match serde_json::from_slice(body) {
         Ok(value) => value,
         Err(error) => {
-            return Err(json_rpc_error(
-                None,
-                ErrorData::parse_error(format!("Parse error: {error}"), None),
-            ));
+            let message = format!("Parse error: {error}");
+            return Some((None, ErrorData::parse_error(message, None)));
         }
     };
     let id = value
@@ -278,7 +316,7 @@ fn check_json_rpc(body: &Bytes) -> Result<(), Response> {
             None,
         )
     };
-    Err(json_rpc_error(id, error))
+    Some((id, error))
 }
 
 fn json_rpc_error(id: Option<RequestId>, error: ErrorData) -> Response {
@@ -296,6 +334,8 @@ fn json_rpc_error(id: Option<RequestId>, error: ErrorData) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use rmcp::model::ErrorCode;
+
     use super::*;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
@@ -380,16 +420,22 @@ mod tests {
 
     #[test]
     fn malformed_bodies_get_json_rpc_errors() {
-        let parse = check_json_rpc(&Bytes::from_static(b"{not json")).err();
+        let parse = json_rpc_problem(&Bytes::from_static(b"{not json"));
         assert_eq!(
-            parse.map(|response| response.status()),
-            Some(StatusCode::BAD_REQUEST)
+            parse.map(|(_, error)| error.code),
+            Some(ErrorCode::PARSE_ERROR)
         );
-        assert!(check_json_rpc(&Bytes::from_static(b"[]")).is_err());
-        assert!(check_json_rpc(&Bytes::from_static(br#"{"hello":1}"#)).is_err());
+        assert!(json_rpc_problem(&Bytes::from_static(b"[]")).is_some());
+        assert!(json_rpc_problem(&Bytes::from_static(br#"{"hello":1}"#)).is_some());
         let ping = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
-        assert!(check_json_rpc(&Bytes::from_static(ping)).is_ok());
+        assert!(json_rpc_problem(&Bytes::from_static(ping)).is_none());
         let unknown = br#"{"jsonrpc":"2.0","id":1,"method":"server/whatever","params":{}}"#;
-        assert!(check_json_rpc(&Bytes::from_static(unknown)).is_ok());
+        assert!(json_rpc_problem(&Bytes::from_static(unknown)).is_none());
+        let bad_params = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":5}}"#;
+        let invalid = json_rpc_problem(&Bytes::from_static(bad_params));
+        assert_eq!(
+            invalid.map(|(_, error)| error.code),
+            Some(ErrorCode::INVALID_PARAMS)
+        );
     }
 }

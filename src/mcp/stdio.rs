@@ -16,7 +16,7 @@ use crate::gateway::Gateway;
 pub enum StdioError {
     /// The handshake (or the first message) failed.
     #[error("MCP over stdio could not start: {0}")]
-    Start(#[from] ServerInitializeError),
+    Start(Box<ServerInitializeError>),
     /// The session task ended abnormally.
     #[error("the MCP stdio session failed: {0}")]
     Session(#[from] tokio::task::JoinError),
@@ -34,7 +34,7 @@ pub async fn serve(gateway: Arc<Gateway>, shutdown: CancellationToken) -> Result
         Err(ServerInitializeError::ConnectionClosed(_) | ServerInitializeError::Cancelled) => {
             return Ok(());
         }
-        Err(error) => return Err(error.into()),
+        Err(error) => return Err(StdioError::Start(Box::new(error))),
     };
     running.waiting().await?;
     Ok(())
