@@ -2,7 +2,7 @@
 //! in-process server, raw HTTP for the guard (token, Host/Origin, malformed
 //! JSON-RPC, body limit), and the `proxi mcp` binary for stdio hygiene.
 
-mod common;
+mod mcp_support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -30,7 +30,7 @@ use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use serde_json::{Value, json};
 
-use common::{AGENT_TOKEN, DEADLINE, OPERATOR_TOKEN};
+use mcp_support::{AGENT_TOKEN, DEADLINE, OPERATOR_TOKEN};
 
 const CLIENT_NAME: &str = "rust-protocol-test";
 
@@ -43,7 +43,7 @@ struct TestServer {
 impl TestServer {
     async fn start() -> TestServer {
         let data_dir = tempfile::tempdir().expect("temp dir");
-        let policy = PolicyEngine::load(&common::policy()).expect("the shipped policy");
+        let policy = PolicyEngine::load(&mcp_support::policy()).expect("the shipped policy");
         let gateway = Gateway::open(
             policy,
             GatewayConfig {
@@ -428,10 +428,10 @@ fn lines_of(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
 #[test]
 fn proxi_mcp_speaks_only_protocol_on_stdout() {
     let data_dir = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(common::proxi_bin())
+    let mut child = Command::new(mcp_support::proxi_bin())
         .args(["mcp", "--durability", "process"])
         .arg("--policy")
-        .arg(common::policy())
+        .arg(mcp_support::policy())
         .arg("--data-dir")
         .arg(data_dir.path())
         .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)

@@ -5,11 +5,11 @@
 //!
 //! The scenario itself is tests/python/mcp_e2e.py.
 
-mod common;
+mod mcp_support;
 
 use std::process::Command;
 
-use common::{
+use mcp_support::{
     AGENT_TOKEN, OPERATOR_TOKEN, ProxiServer, assert_success, loopback_env, policy, proxi_bin,
     python, repo, run_with_deadline,
 };

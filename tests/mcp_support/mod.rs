@@ -1,4 +1,4 @@
-//! Helpers shared by the MCP end-to-end tests: the real binary, temp data dirs,
+//! Helpers shared by the MCP end-to-end tests (tests/mcp_*.rs): the real binary, temp data dirs,
 //! and the third-party clients that `scripts/mcp-harness.sh` installs.
 
 #![allow(dead_code)] // each test binary uses a different subset
