@@ -452,6 +452,8 @@ fn proxi_mcp_speaks_only_protocol_on_stdout() {
         json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
                "params": {"name": "delete_database", "arguments": {"db_name": "database"}}})
         .to_string(),
+        json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": 5}})
+            .to_string(),
     ];
     for message in &messages {
         writeln!(stdin, "{message}").expect("write to proxi mcp");
@@ -459,7 +461,7 @@ fn proxi_mcp_speaks_only_protocol_on_stdout() {
     stdin.flush().expect("flush");
     // Requests run concurrently, so answers are matched by id, not by order.
     let mut answers = std::collections::HashMap::new();
-    for _ in 0..4 {
+    for _ in 0..5 {
         let line = lines
             .recv_timeout(DEADLINE)
             .expect("an answer on stdout in time");
@@ -481,6 +483,10 @@ fn proxi_mcp_speaks_only_protocol_on_stdout() {
     assert_eq!(
         answers[&4]["result"]["structuredContent"]["reason_code"],
         "always_blocked"
+    );
+    assert_eq!(
+        answers[&5]["error"]["code"], -32602,
+        "bad params are invalid params"
     );
 
     drop(stdin);

@@ -22,23 +22,15 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-// Logging is deprecated by SEP-2577 but its method is still part of the 2025-era protocol.
-#[allow(deprecated)]
-use rmcp::model::SetLevelRequestMethod;
 use rmcp::model::{
-    CallToolRequestMethod, ClientJsonRpcMessage, ClientRequest, CompleteRequestMethod, ConstString,
-    DiscoverRequestMethod, ErrorData, GetPromptRequestMethod, InitializeResultMethod,
-    ListPromptsRequestMethod, ListResourceTemplatesRequestMethod, ListResourcesRequestMethod,
-    ListToolsRequestMethod, PingRequestMethod, ReadResourceRequestMethod, RequestId,
-    ServerJsonRpcMessage, SubscribeRequestMethod, SubscriptionsListenRequestMethod,
-    UnsubscribeRequestMethod,
+    ClientJsonRpcMessage, ClientRequest, ErrorData, RequestId, ServerJsonRpcMessage,
 };
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{McpShared, Transport};
+use super::{McpShared, Transport, misparsed_standard_request};
 use crate::api::MAX_BODY_BYTES;
 use crate::server::AppState;
 use crate::server::auth::authenticate;
@@ -254,35 +246,15 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// Standard methods whose params rmcp failed to parse fall back to a custom
-/// request, which would be answered "method not found"; they get -32602 instead.
-const STANDARD_METHODS: [&str; 15] = [
-    InitializeResultMethod::VALUE,
-    PingRequestMethod::VALUE,
-    DiscoverRequestMethod::VALUE,
-    ListToolsRequestMethod::VALUE,
-    CallToolRequestMethod::VALUE,
-    ListResourcesRequestMethod::VALUE,
-    ListResourceTemplatesRequestMethod::VALUE,
-    ReadResourceRequestMethod::VALUE,
-    SubscribeRequestMethod::VALUE,
-    UnsubscribeRequestMethod::VALUE,
-    SubscriptionsListenRequestMethod::VALUE,
-    SetLevelRequestMethod::VALUE,
-    ListPromptsRequestMethod::VALUE,
-    GetPromptRequestMethod::VALUE,
-    CompleteRequestMethod::VALUE,
-];
-
 /// `None` for a body rmcp can serve; otherwise the JSON-RPC error to answer with.
 fn json_rpc_problem(body: &Bytes) -> Option<(Option<RequestId>, ErrorData)> {
     match serde_json::from_slice::<ClientJsonRpcMessage>(body) {
         Ok(ClientJsonRpcMessage::Request(request)) => {
+            // Answered here too: without a session rmcp would not reach the handler.
             if let ClientRequest::CustomRequest(custom) = &request.request
-                && STANDARD_METHODS.contains(&custom.method.as_str())
+                && let Some(error) = misparsed_standard_request(&custom.method)
             {
-                let message = format!("Invalid params for method '{}'", custom.method);
-                return Some((Some(request.id), ErrorData::invalid_params(message, None)));
+                return Some((Some(request.id), error));
             }
             return None;
         }

@@ -25,8 +25,15 @@ use rmcp::model::{
     SubscriptionFilter, Tool, ToolAnnotations, UnsubscribeRequestParams,
 };
 // Logging is deprecated by SEP-2577 but still part of the 2025-era protocol versions.
+use rmcp::model::{
+    CallToolRequestMethod, CompleteRequestMethod, ConstString, CustomRequest, CustomResult,
+    DiscoverRequestMethod, ErrorCode, GetPromptRequestMethod, InitializeResultMethod,
+    ListPromptsRequestMethod, ListResourceTemplatesRequestMethod, ListResourcesRequestMethod,
+    ListToolsRequestMethod, PingRequestMethod, ReadResourceRequestMethod, SubscribeRequestMethod,
+    SubscriptionsListenRequestMethod, UnsubscribeRequestMethod,
+};
 #[allow(deprecated)]
-use rmcp::model::SetLevelRequestParams;
+use rmcp::model::{SetLevelRequestMethod, SetLevelRequestParams};
 use rmcp::service::{RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde::Serialize;
@@ -281,6 +288,34 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
     }
 }
 
+/// Standard methods whose params rmcp failed to parse fall back to a custom
+/// request, which would be answered "method not found"; they get -32602 instead.
+const STANDARD_METHODS: [&str; 15] = [
+    InitializeResultMethod::VALUE,
+    PingRequestMethod::VALUE,
+    DiscoverRequestMethod::VALUE,
+    ListToolsRequestMethod::VALUE,
+    CallToolRequestMethod::VALUE,
+    ListResourcesRequestMethod::VALUE,
+    ListResourceTemplatesRequestMethod::VALUE,
+    ReadResourceRequestMethod::VALUE,
+    SubscribeRequestMethod::VALUE,
+    UnsubscribeRequestMethod::VALUE,
+    SubscriptionsListenRequestMethod::VALUE,
+    SetLevelRequestMethod::VALUE,
+    ListPromptsRequestMethod::VALUE,
+    GetPromptRequestMethod::VALUE,
+    CompleteRequestMethod::VALUE,
+];
+
+/// The error for a standard method that reached rmcp as a custom request, which
+/// happens when its params do not parse; `None` for genuinely unknown methods.
+pub(crate) fn misparsed_standard_request(method: &str) -> Option<ErrorData> {
+    STANDARD_METHODS
+        .contains(&method)
+        .then(|| ErrorData::invalid_params(format!("Invalid params for method '{method}'"), None))
+}
+
 fn audit_unavailable(tool: &str, mode: String) -> CallToolResult {
     Refusal {
         policy_violation: false,
@@ -490,6 +525,15 @@ impl ServerHandler for ProxiMcp {
                 }
             }
         }
+    }
+
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, ErrorData> {
+        Err(misparsed_standard_request(&request.method)
+            .unwrap_or_else(|| ErrorData::new(ErrorCode::METHOD_NOT_FOUND, request.method, None)))
     }
 
     #[allow(deprecated)]
