@@ -18,6 +18,13 @@ pub mod stdio;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use rmcp::model::{
+    CallToolRequestMethod, CompleteRequestMethod, ConstString, CustomRequest, CustomResult,
+    DiscoverRequestMethod, ErrorCode, GetPromptRequestMethod, InitializeResultMethod,
+    ListPromptsRequestMethod, ListResourceTemplatesRequestMethod, ListResourcesRequestMethod,
+    ListToolsRequestMethod, PingRequestMethod, ReadResourceRequestMethod, SubscribeRequestMethod,
+    SubscriptionsListenRequestMethod, UnsubscribeRequestMethod,
+};
+use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
     ListResourcesResult, ListToolsResult, PaginatedRequestParams, ReadResourceRequestParams,
     ReadResourceResponse, ReadResourceResult, Resource, ResourceContents,
@@ -25,13 +32,6 @@ use rmcp::model::{
     SubscriptionFilter, Tool, ToolAnnotations, UnsubscribeRequestParams,
 };
 // Logging is deprecated by SEP-2577 but still part of the 2025-era protocol versions.
-use rmcp::model::{
-    CallToolRequestMethod, CompleteRequestMethod, ConstString, CustomRequest, CustomResult,
-    DiscoverRequestMethod, ErrorCode, GetPromptRequestMethod, InitializeResultMethod,
-    ListPromptsRequestMethod, ListResourceTemplatesRequestMethod, ListResourcesRequestMethod,
-    ListToolsRequestMethod, PingRequestMethod, ReadResourceRequestMethod, SubscribeRequestMethod,
-    SubscriptionsListenRequestMethod, UnsubscribeRequestMethod,
-};
 #[allow(deprecated)]
 use rmcp::model::{SetLevelRequestMethod, SetLevelRequestParams};
 use rmcp::service::{RequestContext, SubscriptionContext};
@@ -95,7 +95,7 @@ impl McpShared {
             updates: self.gateway.subscribe(),
             shared: self.clone(),
             transport,
-            subscription: Arc::new(LegacySubscription::default()),
+            subscription: LegacySubscription::default(),
         }
     }
 }
@@ -107,8 +107,10 @@ pub struct ProxiMcp {
     transport: Transport,
     /// Taken when the handler is made, which for stateless HTTP requests is before
     /// `subscriptions/listen` is acknowledged, so no mode change falls in between.
+    /// (A stdio handler lives for the whole process, so its first listener may hear
+    /// of a change made before it listened: a spurious "refetch", never a lost one.)
     updates: watch::Receiver<PolicyStatus>,
-    subscription: Arc<LegacySubscription>,
+    subscription: LegacySubscription,
 }
 
 /// The `resources/subscribe` watcher of one legacy session; stops when the session ends.
