@@ -12,6 +12,7 @@ pub mod client;
 pub mod demo;
 pub mod gateway;
 pub mod infra;
+pub mod mcp;
 pub mod policy;
 pub mod principal;
 pub mod server;

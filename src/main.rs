@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
 
 use proxi::agent::backend::{McpBackend, RestBackend, ToolBackend};
 use proxi::agent::provider::LlmProvider;
@@ -21,7 +22,7 @@ use proxi::audit::{self, Durability};
 use proxi::client::{ProxiClient, resolve_server_url, resolve_token};
 use proxi::gateway::{Gateway, GatewayConfig};
 use proxi::policy::{Decision, PolicyEngine};
-use proxi::server::{self, AppState, BoundServer};
+use proxi::server::{AppState, BoundServer};
 use proxi::tokens::{AGENT_TOKEN_ENV, OPERATOR_TOKEN_ENV, Tokens};
 use proxi::tools::{ToolCall, ToolName};
 
@@ -43,8 +44,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the REST API server.
+    /// Run the HTTP server: the REST API and MCP (Streamable HTTP) at /mcp.
     Serve(ServeArgs),
+    /// Serve MCP over stdio; REST and /mcp also listen on --bind for operators.
+    Mcp(McpArgs),
     /// Validate or explain a policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -166,6 +169,16 @@ impl From<DurabilityArg> for Durability {
 struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8000")]
+    bind: SocketAddr,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+#[derive(Args)]
+struct McpArgs {
+    /// Address of this process's HTTP server (REST and /mcp), which an operator uses
+    /// to change its mode; port 0 picks a free port, recorded in <data-dir>/server.json.
+    #[arg(long, default_value = "127.0.0.1:0")]
     bind: SocketAddr,
     #[command(flatten)]
     state: StateArgs,
@@ -302,8 +315,12 @@ fn init_logging(default_level: &str) {
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
-            init_logging("info");
+            init_logging("info,rmcp=warn");
             serve(args).await
+        }
+        Command::Mcp(args) => {
+            init_logging("info,rmcp=warn");
+            mcp(args).await
         }
         Command::Policy(command) => policy(command),
         Command::Audit(command) => audit_command(command),
@@ -364,8 +381,43 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         gateway,
         tokens: Arc::new(tokens),
     };
-    bound.serve(server::app(state), shutdown_signal()).await?;
+    bound.serve_app(state, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn mcp(args: McpArgs) -> Result<ExitCode> {
+    let (gateway, tokens, _) = open_gateway(&args.state).await?;
+    let bound = BoundServer::bind(args.bind).await?;
+    bound
+        .advertise(gateway.data_dir())
+        .context("cannot write server.json to the data dir")?;
+    // Stdout belongs to the protocol: everything for humans goes to stderr.
+    eprintln!(
+        "Proxi {} serving MCP on stdio; operators reach this process at {}",
+        env!("CARGO_PKG_VERSION"),
+        bound.url()
+    );
+    let state = AppState {
+        gateway: gateway.clone(),
+        tokens: Arc::new(tokens),
+    };
+    let stop = CancellationToken::new();
+    let mut http = tokio::spawn(bound.serve_app(state, stop.clone().cancelled_owned()));
+    let stdio = proxi::mcp::stdio::serve(gateway, stop.clone());
+    let outcome = tokio::select! {
+        served = stdio => served.map_err(anyhow::Error::from),
+        () = shutdown_signal() => Ok(()),
+        ended = &mut http => Err(match ended {
+            Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped unexpectedly"),
+            Ok(Err(error)) => error.into(),
+            Err(error) => error.into(),
+        }),
+    };
+    stop.cancel();
+    if !http.is_finished() {
+        http.await??;
+    }
+    outcome.map(|()| ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() {

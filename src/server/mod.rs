@@ -1,4 +1,4 @@
-//! The HTTP server: the REST API (and `/mcp`) over one shared [`Gateway`].
+//! The HTTP server: the REST API and MCP's Streamable HTTP (`/mcp`) over one shared [`Gateway`].
 
 pub mod auth;
 pub mod error;
@@ -15,13 +15,16 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::api::MAX_BODY_BYTES;
 use crate::gateway::Gateway;
+use crate::mcp;
 use crate::tokens::Tokens;
 use error::ApiError;
 
@@ -160,13 +163,35 @@ impl BoundServer {
         std::fs::rename(temporary, data_dir.join(SERVER_FILE))
     }
 
+    /// Serves the full application (REST and `/mcp`) until `shutdown` resolves.
+    pub async fn serve_app(
+        self,
+        state: AppState,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let stop_mcp = CancellationToken::new();
+        let app = app(state, self.address, stop_mcp.clone());
+        self.serve(app, async move {
+            shutdown.await;
+            stop_mcp.cancel();
+        })
+        .await
+    }
+
     /// Serves `app` until `shutdown` resolves.
     pub async fn serve(
         self,
         app: Router,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        axum::serve(self.listener, app)
+        // Streamed (SSE) answers go out in several writes; with Nagle's algorithm
+        // each later write waits for the client's delayed ACK (~40 ms).
+        let listener = self.listener.tap_io(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(ServerError::Serve)
@@ -174,8 +199,13 @@ impl BoundServer {
 }
 
 /// Builds the full application: REST routes plus `/mcp`, sharing one gateway.
-pub fn app(state: AppState) -> Router {
-    finish(rest_routes(), state)
+///
+/// `bound` is the address the server listens on: `/mcp` accepts only requests
+/// whose Host/Origin name it. Cancelling `shutdown` closes every MCP session and
+/// stream, which graceful shutdown would otherwise wait for forever.
+pub fn app(state: AppState, bound: SocketAddr, shutdown: CancellationToken) -> Router {
+    let routes = rest_routes().merge(mcp::http::routes(state.clone(), bound, shutdown));
+    finish(routes, state)
 }
 
 /// Convenience for tests and the demo: binds, then serves in a background task.
@@ -185,8 +215,7 @@ pub async fn spawn(
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<(), ServerError>>), ServerError> {
     let server = BoundServer::bind(address).await?;
     let local = server.local_addr();
-    let app = app(state);
-    let handle = tokio::spawn(server.serve(app, std::future::pending()));
+    let handle = tokio::spawn(server.serve_app(state, std::future::pending()));
     Ok((local, handle))
 }
 
