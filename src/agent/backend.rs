@@ -295,8 +295,12 @@ impl McpBackend {
             let message = if text.contains("404") {
                 "the server has no MCP endpoint (HTTP 404); use --via rest or a server with /mcp"
                     .to_owned()
-            } else if text.contains("401") || text.contains("403") {
-                format!("the server refused the agent token: {text}")
+            } else if text.contains("401") || text.contains("Auth required") {
+                // rmcp reports a 401 with its transport's type names; say what it means instead.
+                "the server refused the agent token (HTTP 401); check PROXI_AGENT_TOKEN or the data dir's tokens.json"
+                    .to_owned()
+            } else if text.contains("403") {
+                format!("the server refused the request (HTTP 403): {text}")
             } else {
                 text
             };
