@@ -408,11 +408,7 @@ impl Gateway {
             detail: json!({"from": record.mode, "reason": why}),
             expires_at: None,
         };
-        self.audit
-            .append(entry)
-            .await
-            .map(|_| ())
-            .map_err(|_| GatewayError::AuditUnavailable)
+        self.append(entry).await
     }
 
     /// The policy in force.
@@ -770,6 +766,13 @@ impl Gateway {
             detail: Value::String(truncate(what, 200).to_owned()),
             expires_at: None,
         };
+        self.append(entry).await
+    }
+}
+
+impl Gateway {
+    /// Records an entry that no mode decision depends on, and waits until it is durable.
+    async fn append(&self, entry: AuditEntry) -> Result<(), GatewayError> {
         self.audit
             .append(entry)
             .await

@@ -74,21 +74,28 @@ struct DemoArgs {
     /// Keep the data dir here (new or empty) so `proxi audit verify --data-dir DIR` can check it.
     #[arg(long, value_name = "DIR")]
     keep_data: Option<PathBuf>,
-    /// Drive the agent with a real LLM instead of the mock planner.
-    #[arg(long, value_enum)]
-    provider: Option<ProviderArg>,
-    /// Model name for --provider.
-    #[arg(long)]
-    model: Option<String>,
-    /// Base URL override for --provider.
-    #[arg(long)]
-    base_url: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Policy file (default: the shipped policy, built in).
     #[arg(long)]
     policy: Option<PathBuf>,
     /// Mode switches in the stress scenario (at least 1000 for the seed's test).
     #[arg(long, default_value_t = proxi::demo::DEFAULT_STRESS_SWITCHES)]
     stress_switches: usize,
+}
+
+/// Which model drives the agent; shared by `agent` and `demo`.
+#[derive(Args)]
+struct ModelArgs {
+    /// LLM provider (agent default: gemini when GOOGLE_API_KEY is set, else mock; demo default: mock).
+    #[arg(long, value_enum)]
+    provider: Option<ProviderArg>,
+    /// Model name (default depends on the provider).
+    #[arg(long)]
+    model: Option<String>,
+    /// Override the provider's base URL (OpenAI-compatible servers, proxies).
+    #[arg(long)]
+    base_url: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -114,15 +121,8 @@ struct AgentArgs {
     /// Server URL (default: $PROXI_SERVER, else the data dir's server.json, else http://127.0.0.1:8000).
     #[arg(long)]
     server: Option<String>,
-    /// LLM provider (default: gemini when GOOGLE_API_KEY is set, else mock).
-    #[arg(long, value_enum)]
-    provider: Option<ProviderArg>,
-    /// Model name (default depends on the provider).
-    #[arg(long)]
-    model: Option<String>,
-    /// Override the provider's base URL (OpenAI-compatible servers, proxies).
-    #[arg(long)]
-    base_url: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Most model turns before the agent stops.
     #[arg(long, default_value_t = DEFAULT_MAX_STEPS, value_parser = parse_max_steps)]
     max_steps: usize,
@@ -675,9 +675,9 @@ async fn demo(args: DemoArgs) -> Result<ExitCode> {
     let _ = dotenvy::dotenv();
     let options = proxi::demo::DemoOptions {
         scenario: args.scenario,
-        provider: args.provider.map(provider_choice),
-        model: args.model,
-        base_url: args.base_url,
+        provider: args.model.provider.map(provider_choice),
+        model: args.model.model,
+        base_url: args.model.base_url,
         keep_data: args.keep_data,
         policy: args.policy,
         stress_switches: args.stress_switches,
@@ -711,15 +711,11 @@ fn provider_choice(provider: ProviderArg) -> ProviderChoice {
     }
 }
 
-fn agent_provider(
-    provider: Option<ProviderArg>,
-    model: Option<String>,
-    base_url: Option<String>,
-) -> Result<SelectedProvider> {
+fn agent_provider(args: &ModelArgs) -> Result<SelectedProvider> {
     Ok(select_provider(
-        provider.map(provider_choice),
-        model,
-        base_url,
+        args.provider.map(provider_choice),
+        args.model.clone(),
+        args.base_url.clone(),
         non_empty_env,
     )?)
 }
@@ -734,7 +730,7 @@ async fn agent(args: AgentArgs) -> Result<ExitCode> {
     let SelectedProvider {
         provider,
         description: note,
-    } = agent_provider(args.provider, args.model.clone(), args.base_url.clone())?;
+    } = agent_provider(&args.model)?;
     let server_flag = args
         .server
         .clone()
