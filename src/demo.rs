@@ -1046,7 +1046,7 @@ enum Transport {
     Mcp,
 }
 
-/// Whether the audit trail holds a record matching the call's decision.
+/// Whether the audit record the server named for this call matches the call's decision.
 fn confirmed(call: &ToolCallRecord, records: &[AuditRecord]) -> bool {
     let matches = |record: &&AuditRecord| {
         record.kind == "tool_call"
@@ -1059,11 +1059,9 @@ fn confirmed(call: &ToolCallRecord, records: &[AuditRecord]) -> bool {
                 Decision::Denied => record.decision == "denied" || record.outcome == "unknown_tool",
             }
     };
-    match call.audit_seq {
-        Some(seq) => records.iter().filter(|r| r.seq == seq).any(|r| matches(&r)),
-        // MCP answers carry no sequence number: the newest matching record stands in.
-        None => records.iter().rev().any(|r| matches(&r)),
-    }
+    // Both REST and MCP answers carry the call's audit sequence number.
+    call.audit_seq
+        .is_some_and(|seq| records.iter().filter(|r| r.seq == seq).any(|r| matches(&r)))
 }
 
 /// Writes the human-readable demo, in the seed's format; colour only when asked.

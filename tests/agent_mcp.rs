@@ -32,6 +32,11 @@ async fn the_mcp_backend_lists_tools_and_maps_outcomes() {
 
     let allowed = backend.call_tool("list_services", json!({})).await.unwrap();
     assert_eq!(allowed.decision, Decision::Allowed);
+    assert_eq!(allowed.mode.as_deref(), Some("NORMAL"));
+    assert!(
+        allowed.audit_seq.is_some(),
+        "successes carry their audit seq in _meta"
+    );
     assert_eq!(allowed.result.unwrap()["fleet_size"], 3);
 
     let denied = backend

@@ -113,6 +113,16 @@ impl ToolOutcome {
             .join("\n");
         let parsed_text = || serde_json::from_str::<Value>(&text).ok();
         if result.is_error != Some(true) {
+            let meta = |key: &str| {
+                result
+                    .meta
+                    .as_ref()
+                    .and_then(|meta| meta.0.get(key))
+                    .cloned()
+            };
+            let mode =
+                meta(crate::mcp::META_MODE).and_then(|mode| mode.as_str().map(str::to_owned));
+            let audit_seq = meta(crate::mcp::META_AUDIT_SEQ).and_then(|seq| seq.as_u64());
             let value = result
                 .structured_content
                 .filter(|value| !value.is_null())
@@ -122,11 +132,11 @@ impl ToolOutcome {
                 decision: Decision::Allowed,
                 reason_code: None,
                 message: None,
-                mode: value.get("mode").and_then(Value::as_str).map(str::to_owned),
+                mode,
                 result: Some(value),
                 how_to_proceed: None,
                 known_tools: None,
-                audit_seq: None,
+                audit_seq,
             };
         }
         let details = result

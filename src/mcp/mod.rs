@@ -235,6 +235,11 @@ impl Refusal {
     }
 }
 
+/// `_meta` key of a successful call's mode.
+pub const META_MODE: &str = "dev.proxi/mode";
+/// `_meta` key of a successful call's audit sequence number.
+pub const META_AUDIT_SEQ: &str = "dev.proxi/audit_seq";
+
 /// Turns the gateway's answer into an MCP tool result.
 pub fn tool_result(execution: Execution) -> CallToolResult {
     let Execution {
@@ -260,6 +265,11 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
             let text = result.to_string();
             let mut success = CallToolResult::success(vec![ContentBlock::text(text)]);
             success.structured_content = Some(result);
+            // The result object is the tool's own; the decision's context travels in _meta.
+            let mut meta = Map::new();
+            meta.insert(META_MODE.to_owned(), Value::from(mode.as_ref()));
+            meta.insert(META_AUDIT_SEQ.to_owned(), Value::from(audit_seq));
+            success.meta = Some(rmcp::model::MetaObject(meta));
             success
         }
         Outcome::Denied {
@@ -580,6 +590,9 @@ mod tests {
         );
         let text = result.content[0].as_text().map(|text| text.text.clone());
         assert_eq!(text.as_deref(), Some(r#"{"status":"healthy"}"#));
+        let meta = result.meta.expect("a success carries _meta").0;
+        assert_eq!(meta[META_MODE], "NORMAL");
+        assert_eq!(meta[META_AUDIT_SEQ], 7);
     }
 
     #[test]
