@@ -145,7 +145,7 @@ struct StateArgs {
     /// Where the audit trail, tokens and lock file live.
     #[arg(long, default_value = "./proxi-data")]
     data_dir: PathBuf,
-    /// `full` fsyncs every audit commit; `process` survives kill -9 but not power loss.
+    /// `full`: answer only after the audit record is fsynced; `process`: after commit (survives kill -9, not power loss).
     #[arg(long, value_enum, default_value_t = DurabilityArg::Full)]
     durability: DurabilityArg,
 }
