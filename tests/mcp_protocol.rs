@@ -516,7 +516,7 @@ fn proxi_mcp_speaks_only_protocol_on_stdout() {
     assert!(
         records
             .iter()
-            .any(|record| record.principal == format!("mcp:{CLIENT_NAME}"))
+            .any(|record| record.principal == format!("agent (mcp:{CLIENT_NAME})"))
     );
 }
 

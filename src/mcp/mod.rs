@@ -367,7 +367,7 @@ impl ProxiMcp {
             .map(|info| info.name)
             .unwrap_or_default();
         match self.transport {
-            Transport::Stdio => Ok(Principal::mcp_client(&client)),
+            Transport::Stdio => Ok(Principal::mcp_stdio_agent(&client)),
             Transport::Http => context
                 .extensions
                 .get::<axum::http::request::Parts>()
