@@ -25,6 +25,8 @@ use crate::audit::{
 use crate::infra::{CloudInfrastructure, InfraError, InfrastructureStatus, ServiceHealth};
 use crate::policy::{Decision, Denial, ModeId, PolicyEngine, ReasonCode};
 use crate::principal::{Principal, Role};
+use crate::rate_limit::RateLimiter;
+use crate::text;
 use crate::tools::{MAX_TOOL_NAME_LEN, ToolCall, ToolCategory, ToolName};
 
 /// Emergency TTL when the operator does not give one.
@@ -78,6 +80,11 @@ pub enum ModeChangeError {
     /// The reason is too long.
     #[error("the reason must be at most {MAX_REASON_LEN} characters")]
     ReasonTooLong,
+    /// The reason has no visible character: only spaces, zero-width, bidi or control characters.
+    #[error(
+        "the reason must contain visible characters (spaces, zero-width and control characters alone do not count)"
+    )]
+    ReasonInvisible,
     /// The TTL is zero or above the policy's cap.
     #[error(
         "ttl_seconds must be between 1 and {max} (the policy's max_emergency_ttl_seconds), got {requested}"
@@ -119,6 +126,14 @@ pub enum Outcome {
     },
     /// The arguments do not match the tool's schema.
     InvalidArguments(String),
+    /// The tool name contains control, bidi, zero-width or separator characters;
+    /// nothing was looked up. The message shows the name escaped.
+    InvalidToolName(String),
+    /// The caller is over one of the policy's `rate_limits`; nothing was looked at.
+    RateLimited {
+        /// How long until the refusing bucket has room again.
+        retry_after: Duration,
+    },
     /// The tool ran and failed (e.g. an unknown service); nothing changed.
     Failed {
         /// Machine-readable error code.
@@ -136,7 +151,23 @@ impl Outcome {
             Outcome::Denied { denial, .. } => Some(denial.reason.as_str()),
             Outcome::UnknownTool { .. } => Some(ReasonCode::UnknownTool.as_str()),
             Outcome::InvalidArguments(_) => Some("invalid_arguments"),
+            Outcome::InvalidToolName(_) => Some("invalid_tool_name"),
+            Outcome::RateLimited { .. } => Some("rate_limited"),
             Outcome::Failed { code, .. } => Some(code),
+        }
+    }
+
+    /// For a rate-limited call, the whole seconds to wait before retrying (at least 1),
+    /// as `Retry-After` and `retry_after_seconds` report it.
+    pub fn retry_after_seconds(&self) -> Option<u64> {
+        match self {
+            Outcome::RateLimited { retry_after } => Some(
+                retry_after
+                    .as_secs()
+                    .saturating_add(u64::from(retry_after.subsec_nanos() > 0))
+                    .max(1),
+            ),
+            _ => None,
         }
     }
 
@@ -252,6 +283,7 @@ pub struct Gateway {
     infra: Mutex<CloudInfrastructure>,
     audit: AuditLog,
     mode_events: watch::Sender<PolicyStatus>,
+    rate_limiter: RateLimiter,
     data_dir: PathBuf,
     _data_dir_lock: File,
 }
@@ -320,6 +352,7 @@ impl Gateway {
             changed_by: String::new(),
             changed_at: String::new(),
         });
+        let rate_limiter = RateLimiter::new(policy.rate_limits());
         let gateway = Arc::new(Gateway {
             policy,
             mode_names,
@@ -327,6 +360,7 @@ impl Gateway {
             infra: Mutex::new(CloudInfrastructure::new()),
             audit,
             mode_events,
+            rate_limiter,
             data_dir: config.data_dir,
             _data_dir_lock: lock,
         });
@@ -443,16 +477,35 @@ impl Gateway {
         arguments: Value,
     ) -> Result<Execution, GatewayError> {
         let tool = ToolName::parse(tool_name);
-        // Argument checks need no lock: they depend on the call alone.
-        let parsed = tool.map(|tool| ToolCall::parse(tool, &arguments));
         if !self.audit.is_healthy() {
             return Err(GatewayError::AuditUnavailable);
         }
+        // The rate limit comes before any other work, so a flood costs one bucket
+        // check and one small record per call.
+        if let Err(retry_after) = self.rate_limiter.check(principal.role(), tool) {
+            return self
+                .refuse_rate_limited(principal, tool_name, retry_after)
+                .await;
+        }
+        let invalid_name = tool_name.chars().any(text::needs_escape);
+        let shown_name = shown_tool_name(tool_name);
+        // Argument checks need no lock: they depend on the call alone.
+        let parsed = tool.map(|tool| ToolCall::parse(tool, &arguments));
         let now = Utc::now();
         let (pending, mode, outcome) = {
             let state = self.read_state();
             let mode_id = state.effective_mode(Instant::now(), self.policy.default_mode());
+            let denied = |denial| Outcome::Denied {
+                message: self.policy.explain(&denial),
+                how_to_proceed: self.policy.how_to_proceed(&denial),
+                denial,
+            };
             let outcome = match parsed {
+                None if invalid_name => Outcome::InvalidToolName(format!(
+                    "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
+                    text::escape(truncate(tool_name, MAX_TOOL_NAME_LEN)),
+                    ToolName::ALL.map(ToolName::as_str).join(", ")
+                )),
                 None => Outcome::UnknownTool {
                     message: format!(
                         "Tool '{}' does not exist. Known tools: {}",
@@ -460,13 +513,14 @@ impl Gateway {
                         ToolName::ALL.map(ToolName::as_str).join(", ")
                     ),
                 },
-                Some(Err(error)) => Outcome::InvalidArguments(error.to_string()),
+                // The tool-level rules come before the schema's verdict: a blocked
+                // tool is reported as blocked, and its schema stays unexplained.
+                Some(Err(error)) => match tool.map(|tool| self.policy.decide_tool(mode_id, tool)) {
+                    Some(Decision::Deny(denial)) => denied(denial),
+                    _ => Outcome::InvalidArguments(error.to_string()),
+                },
                 Some(Ok(call)) => match self.policy.decide(mode_id, &call) {
-                    Decision::Deny(denial) => Outcome::Denied {
-                        message: self.policy.explain(&denial),
-                        how_to_proceed: self.policy.how_to_proceed(&denial),
-                        denial,
-                    },
+                    Decision::Deny(denial) => denied(denial),
                     Decision::Allow => {
                         let result = self
                             .infra
@@ -484,7 +538,7 @@ impl Gateway {
                 },
             };
             let mode = self.mode_name(mode_id).clone();
-            let entry = tool_call_entry(principal, tool_name, arguments, &mode, &outcome, now);
+            let entry = tool_call_entry(principal, &shown_name, arguments, &mode, &outcome, now);
             (self.audit.submit(entry), mode, outcome)
         };
         let audit_seq = pending
@@ -492,7 +546,49 @@ impl Gateway {
             .await
             .map_err(|_| GatewayError::AuditUnavailable)?;
         Ok(Execution {
-            tool: truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned(),
+            tool: shown_name,
+            mode,
+            outcome,
+            audit_seq,
+        })
+    }
+
+    /// Records and answers a call refused by a rate limit.
+    ///
+    /// The record is small whatever the request was: the tool name bounded and
+    /// escaped, no arguments, a fixed detail. A flood of refusals cannot fill the
+    /// disk faster than a flood of the smallest valid calls.
+    async fn refuse_rate_limited(
+        &self,
+        principal: &Principal,
+        tool_name: &str,
+        retry_after: Duration,
+    ) -> Result<Execution, GatewayError> {
+        let shown_name = shown_tool_name(tool_name);
+        let outcome = Outcome::RateLimited { retry_after };
+        // Queued under the mode lock like any call, so the trail's order stays the
+        // order in which modes took effect.
+        let (pending, mode) = {
+            let state = self.read_state();
+            let mode_id = state.effective_mode(Instant::now(), self.policy.default_mode());
+            let mode = self.mode_name(mode_id).clone();
+            let mut entry = tool_call_entry(
+                principal,
+                &shown_name,
+                Value::Null,
+                &mode,
+                &outcome,
+                Utc::now(),
+            );
+            entry.arguments = None;
+            (self.audit.submit(entry), mode)
+        };
+        let audit_seq = pending
+            .durable()
+            .await
+            .map_err(|_| GatewayError::AuditUnavailable)?;
+        Ok(Execution {
+            tool: shown_name,
             mode,
             outcome,
             audit_seq,
@@ -524,6 +620,13 @@ impl Gateway {
             .reason
             .map(|reason| reason.trim().to_owned())
             .filter(|reason| !reason.is_empty());
+        // A reason made of zero-width or control characters only looks given.
+        if reason
+            .as_deref()
+            .is_some_and(|r| !text::has_visible_text(r))
+        {
+            return Err(ModeChangeError::ReasonInvisible);
+        }
         if reason
             .as_ref()
             .is_some_and(|r| r.chars().count() > MAX_REASON_LEN)
@@ -785,6 +888,12 @@ fn names(names: Vec<&str>) -> Vec<String> {
     names.into_iter().map(str::to_owned).collect()
 }
 
+/// A requested tool name as records and answers show it: at most
+/// [`MAX_TOOL_NAME_LEN`] bytes, with control, bidi and zero-width characters escaped.
+fn shown_tool_name(tool_name: &str) -> String {
+    text::escape(truncate(tool_name, MAX_TOOL_NAME_LEN)).into_owned()
+}
+
 /// Cuts `text` to at most `max` bytes on a character boundary.
 pub fn truncate(text: &str, max: usize) -> &str {
     if text.len() <= max {
@@ -821,6 +930,16 @@ fn tool_call_entry(
             AuditDecision::Rejected,
             "invalid_arguments",
             Value::String(message.clone()),
+        ),
+        Outcome::InvalidToolName(_) => (
+            AuditDecision::Rejected,
+            "invalid_tool_name",
+            Value::String("the tool name contains control characters".to_owned()),
+        ),
+        Outcome::RateLimited { retry_after } => (
+            AuditDecision::Denied,
+            "rate_limited",
+            json!({"retry_after_ms": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)}),
         ),
         Outcome::Failed { message, .. } => (
             AuditDecision::Allowed,

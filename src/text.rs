@@ -84,6 +84,30 @@ pub fn escape(text: &str) -> Cow<'_, str> {
     Cow::Owned(escaped)
 }
 
+/// Serialized JSON with every character [`needs_escape`] written as a `\uXXXX`
+/// escape (a surrogate pair above U+FFFF). serde_json already escapes C0 controls;
+/// this also covers DEL, C1 controls, bidi and zero-width characters and line
+/// separators, so a JSON line is as safe on a terminal as [`escape`]d text. The
+/// document's meaning does not change: outside strings JSON has only ASCII.
+pub fn json_for_terminal(json: &str) -> Cow<'_, str> {
+    if !json.chars().any(needs_escape) {
+        return Cow::Borrowed(json);
+    }
+    let mut safe = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if needs_escape(c) {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                // Writing to a String cannot fail.
+                let _ = write!(safe, "\\u{:04x}", unit);
+            }
+        } else {
+            safe.push(c);
+        }
+    }
+    Cow::Owned(safe)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +154,18 @@ mod tests {
         for visible in ["x", " disk full ", "\u{200b}a", "é", "火事"] {
             assert!(has_visible_text(visible), "{visible:?}");
         }
+    }
+
+    #[test]
+    fn json_for_terminal_keeps_the_document() {
+        let value = serde_json::json!({"tool": "a\u{202e}b\u{7f}\u{1b}c\u{e0041}"});
+        let text = serde_json::to_string(&value).unwrap();
+        let safe = json_for_terminal(&text);
+        assert!(!safe.chars().any(needs_escape), "{safe}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&safe).unwrap(),
+            value
+        );
     }
 
     proptest! {

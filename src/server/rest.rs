@@ -75,7 +75,14 @@ pub async fn execute(
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
         })?;
     let status = execution_status(&execution.outcome);
-    Ok((status, Json(tool_response(execution))).into_response())
+    let retry_after = execution.outcome.retry_after_seconds();
+    let mut response = (status, Json(tool_response(execution))).into_response();
+    if let Some(seconds) = retry_after {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, seconds.into());
+    }
+    Ok(response)
 }
 
 /// The HTTP status the issue assigns to each outcome.
@@ -84,6 +91,8 @@ pub fn execution_status(outcome: &Outcome) -> StatusCode {
         Outcome::Executed(_) => StatusCode::OK,
         Outcome::Denied { .. } | Outcome::UnknownTool { .. } => StatusCode::FORBIDDEN,
         Outcome::InvalidArguments(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Outcome::InvalidToolName(_) => StatusCode::BAD_REQUEST,
+        Outcome::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Outcome::Failed { .. } => StatusCode::CONFLICT,
     }
 }
@@ -91,6 +100,7 @@ pub fn execution_status(outcome: &Outcome) -> StatusCode {
 /// Renders an execution in the seed's response shape.
 pub fn tool_response(execution: Execution) -> ToolResponse {
     let reason_code = execution.outcome.reason_code().map(str::to_owned);
+    let retry_after_seconds = execution.outcome.retry_after_seconds();
     let policy_violation = execution.outcome.is_policy_violation();
     let mut response = ToolResponse {
         success: false,
@@ -104,6 +114,7 @@ pub fn tool_response(execution: Execution) -> ToolResponse {
         how_to_proceed: None,
         known_tools: None,
         audit_seq: execution.audit_seq,
+        retry_after_seconds,
     };
     match execution.outcome {
         Outcome::Executed(result) => {
@@ -131,11 +142,26 @@ pub fn tool_response(execution: Execution) -> ToolResponse {
             response.how_to_proceed =
                 Some("Use one of the tools listed in known_tools.".to_owned());
         }
-        Outcome::InvalidArguments(message) | Outcome::Failed { message, .. } => {
+        Outcome::InvalidArguments(message)
+        | Outcome::InvalidToolName(message)
+        | Outcome::Failed { message, .. } => {
             response.error = Some(message);
+        }
+        Outcome::RateLimited { .. } => {
+            response.error = Some(rate_limited_message(retry_after_seconds));
+            response.how_to_proceed =
+                Some("Slow down: wait retry_after_seconds, then send the call again.".to_owned());
         }
     }
     response
+}
+
+/// What a rate-limited caller is told; the REST and MCP answers share it.
+pub fn rate_limited_message(retry_after_seconds: Option<u64>) -> String {
+    format!(
+        "Rate limit exceeded: too many tool calls from this principal. Retry after {} s.",
+        retry_after_seconds.unwrap_or(1)
+    )
 }
 
 /// `GET /tools/catalog`.

@@ -24,6 +24,12 @@ pub fn policy_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/ops_policy.json")
 }
 
+/// The shipped policy with rate limits no test reaches, for tests that flood
+/// the gateway on purpose (and the load scripts).
+pub fn high_rate_limit_policy_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/high_rate_limits.json")
+}
+
 /// Polls `condition` until it holds or `timeout` passes; panics with `what` on timeout.
 pub fn wait_until<T>(what: &str, timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -46,13 +52,18 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `proxi serve` on `data_dir` and waits until it answers.
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+        ServerProcess::start_with_policy(data_dir, &policy_path(), extra)
+    }
+
+    /// Starts `proxi serve` with `policy` on `data_dir` and waits until it answers.
+    pub fn start_with_policy(data_dir: &Path, policy: &Path, extra: &[&str]) -> ServerProcess {
         let _ = std::fs::remove_file(data_dir.join(server::SERVER_FILE));
         let child = Command::new(env!("CARGO_BIN_EXE_proxi"))
             .arg("serve")
             .args(["--bind", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .arg("--policy")
-            .arg(policy_path())
+            .arg(policy)
             .args(extra)
             .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
             .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
@@ -198,8 +209,13 @@ impl Drop for TestServer {
 impl TestServer {
     /// Starts a server with the repository's policy.
     pub async fn start() -> TestServer {
+        TestServer::start_with_policy(&policy_path()).await
+    }
+
+    /// Starts a server with the policy file at `path`.
+    pub async fn start_with_policy(path: &Path) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let policy = PolicyEngine::load(&policy_path()).expect("policy loads");
+        let policy = PolicyEngine::load(path).expect("policy loads");
         let gateway = Gateway::open(
             policy,
             GatewayConfig {
