@@ -551,8 +551,11 @@ fn print_policy_check(file: &Path, engine: &PolicyEngine) -> std::io::Result<()>
         } else {
             ""
         };
-        out!("  {}{marker}: {}", mode.name(), escape(mode.description()))?;
-        out!("    allows: {}", list_or_none(&mode.allowed().names()))?;
+        out!(
+            "  {}{marker}: allows {}",
+            mode.name(),
+            list_or_none(&mode.allowed().names())
+        )?;
         out!("    blocks: {}", list_or_none(&mode.blocked().names()))?;
         let constraints = mode.constraint_descriptions();
         if constraints.is_empty() {
