@@ -1,5 +1,5 @@
 //! The one execution path every front end uses:
-//! validate arguments → policy decision → execute → audit.
+//! rate limit → tool-level policy → validate arguments → constraints → execute → audit.
 //!
 //! The mode lives behind a read-write lock. A tool call holds the read side from
 //! its decision until its audit entry is queued, and a mode change holds the write
