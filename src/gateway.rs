@@ -934,7 +934,9 @@ fn tool_call_entry(
         Outcome::InvalidToolName(_) => (
             AuditDecision::Rejected,
             "invalid_tool_name",
-            Value::String("the tool name contains control characters".to_owned()),
+            Value::String(
+                "the tool name contains control, bidi or zero-width characters".to_owned(),
+            ),
         ),
         Outcome::RateLimited { retry_after } => (
             AuditDecision::Denied,
