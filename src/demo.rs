@@ -266,6 +266,7 @@ pub async fn run(options: DemoOptions, sink: &mut dyn DemoSink) -> Result<DemoRe
         GatewayConfig {
             data_dir: data_dir.clone(),
             durability: Durability::Full,
+            audit_reserve_bytes: None,
         },
     )
     .await
@@ -337,7 +338,7 @@ fn prepare_kept_dir(dir: &Path) -> Result<(), DemoError> {
             Ok(())
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(DemoError::DataDir)
+            crate::audit::create_private_dir(dir).map_err(DemoError::DataDir)
         }
         Err(error) => Err(DemoError::DataDir(error)),
     }
