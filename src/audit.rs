@@ -1437,6 +1437,178 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_digest_keeps_a_prefix_and_the_hash_of_the_whole_text() {
+        let value = json!({"blob": "é".repeat(2000)});
+        let text = serde_json::to_string(&value).unwrap();
+        let digest = json_digest(&value);
+        assert_eq!(digest["truncated"], true);
+        assert_eq!(digest["bytes"], text.len());
+        assert_eq!(
+            digest["sha256"],
+            hex::encode(Sha256::digest(text.as_bytes()))
+        );
+        let prefix = digest["prefix"].as_str().unwrap();
+        assert!(prefix.len() <= STORED_PREFIX_BYTES && text.starts_with(prefix));
+        let small = json_digest(&json!({"a": 1}));
+        assert_eq!(small["truncated"], false);
+        assert_eq!(small["prefix"], "{\"a\":1}");
+    }
+
+    #[tokio::test]
+    async fn every_variable_field_of_a_record_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        let mut huge = entry(1);
+        huge.principal = Arc::from("p".repeat(10_000));
+        huge.tool = Some("t".repeat(10_000));
+        huge.arguments = Some(json!({"a": "x".repeat(100_000)}));
+        huge.detail = json!("d".repeat(100_000));
+        huge.context = Some(json!({"c": "y".repeat(100_000)}));
+        log.append(huge).await.unwrap();
+        let record = log.recent(1).unwrap().remove(0);
+        let stored = serde_json::to_string(&record).unwrap();
+        assert!(stored.len() < MAX_RECORD_BYTES, "{} bytes", stored.len());
+        assert_eq!(record.principal.len(), MAX_STORED_NAME_BYTES);
+        for field in [
+            &record.arguments.unwrap(),
+            &record.detail,
+            &record.context.unwrap(),
+        ] {
+            assert_eq!(field["truncated"], true, "{field}");
+            assert_eq!(field["sha256"].as_str().unwrap().len(), 64);
+        }
+        assert_eq!(first_bad(dir.path()), None);
+    }
+
+    #[tokio::test]
+    async fn the_context_is_stored_and_covered_by_the_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        let mut with_context = entry(1);
+        with_context.context = Some(json!({"ticket": "INC-42"}));
+        log.append(with_context).await.unwrap();
+        log.append(entry(2)).await.unwrap();
+        let records = log.recent(2).unwrap();
+        assert_eq!(records[0].context, Some(json!({"ticket": "INC-42"})));
+        assert_eq!(records[1].context, None);
+        drop(log);
+        tamper(
+            dir.path(),
+            r#"UPDATE audit_log SET context = '{"ticket":"INC-43"}' WHERE seq = 1"#,
+        );
+        assert_eq!(first_bad(dir.path()), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_trail_from_before_context_verifies_and_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(log_with(dir.path(), 3).await);
+        // The schema of earlier versions: no context column.
+        tamper(dir.path(), "ALTER TABLE audit_log DROP COLUMN context");
+        assert_eq!(verify(&dir.path().join(AUDIT_DB_FILE)).unwrap().records, 3);
+        assert_eq!(first_bad(dir.path()), None);
+        let (log, recovered) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        assert_eq!(recovered.records, 3);
+        let mut with_context = entry(4);
+        with_context.context = Some(json!({"why": "after migration"}));
+        assert_eq!(log.append(with_context).await.unwrap(), 4);
+        assert_eq!(first_bad(dir.path()), None);
+    }
+
+    /// Makes every insert into the chain fail, as a full disk would, until removed.
+    const BREAK_WRITES: &str = "CREATE TRIGGER break_writes BEFORE INSERT ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'injected write failure'); END;";
+
+    #[tokio::test]
+    async fn a_failed_write_refuses_agents_until_a_write_succeeds_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Full).unwrap();
+        log.append(entry(1)).await.unwrap();
+        tamper(dir.path(), BREAK_WRITES);
+        assert!(log.append(entry(2)).await.is_err());
+        assert!(!log.is_healthy());
+        assert!(matches!(
+            log.admit(Priority::Agent),
+            Err(AuditError::Unavailable)
+        ));
+        assert!(log.admit(Priority::Essential).is_ok());
+        assert!(log.append(entry(3)).await.is_err(), "agents are refused");
+        let essential = log.append_with(entry(4), Priority::Essential);
+        assert!(essential.await.is_err(), "the write still fails");
+
+        tamper(dir.path(), "DROP TRIGGER break_writes");
+        // An essential write is also a probe: its success ends the recovery.
+        let seq = log
+            .append_with(entry(5), Priority::Essential)
+            .await
+            .unwrap();
+        assert_eq!(seq, 2, "failed batches leave no hole in the chain");
+        assert!(log.is_healthy());
+        assert_eq!(log.append(entry(6)).await.unwrap(), 3);
+        assert_eq!(first_bad(dir.path()), None);
+    }
+
+    #[tokio::test]
+    async fn the_probe_makes_the_log_healthy_again_without_traffic() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        tamper(dir.path(), BREAK_WRITES);
+        assert!(log.append(entry(1)).await.is_err());
+        tamper(dir.path(), "DROP TRIGGER break_writes");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !log.is_healthy() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the probe never succeeded"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(log.append(entry(2)).await.unwrap(), 1);
+        assert_eq!(first_bad(dir.path()), None);
+    }
+
+    #[tokio::test]
+    async fn entries_queued_before_a_failure_are_refused_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        log.append(entry(1)).await.unwrap();
+        // Hold the write lock so that everything is queued before the first batch
+        // fails; only the record of entry(0) is refused by the database, so later
+        // batches could be written if nothing stopped them.
+        let blocker = Connection::open(dir.path().join(AUDIT_DB_FILE)).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut pendings: Vec<Pending> = (0..MAX_BATCH as i64 + 500)
+            .map(|n| log.submit_with(entry(n), Priority::Essential))
+            .collect();
+        blocker
+            .execute_batch(
+                r#"CREATE TRIGGER break_one BEFORE INSERT ON audit_log
+                   WHEN NEW.arguments = '{"count":0}'
+                   BEGIN SELECT RAISE(ABORT, 'injected write failure'); END;"#,
+            )
+            .unwrap();
+        blocker.execute_batch("COMMIT").unwrap();
+        let first = pendings.remove(0);
+        assert!(first.durable().await.is_err(), "the first batch fails");
+        let mut written = Vec::new();
+        for pending in pendings {
+            if let Ok(seq) = pending.durable().await {
+                written.push(seq);
+            }
+        }
+        // They were decided before the failure, perhaps under state that the failed
+        // batch recorded: none of them may be written after it.
+        assert!(written.is_empty(), "{} written", written.len());
+        assert!(!log.is_healthy());
+        let seq = log
+            .append_with(entry(5), Priority::Essential)
+            .await
+            .unwrap();
+        assert_eq!(seq, 2);
+        assert_eq!(first_bad(dir.path()), None);
+    }
+
     #[tokio::test]
     async fn the_last_mode_event_is_recovered() {
         let dir = tempfile::tempdir().unwrap();

@@ -5,9 +5,12 @@
 
 mod common;
 
+use std::io::Write;
+use std::path::Path;
 use std::time::Instant;
 
-use common::{AGENT_TOKEN, ServerProcess};
+use common::{AGENT_TOKEN, Api, OPERATOR_TOKEN, ServerProcess};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 /// Bytes the audit database holds once its WAL is checkpointed (the server must be stopped).
@@ -92,4 +95,191 @@ async fn a_flood_of_huge_rejected_calls_stores_bounded_records() {
             .unwrap()
             .starts_with("{\"blob\":\"xxx")
     );
+}
+
+/// A tmpfs mounted on a temporary directory for one test; unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status();
+        assert!(
+            matches!(status, Ok(status) if status.success()),
+            "cannot mount a {size} tmpfs on {} ({status:?}): this test needs root and mount(8)",
+            dir.path().display()
+        );
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn free_bytes(&self) -> u64 {
+        let stats = rustix::fs::statvfs(self.path()).unwrap();
+        stats.f_bavail * stats.f_frsize
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Writes zeros to `path` until the filesystem is full or `limit` bytes are written.
+fn fill(path: &Path, limit: u64) {
+    let mut file = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    let chunk = vec![0u8; 16 * 1024];
+    let mut written = 0;
+    while written < limit {
+        let want = chunk.len().min((limit - written) as usize);
+        match file.write(&chunk[..want]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n as u64,
+        }
+    }
+}
+
+fn cli_verify(data_dir: &Path) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_proxi"))
+        .args(["audit", "verify", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_agents_first_and_the_log_recovers_without_restart() {
+    let tmpfs = Tmpfs::mount("4m");
+    let data_dir = tmpfs.path().join("data");
+    let filler = tmpfs.path().join("filler");
+    let server = ServerProcess::start(&data_dir, &["--audit-reserve-mb", "1"]);
+    let api = Api::new(&server.url);
+    let mut acknowledged: Vec<(u64, String)> = Vec::new();
+    let acknowledge = |acknowledged: &mut Vec<(u64, String)>, body: &Value| {
+        acknowledged.push((
+            body["audit_seq"]
+                .as_u64()
+                .expect("an answer carries audit_seq"),
+            body["tool"].as_str().unwrap().to_owned(),
+        ));
+    };
+
+    let (status, body) = api.execute("list_services", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    acknowledge(&mut acknowledged, &body);
+
+    // Leave half the reserve free: agent calls stop, the operator's do not.
+    fill(&filler, tmpfs.free_bytes() - 512 * 1024);
+    let mut refused = None;
+    // The writer notices the shortage at its next commit, so at most one more call gets through.
+    for _ in 0..3 {
+        let (status, body) = api.execute("list_services", json!({})).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            refused = Some(body);
+            break;
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+        acknowledge(&mut acknowledged, &body);
+    }
+    let refused = refused.expect("agent calls are refused below the reserve");
+    assert!(
+        refused["error"].as_str().unwrap().contains("disk space"),
+        "{refused}"
+    );
+    let (status, body) = api
+        .set_mode("EMERGENCY", Some("disk is filling up"), Some(600))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the operator may use the reserve: {body}"
+    );
+    let (status, _) = api
+        .execute("restart_service", json!({"service_name": "web-server"}))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "agents still wait");
+
+    // Now fill the disk for real, and let operator traffic run into the wall.
+    fill(&filler, u64::MAX);
+    let blob = "x".repeat(60_000);
+    let mut failed = false;
+    for _ in 0..5000 {
+        let (status, body) = api
+            .post(
+                "/tools/execute",
+                Some(OPERATOR_TOKEN),
+                json!({"tool_name": "fill_the_disk", "arguments": {"blob": blob}}),
+            )
+            .await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            failed = true;
+            break;
+        }
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        acknowledge(&mut acknowledged, &body);
+    }
+    assert!(failed, "a full disk makes audit writes fail");
+    eprintln!(
+        "disk full after {} acknowledged records",
+        acknowledged.len()
+    );
+    let (status, _) = api.execute("list_services", json!({})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // Free the space: agents are served again without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    let mut polls = 0;
+    let body = loop {
+        let (status, body) = api.execute("list_services", json!({})).await;
+        if status == StatusCode::OK {
+            break body;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "agent calls still get 503 20 s after the disk was freed: the audit log did not recover"
+        );
+        polls += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    eprintln!("recovered after {polls} refused polls");
+    acknowledge(&mut acknowledged, &body);
+    let (status, body) = api.set_mode("NORMAL", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (ok, report) = cli_verify(&data_dir);
+    assert!(ok, "the chain verifies after the failure: {report}");
+    drop(server);
+    let mut stored = std::collections::HashMap::new();
+    proxi::audit::for_each_record(&data_dir.join("audit.db"), |record| {
+        stored.insert(record.seq, record.tool);
+    })
+    .unwrap();
+    for (seq, tool) in &acknowledged {
+        assert_eq!(
+            stored.get(seq),
+            Some(&Some(tool.clone())),
+            "acknowledged call {seq} is in the trail"
+        );
+    }
 }
