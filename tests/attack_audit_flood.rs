@@ -283,3 +283,75 @@ async fn a_full_disk_refuses_agents_first_and_the_log_recovers_without_restart()
         );
     }
 }
+
+#[tokio::test]
+async fn a_mode_change_whose_record_failed_does_not_take_effect() {
+    let server = common::TestServer::start().await;
+    let api = server.api();
+    let db = server.data_dir().join("audit.db");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER break_mode_changes BEFORE INSERT ON audit_log
+             WHEN NEW.kind = 'mode_change'
+             BEGIN SELECT RAISE(ABORT, 'injected write failure'); END;",
+        )
+        .unwrap();
+    let (status, _) = api
+        .set_mode("EMERGENCY", Some("unrecorded"), Some(600))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("DROP TRIGGER break_mode_changes")
+        .unwrap();
+    // Once the log has recovered, the agent finds the mode the trail records.
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    let (status, body) = loop {
+        let (status, body) = api
+            .execute("restart_service", json!({"service_name": "web-server"}))
+            .await;
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            break (status, body);
+        }
+        assert!(Instant::now() < deadline, "the audit log did not recover");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["mode"], "NORMAL", "{body}");
+    assert_eq!(server.gateway().status().mode, "NORMAL");
+}
+
+#[tokio::test]
+async fn the_context_is_recorded_and_bounded() {
+    let server = common::TestServer::start().await;
+    let api = server.api();
+    let (status, body) = api
+        .post(
+            "/tools/execute",
+            Some(AGENT_TOKEN),
+            json!({"tool_name": "list_services", "arguments": {}, "context": {"ticket": "INC-7"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let huge = "c".repeat(50_000);
+    let (status, body) = api
+        .post(
+            "/tools/execute",
+            Some(AGENT_TOKEN),
+            json!({"tool_name": "list_services", "arguments": {}, "context": {"notes": huge}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let records = api.audit(2).await;
+    assert_eq!(records[0]["context"], json!({"ticket": "INC-7"}));
+    let stored = &records[1]["context"];
+    assert_eq!(stored["truncated"], true, "{stored}");
+    assert_eq!(stored["bytes"], 50_012, "{stored}");
+    assert!(
+        stored["prefix"].as_str().unwrap().len() <= proxi::audit::STORED_PREFIX_BYTES,
+        "{stored}"
+    );
+    let (ok, report) = cli_verify(server.data_dir());
+    assert!(ok, "{report}");
+}
