@@ -265,6 +265,9 @@ pub struct Gateway {
     mode_events: watch::Sender<PolicyStatus>,
     data_dir: PathBuf,
     _data_dir_lock: File,
+    /// Held by `set_mode` until its record is durable, so that a change whose
+    /// record failed can be undone without undoing a later one.
+    mode_changes: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -347,6 +350,7 @@ impl Gateway {
             mode_events,
             data_dir: config.data_dir,
             _data_dir_lock: lock,
+            mode_changes: tokio::sync::Mutex::new(()),
         });
         gateway.restore_mode(recovered).await?;
         gateway.mode_events.send_replace(gateway.status());
@@ -585,6 +589,7 @@ impl Gateway {
             }
             Some(ttl)
         };
+        let _one_change_at_a_time = self.mode_changes.lock().await;
         if self.audit.admit(Priority::Essential).is_err() {
             return Err(ModeChangeError::AuditUnavailable);
         }
@@ -832,8 +837,9 @@ impl Gateway {
     }
 
     /// A mode change whose record failed never happened: put back the state it
-    /// replaced, unless another change has replaced it meanwhile. Calls decided
-    /// under it were queued behind its record and are refused with it.
+    /// replaced, unless the expiry task has replaced it meanwhile (mode changes
+    /// are serialized). Calls decided under it were queued behind its record and
+    /// are refused with it.
     fn undo_unrecorded_mode_change(
         &self,
         principal: &Principal,
