@@ -1006,7 +1006,12 @@ fn confirmed(call: &ToolCallRecord, records: &[AuditRecord]) -> bool {
     let matches = |record: &&AuditRecord| {
         record.kind == "tool_call"
             && record.tool.as_deref() == Some(call.tool.as_str())
-            && record.arguments.as_ref() == Some(&call.arguments)
+            && record.arguments
+                == Some(match record.decision.as_str() {
+                    // A rejected call's record keeps only a digest of its arguments.
+                    "rejected" => crate::audit::json_digest(&call.arguments),
+                    _ => call.arguments.clone(),
+                })
             && match call.decision {
                 Decision::Allowed => record.decision == "allowed" && record.outcome == "executed",
                 Decision::Failed => record.decision == "allowed" && record.outcome == "failed",
