@@ -355,3 +355,24 @@ async fn the_context_is_recorded_and_bounded() {
     let (ok, report) = cli_verify(server.data_dir());
     assert!(ok, "{report}");
 }
+
+#[tokio::test]
+async fn invalid_arguments_are_recorded_as_a_digest_with_a_bounded_message() {
+    let server = common::TestServer::start().await;
+    let api = server.api();
+    let key = "k".repeat(50_000);
+    let (status, body) = api
+        .execute("scale_fleet", json!({"count": 3, key.clone(): 1}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let record = api.audit(1).await.remove(0);
+    assert_eq!(record["outcome"], "invalid_arguments", "{record}");
+    assert_eq!(record["arguments"]["truncated"], true, "{record}");
+    assert_eq!(record["arguments"]["sha256"].as_str().unwrap().len(), 64);
+    let detail = record["detail"].as_str().unwrap();
+    assert!(detail.len() <= 1024, "{} bytes of detail", detail.len());
+    assert!(
+        serde_json::to_string(&record).unwrap().len() < 4096,
+        "the whole record is small"
+    );
+}
