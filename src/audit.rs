@@ -710,13 +710,9 @@ impl AuditLog {
     /// Sets the free space (bytes) kept for essential entries on the data dir's
     /// filesystem: below it, [`AuditLog::admit`] refuses agent traffic.
     pub fn set_space_reserve(&self, bytes: u64) {
+        // Only the writer sets `low_space`, at its next commit or probe: it must see
+        // the flag change, because a log short of space wakes up to check again.
         self.shared.reserve.store(bytes, Ordering::SeqCst);
-        // The writer re-checks free space after its next commit or probe.
-        self.shared.low_space.store(
-            disk_space(self.db_path.parent().unwrap_or(Path::new(".")))
-                .is_ok_and(|(free, _)| free < bytes),
-            Ordering::SeqCst,
-        );
     }
 
     /// The free space kept for essential entries, in bytes.
