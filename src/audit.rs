@@ -1512,6 +1512,35 @@ mod tests {
         assert_eq!(first_bad(dir.path()), None);
     }
 
+    #[tokio::test]
+    async fn below_the_reserve_only_essential_work_is_admitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        assert!(log.admit(Priority::Agent).is_ok());
+        log.set_space_reserve(u64::MAX);
+        // The writer notices at its next commit.
+        log.append(entry(1)).await.unwrap();
+        assert!(matches!(
+            log.admit(Priority::Agent),
+            Err(AuditError::LowSpace)
+        ));
+        assert!(log.admit(Priority::Essential).is_ok());
+        assert_eq!(
+            log.append_with(entry(2), Priority::Essential)
+                .await
+                .unwrap(),
+            2
+        );
+        // Space comes back: the writer's periodic check lifts the refusal by itself.
+        log.set_space_reserve(0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log.admit(Priority::Agent).is_err() {
+            assert!(std::time::Instant::now() < deadline, "still refused");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!log.is_low_on_space());
+    }
+
     /// Makes every insert into the chain fail, as a full disk would, until removed.
     const BREAK_WRITES: &str = "CREATE TRIGGER break_writes BEFORE INSERT ON audit_log
         BEGIN SELECT RAISE(ABORT, 'injected write failure'); END;";
