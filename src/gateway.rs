@@ -9,6 +9,7 @@
 //! held across I/O: the lock is released before waiting for the audit commit.
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -19,8 +20,8 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::audit::{
-    AuditDecision, AuditEntry, AuditError, AuditLog, AuditRecord, Durability, EntryKind, Recovered,
-    format_time,
+    AuditDecision, AuditEntry, AuditError, AuditLog, AuditRecord, DATA_FILE_MODE, Durability,
+    EntryKind, Priority, Recovered, create_private_dir, format_time, json_digest,
 };
 use crate::infra::{CloudInfrastructure, InfraError, InfrastructureStatus, ServiceHealth};
 use crate::policy::{Decision, Denial, ModeId, PolicyEngine, ReasonCode};
@@ -35,6 +36,8 @@ pub const DEFAULT_ELEVATED_TTL: Duration = Duration::from_secs(900);
 pub const MAX_REASON_LEN: usize = 500;
 /// Name of the lock file that keeps two processes off one data dir.
 pub const LOCK_FILE: &str = "proxi.lock";
+/// Longest refusal message a tool-call record keeps, in bytes (messages may quote the caller's input).
+const MAX_RECORDED_MESSAGE_BYTES: usize = 1024;
 
 /// Failures of the gateway as a whole (not of one tool call).
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,11 @@ pub enum GatewayError {
     /// The audit trail cannot record, so nothing may run.
     #[error("the audit trail is unavailable; refusing to act without a record")]
     AuditUnavailable,
+    /// Free disk space is below the reserve kept for operators, so agent calls are refused.
+    #[error(
+        "free disk space for the audit trail is below the operators' reserve; agent calls are refused until space is freed"
+    )]
+    AuditLowSpace,
     /// Opening the audit trail failed.
     #[error(transparent)]
     Audit(#[from] AuditError),
@@ -273,6 +281,9 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// How hard audit commits push to disk.
     pub durability: Durability,
+    /// Free space (bytes) on the data dir's filesystem kept for operators; below it
+    /// agent calls are refused. `None`: the audit log's scaled default.
+    pub audit_reserve_bytes: Option<u64>,
 }
 
 /// The policy enforcement point shared by REST, MCP, the agent and the demo.
@@ -286,6 +297,9 @@ pub struct Gateway {
     rate_limiter: RateLimiter,
     data_dir: PathBuf,
     _data_dir_lock: File,
+    /// Held by `set_mode` until its record is durable, so that a change whose
+    /// record failed can be undone without undoing a later one.
+    mode_changes: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -301,12 +315,16 @@ fn lock_data_dir(data_dir: &Path) -> Result<File, GatewayError> {
         path: data_dir.to_owned(),
         error,
     };
-    std::fs::create_dir_all(data_dir).map_err(io_error)?;
+    create_private_dir(data_dir).map_err(io_error)?;
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(DATA_FILE_MODE)
         .open(data_dir.join(LOCK_FILE))
+        .map_err(io_error)?;
+    // A lock file left by an older version may be world-readable.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(DATA_FILE_MODE))
         .map_err(io_error)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
@@ -327,6 +345,9 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, GatewayError> {
         let lock = lock_data_dir(&config.data_dir)?;
         let (audit, recovered) = AuditLog::open(&config.data_dir, config.durability)?;
+        if let Some(bytes) = config.audit_reserve_bytes {
+            audit.set_space_reserve(bytes);
+        }
         let mode_names = policy
             .modes()
             .map(|(_, mode)| Arc::from(mode.name()))
@@ -363,6 +384,7 @@ impl Gateway {
             rate_limiter,
             data_dir: config.data_dir,
             _data_dir_lock: lock,
+            mode_changes: tokio::sync::Mutex::new(()),
         });
         gateway.restore_mode(recovered).await?;
         gateway.mode_events.send_replace(gateway.status());
@@ -441,8 +463,9 @@ impl Gateway {
             outcome: "expired",
             detail: json!({"from": record.mode, "reason": why}),
             expires_at: None,
+            context: None,
         };
-        self.append(entry).await
+        self.append(entry, Priority::Essential).await
     }
 
     /// The policy in force.
@@ -476,10 +499,25 @@ impl Gateway {
         tool_name: &str,
         arguments: Value,
     ) -> Result<Execution, GatewayError> {
+        self.execute_with_context(principal, tool_name, arguments, None)
+            .await
+    }
+
+    /// [`Gateway::execute`], recording the caller's free-form `context` (bounded) too.
+    pub async fn execute_with_context(
+        &self,
+        principal: &Principal,
+        tool_name: &str,
+        arguments: Value,
+        context: Option<Value>,
+    ) -> Result<Execution, GatewayError> {
         let tool = ToolName::parse(tool_name);
-        if !self.audit.is_healthy() {
-            return Err(GatewayError::AuditUnavailable);
-        }
+        let priority = audit_priority(principal);
+        // Before anything runs: a call whose record were refused would act unrecorded.
+        self.audit.admit(priority).map_err(|error| match error {
+            AuditError::LowSpace => GatewayError::AuditLowSpace,
+            _ => GatewayError::AuditUnavailable,
+        })?;
         // The rate limit comes before any other work, so a flood costs one bucket
         // check and one small record per call.
         if let Err(retry_after) = self.rate_limiter.check(principal.role(), tool) {
@@ -538,8 +576,10 @@ impl Gateway {
                 },
             };
             let mode = self.mode_name(mode_id).clone();
-            let entry = tool_call_entry(principal, &shown_name, arguments, &mode, &outcome, now);
-            (self.audit.submit(entry), mode, outcome)
+            let mut entry =
+                tool_call_entry(principal, &shown_name, arguments, &mode, &outcome, now);
+            entry.context = context;
+            (self.audit.submit_with(entry, priority), mode, outcome)
         };
         let audit_seq = pending
             .durable()
@@ -581,7 +621,10 @@ impl Gateway {
                 Utc::now(),
             );
             entry.arguments = None;
-            (self.audit.submit(entry), mode)
+            (
+                self.audit.submit_with(entry, audit_priority(principal)),
+                mode,
+            )
         };
         let audit_seq = pending
             .durable()
@@ -653,12 +696,14 @@ impl Gateway {
             }
             Some(ttl)
         };
-        if !self.audit.is_healthy() {
+        let _one_change_at_a_time = self.mode_changes.lock().await;
+        if self.audit.admit(Priority::Essential).is_err() {
             return Err(ModeChangeError::AuditUnavailable);
         }
         let now = Utc::now();
-        let pending = {
+        let (pending, replaced) = {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            let replaced = state.clone();
             let previous = state.effective_mode(Instant::now(), self.policy.default_mode());
             let expires = ttl.map(|ttl| {
                 let wall =
@@ -672,28 +717,33 @@ impl Gateway {
                 changed_by: principal.name().clone(),
                 changed_at: now,
             };
-            self.audit.submit(AuditEntry {
-                time: now,
-                principal: principal.name().clone(),
-                kind: EntryKind::ModeChange,
-                tool: None,
-                arguments: None,
-                mode: target_name,
-                decision: AuditDecision::Allowed,
-                reason_code: None,
-                outcome: "changed",
-                detail: json!({
-                    "from": self.mode_name(previous).as_ref(),
-                    "reason": reason,
-                    "ttl_seconds": ttl.map(|ttl| ttl.as_secs()),
-                }),
-                expires_at: expires.map(|(_, wall)| wall),
-            })
+            let pending = self.audit.submit_with(
+                AuditEntry {
+                    time: now,
+                    principal: principal.name().clone(),
+                    kind: EntryKind::ModeChange,
+                    tool: None,
+                    arguments: None,
+                    mode: target_name,
+                    decision: AuditDecision::Allowed,
+                    reason_code: None,
+                    outcome: "changed",
+                    detail: json!({
+                        "from": self.mode_name(previous).as_ref(),
+                        "reason": reason,
+                        "ttl_seconds": ttl.map(|ttl| ttl.as_secs()),
+                    }),
+                    expires_at: expires.map(|(_, wall)| wall),
+                    context: None,
+                },
+                Priority::Essential,
+            );
+            (pending, replaced)
         };
-        pending
-            .durable()
-            .await
-            .map_err(|_| ModeChangeError::AuditUnavailable)?;
+        if pending.durable().await.is_err() {
+            self.undo_unrecorded_mode_change(principal, now, replaced);
+            return Err(ModeChangeError::AuditUnavailable);
+        }
         let status = self.status();
         self.mode_events.send_replace(status.clone());
         Ok(status)
@@ -719,19 +769,23 @@ impl Gateway {
                 changed_by: Principal::system().name().clone(),
                 changed_at: now,
             };
-            self.audit.submit(AuditEntry {
-                time: now,
-                principal: Principal::system().name().clone(),
-                kind: EntryKind::ModeExpired,
-                tool: None,
-                arguments: None,
-                mode: self.mode_name(default).clone(),
-                decision: AuditDecision::Allowed,
-                reason_code: None,
-                outcome: "expired",
-                detail: json!({"from": from.as_ref(), "reason": "the time limit lapsed"}),
-                expires_at: None,
-            })
+            self.audit.submit_with(
+                AuditEntry {
+                    time: now,
+                    principal: Principal::system().name().clone(),
+                    kind: EntryKind::ModeExpired,
+                    tool: None,
+                    arguments: None,
+                    mode: self.mode_name(default).clone(),
+                    decision: AuditDecision::Allowed,
+                    reason_code: None,
+                    outcome: "expired",
+                    detail: json!({"from": from.as_ref(), "reason": "the time limit lapsed"}),
+                    expires_at: None,
+                    context: None,
+                },
+                Priority::Essential,
+            )
         };
         if let Err(error) = pending.durable().await {
             tracing::error!(%error, "could not record the end of an elevated mode");
@@ -805,7 +859,7 @@ impl Gateway {
         service: &str,
         health: ServiceHealth,
     ) -> Result<Result<InfrastructureStatus, InfraError>, GatewayError> {
-        if !self.audit.is_healthy() {
+        if self.audit.admit(Priority::Essential).is_err() {
             return Err(GatewayError::AuditUnavailable);
         }
         let now = Utc::now();
@@ -836,8 +890,9 @@ impl Gateway {
                     Err(error) => json!(error.to_string()),
                 },
                 expires_at: None,
+                context: None,
             };
-            (self.audit.submit(entry), result)
+            (self.audit.submit_with(entry, Priority::Essential), result)
         };
         pending
             .durable()
@@ -868,19 +923,40 @@ impl Gateway {
             outcome: "refused",
             detail: Value::String(truncate(what, 200).to_owned()),
             expires_at: None,
+            context: None,
         };
-        self.append(entry).await
+        self.append(entry, audit_priority(principal)).await
     }
 }
 
 impl Gateway {
     /// Records an entry that no mode decision depends on, and waits until it is durable.
-    async fn append(&self, entry: AuditEntry) -> Result<(), GatewayError> {
+    async fn append(&self, entry: AuditEntry, priority: Priority) -> Result<(), GatewayError> {
+        self.audit.admit(priority).map_err(|error| match error {
+            AuditError::LowSpace => GatewayError::AuditLowSpace,
+            _ => GatewayError::AuditUnavailable,
+        })?;
         self.audit
-            .append(entry)
+            .append_with(entry, priority)
             .await
             .map(|_| ())
             .map_err(|_| GatewayError::AuditUnavailable)
+    }
+
+    /// A mode change whose record failed never happened: put back the state it
+    /// replaced, unless the expiry task has replaced it meanwhile (mode changes
+    /// are serialized). Calls decided under it were queued behind its record and
+    /// are refused with it.
+    fn undo_unrecorded_mode_change(
+        &self,
+        principal: &Principal,
+        changed_at: DateTime<Utc>,
+        replaced: ModeState,
+    ) {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        if state.changed_at == changed_at && Arc::ptr_eq(&state.changed_by, principal.name()) {
+            *state = replaced;
+        }
     }
 }
 
@@ -906,6 +982,22 @@ pub fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// Operators' and Proxi's own records may use the disk-space reserve; the rest may not.
+fn audit_priority(principal: &Principal) -> Priority {
+    match principal.role() {
+        Role::Operator | Role::System => Priority::Essential,
+        Role::Agent | Role::Anonymous => Priority::Agent,
+    }
+}
+
+/// A refusal message as a bounded record field.
+fn recorded_message(message: &str) -> Value {
+    Value::String(truncate(message, MAX_RECORDED_MESSAGE_BYTES).to_owned())
+}
+
+/// The record of one tool call. A rejected call (unknown tool, invalid arguments)
+/// stores only a digest of its arguments ([`json_digest`]): nothing bounds what an
+/// unparsed body holds, and storing it whole would let the agent fill the disk.
 fn tool_call_entry(
     principal: &Principal,
     tool_name: &str,
@@ -916,11 +1008,9 @@ fn tool_call_entry(
 ) -> AuditEntry {
     let (decision, outcome_name, detail) = match outcome {
         Outcome::Executed(result) => (AuditDecision::Allowed, "executed", result.clone()),
-        Outcome::Denied { message, .. } => (
-            AuditDecision::Denied,
-            "denied",
-            Value::String(message.clone()),
-        ),
+        Outcome::Denied { message, .. } => {
+            (AuditDecision::Denied, "denied", recorded_message(message))
+        }
         Outcome::UnknownTool { .. } => (
             AuditDecision::Rejected,
             "unknown_tool",
@@ -929,7 +1019,7 @@ fn tool_call_entry(
         Outcome::InvalidArguments(message) => (
             AuditDecision::Rejected,
             "invalid_arguments",
-            Value::String(message.clone()),
+            recorded_message(message),
         ),
         Outcome::InvalidToolName(_) => (
             AuditDecision::Rejected,
@@ -943,11 +1033,13 @@ fn tool_call_entry(
             "rate_limited",
             json!({"retry_after_ms": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)}),
         ),
-        Outcome::Failed { message, .. } => (
-            AuditDecision::Allowed,
-            "failed",
-            Value::String(message.clone()),
-        ),
+        Outcome::Failed { message, .. } => {
+            (AuditDecision::Allowed, "failed", recorded_message(message))
+        }
+    };
+    let arguments = match decision {
+        AuditDecision::Rejected => json_digest(&arguments),
+        AuditDecision::Allowed | AuditDecision::Denied => arguments,
     };
     AuditEntry {
         time: now,
@@ -961,6 +1053,7 @@ fn tool_call_entry(
         outcome: outcome_name,
         detail,
         expires_at: None,
+        context: None,
     }
 }
 

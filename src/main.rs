@@ -159,6 +159,10 @@ struct StateArgs {
     /// `full`: answer only after the audit record is fsynced; `process`: after commit (survives kill -9, not power loss).
     #[arg(long, value_enum, default_value_t = DurabilityArg::Full)]
     durability: DurabilityArg,
+    /// Free disk space (MiB) kept for operators on the data dir's filesystem: below it
+    /// agent calls get 503 while mode changes still work [default: 64, at most a tenth of the filesystem].
+    #[arg(long, value_name = "MIB")]
+    audit_reserve_mb: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -386,6 +390,9 @@ async fn open_gateway(state: &StateArgs) -> Result<(Arc<Gateway>, Tokens, Option
         GatewayConfig {
             data_dir: state.data_dir.clone(),
             durability: state.durability.into(),
+            audit_reserve_bytes: state
+                .audit_reserve_mb
+                .map(|mb| mb.saturating_mul(1024 * 1024)),
         },
     )
     .await?;

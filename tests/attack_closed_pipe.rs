@@ -56,6 +56,7 @@ fn trail_with_records(data_dir: &std::path::Path, count: usize) {
                     outcome: "executed",
                     detail: json!(null),
                     expires_at: None,
+                    context: None,
                 })
                 .await
                 .unwrap();

@@ -98,6 +98,7 @@ fn hostile_trail(data_dir: &std::path::Path) {
                 outcome: "unknown_tool",
                 detail: json!("\r\u{1b}[2K"),
                 expires_at: None,
+                context: None,
             })
             .await
             .unwrap();

@@ -49,6 +49,7 @@ impl TestServer {
             GatewayConfig {
                 data_dir: data_dir.path().to_owned(),
                 durability: Durability::Process,
+                audit_reserve_bytes: None,
             },
         )
         .await

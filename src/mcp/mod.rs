@@ -435,7 +435,7 @@ impl ServerHandler for ProxiMcp {
             .await
         {
             Ok(execution) => Ok(tool_result(execution).into()),
-            Err(GatewayError::AuditUnavailable) => {
+            Err(GatewayError::AuditUnavailable | GatewayError::AuditLowSpace) => {
                 Ok(audit_unavailable(&request.name, self.shared.gateway.status().mode).into())
             }
             Err(error) => {

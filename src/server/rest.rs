@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::AppState;
 use super::auth::{Caller, Operator};
@@ -66,12 +67,14 @@ pub async fn execute(
             "tool_name must be at most {MAX_TOOL_NAME_LEN} bytes"
         )));
     }
+    let context = (!request.context.is_empty()).then(|| Value::Object(request.context));
     let execution = state
         .gateway
-        .execute(&principal, &request.tool_name, request.arguments)
+        .execute_with_context(&principal, &request.tool_name, request.arguments, context)
         .await
         .map_err(|error| match error {
             GatewayError::AuditUnavailable => ApiError::audit_unavailable(),
+            GatewayError::AuditLowSpace => ApiError::audit_low_space(),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
         })?;
     let status = execution_status(&execution.outcome);

@@ -221,6 +221,7 @@ impl TestServer {
             GatewayConfig {
                 data_dir: dir.path().to_owned(),
                 durability: Durability::Process,
+                audit_reserve_bytes: None,
             },
         )
         .await
