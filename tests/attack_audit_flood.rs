@@ -362,7 +362,10 @@ async fn invalid_arguments_are_recorded_as_a_digest_with_a_bounded_message() {
     let api = server.api();
     let key = "k".repeat(50_000);
     let (status, body) = api
-        .execute("scale_fleet", json!({"count": 3, key.clone(): 1}))
+        .execute(
+            "get_service_status",
+            json!({"service_name": "web-server", key.clone(): 1}),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let record = api.audit(1).await.remove(0);
