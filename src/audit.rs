@@ -1178,7 +1178,7 @@ fn verify_with(db_path: &Path, anchoring: Option<&Anchoring>) -> Result<Verifica
             Some(anchor) => {
                 let mut verification = result(records, None, head.clone());
                 verification.anchored_seq = Some(anchor.seq);
-                return Ok(finish_unanchored(&connection, verification, last)?);
+                return finish_unanchored(&connection, verification, last);
             }
         };
         if let Some(problem) = problem {
