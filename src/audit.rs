@@ -44,9 +44,9 @@ pub enum AuditError {
     /// The writer thread stopped or an earlier write failed; nothing more is accepted.
     #[error("the audit trail is unavailable")]
     Unavailable,
-    /// The newest record does not match its hash, so appending would extend a forged chain.
+    /// The newest record does not match its hash or MAC, so appending would extend a forged chain.
     #[error(
-        "the newest audit record (seq {0}) fails its hash check; run `proxi audit verify` and move the damaged database aside"
+        "the newest audit record (seq {0}) fails its hash or MAC check; run `proxi audit verify` and move the damaged database aside"
     )]
     TamperedTail(u64),
     /// A record could not be encoded.
@@ -58,6 +58,11 @@ pub enum AuditError {
     /// The audit key or the anchor file could not be used.
     #[error(transparent)]
     Anchor(#[from] AnchorError),
+    /// The newest record carries no MAC, so it cannot be told from a forgery.
+    #[error(
+        "the newest audit record (seq {0}) carries no MAC: the trail predates audit keys or its MACs were removed; run `proxi audit verify` and move the database aside"
+    )]
+    Unauthenticated(u64),
     /// The newest record was authenticated with another key than the one configured.
     #[error(
         "the audit trail was written with another audit key (record {seq} names key {found}, the configured key is {expected}); use the operator credential this data dir was created with"
@@ -502,9 +507,8 @@ impl AuditLog {
                         expected: key.id().to_owned(),
                     });
                 }
-                MacCheck::Missing | MacCheck::Invalid => {
-                    return Err(AuditError::TamperedTail(row.seq));
-                }
+                MacCheck::Missing => return Err(AuditError::Unauthenticated(row.seq)),
+                MacCheck::Invalid => return Err(AuditError::TamperedTail(row.seq)),
             },
             None => (0, GENESIS_HASH.to_owned()),
         };

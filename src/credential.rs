@@ -95,7 +95,7 @@ impl OperatorCredential {
             audit_key: credential.audit_key.to_hex(),
         })
         .unwrap_or_default();
-        write_private(path, &text).map_err(|error| CredentialError::File {
+        write_private(path, &text, true).map_err(|error| CredentialError::File {
             path: path.to_owned(),
             error,
         })?;

@@ -626,6 +626,10 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
             operator_credential,
             json,
         } => {
+            let db = audit_db(&data_dir);
+            if !db.exists() {
+                return Err(audit::AuditError::Missing(db).into());
+            }
             // The key is found the way `serve` finds it: the credential, else the data dir.
             let anchoring = match &operator_credential {
                 Some(path) => OperatorCredential::load(path, Some(&data_dir))?.anchoring(),
@@ -633,7 +637,7 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
                     "no audit key: pass --operator-credential FILE (or set PROXI_OPERATOR_CREDENTIAL)",
                 )?,
             };
-            let report = audit::verify_anchored(&audit_db(&data_dir), &anchoring)?;
+            let report = audit::verify_anchored(&db, &anchoring)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if let Some(broken) = &report.first_bad {
