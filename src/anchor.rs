@@ -15,7 +15,7 @@
 //!   catches edits by someone who cannot read the data dir's files.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use hmac::{KeyInit, Mac};
@@ -28,6 +28,9 @@ pub const DATA_DIR_KEY_FILE: &str = "audit.key";
 pub const DATA_DIR_ANCHOR_FILE: &str = "audit.anchor";
 /// Suffix appended to the credential file's path to name its anchor file.
 pub const CREDENTIAL_ANCHOR_SUFFIX: &str = ".anchor";
+/// Every anchor is padded with spaces to this many bytes, so that it can be
+/// rewritten in place (one `pwrite`, no stale tail) rather than by rename.
+const ANCHOR_LEN: usize = 320;
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
@@ -57,6 +60,8 @@ pub enum AnchorError {
 #[derive(Clone)]
 pub struct AuditKey {
     bytes: [u8; 32],
+    /// HMAC state with the key already absorbed: cloning it saves two compressions per MAC.
+    keyed: HmacSha256,
     id: String,
 }
 
@@ -69,8 +74,11 @@ impl std::fmt::Debug for AuditKey {
 impl AuditKey {
     /// A key from its 32 bytes.
     pub fn from_bytes(bytes: [u8; 32]) -> AuditKey {
-        let id = hex::encode(&mac(&bytes, &[b"proxi-audit-key-id-v1"])[..8]);
-        AuditKey { bytes, id }
+        // HMAC accepts keys of any length, so this cannot fail.
+        let keyed = <HmacSha256 as KeyInit>::new_from_slice(&bytes)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        let id = hex::encode(&mac(&keyed, &[b"proxi-audit-key-id-v1"])[..8]);
+        AuditKey { bytes, keyed, id }
     }
 
     /// Parses 64 hex digits; `None` for anything else.
@@ -100,7 +108,7 @@ impl AuditKey {
 
     /// The value stored in a record's `mac` column: `<key id>:<HMAC of the record hash>`.
     pub fn record_mac(&self, record_hash: &str) -> String {
-        let tag = mac(&self.bytes, &[b"proxi-record-v1\0", record_hash.as_bytes()]);
+        let tag = mac(&self.keyed, &[b"proxi-record-v1\0", record_hash.as_bytes()]);
         format!("{}:{}", self.id, hex::encode(tag))
     }
 
@@ -118,7 +126,7 @@ impl AuditKey {
 
     fn anchor_mac(&self, seq: u64, hash: &str) -> String {
         hex::encode(mac(
-            &self.bytes,
+            &self.keyed,
             &[b"proxi-anchor-v1\0", &seq.to_be_bytes(), hash.as_bytes()],
         ))
     }
@@ -137,10 +145,8 @@ pub enum MacCheck {
     Invalid,
 }
 
-fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+fn mac(keyed: &HmacSha256, parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = keyed.clone();
     for part in parts {
         mac.update(part);
     }
@@ -276,12 +282,6 @@ impl Anchoring {
     /// halve group commit. After a power loss the anchor may therefore lag behind the
     /// trail (never run ahead of what was committed before it was written).
     pub fn write_anchor(&self, seq: u64, hash: &str) -> Result<(), AnchorError> {
-        let anchor = Anchor {
-            seq,
-            hash: hash.to_owned(),
-            key_id: self.key.id().to_owned(),
-            mac: self.key.anchor_mac(seq, hash),
-        };
         let mut temporary = self.anchor_path.as_os_str().to_owned();
         temporary.push(".tmp");
         let temporary = PathBuf::from(temporary);
@@ -289,10 +289,67 @@ impl Anchoring {
             path: self.anchor_path.clone(),
             error,
         };
-        let text = serde_json::to_vec(&anchor).unwrap_or_default();
+        let text = self.anchor_bytes(seq, hash);
         let _ = std::fs::remove_file(&temporary);
         write_private(&temporary, &text, false).map_err(file_error)?;
         std::fs::rename(&temporary, &self.anchor_path).map_err(file_error)
+    }
+
+    /// Opens the anchor (written by [`Anchoring::write_anchor`] first) for cheap
+    /// in-place updates after each commit.
+    pub fn open_for_updates(&self) -> Result<AnchorFile, AnchorError> {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(&self.anchor_path)
+            .map_err(|error| AnchorError::File {
+                path: self.anchor_path.clone(),
+                error,
+            })?;
+        Ok(AnchorFile {
+            anchoring: self.clone(),
+            file,
+        })
+    }
+
+    fn anchor_bytes(&self, seq: u64, hash: &str) -> Vec<u8> {
+        let anchor = Anchor {
+            seq,
+            hash: hash.to_owned(),
+            key_id: self.key.id().to_owned(),
+            mac: self.key.anchor_mac(seq, hash),
+        };
+        let mut text = serde_json::to_vec(&anchor).unwrap_or_default();
+        // Trailing whitespace is valid JSON.
+        text.resize(text.len().max(ANCHOR_LEN), b' ');
+        text
+    }
+}
+
+/// The anchor file, open for updates in place.
+///
+/// A rename per commit costs far more than the commit's other file work; one
+/// `pwrite` of a fixed-size block at offset 0 replaces the whole content instead.
+/// Not fsynced (see [`Anchoring::write_anchor`]).
+#[derive(Debug)]
+pub struct AnchorFile {
+    anchoring: Anchoring,
+    file: std::fs::File,
+}
+
+impl AnchorFile {
+    /// Records (`seq`, `hash`) as the newest committed record.
+    pub fn update(&self, seq: u64, hash: &str) -> Result<(), AnchorError> {
+        self.file
+            .write_all_at(&self.anchoring.anchor_bytes(seq, hash), 0)
+            .map_err(|error| AnchorError::File {
+                path: self.anchoring.anchor_path.clone(),
+                error,
+            })
+    }
+
+    /// The key that MACs the anchor and the records.
+    pub fn key(&self) -> &AuditKey {
+        self.anchoring.key()
     }
 }
 
@@ -335,7 +392,9 @@ mod tests {
         let anchoring = Anchoring::in_data_dir(dir.path()).unwrap();
         assert_eq!(anchoring.read_anchor().unwrap(), None);
         anchoring.write_anchor(5, "head").unwrap();
-        anchoring.write_anchor(6, "newer").unwrap();
+        let updates = anchoring.open_for_updates().unwrap();
+        updates.update(123_456, "a-longer-hash").unwrap();
+        updates.update(6, "newer").unwrap();
         let anchor = anchoring.read_anchor().unwrap().unwrap();
         assert_eq!((anchor.seq, anchor.hash.as_str()), (6, "newer"));
         assert!(anchor.is_authentic(anchoring.key()));

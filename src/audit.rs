@@ -18,7 +18,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
-use crate::anchor::{AnchorError, Anchoring, AuditKey, MacCheck};
+use crate::anchor::{AnchorError, AnchorFile, Anchoring, AuditKey, MacCheck};
 
 /// File name of the audit database inside the data dir.
 pub const AUDIT_DB_FILE: &str = "audit.db";
@@ -531,7 +531,11 @@ impl AuditLog {
             None => None,
         };
         let anchored_externally = anchoring.is_external();
-        let anchor = Arc::new(AnchorWriter::new(anchoring, last_seq, &last_hash));
+        let anchor = Arc::new(AnchorWriter {
+            file: anchoring.open_for_updates()?,
+            head: Mutex::new((last_seq, last_hash.clone())),
+            failing: AtomicBool::new(false),
+        });
 
         let (sender, receiver) = mpsc::channel();
         let healthy = Arc::new(AtomicBool::new(true));
@@ -1040,22 +1044,14 @@ fn check_chain_from(
 
 /// The committed chain head, and writing it to the anchor file.
 struct AnchorWriter {
-    anchoring: Anchoring,
+    file: AnchorFile,
     head: Mutex<(u64, String)>,
     failing: AtomicBool,
 }
 
 impl AnchorWriter {
-    fn new(anchoring: Anchoring, seq: u64, hash: &str) -> AnchorWriter {
-        AnchorWriter {
-            anchoring,
-            head: Mutex::new((seq, hash.to_owned())),
-            failing: AtomicBool::new(false),
-        }
-    }
-
     fn key(&self) -> &AuditKey {
-        self.anchoring.key()
+        self.file.key()
     }
 
     fn head(&self) -> (u64, String) {
@@ -1076,7 +1072,7 @@ impl AnchorWriter {
     /// Writes the anchor. A failure leaves the old, lower anchor in place (it is never
     /// ahead of the trail, so nothing false is claimed) and is logged once until it heals.
     fn persist(&self, (seq, hash): (u64, String)) {
-        match self.anchoring.write_anchor(seq, &hash) {
+        match self.file.update(seq, &hash) {
             Ok(()) => {
                 if self.failing.swap(false, Ordering::AcqRel) {
                     tracing::info!("the audit anchor is written again");
