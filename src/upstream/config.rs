@@ -565,7 +565,7 @@ mod tests {
                 .map(|(a, name, b)| format!("{a}<{}>{b}", name.to_lowercase()))
                 .collect();
             let expanded = expand(&text, &lookup).unwrap();
-            prop_assert!(!expanded.contains("${"));
+            prop_assert!(!expanded.contains("${"), "{}", expanded);
             prop_assert_eq!(expanded, expected);
         }
     }

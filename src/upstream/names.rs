@@ -154,7 +154,8 @@ mod tests {
 
     #[test]
     fn expose_all_keeps_order_and_reports_every_skip() {
-        let tools = vec!["a", "bad name", "b", "a", &*"z".repeat(70)];
+        let long = "z".repeat(70);
+        let tools = vec!["a", "bad name", "b", "a", &*long];
         let (kept, skipped) = expose_all("up", tools, |t| t);
         let kept_names: Vec<_> = kept.iter().map(|(name, _)| name.as_str()).collect();
         assert_eq!(kept_names, ["up__a", "up__b"]);
@@ -167,7 +168,7 @@ mod tests {
             [
                 ("bad name", SkipReason::InvalidCharacter),
                 ("a", SkipReason::Duplicate),
-                (&*"z".repeat(70), SkipReason::TooLong { len: 74 }),
+                (&*long, SkipReason::TooLong { len: 74 }),
             ]
         );
         assert!(skipped.iter().all(|s| s.upstream == "up"));
