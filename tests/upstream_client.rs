@@ -342,3 +342,34 @@ async fn dropping_the_supervisor_stops_the_child() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_upstream_sees_only_its_declared_env_and_a_small_baseline() {
+    let mut target = everything();
+    target
+        .env
+        .insert("RUNBOOK_ROOT".into(), Secret::new("/srv/runbooks".into()));
+    let client =
+        UpstreamClient::connect_stdio("everything", &target, UpstreamHandler::new("everything"))
+            .await
+            .unwrap();
+    let result = client
+        .call_tool("get-env", None, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let env: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text_of(&result)).unwrap();
+    assert_eq!(env.get("RUNBOOK_ROOT"), Some(&json!("/srv/runbooks")));
+    let allowed = |key: &str| {
+        key == "RUNBOOK_ROOT"
+            || proxi::upstream::client::INHERITED_ENV.contains(&key)
+            // Node itself may add these to its own process.env.
+            || key.starts_with("NODE_")
+    };
+    let leaked: Vec<_> = env.keys().filter(|key| !allowed(key)).collect();
+    assert!(leaked.is_empty(), "the upstream inherited {leaked:?}");
+    // The test process itself has many more (CARGO_*, NEXTEST_*), so this would fail
+    // if the child inherited the whole environment.
+    assert!(std::env::vars_os().count() > env.len());
+    client.shutdown().await;
+}

@@ -29,6 +29,14 @@ use super::names::{SkippedTool, expose_all};
 /// How long the `initialize` handshake may take before the upstream counts as down.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The only variables a stdio upstream inherits from Proxi's environment (when
+/// set); its declared `env` comes on top. Everything else, Proxi's bearer tokens
+/// and LLM API keys included, stays out: an upstream is third-party code, and
+/// some (server-everything's `get-env`) hand their environment to the caller.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+];
+
 /// Longest stderr line forwarded to the log; the rest of the line is dropped.
 pub const MAX_STDERR_LINE: usize = 4096;
 
@@ -156,6 +164,12 @@ impl UpstreamClient {
     ) -> Result<UpstreamClient, UpstreamError> {
         let mut command = tokio::process::Command::new(&target.command);
         command
+            .env_clear()
+            .envs(
+                INHERITED_ENV
+                    .iter()
+                    .filter_map(|key| Some((*key, std::env::var_os(key)?))),
+            )
             .args(target.args.iter().map(|arg| arg.expose()))
             .envs(target.env.iter().map(|(key, value)| (key, value.expose())))
             // Whatever path drops the child (a cancelled start, a panic, runtime

@@ -177,7 +177,8 @@ pub struct StdioTarget {
     pub command: String,
     /// Arguments after expansion.
     pub args: Vec<Secret>,
-    /// Extra environment after expansion; the child also inherits Proxi's own.
+    /// Extra environment after expansion; the child inherits only a few of Proxi's
+    /// own variables besides (see `client::INHERITED_ENV`).
     pub env: BTreeMap<String, Secret>,
     /// Working directory, or Proxi's own when unset.
     pub cwd: Option<PathBuf>,
