@@ -76,8 +76,17 @@ async fn eventually<T, F: Future<Output = Option<T>>>(
     }
 }
 
+/// Whether `pid` is a live process: it exists and is not a zombie. (A child killed
+/// after its runtime is gone stays a zombie until its parent exits: it runs nothing.)
 fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name, which may itself hold spaces.
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    !matches!(state, Some('Z' | 'X'))
 }
 
 fn kill_9(pid: u32) {
@@ -372,4 +381,104 @@ async fn a_stdio_upstream_sees_only_its_declared_env_and_a_small_baseline() {
     // if the child inherited the whole environment.
     assert!(std::env::vars_os().count() > env.len());
     client.shutdown().await;
+}
+
+/// Proxi's shutdown path when nothing waits for the supervisor: the runtime is
+/// torn down with the session still up. The child must die with it.
+#[test]
+fn tearing_down_the_runtime_kills_the_child() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (supervisor, pid) = runtime.block_on(async {
+        let supervisor = Supervisor::start("everything", everything(), Duration::from_secs(60));
+        supervisor
+            .wait_until_up(Duration::from_secs(30))
+            .await
+            .unwrap();
+        let pid = supervisor.pid().expect("pid");
+        (supervisor, pid)
+    });
+    assert!(process_exists(pid));
+    drop(runtime);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while process_exists(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "child {pid} survived the runtime: {:?}",
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(supervisor);
+}
+
+/// A free loopback port for a server that takes its port from the environment.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamable_http_upstream_is_listed_and_called() {
+    let port = free_port();
+    let entry = everything().args[0].expose().to_owned();
+    let mut server = tokio::process::Command::new("node")
+        .args([entry.as_str(), "streamableHttp"])
+        .env("PORT", port.to_string())
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let declaration: proxi::upstream::config::UpstreamDeclaration = serde_json::from_value(json!({
+        "url": "http://127.0.0.1:${EVERYTHING_PORT}/mcp",
+        "headers": {"Authorization": "Bearer ${EVERYTHING_TOKEN}"}
+    }))
+    .unwrap();
+    let lookup = move |name: &str| match name {
+        "EVERYTHING_PORT" => Some(port.to_string()),
+        "EVERYTHING_TOKEN" => Some("not-checked-by-this-server".to_owned()),
+        _ => None,
+    };
+    let resolved = declaration.resolve("web", &lookup).unwrap();
+    let proxi::upstream::config::Transport::Http(target) = resolved.transport else {
+        panic!("an http upstream")
+    };
+    let client = eventually(
+        "the http server to accept a session",
+        Duration::from_secs(30),
+        || {
+            let target = target.clone();
+            async move {
+                UpstreamClient::connect_http("web", &target, UpstreamHandler::new("web"))
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    assert_eq!(client.pid(), None);
+    let listing = client.list_tools().await.unwrap();
+    assert!(
+        listing.tools.iter().any(|t| t.exposed_name == "web__echo"),
+        "{:?}",
+        listing.tools
+    );
+    let echo = client
+        .call_tool(
+            "echo",
+            arguments(json!({"message": "over http"})),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert!(text_of(&echo).contains("over http"), "{echo:?}");
+    client.shutdown().await;
+    server.kill().await.unwrap();
 }
