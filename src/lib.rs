@@ -22,3 +22,4 @@ pub mod server;
 pub mod text;
 pub mod tokens;
 pub mod tools;
+pub mod upstream;

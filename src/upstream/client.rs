@@ -1,0 +1,459 @@
+//! One MCP client session with one upstream server, over stdio or Streamable HTTP.
+//!
+//! Built on rmcp's client: a stdio upstream is a child process spawned through
+//! [`TokioChildProcess`], whose stderr is forwarded line by line to the log with the
+//! upstream's name. A call that outlives its timeout is dropped, and rmcp then sends
+//! `notifications/cancelled` for it; an upstream's `isError` result is a result,
+//! not an error.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation,
+    JsonObject, Tool,
+};
+use rmcp::service::{NotificationContext, Peer, RoleClient, RunningService, ServiceError};
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use rmcp::{ClientHandler, ServiceExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{HttpTarget, StdioTarget};
+use super::names::{SkippedTool, expose_all};
+
+/// How long the `initialize` handshake may take before the upstream counts as down.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The only variables a stdio upstream inherits from Proxi's environment (when
+/// set); its declared `env` comes on top. Everything else, Proxi's bearer tokens
+/// and LLM API keys included, stays out: an upstream is third-party code, and
+/// some (server-everything's `get-env`) hand their environment to the caller.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+];
+
+/// Longest stderr line forwarded to the log; the rest of the line is dropped.
+pub const MAX_STDERR_LINE: usize = 4096;
+
+/// Why an upstream operation failed. Messages name the upstream, never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream is not running, could not be started, or its connection broke.
+    #[error("upstream {upstream:?} is unavailable: {reason}")]
+    Unavailable {
+        /// The upstream's name.
+        upstream: String,
+        /// What went wrong, for the operator's log.
+        reason: String,
+    },
+    /// The call did not finish within its timeout (and was cancelled upstream).
+    #[error("upstream {upstream:?} did not answer within {after:?}")]
+    Timeout {
+        /// The upstream's name.
+        upstream: String,
+        /// The timeout that expired.
+        after: Duration,
+    },
+    /// The upstream answered with a JSON-RPC error (e.g. an unknown tool).
+    #[error("upstream {upstream:?} refused the request: {message} (code {code})")]
+    Rejected {
+        /// The upstream's name.
+        upstream: String,
+        /// The JSON-RPC error code.
+        code: i32,
+        /// The upstream's error message.
+        message: String,
+    },
+}
+
+/// A tool of an upstream under the name agents see, with everything the upstream
+/// said about it (description, `inputSchema`, annotations) in `tool`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExposedTool {
+    /// `<upstream>__<tool>`.
+    pub exposed_name: String,
+    /// The tool as the upstream listed it, under its own name.
+    pub tool: Tool,
+}
+
+/// What [`list_tools`] found: the tools that can be exposed and those left out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolListing {
+    /// Tools under their exposed names, in the upstream's order.
+    pub tools: Vec<ExposedTool>,
+    /// Tools whose exposed name would break the providers' rule.
+    pub skipped: Vec<SkippedTool>,
+}
+
+/// The client side of an upstream session: identifies Proxi and counts
+/// `tools/list_changed`. (`notifications/message` is deprecated by SEP-2577 in
+/// rmcp 3.11 and is not forwarded yet.)
+#[derive(Debug, Clone)]
+pub struct UpstreamHandler {
+    upstream: Arc<str>,
+    // Shared by the clones a supervisor hands to each restart of the upstream.
+    list_changed: Arc<watch::Sender<u64>>,
+}
+
+impl UpstreamHandler {
+    /// A handler for the upstream called `upstream`.
+    pub fn new(upstream: &str) -> UpstreamHandler {
+        UpstreamHandler {
+            upstream: upstream.into(),
+            list_changed: Arc::new(watch::Sender::new(0)),
+        }
+    }
+
+    /// Counts the upstream's `notifications/tools/list_changed`; the catalog
+    /// refreshes when it changes.
+    pub fn list_changed(&self) -> watch::Receiver<u64> {
+        self.list_changed.subscribe()
+    }
+}
+
+impl ClientHandler for UpstreamHandler {
+    fn get_info(&self) -> ClientConfig {
+        ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("proxi", env!("CARGO_PKG_VERSION")),
+        )
+    }
+
+    async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        tracing::info!(upstream = %self.upstream, "upstream tool list changed");
+        self.list_changed.send_modify(|count| *count += 1);
+    }
+}
+
+/// A live session with one upstream. Dropping it closes the session; for a stdio
+/// upstream the child is then killed (rmcp's cleanup plus tokio's `kill_on_drop`).
+pub struct UpstreamClient {
+    upstream: String,
+    service: RunningService<RoleClient, UpstreamHandler>,
+    pid: Option<u32>,
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("upstream", &self.upstream)
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(upstream: &str, reason: impl Into<String>) -> UpstreamError {
+    UpstreamError::Unavailable {
+        upstream: upstream.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl UpstreamClient {
+    /// Spawns `target` and performs the MCP handshake over its stdio. Its stderr
+    /// goes to the log, one `info` event per line, tagged with `upstream`.
+    pub async fn connect_stdio(
+        upstream: &str,
+        target: &StdioTarget,
+        handler: UpstreamHandler,
+    ) -> Result<UpstreamClient, UpstreamError> {
+        let mut command = tokio::process::Command::new(&target.command);
+        command
+            .env_clear()
+            .envs(
+                INHERITED_ENV
+                    .iter()
+                    .filter_map(|key| Some((*key, std::env::var_os(key)?))),
+            )
+            .args(target.args.iter().map(|arg| arg.expose()))
+            .envs(target.env.iter().map(|(key, value)| (key, value.expose())))
+            // Whatever path drops the child (a cancelled start, a panic, runtime
+            // shutdown) kills it, so no upstream outlives its client.
+            .kill_on_drop(true);
+        if let Some(cwd) = &target.cwd {
+            command.current_dir(cwd);
+        }
+        let (transport, stderr) = TokioChildProcess::builder(command)
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|error| {
+                unavailable(
+                    upstream,
+                    format!("cannot start {:?}: {error}", target.command),
+                )
+            })?;
+        let pid = transport.id();
+        if let Some(stderr) = stderr {
+            tokio::spawn(forward_stderr(upstream.to_owned(), stderr));
+        }
+        let service = handshake(upstream, handler.serve(transport)).await?;
+        tracing::info!(upstream, pid, "stdio upstream connected");
+        Ok(UpstreamClient {
+            upstream: upstream.to_owned(),
+            service,
+            pid,
+        })
+    }
+
+    /// Opens a Streamable HTTP session with `target`, sending its headers.
+    pub async fn connect_http(
+        upstream: &str,
+        target: &HttpTarget,
+        handler: UpstreamHandler,
+    ) -> Result<UpstreamClient, UpstreamError> {
+        let mut headers = HashMap::with_capacity(target.headers.len());
+        for (name, value) in &target.headers {
+            let header_name =
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    unavailable(upstream, format!("{name:?} is not a valid header name"))
+                })?;
+            let mut header_value =
+                reqwest::header::HeaderValue::from_str(value.expose()).map_err(|_| {
+                    unavailable(upstream, format!("header {name:?} has an invalid value"))
+                })?;
+            header_value.set_sensitive(true);
+            headers.insert(header_name, header_value);
+        }
+        let config = StreamableHttpClientTransportConfig::with_uri(target.url.expose())
+            .custom_headers(headers);
+        let transport = StreamableHttpClientTransport::from_config(config);
+        let service = handshake(upstream, handler.serve(transport)).await?;
+        tracing::info!(upstream, "http upstream connected");
+        Ok(UpstreamClient {
+            upstream: upstream.to_owned(),
+            service,
+            pid: None,
+        })
+    }
+
+    /// The upstream's name.
+    pub fn upstream(&self) -> &str {
+        &self.upstream
+    }
+
+    /// The child's process id, for a stdio upstream.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// A handle for requests; cheap to clone, and it fails with `Unavailable`
+    /// once the session has ended.
+    pub fn peer(&self) -> &Peer<RoleClient> {
+        self.service.peer()
+    }
+
+    /// Lists every tool (all pages), mapped to exposed names.
+    pub async fn list_tools(&self) -> Result<ToolListing, UpstreamError> {
+        list_tools(&self.upstream, self.peer()).await
+    }
+
+    /// Calls the upstream's own tool `tool` (not its exposed name), giving up after `timeout`.
+    pub async fn call_tool(
+        &self,
+        tool: &str,
+        arguments: Option<JsonObject>,
+        timeout: Duration,
+    ) -> Result<CallToolResult, UpstreamError> {
+        call_tool(&self.upstream, self.peer(), tool, arguments, timeout).await
+    }
+
+    /// Whether the session has ended (the child exited or the connection broke).
+    pub fn is_closed(&self) -> bool {
+        self.service.is_closed() || self.peer().is_transport_closed()
+    }
+
+    /// Ends the session and waits until it has: for stdio, rmcp closes the child's
+    /// stdin, waits, sends SIGTERM, waits, then kills it.
+    pub async fn shutdown(self) {
+        let upstream = self.upstream.clone();
+        if let Err(error) = self.service.cancel().await {
+            tracing::warn!(upstream, %error, "upstream session task failed while shutting down");
+        }
+    }
+
+    /// Runs the session until it ends by itself (the child exits, the connection
+    /// drops) or `stop` is cancelled, in which case it is shut down as
+    /// [`UpstreamClient::shutdown`] does. The supervisor uses this to notice a crash.
+    pub async fn serve_until(self, stop: &CancellationToken) -> SessionEnd {
+        let cancel = self.service.cancellation_token();
+        let waiting = self.service.waiting();
+        tokio::pin!(waiting);
+        tokio::select! {
+            _ = &mut waiting => SessionEnd::Exited,
+            () = stop.cancelled() => {
+                cancel.cancel();
+                let _ = waiting.await;
+                SessionEnd::Stopped
+            }
+        }
+    }
+}
+
+/// How [`UpstreamClient::serve_until`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The session ended by itself: the upstream exited or hung up.
+    Exited,
+    /// Proxi asked it to stop and it has.
+    Stopped,
+}
+
+async fn handshake<F, E>(
+    upstream: &str,
+    serving: F,
+) -> Result<RunningService<RoleClient, UpstreamHandler>, UpstreamError>
+where
+    F: Future<Output = Result<RunningService<RoleClient, UpstreamHandler>, E>>,
+    E: std::fmt::Display,
+{
+    match tokio::time::timeout(CONNECT_TIMEOUT, serving).await {
+        Ok(Ok(service)) => Ok(service),
+        Ok(Err(error)) => Err(unavailable(upstream, format!("handshake failed: {error}"))),
+        Err(_) => Err(unavailable(
+            upstream,
+            format!("no answer to initialize within {CONNECT_TIMEOUT:?}"),
+        )),
+    }
+}
+
+/// Lists every tool of the upstream behind `peer`, mapped to exposed names.
+pub async fn list_tools(
+    upstream: &str,
+    peer: &Peer<RoleClient>,
+) -> Result<ToolListing, UpstreamError> {
+    let tools = peer
+        .list_all_tools()
+        .await
+        .map_err(|error| service_error(upstream, error))?;
+    let (kept, skipped) = expose_all(upstream, tools, |tool| &tool.name);
+    Ok(ToolListing {
+        tools: kept
+            .into_iter()
+            .map(|(exposed_name, tool)| ExposedTool { exposed_name, tool })
+            .collect(),
+        skipped,
+    })
+}
+
+/// Calls `tool` on the upstream behind `peer`. After `timeout` the request is
+/// dropped, which makes rmcp send `notifications/cancelled` for it.
+pub async fn call_tool(
+    upstream: &str,
+    peer: &Peer<RoleClient>,
+    tool: &str,
+    arguments: Option<JsonObject>,
+    timeout: Duration,
+) -> Result<CallToolResult, UpstreamError> {
+    if peer.is_transport_closed() {
+        return Err(unavailable(upstream, "the connection is closed"));
+    }
+    let mut params = CallToolRequestParams::new(tool.to_owned());
+    params.arguments = arguments;
+    match tokio::time::timeout(timeout, peer.call_tool(params)).await {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(error)) => Err(service_error(upstream, error)),
+        Err(_) => Err(UpstreamError::Timeout {
+            upstream: upstream.to_owned(),
+            after: timeout,
+        }),
+    }
+}
+
+fn service_error(upstream: &str, error: ServiceError) -> UpstreamError {
+    match error {
+        ServiceError::McpError(error) => UpstreamError::Rejected {
+            upstream: upstream.to_owned(),
+            code: error.code.0,
+            message: error.message.into_owned(),
+        },
+        ServiceError::Timeout { timeout } => UpstreamError::Timeout {
+            upstream: upstream.to_owned(),
+            after: timeout,
+        },
+        other => unavailable(upstream, other.to_string()),
+    }
+}
+
+/// Copies the child's stderr to the log, line by line, each cut at
+/// [`MAX_STDERR_LINE`] bytes so a runaway line cannot grow without bound.
+async fn forward_stderr(upstream: String, stderr: impl AsyncRead + Unpin) {
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        let (consumed, at_end_of_line) = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(buffer) => match buffer.iter().position(|&byte| byte == b'\n') {
+                Some(newline) => {
+                    let room = MAX_STDERR_LINE.saturating_sub(line.len());
+                    line.extend_from_slice(&buffer[..newline.min(room)]);
+                    (newline + 1, true)
+                }
+                None => {
+                    let room = MAX_STDERR_LINE.saturating_sub(line.len());
+                    line.extend_from_slice(&buffer[..buffer.len().min(room)]);
+                    (buffer.len(), false)
+                }
+            },
+        };
+        reader.consume(consumed);
+        if at_end_of_line {
+            tracing::info!(upstream, "stderr: {}", String::from_utf8_lossy(&line));
+            line.clear();
+        }
+    }
+    if !line.is_empty() {
+        tracing::info!(upstream, "stderr: {}", String::from_utf8_lossy(&line));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_missing_program_is_unavailable() {
+        let target = StdioTarget {
+            command: "/nonexistent/proxi-upstream".into(),
+            args: vec![],
+            env: Default::default(),
+            cwd: None,
+        };
+        let error = UpstreamClient::connect_stdio("gone", &target, UpstreamHandler::new("gone"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, UpstreamError::Unavailable { upstream, .. } if upstream == "gone"),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_program_that_exits_at_once_is_unavailable() {
+        let target = StdioTarget {
+            command: "true".into(),
+            args: vec![],
+            env: Default::default(),
+            cwd: None,
+        };
+        let error = UpstreamClient::connect_stdio("quits", &target, UpstreamHandler::new("quits"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, UpstreamError::Unavailable { .. }),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stderr_lines_are_cut_and_the_reader_ends() {
+        // Only checks that forwarding terminates on long and partial lines; the
+        // log output itself is not captured here.
+        let input = format!("{}\nshort\nno newline", "x".repeat(3 * MAX_STDERR_LINE));
+        forward_stderr("t".into(), input.as_bytes()).await;
+    }
+}
