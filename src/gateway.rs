@@ -1,5 +1,5 @@
 //! The one execution path every front end uses:
-//! validate arguments → policy decision → execute → audit.
+//! decide (tool rules → arguments → constraints, [`crate::decision`]) → execute → audit.
 //!
 //! The mode lives behind a read-write lock. A tool call holds the read side from
 //! its decision until its audit entry is queued, and a mode change holds the write
@@ -22,10 +22,11 @@ use crate::audit::{
     AuditDecision, AuditEntry, AuditError, AuditLog, AuditRecord, Durability, EntryKind, Recovered,
     format_time,
 };
+use crate::decision::{ParsedCall, Verdict};
 use crate::infra::{CloudInfrastructure, InfraError, InfrastructureStatus, ServiceHealth};
-use crate::policy::{Decision, Denial, ModeId, PolicyEngine, ReasonCode};
+use crate::policy::{Denial, ModeId, PolicyEngine, ReasonCode};
 use crate::principal::{Principal, Role};
-use crate::tools::{MAX_TOOL_NAME_LEN, ToolCall, ToolCategory, ToolName};
+use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory, ToolName};
 
 /// Emergency TTL when the operator does not give one.
 pub const DEFAULT_ELEVATED_TTL: Duration = Duration::from_secs(900);
@@ -442,9 +443,8 @@ impl Gateway {
         tool_name: &str,
         arguments: Value,
     ) -> Result<Execution, GatewayError> {
-        let tool = ToolName::parse(tool_name);
         // Argument checks need no lock: they depend on the call alone.
-        let parsed = tool.map(|tool| ToolCall::parse(tool, &arguments));
+        let parsed = ParsedCall::parse(tool_name, &arguments);
         if !self.audit.is_healthy() {
             return Err(GatewayError::AuditUnavailable);
         }
@@ -452,36 +452,34 @@ impl Gateway {
         let (pending, mode, outcome) = {
             let state = self.read_state();
             let mode_id = state.effective_mode(Instant::now(), self.policy.default_mode());
-            let outcome = match parsed {
-                None => Outcome::UnknownTool {
+            let outcome = match parsed.decide(&self.policy, mode_id) {
+                Verdict::UnknownTool => Outcome::UnknownTool {
                     message: format!(
                         "Tool '{}' does not exist. Known tools: {}",
                         truncate(tool_name, MAX_TOOL_NAME_LEN),
                         ToolName::ALL.map(ToolName::as_str).join(", ")
                     ),
                 },
-                Some(Err(error)) => Outcome::InvalidArguments(error.to_string()),
-                Some(Ok(call)) => match self.policy.decide(mode_id, &call) {
-                    Decision::Deny(denial) => Outcome::Denied {
-                        message: self.policy.explain(&denial),
-                        how_to_proceed: self.policy.how_to_proceed(&denial),
-                        denial,
-                    },
-                    Decision::Allow => {
-                        let result = self
-                            .infra
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .execute(&call, now);
-                        match result {
-                            Ok(result) => Outcome::Executed(result),
-                            Err(error) => Outcome::Failed {
-                                code: error.code(),
-                                message: error.to_string(),
-                            },
-                        }
-                    }
+                Verdict::InvalidArguments(error) => Outcome::InvalidArguments(error.to_string()),
+                Verdict::Deny(denial) => Outcome::Denied {
+                    message: self.policy.explain(&denial),
+                    how_to_proceed: self.policy.how_to_proceed(&denial),
+                    denial,
                 },
+                Verdict::Allow(call) => {
+                    let result = self
+                        .infra
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .execute(&call, now);
+                    match result {
+                        Ok(result) => Outcome::Executed(result),
+                        Err(error) => Outcome::Failed {
+                            code: error.code(),
+                            message: error.to_string(),
+                        },
+                    }
+                }
             };
             let mode = self.mode_name(mode_id).clone();
             let entry = tool_call_entry(principal, tool_name, arguments, &mode, &outcome, now);

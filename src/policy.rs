@@ -339,17 +339,10 @@ impl PolicyEngine {
                 constraint,
             })
         };
-        if self.always_blocked.contains(tool) {
-            return deny(ReasonCode::AlwaysBlocked, None);
+        if let denied @ Decision::Deny(_) = self.decide_tool(mode, tool) {
+            return denied;
         }
-        let compiled = self.mode(mode);
-        if compiled.blocked.contains(tool) {
-            return deny(ReasonCode::BlockedInMode, None);
-        }
-        if !compiled.allowed.contains(tool) {
-            return deny(ReasonCode::NotAllowed, None);
-        }
-        for (index, constraint) in compiled.constraints.iter().enumerate() {
+        for (index, constraint) in self.mode(mode).constraints.iter().enumerate() {
             if constraint.tool != tool {
                 continue;
             }
@@ -361,6 +354,41 @@ impl PolicyEngine {
             }
         }
         Decision::Allow
+    }
+
+    /// The tool-level part of [`PolicyEngine::decide`]: always_blocked, the mode's
+    /// blocked_tools, then allowed_tools. It needs no arguments, so a caller can
+    /// refuse a forbidden tool before (and whatever) its arguments are.
+    pub fn decide_tool(&self, mode: ModeId, tool: ToolName) -> Decision {
+        let deny = |reason| {
+            Decision::Deny(Denial {
+                tool,
+                mode,
+                reason,
+                constraint: None,
+            })
+        };
+        let compiled = self.mode(mode);
+        if self.always_blocked.contains(tool) {
+            deny(ReasonCode::AlwaysBlocked)
+        } else if compiled.blocked.contains(tool) {
+            deny(ReasonCode::BlockedInMode)
+        } else if !compiled.allowed.contains(tool) {
+            deny(ReasonCode::NotAllowed)
+        } else {
+            Decision::Allow
+        }
+    }
+
+    /// The mode's argument constraints on `tool`, each as a sentence such as
+    /// "`count` must be between 1 and 10", in policy order.
+    pub fn constraints_on(&self, mode: ModeId, tool: ToolName) -> Vec<String> {
+        self.mode(mode)
+            .constraints
+            .iter()
+            .filter(|constraint| constraint.tool == tool)
+            .map(|constraint| format!("`{}` must be {}", constraint.argument, constraint.rule))
+            .collect()
     }
 
     /// The mode with this id.

@@ -231,7 +231,8 @@ async fn tools_call_takes_the_governed_path_and_refusals_are_tool_results() {
         "{text}"
     );
 
-    let invalid = call(&client, "scale_fleet", json!({"count": "ten"})).await;
+    // read_logs, not a tool NORMAL blocks: a blocked tool is denied whatever its arguments.
+    let invalid = call(&client, "read_logs", json!({"lines": "ten"})).await;
     assert_eq!(invalid.is_error, Some(true));
     assert_eq!(structured(&invalid)["reason_code"], "invalid_arguments");
     assert_eq!(structured(&invalid)["policy_violation"], false);
