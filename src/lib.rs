@@ -19,5 +19,6 @@ pub mod policy_source;
 pub mod principal;
 pub mod server;
 pub mod starter;
+pub mod tls;
 pub mod tokens;
 pub mod tools;

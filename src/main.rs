@@ -304,6 +304,7 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    proxi::tls::install_crypto_provider();
     let log = cli.log_format;
     init_logging(default_log_filter(&cli.command), log);
     let runtime = match tokio::runtime::Runtime::new() {

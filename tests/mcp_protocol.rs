@@ -78,6 +78,7 @@ impl TestServer {
     }
 
     async fn client(&self) -> RunningService<RoleClient, ClientConfig> {
+        proxi::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .no_proxy()
             .build()
@@ -106,6 +107,7 @@ impl TestServer {
 }
 
 fn raw_client() -> reqwest::Client {
+    proxi::tls::install_crypto_provider();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(DEADLINE)
@@ -553,6 +555,7 @@ async fn a_subscribed_session_hears_of_a_mode_change_made_over_rest() {
         ),
         updates: sender,
     };
+    proxi::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .no_proxy()
         .build()
