@@ -337,11 +337,18 @@ fn default_log_filter(command: &Command) -> &'static str {
 /// is set to anything non-empty (<https://no-color.org>).
 fn stderr_colours() -> bool {
     use std::io::IsTerminal;
-    std::io::stderr().is_terminal() && !no_color()
+    colours_allowed(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
 }
 
 fn no_color() -> bool {
-    std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty())
+    !colours_allowed(true, std::env::var_os("NO_COLOR").as_deref())
+}
+
+fn colours_allowed(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 fn init_logging(default_level: &str, format: LogFormat) {
@@ -970,4 +977,18 @@ fn print_summary(record: &RunRecord) {
             &record.mode_at_start
         }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_needs_a_terminal_and_no_no_color() {
+        assert!(colours_allowed(true, None));
+        assert!(colours_allowed(true, Some(OsStr::new(""))));
+        assert!(!colours_allowed(true, Some(OsStr::new("1"))));
+        assert!(!colours_allowed(false, None));
+    }
 }
