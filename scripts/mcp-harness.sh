@@ -2,8 +2,9 @@
 # Installs the third-party MCP clients that Proxi's end-to-end tests drive:
 #   - a Python venv with the official MCP Python SDK (PyPI `mcp`, pinned, with
 #     every transitive package pinned by tests/mcp-harness/python-constraints.txt);
-#   - an npm prefix with Node 22 (npm package `node`) and the official conformance
-#     suite (`@modelcontextprotocol/conformance`), from the committed lockfile.
+#   - an npm prefix with Node 22 (npm package `node`), the official conformance
+#     suite (`@modelcontextprotocol/conformance`) and the MCP Inspector
+#     (`@modelcontextprotocol/inspector`, needs Node >= 22.19), from the committed lockfile.
 # Everything goes to target/mcp-harness/ (or $PROXI_MCP_HARNESS). Idempotent: a step
 # whose pinned inputs have not changed since it last succeeded is skipped.
 # Needs only python3 (with venv) and npm (Node 20 is enough to install Node 22).
@@ -41,9 +42,9 @@ fi
 npm_stamp="$(stamp_of "$pins/package.json" "$pins/package-lock.json")"
 node22="$harness/npm/node_modules/node/bin/node"
 if [[ -x "$node22" && "$(cat "$harness/npm/.proxi-stamp" 2>/dev/null)" == "$npm_stamp" ]]; then
-    say "node 22 and the conformance suite are up to date"
+    say "node 22, the conformance suite and the inspector are up to date"
 else
-    say "installing node 22 and the conformance suite (npm ci)"
+    say "installing node 22, the conformance suite and the inspector (npm ci)"
     mkdir -p "$harness/npm"
     cp "$pins/package.json" "$pins/package-lock.json" "$harness/npm/"
     # The `node` package fetches its platform binary in an install script, so scripts must run.
@@ -52,4 +53,4 @@ else
 fi
 
 say "python: $("$harness/venv/bin/python" -c 'import importlib.metadata as m; print("mcp", m.version("mcp"))')"
-say "node:   $("$node22" --version), conformance $("$node22" "$harness/npm/node_modules/@modelcontextprotocol/conformance/dist/index.js" --version)"
+say "node:   $("$node22" --version), conformance $("$node22" "$harness/npm/node_modules/@modelcontextprotocol/conformance/dist/index.js" --version), inspector $("$node22" "$harness/npm/node_modules/@modelcontextprotocol/inspector/clients/launcher/build/index.js" --version)"

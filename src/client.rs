@@ -92,6 +92,7 @@ impl ProxiClient {
     /// A client for `base_url` that sends `token` as a bearer token.
     pub fn new(base_url: &str, token: Option<String>) -> Result<ProxiClient, ClientError> {
         let base = base_url.trim_end_matches('/').to_owned();
+        crate::tls::install_crypto_provider();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60));

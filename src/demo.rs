@@ -26,13 +26,12 @@ use crate::api::{IncidentRequest, SetModeRequest};
 use crate::audit::{self, AuditRecord, Durability};
 use crate::client::{ClientError, ProxiClient};
 use crate::gateway::{Gateway, GatewayConfig};
-use crate::policy::{PolicyEngine, PolicyError};
+use crate::policy::PolicyError;
+use crate::policy_source::PolicySource;
 use crate::server::{self, AppState};
 use crate::tokens::{Tokens, generate_token};
 use crate::tools::{ToolCategory, ToolName};
 
-/// The policy the demo uses unless `--policy` says otherwise.
-pub const SHIPPED_POLICY: &str = include_str!("../policies/ops_policy.json");
 /// Mode switches in the stress scenario unless told otherwise.
 pub const DEFAULT_STRESS_SWITCHES: usize = 1000;
 /// Concurrent tool callers in the stress scenario.
@@ -79,7 +78,8 @@ pub struct DemoOptions {
     pub base_url: Option<String>,
     /// Keep the data dir here instead of a temporary one.
     pub keep_data: Option<PathBuf>,
-    /// A policy file instead of the shipped one.
+    /// A policy file; without one, `policies/ops_policy.json` in the working
+    /// directory if it exists, else the built-in shipped policy.
     pub policy: Option<PathBuf>,
     /// Mode switches in the stress scenario.
     pub stress_switches: usize,
@@ -230,10 +230,7 @@ pub async fn run(options: DemoOptions, sink: &mut dyn DemoSink) -> Result<DemoRe
     {
         return Err(DemoError::NoSuchScenario(number));
     }
-    let policy = match &options.policy {
-        Some(path) => PolicyEngine::load(path)?,
-        None => PolicyEngine::from_json(SHIPPED_POLICY, "the shipped ops_policy.json")?,
-    };
+    let policy = PolicySource::from_flag(options.policy.as_deref()).load()?;
     let selected = match options.provider {
         // Unlike `proxi agent`, the demo never picks a paid provider by itself.
         None => SelectedProvider {

@@ -1,5 +1,5 @@
 //! The one execution path every front end uses:
-//! rate limit → tool-level policy → validate arguments → constraints → execute → audit.
+//! rate limit → decide (tool rules → arguments → constraints, [`crate::decision`]) → execute → audit.
 //!
 //! The mode lives behind a read-write lock. A tool call holds the read side from
 //! its decision until its audit entry is queued, and a mode change holds the write
@@ -25,12 +25,13 @@ use crate::audit::{
     EntryKind, Priority, Recovered, STORED_PREFIX_BYTES, create_private_dir, format_time,
     json_digest,
 };
+use crate::decision::{ParsedCall, Verdict};
 use crate::infra::{CloudInfrastructure, InfraError, InfrastructureStatus, ServiceHealth};
-use crate::policy::{Decision, Denial, ModeId, PolicyEngine, ReasonCode};
+use crate::policy::{Denial, ModeId, PolicyEngine, ReasonCode};
 use crate::principal::{Principal, Role};
 use crate::rate_limit::RateLimiter;
 use crate::text;
-use crate::tools::{MAX_TOOL_NAME_LEN, ToolCall, ToolCategory, ToolName};
+use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory, ToolName};
 
 /// Emergency TTL when the operator does not give one.
 pub const DEFAULT_ELEVATED_TTL: Duration = Duration::from_secs(900);
@@ -663,52 +664,44 @@ impl Gateway {
         let invalid_name = tool_name.chars().any(text::needs_escape);
         let shown_name = shown_tool_name(tool_name);
         // Argument checks need no lock: they depend on the call alone.
-        let parsed = tool.map(|tool| ToolCall::parse(tool, &arguments));
+        let parsed = ParsedCall::parse(tool_name, &arguments);
         let now = Utc::now();
         let (pending, mode, outcome) = {
             let state = self.read_state();
             let mode_id = state.effective_mode(Instant::now(), self.policy.default_mode());
-            let denied = |denial| Outcome::Denied {
-                message: self.policy.explain(&denial),
-                how_to_proceed: self.policy.how_to_proceed(&denial),
-                denial,
-            };
-            let outcome = match parsed {
-                None if invalid_name => Outcome::InvalidToolName(format!(
+            let outcome = match parsed.decide(&self.policy, mode_id) {
+                Verdict::UnknownTool if invalid_name => Outcome::InvalidToolName(format!(
                     "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
                     text::escape(truncate(tool_name, MAX_TOOL_NAME_LEN)),
                     ToolName::ALL.map(ToolName::as_str).join(", ")
                 )),
-                None => Outcome::UnknownTool {
+                Verdict::UnknownTool => Outcome::UnknownTool {
                     message: format!(
                         "Tool '{}' does not exist. Known tools: {}",
                         truncate(tool_name, MAX_TOOL_NAME_LEN),
                         ToolName::ALL.map(ToolName::as_str).join(", ")
                     ),
                 },
-                // The tool-level rules come before the schema's verdict: a blocked
-                // tool is reported as blocked, and its schema stays unexplained.
-                Some(Err(error)) => match tool.map(|tool| self.policy.decide_tool(mode_id, tool)) {
-                    Some(Decision::Deny(denial)) => denied(denial),
-                    _ => Outcome::InvalidArguments(error.to_string()),
+                Verdict::InvalidArguments(error) => Outcome::InvalidArguments(error.to_string()),
+                Verdict::Deny(denial) => Outcome::Denied {
+                    message: self.policy.explain(&denial),
+                    how_to_proceed: self.policy.how_to_proceed(&denial),
+                    denial,
                 },
-                Some(Ok(call)) => match self.policy.decide(mode_id, &call) {
-                    Decision::Deny(denial) => denied(denial),
-                    Decision::Allow => {
-                        let result = self
-                            .infra
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .execute(&call, now);
-                        match result {
-                            Ok(result) => Outcome::Executed(result),
-                            Err(error) => Outcome::Failed {
-                                code: error.code(),
-                                message: error.to_string(),
-                            },
-                        }
+                Verdict::Allow(call) => {
+                    let result = self
+                        .infra
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .execute(&call, now);
+                    match result {
+                        Ok(result) => Outcome::Executed(result),
+                        Err(error) => Outcome::Failed {
+                            code: error.code(),
+                            message: error.to_string(),
+                        },
                     }
-                },
+                }
             };
             let mode = self.mode_name(mode_id).clone();
             let mut entry =

@@ -23,12 +23,14 @@ use proxi::api::SetModeRequest;
 use proxi::audit::{self, Durability};
 use proxi::client::{ProxiClient, resolve_server_url, resolve_token};
 use proxi::credential::OperatorCredential;
+use proxi::decision::{self, ToolVerdict, Verdict};
 use proxi::gateway::{Gateway, GatewayConfig, StartupTrust};
-use proxi::policy::{Decision, PolicyEngine};
+use proxi::policy::{Denial, PolicyEngine};
+use proxi::policy_source::PolicySource;
 use proxi::server::{AppState, BoundServer};
 use proxi::text::{escape, json_for_terminal};
 use proxi::tokens::{AGENT_TOKEN_ENV, OPERATOR_TOKEN_ENV, Tokens};
-use proxi::tools::{ToolCall, ToolName};
+use proxi::tools::ToolName;
 
 /// Writes one line to stdout and reports failure instead of panicking as
 /// `println!` does, so that a closed pipe (`proxi audit tail | head`) ends the
@@ -53,6 +55,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: `text` (coloured only on a terminal, and never when
+    /// NO_COLOR is set) or `json` (one JSON object per line, for log shippers).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -77,6 +89,12 @@ enum Command {
     /// Manage the operator credential (operator token and audit key, kept outside the data dir).
     #[command(subcommand)]
     Credential(CredentialCommand),
+    /// Write a starter policy and an example upstream policy into DIR to edit.
+    Init {
+        /// Directory to write into; created if missing. Existing files are never overwritten.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -101,7 +119,7 @@ struct DemoArgs {
     keep_data: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    /// Policy file (default: the shipped policy, built in).
+    /// Policy file (default: policies/ops_policy.json if it exists, else the built-in policy).
     #[arg(long)]
     policy: Option<PathBuf>,
     /// Mode switches in the stress scenario (at least 1000 for the seed's test).
@@ -164,9 +182,9 @@ struct AgentArgs {
 
 #[derive(Args, Clone)]
 struct StateArgs {
-    /// Policy file.
-    #[arg(long, default_value = "policies/ops_policy.json")]
-    policy: PathBuf,
+    /// Policy file (default: policies/ops_policy.json if it exists, else the built-in policy).
+    #[arg(long)]
+    policy: Option<PathBuf>,
     /// Where the audit trail, tokens and lock file live.
     #[arg(long, default_value = "./proxi-data")]
     data_dir: PathBuf,
@@ -220,8 +238,8 @@ struct McpArgs {
 enum PolicyCommand {
     /// Validate a policy file.
     Check {
-        /// The policy file.
-        file: PathBuf,
+        /// The policy file (default: policies/ops_policy.json if it exists, else the built-in policy).
+        file: Option<PathBuf>,
     },
     /// Show how the policy decides one call.
     Explain {
@@ -230,12 +248,12 @@ enum PolicyCommand {
         /// Mode to decide in (default: the policy's default mode).
         #[arg(long)]
         mode: Option<String>,
-        /// Arguments as a JSON object.
-        #[arg(long, default_value = "{}")]
-        args: String,
-        /// Policy file.
-        #[arg(long, default_value = "policies/ops_policy.json")]
-        policy: PathBuf,
+        /// Arguments as a JSON object; without them, how the mode treats the tool itself.
+        #[arg(long)]
+        args: Option<String>,
+        /// Policy file (default: policies/ops_policy.json if it exists, else the built-in policy).
+        #[arg(long)]
+        policy: Option<PathBuf>,
     },
 }
 
@@ -354,10 +372,13 @@ fn exit_quietly_on_broken_pipe() {
 fn main() -> ExitCode {
     exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
+    proxi::tls::install_crypto_provider();
+    let log = cli.log_format;
+    init_logging(default_log_filter(&cli.command), log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
+            report_error(log, &format!("cannot start the async runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };
@@ -365,32 +386,84 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            report_error(log, &format!("{error:#}"));
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_logging(default_level: &str) {
+/// The log filter a command uses when `RUST_LOG` is not set.
+fn default_log_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Serve(_) | Command::Mcp(_) => "info,rmcp=warn",
+        // rmcp logs transport failures that the agent already reports as errors.
+        Command::Demo(_) | Command::Agent(_) => "warn,rmcp=off",
+        Command::Policy(_)
+        | Command::Audit(_)
+        | Command::Mode(_)
+        | Command::Init { .. }
+        | Command::Credential(_) => "warn",
+    }
+}
+
+/// Whether stderr gets ANSI colours: only on a terminal, and never when `NO_COLOR`
+/// is set to anything non-empty (<https://no-color.org>).
+fn stderr_colours() -> bool {
+    use std::io::IsTerminal;
+    colours_allowed(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+fn no_color() -> bool {
+    !colours_allowed(true, std::env::var_os("NO_COLOR").as_deref())
+}
+
+fn colours_allowed(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+fn init_logging(default_level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // Logs go to stderr so stdout stays clean for data (and for MCP over stdio).
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(stderr_colours()).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_ansi(false)
+            .with_current_span(false)
+            .try_init(),
+    };
+}
+
+/// Tells a person something on stderr: a plain line, or under `--log-format json`
+/// an info event, so that stderr carries nothing but JSON.
+fn notice(format: LogFormat, text: &str) {
+    match format {
+        LogFormat::Text => eprintln!("{text}"),
+        LogFormat::Json => tracing::info!("{text}"),
+    }
+}
+
+/// Reports the error a command ended with: `error: ...`, or an error event under
+/// `--log-format json`.
+fn report_error(format: LogFormat, message: &str) {
+    match format {
+        LogFormat::Text => eprintln!("error: {message}"),
+        LogFormat::Json => tracing::error!("{message}"),
+    }
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    let log = cli.log_format;
     match cli.command {
-        Command::Serve(args) => {
-            init_logging("info,rmcp=warn");
-            serve(args).await
-        }
-        Command::Mcp(args) => {
-            init_logging("info,rmcp=warn");
-            mcp(args).await
-        }
+        Command::Serve(args) => serve(args, log).await,
+        Command::Mcp(args) => mcp(args, log).await,
         Command::Policy(command) => policy(command),
         Command::Credential(CredentialCommand::Init { file }) => {
             let credential = OperatorCredential::create(&file)?;
@@ -405,15 +478,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Audit(command) => audit_command(command),
         Command::Mode(command) => mode(command).await,
-        Command::Demo(args) => {
-            init_logging("warn,rmcp=off");
-            demo(args).await
-        }
-        Command::Agent(args) => {
-            // rmcp logs transport failures that the agent already reports as errors.
-            init_logging("warn,rmcp=off");
-            agent(args).await
-        }
+        Command::Demo(args) => demo(args).await,
+        Command::Agent(args) => agent(args, log).await,
+        Command::Init { dir } => init(&dir),
     }
 }
 
@@ -427,8 +494,9 @@ enum Launch {
 async fn open_gateway(
     state: &StateArgs,
     launch: Launch,
+    policy: &PolicySource,
 ) -> Result<(Arc<Gateway>, Tokens, Option<PathBuf>)> {
-    let policy = PolicyEngine::load(&state.policy)?;
+    let policy = policy.load()?;
     let credential = state
         .operator_credential
         .as_deref()
@@ -487,53 +555,68 @@ async fn open_gateway(
     Ok((gateway, tokens, sources.file))
 }
 
-async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let (gateway, tokens, token_file) = open_gateway(&args.state, Launch::Serve).await?;
+async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
+    let policy = PolicySource::from_flag(args.state.policy.as_deref());
+    let (gateway, tokens, token_file) = open_gateway(&args.state, Launch::Serve, &policy).await?;
     let bound = BoundServer::bind(args.bind).await?;
+    let mode = gateway.status().mode;
+    let version = env!("CARGO_PKG_VERSION");
+    let audit = gateway.audit().db_path().display().to_string();
+    let tokens_from = match token_file {
+        Some(path) => format!("generated tokens are in {} (mode 0600)", path.display()),
+        None => format!("from {OPERATOR_TOKEN_ENV} and {AGENT_TOKEN_ENV}"),
+    };
+    // The banner goes out before server.json, so whoever waits for that file has it.
+    match log {
+        LogFormat::Text => {
+            eprintln!("Proxi {version} listening on {}", bound.url());
+            eprintln!("  policy:    {policy}");
+            eprintln!("  mode:      {mode}");
+            eprintln!("  audit:     {audit}");
+            eprintln!("  tokens:    {tokens_from}");
+        }
+        LogFormat::Json => tracing::info!(
+            url = %bound.url(),
+            %policy,
+            %mode,
+            %audit,
+            tokens = %tokens_from,
+            "Proxi {version} listening"
+        ),
+    }
     bound
         .advertise(gateway.data_dir())
         .context("cannot write server.json to the data dir")?;
-    let mode = gateway.status().mode;
-    eprintln!(
-        "Proxi {} listening on {}",
-        env!("CARGO_PKG_VERSION"),
-        bound.url()
-    );
-    eprintln!("  policy:    {}", args.state.policy.display());
-    eprintln!("  mode:      {mode}");
-    eprintln!("  audit:     {}", gateway.audit().db_path().display());
-    match token_file {
-        Some(path) => eprintln!(
-            "  tokens:    generated tokens are in {} (mode 0600)",
-            path.display()
-        ),
-        None => eprintln!("  tokens:    from {OPERATOR_TOKEN_ENV} and {AGENT_TOKEN_ENV}"),
-    }
     let state = AppState {
         gateway,
         tokens: Arc::new(tokens),
     };
-    bound.serve_app(state, shutdown_signal()).await?;
+    bound.serve_app(state, shutdown_signal(log)).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn mcp(args: McpArgs) -> Result<ExitCode> {
-    let (gateway, tokens, _) = open_gateway(&args.state, Launch::Stdio).await?;
+async fn mcp(args: McpArgs, log: LogFormat) -> Result<ExitCode> {
+    let policy = PolicySource::from_flag(args.state.policy.as_deref());
+    let (gateway, tokens, _) = open_gateway(&args.state, Launch::Stdio, &policy).await?;
     if !tokens.has_operator() {
-        eprintln!(
-            "no operator credential: this process has no operator endpoint and stays in the default mode (pass --operator-credential FILE, see README \"Trust model\")"
+        notice(
+            log,
+            "no operator credential: this process has no operator endpoint and stays in the default mode (pass --operator-credential FILE, see README \"Trust model\")",
         );
     }
     let bound = BoundServer::bind(args.bind).await?;
+    // Stdout belongs to the protocol: everything for humans goes to stderr.
+    notice(
+        log,
+        &format!(
+            "Proxi {} serving MCP on stdio (policy: {policy}); operators reach this process at {}",
+            env!("CARGO_PKG_VERSION"),
+            bound.url()
+        ),
+    );
     bound
         .advertise(gateway.data_dir())
         .context("cannot write server.json to the data dir")?;
-    // Stdout belongs to the protocol: everything for humans goes to stderr.
-    eprintln!(
-        "Proxi {} serving MCP on stdio; operators reach this process at {}",
-        env!("CARGO_PKG_VERSION"),
-        bound.url()
-    );
     let state = AppState {
         gateway: gateway.clone(),
         tokens: Arc::new(tokens),
@@ -543,7 +626,7 @@ async fn mcp(args: McpArgs) -> Result<ExitCode> {
     let stdio = proxi::mcp::stdio::serve(gateway, stop.clone());
     let outcome = tokio::select! {
         served = stdio => served.map_err(anyhow::Error::from),
-        () = shutdown_signal() => Ok(()),
+        () = shutdown_signal(log) => Ok(()),
         ended = &mut http => Err(match ended {
             Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped unexpectedly"),
             Ok(Err(error)) => error.into(),
@@ -557,7 +640,7 @@ async fn mcp(args: McpArgs) -> Result<ExitCode> {
     outcome.map(|()| ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+async fn shutdown_signal(log: LogFormat) {
     let interrupt = tokio::signal::ctrl_c();
     let mut terminate =
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -571,14 +654,15 @@ async fn shutdown_signal() {
         _ = interrupt => {}
         _ = terminate.recv() => {}
     }
-    eprintln!("shutting down");
+    notice(log, "shutting down");
 }
 
 fn policy(command: PolicyCommand) -> Result<ExitCode> {
     match command {
         PolicyCommand::Check { file } => {
-            let engine = PolicyEngine::load(&file)?;
-            print_policy_check(&file, &engine)?;
+            let source = PolicySource::from_flag(file.as_deref());
+            let engine = source.load()?;
+            print_policy_check(&source, &engine)?;
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Explain {
@@ -586,60 +670,129 @@ fn policy(command: PolicyCommand) -> Result<ExitCode> {
             mode,
             args,
             policy,
-        } => {
-            let engine = PolicyEngine::load(&policy)?;
-            let mode_id = match &mode {
-                Some(name) => engine.mode_id(name).with_context(|| {
-                    let known: Vec<&str> = engine.modes().map(|(_, m)| m.name()).collect();
-                    format!("unknown mode '{name}' (modes: {})", known.join(", "))
-                })?,
-                None => engine.default_mode(),
-            };
-            let mode_name = engine.mode(mode_id).name();
-            let Some(tool_name) = ToolName::parse(&tool) else {
-                println!("DENIED  {tool} in {mode_name} mode");
-                println!("  reason: unknown_tool");
+        } => explain(&tool, mode.as_deref(), args.as_deref(), policy.as_deref()),
+    }
+}
+
+/// `proxi policy explain`: the decision `Gateway::execute` would take, from the
+/// same function, for a call (with `--args`) or for the tool alone.
+fn explain(
+    tool: &str,
+    mode: Option<&str>,
+    args: Option<&str>,
+    policy: Option<&Path>,
+) -> Result<ExitCode> {
+    let engine = PolicySource::from_flag(policy).load()?;
+    let mode_id = match mode {
+        Some(name) => engine.mode_id(name).with_context(|| {
+            let known: Vec<&str> = engine.modes().map(|(_, m)| m.name()).collect();
+            format!("unknown mode '{name}' (modes: {})", known.join(", "))
+        })?,
+        None => engine.default_mode(),
+    };
+    let mode_name = engine.mode(mode_id).name();
+    let print_denial = |denial: &Denial| {
+        println!("DENIED  {tool} in {mode_name} mode");
+        println!("  reason: {}", denial.reason);
+        println!("  {}", engine.explain(denial));
+        println!("  next: {}", engine.how_to_proceed(denial));
+    };
+    let print_unknown = || {
+        println!("REJECTED  {tool} in {mode_name} mode");
+        println!("  reason: unknown_tool");
+        println!(
+            "  no tool has this name; known tools: {}",
+            ToolName::ALL.map(ToolName::as_str).join(", ")
+        );
+    };
+    let allowed = match args {
+        None => match decision::decide_tool(&engine, mode_id, tool) {
+            ToolVerdict::UnknownTool => {
+                print_unknown();
+                false
+            }
+            ToolVerdict::Denied(denial) => {
+                print_denial(&denial);
+                println!("  (this holds whatever the arguments)");
+                false
+            }
+            ToolVerdict::Allowed { constraints } => {
                 println!(
-                    "  known tools: {}",
-                    ToolName::ALL.map(ToolName::as_str).join(", ")
+                    "ALLOWED  {tool} in {mode_name} mode, for arguments that pass the checks below"
                 );
-                return Ok(ExitCode::from(1));
-            };
-            let arguments: serde_json::Value =
-                serde_json::from_str(&args).context("--args is not valid JSON")?;
-            let call = match ToolCall::parse(tool_name, &arguments) {
-                Ok(call) => call,
-                Err(error) => {
-                    println!("REJECTED  {tool} in {mode_name} mode");
-                    println!("  reason: invalid_arguments");
-                    println!("  {error}");
-                    return Ok(ExitCode::from(1));
+                println!("  {tool} is in {mode_name}'s allowed_tools and is not blocked");
+                let arguments = ToolName::parse(tool).map_or(&[][..], ToolName::argument_names);
+                if !arguments.is_empty() {
+                    println!(
+                        "  arguments must match its JSON Schema: {}",
+                        arguments.join(", ")
+                    );
                 }
-            };
-            match engine.decide(mode_id, &call) {
-                Decision::Allow => {
+                if constraints.is_empty() {
+                    println!("  constraints: none in {mode_name} mode");
+                } else {
+                    println!("  constraints in {mode_name} mode:");
+                    for constraint in constraints {
+                        println!("    - {constraint}");
+                    }
+                }
+                println!("  (pass --args '{{...}}' to decide one call)");
+                true
+            }
+        },
+        Some(args) => {
+            let arguments: serde_json::Value =
+                serde_json::from_str(args).context("--args is not valid JSON")?;
+            match decision::decide_call(&engine, mode_id, tool, &arguments) {
+                Verdict::UnknownTool => {
+                    print_unknown();
+                    false
+                }
+                Verdict::Deny(denial) => {
+                    print_denial(&denial);
+                    false
+                }
+                Verdict::InvalidArguments(error) => {
+                    println!("REJECTED  {tool} in {mode_name} mode");
+                    println!("  reason: {}", decision::INVALID_ARGUMENTS);
+                    println!("  {error}");
+                    println!("  next: send arguments that match the tool's JSON Schema");
+                    false
+                }
+                Verdict::Allow(_) => {
                     println!("ALLOWED  {tool} in {mode_name} mode");
                     println!(
                         "  {tool} is in {mode_name}'s allowed_tools, is not blocked, and its arguments meet every constraint"
                     );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Decision::Deny(denial) => {
-                    println!("DENIED  {tool} in {mode_name} mode");
-                    println!("  reason: {}", denial.reason);
-                    println!("  {}", engine.explain(&denial));
-                    println!("  next: {}", engine.how_to_proceed(&denial));
-                    Ok(ExitCode::from(1))
+                    true
                 }
             }
         }
+    };
+    Ok(if allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `proxi init`: writes the starter files and says what each one is for.
+fn init(dir: &Path) -> Result<ExitCode> {
+    let written = proxi::starter::write_starter_files(dir)?;
+    for (file, path) in proxi::starter::STARTER_FILES.iter().zip(&written) {
+        println!("wrote {}: {}", path.display(), file.purpose);
     }
+    println!(
+        "next: cd {} && proxi policy check && proxi serve",
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `policy check`'s report: what the policy enforces, as loaded (after the
 /// built-in defaults are applied), so a reader sees the effective rules.
-fn print_policy_check(file: &Path, engine: &PolicyEngine) -> std::io::Result<()> {
-    out!("{}: valid", escape(&file.display().to_string()))?;
+fn print_policy_check(source: &PolicySource, engine: &PolicyEngine) -> std::io::Result<()> {
+    out!("{}: valid", escape(&source.to_string()))?;
     for (id, mode) in engine.modes() {
         let marker = if id == engine.default_mode() {
             " (default)"
@@ -914,7 +1067,8 @@ async fn demo(args: DemoArgs) -> Result<ExitCode> {
         report
     } else {
         let terminal = std::io::stdout().is_terminal();
-        let mut sink = proxi::demo::TextSink::new(std::io::stdout(), terminal, terminal);
+        let mut sink =
+            proxi::demo::TextSink::new(std::io::stdout(), terminal && !no_color(), terminal);
         proxi::demo::run(options, &mut sink).await?
     };
     Ok(if report.succeeded() {
@@ -943,7 +1097,7 @@ fn agent_provider(args: &ModelArgs) -> Result<SelectedProvider> {
     )?)
 }
 
-async fn agent(args: AgentArgs) -> Result<ExitCode> {
+async fn agent(args: AgentArgs, log: LogFormat) -> Result<ExitCode> {
     // Like the seed: keys may live in .env; real environment variables win.
     let _ = dotenvy::dotenv();
     let task = args.task.join(" ");
@@ -970,7 +1124,7 @@ async fn agent(args: AgentArgs) -> Result<ExitCode> {
         Via::Mcp => "mcp",
     };
     if args.json {
-        eprintln!("provider: {note}");
+        notice(log, &format!("provider: {note}"));
     } else {
         println!("Proxi agent");
         println!("  provider: {note}");
@@ -1006,7 +1160,7 @@ async fn agent(args: AgentArgs) -> Result<ExitCode> {
         print_summary(&record);
     }
     if let Some(error) = failure {
-        eprintln!("error: {error}");
+        report_error(log, &error.to_string());
         return Ok(ExitCode::FAILURE);
     }
     Ok(match record.outcome {
@@ -1049,4 +1203,18 @@ fn print_summary(record: &RunRecord) {
             &record.mode_at_start
         }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_needs_a_terminal_and_no_no_color() {
+        assert!(colours_allowed(true, None));
+        assert!(colours_allowed(true, Some(OsStr::new(""))));
+        assert!(!colours_allowed(true, Some(OsStr::new("1"))));
+        assert!(!colours_allowed(false, None));
+    }
 }

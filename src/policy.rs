@@ -429,6 +429,17 @@ impl PolicyEngine {
         Decision::Allow
     }
 
+    /// The mode's argument constraints on `tool`, each as a sentence such as
+    /// "`count` must be between 1 and 10", in policy order.
+    pub fn constraints_on(&self, mode: ModeId, tool: ToolName) -> Vec<String> {
+        self.mode(mode)
+            .constraints
+            .iter()
+            .filter(|constraint| constraint.tool == tool)
+            .map(|constraint| format!("`{}` must be {}", constraint.argument, constraint.rule))
+            .collect()
+    }
+
     /// The mode with this id.
     pub fn mode(&self, mode: ModeId) -> &Mode {
         // ModeIds are only minted by this engine, so the index is in range.

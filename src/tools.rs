@@ -202,8 +202,11 @@ pub struct ServiceArguments {
 #[serde(deny_unknown_fields)]
 pub struct ReadLogsArguments {
     /// How many recent entries to return (default 20).
-    #[serde(default, deserialize_with = "optional_integer")]
-    #[schemars(range(min = 1, max = 200))]
+    // Published as a plain optional integer, not `["integer", "null"]`: single-type
+    // schemas are what every client's schema dialect (Gemini's OpenAPI subset
+    // included) accepts. So `null` is refused here too; leave the field out instead.
+    #[serde(default, deserialize_with = "present_integer")]
+    #[schemars(with = "i64", range(min = 1, max = 200))]
     pub lines: Option<i64>,
 }
 
@@ -459,11 +462,9 @@ fn integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> 
     deserializer.deserialize_i64(IntegerVisitor)
 }
 
-/// `null` means "not given", matching the `["integer", "null"]` schema schemars emits.
-fn optional_integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
-    #[derive(Deserialize)]
-    struct Integer(#[serde(deserialize_with = "integer")] i64);
-    Ok(Option::<Integer>::deserialize(deserializer)?.map(|Integer(value)| value))
+/// An optional integer argument that is present: it must be an integer, not `null`.
+fn present_integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    integer(deserializer).map(Some)
 }
 
 fn object_schema<T: JsonSchema>() -> Arc<Map<String, Value>> {
@@ -519,6 +520,42 @@ mod tests {
         assert_eq!(list["properties"], json!({}));
     }
 
+    /// Clients that map schemas onto a single-`type` dialect (the OpenAPI subset of
+    /// Gemini function declarations) reject `"type": [..]`; the MCP Inspector's
+    /// `--strict` check warns about it (tests/mcp_inspector.rs runs that check).
+    #[test]
+    fn every_published_type_is_a_single_type() {
+        fn check(path: &str, value: &Value) {
+            match value {
+                Value::Object(map) => {
+                    if let Some(kind) = map.get("type") {
+                        assert!(kind.is_string(), "{path}: type is {kind}");
+                    }
+                    for (key, value) in map {
+                        check(&format!("{path}.{key}"), value);
+                    }
+                }
+                Value::Array(items) => {
+                    for (index, item) in items.iter().enumerate() {
+                        check(&format!("{path}[{index}]"), item);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for tool in ToolName::ALL {
+            check(
+                tool.as_str(),
+                &Value::Object(tool.input_schema().as_ref().clone()),
+            );
+        }
+        let lines = &ToolName::ReadLogs.input_schema()["properties"]["lines"];
+        assert_eq!(lines["type"], "integer");
+        assert_eq!(lines["minimum"], 1);
+        assert_eq!(lines["maximum"], 200);
+        assert_eq!(ToolName::ReadLogs.input_schema().get("required"), None);
+    }
+
     #[test]
     fn valid_arguments_build_typed_calls() {
         assert_eq!(
@@ -560,6 +597,9 @@ mod tests {
         );
         assert!(message(ToolName::RestartService, json!([1])).contains("must be a JSON object"));
         assert!(message(ToolName::ListServices, json!({"x": 1})).contains("unknown field `x`"));
+        assert!(
+            message(ToolName::ReadLogs, json!({"lines": null})).contains("expected an integer")
+        );
     }
 
     mod schema_agreement {

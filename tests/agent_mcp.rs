@@ -48,6 +48,7 @@ async fn the_mcp_backend_lists_tools_and_maps_outcomes() {
     assert_eq!(denied.mode.as_deref(), Some("NORMAL"));
     assert!(denied.how_to_proceed.unwrap().contains("EMERGENCY"));
 
+    // read_logs, which NORMAL allows: a tool NORMAL blocks is denied whatever its arguments.
     let rejected = backend
         .call_tool("read_logs", json!({"lines": "ten"}))
         .await

@@ -127,6 +127,8 @@ fn policy_explain_prints_the_decision_and_why() {
         "policy",
         "explain",
         "scale_fleet",
+        "--mode",
+        "EMERGENCY",
         "--policy",
         path(&policy),
         "--args",

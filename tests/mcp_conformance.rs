@@ -108,6 +108,7 @@ async fn spawn_relay(target: &str) -> String {
         .next()
         .and_then(|port| port.parse().ok())
         .expect("the server URL has a port");
+    proxi::tls::install_crypto_provider();
     let relay = Relay {
         client: reqwest::Client::builder()
             .no_proxy()

@@ -79,6 +79,7 @@ impl TestServer {
     }
 
     async fn client(&self) -> RunningService<RoleClient, ClientConfig> {
+        proxi::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .no_proxy()
             .build()
@@ -107,6 +108,7 @@ impl TestServer {
 }
 
 fn raw_client() -> reqwest::Client {
+    proxi::tls::install_crypto_provider();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(DEADLINE)
@@ -555,6 +557,7 @@ async fn a_subscribed_session_hears_of_a_mode_change_made_over_rest() {
         ),
         updates: sender,
     };
+    proxi::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .no_proxy()
         .build()

@@ -541,6 +541,7 @@ async fn bad_input_gets_clear_4xx_answers_and_the_server_stays_up() {
 
     let (status, body) = api.execute("list_services", json!("not an object")).await;
     assert_safe_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
+    // get_service_status, which NORMAL allows: a blocked tool is denied whatever its arguments.
     let (status, body) = api
         .execute(
             "get_service_status",

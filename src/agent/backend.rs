@@ -295,6 +295,7 @@ impl McpBackend {
         if let Some(token) = &token {
             config = config.auth_header(token.clone());
         }
+        crate::tls::install_crypto_provider();
         let transport = StreamableHttpClientTransport::from_config(config);
         let client_config = ClientConfig::new(
             ClientCapabilities::default(),

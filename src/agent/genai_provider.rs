@@ -276,6 +276,7 @@ impl GenaiProvider {
             .filter(|model| !model.trim().is_empty())
             .unwrap_or_else(|| kind.default_model().to_owned());
 
+        crate::tls::install_crypto_provider();
         let mut http = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout.min(Duration::from_secs(10)));

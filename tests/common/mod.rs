@@ -112,6 +112,7 @@ pub struct Api {
 
 impl Api {
     pub fn new(url: &str) -> Api {
+        proxi::tls::install_crypto_provider();
         Api {
             url: url.to_owned(),
             http: reqwest::Client::builder()

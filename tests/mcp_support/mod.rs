@@ -44,8 +44,8 @@ pub fn harness_file(relative: &str) -> PathBuf {
     let path = harness_dir().join(relative);
     assert!(
         path.exists(),
-        "{} is missing: run scripts/mcp-harness.sh first (it installs the pinned MCP Python SDK \
-         and conformance suite into target/mcp-harness/)",
+        "{} is missing: run scripts/mcp-harness.sh first (it installs the pinned MCP Python SDK, \
+         conformance suite and Inspector into target/mcp-harness/)",
         path.display()
     );
     path
