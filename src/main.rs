@@ -495,6 +495,7 @@ async fn open_gateway(
     state: &StateArgs,
     launch: Launch,
     policy: &PolicySource,
+    log: LogFormat,
 ) -> Result<(Arc<Gateway>, Tokens, Option<PathBuf>)> {
     let policy = policy.load()?;
     let credential = state
@@ -515,18 +516,22 @@ async fn open_gateway(
         None => Anchoring::in_data_dir(&state.data_dir)?,
     };
     if anchoring.is_external() {
-        eprintln!(
-            "  audit key: from {}; anchor {}",
-            state
-                .operator_credential
-                .as_deref()
-                .unwrap_or(Path::new("?"))
-                .display(),
-            anchoring.anchor_path().display()
+        notice(
+            log,
+            &format!(
+                "  audit key: from {}; anchor {}",
+                state
+                    .operator_credential
+                    .as_deref()
+                    .unwrap_or(Path::new("?"))
+                    .display(),
+                anchoring.anchor_path().display()
+            ),
         );
     } else {
-        eprintln!(
-            "  audit key: in the data dir (no --operator-credential): whoever can write the data dir can rewrite the trail undetected"
+        notice(
+            log,
+            "  audit key: in the data dir (no --operator-credential): whoever can write the data dir can rewrite the trail undetected",
         );
     }
     // Under stdio an elevated mode is restored only when the key is out of the agent's reach.
@@ -557,7 +562,8 @@ async fn open_gateway(
 
 async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
     let policy = PolicySource::from_flag(args.state.policy.as_deref());
-    let (gateway, tokens, token_file) = open_gateway(&args.state, Launch::Serve, &policy).await?;
+    let (gateway, tokens, token_file) =
+        open_gateway(&args.state, Launch::Serve, &policy, log).await?;
     let bound = BoundServer::bind(args.bind).await?;
     let mode = gateway.status().mode;
     let version = env!("CARGO_PKG_VERSION");
@@ -597,7 +603,7 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
 
 async fn mcp(args: McpArgs, log: LogFormat) -> Result<ExitCode> {
     let policy = PolicySource::from_flag(args.state.policy.as_deref());
-    let (gateway, tokens, _) = open_gateway(&args.state, Launch::Stdio, &policy).await?;
+    let (gateway, tokens, _) = open_gateway(&args.state, Launch::Stdio, &policy, log).await?;
     if !tokens.has_operator() {
         notice(
             log,

@@ -31,6 +31,7 @@ async fn flood(url: &str, per_connection: usize) -> usize {
         let url = url.to_owned();
         let body = json!({"tool_name": "exfiltrate", "arguments": {"blob": blob}});
         tasks.push(tokio::spawn(async move {
+            proxi::tls::install_crypto_provider();
             let http = reqwest::Client::builder().no_proxy().build().unwrap();
             let mut answered = 0;
             for _ in 0..per_connection {

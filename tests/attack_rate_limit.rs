@@ -160,6 +160,7 @@ async fn the_shipped_limit_lets_a_burst_of_100_through() {
 
 /// Opens an MCP session over Streamable HTTP under `client_name`.
 async fn mcp_session(url: &str, client_name: &str) -> RunningService<RoleClient, ClientConfig> {
+    proxi::tls::install_crypto_provider();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let config = StreamableHttpClientTransportConfig::with_uri(format!("{url}/mcp"))
         .auth_header(AGENT_TOKEN);

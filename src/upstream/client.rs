@@ -206,6 +206,8 @@ impl UpstreamClient {
         target: &HttpTarget,
         handler: UpstreamHandler,
     ) -> Result<UpstreamClient, UpstreamError> {
+        // rmcp's transport builds a reqwest client, which needs the TLS provider.
+        crate::tls::install_crypto_provider();
         let mut headers = HashMap::with_capacity(target.headers.len());
         for (name, value) in &target.headers {
             let header_name =
