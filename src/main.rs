@@ -22,6 +22,7 @@ use proxi::audit::{self, Durability};
 use proxi::client::{ProxiClient, resolve_server_url, resolve_token};
 use proxi::gateway::{Gateway, GatewayConfig};
 use proxi::policy::{Decision, PolicyEngine};
+use proxi::server::limits::EdgeLimits;
 use proxi::server::{AppState, BoundServer};
 use proxi::tokens::{AGENT_TOKEN_ENV, OPERATOR_TOKEN_ENV, Tokens};
 use proxi::tools::{ToolCall, ToolName};
@@ -172,6 +173,60 @@ struct ServeArgs {
     bind: SocketAddr,
     #[command(flatten)]
     state: StateArgs,
+    #[command(flatten)]
+    edge: EdgeArgs,
+}
+
+/// Limits at the network edge (defaults fit a flood into 256 MB; see `EdgeLimits`).
+#[derive(Args)]
+struct EdgeArgs {
+    /// Open connections at most; at the cap the longest-idle one is closed.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Time to send a request's headers, and most idle time between requests [default: 10s].
+    #[arg(long, value_parser = parse_ttl, value_name = "DURATION")]
+    header_timeout: Option<Duration>,
+    /// MCP sessions open at most, all tokens together [default: 256].
+    #[arg(long, value_name = "N")]
+    max_mcp_sessions: Option<usize>,
+    /// MCP sessions one token may hold [default: 128].
+    #[arg(long, value_name = "N")]
+    max_mcp_sessions_per_token: Option<usize>,
+    /// An MCP session idle this long is closed [default: 60s].
+    #[arg(long, value_parser = parse_ttl, value_name = "DURATION")]
+    mcp_session_idle: Option<Duration>,
+    /// MCP sessions one token may open per minute [default: 120].
+    #[arg(long, value_name = "N")]
+    mcp_sessions_per_minute: Option<std::num::NonZeroU32>,
+    /// MCP sessions one token may open in a burst [default: 30].
+    #[arg(long, value_name = "N")]
+    mcp_session_burst: Option<std::num::NonZeroU32>,
+    /// Refused requests of one source within this window share one audit record [default: 60s].
+    #[arg(long, value_parser = parse_ttl, value_name = "DURATION")]
+    refusal_window: Option<Duration>,
+}
+
+impl EdgeArgs {
+    fn limits(&self) -> EdgeLimits {
+        let default = EdgeLimits::default();
+        EdgeLimits {
+            max_connections: self.max_connections.unwrap_or(default.max_connections),
+            header_timeout: self.header_timeout.unwrap_or(default.header_timeout),
+            max_sessions: self.max_mcp_sessions.unwrap_or(default.max_sessions),
+            max_sessions_per_principal: self
+                .max_mcp_sessions_per_token
+                .unwrap_or(default.max_sessions_per_principal),
+            session_idle_timeout: self
+                .mcp_session_idle
+                .unwrap_or(default.session_idle_timeout),
+            sessions_per_minute: self
+                .mcp_sessions_per_minute
+                .unwrap_or(default.sessions_per_minute),
+            session_burst: self.mcp_session_burst.unwrap_or(default.session_burst),
+            refusal_window: self.refusal_window.unwrap_or(default.refusal_window),
+            ..default
+        }
+    }
 }
 
 #[derive(Args)]
@@ -357,7 +412,9 @@ async fn open_gateway(state: &StateArgs) -> Result<(Arc<Gateway>, Tokens, Option
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let (gateway, tokens, token_file) = open_gateway(&args.state).await?;
-    let bound = BoundServer::bind(args.bind).await?;
+    let bound = BoundServer::bind(args.bind)
+        .await?
+        .with_limits(args.edge.limits());
     bound
         .advertise(gateway.data_dir())
         .context("cannot write server.json to the data dir")?;
