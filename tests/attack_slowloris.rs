@@ -129,3 +129,38 @@ async fn headers_must_arrive_in_time_and_idle_keep_alive_ends() {
     let waited = wait_for_close(&mut idle, Duration::from_secs(15));
     eprintln!("an idle keep-alive connection was closed after {waited:?}");
 }
+
+#[tokio::test]
+async fn agent_requests_cannot_take_the_connections_kept_for_operators() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = ServerProcess::start(
+        dir.path(),
+        &["--max-connections", "16", "--durability", "process"],
+    );
+    let address = address(&server);
+    // Each connection sends complete headers with the agent token, then drips a
+    // body it never finishes: a request in progress, which is never evicted.
+    let mut dripping = Vec::new();
+    for _ in 0..24 {
+        let mut stream = TcpStream::connect(&address).expect("connect");
+        stream
+            .write_all(
+                format!(
+                    "POST /tools/execute HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\n\
+                     Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"tool_name\"",
+                    common::AGENT_TOKEN
+                )
+                .as_bytes(),
+            )
+            .expect("headers and a first byte of body are sent");
+        dripping.push(stream);
+    }
+    let api = Api::new(&server.url);
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        api.get("/policy/status", Some(OPERATOR_TOKEN)),
+    )
+    .await
+    .expect("the operator is answered in time");
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

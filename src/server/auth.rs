@@ -81,6 +81,17 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
     Err(response)
 }
 
+/// Whether the request carries the operator token (checked again, and audited,
+/// by the extractors; this only decides which share of the server it may use).
+pub fn presents_operator_token(parts_headers: &axum::http::HeaderMap, state: &AppState) -> bool {
+    parts_headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(bearer_token)
+        .and_then(|token| state.tokens.authenticate(token))
+        .is_some_and(|principal| principal.role() == Role::Operator)
+}
+
 fn bearer_token(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim().split_once(' ')?;
     scheme

@@ -151,13 +151,24 @@ impl Drop for Busy {
     }
 }
 
-/// A response body that keeps its connection marked busy until it is sent.
-struct TrackedBody {
+/// A response body that holds `guard` (a busy mark, a permit) until it is sent
+/// or dropped, so long streams (SSE) count for as long as they last.
+pub(crate) struct Holding<G> {
     inner: Body,
-    _busy: Busy,
+    _guard: G,
 }
 
-impl hyper::body::Body for TrackedBody {
+impl<G: Send + Unpin + 'static> Holding<G> {
+    /// `body`, holding `guard` until it ends.
+    pub(crate) fn wrap(body: Body, guard: G) -> Body {
+        Body::new(Holding {
+            inner: body,
+            _guard: guard,
+        })
+    }
+}
+
+impl<G: Unpin> hyper::body::Body for Holding<G> {
     type Data = axum::body::Bytes;
     type Error = axum::Error;
 
@@ -246,7 +257,7 @@ async fn serve_connection(
                 Ok(response) => response,
                 Err(never) => match never {},
             };
-            Ok::<_, Infallible>(response.map(|inner| Body::new(TrackedBody { inner, _busy: busy })))
+            Ok::<_, Infallible>(response.map(|body| Holding::wrap(body, busy)))
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();

@@ -248,12 +248,68 @@ impl BoundServer {
 pub fn app(state: AppState, bound: SocketAddr, shutdown: CancellationToken, edge: Edge) -> Router {
     let routes = rest_routes().merge(mcp::http::routes(state.clone(), bound, shutdown, &edge));
     let allowed = Arc::new(AllowedAuthorities::for_address(bound));
+    let share = OperatorReserve::new(state.clone(), edge.limits.max_connections);
     finish(routes, state)
         .layer(Extension(edge))
+        .layer(axum::middleware::from_fn_with_state(
+            share,
+            reserve_for_operators,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             allowed,
             check_authority,
         ))
+}
+
+/// Keeps part of the connection cap for operators: requests without the
+/// operator token may occupy at most `max_connections - reserve` connections at
+/// once, until their response (a stream included) ends. Connections busy with a
+/// request are never evicted, so without this an agent dripping request bodies,
+/// or holding streams, on every connection could lock operators out; with it, at
+/// least `reserve` connections stay idle (evictable) or the operator's.
+#[derive(Clone)]
+struct OperatorReserve {
+    state: AppState,
+    others: Arc<tokio::sync::Semaphore>,
+}
+
+impl OperatorReserve {
+    fn new(state: AppState, max_connections: usize) -> OperatorReserve {
+        let reserve = (max_connections / 8).max(1);
+        OperatorReserve {
+            state,
+            others: Arc::new(tokio::sync::Semaphore::new(
+                max_connections.saturating_sub(reserve).max(1),
+            )),
+        }
+    }
+}
+
+async fn reserve_for_operators(
+    axum::extract::State(share): axum::extract::State<OperatorReserve>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if auth::presents_operator_token(request.headers(), &share.state) {
+        return next.run(request).await;
+    }
+    match share.others.clone().try_acquire_owned() {
+        Ok(permit) => next
+            .run(request)
+            .await
+            .map(|body| connections::Holding::wrap(body, permit)),
+        Err(_) => {
+            let mut response = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is busy with other requests; retry shortly",
+            );
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            response
+        }
+    }
 }
 
 /// DNS-rebinding protection for every route: a browser tricked into sending a
