@@ -188,18 +188,23 @@ impl<G: Unpin> hyper::body::Body for Holding<G> {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` fires, then lets open requests finish.
+/// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish.
+///
+/// Everything runs inside this future (the connections in a `JoinSet`), so
+/// aborting the task that serves drops every connection with it.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: &EdgeLimits,
     table: Arc<ConnectionTable>,
-    shutdown: CancellationToken,
+    shutdown: impl Future<Output = ()>,
 ) {
+    let stop = CancellationToken::new();
     let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
         while connections.try_join_next().is_some() {}
@@ -221,19 +226,17 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-        let app = app.clone();
-        let header_timeout = limits.header_timeout;
-        let shutdown = shutdown.clone();
         connections.spawn(serve_connection(
             stream,
             peer,
-            app,
+            app.clone(),
             slot,
-            header_timeout,
-            shutdown,
+            limits.header_timeout,
+            stop.clone(),
         ));
     }
     drop(listener);
+    stop.cancel();
     while connections.join_next().await.is_some() {}
 }
 

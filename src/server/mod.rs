@@ -204,20 +204,25 @@ impl BoundServer {
             self.limits.refusal_window,
             self.limits.max_refusal_sources,
         ));
-        let flusher = refusals.spawn_flusher(stop_flusher.clone());
+        // The flusher runs in this future, not a task of its own, so aborting the
+        // serving task also drops the gateway it holds.
+        let flushing = refusals.clone().flush_until(stop_flusher.clone());
         let edge = Edge {
             limits: self.limits.clone(),
             refusals,
         };
         let app = app(state, self.address, stop_mcp.clone(), edge);
-        let served = self
-            .serve(app, async move {
-                shutdown.await;
-                stop_mcp.cancel();
-            })
-            .await;
-        stop_flusher.cancel();
-        let _ = flusher.await;
+        let serving = async {
+            let served = self
+                .serve(app, async move {
+                    shutdown.await;
+                    stop_mcp.cancel();
+                })
+                .await;
+            stop_flusher.cancel();
+            served
+        };
+        let (served, ()) = tokio::join!(serving, flushing);
         served
     }
 
@@ -227,14 +232,8 @@ impl BoundServer {
         app: Router,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        let stop = CancellationToken::new();
-        let stopper = stop.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            stopper.cancel();
-        });
         let table = ConnectionTable::new(self.limits.max_connections);
-        connections::serve(self.listener, app, &self.limits, table, stop).await;
+        connections::serve(self.listener, app, &self.limits, table, shutdown).await;
         Ok(())
     }
 }

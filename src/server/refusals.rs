@@ -155,20 +155,17 @@ impl RefusalTally {
     }
 
     /// Flushes closed windows until `stop` fires, then flushes everything left.
-    pub fn spawn_flusher(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
-        let tally = self.clone();
-        let period = (tally.window / 4).max(Duration::from_millis(50));
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(period);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    _ = ticks.tick() => tally.flush(false).await,
-                }
+    pub async fn flush_until(self: Arc<Self>, stop: CancellationToken) {
+        let period = (self.window / 4).max(Duration::from_millis(50));
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = ticks.tick() => self.flush(false).await,
             }
-            tally.flush(true).await;
-        })
+        }
+        self.flush(true).await;
     }
 
     /// How many (principal, source, reason) windows are open.

@@ -74,6 +74,18 @@ impl ServerProcess {
         }
     }
 
+    /// SIGTERM, as an operator stops the server, and waits until it has exited.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("the kill command runs");
+        assert!(sent.success(), "SIGTERM was not delivered");
+        wait_until("the server to exit", Duration::from_secs(30), || {
+            self.child.try_wait().expect("the child can be waited for")
+        })
+    }
+
     /// SIGKILL, as in a crash.
     pub fn kill(mut self) {
         let _ = self.child.kill();
