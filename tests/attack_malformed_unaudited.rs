@@ -76,3 +76,47 @@ async fn malformed_requests_that_name_a_tool_are_audited_as_rejected() {
     }
     assert_eq!(rejected[1].detail["tool_name_bytes"], 200);
 }
+
+#[tokio::test]
+async fn an_oversized_tool_name_over_mcp_is_audited_as_rejected() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = ServerProcess::start(dir.path(), &["--durability", "process"]);
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("client builds");
+    let (status, session, _) = common::mcp_post(
+        &http,
+        &server.url,
+        AGENT_TOKEN,
+        None,
+        common::mcp_initialize_body("long-names"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let session = session.expect("a session id");
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    common::mcp_post(&http, &server.url, AGENT_TOKEN, Some(&session), initialized).await;
+    let long_name = "x".repeat(200);
+    let call = json!({
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {"name": long_name, "arguments": {}}
+    });
+    let (_, _, body) =
+        common::mcp_post(&http, &server.url, AGENT_TOKEN, Some(&session), call).await;
+    assert!(body.contains("at most 128 bytes"), "{body}");
+    let records: Vec<_> = audit_records(&server.data_dir)
+        .into_iter()
+        .filter(|record| record.kind == "tool_call")
+        .collect();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        records[0].tool.as_deref(),
+        Some(&long_name[..MAX_TOOL_NAME_LEN])
+    );
+    assert_eq!(records[0].outcome, "malformed_request");
+    assert_eq!(records[0].principal, "agent (mcp:long-names)");
+}
