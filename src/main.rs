@@ -180,7 +180,7 @@ struct ServeArgs {
 /// Limits at the network edge (defaults fit a flood into 256 MB; see `EdgeLimits`).
 #[derive(Args)]
 struct EdgeArgs {
-    /// Open connections at most; at the cap the longest-idle one is closed.
+    /// Open connections at most; at the cap the longest-idle one is closed [default: 512].
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
     /// Time to send a request's headers, and most idle time between requests [default: 10s].
