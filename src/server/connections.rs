@@ -286,3 +286,49 @@ async fn serve_connection(
     }
     drop(slot);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_cap_the_longest_idle_connection_makes_room() {
+        let table = ConnectionTable::new(2);
+        let first = table.admit().expect("room");
+        let second = table.admit().expect("room");
+        first.connection.idle_since.store(5, Ordering::Release);
+        second.connection.idle_since.store(1, Ordering::Release);
+        let third = table.admit().expect("an idle connection is evicted");
+        assert!(
+            second.connection.close.is_cancelled(),
+            "the longest idle goes"
+        );
+        assert!(!first.connection.close.is_cancelled());
+        assert_eq!(table.open(), 2);
+        drop(second);
+        assert_eq!(
+            table.open(),
+            2,
+            "an evicted slot leaves the table only once"
+        );
+        drop((first, third));
+        assert_eq!(table.open(), 0);
+    }
+
+    #[test]
+    fn connections_busy_with_a_request_are_never_evicted() {
+        let table = ConnectionTable::new(2);
+        let first = table.admit().expect("room");
+        let second = table.admit().expect("room");
+        let busy_first = Busy::start(&table, &first.connection);
+        let busy_second = Busy::start(&table, &second.connection);
+        assert!(table.admit().is_none(), "every connection is busy");
+        drop(busy_second);
+        assert!(
+            table.admit().is_some(),
+            "a finished request leaves its connection idle"
+        );
+        assert!(second.connection.close.is_cancelled());
+        drop(busy_first);
+    }
+}
