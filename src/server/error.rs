@@ -4,6 +4,7 @@
 //! what was wrong with the request and never carry paths, SQL or backtraces.
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::StatusCode;
@@ -118,18 +119,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for NamedJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let is_json = request
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.split(';').next())
-            .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
-        if !is_json {
-            return Err(json_rejection(JsonRejection::MissingJsonContentType(
-                Default::default(),
-            )));
-        }
-        let bytes = match axum::body::Bytes::from_request(request, state).await {
+        let (parts, body) = request.into_parts();
+        let bytes = match Bytes::from_request(Request::from_parts(parts.clone(), body), state).await
+        {
             Ok(bytes) => bytes,
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 return Err(ApiError::new(
@@ -142,7 +134,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for NamedJson<T> {
             }
             Err(_) => return Err(ApiError::bad_request("could not read the request body")),
         };
-        match Json::<T>::from_bytes(&bytes) {
+        // axum's own extractor decides, content type included, on the bytes read.
+        let replay = Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
+        match Json::<T>::from_request(replay, state).await {
             Ok(Json(value)) => Ok(NamedJson::Parsed(value)),
             Err(rejection) => Ok(NamedJson::Malformed {
                 error: json_rejection(rejection),
