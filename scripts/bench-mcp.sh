@@ -44,7 +44,7 @@ trap cleanup EXIT
 
 PROXI_AGENT_TOKEN="$agent_token" PROXI_OPERATOR_TOKEN="$operator_token" RUST_LOG=warn \
     "$repo/target/release/proxi" serve --bind 127.0.0.1:0 --data-dir "$work/data" \
-    --policy "$repo/policies/ops_policy.json" --durability "$durability" 2>"$work/server.log" &
+    --policy "$repo/policies/high_rate_limits.json" --durability "$durability" 2>"$work/server.log" &
 server_pid=$!
 
 # Wait (with a deadline) for the server to record its URL.

@@ -30,7 +30,8 @@ trap cleanup EXIT
 
 export PROXI_OPERATOR_TOKEN=load-operator-token-0123456789
 export PROXI_AGENT_TOKEN=load-agent-token-0123456789
-RUST_LOG=warn target/release/proxi serve --bind 127.0.0.1:0 --data-dir "$work/data" --durability "$DURABILITY" 2>"$work/proxi.log" &
+# The high-limit policy: the shipped 50/s rate limit would measure the limiter, not the gateway.
+RUST_LOG=warn target/release/proxi serve --bind 127.0.0.1:0 --data-dir "$work/data" --policy policies/high_rate_limits.json --durability "$DURABILITY" 2>"$work/proxi.log" &
 pids+=($!)
 target/release/examples/bare_axum >"$work/bare.out" &
 pids+=($!)

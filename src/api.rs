@@ -65,6 +65,10 @@ pub struct ToolResponse {
     pub known_tools: Option<Vec<String>>,
     /// The call's sequence number in the audit trail.
     pub audit_seq: u64,
+    /// For a call refused by a rate limit (`reason_code: "rate_limited"`), the
+    /// seconds to wait before retrying; also sent as the `Retry-After` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
 }
 
 /// `POST /policy/set-mode` body.

@@ -5,11 +5,17 @@
 //! then await [`Pending::durable`] before answering their client. The writer thread
 //! drains whatever has queued up into one transaction (group commit), so a burst of
 //! N requests costs one fsync rather than N.
+//!
+//! Every record is bounded (see [`MAX_RECORD_BYTES`]), agent traffic stops while
+//! free disk space is below a reserve kept for operators, and a failed write makes
+//! the log refuse agent traffic only until a later write succeeds.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -24,6 +30,26 @@ pub const AUDIT_DB_FILE: &str = "audit.db";
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Most records committed in one transaction.
 const MAX_BATCH: usize = 1024;
+/// Bytes of a JSON text kept when the whole text is not stored.
+pub const STORED_PREFIX_BYTES: usize = 1024;
+/// Largest `arguments` or `detail` JSON text stored whole; longer ones become a digest.
+pub const MAX_STORED_JSON_BYTES: usize = 8 * 1024;
+/// Largest `context` JSON text stored whole; longer ones become a digest.
+pub const MAX_STORED_CONTEXT_BYTES: usize = 2 * 1024;
+/// Longest stored `principal`, `tool` or `mode`, in bytes.
+pub const MAX_STORED_NAME_BYTES: usize = 256;
+/// Upper bound of one record's stored text: the capped fields plus the fixed-size
+/// ones (times, hashes, static outcome and reason codes), with room to spare.
+pub const MAX_RECORD_BYTES: usize =
+    3 * MAX_STORED_NAME_BYTES + 2 * MAX_STORED_JSON_BYTES + MAX_STORED_CONTEXT_BYTES + 512;
+/// Free space kept for operators on the data dir's filesystem unless configured.
+pub const DEFAULT_SPACE_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
+/// How often a log that failed a write, or is short of space, checks again.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// Permissions of the data dir: only Proxi's user may list or enter it.
+pub const DATA_DIR_MODE: u32 = 0o700;
+/// Permissions of every file Proxi keeps in the data dir.
+pub const DATA_FILE_MODE: u32 = 0o600;
 
 /// Audit trail failures.
 #[derive(Debug, thiserror::Error)]
@@ -39,9 +65,12 @@ pub enum AuditError {
         /// The I/O error.
         error: std::io::Error,
     },
-    /// The writer thread stopped or an earlier write failed; nothing more is accepted.
+    /// The writer thread stopped or a write failed; nothing more is accepted until a write succeeds.
     #[error("the audit trail is unavailable")]
     Unavailable,
+    /// Free space on the data dir's filesystem is below the operators' reserve.
+    #[error("free disk space for the audit trail is below the reserve kept for operators")]
+    LowSpace,
     /// The newest record does not match its hash, so appending would extend a forged chain.
     #[error(
         "the newest audit record (seq {0}) fails its hash check; run `proxi audit verify` and move the damaged database aside"
@@ -132,6 +161,8 @@ pub struct AuditEntry {
     pub detail: Value,
     /// For mode changes, when the new mode lapses.
     pub expires_at: Option<DateTime<Utc>>,
+    /// The caller's free-form context (REST `context`), if it gave one.
+    pub context: Option<Value>,
 }
 
 /// A stored, chained record.
@@ -165,6 +196,9 @@ pub struct AuditRecord {
     pub prev_hash: String,
     /// SHA-256 over `prev_hash` and this record's fields.
     pub hash: String,
+    /// The caller's context, bounded like `arguments` (absent in records without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Value>,
 }
 
 /// The text columns of one row, exactly as stored and hashed.
@@ -183,6 +217,7 @@ struct Row {
     expires_at: Option<String>,
     prev_hash: String,
     hash: String,
+    context: Option<String>,
 }
 
 /// One record's columns, borrowed: what is hashed and what is bound to the INSERT.
@@ -199,6 +234,7 @@ struct Fields<'a> {
     outcome: &'a str,
     detail: &'a str,
     expires_at: Option<&'a str>,
+    context: Option<&'a str>,
 }
 
 impl Fields<'_> {
@@ -232,6 +268,13 @@ impl Fields<'_> {
                 }
             }
         }
+        // `context` came later: hashed only when present (with its own tag), so
+        // records written before it existed keep their hashes.
+        if let Some(context) = self.context {
+            hasher.update([2u8]);
+            hasher.update((context.len() as u64).to_be_bytes());
+            hasher.update(context.as_bytes());
+        }
         let mut hex = [0u8; 64];
         // 32 digest bytes always encode into exactly 64 hex digits.
         let _ = hex::encode_to_slice(hasher.finalize(), &mut hex);
@@ -239,7 +282,27 @@ impl Fields<'_> {
     }
 }
 
-const SELECT_COLUMNS: &str = "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash";
+const SELECT_COLUMNS: &str = "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context";
+/// The same columns from a database written before `context` existed (read-only readers do not migrate).
+const LEGACY_SELECT_COLUMNS: &str = "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, NULL";
+
+/// The select list that fits the `audit_log` table of `connection`.
+fn select_columns(connection: &Connection) -> Result<&'static str, AuditError> {
+    Ok(if has_context_column(connection)? {
+        SELECT_COLUMNS
+    } else {
+        LEGACY_SELECT_COLUMNS
+    })
+}
+
+fn has_context_column(connection: &Connection) -> Result<bool, AuditError> {
+    let count: i64 = connection.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('audit_log') WHERE name = 'context'",
+        [],
+        |row| row.get(0),
+    )?;
+    Ok(count > 0)
+}
 
 impl Row {
     fn from_sql(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
@@ -259,6 +322,7 @@ impl Row {
             expires_at: row.get(11)?,
             prev_hash: row.get(12)?,
             hash: row.get(13)?,
+            context: row.get(14)?,
         })
     }
 
@@ -276,6 +340,7 @@ impl Row {
             outcome: &self.outcome,
             detail: &self.detail,
             expires_at: self.expires_at.as_deref(),
+            context: self.context.as_deref(),
         }
     }
 
@@ -290,6 +355,7 @@ impl Row {
         AuditRecord {
             seq: self.seq,
             arguments: self.arguments.as_deref().map(parse),
+            context: self.context.as_deref().map(parse),
             detail: parse(&self.detail),
             time: self.time,
             principal: self.principal,
@@ -323,8 +389,67 @@ pub enum Durability {
     Process,
 }
 
+/// Who an entry is for, which decides what happens to it when disk space runs low
+/// or a write has failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// Agent traffic and refused authentications: refused first, as soon as free
+    /// space drops below the reserve or while the log recovers from a failed write.
+    Agent,
+    /// Operator actions and Proxi's own mode events: may use the reserve, and are
+    /// still attempted while the log recovers (each attempt doubles as a probe).
+    Essential,
+}
+
+/// The stored form of a JSON value whose text is not kept whole: a bounded prefix
+/// of its compact text, the SHA-256 of the whole text and its length in bytes.
+///
+/// Shape: `{"truncated": bool, "prefix": "...", "sha256": "<hex>", "bytes": N}`;
+/// `truncated` is false when the prefix is the whole text.
+pub fn json_digest(value: &Value) -> Value {
+    digest_text(&serde_json::to_string(value).unwrap_or_default())
+}
+
+fn digest_text(text: &str) -> Value {
+    let prefix = cut(text, STORED_PREFIX_BYTES);
+    serde_json::json!({
+        "truncated": prefix.len() < text.len(),
+        "prefix": prefix,
+        "sha256": hex::encode(Sha256::digest(text.as_bytes())),
+        "bytes": text.len(),
+    })
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Serializes `value` into `buffer`; a text longer than `max` is replaced by its digest.
+fn write_bounded(buffer: &mut Vec<u8>, value: &Value, max: usize) -> Result<(), AuditError> {
+    buffer.clear();
+    serde_json::to_writer(&mut *buffer, value).map_err(json_error)?;
+    if buffer.len() > max {
+        let digest = digest_text(utf8(buffer)?);
+        buffer.clear();
+        serde_json::to_writer(&mut *buffer, &digest).map_err(json_error)?;
+    }
+    Ok(())
+}
+
 struct Job {
     entry: AuditEntry,
+    priority: Priority,
+    /// The failure count when the job was queued: a job queued before a failure
+    /// may depend on state that was never recorded, so it is refused.
+    generation: u64,
     done: oneshot::Sender<Result<u64, AuditError>>,
 }
 
@@ -350,11 +475,51 @@ impl Pending {
     }
 }
 
+/// Writes succeed.
+const HEALTHY: u8 = 0;
+/// A write failed: agent entries are refused until a probe or an essential write succeeds.
+const RECOVERING: u8 = 1;
+/// The writer or syncer is gone, or an fsync failed (after which the kernel may
+/// have dropped dirty pages, so no later success proves anything): only a
+/// restart, which re-reads and checks the chain, recovers.
+const FAILED: u8 = 2;
+
+/// State the handle, the writer and the syncer share.
+#[derive(Debug)]
+struct Shared {
+    health: AtomicU8,
+    /// Bumped by every failed write (see [`Job::generation`]).
+    generation: AtomicU64,
+    /// Free space was below the reserve at the last check.
+    low_space: AtomicBool,
+    /// Bytes of free space kept for essential entries.
+    reserve: AtomicU64,
+}
+
+impl Shared {
+    fn health(&self) -> u8 {
+        self.health.load(Ordering::SeqCst)
+    }
+
+    fn fail_permanently(&self) {
+        self.health.store(FAILED, Ordering::SeqCst);
+    }
+
+    /// Whether an entry of `priority` may be queued now.
+    fn accepts(&self, priority: Priority) -> bool {
+        match self.health() {
+            HEALTHY => true,
+            RECOVERING => priority == Priority::Essential,
+            _ => false,
+        }
+    }
+}
+
 /// Handle to the audit trail; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct AuditLog {
     sender: mpsc::Sender<Job>,
-    healthy: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     db_path: PathBuf,
 }
 
@@ -367,17 +532,72 @@ pub struct Recovered {
     pub last_mode_event: Option<AuditRecord>,
 }
 
+/// Creates `dir` (and missing parents) readable by Proxi's user only.
+///
+/// An existing directory keeps its permissions (it may be shared on purpose),
+/// but a warning names it if other users can read it.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DATA_DIR_MODE)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "the data dir is accessible to other users; chmod 700 it"
+        );
+    }
+    Ok(())
+}
+
+/// Makes `path` (if it exists) readable and writable by Proxi's user only.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(DATA_FILE_MODE)) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Free and total bytes of the filesystem holding `path`, as unprivileged users see them.
+fn disk_space(path: &Path) -> std::io::Result<(u64, u64)> {
+    let stats = rustix::fs::statvfs(path)?;
+    let block = stats.f_frsize.max(1);
+    Ok((
+        stats.f_bavail.saturating_mul(block),
+        stats.f_blocks.saturating_mul(block),
+    ))
+}
+
 impl AuditLog {
     /// Opens (creating if needed) the trail in `data_dir` and starts its writer thread.
+    ///
+    /// The data dir is created 0700 and the database and its WAL and shared-memory
+    /// files are 0600. The free-space reserve starts at [`DEFAULT_SPACE_RESERVE_BYTES`],
+    /// capped at a tenth of the filesystem; see [`AuditLog::set_space_reserve`].
     pub fn open(
         data_dir: &Path,
         durability: Durability,
     ) -> Result<(AuditLog, Recovered), AuditError> {
-        std::fs::create_dir_all(data_dir).map_err(|error| AuditError::Io {
-            path: data_dir.to_owned(),
-            error,
-        })?;
+        let io_error = |path: &Path| {
+            let path = path.to_owned();
+            move |error| AuditError::Io { path, error }
+        };
+        create_private_dir(data_dir).map_err(io_error(data_dir))?;
         let db_path = data_dir.join(AUDIT_DB_FILE);
+        // SQLite gives the -wal and -shm files the database file's permissions, so
+        // creating that file 0600 first covers all three; chmod covers older trails.
+        std::fs::File::options()
+            .create(true)
+            .append(true)
+            .mode(DATA_FILE_MODE)
+            .open(&db_path)
+            .map_err(io_error(&db_path))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let path = data_dir.join(format!("{AUDIT_DB_FILE}{suffix}"));
+            make_private(&path).map_err(io_error(&path))?;
+        }
         let connection = Connection::open(&db_path)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         // Commits never fsync inside SQLite: with `Durability::Full` a separate
@@ -400,9 +620,16 @@ impl AuditLog {
                 detail TEXT NOT NULL,
                 expires_at TEXT,
                 prev_hash TEXT NOT NULL,
-                hash TEXT NOT NULL
-            );",
+                hash TEXT NOT NULL,
+                context TEXT
+            );
+            -- Scratch row the writer rewrites to find out whether writes succeed again.
+            CREATE TABLE IF NOT EXISTS audit_probe (id INTEGER PRIMARY KEY, at TEXT NOT NULL);",
         )?;
+        if !has_context_column(&connection)? {
+            // A trail from before `context` existed; its records hash the same without it.
+            connection.execute_batch("ALTER TABLE audit_log ADD COLUMN context TEXT")?;
+        }
 
         let last: Option<Row> = connection
             .query_row(
@@ -430,7 +657,13 @@ impl AuditLog {
             .map(Row::into_record);
 
         let (sender, receiver) = mpsc::channel();
-        let healthy = Arc::new(AtomicBool::new(true));
+        let total = disk_space(data_dir).map(|(_, total)| total).unwrap_or(0);
+        let shared = Arc::new(Shared {
+            health: AtomicU8::new(HEALTHY),
+            generation: AtomicU64::new(0),
+            low_space: AtomicBool::new(false),
+            reserve: AtomicU64::new(DEFAULT_SPACE_RESERVE_BYTES.min(total / 10)),
+        });
         let syncer = match durability {
             Durability::Process => None,
             Durability::Full => {
@@ -439,36 +672,32 @@ impl AuditLog {
                     wal_path: data_dir.join(format!("{AUDIT_DB_FILE}-wal")),
                     data_dir: data_dir.to_owned(),
                     wal: None,
-                    healthy: Arc::clone(&healthy),
+                    shared: Arc::clone(&shared),
                 };
                 std::thread::Builder::new()
                     .name("proxi-audit-sync".into())
                     .spawn(move || syncer.run(sync_receiver))
-                    .map_err(|error| AuditError::Io {
-                        path: db_path.clone(),
-                        error,
-                    })?;
+                    .map_err(io_error(&db_path))?;
                 Some(sync_sender)
             }
         };
-        let writer = Writer {
+        let mut writer = Writer {
             connection,
+            data_dir: data_dir.to_owned(),
             last_seq,
             last_hash,
-            healthy: Arc::clone(&healthy),
+            shared: Arc::clone(&shared),
             syncer,
         };
+        writer.check_space();
         std::thread::Builder::new()
             .name("proxi-audit-writer".into())
             .spawn(move || writer.run(receiver))
-            .map_err(|error| AuditError::Io {
-                path: db_path.clone(),
-                error,
-            })?;
+            .map_err(io_error(&db_path))?;
         Ok((
             AuditLog {
                 sender,
-                healthy,
+                shared,
                 db_path,
             },
             Recovered {
@@ -478,26 +707,87 @@ impl AuditLog {
         ))
     }
 
-    /// Queues an entry. Never blocks and never does I/O.
+    /// Sets the free space (bytes) kept for essential entries on the data dir's
+    /// filesystem: below it, [`AuditLog::admit`] refuses agent traffic.
+    pub fn set_space_reserve(&self, bytes: u64) {
+        // Only the writer sets `low_space`, at its next commit or probe: it must see
+        // the flag change, because a log short of space wakes up to check again.
+        self.shared.reserve.store(bytes, Ordering::SeqCst);
+    }
+
+    /// The free space kept for essential entries, in bytes.
+    pub fn space_reserve(&self) -> u64 {
+        self.shared.reserve.load(Ordering::SeqCst)
+    }
+
+    /// Whether work of `priority` may start: call it before acting, because an
+    /// action whose record is then refused would have happened unrecorded.
+    ///
+    /// Agent work is refused while the log recovers from a failed write
+    /// ([`AuditError::Unavailable`]) or while free space is below the reserve
+    /// ([`AuditError::LowSpace`]); essential work only once the log has failed for good.
+    pub fn admit(&self, priority: Priority) -> Result<(), AuditError> {
+        if !self.shared.accepts(priority) {
+            return Err(AuditError::Unavailable);
+        }
+        if priority == Priority::Agent && self.shared.low_space.load(Ordering::SeqCst) {
+            return Err(AuditError::LowSpace);
+        }
+        Ok(())
+    }
+
+    /// Queues an agent-priority entry. Never blocks and never does I/O.
     pub fn submit(&self, entry: AuditEntry) -> Pending {
-        if !self.is_healthy() {
+        self.submit_with(entry, Priority::Agent)
+    }
+
+    /// Queues an entry of `priority`. Never blocks and never does I/O.
+    ///
+    /// Free space is not checked here: work that [`AuditLog::admit`] let start
+    /// gets its record, which the reserve has room for.
+    pub fn submit_with(&self, entry: AuditEntry, priority: Priority) -> Pending {
+        // Read before the health check: a failure in between bumps the generation,
+        // so the writer refuses this job rather than commit it after the failure.
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        if !self.shared.accepts(priority) {
             return Pending(PendingState::Refused);
         }
         let (done, receiver) = oneshot::channel();
-        match self.sender.send(Job { entry, done }) {
+        let job = Job {
+            entry,
+            priority,
+            generation,
+            done,
+        };
+        match self.sender.send(job) {
             Ok(()) => Pending(PendingState::Queued(receiver)),
             Err(_) => Pending(PendingState::Refused),
         }
     }
 
-    /// Queues an entry and waits for it to be durable.
+    /// Queues an agent-priority entry and waits for it to be durable.
     pub async fn append(&self, entry: AuditEntry) -> Result<u64, AuditError> {
         self.submit(entry).durable().await
     }
 
-    /// False once a write has failed: from then on every submit is refused.
+    /// Queues an entry of `priority` and waits for it to be durable.
+    pub async fn append_with(
+        &self,
+        entry: AuditEntry,
+        priority: Priority,
+    ) -> Result<u64, AuditError> {
+        self.submit_with(entry, priority).durable().await
+    }
+
+    /// False from a failed write until a later write succeeds (and for good once
+    /// the writer is gone or an fsync failed).
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
+        self.shared.health() == HEALTHY
+    }
+
+    /// Whether free space was below the reserve at the writer's last check.
+    pub fn is_low_on_space(&self) -> bool {
+        self.shared.low_space.load(Ordering::SeqCst)
     }
 
     /// Where the database lives.
@@ -516,9 +806,10 @@ type Acks = Vec<(oneshot::Sender<Result<u64, AuditError>>, u64)>;
 
 struct Writer {
     connection: Connection,
+    data_dir: PathBuf,
     last_seq: u64,
     last_hash: String,
-    healthy: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     /// Present for `Durability::Full`: committed batches wait there for their fsync.
     syncer: Option<mpsc::Sender<Acks>>,
 }
@@ -528,7 +819,7 @@ struct Syncer {
     wal_path: PathBuf,
     data_dir: PathBuf,
     wal: Option<std::fs::File>,
-    healthy: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl Syncer {
@@ -537,15 +828,20 @@ impl Syncer {
             while let Ok(more) = receiver.try_recv() {
                 acks.extend(more);
             }
-            match self.sync() {
+            let synced = if self.shared.health() == FAILED {
+                Err(std::io::Error::other("an earlier fsync failed"))
+            } else {
+                self.sync()
+            };
+            match synced {
                 Ok(()) => {
                     for (done, seq) in acks {
                         let _ = done.send(Ok(seq));
                     }
                 }
                 Err(error) => {
-                    tracing::error!(%error, "audit fsync failed; refusing further tool calls");
-                    self.healthy.store(false, Ordering::Release);
+                    tracing::error!(%error, "audit fsync failed; refusing everything until restart");
+                    self.shared.fail_permanently();
                     for (done, _) in acks {
                         let _ = done.send(Err(AuditError::Unavailable));
                     }
@@ -574,7 +870,26 @@ impl Syncer {
 impl Writer {
     fn run(mut self, receiver: mpsc::Receiver<Job>) {
         let mut batch = Vec::with_capacity(64);
-        while let Ok(job) = receiver.recv() {
+        loop {
+            // A healthy log with room to spare sleeps until work arrives; otherwise
+            // it wakes up regularly to find out whether things got better.
+            let watching =
+                self.shared.health() == RECOVERING || self.shared.low_space.load(Ordering::SeqCst);
+            let job = if watching {
+                match receiver.recv_timeout(PROBE_INTERVAL) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.probe();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match receiver.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            };
             batch.push(job);
             while batch.len() < MAX_BATCH {
                 match receiver.try_recv() {
@@ -582,49 +897,169 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if !self.healthy.load(Ordering::Acquire) {
+            self.process(&mut batch);
+        }
+    }
+
+    /// Commits what may be committed of `batch` and answers every caller in it.
+    fn process(&mut self, batch: &mut Vec<Job>) {
+        let health = self.shared.health();
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        let writable = |job: &Job| {
+            job.generation == generation
+                && match health {
+                    HEALTHY => true,
+                    RECOVERING => job.priority == Priority::Essential,
+                    _ => false,
+                }
+        };
+        if !batch.iter().all(writable) {
+            let (keep, refuse): (Vec<Job>, Vec<Job>) = batch.drain(..).partition(writable);
+            for job in refuse {
+                let _ = job.done.send(Err(AuditError::Unavailable));
+            }
+            *batch = keep;
+        }
+        if batch.is_empty() {
+            return;
+        }
+        match self.commit(batch) {
+            Ok(first_seq) => {
+                if health == RECOVERING {
+                    self.recovered();
+                }
+                self.check_space();
+                let acks: Acks = batch
+                    .drain(..)
+                    .enumerate()
+                    .map(|(offset, job)| (job.done, first_seq + offset as u64))
+                    .collect();
+                match &self.syncer {
+                    Some(syncer) => {
+                        if let Err(mpsc::SendError(acks)) = syncer.send(acks) {
+                            self.shared.fail_permanently();
+                            for (done, _) in acks {
+                                let _ = done.send(Err(AuditError::Unavailable));
+                            }
+                        }
+                    }
+                    None => {
+                        for (done, seq) in acks {
+                            // A caller that gave up waiting is not an error for the log.
+                            let _ = done.send(Ok(seq));
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "audit write failed; refusing agent traffic until writes succeed again");
+                self.write_failed();
                 for job in batch.drain(..) {
                     let _ = job.done.send(Err(AuditError::Unavailable));
                 }
-                continue;
             }
-            match self.commit(&batch) {
-                Ok(first_seq) => {
-                    let acks: Acks = batch
-                        .drain(..)
-                        .enumerate()
-                        .map(|(offset, job)| (job.done, first_seq + offset as u64))
-                        .collect();
-                    match &self.syncer {
-                        Some(syncer) => {
-                            if let Err(mpsc::SendError(acks)) = syncer.send(acks) {
-                                self.healthy.store(false, Ordering::Release);
-                                for (done, _) in acks {
-                                    let _ = done.send(Err(AuditError::Unavailable));
-                                }
-                            }
-                        }
-                        None => {
-                            for (done, seq) in acks {
-                                // A caller that gave up waiting is not an error for the log.
-                                let _ = done.send(Ok(seq));
-                            }
-                        }
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(%error, "audit write failed; refusing further tool calls");
-                    self.healthy.store(false, Ordering::Release);
-                    for job in batch.drain(..) {
-                        let _ = job.done.send(Err(AuditError::Unavailable));
-                    }
-                }
+        }
+    }
+
+    /// After a failed commit: nothing of the batch was acknowledged. Entries queued
+    /// before now may rest on state that was never recorded (a mode change in the
+    /// failed batch), so bumping the generation refuses them all.
+    fn write_failed(&mut self) {
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+        let _ = self.shared.health.compare_exchange(
+            HEALTHY,
+            RECOVERING,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        self.check_space();
+        if let Err(error) = self.reload_head() {
+            // Commits reload the head again before writing; until that works, none happens.
+            tracing::error!(%error, "cannot re-read the audit chain head");
+        }
+    }
+
+    fn recovered(&self) {
+        if self
+            .shared
+            .health
+            .compare_exchange(RECOVERING, HEALTHY, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            tracing::warn!("audit writes succeed again; accepting agent traffic");
+        }
+    }
+
+    /// Ends any transaction a failed commit left open and takes the chain head
+    /// from the database, so the next record links to what is really stored.
+    fn reload_head(&mut self) -> Result<(), AuditError> {
+        if !self.connection.is_autocommit() {
+            self.connection.execute_batch("ROLLBACK")?;
+        }
+        let head: Option<(i64, String)> = self
+            .connection
+            .query_row(
+                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        (self.last_seq, self.last_hash) = match head {
+            Some((seq, hash)) => (u64::try_from(seq).unwrap_or(0), hash),
+            None => (0, GENESIS_HASH.to_owned()),
+        };
+        Ok(())
+    }
+
+    /// Re-checks free space, and while recovering tries a small write: when it
+    /// succeeds the log accepts agent traffic again.
+    fn probe(&mut self) {
+        self.check_space();
+        if self.shared.health() != RECOVERING {
+            return;
+        }
+        let attempt = self.reload_head().and_then(|()| {
+            self.connection
+                .execute(
+                    "INSERT OR REPLACE INTO audit_probe (id, at) VALUES (1, ?1)",
+                    [format_time(Utc::now())],
+                )
+                .map_err(AuditError::from)
+        });
+        match attempt {
+            Ok(_) => self.recovered(),
+            Err(error) => tracing::debug!(%error, "audit write probe failed"),
+        }
+    }
+
+    /// Records whether free space is below the reserve; logs each change.
+    fn check_space(&mut self) {
+        let reserve = self.shared.reserve.load(Ordering::SeqCst);
+        let low = match disk_space(&self.data_dir) {
+            Ok((free, _)) => free < reserve,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read free disk space; treating it as low");
+                true
+            }
+        };
+        if self.shared.low_space.swap(low, Ordering::SeqCst) != low {
+            if low {
+                tracing::warn!(
+                    reserve_bytes = reserve,
+                    "free disk space is below the audit reserve; refusing agent traffic"
+                );
+            } else {
+                tracing::warn!("free disk space is above the audit reserve again");
             }
         }
     }
 
     /// Writes the batch in one transaction; the chain state advances only on commit.
     fn commit(&mut self, batch: &[Job]) -> Result<u64, AuditError> {
+        if !self.connection.is_autocommit() {
+            // A failed commit left a transaction open and its head may be stale.
+            self.reload_head()?;
+        }
         let transaction = self.connection.transaction()?;
         let mut seq = self.last_seq;
         let mut hash = [0u8; 64];
@@ -632,38 +1067,47 @@ impl Writer {
         // Reused across rows so that a batch costs no per-row allocation for JSON.
         let mut arguments = Vec::with_capacity(256);
         let mut detail = Vec::with_capacity(256);
+        let mut context = Vec::with_capacity(64);
         {
             let mut insert = transaction.prepare_cached(
-                "INSERT INTO audit_log (seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                "INSERT INTO audit_log (seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?;
             for job in batch {
                 let entry = &job.entry;
                 seq += 1;
                 let time = format_time(entry.time);
                 let expires_at = entry.expires_at.map(format_time);
-                arguments.clear();
                 if let Some(value) = &entry.arguments {
-                    serde_json::to_writer(&mut arguments, value).map_err(json_error)?;
+                    write_bounded(&mut arguments, value, MAX_STORED_JSON_BYTES)?;
                 }
-                detail.clear();
-                serde_json::to_writer(&mut detail, &entry.detail).map_err(json_error)?;
+                write_bounded(&mut detail, &entry.detail, MAX_STORED_JSON_BYTES)?;
+                if let Some(value) = &entry.context {
+                    write_bounded(&mut context, value, MAX_STORED_CONTEXT_BYTES)?;
+                }
                 let fields = Fields {
                     seq,
                     time: &time,
-                    principal: &entry.principal,
+                    principal: cut(&entry.principal, MAX_STORED_NAME_BYTES),
                     kind: entry.kind.as_str(),
-                    tool: entry.tool.as_deref(),
+                    tool: entry
+                        .tool
+                        .as_deref()
+                        .map(|tool| cut(tool, MAX_STORED_NAME_BYTES)),
                     arguments: match entry.arguments {
                         Some(_) => Some(utf8(&arguments)?),
                         None => None,
                     },
-                    mode: &entry.mode,
+                    mode: cut(&entry.mode, MAX_STORED_NAME_BYTES),
                     decision: entry.decision.as_str(),
                     reason_code: entry.reason_code,
                     outcome: entry.outcome,
                     detail: utf8(&detail)?,
                     expires_at: expires_at.as_deref(),
+                    context: match entry.context {
+                        Some(_) => Some(utf8(&context)?),
+                        None => None,
+                    },
                 };
                 let prev_hash = hash;
                 hash = fields.hash(utf8(&prev_hash)?);
@@ -682,6 +1126,7 @@ impl Writer {
                     fields.expires_at,
                     utf8(&prev_hash)?,
                     utf8(&hash)?,
+                    fields.context,
                 ])?;
             }
         }
@@ -717,8 +1162,9 @@ fn open_reader(db_path: &Path) -> Result<Connection, AuditError> {
 /// The newest `limit` records of the trail at `db_path`, oldest first.
 pub fn read_recent(db_path: &Path, limit: u32) -> Result<Vec<AuditRecord>, AuditError> {
     let connection = open_reader(db_path)?;
+    let columns = select_columns(&connection)?;
     let mut statement = connection.prepare(&format!(
-        "SELECT {SELECT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT ?1"
+        "SELECT {columns} FROM audit_log ORDER BY seq DESC LIMIT ?1"
     ))?;
     let mut records = statement
         .query_map([limit], Row::from_sql)?
@@ -734,9 +1180,9 @@ pub fn for_each_record(
     mut visit: impl FnMut(AuditRecord),
 ) -> Result<(), AuditError> {
     let connection = open_reader(db_path)?;
-    let mut statement = connection.prepare(&format!(
-        "SELECT {SELECT_COLUMNS} FROM audit_log ORDER BY seq"
-    ))?;
+    let columns = select_columns(&connection)?;
+    let mut statement =
+        connection.prepare(&format!("SELECT {columns} FROM audit_log ORDER BY seq"))?;
     let mut rows = statement.query([])?;
     while let Some(row) = rows.next()? {
         visit(Row::from_sql(row)?.into_record());
@@ -767,9 +1213,9 @@ pub struct BrokenRecord {
 /// Recomputes the whole chain and reports the first record that breaks it.
 pub fn verify(db_path: &Path) -> Result<Verification, AuditError> {
     let connection = open_reader(db_path)?;
-    let mut statement = connection.prepare(&format!(
-        "SELECT {SELECT_COLUMNS} FROM audit_log ORDER BY seq"
-    ))?;
+    let columns = select_columns(&connection)?;
+    let mut statement =
+        connection.prepare(&format!("SELECT {columns} FROM audit_log ORDER BY seq"))?;
     let mut rows = statement.query([])?;
     let mut expected_seq = 1;
     let mut previous_hash = GENESIS_HASH.to_owned();
@@ -857,6 +1303,7 @@ mod tests {
             outcome: "executed",
             detail: json!({"fleet_size": n}),
             expires_at: None,
+            context: None,
         }
     }
 
@@ -984,6 +1431,207 @@ mod tests {
             AuditLog::open(dir.path(), Durability::Process),
             Err(AuditError::TamperedTail(3))
         ));
+    }
+
+    #[test]
+    fn a_digest_keeps_a_prefix_and_the_hash_of_the_whole_text() {
+        let value = json!({"blob": "é".repeat(2000)});
+        let text = serde_json::to_string(&value).unwrap();
+        let digest = json_digest(&value);
+        assert_eq!(digest["truncated"], true);
+        assert_eq!(digest["bytes"], text.len());
+        assert_eq!(
+            digest["sha256"],
+            hex::encode(Sha256::digest(text.as_bytes()))
+        );
+        let prefix = digest["prefix"].as_str().unwrap();
+        assert!(prefix.len() <= STORED_PREFIX_BYTES && text.starts_with(prefix));
+        let small = json_digest(&json!({"a": 1}));
+        assert_eq!(small["truncated"], false);
+        assert_eq!(small["prefix"], "{\"a\":1}");
+    }
+
+    #[tokio::test]
+    async fn every_variable_field_of_a_record_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        let mut huge = entry(1);
+        huge.principal = Arc::from("p".repeat(10_000));
+        huge.tool = Some("t".repeat(10_000));
+        huge.arguments = Some(json!({"a": "x".repeat(100_000)}));
+        huge.detail = json!("d".repeat(100_000));
+        huge.context = Some(json!({"c": "y".repeat(100_000)}));
+        log.append(huge).await.unwrap();
+        let record = log.recent(1).unwrap().remove(0);
+        let stored = serde_json::to_string(&record).unwrap();
+        assert!(stored.len() < MAX_RECORD_BYTES, "{} bytes", stored.len());
+        assert_eq!(record.principal.len(), MAX_STORED_NAME_BYTES);
+        for field in [
+            &record.arguments.unwrap(),
+            &record.detail,
+            &record.context.unwrap(),
+        ] {
+            assert_eq!(field["truncated"], true, "{field}");
+            assert_eq!(field["sha256"].as_str().unwrap().len(), 64);
+        }
+        assert_eq!(first_bad(dir.path()), None);
+    }
+
+    #[tokio::test]
+    async fn the_context_is_stored_and_covered_by_the_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        let mut with_context = entry(1);
+        with_context.context = Some(json!({"ticket": "INC-42"}));
+        log.append(with_context).await.unwrap();
+        log.append(entry(2)).await.unwrap();
+        let records = log.recent(2).unwrap();
+        assert_eq!(records[0].context, Some(json!({"ticket": "INC-42"})));
+        assert_eq!(records[1].context, None);
+        drop(log);
+        tamper(
+            dir.path(),
+            r#"UPDATE audit_log SET context = '{"ticket":"INC-43"}' WHERE seq = 1"#,
+        );
+        assert_eq!(first_bad(dir.path()), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_trail_from_before_context_verifies_and_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(log_with(dir.path(), 3).await);
+        // The schema of earlier versions: no context column.
+        tamper(dir.path(), "ALTER TABLE audit_log DROP COLUMN context");
+        assert_eq!(verify(&dir.path().join(AUDIT_DB_FILE)).unwrap().records, 3);
+        assert_eq!(first_bad(dir.path()), None);
+        let (log, recovered) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        assert_eq!(recovered.records, 3);
+        let mut with_context = entry(4);
+        with_context.context = Some(json!({"why": "after migration"}));
+        assert_eq!(log.append(with_context).await.unwrap(), 4);
+        assert_eq!(first_bad(dir.path()), None);
+    }
+
+    #[tokio::test]
+    async fn below_the_reserve_only_essential_work_is_admitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        assert!(log.admit(Priority::Agent).is_ok());
+        log.set_space_reserve(u64::MAX);
+        // The writer notices at its next commit.
+        log.append(entry(1)).await.unwrap();
+        assert!(matches!(
+            log.admit(Priority::Agent),
+            Err(AuditError::LowSpace)
+        ));
+        assert!(log.admit(Priority::Essential).is_ok());
+        assert_eq!(
+            log.append_with(entry(2), Priority::Essential)
+                .await
+                .unwrap(),
+            2
+        );
+        // Space comes back: the writer's periodic check lifts the refusal by itself.
+        log.set_space_reserve(0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log.admit(Priority::Agent).is_err() {
+            assert!(std::time::Instant::now() < deadline, "still refused");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!log.is_low_on_space());
+    }
+
+    /// Makes every insert into the chain fail, as a full disk would, until removed.
+    const BREAK_WRITES: &str = "CREATE TRIGGER break_writes BEFORE INSERT ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'injected write failure'); END;";
+
+    #[tokio::test]
+    async fn a_failed_write_refuses_agents_until_a_write_succeeds_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Full).unwrap();
+        log.append(entry(1)).await.unwrap();
+        tamper(dir.path(), BREAK_WRITES);
+        assert!(log.append(entry(2)).await.is_err());
+        assert!(!log.is_healthy());
+        assert!(matches!(
+            log.admit(Priority::Agent),
+            Err(AuditError::Unavailable)
+        ));
+        assert!(log.admit(Priority::Essential).is_ok());
+        assert!(log.append(entry(3)).await.is_err(), "agents are refused");
+        let essential = log.append_with(entry(4), Priority::Essential);
+        assert!(essential.await.is_err(), "the write still fails");
+
+        tamper(dir.path(), "DROP TRIGGER break_writes");
+        // An essential write is also a probe: its success ends the recovery.
+        let seq = log
+            .append_with(entry(5), Priority::Essential)
+            .await
+            .unwrap();
+        assert_eq!(seq, 2, "failed batches leave no hole in the chain");
+        assert!(log.is_healthy());
+        assert_eq!(log.append(entry(6)).await.unwrap(), 3);
+        assert_eq!(first_bad(dir.path()), None);
+    }
+
+    #[tokio::test]
+    async fn the_probe_makes_the_log_healthy_again_without_traffic() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        tamper(dir.path(), BREAK_WRITES);
+        assert!(log.append(entry(1)).await.is_err());
+        tamper(dir.path(), "DROP TRIGGER break_writes");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !log.is_healthy() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the probe never succeeded"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(log.append(entry(2)).await.unwrap(), 1);
+        assert_eq!(first_bad(dir.path()), None);
+    }
+
+    #[tokio::test]
+    async fn entries_queued_before_a_failure_are_refused_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        log.append(entry(1)).await.unwrap();
+        // Hold the write lock so that everything is queued before the first batch
+        // fails; only the record of entry(0) is refused by the database, so later
+        // batches could be written if nothing stopped them.
+        let blocker = Connection::open(dir.path().join(AUDIT_DB_FILE)).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut pendings: Vec<Pending> = (0..MAX_BATCH as i64 + 500)
+            .map(|n| log.submit_with(entry(n), Priority::Essential))
+            .collect();
+        blocker
+            .execute_batch(
+                r#"CREATE TRIGGER break_one BEFORE INSERT ON audit_log
+                   WHEN NEW.arguments = '{"count":0}'
+                   BEGIN SELECT RAISE(ABORT, 'injected write failure'); END;"#,
+            )
+            .unwrap();
+        blocker.execute_batch("COMMIT").unwrap();
+        let first = pendings.remove(0);
+        assert!(first.durable().await.is_err(), "the first batch fails");
+        let mut written = Vec::new();
+        for pending in pendings {
+            if let Ok(seq) = pending.durable().await {
+                written.push(seq);
+            }
+        }
+        // They were decided before the failure, perhaps under state that the failed
+        // batch recorded: none of them may be written after it.
+        assert!(written.is_empty(), "{} written", written.len());
+        assert!(!log.is_healthy());
+        let seq = log
+            .append_with(entry(5), Priority::Essential)
+            .await
+            .unwrap();
+        assert_eq!(seq, 2);
+        assert_eq!(first_bad(dir.path()), None);
     }
 
     #[tokio::test]

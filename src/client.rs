@@ -132,19 +132,24 @@ impl ProxiClient {
             .send()
             .await
             .map_err(|error| self.unreachable(error))?;
-        match response.status() {
+        let response_status = response.status();
+        match response_status {
             StatusCode::OK
+            | StatusCode::BAD_REQUEST
             | StatusCode::FORBIDDEN
             | StatusCode::CONFLICT
-            | StatusCode::UNPROCESSABLE_ENTITY => {
+            | StatusCode::UNPROCESSABLE_ENTITY
+            | StatusCode::TOO_MANY_REQUESTS => {
                 let bytes = response
                     .bytes()
                     .await
                     .map_err(|error| ClientError::Decode(error.to_string()))?;
-                // A 403 from authorization carries an ErrorBody, not a ToolResponse.
+                // A 403 from authorization, or a 400 for a malformed request,
+                // carries an ErrorBody, not a ToolResponse.
+                let status = response_status;
                 match serde_json::from_slice::<ToolResponse>(&bytes) {
                     Ok(answer) => Ok(answer),
-                    Err(_) => Err(status_error(StatusCode::FORBIDDEN, &bytes)),
+                    Err(_) => Err(status_error(status, &bytes)),
                 }
             }
             status => {

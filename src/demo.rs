@@ -266,6 +266,7 @@ pub async fn run(options: DemoOptions, sink: &mut dyn DemoSink) -> Result<DemoRe
         GatewayConfig {
             data_dir: data_dir.clone(),
             durability: Durability::Full,
+            audit_reserve_bytes: None,
         },
     )
     .await
@@ -337,7 +338,7 @@ fn prepare_kept_dir(dir: &Path) -> Result<(), DemoError> {
             Ok(())
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(DemoError::DataDir)
+            crate::audit::create_private_dir(dir).map_err(DemoError::DataDir)
         }
         Err(error) => Err(DemoError::DataDir(error)),
     }
@@ -1005,7 +1006,12 @@ fn confirmed(call: &ToolCallRecord, records: &[AuditRecord]) -> bool {
     let matches = |record: &&AuditRecord| {
         record.kind == "tool_call"
             && record.tool.as_deref() == Some(call.tool.as_str())
-            && record.arguments.as_ref() == Some(&call.arguments)
+            && record.arguments
+                == Some(match record.decision.as_str() {
+                    // A rejected call's record keeps only a digest of its arguments.
+                    "rejected" => crate::audit::json_digest(&call.arguments),
+                    _ => call.arguments.clone(),
+                })
             && match call.decision {
                 Decision::Allowed => record.decision == "allowed" && record.outcome == "executed",
                 Decision::Failed => record.decision == "allowed" && record.outcome == "failed",

@@ -1,5 +1,5 @@
 //! The one execution path every front end uses:
-//! validate arguments → policy decision → execute → audit.
+//! rate limit → tool-level policy → validate arguments → constraints → execute → audit.
 //!
 //! The mode lives behind a read-write lock. A tool call holds the read side from
 //! its decision until its audit entry is queued, and a mode change holds the write
@@ -9,6 +9,7 @@
 //! held across I/O: the lock is released before waiting for the audit commit.
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -19,12 +20,14 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::audit::{
-    AuditDecision, AuditEntry, AuditError, AuditLog, AuditRecord, Durability, EntryKind, Recovered,
-    format_time,
+    AuditDecision, AuditEntry, AuditError, AuditLog, AuditRecord, DATA_FILE_MODE, Durability,
+    EntryKind, Priority, Recovered, create_private_dir, format_time, json_digest,
 };
 use crate::infra::{CloudInfrastructure, InfraError, InfrastructureStatus, ServiceHealth};
 use crate::policy::{Decision, Denial, ModeId, PolicyEngine, ReasonCode};
 use crate::principal::{Principal, Role};
+use crate::rate_limit::RateLimiter;
+use crate::text;
 use crate::tools::{MAX_TOOL_NAME_LEN, ToolCall, ToolCategory, ToolName};
 
 /// Emergency TTL when the operator does not give one.
@@ -33,6 +36,8 @@ pub const DEFAULT_ELEVATED_TTL: Duration = Duration::from_secs(900);
 pub const MAX_REASON_LEN: usize = 500;
 /// Name of the lock file that keeps two processes off one data dir.
 pub const LOCK_FILE: &str = "proxi.lock";
+/// Longest refusal message a tool-call record keeps, in bytes (messages may quote the caller's input).
+const MAX_RECORDED_MESSAGE_BYTES: usize = 1024;
 
 /// Failures of the gateway as a whole (not of one tool call).
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +45,11 @@ pub enum GatewayError {
     /// The audit trail cannot record, so nothing may run.
     #[error("the audit trail is unavailable; refusing to act without a record")]
     AuditUnavailable,
+    /// Free disk space is below the reserve kept for operators, so agent calls are refused.
+    #[error(
+        "free disk space for the audit trail is below the operators' reserve; agent calls are refused until space is freed"
+    )]
+    AuditLowSpace,
     /// Opening the audit trail failed.
     #[error(transparent)]
     Audit(#[from] AuditError),
@@ -78,6 +88,11 @@ pub enum ModeChangeError {
     /// The reason is too long.
     #[error("the reason must be at most {MAX_REASON_LEN} characters")]
     ReasonTooLong,
+    /// The reason has no visible character: only spaces, zero-width, bidi or control characters.
+    #[error(
+        "the reason must contain visible characters (spaces, zero-width and control characters alone do not count)"
+    )]
+    ReasonInvisible,
     /// The TTL is zero or above the policy's cap.
     #[error(
         "ttl_seconds must be between 1 and {max} (the policy's max_emergency_ttl_seconds), got {requested}"
@@ -119,6 +134,14 @@ pub enum Outcome {
     },
     /// The arguments do not match the tool's schema.
     InvalidArguments(String),
+    /// The tool name contains control, bidi, zero-width or separator characters;
+    /// nothing was looked up. The message shows the name escaped.
+    InvalidToolName(String),
+    /// The caller is over one of the policy's `rate_limits`; nothing was looked at.
+    RateLimited {
+        /// How long until the refusing bucket has room again.
+        retry_after: Duration,
+    },
     /// The tool ran and failed (e.g. an unknown service); nothing changed.
     Failed {
         /// Machine-readable error code.
@@ -136,7 +159,23 @@ impl Outcome {
             Outcome::Denied { denial, .. } => Some(denial.reason.as_str()),
             Outcome::UnknownTool { .. } => Some(ReasonCode::UnknownTool.as_str()),
             Outcome::InvalidArguments(_) => Some("invalid_arguments"),
+            Outcome::InvalidToolName(_) => Some("invalid_tool_name"),
+            Outcome::RateLimited { .. } => Some("rate_limited"),
             Outcome::Failed { code, .. } => Some(code),
+        }
+    }
+
+    /// For a rate-limited call, the whole seconds to wait before retrying (at least 1),
+    /// as `Retry-After` and `retry_after_seconds` report it.
+    pub fn retry_after_seconds(&self) -> Option<u64> {
+        match self {
+            Outcome::RateLimited { retry_after } => Some(
+                retry_after
+                    .as_secs()
+                    .saturating_add(u64::from(retry_after.subsec_nanos() > 0))
+                    .max(1),
+            ),
+            _ => None,
         }
     }
 
@@ -242,6 +281,9 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// How hard audit commits push to disk.
     pub durability: Durability,
+    /// Free space (bytes) on the data dir's filesystem kept for operators; below it
+    /// agent calls are refused. `None`: the audit log's scaled default.
+    pub audit_reserve_bytes: Option<u64>,
 }
 
 /// The policy enforcement point shared by REST, MCP, the agent and the demo.
@@ -252,8 +294,12 @@ pub struct Gateway {
     infra: Mutex<CloudInfrastructure>,
     audit: AuditLog,
     mode_events: watch::Sender<PolicyStatus>,
+    rate_limiter: RateLimiter,
     data_dir: PathBuf,
     _data_dir_lock: File,
+    /// Held by `set_mode` until its record is durable, so that a change whose
+    /// record failed can be undone without undoing a later one.
+    mode_changes: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -269,12 +315,16 @@ fn lock_data_dir(data_dir: &Path) -> Result<File, GatewayError> {
         path: data_dir.to_owned(),
         error,
     };
-    std::fs::create_dir_all(data_dir).map_err(io_error)?;
+    create_private_dir(data_dir).map_err(io_error)?;
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(DATA_FILE_MODE)
         .open(data_dir.join(LOCK_FILE))
+        .map_err(io_error)?;
+    // A lock file left by an older version may be world-readable.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(DATA_FILE_MODE))
         .map_err(io_error)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
@@ -295,6 +345,9 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, GatewayError> {
         let lock = lock_data_dir(&config.data_dir)?;
         let (audit, recovered) = AuditLog::open(&config.data_dir, config.durability)?;
+        if let Some(bytes) = config.audit_reserve_bytes {
+            audit.set_space_reserve(bytes);
+        }
         let mode_names = policy
             .modes()
             .map(|(_, mode)| Arc::from(mode.name()))
@@ -320,6 +373,7 @@ impl Gateway {
             changed_by: String::new(),
             changed_at: String::new(),
         });
+        let rate_limiter = RateLimiter::new(policy.rate_limits());
         let gateway = Arc::new(Gateway {
             policy,
             mode_names,
@@ -327,8 +381,10 @@ impl Gateway {
             infra: Mutex::new(CloudInfrastructure::new()),
             audit,
             mode_events,
+            rate_limiter,
             data_dir: config.data_dir,
             _data_dir_lock: lock,
+            mode_changes: tokio::sync::Mutex::new(()),
         });
         gateway.restore_mode(recovered).await?;
         gateway.mode_events.send_replace(gateway.status());
@@ -407,8 +463,9 @@ impl Gateway {
             outcome: "expired",
             detail: json!({"from": record.mode, "reason": why}),
             expires_at: None,
+            context: None,
         };
-        self.append(entry).await
+        self.append(entry, Priority::Essential).await
     }
 
     /// The policy in force.
@@ -442,17 +499,51 @@ impl Gateway {
         tool_name: &str,
         arguments: Value,
     ) -> Result<Execution, GatewayError> {
+        self.execute_with_context(principal, tool_name, arguments, None)
+            .await
+    }
+
+    /// [`Gateway::execute`], recording the caller's free-form `context` (bounded) too.
+    pub async fn execute_with_context(
+        &self,
+        principal: &Principal,
+        tool_name: &str,
+        arguments: Value,
+        context: Option<Value>,
+    ) -> Result<Execution, GatewayError> {
         let tool = ToolName::parse(tool_name);
+        let priority = audit_priority(principal);
+        // Before anything runs: a call whose record were refused would act unrecorded.
+        self.audit.admit(priority).map_err(|error| match error {
+            AuditError::LowSpace => GatewayError::AuditLowSpace,
+            _ => GatewayError::AuditUnavailable,
+        })?;
+        // The rate limit comes before any other work, so a flood costs one bucket
+        // check and one small record per call.
+        if let Err(retry_after) = self.rate_limiter.check(principal.role(), tool) {
+            return self
+                .refuse_rate_limited(principal, tool_name, retry_after)
+                .await;
+        }
+        let invalid_name = tool_name.chars().any(text::needs_escape);
+        let shown_name = shown_tool_name(tool_name);
         // Argument checks need no lock: they depend on the call alone.
         let parsed = tool.map(|tool| ToolCall::parse(tool, &arguments));
-        if !self.audit.is_healthy() {
-            return Err(GatewayError::AuditUnavailable);
-        }
         let now = Utc::now();
         let (pending, mode, outcome) = {
             let state = self.read_state();
             let mode_id = state.effective_mode(Instant::now(), self.policy.default_mode());
+            let denied = |denial| Outcome::Denied {
+                message: self.policy.explain(&denial),
+                how_to_proceed: self.policy.how_to_proceed(&denial),
+                denial,
+            };
             let outcome = match parsed {
+                None if invalid_name => Outcome::InvalidToolName(format!(
+                    "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
+                    text::escape(truncate(tool_name, MAX_TOOL_NAME_LEN)),
+                    ToolName::ALL.map(ToolName::as_str).join(", ")
+                )),
                 None => Outcome::UnknownTool {
                     message: format!(
                         "Tool '{}' does not exist. Known tools: {}",
@@ -460,13 +551,14 @@ impl Gateway {
                         ToolName::ALL.map(ToolName::as_str).join(", ")
                     ),
                 },
-                Some(Err(error)) => Outcome::InvalidArguments(error.to_string()),
+                // The tool-level rules come before the schema's verdict: a blocked
+                // tool is reported as blocked, and its schema stays unexplained.
+                Some(Err(error)) => match tool.map(|tool| self.policy.decide_tool(mode_id, tool)) {
+                    Some(Decision::Deny(denial)) => denied(denial),
+                    _ => Outcome::InvalidArguments(error.to_string()),
+                },
                 Some(Ok(call)) => match self.policy.decide(mode_id, &call) {
-                    Decision::Deny(denial) => Outcome::Denied {
-                        message: self.policy.explain(&denial),
-                        how_to_proceed: self.policy.how_to_proceed(&denial),
-                        denial,
-                    },
+                    Decision::Deny(denial) => denied(denial),
                     Decision::Allow => {
                         let result = self
                             .infra
@@ -484,15 +576,62 @@ impl Gateway {
                 },
             };
             let mode = self.mode_name(mode_id).clone();
-            let entry = tool_call_entry(principal, tool_name, arguments, &mode, &outcome, now);
-            (self.audit.submit(entry), mode, outcome)
+            let mut entry =
+                tool_call_entry(principal, &shown_name, arguments, &mode, &outcome, now);
+            entry.context = context;
+            (self.audit.submit_with(entry, priority), mode, outcome)
         };
         let audit_seq = pending
             .durable()
             .await
             .map_err(|_| GatewayError::AuditUnavailable)?;
         Ok(Execution {
-            tool: truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned(),
+            tool: shown_name,
+            mode,
+            outcome,
+            audit_seq,
+        })
+    }
+
+    /// Records and answers a call refused by a rate limit.
+    ///
+    /// The record is small whatever the request was: the tool name bounded and
+    /// escaped, no arguments, a fixed detail. A flood of refusals cannot fill the
+    /// disk faster than a flood of the smallest valid calls.
+    async fn refuse_rate_limited(
+        &self,
+        principal: &Principal,
+        tool_name: &str,
+        retry_after: Duration,
+    ) -> Result<Execution, GatewayError> {
+        let shown_name = shown_tool_name(tool_name);
+        let outcome = Outcome::RateLimited { retry_after };
+        // Queued under the mode lock like any call, so the trail's order stays the
+        // order in which modes took effect.
+        let (pending, mode) = {
+            let state = self.read_state();
+            let mode_id = state.effective_mode(Instant::now(), self.policy.default_mode());
+            let mode = self.mode_name(mode_id).clone();
+            let mut entry = tool_call_entry(
+                principal,
+                &shown_name,
+                Value::Null,
+                &mode,
+                &outcome,
+                Utc::now(),
+            );
+            entry.arguments = None;
+            (
+                self.audit.submit_with(entry, audit_priority(principal)),
+                mode,
+            )
+        };
+        let audit_seq = pending
+            .durable()
+            .await
+            .map_err(|_| GatewayError::AuditUnavailable)?;
+        Ok(Execution {
+            tool: shown_name,
             mode,
             outcome,
             audit_seq,
@@ -524,6 +663,13 @@ impl Gateway {
             .reason
             .map(|reason| reason.trim().to_owned())
             .filter(|reason| !reason.is_empty());
+        // A reason made of zero-width or control characters only looks given.
+        if reason
+            .as_deref()
+            .is_some_and(|r| !text::has_visible_text(r))
+        {
+            return Err(ModeChangeError::ReasonInvisible);
+        }
         if reason
             .as_ref()
             .is_some_and(|r| r.chars().count() > MAX_REASON_LEN)
@@ -550,12 +696,14 @@ impl Gateway {
             }
             Some(ttl)
         };
-        if !self.audit.is_healthy() {
+        let _one_change_at_a_time = self.mode_changes.lock().await;
+        if self.audit.admit(Priority::Essential).is_err() {
             return Err(ModeChangeError::AuditUnavailable);
         }
         let now = Utc::now();
-        let pending = {
+        let (pending, replaced) = {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            let replaced = state.clone();
             let previous = state.effective_mode(Instant::now(), self.policy.default_mode());
             let expires = ttl.map(|ttl| {
                 let wall =
@@ -569,28 +717,33 @@ impl Gateway {
                 changed_by: principal.name().clone(),
                 changed_at: now,
             };
-            self.audit.submit(AuditEntry {
-                time: now,
-                principal: principal.name().clone(),
-                kind: EntryKind::ModeChange,
-                tool: None,
-                arguments: None,
-                mode: target_name,
-                decision: AuditDecision::Allowed,
-                reason_code: None,
-                outcome: "changed",
-                detail: json!({
-                    "from": self.mode_name(previous).as_ref(),
-                    "reason": reason,
-                    "ttl_seconds": ttl.map(|ttl| ttl.as_secs()),
-                }),
-                expires_at: expires.map(|(_, wall)| wall),
-            })
+            let pending = self.audit.submit_with(
+                AuditEntry {
+                    time: now,
+                    principal: principal.name().clone(),
+                    kind: EntryKind::ModeChange,
+                    tool: None,
+                    arguments: None,
+                    mode: target_name,
+                    decision: AuditDecision::Allowed,
+                    reason_code: None,
+                    outcome: "changed",
+                    detail: json!({
+                        "from": self.mode_name(previous).as_ref(),
+                        "reason": reason,
+                        "ttl_seconds": ttl.map(|ttl| ttl.as_secs()),
+                    }),
+                    expires_at: expires.map(|(_, wall)| wall),
+                    context: None,
+                },
+                Priority::Essential,
+            );
+            (pending, replaced)
         };
-        pending
-            .durable()
-            .await
-            .map_err(|_| ModeChangeError::AuditUnavailable)?;
+        if pending.durable().await.is_err() {
+            self.undo_unrecorded_mode_change(principal, now, replaced);
+            return Err(ModeChangeError::AuditUnavailable);
+        }
         let status = self.status();
         self.mode_events.send_replace(status.clone());
         Ok(status)
@@ -616,19 +769,23 @@ impl Gateway {
                 changed_by: Principal::system().name().clone(),
                 changed_at: now,
             };
-            self.audit.submit(AuditEntry {
-                time: now,
-                principal: Principal::system().name().clone(),
-                kind: EntryKind::ModeExpired,
-                tool: None,
-                arguments: None,
-                mode: self.mode_name(default).clone(),
-                decision: AuditDecision::Allowed,
-                reason_code: None,
-                outcome: "expired",
-                detail: json!({"from": from.as_ref(), "reason": "the time limit lapsed"}),
-                expires_at: None,
-            })
+            self.audit.submit_with(
+                AuditEntry {
+                    time: now,
+                    principal: Principal::system().name().clone(),
+                    kind: EntryKind::ModeExpired,
+                    tool: None,
+                    arguments: None,
+                    mode: self.mode_name(default).clone(),
+                    decision: AuditDecision::Allowed,
+                    reason_code: None,
+                    outcome: "expired",
+                    detail: json!({"from": from.as_ref(), "reason": "the time limit lapsed"}),
+                    expires_at: None,
+                    context: None,
+                },
+                Priority::Essential,
+            )
         };
         if let Err(error) = pending.durable().await {
             tracing::error!(%error, "could not record the end of an elevated mode");
@@ -702,7 +859,7 @@ impl Gateway {
         service: &str,
         health: ServiceHealth,
     ) -> Result<Result<InfrastructureStatus, InfraError>, GatewayError> {
-        if !self.audit.is_healthy() {
+        if self.audit.admit(Priority::Essential).is_err() {
             return Err(GatewayError::AuditUnavailable);
         }
         let now = Utc::now();
@@ -733,8 +890,9 @@ impl Gateway {
                     Err(error) => json!(error.to_string()),
                 },
                 expires_at: None,
+                context: None,
             };
-            (self.audit.submit(entry), result)
+            (self.audit.submit_with(entry, Priority::Essential), result)
         };
         pending
             .durable()
@@ -765,8 +923,9 @@ impl Gateway {
             outcome: "refused",
             detail: Value::String(truncate(what, 200).to_owned()),
             expires_at: None,
+            context: None,
         };
-        self.append(entry).await
+        self.append(entry, audit_priority(principal)).await
     }
 }
 
@@ -794,8 +953,9 @@ impl Gateway {
             outcome: "refused",
             detail,
             expires_at: None,
+            context: None,
         };
-        self.append(entry).await
+        self.append(entry, audit_priority(principal)).await
     }
 
     /// Records a tool request refused before it reached the policy (a malformed
@@ -824,22 +984,49 @@ impl Gateway {
                 "tool_name_bytes": tool_name.len(),
             }),
             expires_at: None,
+            context: None,
         };
-        self.append(entry).await
+        self.append(entry, audit_priority(principal)).await
     }
 
     /// Records an entry that no mode decision depends on, and waits until it is durable.
-    async fn append(&self, entry: AuditEntry) -> Result<(), GatewayError> {
+    async fn append(&self, entry: AuditEntry, priority: Priority) -> Result<(), GatewayError> {
+        self.audit.admit(priority).map_err(|error| match error {
+            AuditError::LowSpace => GatewayError::AuditLowSpace,
+            _ => GatewayError::AuditUnavailable,
+        })?;
         self.audit
-            .append(entry)
+            .append_with(entry, priority)
             .await
             .map(|_| ())
             .map_err(|_| GatewayError::AuditUnavailable)
+    }
+
+    /// A mode change whose record failed never happened: put back the state it
+    /// replaced, unless the expiry task has replaced it meanwhile (mode changes
+    /// are serialized). Calls decided under it were queued behind its record and
+    /// are refused with it.
+    fn undo_unrecorded_mode_change(
+        &self,
+        principal: &Principal,
+        changed_at: DateTime<Utc>,
+        replaced: ModeState,
+    ) {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        if state.changed_at == changed_at && Arc::ptr_eq(&state.changed_by, principal.name()) {
+            *state = replaced;
+        }
     }
 }
 
 fn names(names: Vec<&str>) -> Vec<String> {
     names.into_iter().map(str::to_owned).collect()
+}
+
+/// A requested tool name as records and answers show it: at most
+/// [`MAX_TOOL_NAME_LEN`] bytes, with control, bidi and zero-width characters escaped.
+fn shown_tool_name(tool_name: &str) -> String {
+    text::escape(truncate(tool_name, MAX_TOOL_NAME_LEN)).into_owned()
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary.
@@ -854,6 +1041,22 @@ pub fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// Operators' and Proxi's own records may use the disk-space reserve; the rest may not.
+fn audit_priority(principal: &Principal) -> Priority {
+    match principal.role() {
+        Role::Operator | Role::System => Priority::Essential,
+        Role::Agent | Role::Anonymous => Priority::Agent,
+    }
+}
+
+/// A refusal message as a bounded record field.
+fn recorded_message(message: &str) -> Value {
+    Value::String(truncate(message, MAX_RECORDED_MESSAGE_BYTES).to_owned())
+}
+
+/// The record of one tool call. A rejected call (unknown tool, invalid arguments)
+/// stores only a digest of its arguments ([`json_digest`]): nothing bounds what an
+/// unparsed body holds, and storing it whole would let the agent fill the disk.
 fn tool_call_entry(
     principal: &Principal,
     tool_name: &str,
@@ -864,11 +1067,9 @@ fn tool_call_entry(
 ) -> AuditEntry {
     let (decision, outcome_name, detail) = match outcome {
         Outcome::Executed(result) => (AuditDecision::Allowed, "executed", result.clone()),
-        Outcome::Denied { message, .. } => (
-            AuditDecision::Denied,
-            "denied",
-            Value::String(message.clone()),
-        ),
+        Outcome::Denied { message, .. } => {
+            (AuditDecision::Denied, "denied", recorded_message(message))
+        }
         Outcome::UnknownTool { .. } => (
             AuditDecision::Rejected,
             "unknown_tool",
@@ -877,13 +1078,27 @@ fn tool_call_entry(
         Outcome::InvalidArguments(message) => (
             AuditDecision::Rejected,
             "invalid_arguments",
-            Value::String(message.clone()),
+            recorded_message(message),
         ),
-        Outcome::Failed { message, .. } => (
-            AuditDecision::Allowed,
-            "failed",
-            Value::String(message.clone()),
+        Outcome::InvalidToolName(_) => (
+            AuditDecision::Rejected,
+            "invalid_tool_name",
+            Value::String(
+                "the tool name contains control, bidi or zero-width characters".to_owned(),
+            ),
         ),
+        Outcome::RateLimited { retry_after } => (
+            AuditDecision::Denied,
+            "rate_limited",
+            json!({"retry_after_ms": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)}),
+        ),
+        Outcome::Failed { message, .. } => {
+            (AuditDecision::Allowed, "failed", recorded_message(message))
+        }
+    };
+    let arguments = match decision {
+        AuditDecision::Rejected => json_digest(&arguments),
+        AuditDecision::Allowed | AuditDecision::Denied => arguments,
     };
     AuditEntry {
         time: now,
@@ -897,6 +1112,7 @@ fn tool_call_entry(
         outcome: outcome_name,
         detail,
         expires_at: None,
+        context: None,
     }
 }
 

@@ -15,6 +15,8 @@ pub mod infra;
 pub mod mcp;
 pub mod policy;
 pub mod principal;
+pub mod rate_limit;
 pub mod server;
+pub mod text;
 pub mod tokens;
 pub mod tools;

@@ -1,5 +1,6 @@
 //! The `proxi` command line: a thin layer over the library.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,8 +25,18 @@ use proxi::gateway::{Gateway, GatewayConfig};
 use proxi::policy::{Decision, PolicyEngine};
 use proxi::server::limits::EdgeLimits;
 use proxi::server::{AppState, BoundServer};
+use proxi::text::{escape, json_for_terminal};
 use proxi::tokens::{AGENT_TOKEN_ENV, OPERATOR_TOKEN_ENV, Tokens};
 use proxi::tools::{ToolCall, ToolName};
+
+/// Writes one line to stdout and reports failure instead of panicking as
+/// `println!` does, so that a closed pipe (`proxi audit tail | head`) ends the
+/// command quietly (see [`is_broken_pipe`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    };
+}
 
 // Requests allocate on Tokio workers and the audit writer frees on its own thread;
 // mimalloc handles that cross-thread pattern far better than glibc malloc.
@@ -149,6 +160,10 @@ struct StateArgs {
     /// `full`: answer only after the audit record is fsynced; `process`: after commit (survives kill -9, not power loss).
     #[arg(long, value_enum, default_value_t = DurabilityArg::Full)]
     durability: DurabilityArg,
+    /// Free disk space (MiB) kept for operators on the data dir's filesystem: below it
+    /// agent calls get 503 while mode changes still work [default: 64, at most a tenth of the filesystem].
+    #[arg(long, value_name = "MIB")]
+    audit_reserve_mb: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -339,7 +354,37 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
         .map_err(|error| format!("expected seconds or a duration like 15m or 1h: {error}"))
 }
 
+/// Whether `error` comes from writing to a reader that went away: `head` read
+/// what it wanted and closed the pipe. That ends the command, quietly.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Output paths that still use `println!` (or `eprintln!`) panic on a closed
+/// pipe; this ends the process quietly instead of printing a panic. Stable Rust
+/// has no safe way to restore SIGPIPE's default action, hence the hook.
+fn exit_quietly_on_broken_pipe() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to std") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -350,6 +395,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -399,6 +445,9 @@ async fn open_gateway(state: &StateArgs) -> Result<(Arc<Gateway>, Tokens, Option
         GatewayConfig {
             data_dir: state.data_dir.clone(),
             durability: state.durability.into(),
+            audit_reserve_bytes: state
+                .audit_reserve_mb
+                .map(|mb| mb.saturating_mul(1024 * 1024)),
         },
     )
     .await?;
@@ -498,27 +547,7 @@ fn policy(command: PolicyCommand) -> Result<ExitCode> {
     match command {
         PolicyCommand::Check { file } => {
             let engine = PolicyEngine::load(&file)?;
-            println!("{}: valid", file.display());
-            for (id, mode) in engine.modes() {
-                let marker = if id == engine.default_mode() {
-                    " (default)"
-                } else {
-                    ""
-                };
-                println!(
-                    "  {}{marker}: allows {}",
-                    mode.name(),
-                    list_or_none(&mode.allowed().names())
-                );
-            }
-            println!(
-                "  always blocked: {}",
-                list_or_none(&engine.always_blocked().names())
-            );
-            println!(
-                "  elevated modes last at most {}s",
-                engine.max_elevated_ttl().as_secs()
-            );
+            print_policy_check(&file, &engine)?;
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Explain {
@@ -576,6 +605,56 @@ fn policy(command: PolicyCommand) -> Result<ExitCode> {
     }
 }
 
+/// `policy check`'s report: what the policy enforces, as loaded (after the
+/// built-in defaults are applied), so a reader sees the effective rules.
+fn print_policy_check(file: &Path, engine: &PolicyEngine) -> std::io::Result<()> {
+    out!("{}: valid", escape(&file.display().to_string()))?;
+    for (id, mode) in engine.modes() {
+        let marker = if id == engine.default_mode() {
+            " (default)"
+        } else {
+            ""
+        };
+        out!(
+            "  {}{marker}: allows {}",
+            mode.name(),
+            list_or_none(&mode.allowed().names())
+        )?;
+        out!("    blocks: {}", list_or_none(&mode.blocked().names()))?;
+        let constraints = mode.constraint_descriptions();
+        if constraints.is_empty() {
+            out!("    argument constraints: none")?;
+        } else {
+            out!("    argument constraints:")?;
+            for constraint in constraints {
+                out!("      {}", escape(&constraint))?;
+            }
+        }
+    }
+    out!(
+        "  always blocked: {}",
+        list_or_none(&engine.always_blocked().names())
+    )?;
+    out!(
+        "  elevated modes last at most {}s",
+        engine.max_elevated_ttl().as_secs()
+    )?;
+    let source = if engine.rate_limits_are_default() {
+        " (built-in default: the policy has no rate_limits)"
+    } else {
+        ""
+    };
+    if engine.rate_limits().is_empty() {
+        out!("  rate limits: none{source}")?;
+    } else {
+        out!("  rate limits{source}:")?;
+        for rule in engine.rate_limits() {
+            out!("    {rule}")?;
+        }
+    }
+    Ok(())
+}
+
 fn list_or_none(names: &[&str]) -> String {
     if names.is_empty() {
         "nothing".to_owned()
@@ -593,18 +672,22 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
         AuditCommand::Verify { data_dir, json } => {
             let report = audit::verify(&audit_db(&data_dir))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                out!(
+                    "{}",
+                    json_for_terminal(&serde_json::to_string_pretty(&report)?)
+                )?;
             } else if let Some(broken) = &report.first_bad {
-                println!(
+                out!(
                     "audit trail BROKEN at record {}: {}",
-                    broken.seq, broken.problem
-                );
+                    broken.seq,
+                    escape(&broken.problem)
+                )?;
             } else {
-                println!(
+                out!(
                     "audit trail OK: {} records, chain head {}",
                     report.records,
-                    report.head.as_deref().unwrap_or("(empty)")
-                );
+                    escape(report.head.as_deref().unwrap_or("(empty)"))
+                )?;
             }
             Ok(if report.first_bad.is_some() {
                 ExitCode::from(1)
@@ -620,22 +703,25 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
             if count == 0 || count > 100_000 {
                 bail!("-n must be between 1 and 100000");
             }
+            // Every field may hold text the agent chose (tool names, client names),
+            // or that someone with file access wrote: nothing reaches the terminal
+            // unescaped.
             for record in audit::read_recent(&audit_db(&data_dir), count)? {
                 if json {
-                    println!("{}", serde_json::to_string(&record)?);
+                    out!("{}", json_for_terminal(&serde_json::to_string(&record)?))?;
                 } else {
-                    println!(
+                    out!(
                         "#{:<6} {} {:<22} {:<12} {:<18} {:<9} {:<10} {:<20} {}",
                         record.seq,
-                        record.time,
-                        record.principal,
-                        record.kind,
-                        record.tool.as_deref().unwrap_or("-"),
-                        record.mode,
-                        record.decision,
-                        record.reason_code.as_deref().unwrap_or("-"),
-                        record.outcome
-                    );
+                        escape(&record.time),
+                        escape(&record.principal),
+                        escape(&record.kind),
+                        escape(record.tool.as_deref().unwrap_or("-")),
+                        escape(&record.mode),
+                        escape(&record.decision),
+                        escape(record.reason_code.as_deref().unwrap_or("-")),
+                        escape(&record.outcome)
+                    )?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -659,26 +745,41 @@ fn operator_client(server: &ServerArgs) -> Result<ProxiClient> {
 }
 
 async fn mode(command: ModeCommand) -> Result<ExitCode> {
-    let print_status = |status: &proxi::api::PolicyStatus| {
-        println!("mode: {}", status.mode);
+    // The server's answer carries text other people chose (the reason, who
+    // changed the mode): escape it all before it reaches the terminal.
+    let print_status = |status: &proxi::api::PolicyStatus| -> std::io::Result<()> {
+        out!("mode: {}", escape(&status.mode))?;
         if let Some(expires) = &status.emergency_expires_at {
-            println!("expires at: {expires}");
+            out!("expires at: {}", escape(expires))?;
         }
         if let Some(reason) = &status.reason {
-            println!("reason: {reason}");
+            out!("reason: {}", escape(reason))?;
         }
-        println!("changed by: {} at {}", status.changed_by, status.changed_at);
-        println!("allowed tools: {}", status.allowed_tools.join(", "));
-        println!("always blocked: {}", status.always_blocked.join(", "));
+        out!(
+            "changed by: {} at {}",
+            escape(&status.changed_by),
+            escape(&status.changed_at)
+        )?;
+        out!(
+            "allowed tools: {}",
+            escape(&status.allowed_tools.join(", "))
+        )?;
+        out!(
+            "always blocked: {}",
+            escape(&status.always_blocked.join(", "))
+        )
     };
     match command {
         ModeCommand::Status { server, json } => {
             let client = operator_client(&server)?;
             let status = client.policy_status().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                out!(
+                    "{}",
+                    json_for_terminal(&serde_json::to_string_pretty(&status)?)
+                )?;
             } else {
-                print_status(&status);
+                print_status(&status)?;
             }
         }
         ModeCommand::Set {
@@ -695,7 +796,7 @@ async fn mode(command: ModeCommand) -> Result<ExitCode> {
                     ttl_seconds: ttl.map(|ttl| ttl.as_secs().max(1)),
                 })
                 .await?;
-            print_status(&status);
+            print_status(&status)?;
         }
     }
     Ok(ExitCode::SUCCESS)

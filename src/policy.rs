@@ -4,14 +4,16 @@
 //! typing), so that [`PolicyEngine::decide`] is a pure function over bitsets and a
 //! few integers: it cannot fail and allocates nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
+use crate::rate_limit::{RateLimitDocument, RateLimitRule};
 use crate::tools::{ArgumentKind, ArgumentValue, ToolCall, ToolName};
 
 /// Mode used when a policy file names no `default_mode`: the fail-safe one.
@@ -40,6 +42,15 @@ pub enum PolicyError {
         /// The file.
         source_name: String,
         /// The parse error, with line and column.
+        error: serde_json::Error,
+    },
+    /// A key appears twice in one object. serde_json would keep the last one
+    /// silently, so a second `NORMAL` block could widen what the first one allows.
+    #[error("{source_name}: {error}")]
+    DuplicateKey {
+        /// The file.
+        source_name: String,
+        /// Names the key, the object it is in, and its line and column.
         error: serde_json::Error,
     },
     /// The file parses but contradicts itself or names things that do not exist.
@@ -238,6 +249,20 @@ impl Mode {
     pub fn blocked(&self) -> ToolSet {
         self.blocked
     }
+
+    /// The argument constraints the mode enforces, one line each in file order,
+    /// e.g. `scale_fleet.count must be between 1 and 10`.
+    pub fn constraint_descriptions(&self) -> Vec<String> {
+        self.constraints
+            .iter()
+            .map(|constraint| {
+                format!(
+                    "{}.{} must be {}",
+                    constraint.tool, constraint.argument, constraint.rule
+                )
+            })
+            .collect()
+    }
 }
 
 /// A validated policy, ready to decide calls.
@@ -247,6 +272,8 @@ pub struct PolicyEngine {
     default_mode: ModeId,
     always_blocked: ToolSet,
     max_elevated_ttl: Duration,
+    rate_limits: Vec<RateLimitRule>,
+    rate_limits_are_default: bool,
 }
 
 #[derive(Deserialize)]
@@ -265,6 +292,8 @@ struct PolicyDocument {
     #[serde(default)]
     global_rules: GlobalRulesDocument,
     modes: BTreeMap<String, ModeDocument>,
+    #[serde(default)]
+    rate_limits: Option<Vec<RateLimitDocument>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -314,6 +343,20 @@ impl PolicyEngine {
 
     /// Validates policy JSON; `source_name` names it in error messages.
     pub fn from_json(text: &str, source_name: &str) -> Result<PolicyEngine, PolicyError> {
+        // First pass: refuse duplicate keys before serde's maps can merge them.
+        if let Err(error) = reject_duplicate_keys(text) {
+            return Err(if error.is_data() {
+                PolicyError::DuplicateKey {
+                    source_name: source_name.to_owned(),
+                    error,
+                }
+            } else {
+                PolicyError::Parse {
+                    source_name: source_name.to_owned(),
+                    error,
+                }
+            });
+        }
         let document: PolicyDocument =
             serde_json::from_str(text).map_err(|error| PolicyError::Parse {
                 source_name: source_name.to_owned(),
@@ -325,12 +368,45 @@ impl PolicyEngine {
         })
     }
 
+    /// Decides whether `tool` may run in `mode` at all, whatever its arguments.
+    ///
+    /// The tool-level rules, in the seed's order: always_blocked, then the mode's
+    /// blocked_tools, then allowed_tools (default deny). The gateway asks this before
+    /// it looks at the arguments, so a blocked tool is reported as blocked even when
+    /// its arguments are wrong, and a caller who may not use a tool learns nothing
+    /// about its schema.
+    pub fn decide_tool(&self, mode: ModeId, tool: ToolName) -> Decision {
+        let deny = |reason| {
+            Decision::Deny(Denial {
+                tool,
+                mode,
+                reason,
+                constraint: None,
+            })
+        };
+        if self.always_blocked.contains(tool) {
+            return deny(ReasonCode::AlwaysBlocked);
+        }
+        let compiled = self.mode(mode);
+        if compiled.blocked.contains(tool) {
+            return deny(ReasonCode::BlockedInMode);
+        }
+        if !compiled.allowed.contains(tool) {
+            return deny(ReasonCode::NotAllowed);
+        }
+        Decision::Allow
+    }
+
     /// Decides whether `call` may run in `mode`.
     ///
-    /// Order as in the seed: always_blocked, then the mode's blocked_tools, then
-    /// allowed_tools (default deny), then argument constraints.
+    /// The tool-level rules first ([`PolicyEngine::decide_tool`]), then the mode's
+    /// argument constraints on the parsed (schema-valid) arguments.
     pub fn decide(&self, mode: ModeId, call: &ToolCall) -> Decision {
         let tool = call.tool();
+        if let denied @ Decision::Deny(_) = self.decide_tool(mode, tool) {
+            return denied;
+        }
+        let compiled = self.mode(mode);
         let deny = |reason, constraint| {
             Decision::Deny(Denial {
                 tool,
@@ -339,16 +415,6 @@ impl PolicyEngine {
                 constraint,
             })
         };
-        if self.always_blocked.contains(tool) {
-            return deny(ReasonCode::AlwaysBlocked, None);
-        }
-        let compiled = self.mode(mode);
-        if compiled.blocked.contains(tool) {
-            return deny(ReasonCode::BlockedInMode, None);
-        }
-        if !compiled.allowed.contains(tool) {
-            return deny(ReasonCode::NotAllowed, None);
-        }
         for (index, constraint) in compiled.constraints.iter().enumerate() {
             if constraint.tool != tool {
                 continue;
@@ -397,6 +463,17 @@ impl PolicyEngine {
     /// Longest time an operator may hold a non-default mode.
     pub fn max_elevated_ttl(&self) -> Duration {
         self.max_elevated_ttl
+    }
+
+    /// The rate-limit rules in force: the policy's `rate_limits`, or the built-in
+    /// default ([`crate::rate_limit::default_rules`]) when it has none.
+    pub fn rate_limits(&self) -> &[RateLimitRule] {
+        &self.rate_limits
+    }
+
+    /// Whether [`PolicyEngine::rate_limits`] is the built-in default.
+    pub fn rate_limits_are_default(&self) -> bool {
+        self.rate_limits_are_default
     }
 
     /// Whether `tool` passes the tool-level checks in `mode` (constraints aside).
@@ -566,6 +643,20 @@ fn compile(document: PolicyDocument) -> Result<PolicyEngine, Vec<String>> {
         Some(seconds) => Duration::from_secs(seconds),
     };
 
+    let rate_limits_are_default = document.rate_limits.is_none();
+    let rate_limits = match &document.rate_limits {
+        None => crate::rate_limit::default_rules(),
+        Some(documents) => documents
+            .iter()
+            .enumerate()
+            .filter_map(|(index, rule)| {
+                rule.compile(&format!("rate_limits[{index}]"))
+                    .map_err(|found| problems.extend(found))
+                    .ok()
+            })
+            .collect(),
+    };
+
     match default_mode {
         Some(index) if problems.is_empty() => Ok(PolicyEngine {
             modes,
@@ -573,8 +664,106 @@ fn compile(document: PolicyDocument) -> Result<PolicyEngine, Vec<String>> {
             default_mode: ModeId(index as u8),
             always_blocked,
             max_elevated_ttl,
+            rate_limits,
+            rate_limits_are_default,
         }),
         _ => Err(problems),
+    }
+}
+
+/// Parses `text` as JSON and fails on the first object that repeats a key.
+///
+/// serde_json keeps the last of two equal keys, and the typed parse that follows
+/// reads objects into maps, so without this pass a second `NORMAL` block (or a
+/// second `scale_fleet` constraint without `max`) would quietly replace the first.
+/// The error is raised right after the repeated key is read, so serde_json's line
+/// and column point at it.
+fn reject_duplicate_keys(text: &str) -> Result<(), serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    UniqueKeys { path: "" }.deserialize(&mut deserializer)?;
+    deserializer.end()
+}
+
+/// A JSON value whose objects, at any depth, have distinct keys; `path` names it.
+struct UniqueKeys<'a> {
+    path: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for UniqueKeys<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueKeys<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        let mut index = 0usize;
+        loop {
+            let path = format!("{}[{index}]", self.path);
+            if items
+                .next_element_seed(UniqueKeys { path: &path })?
+                .is_none()
+            {
+                return Ok(());
+            }
+            index += 1;
+        }
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<(), A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = entries.next_key::<String>()? {
+            let path = if self.path.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.path)
+            };
+            if seen.contains(&key) {
+                let within = if self.path.is_empty() {
+                    "at the top level".to_owned()
+                } else {
+                    format!("in `{}`", self.path)
+                };
+                return Err(de::Error::custom(format!(
+                    "duplicate key `{key}` {within} (each key may appear once; the policy would otherwise use only the last)"
+                )));
+            }
+            entries.next_value_seed(UniqueKeys { path: &path })?;
+            seen.insert(key);
+        }
+        Ok(())
     }
 }
 
@@ -925,6 +1114,101 @@ mod tests {
         assert_eq!(engine.mode_id("PANIC"), None);
     }
 
+    #[test]
+    fn duplicate_keys_are_load_errors_naming_key_and_line() {
+        let second_normal = "{\n  \"modes\": {\n    \"NORMAL\": {\"allowed_tools\": [\"read_logs\"]},\n    \"NORMAL\": {\"allowed_tools\": [\"restart_service\"]}\n  }\n}";
+        let message = PolicyEngine::from_json(second_normal, "dup.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with("dup.json: duplicate key `NORMAL` in `modes`"),
+            "{message}"
+        );
+        assert!(message.contains("line 4"), "{message}");
+
+        let second_constraint = r#"{"modes": {"NORMAL": {"allowed_tools": ["scale_fleet"],
+            "constraints": {"scale_fleet": {"count": {"min": 1, "max": 10}},
+                            "scale_fleet": {"count": {"min": 1}}}}}}"#;
+        let message = PolicyEngine::from_json(second_constraint, "dup.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("duplicate key `scale_fleet` in `modes.NORMAL.constraints`")
+                && message.contains("line 3"),
+            "{message}"
+        );
+        for (text, key) in [
+            (
+                r#"{"modes": {"NORMAL": {}}, "default_mode": "NORMAL", "default_mode": "X"}"#,
+                "`default_mode` at the top level",
+            ),
+            (
+                r#"{"modes": {"NORMAL": {"description": "a", "description": "b"}}}"#,
+                "`description` in `modes.NORMAL`",
+            ),
+            (
+                r#"{"modes": {"NORMAL": {}}, "rate_limits": [{"principal": "*", "principal": "agent", "tools": "*", "rate": "1/s"}]}"#,
+                "`principal` in `rate_limits[0]`",
+            ),
+        ] {
+            let message = PolicyEngine::from_json(text, "t").unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("duplicate key {key}")),
+                "{message}"
+            );
+        }
+        // Equal keys in different objects are fine.
+        assert!(PolicyEngine::from_json(SHIPPED, "ops_policy.json").is_ok());
+    }
+
+    #[test]
+    fn rate_limits_default_when_absent_and_are_validated_when_present() {
+        let engine = shipped();
+        assert!(!engine.rate_limits().is_empty());
+        let engine =
+            PolicyEngine::from_json(&json!({"modes": {"NORMAL": {}}}).to_string(), "t").unwrap();
+        assert!(engine.rate_limits_are_default());
+        assert_eq!(
+            engine.rate_limits(),
+            crate::rate_limit::default_rules().as_slice()
+        );
+        let engine = PolicyEngine::from_json(
+            &json!({"modes": {"NORMAL": {}}, "rate_limits": []}).to_string(),
+            "t",
+        )
+        .unwrap();
+        assert!(!engine.rate_limits_are_default());
+        assert!(engine.rate_limits().is_empty());
+        let message = problems(json!({"modes": {"NORMAL": {}}, "rate_limits": [
+            {"principal": "agent", "tools": "*", "rate": "20/s", "burst": 40},
+            {"principal": "agent", "tools": "*", "rate": "lots"},
+            {"principal": "robot", "tools": "*", "rate": "1/s"}
+        ]}));
+        assert!(
+            message.starts_with("test.json: invalid policy"),
+            "{message}"
+        );
+        assert!(
+            message.contains("rate_limits[1].rate: rate \"lots\""),
+            "{message}"
+        );
+        assert!(message.contains("rate_limits[2].principal"), "{message}");
+        let message = problems(
+            json!({"modes": {"NORMAL": {}}, "rate_limits": [{"principal": "*", "tools": "*", "rate": "1/s", "per": "x"}]}),
+        );
+        assert!(message.contains("unknown field `per`"), "{message}");
+    }
+
+    #[test]
+    fn constraints_are_described_for_policy_check() {
+        let engine = shipped();
+        let emergency = engine.mode(engine.mode_id("EMERGENCY").unwrap());
+        assert_eq!(
+            emergency.constraint_descriptions(),
+            ["scale_fleet.count must be between 1 and 10"]
+        );
+    }
+
     fn tool_subset() -> impl Strategy<Value = Vec<ToolName>> {
         proptest::sample::subsequence(ToolName::ALL.to_vec(), 0..=ToolName::ALL.len())
     }
@@ -1025,6 +1309,26 @@ mod tests {
                 }
             };
             prop_assert_eq!(actual, expected);
+        }
+
+        /// The tool-level decision is `decide` minus the argument constraints, so the
+        /// gateway may give it before (and instead of) the schema's verdict.
+        #[test]
+        fn decide_tool_is_decide_without_constraints(
+            Generated { document, .. } in any_policy(),
+            call in any_call(),
+            emergency in any::<bool>(),
+        ) {
+            let engine = PolicyEngine::from_json(&document.to_string(), "generated").unwrap();
+            let mode = engine.mode_id(if emergency { "EMERGENCY" } else { "NORMAL" }).unwrap();
+            let tool_level = engine.decide_tool(mode, call.tool());
+            match engine.decide(mode, &call) {
+                Decision::Deny(denial) if denial.reason == ReasonCode::ConstraintViolated => {
+                    prop_assert_eq!(tool_level, Decision::Allow);
+                }
+                decision => prop_assert_eq!(tool_level, decision),
+            }
+            prop_assert_eq!(tool_level == Decision::Allow, engine.permits_tool(mode, call.tool()));
         }
 
         #[test]

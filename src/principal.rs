@@ -3,8 +3,11 @@
 use std::fmt;
 use std::sync::Arc;
 
+/// Longest MCP client name kept in a principal's label, in characters.
+pub const MAX_CLIENT_NAME_CHARS: usize = 64;
+
 /// What a caller may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     /// A human operator: may change the mode, simulate incidents and read the audit.
     Operator,
@@ -40,23 +43,30 @@ impl Principal {
         }
     }
 
-    /// An MCP client known by the name it gave in `initialize`.
-    pub fn mcp_client(client_name: &str) -> Principal {
-        // Client names are untrusted: keep them short and printable.
-        let cleaned: String = client_name
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(64)
-            .collect();
-        let cleaned = if cleaned.is_empty() {
-            "unnamed".to_owned()
+    /// The name an MCP client gave in `initialize`, made safe to show: `mcp:<name>`.
+    ///
+    /// Client names are untrusted (the agent picks its own): at most
+    /// [`MAX_CLIENT_NAME_CHARS`] characters are kept, and every control, bidi,
+    /// zero-width or separator character is escaped (see [`crate::text::escape`]),
+    /// so the name can neither hide nor reorder anything in a terminal or a log.
+    /// This is a label only: who is asking is the token holder the label is
+    /// attached to, see [`Principal::via_mcp`].
+    fn mcp_label(client_name: &str) -> String {
+        let kept: String = client_name.chars().take(MAX_CLIENT_NAME_CHARS).collect();
+        let escaped = crate::text::escape(&kept);
+        if crate::text::has_visible_text(&escaped) {
+            format!("mcp:{escaped}")
         } else {
-            cleaned
-        };
-        Principal {
-            role: Role::Agent,
-            name: Arc::from(format!("mcp:{cleaned}")),
+            "mcp:unnamed".to_owned()
         }
+    }
+
+    /// The agent speaking through the MCP stdio transport, which has no token: the
+    /// process that launched `proxi mcp` is the agent. Named `agent (mcp:<client>)`
+    /// like an HTTP MCP session, so a client called `operator` reads as
+    /// `agent (mcp:operator)`, never as a principal of its own.
+    pub fn mcp_stdio_agent(client_name: &str) -> Principal {
+        Principal::agent().via_mcp(client_name)
     }
 
     /// Proxi acting on its own.
@@ -78,10 +88,13 @@ impl Principal {
     /// The same holder, labelled with the MCP client it speaks through. MCP callers
     /// always have the agent role, whichever token they hold.
     pub fn via_mcp(&self, client_name: &str) -> Principal {
-        let client = Principal::mcp_client(client_name);
         Principal {
             role: Role::Agent,
-            name: Arc::from(format!("{} ({})", self.name, client.name)),
+            name: Arc::from(format!(
+                "{} ({})",
+                self.name,
+                Principal::mcp_label(client_name)
+            )),
         }
     }
 
@@ -107,18 +120,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mcp_client_names_are_sanitized() {
+    fn mcp_client_names_are_escaped_not_trusted() {
+        let name = |client: &str| Principal::mcp_stdio_agent(client).name().to_string();
         assert_eq!(
-            Principal::mcp_client("claude\n\u{7}desktop")
-                .name()
-                .as_ref(),
-            "mcp:claudedesktop"
+            name("claude\n\u{7}desktop"),
+            "agent (mcp:claude\\n\\u{0007}desktop)"
         );
-        assert_eq!(Principal::mcp_client("").name().as_ref(), "mcp:unnamed");
         assert_eq!(
-            Principal::mcp_client(&"x".repeat(500)).name().len(),
-            "mcp:".len() + 64
+            name("op\u{202e}rotarepo"),
+            "agent (mcp:op\\u{202e}rotarepo)"
         );
+        assert_eq!(name("oper\u{200b}ator"), "agent (mcp:oper\\u{200b}ator)");
+        assert_eq!(name("a\u{2028}b"), "agent (mcp:a\\u{2028}b)");
+        assert_eq!(name(""), "agent (mcp:unnamed)");
+        assert_eq!(name("\u{200b}\u{200b}"), "agent (mcp:\\u{200b}\\u{200b})");
+        assert_eq!(name("   "), "agent (mcp:unnamed)");
+        assert_eq!(
+            name(&"x".repeat(500)),
+            format!("agent (mcp:{})", "x".repeat(MAX_CLIENT_NAME_CHARS))
+        );
+        assert_eq!(name("operator"), "agent (mcp:operator)");
+        assert_eq!(Principal::mcp_stdio_agent("operator").role(), Role::Agent);
         assert_eq!(
             Principal::agent().via_mcp("inspector").name().as_ref(),
             "agent (mcp:inspector)"

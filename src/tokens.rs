@@ -79,7 +79,7 @@ impl TokensFile {
             path: path.clone(),
             error,
         };
-        std::fs::create_dir_all(data_dir).map_err(file_error)?;
+        crate::audit::create_private_dir(data_dir).map_err(file_error)?;
         let _ = std::fs::remove_file(&temporary);
         let mut file = std::fs::File::options()
             .write(true)

@@ -49,7 +49,7 @@ async fn the_mcp_backend_lists_tools_and_maps_outcomes() {
     assert!(denied.how_to_proceed.unwrap().contains("EMERGENCY"));
 
     let rejected = backend
-        .call_tool("scale_fleet", json!({"count": -1}))
+        .call_tool("read_logs", json!({"lines": "ten"}))
         .await
         .unwrap();
     assert_eq!(rejected.decision, Decision::Rejected);

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::TestServer;
+use common::{TestServer, high_rate_limit_policy_path};
 use proxi::audit::{self, AuditRecord};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -18,7 +18,8 @@ const MODE_SWITCHES: usize = 300;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_active_tool_runs_under_normal_while_the_mode_thrashes() {
-    let server = TestServer::start().await;
+    // The workers flood on purpose: this test is about ordering, not rate limits.
+    let server = TestServer::start_with_policy(&high_rate_limit_policy_path()).await;
     let api = server.api();
     let stop = Arc::new(AtomicBool::new(false));
 

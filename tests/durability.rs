@@ -8,7 +8,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{AGENT_TOKEN, Api, OPERATOR_TOKEN, ServerProcess, wait_until};
+use common::{
+    AGENT_TOKEN, Api, OPERATOR_TOKEN, ServerProcess, high_rate_limit_policy_path, wait_until,
+};
 use proxi::audit::{self, AuditRecord};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -34,7 +36,8 @@ fn cli_verify(data_dir: &std::path::Path) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_under_load_loses_no_acknowledged_call() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
+    // Eight clients flood on purpose: this test is about durability, not rate limits.
+    let server = ServerProcess::start_with_policy(dir.path(), &high_rate_limit_policy_path(), &[]);
     let api = Api::new(&server.url);
     let acknowledged: Arc<Mutex<Vec<(u64, String, Value)>>> = Arc::default();
 

@@ -49,6 +49,7 @@ impl TestServer {
             GatewayConfig {
                 data_dir: data_dir.path().to_owned(),
                 durability: Durability::Process,
+                audit_reserve_bytes: None,
             },
         )
         .await
@@ -231,7 +232,9 @@ async fn tools_call_takes_the_governed_path_and_refusals_are_tool_results() {
         "{text}"
     );
 
-    let invalid = call(&client, "scale_fleet", json!({"count": "ten"})).await;
+    // A tool the mode allows, so the schema's verdict is the answer (a blocked
+    // tool would be denied before its arguments are looked at).
+    let invalid = call(&client, "read_logs", json!({"lines": "ten"})).await;
     assert_eq!(invalid.is_error, Some(true));
     assert_eq!(structured(&invalid)["reason_code"], "invalid_arguments");
     assert_eq!(structured(&invalid)["policy_violation"], false);
@@ -516,7 +519,7 @@ fn proxi_mcp_speaks_only_protocol_on_stdout() {
     assert!(
         records
             .iter()
-            .any(|record| record.principal == format!("mcp:{CLIENT_NAME}"))
+            .any(|record| record.principal == format!("agent (mcp:{CLIENT_NAME})"))
     );
 }
 

@@ -543,7 +543,7 @@ async fn bad_input_gets_clear_4xx_answers_and_the_server_stays_up() {
     assert_safe_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, body) = api
         .execute(
-            "restart_service",
+            "get_service_status",
             json!({"service_name": "../../etc/passwd"}),
         )
         .await;

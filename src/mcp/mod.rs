@@ -217,6 +217,9 @@ pub struct Refusal {
     /// For an unknown tool, the tools that exist.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub known_tools: Option<Vec<&'static str>>,
+    /// For a rate-limited call, the seconds to wait before calling again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
 }
 
 impl Refusal {
@@ -260,6 +263,7 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
         message,
         audit_seq: Some(audit_seq),
         known_tools: None,
+        retry_after_seconds: None,
     };
     match outcome {
         Outcome::Executed(result) => {
@@ -292,6 +296,22 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
                 .to_owned(),
         )
         .into_result(),
+        Outcome::InvalidToolName(message) => refusal(
+            message,
+            "Call one of the tools listed by tools/list, by its exact name.".to_owned(),
+        )
+        .into_result(),
+        Outcome::RateLimited { .. } => {
+            let retry_after_seconds = outcome.retry_after_seconds();
+            Refusal {
+                retry_after_seconds,
+                ..refusal(
+                    crate::server::rest::rate_limited_message(retry_after_seconds),
+                    "Slow down: wait retry_after_seconds, then call again.".to_owned(),
+                )
+            }
+            .into_result()
+        }
         Outcome::Failed { message, .. } => refusal(
             message,
             "Nothing was changed. Check the arguments (list_services shows valid service names) and call again."
@@ -340,6 +360,7 @@ fn audit_unavailable(tool: &str, mode: String) -> CallToolResult {
             .to_owned(),
         audit_seq: None,
         known_tools: None,
+        retry_after_seconds: None,
     }
     .into_result()
 }
@@ -368,7 +389,7 @@ impl ProxiMcp {
             .map(|info| info.name)
             .unwrap_or_default();
         match self.transport {
-            Transport::Stdio => Ok(Principal::mcp_client(&client)),
+            Transport::Stdio => Ok(Principal::mcp_stdio_agent(&client)),
             Transport::Http => context
                 .extensions
                 .get::<axum::http::request::Parts>()
@@ -425,7 +446,7 @@ impl ServerHandler for ProxiMcp {
             .await
         {
             Ok(execution) => Ok(tool_result(execution).into()),
-            Err(GatewayError::AuditUnavailable) => {
+            Err(GatewayError::AuditUnavailable | GatewayError::AuditLowSpace) => {
                 Ok(audit_unavailable(&request.name, self.shared.gateway.status().mode).into())
             }
             Err(error) => {

@@ -44,6 +44,14 @@ impl ApiError {
             "the audit trail is unavailable; Proxi refuses to act without a record",
         )
     }
+
+    /// 503: free disk space is below the operators' reserve, so agent calls wait.
+    pub fn audit_low_space() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "disk space for the audit trail is low: agent calls are refused until an operator frees space (operator actions still work)",
+        )
+    }
 }
 
 impl IntoResponse for ApiError {

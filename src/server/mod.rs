@@ -8,7 +8,9 @@ pub mod refusals;
 pub mod rest;
 
 use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -176,17 +178,21 @@ impl BoundServer {
         format!("http://{}", self.address)
     }
 
-    /// Records the URL in `<data_dir>/server.json` for local clients.
+    /// Records the URL in `<data_dir>/server.json` (mode 0600) for local clients.
     pub fn advertise(&self, data_dir: &Path) -> std::io::Result<()> {
         let info = ServerInfo {
             url: self.url(),
             pid: std::process::id(),
         };
         let temporary = data_dir.join(format!("{SERVER_FILE}.tmp"));
-        std::fs::write(
-            &temporary,
-            serde_json::to_vec_pretty(&info).unwrap_or_default(),
-        )?;
+        let _ = std::fs::remove_file(&temporary);
+        let mut file = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .mode(crate::audit::DATA_FILE_MODE)
+            .open(&temporary)?;
+        file.write_all(&serde_json::to_vec_pretty(&info).unwrap_or_default())?;
+        drop(file);
         std::fs::rename(temporary, data_dir.join(SERVER_FILE))
     }
 

@@ -193,6 +193,7 @@ mod tests {
             GatewayConfig {
                 data_dir: dir.to_owned(),
                 durability: Durability::Process,
+                audit_reserve_bytes: None,
             },
         )
         .await

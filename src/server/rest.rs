@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::AppState;
 use super::auth::{Caller, Operator};
@@ -80,16 +81,25 @@ pub async fn execute(
         record_malformed(&state, &principal, &request.tool_name, &error.message).await?;
         return Err(error);
     }
+    let context = (!request.context.is_empty()).then(|| Value::Object(request.context));
     let execution = state
         .gateway
-        .execute(&principal, &request.tool_name, request.arguments)
+        .execute_with_context(&principal, &request.tool_name, request.arguments, context)
         .await
         .map_err(|error| match error {
             GatewayError::AuditUnavailable => ApiError::audit_unavailable(),
+            GatewayError::AuditLowSpace => ApiError::audit_low_space(),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
         })?;
     let status = execution_status(&execution.outcome);
-    Ok((status, Json(tool_response(execution))).into_response())
+    let retry_after = execution.outcome.retry_after_seconds();
+    let mut response = (status, Json(tool_response(execution))).into_response();
+    if let Some(seconds) = retry_after {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, seconds.into());
+    }
+    Ok(response)
 }
 
 async fn record_malformed(
@@ -111,6 +121,8 @@ pub fn execution_status(outcome: &Outcome) -> StatusCode {
         Outcome::Executed(_) => StatusCode::OK,
         Outcome::Denied { .. } | Outcome::UnknownTool { .. } => StatusCode::FORBIDDEN,
         Outcome::InvalidArguments(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Outcome::InvalidToolName(_) => StatusCode::BAD_REQUEST,
+        Outcome::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Outcome::Failed { .. } => StatusCode::CONFLICT,
     }
 }
@@ -118,6 +130,7 @@ pub fn execution_status(outcome: &Outcome) -> StatusCode {
 /// Renders an execution in the seed's response shape.
 pub fn tool_response(execution: Execution) -> ToolResponse {
     let reason_code = execution.outcome.reason_code().map(str::to_owned);
+    let retry_after_seconds = execution.outcome.retry_after_seconds();
     let policy_violation = execution.outcome.is_policy_violation();
     let mut response = ToolResponse {
         success: false,
@@ -131,6 +144,7 @@ pub fn tool_response(execution: Execution) -> ToolResponse {
         how_to_proceed: None,
         known_tools: None,
         audit_seq: execution.audit_seq,
+        retry_after_seconds,
     };
     match execution.outcome {
         Outcome::Executed(result) => {
@@ -158,11 +172,26 @@ pub fn tool_response(execution: Execution) -> ToolResponse {
             response.how_to_proceed =
                 Some("Use one of the tools listed in known_tools.".to_owned());
         }
-        Outcome::InvalidArguments(message) | Outcome::Failed { message, .. } => {
+        Outcome::InvalidArguments(message)
+        | Outcome::InvalidToolName(message)
+        | Outcome::Failed { message, .. } => {
             response.error = Some(message);
+        }
+        Outcome::RateLimited { .. } => {
+            response.error = Some(rate_limited_message(retry_after_seconds));
+            response.how_to_proceed =
+                Some("Slow down: wait retry_after_seconds, then send the call again.".to_owned());
         }
     }
     response
+}
+
+/// What a rate-limited caller is told; the REST and MCP answers share it.
+pub fn rate_limited_message(retry_after_seconds: Option<u64>) -> String {
+    format!(
+        "Rate limit exceeded: too many tool calls from this principal. Retry after {} s.",
+        retry_after_seconds.unwrap_or(1)
+    )
 }
 
 /// `GET /tools/catalog`.

@@ -24,6 +24,12 @@ pub fn policy_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/ops_policy.json")
 }
 
+/// The shipped policy with rate limits no test reaches, for tests that flood
+/// the gateway on purpose (and the load scripts).
+pub fn high_rate_limit_policy_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/high_rate_limits.json")
+}
+
 /// Polls `condition` until it holds or `timeout` passes; panics with `what` on timeout.
 pub fn wait_until<T>(what: &str, timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -46,13 +52,18 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `proxi serve` on `data_dir` and waits until it answers.
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+        ServerProcess::start_with_policy(data_dir, &policy_path(), extra)
+    }
+
+    /// Starts `proxi serve` with `policy` on `data_dir` and waits until it answers.
+    pub fn start_with_policy(data_dir: &Path, policy: &Path, extra: &[&str]) -> ServerProcess {
         let _ = std::fs::remove_file(data_dir.join(server::SERVER_FILE));
         let child = Command::new(env!("CARGO_BIN_EXE_proxi"))
             .arg("serve")
             .args(["--bind", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .arg("--policy")
-            .arg(policy_path())
+            .arg(policy)
             .args(extra)
             .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
             .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
@@ -210,13 +221,19 @@ impl Drop for TestServer {
 impl TestServer {
     /// Starts a server with the repository's policy.
     pub async fn start() -> TestServer {
+        TestServer::start_with_policy(&policy_path()).await
+    }
+
+    /// Starts a server with the policy file at `path`.
+    pub async fn start_with_policy(path: &Path) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let policy = PolicyEngine::load(&policy_path()).expect("policy loads");
+        let policy = PolicyEngine::load(path).expect("policy loads");
         let gateway = Gateway::open(
             policy,
             GatewayConfig {
                 data_dir: dir.path().to_owned(),
                 durability: Durability::Process,
+                audit_reserve_bytes: None,
             },
         )
         .await
@@ -345,4 +362,134 @@ pub fn mcp_initialize_body(client: &str) -> Value {
             "clientInfo": {"name": client, "version": "1.0"}
         }
     })
+}
+
+/// `proxi mcp` as an MCP client launches it: JSON-RPC lines on stdin and stdout.
+pub struct McpStdio {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    next_id: u64,
+}
+
+impl McpStdio {
+    /// Starts `proxi mcp` on `data_dir` with `policy` and completes `initialize`
+    /// under `client_name`.
+    pub fn start(data_dir: &Path, policy: &Path, client_name: &str) -> McpStdio {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_proxi"))
+            .arg("mcp")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--policy")
+            .arg(policy)
+            .args(["--durability", "process"])
+            .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
+            .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("proxi mcp starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let Ok(line) = line else { return };
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut client = McpStdio {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            next_id: 1,
+        };
+        let initialized = client.request(
+            "initialize",
+            serde_json::json!({
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": client_name, "version": "1.0"}
+            }),
+        );
+        assert!(initialized.get("result").is_some(), "{initialized}");
+        client.send(&serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        client
+    }
+
+    fn send(&mut self, message: &Value) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        writeln!(stdin, "{message}").expect("write to proxi mcp");
+        stdin.flush().expect("flush");
+    }
+
+    /// Sends a request and returns its response (notifications in between are skipped).
+    pub fn request(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(
+            &serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
+        );
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("proxi mcp answers within 30 s");
+            let message: Value = serde_json::from_str(&line).expect("stdout carries JSON-RPC only");
+            if message["id"] == id {
+                return message;
+            }
+        }
+    }
+
+    /// `tools/call`; returns the result object.
+    pub fn call_tool(&mut self, name: &str, arguments: Value) -> Value {
+        let response = self.request(
+            "tools/call",
+            serde_json::json!({"name": name, "arguments": arguments}),
+        );
+        response
+            .get("result")
+            .cloned()
+            .unwrap_or_else(|| panic!("tools/call failed: {response}"))
+    }
+
+    /// Closes stdin and waits for `proxi mcp` to exit.
+    pub fn close(mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().expect("wait").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "proxi mcp exits when stdin closes"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for McpStdio {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `text` as a policy file in `dir` and returns its path.
+pub fn write_policy(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write the policy file");
+    path
+}
+
+/// The shipped policy with its `rate_limits` replaced by `rules`.
+pub fn shipped_policy_with_rate_limits(rules: Value) -> String {
+    let text = std::fs::read_to_string(policy_path()).expect("read the shipped policy");
+    let mut policy: Value = serde_json::from_str(&text).expect("the shipped policy is JSON");
+    policy["rate_limits"] = rules;
+    policy.to_string()
 }

@@ -192,7 +192,8 @@ async def run(args: argparse.Namespace) -> None:
             args=["mcp", "--policy", args.policy, "--data-dir", str(data_dir), "--durability", "process"],
             env=env,
         )
-        principal = f"mcp:{CLIENT_NAME}"
+        # stdio carries the same form as HTTP: the agent, labelled with its client name.
+        principal = f"agent (mcp:{CLIENT_NAME})"
     else:
         http_client = httpx2.AsyncClient(
             headers={"Authorization": f"Bearer {agent_token}"},
