@@ -112,7 +112,10 @@ async fn record_malformed(
         .gateway
         .record_malformed_request(principal, tool_name, problem)
         .await
-        .map_err(|_| ApiError::audit_unavailable())
+        .map_err(|error| match error {
+            GatewayError::AuditLowSpace => ApiError::audit_low_space(),
+            _ => ApiError::audit_unavailable(),
+        })
 }
 
 /// The HTTP status the issue assigns to each outcome.
