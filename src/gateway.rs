@@ -21,7 +21,8 @@ use tokio::sync::watch;
 
 use crate::audit::{
     AuditDecision, AuditEntry, AuditError, AuditLog, AuditRecord, DATA_FILE_MODE, Durability,
-    EntryKind, Priority, Recovered, create_private_dir, format_time, json_digest,
+    EntryKind, Priority, Recovered, STORED_PREFIX_BYTES, create_private_dir, format_time,
+    json_digest,
 };
 use crate::infra::{CloudInfrastructure, InfraError, InfrastructureStatus, ServiceHealth};
 use crate::policy::{Decision, Denial, ModeId, PolicyEngine, ReasonCode};
@@ -1098,6 +1099,14 @@ fn tool_call_entry(
     };
     let arguments = match decision {
         AuditDecision::Rejected => json_digest(&arguments),
+        // A call denied by a tool-level rule never had its arguments validated, so
+        // they may be anything: keep them whole only while they are small.
+        AuditDecision::Denied
+            if serde_json::to_string(&arguments)
+                .map_or(true, |text| text.len() > STORED_PREFIX_BYTES) =>
+        {
+            json_digest(&arguments)
+        }
         AuditDecision::Allowed | AuditDecision::Denied => arguments,
     };
     AuditEntry {

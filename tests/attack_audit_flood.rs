@@ -362,7 +362,10 @@ async fn invalid_arguments_are_recorded_as_a_digest_with_a_bounded_message() {
     let api = server.api();
     let key = "k".repeat(50_000);
     let (status, body) = api
-        .execute("scale_fleet", json!({"count": 3, key.clone(): 1}))
+        .execute(
+            "get_service_status",
+            json!({"service_name": "web-server", key.clone(): 1}),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let record = api.audit(1).await.remove(0);
@@ -374,5 +377,35 @@ async fn invalid_arguments_are_recorded_as_a_digest_with_a_bounded_message() {
     assert!(
         serde_json::to_string(&record).unwrap().len() < 4096,
         "the whole record is small"
+    );
+}
+
+/// A tool the mode blocks is denied before its arguments are validated, so its
+/// arguments may be anything: the record keeps only a digest of large ones.
+#[tokio::test]
+async fn a_denied_call_with_huge_arguments_stores_a_bounded_record() {
+    let server = common::TestServer::start().await;
+    let api = server.api();
+    let blob = "x".repeat(50_000);
+    let (status, body) = api
+        .execute("delete_database", json!({"db_name": "users", "blob": blob}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let record = api.audit(1).await.remove(0);
+    assert_eq!(record["decision"], "denied", "{record}");
+    assert_eq!(record["arguments"]["truncated"], true, "{record}");
+    assert!(
+        serde_json::to_string(&record).unwrap().len() < 4096,
+        "the whole record is small"
+    );
+    let (status, _) = api
+        .execute("delete_database", json!({"db_name": "users"}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let record = api.audit(1).await.remove(0);
+    assert_eq!(
+        record["arguments"],
+        json!({"db_name": "users"}),
+        "small arguments stay whole"
     );
 }
