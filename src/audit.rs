@@ -14,7 +14,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
+
+use crate::anchor::{AnchorError, AnchorFile, Anchoring, AuditKey, MacCheck};
 
 /// File name of the audit database inside the data dir.
 pub const AUDIT_DB_FILE: &str = "audit.db";
@@ -71,9 +73,9 @@ pub enum AuditError {
     /// Free space on the data dir's filesystem is below the operators' reserve.
     #[error("free disk space for the audit trail is below the reserve kept for operators")]
     LowSpace,
-    /// The newest record does not match its hash, so appending would extend a forged chain.
+    /// The newest record does not match its hash or MAC, so appending would extend a forged chain.
     #[error(
-        "the newest audit record (seq {0}) fails its hash check; run `proxi audit verify` and move the damaged database aside"
+        "the newest audit record (seq {0}) fails its hash or MAC check; run `proxi audit verify` and move the damaged database aside"
     )]
     TamperedTail(u64),
     /// A record could not be encoded.
@@ -82,6 +84,55 @@ pub enum AuditError {
     /// No audit database exists at the path.
     #[error("no audit database at {0}")]
     Missing(PathBuf),
+    /// The audit key or the anchor file could not be used.
+    #[error(transparent)]
+    Anchor(#[from] AnchorError),
+    /// The newest record carries no MAC, so it cannot be told from a forgery.
+    #[error(
+        "the newest audit record (seq {0}) carries no MAC: the trail predates audit keys or its MACs were removed; run `proxi audit verify` and move the database aside"
+    )]
+    Unauthenticated(u64),
+    /// The newest record was authenticated with another key than the one configured.
+    #[error(
+        "the audit trail was written with another audit key (record {seq} names key {found}, the configured key is {expected}); use the operator credential this data dir was created with"
+    )]
+    KeyMismatch {
+        /// The record checked.
+        seq: u64,
+        /// The key id the record names.
+        found: String,
+        /// The configured key's id.
+        expected: String,
+    },
+    /// The anchor names records the database no longer has.
+    #[error(
+        "the audit trail ends at record {last} but the anchor {anchor} says record {anchored} was written: the end of the trail was deleted; run `proxi audit verify` and move the damaged database aside"
+    )]
+    Truncated {
+        /// The newest record present.
+        last: u64,
+        /// The newest record the anchor vouches for.
+        anchored: u64,
+        /// The anchor file.
+        anchor: PathBuf,
+    },
+    /// The record the anchor vouches for has another hash: the chain was rewritten.
+    #[error(
+        "audit record {0} differs from the one the anchor vouches for: the trail was rewritten; run `proxi audit verify` and move the damaged database aside"
+    )]
+    Rewritten(u64),
+    /// The trail has records but its anchor file is gone or was not made with this key.
+    #[error(
+        "the audit anchor {anchor} is {problem} although the trail has {records} record(s); a deleted tail could not be detected, so Proxi will not extend this trail"
+    )]
+    AnchorUntrusted {
+        /// The anchor file.
+        anchor: PathBuf,
+        /// `missing` or `not authenticated by the configured key`.
+        problem: &'static str,
+        /// Records in the trail.
+        records: u64,
+    },
 }
 
 /// What kind of event a record describes.
@@ -199,6 +250,9 @@ pub struct AuditRecord {
     /// The caller's context, bounded like `arguments` (absent in records without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<Value>,
+    /// `<key id>:<HMAC-SHA-256 of hash>` under the audit key (see [`crate::anchor`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// The text columns of one row, exactly as stored and hashed.
@@ -218,6 +272,7 @@ struct Row {
     prev_hash: String,
     hash: String,
     context: Option<String>,
+    mac: Option<String>,
 }
 
 /// One record's columns, borrowed: what is hashed and what is bound to the INSERT.
@@ -282,23 +337,31 @@ impl Fields<'_> {
     }
 }
 
-const SELECT_COLUMNS: &str = "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context";
-/// The same columns from a database written before `context` existed (read-only readers do not migrate).
-const LEGACY_SELECT_COLUMNS: &str = "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, NULL";
+const SELECT_COLUMNS: &str = "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac";
 
-/// The select list that fits the `audit_log` table of `connection`.
-fn select_columns(connection: &Connection) -> Result<&'static str, AuditError> {
-    Ok(if has_context_column(connection)? {
-        SELECT_COLUMNS
+/// The select list that fits the `audit_log` table of `connection`: a database
+/// written before `context` or `mac` existed reads them as NULL (read-only readers
+/// do not migrate).
+fn select_columns(connection: &Connection) -> Result<String, AuditError> {
+    let context = if has_column(connection, "context")? {
+        "context"
     } else {
-        LEGACY_SELECT_COLUMNS
-    })
+        "NULL"
+    };
+    let mac = if has_column(connection, "mac")? {
+        "mac"
+    } else {
+        "NULL"
+    };
+    Ok(format!(
+        "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, {context}, {mac}"
+    ))
 }
 
-fn has_context_column(connection: &Connection) -> Result<bool, AuditError> {
+fn has_column(connection: &Connection, name: &str) -> Result<bool, AuditError> {
     let count: i64 = connection.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('audit_log') WHERE name = 'context'",
-        [],
+        "SELECT COUNT(*) FROM pragma_table_info('audit_log') WHERE name = ?1",
+        [name],
         |row| row.get(0),
     )?;
     Ok(count > 0)
@@ -323,6 +386,7 @@ impl Row {
             prev_hash: row.get(12)?,
             hash: row.get(13)?,
             context: row.get(14)?,
+            mac: row.get(15)?,
         })
     }
 
@@ -368,6 +432,7 @@ impl Row {
             expires_at: self.expires_at,
             prev_hash: self.prev_hash,
             hash: self.hash,
+            mac: self.mac,
         }
     }
 }
@@ -530,6 +595,11 @@ pub struct Recovered {
     pub records: u64,
     /// The newest mode change or expiry, to restore the mode after a restart.
     pub last_mode_event: Option<AuditRecord>,
+    /// Why `last_mode_event` cannot be trusted: the first problem in the chain from
+    /// it to the newest record (hash, link or MAC), if there is one.
+    pub mode_event_problem: Option<String>,
+    /// True when the audit key and anchor live outside the data dir.
+    pub anchored_externally: bool,
 }
 
 /// Creates `dir` (and missing parents) readable by Proxi's user only.
@@ -576,9 +646,27 @@ impl AuditLog {
     /// The data dir is created 0700 and the database and its WAL and shared-memory
     /// files are 0600. The free-space reserve starts at [`DEFAULT_SPACE_RESERVE_BYTES`],
     /// capped at a tenth of the filesystem; see [`AuditLog::set_space_reserve`].
+    /// The audit key and anchor live in the data dir too; see [`AuditLog::open_anchored`].
     pub fn open(
         data_dir: &Path,
         durability: Durability,
+    ) -> Result<(AuditLog, Recovered), AuditError> {
+        create_private_dir(data_dir).map_err(|error| AuditError::Io {
+            path: data_dir.to_owned(),
+            error,
+        })?;
+        let anchoring = Anchoring::in_data_dir(data_dir)?;
+        AuditLog::open_anchored(data_dir, durability, anchoring)
+    }
+
+    /// Opens the trail in `data_dir`, authenticated by `anchoring`'s key and anchor.
+    ///
+    /// Refuses a trail whose newest record fails its hash or MAC, that was written
+    /// with another key, or that ends before its anchor (a deleted tail).
+    pub fn open_anchored(
+        data_dir: &Path,
+        durability: Durability,
+        anchoring: Anchoring,
     ) -> Result<(AuditLog, Recovered), AuditError> {
         let io_error = |path: &Path| {
             let path = path.to_owned();
@@ -621,16 +709,22 @@ impl AuditLog {
                 expires_at TEXT,
                 prev_hash TEXT NOT NULL,
                 hash TEXT NOT NULL,
-                context TEXT
+                context TEXT,
+                mac TEXT
             );
             -- Scratch row the writer rewrites to find out whether writes succeed again.
             CREATE TABLE IF NOT EXISTS audit_probe (id INTEGER PRIMARY KEY, at TEXT NOT NULL);",
         )?;
-        if !has_context_column(&connection)? {
+        if !has_column(&connection, "context")? {
             // A trail from before `context` existed; its records hash the same without it.
             connection.execute_batch("ALTER TABLE audit_log ADD COLUMN context TEXT")?;
         }
+        if !has_column(&connection, "mac")? {
+            // A trail from before audit keys: the MAC check below refuses to extend it.
+            connection.execute_batch("ALTER TABLE audit_log ADD COLUMN mac TEXT")?;
+        }
 
+        let key = anchoring.key();
         let last: Option<Row> = connection
             .query_row(
                 &format!("SELECT {SELECT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT 1"),
@@ -642,9 +736,23 @@ impl AuditLog {
             Some(row) if !row.hash_is_valid() => {
                 return Err(AuditError::TamperedTail(row.seq));
             }
-            Some(row) => (row.seq, row.hash),
+            Some(row) => match key.check_record(&row.hash, row.mac.as_deref()) {
+                MacCheck::Valid => (row.seq, row.hash),
+                MacCheck::OtherKey(found) => {
+                    return Err(AuditError::KeyMismatch {
+                        seq: row.seq,
+                        found,
+                        expected: key.id().to_owned(),
+                    });
+                }
+                MacCheck::Missing => return Err(AuditError::Unauthenticated(row.seq)),
+                MacCheck::Invalid => return Err(AuditError::TamperedTail(row.seq)),
+            },
             None => (0, GENESIS_HASH.to_owned()),
         };
+        check_anchor(&connection, &anchoring, last_seq)?;
+        // Proves the anchor is writable before anything is acknowledged.
+        anchoring.write_anchor(last_seq, &last_hash)?;
         let last_mode_event = connection
             .query_row(
                 &format!(
@@ -655,6 +763,17 @@ impl AuditLog {
             )
             .optional()?
             .map(Row::into_record);
+        let mode_event_problem = match &last_mode_event {
+            Some(record) => check_chain_from(&connection, record.seq, key)?
+                .map(|broken| format!("record {}: {}", broken.seq, broken.problem)),
+            None => None,
+        };
+        let anchored_externally = anchoring.is_external();
+        let anchor = Arc::new(AnchorWriter {
+            file: anchoring.open_for_updates()?,
+            head: Mutex::new((last_seq, last_hash.clone())),
+            failing: AtomicBool::new(false),
+        });
 
         let (sender, receiver) = mpsc::channel();
         let total = disk_space(data_dir).map(|(_, total)| total).unwrap_or(0);
@@ -673,6 +792,7 @@ impl AuditLog {
                     data_dir: data_dir.to_owned(),
                     wal: None,
                     shared: Arc::clone(&shared),
+                    anchor: Arc::clone(&anchor),
                 };
                 std::thread::Builder::new()
                     .name("proxi-audit-sync".into())
@@ -687,6 +807,7 @@ impl AuditLog {
             last_seq,
             last_hash,
             shared: Arc::clone(&shared),
+            anchor,
             syncer,
         };
         writer.check_space();
@@ -703,6 +824,8 @@ impl AuditLog {
             Recovered {
                 records: last_seq,
                 last_mode_event,
+                mode_event_problem,
+                anchored_externally,
             },
         ))
     }
@@ -810,6 +933,8 @@ struct Writer {
     last_seq: u64,
     last_hash: String,
     shared: Arc<Shared>,
+    /// Records the committed head in the anchor (here, or after the syncer's fsync).
+    anchor: Arc<AnchorWriter>,
     /// Present for `Durability::Full`: committed batches wait there for their fsync.
     syncer: Option<mpsc::Sender<Acks>>,
 }
@@ -820,6 +945,7 @@ struct Syncer {
     data_dir: PathBuf,
     wal: Option<std::fs::File>,
     shared: Arc<Shared>,
+    anchor: Arc<AnchorWriter>,
 }
 
 impl Syncer {
@@ -828,6 +954,8 @@ impl Syncer {
             while let Ok(more) = receiver.try_recv() {
                 acks.extend(more);
             }
+            // Read before the fsync: every commit that set this head is covered by it.
+            let head = self.anchor.head();
             let synced = if self.shared.health() == FAILED {
                 Err(std::io::Error::other("an earlier fsync failed"))
             } else {
@@ -835,6 +963,7 @@ impl Syncer {
             };
             match synced {
                 Ok(()) => {
+                    self.anchor.persist(head);
                     for (done, seq) in acks {
                         let _ = done.send(Ok(seq));
                     }
@@ -1070,8 +1199,8 @@ impl Writer {
         let mut context = Vec::with_capacity(64);
         {
             let mut insert = transaction.prepare_cached(
-                "INSERT INTO audit_log (seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                "INSERT INTO audit_log (seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?;
             for job in batch {
                 let entry = &job.entry;
@@ -1127,6 +1256,7 @@ impl Writer {
                     utf8(&prev_hash)?,
                     utf8(&hash)?,
                     fields.context,
+                    self.anchor.key().record_mac(utf8(&hash)?),
                 ])?;
             }
         }
@@ -1134,6 +1264,8 @@ impl Writer {
         let first = self.last_seq + 1;
         self.last_seq = seq;
         self.last_hash = utf8(&hash)?.to_owned();
+        self.anchor
+            .committed(seq, &self.last_hash, self.syncer.is_none());
         Ok(first)
     }
 }
@@ -1199,6 +1331,12 @@ pub struct Verification {
     pub head: Option<String>,
     /// The first broken record, if any.
     pub first_bad: Option<BrokenRecord>,
+    /// The newest record the anchor vouches for, when a key was given and the anchor checked out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anchored_seq: Option<u64>,
+    /// Whether the key and anchor used live outside the data dir (`None`: no key given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anchored_externally: Option<bool>,
 }
 
 /// Where and how the chain breaks.
@@ -1210,55 +1348,297 @@ pub struct BrokenRecord {
     pub problem: String,
 }
 
-/// Recomputes the whole chain and reports the first record that breaks it.
-pub fn verify(db_path: &Path) -> Result<Verification, AuditError> {
-    let connection = open_reader(db_path)?;
-    let columns = select_columns(&connection)?;
-    let mut statement =
-        connection.prepare(&format!("SELECT {columns} FROM audit_log ORDER BY seq"))?;
-    let mut rows = statement.query([])?;
-    let mut expected_seq = 1;
-    let mut previous_hash = GENESIS_HASH.to_owned();
-    let mut records = 0;
-    let broken = |records, seq, problem: String| Verification {
-        records,
-        head: None,
-        first_bad: Some(BrokenRecord { seq, problem }),
-    };
-    while let Some(row) = rows.next()? {
-        let row = Row::from_sql(row)?;
-        records += 1;
-        if row.seq != expected_seq {
-            let problem = if row.seq > expected_seq {
+/// Checks records one after another: sequence, link, hash and (with a key) MAC.
+struct ChainCheck<'a> {
+    key: Option<&'a AuditKey>,
+    expected_seq: u64,
+    /// `None` while the first record's link is not to be checked (a check from the middle).
+    previous_hash: Option<String>,
+}
+
+impl ChainCheck<'_> {
+    fn check(&mut self, row: Row) -> Result<(), BrokenRecord> {
+        let broken = |problem: String| BrokenRecord {
+            seq: row.seq,
+            problem,
+        };
+        if row.seq != self.expected_seq {
+            return Err(broken(if row.seq > self.expected_seq {
                 format!(
-                    "expected record {expected_seq} next but found {}: record(s) {expected_seq}..{} were deleted",
+                    "expected record {} next but found {}: record(s) {}..{} were deleted",
+                    self.expected_seq,
                     row.seq,
+                    self.expected_seq,
                     row.seq - 1
                 )
             } else {
                 format!("record {} is out of order", row.seq)
-            };
-            return Ok(broken(records, row.seq, problem));
+            }));
         }
-        if row.prev_hash != previous_hash {
-            return Ok(broken(
-                records,
-                row.seq,
+        if self
+            .previous_hash
+            .as_ref()
+            .is_some_and(|previous| *previous != row.prev_hash)
+        {
+            return Err(broken(
                 "does not link to the record before it (records were deleted, reordered or replaced)"
                     .to_owned(),
             ));
         }
         if !row.hash_is_valid() {
-            return Ok(broken(
-                records,
-                row.seq,
+            return Err(broken(
                 "its content does not match its hash (the record was edited)".to_owned(),
             ));
         }
-        previous_hash = row.hash;
-        expected_seq += 1;
+        if let Some(key) = self.key {
+            match key.check_record(&row.hash, row.mac.as_deref()) {
+                MacCheck::Valid => {}
+                MacCheck::Missing => {
+                    return Err(broken(
+                        "carries no MAC: it was not written by Proxi with an audit key, or its MAC was removed"
+                            .to_owned(),
+                    ));
+                }
+                MacCheck::OtherKey(found) => {
+                    return Err(broken(format!(
+                        "key mismatch: it was authenticated with audit key {found}, but the key given is {}; use the operator credential this trail was written with",
+                        key.id()
+                    )));
+                }
+                MacCheck::Invalid => {
+                    return Err(broken(
+                        "its MAC does not match: the record was edited and its hash recomputed without the audit key (re-hashed)"
+                            .to_owned(),
+                    ));
+                }
+            }
+        }
+        self.previous_hash = Some(row.hash);
+        self.expected_seq += 1;
+        Ok(())
     }
-    // AUTOINCREMENT remembers the highest seq ever written, which exposes a deleted tail.
+}
+
+fn hash_at(connection: &Connection, seq: u64) -> Result<Option<String>, AuditError> {
+    if seq == 0 {
+        return Ok(Some(GENESIS_HASH.to_owned()));
+    }
+    Ok(connection
+        .query_row(
+            "SELECT hash FROM audit_log WHERE seq = ?1",
+            [i64::try_from(seq).unwrap_or(i64::MAX)],
+            |row| row.get(0),
+        )
+        .optional()?)
+}
+
+/// At startup: the anchor must be authentic and must not be ahead of, or differ from, the trail.
+fn check_anchor(
+    connection: &Connection,
+    anchoring: &Anchoring,
+    last_seq: u64,
+) -> Result<(), AuditError> {
+    let path = anchoring.anchor_path().to_owned();
+    let untrusted = |problem| AuditError::AnchorUntrusted {
+        anchor: path.clone(),
+        problem,
+        records: last_seq,
+    };
+    match anchoring.read_anchor()? {
+        None if last_seq > 0 => Err(untrusted("missing")),
+        None => Ok(()),
+        Some(anchor) if !anchor.is_authentic(anchoring.key()) => {
+            Err(untrusted("not authenticated by the configured key"))
+        }
+        Some(anchor) if anchor.seq > last_seq => Err(AuditError::Truncated {
+            last: last_seq,
+            anchored: anchor.seq,
+            anchor: path,
+        }),
+        Some(anchor) => match hash_at(connection, anchor.seq)? {
+            Some(hash) if hash == anchor.hash => Ok(()),
+            _ => Err(AuditError::Rewritten(anchor.seq)),
+        },
+    }
+}
+
+/// Checks the chain from record `seq` (its content and MAC, not its link backwards)
+/// to the newest record; returns the first problem.
+fn check_chain_from(
+    connection: &Connection,
+    seq: u64,
+    key: &AuditKey,
+) -> Result<Option<BrokenRecord>, AuditError> {
+    let mut statement = connection.prepare(&format!(
+        "SELECT {SELECT_COLUMNS} FROM audit_log WHERE seq >= ?1 ORDER BY seq"
+    ))?;
+    let mut rows = statement.query([i64::try_from(seq).unwrap_or(i64::MAX)])?;
+    let mut check = ChainCheck {
+        key: Some(key),
+        expected_seq: seq,
+        previous_hash: None,
+    };
+    while let Some(row) = rows.next()? {
+        if let Err(broken) = check.check(Row::from_sql(row)?) {
+            return Ok(Some(broken));
+        }
+    }
+    Ok(None)
+}
+
+/// The committed chain head, and writing it to the anchor file.
+struct AnchorWriter {
+    file: AnchorFile,
+    head: Mutex<(u64, String)>,
+    failing: AtomicBool,
+}
+
+impl AnchorWriter {
+    fn key(&self) -> &AuditKey {
+        self.file.key()
+    }
+
+    fn head(&self) -> (u64, String) {
+        self.head
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Notes a commit; with `persist_now` (no fsync to wait for) also writes the anchor.
+    fn committed(&self, seq: u64, hash: &str, persist_now: bool) {
+        *self.head.lock().unwrap_or_else(PoisonError::into_inner) = (seq, hash.to_owned());
+        if persist_now {
+            self.persist((seq, hash.to_owned()));
+        }
+    }
+
+    /// Writes the anchor. A failure leaves the old, lower anchor in place (it is never
+    /// ahead of the trail, so nothing false is claimed) and is logged once until it heals.
+    fn persist(&self, (seq, hash): (u64, String)) {
+        match self.file.update(seq, &hash) {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!("the audit anchor is written again");
+                }
+            }
+            Err(error) => {
+                if !self.failing.swap(true, Ordering::AcqRel) {
+                    tracing::error!(%error, "cannot update the audit anchor; a deleted tail after record {seq} would go unnoticed until it is written again");
+                }
+            }
+        }
+    }
+}
+
+/// Recomputes the whole hash chain and reports the first record that breaks it.
+/// Checks no MACs: see [`verify_anchored`].
+pub fn verify(db_path: &Path) -> Result<Verification, AuditError> {
+    verify_with(db_path, None)
+}
+
+/// Like [`verify`], and also checks every record's MAC and the anchor with
+/// `anchoring`'s key: reports a re-hashed record, a key mismatch and a deleted tail.
+pub fn verify_anchored(db_path: &Path, anchoring: &Anchoring) -> Result<Verification, AuditError> {
+    verify_with(db_path, Some(anchoring))
+}
+
+fn verify_with(db_path: &Path, anchoring: Option<&Anchoring>) -> Result<Verification, AuditError> {
+    let connection = open_reader(db_path)?;
+    let anchor = match anchoring {
+        Some(anchoring) => Some(anchoring.read_anchor()?),
+        None => None,
+    };
+    let anchor_seq = anchor
+        .as_ref()
+        .and_then(|anchor| anchor.as_ref().map(|a| a.seq));
+    let columns = select_columns(&connection)?;
+    let mut statement =
+        connection.prepare(&format!("SELECT {columns} FROM audit_log ORDER BY seq"))?;
+    let mut rows = statement.query([])?;
+    let mut check = ChainCheck {
+        key: anchoring.map(Anchoring::key),
+        expected_seq: 1,
+        previous_hash: Some(GENESIS_HASH.to_owned()),
+    };
+    let mut records = 0;
+    let mut hash_at_anchor = (anchor_seq == Some(0)).then(|| GENESIS_HASH.to_owned());
+    let result = |records, first_bad: Option<BrokenRecord>, head: Option<String>| Verification {
+        records,
+        head: if first_bad.is_none() { head } else { None },
+        first_bad,
+        anchored_seq: None,
+        anchored_externally: anchoring.map(Anchoring::is_external),
+    };
+    while let Some(row) = rows.next()? {
+        let row = Row::from_sql(row)?;
+        records += 1;
+        if Some(row.seq) == anchor_seq {
+            hash_at_anchor = Some(row.hash.clone());
+        }
+        if let Err(broken) = check.check(row) {
+            return Ok(result(records, Some(broken), None));
+        }
+    }
+    let last = check.expected_seq - 1;
+    let head = check.previous_hash.filter(|_| records > 0);
+    if let (Some(anchoring), Some(anchor)) = (anchoring, anchor) {
+        let path = anchoring.anchor_path().display();
+        let problem = match anchor {
+            None if records > 0 => Some(BrokenRecord {
+                seq: last,
+                problem: format!(
+                    "the anchor {path} is missing: it was deleted, or this trail was not written with this key; a deleted tail cannot be ruled out"
+                ),
+            }),
+            None => None,
+            Some(anchor) if anchor.key_id != anchoring.key().id() => Some(BrokenRecord {
+                seq: anchor.seq,
+                problem: format!(
+                    "key mismatch: the anchor {path} was made with audit key {}, but the key given is {}",
+                    anchor.key_id,
+                    anchoring.key().id()
+                ),
+            }),
+            Some(anchor) if !anchor.is_authentic(anchoring.key()) => Some(BrokenRecord {
+                seq: anchor.seq,
+                problem: format!("the anchor {path} was forged (its MAC does not match)"),
+            }),
+            Some(anchor) if anchor.seq > last => Some(BrokenRecord {
+                seq: last + 1,
+                problem: format!(
+                    "records {}..{} were written (the anchor vouches for {}) but are missing: the end of the trail was deleted (truncated)",
+                    last + 1,
+                    anchor.seq,
+                    anchor.seq
+                ),
+            }),
+            Some(anchor) if hash_at_anchor.as_deref() != Some(anchor.hash.as_str()) => {
+                Some(BrokenRecord {
+                    seq: anchor.seq,
+                    problem: "differs from the record the anchor vouches for: the trail was rewritten from here".to_owned(),
+                })
+            }
+            Some(anchor) => {
+                let mut verification = result(records, None, head.clone());
+                verification.anchored_seq = Some(anchor.seq);
+                return finish_unanchored(&connection, verification, last);
+            }
+        };
+        if let Some(problem) = problem {
+            return Ok(result(records, Some(problem), None));
+        }
+    }
+    finish_unanchored(&connection, result(records, None, head), last)
+}
+
+/// The hash-only tail check: AUTOINCREMENT remembers the highest seq ever written,
+/// which exposes a deleted tail unless `sqlite_sequence` was edited too.
+fn finish_unanchored(
+    connection: &Connection,
+    mut verification: Verification,
+    last: u64,
+) -> Result<Verification, AuditError> {
     let highest: Option<u64> = connection
         .query_row(
             "SELECT seq FROM sqlite_sequence WHERE name = 'audit_log'",
@@ -1268,21 +1648,18 @@ pub fn verify(db_path: &Path) -> Result<Verification, AuditError> {
         .optional()?
         .and_then(|seq| u64::try_from(seq).ok());
     if let Some(highest) = highest
-        && highest >= expected_seq
+        && highest > last
     {
-        return Ok(broken(
-            records,
-            expected_seq,
-            format!(
-                "records {expected_seq}..{highest} were written but are missing (the end of the log was deleted)"
+        verification.head = None;
+        verification.first_bad = Some(BrokenRecord {
+            seq: last + 1,
+            problem: format!(
+                "records {}..{highest} were written but are missing (the end of the log was deleted)",
+                last + 1
             ),
-        ));
+        });
     }
-    Ok(Verification {
-        records,
-        head: (records > 0).then_some(previous_hash),
-        first_bad: None,
-    })
+    Ok(verification)
 }
 
 #[cfg(test)]
@@ -1648,5 +2025,141 @@ mod tests {
         drop(log);
         let (_, recovered) = AuditLog::open(dir.path(), Durability::Process).unwrap();
         assert_eq!(recovered.last_mode_event.map(|record| record.seq), Some(2));
+    }
+
+    fn anchoring(dir: &Path) -> Anchoring {
+        Anchoring::in_data_dir(dir).unwrap()
+    }
+
+    fn anchored_problem(dir: &Path, anchoring: &Anchoring) -> Option<BrokenRecord> {
+        verify_anchored(&dir.join(AUDIT_DB_FILE), anchoring)
+            .unwrap()
+            .first_bad
+    }
+
+    /// Recomputes every hash as someone without the key would after an edit.
+    fn rehash(dir: &Path) {
+        let connection = Connection::open(dir.join(AUDIT_DB_FILE)).unwrap();
+        let rows: Vec<Row> = connection
+            .prepare(&format!(
+                "SELECT {SELECT_COLUMNS} FROM audit_log ORDER BY seq"
+            ))
+            .unwrap()
+            .query_map([], Row::from_sql)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut previous = GENESIS_HASH.to_owned();
+        for row in rows {
+            let hash = String::from_utf8(row.fields().hash(&previous).to_vec()).unwrap();
+            connection
+                .execute(
+                    "UPDATE audit_log SET prev_hash = ?1, hash = ?2 WHERE seq = ?3",
+                    params![previous, hash, row.seq as i64],
+                )
+                .unwrap();
+            previous = hash;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_anchored_chain_verifies_and_names_its_anchor() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(log_with(dir.path(), 4).await);
+        let report =
+            verify_anchored(&dir.path().join(AUDIT_DB_FILE), &anchoring(dir.path())).unwrap();
+        assert_eq!(report.first_bad, None);
+        assert_eq!(report.anchored_seq, Some(4));
+        assert_eq!(report.anchored_externally, Some(false));
+    }
+
+    #[tokio::test]
+    async fn a_truncated_tail_is_caught_by_the_anchor_even_with_sqlite_sequence_fixed() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(log_with(dir.path(), 5).await);
+        tamper(
+            dir.path(),
+            "DELETE FROM audit_log WHERE seq >= 4; UPDATE sqlite_sequence SET seq = 3 WHERE name = 'audit_log';",
+        );
+        assert_eq!(
+            first_bad(dir.path()),
+            None,
+            "the hash chain alone cannot tell"
+        );
+        let broken = anchored_problem(dir.path(), &anchoring(dir.path())).unwrap();
+        assert_eq!(broken.seq, 4);
+        assert!(broken.problem.contains("truncated"), "{}", broken.problem);
+        assert!(matches!(
+            AuditLog::open(dir.path(), Durability::Process),
+            Err(AuditError::Truncated {
+                last: 3,
+                anchored: 5,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_rehashed_edit_is_named_by_its_mac() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(log_with(dir.path(), 5).await);
+        tamper(
+            dir.path(),
+            "UPDATE audit_log SET principal = 'operator' WHERE seq = 2",
+        );
+        rehash(dir.path());
+        assert_eq!(
+            first_bad(dir.path()),
+            None,
+            "the hash chain alone cannot tell"
+        );
+        let broken = anchored_problem(dir.path(), &anchoring(dir.path())).unwrap();
+        assert_eq!(broken.seq, 2);
+        assert!(broken.problem.contains("re-hashed"), "{}", broken.problem);
+        assert!(matches!(
+            AuditLog::open(dir.path(), Durability::Process),
+            Err(AuditError::TamperedTail(5))
+        ));
+    }
+
+    #[tokio::test]
+    async fn another_key_is_reported_as_a_key_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(log_with(dir.path(), 2).await);
+        let other = tempfile::tempdir().unwrap();
+        let wrong = Anchoring::external(AuditKey::from_bytes([9; 32]), &other.path().join("cred"));
+        let broken = anchored_problem(dir.path(), &wrong).unwrap();
+        assert_eq!(broken.seq, 1);
+        assert!(
+            broken.problem.contains("key mismatch"),
+            "{}",
+            broken.problem
+        );
+        assert!(matches!(
+            AuditLog::open_anchored(dir.path(), Durability::Process, wrong),
+            Err(AuditError::KeyMismatch { seq: 2, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_edited_mode_change_before_the_tail_is_reported_at_startup() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), 1).await;
+        let mut change = entry(0);
+        change.kind = EntryKind::ModeChange;
+        change.expires_at = Some(Utc::now());
+        log.append(change).await.unwrap();
+        log.append(entry(3)).await.unwrap();
+        drop(log);
+        let (_, recovered) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        assert_eq!(recovered.mode_event_problem, None);
+        tamper(
+            dir.path(),
+            "UPDATE audit_log SET expires_at = '2099-01-01T00:00:00.000000Z' WHERE seq = 2",
+        );
+        let (_, recovered) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        assert_eq!(recovered.last_mode_event.map(|record| record.seq), Some(2));
+        let problem = recovered.mode_event_problem.unwrap();
+        assert!(problem.starts_with("record 2:"), "{problem}");
     }
 }

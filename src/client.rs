@@ -1,6 +1,6 @@
 //! A typed client for Proxi's REST API, used by the CLI, the agent and the demo.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -43,6 +43,41 @@ pub enum ClientError {
     /// The client could not be built.
     #[error("invalid client configuration: {0}")]
     Config(String),
+    /// The data dir's `server.json` cannot be trusted.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+}
+
+/// Why a `server.json` is not used. Anyone who can write the data dir (under
+/// `proxi mcp`, the agent) can write that file, and the CLI would send the operator
+/// token to whatever URL it names.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The URL is not on this machine's loopback interface.
+    #[error(
+        "{file} names {url}, which is not a loopback URL; refusing to send a token there. Pass --server URL (or set PROXI_SERVER) to use that server"
+    )]
+    NotLoopback {
+        /// The server file.
+        file: PathBuf,
+        /// The URL it names (truncated).
+        url: String,
+    },
+    /// The process that wrote the file is gone.
+    #[error(
+        "{file} names process {pid}, which is not running (the file is stale or forged); refusing to send a token to {url}. Pass --server URL"
+    )]
+    DeadProcess {
+        /// The server file.
+        file: PathBuf,
+        /// The pid it names.
+        pid: u32,
+        /// The URL it names (truncated).
+        url: String,
+    },
+    /// The file exists but is not a server file.
+    #[error("{0} is malformed; pass --server URL")]
+    Malformed(PathBuf),
 }
 
 /// A connection to one Proxi server with one token.
@@ -236,12 +271,48 @@ fn is_loopback(url: &str) -> bool {
     rest.starts_with("127.") || rest.starts_with("localhost") || rest.starts_with("[::1]")
 }
 
-/// The server URL a local CLI should use: explicit, else the data dir's `server.json`, else the default.
-pub fn resolve_server_url(explicit: Option<&str>, data_dir: &Path) -> String {
-    explicit
-        .map(str::to_owned)
-        .or_else(|| ServerInfo::read(data_dir).map(|info| info.url))
-        .unwrap_or_else(|| DEFAULT_SERVER_URL.to_owned())
+/// The server URL a local CLI should use: explicit, else the data dir's `server.json`
+/// (only a loopback URL, written by a process that is still running), else the default.
+pub fn resolve_server_url(explicit: Option<&str>, data_dir: &Path) -> Result<String, ClientError> {
+    if let Some(url) = explicit {
+        return Ok(url.to_owned());
+    }
+    let file = data_dir.join(crate::server::SERVER_FILE);
+    if !file.exists() {
+        return Ok(DEFAULT_SERVER_URL.to_owned());
+    }
+    let info = ServerInfo::read(data_dir).ok_or_else(|| DiscoveryError::Malformed(file.clone()))?;
+    let url: String = info.url.chars().take(200).collect();
+    if !is_loopback_url(&info.url) {
+        return Err(DiscoveryError::NotLoopback { file, url }.into());
+    }
+    if !info.process_is_alive() {
+        return Err(DiscoveryError::DeadProcess {
+            file,
+            pid: info.pid,
+            url,
+        }
+        .into());
+    }
+    Ok(info.url)
+}
+
+/// True for an `http(s)` URL whose host is a loopback IP address or `localhost`.
+pub fn is_loopback_url(url: &str) -> bool {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    if !matches!(parsed.scheme(), "http" | "https") || !parsed.username().is_empty() {
+        return false;
+    }
+    let Some(host) = parsed.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
 }
 
 /// A token from the environment variable `env`, else from the data dir's tokens file.
@@ -271,19 +342,44 @@ mod tests {
     #[test]
     fn explicit_urls_win_over_the_data_dir() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(resolve_server_url(None, dir.path()), DEFAULT_SERVER_URL);
+        assert_eq!(
+            resolve_server_url(None, dir.path()).unwrap(),
+            DEFAULT_SERVER_URL
+        );
         std::fs::write(
             dir.path().join(crate::server::SERVER_FILE),
             r#"{"url":"http://127.0.0.1:9999","pid":1}"#,
         )
         .unwrap();
         assert_eq!(
-            resolve_server_url(None, dir.path()),
+            resolve_server_url(None, dir.path()).unwrap(),
             "http://127.0.0.1:9999"
         );
         assert_eq!(
-            resolve_server_url(Some("http://10.0.0.1:1"), dir.path()),
+            resolve_server_url(Some("http://10.0.0.1:1"), dir.path()).unwrap(),
             "http://10.0.0.1:1"
         );
+    }
+
+    #[test]
+    fn only_loopback_urls_count_as_loopback() {
+        for url in [
+            "http://127.0.0.1:8000",
+            "http://127.9.9.9:1/",
+            "http://[::1]:80",
+            "http://LOCALHOST:1",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://192.0.2.1:80",
+            "http://127.0.0.1.evil.example:80",
+            "http://localhost.evil.example",
+            "http://user@127.0.0.1:1",
+            "file:///tmp/x",
+            "not a url",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
     }
 }

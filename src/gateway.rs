@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::anchor::Anchoring;
 use crate::audit::{
     AuditDecision, AuditEntry, AuditError, AuditLog, AuditRecord, DATA_FILE_MODE, Durability,
     EntryKind, Priority, Recovered, STORED_PREFIX_BYTES, create_private_dir, format_time,
@@ -336,8 +337,21 @@ fn lock_data_dir(data_dir: &Path) -> Result<File, GatewayError> {
     }
 }
 
+/// What the gateway may trust at startup: where the audit key and anchor live, and
+/// whether an elevated mode found in the trail may be restored at all.
+#[derive(Clone, Debug)]
+pub struct StartupTrust {
+    /// The audit key and anchor (see [`crate::anchor`]).
+    pub anchoring: Anchoring,
+    /// False when no operator could have declared an elevated mode in this
+    /// configuration (`proxi mcp` without an operator credential): then an elevated
+    /// mode in the trail is never restored, however valid it looks.
+    pub restore_elevated: bool,
+}
+
 impl Gateway {
     /// Opens the data dir, restores the mode from the audit trail and starts the expiry task.
+    /// The audit key and anchor live in the data dir (see [`Gateway::open_with`]).
     ///
     /// Must be called inside a Tokio runtime.
     pub async fn open(
@@ -345,7 +359,32 @@ impl Gateway {
         config: GatewayConfig,
     ) -> Result<Arc<Gateway>, GatewayError> {
         let lock = lock_data_dir(&config.data_dir)?;
-        let (audit, recovered) = AuditLog::open(&config.data_dir, config.durability)?;
+        let anchoring = Anchoring::in_data_dir(&config.data_dir).map_err(AuditError::from)?;
+        let trust = StartupTrust {
+            anchoring,
+            restore_elevated: true,
+        };
+        Gateway::open_locked(policy, config, trust, lock).await
+    }
+
+    /// Like [`Gateway::open`], with the audit key, anchor and restore rule given.
+    pub async fn open_with(
+        policy: PolicyEngine,
+        config: GatewayConfig,
+        trust: StartupTrust,
+    ) -> Result<Arc<Gateway>, GatewayError> {
+        let lock = lock_data_dir(&config.data_dir)?;
+        Gateway::open_locked(policy, config, trust, lock).await
+    }
+
+    async fn open_locked(
+        policy: PolicyEngine,
+        config: GatewayConfig,
+        trust: StartupTrust,
+        lock: File,
+    ) -> Result<Arc<Gateway>, GatewayError> {
+        let (audit, recovered) =
+            AuditLog::open_anchored(&config.data_dir, config.durability, trust.anchoring)?;
         if let Some(bytes) = config.audit_reserve_bytes {
             audit.set_space_reserve(bytes);
         }
@@ -387,18 +426,46 @@ impl Gateway {
             _data_dir_lock: lock,
             mode_changes: tokio::sync::Mutex::new(()),
         });
-        gateway.restore_mode(recovered).await?;
+        gateway
+            .restore_mode(recovered, trust.restore_elevated)
+            .await?;
         gateway.mode_events.send_replace(gateway.status());
         spawn_expiry_task(Arc::downgrade(&gateway), gateway.mode_events.subscribe());
         Ok(gateway)
     }
 
     /// Puts back the mode the trail last recorded, unless it has lapsed meanwhile.
-    async fn restore_mode(&self, recovered: Recovered) -> Result<(), GatewayError> {
+    ///
+    /// An elevated mode is restored only from a record that checks out (its hash and
+    /// MAC, and the chain from it to the newest record), only if `restore_elevated`,
+    /// and for at most the policy's current `max_emergency_ttl_seconds`. Otherwise the
+    /// gateway starts in the default mode and records why.
+    async fn restore_mode(
+        &self,
+        recovered: Recovered,
+        restore_elevated: bool,
+    ) -> Result<(), GatewayError> {
         let Some(record) = recovered.last_mode_event else {
             return Ok(());
         };
         let default = self.policy.default_mode();
+        if record.mode != self.mode_name(default).as_ref() {
+            if let Some(problem) = &recovered.mode_event_problem {
+                tracing::warn!(%problem, "the recorded mode change does not verify; starting in the default mode");
+                let why = format!(
+                    "the recorded mode change does not verify, so it was not restored ({problem})"
+                );
+                return self.record_restore_refusal(&record, &why).await;
+            }
+            if !restore_elevated {
+                return self
+                    .record_restore_refusal(
+                        &record,
+                        "no operator credential is configured, so no elevated mode is restored",
+                    )
+                    .await;
+            }
+        }
         let Some(mode) = self.policy.mode_id(&record.mode) else {
             tracing::warn!(mode = %record.mode, "recorded mode no longer exists in the policy; starting in the default mode");
             return self
@@ -425,10 +492,23 @@ impl Gateway {
                 .as_deref()
                 .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
                 .map(|time| time.with_timezone(&Utc));
-            let remaining = expires_at.and_then(|at| (at - Utc::now()).to_std().ok());
+            let now = Utc::now();
+            let remaining = expires_at.and_then(|at| (at - now).to_std().ok());
             match (expires_at, remaining) {
                 (Some(at), Some(remaining)) if !remaining.is_zero() => {
-                    state.expires = Some((Instant::now() + remaining, at));
+                    let cap = self.policy.max_elevated_ttl();
+                    if remaining > cap {
+                        // Recorded, so that later restarts start from the capped deadline.
+                        let capped_at = now
+                            + chrono::Duration::from_std(cap).unwrap_or(chrono::Duration::zero());
+                        self.record_restore_cap(&record, &state, capped_at, cap)
+                            .await?;
+                        state.expires = Some((Instant::now() + cap, capped_at));
+                        state.changed_by = Principal::system().name().clone();
+                        state.changed_at = now;
+                    } else {
+                        state.expires = Some((Instant::now() + remaining, at));
+                    }
                 }
                 _ => {
                     return self
@@ -442,6 +522,60 @@ impl Gateway {
         }
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = state;
         Ok(())
+    }
+
+    /// Records that an elevated mode was not restored, and why; the gateway stays in the default mode.
+    async fn record_restore_refusal(
+        &self,
+        record: &AuditRecord,
+        why: &str,
+    ) -> Result<(), GatewayError> {
+        let entry = AuditEntry {
+            time: Utc::now(),
+            principal: Principal::system().name().clone(),
+            kind: EntryKind::ModeExpired,
+            tool: None,
+            arguments: None,
+            mode: self.mode_name(self.policy.default_mode()).clone(),
+            decision: AuditDecision::Allowed,
+            reason_code: None,
+            outcome: "not_restored",
+            detail: json!({"from": record.mode, "restore_from_seq": record.seq, "reason": why}),
+            expires_at: None,
+            context: None,
+        };
+        self.append(entry, Priority::Essential).await
+    }
+
+    /// Records an elevated mode restored with its time left cut to the policy's cap.
+    async fn record_restore_cap(
+        &self,
+        record: &AuditRecord,
+        state: &ModeState,
+        capped_at: DateTime<Utc>,
+        cap: Duration,
+    ) -> Result<(), GatewayError> {
+        let entry = AuditEntry {
+            time: Utc::now(),
+            principal: Principal::system().name().clone(),
+            kind: EntryKind::ModeChange,
+            tool: None,
+            arguments: None,
+            mode: self.mode_name(state.mode).clone(),
+            decision: AuditDecision::Allowed,
+            reason_code: None,
+            outcome: "restored_capped",
+            detail: json!({
+                "from": record.mode,
+                "reason": state.reason,
+                "ttl_seconds": cap.as_secs(),
+                "restore_from_seq": record.seq,
+                "note": "time left cut to the policy's max_emergency_ttl_seconds at restart",
+            }),
+            expires_at: Some(capped_at),
+            context: None,
+        };
+        self.append(entry, Priority::Essential).await
     }
 
     async fn record_restore_lapse(

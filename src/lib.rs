@@ -6,9 +6,11 @@
 //! [`audit::AuditLog`] records it before anyone hears the answer.
 
 pub mod agent;
+pub mod anchor;
 pub mod api;
 pub mod audit;
 pub mod client;
+pub mod credential;
 pub mod demo;
 pub mod gateway;
 pub mod infra;

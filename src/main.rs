@@ -18,10 +18,12 @@ use proxi::agent::{
     Agent, AgentConfig, AgentObserver, DEFAULT_MAX_STEPS, RunOutcome, RunRecord, ToolCallRecord,
     describe_call,
 };
+use proxi::anchor::Anchoring;
 use proxi::api::SetModeRequest;
 use proxi::audit::{self, Durability};
 use proxi::client::{ProxiClient, resolve_server_url, resolve_token};
-use proxi::gateway::{Gateway, GatewayConfig};
+use proxi::credential::OperatorCredential;
+use proxi::gateway::{Gateway, GatewayConfig, StartupTrust};
 use proxi::policy::{Decision, PolicyEngine};
 use proxi::server::limits::EdgeLimits;
 use proxi::server::{AppState, BoundServer};
@@ -73,6 +75,18 @@ enum Command {
     Agent(AgentArgs),
     /// Run the seed's ten scenarios end to end against an in-process server (no API key needed).
     Demo(DemoArgs),
+    /// Manage the operator credential (operator token and audit key, kept outside the data dir).
+    #[command(subcommand)]
+    Credential(CredentialCommand),
+}
+
+#[derive(Subcommand)]
+enum CredentialCommand {
+    /// Create a new credential file (mode 0600) with a fresh operator token and audit key.
+    Init {
+        /// Where to write it: outside the data dir, where the agent cannot read it.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -164,6 +178,9 @@ struct StateArgs {
     /// agent calls get 503 while mode changes still work [default: 64, at most a tenth of the filesystem].
     #[arg(long, value_name = "MIB")]
     audit_reserve_mb: Option<u64>,
+    /// Operator credential file (`proxi credential init`): the operator token and the audit key; the audit anchor is kept next to it.
+    #[arg(long, env = "PROXI_OPERATOR_CREDENTIAL", value_name = "FILE")]
+    operator_credential: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -279,10 +296,13 @@ enum PolicyCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Recompute the hash chain and name the first bad record.
+    /// Recompute the hash chain, check every MAC and the anchor, and name the first bad record.
     Verify {
         #[arg(long, default_value = "./proxi-data")]
         data_dir: PathBuf,
+        /// The operator credential the server uses (else the key in the data dir).
+        #[arg(long, env = "PROXI_OPERATOR_CREDENTIAL", value_name = "FILE")]
+        operator_credential: Option<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -308,6 +328,9 @@ struct ServerArgs {
     /// Data dir to read server.json and tokens.json from.
     #[arg(long, default_value = "./proxi-data")]
     data_dir: PathBuf,
+    /// Operator credential file to take the operator token from (after PROXI_OPERATOR_TOKEN).
+    #[arg(long, env = "PROXI_OPERATOR_CREDENTIAL", value_name = "FILE")]
+    operator_credential: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -424,6 +447,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             mcp(args).await
         }
         Command::Policy(command) => policy(command),
+        Command::Credential(CredentialCommand::Init { file }) => {
+            let credential = OperatorCredential::create(&file)?;
+            println!(
+                "wrote {} (mode 0600): the operator token and the audit key",
+                credential.path().display()
+            );
+            println!(
+                "pass it to `proxi serve`, `proxi mcp`, `proxi mode` and `proxi audit verify` with --operator-credential; the audit anchor will be kept next to it"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit(command) => audit_command(command),
         Command::Mode(command) => mode(command).await,
         Command::Demo(args) => {
@@ -438,9 +472,53 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-async fn open_gateway(state: &StateArgs) -> Result<(Arc<Gateway>, Tokens, Option<PathBuf>)> {
+/// Which command opens the gateway: `proxi mcp` runs as the agent's own user.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Launch {
+    Serve,
+    Stdio,
+}
+
+async fn open_gateway(
+    state: &StateArgs,
+    launch: Launch,
+) -> Result<(Arc<Gateway>, Tokens, Option<PathBuf>)> {
     let policy = PolicyEngine::load(&state.policy)?;
-    let gateway = Gateway::open(
+    let credential = state
+        .operator_credential
+        .as_deref()
+        .map(|path| OperatorCredential::load(path, Some(&state.data_dir)))
+        .transpose()?;
+    let operator = match (&credential, non_empty_env(OPERATOR_TOKEN_ENV)) {
+        (Some(credential), Some(token)) if token != credential.operator_token() => bail!(
+            "{OPERATOR_TOKEN_ENV} differs from the operator token in {}; set only one of them",
+            credential.path().display()
+        ),
+        (Some(credential), _) => Some(credential.operator_token().to_owned()),
+        (None, token) => token,
+    };
+    let anchoring = match &credential {
+        Some(credential) => credential.anchoring(),
+        None => Anchoring::in_data_dir(&state.data_dir)?,
+    };
+    if anchoring.is_external() {
+        eprintln!(
+            "  audit key: from {}; anchor {}",
+            state
+                .operator_credential
+                .as_deref()
+                .unwrap_or(Path::new("?"))
+                .display(),
+            anchoring.anchor_path().display()
+        );
+    } else {
+        eprintln!(
+            "  audit key: in the data dir (no --operator-credential): whoever can write the data dir can rewrite the trail undetected"
+        );
+    }
+    // Under stdio an elevated mode is restored only when the key is out of the agent's reach.
+    let restore_elevated = launch == Launch::Serve || anchoring.is_external();
+    let gateway = Gateway::open_with(
         policy,
         GatewayConfig {
             data_dir: state.data_dir.clone(),
@@ -449,18 +527,23 @@ async fn open_gateway(state: &StateArgs) -> Result<(Arc<Gateway>, Tokens, Option
                 .audit_reserve_mb
                 .map(|mb| mb.saturating_mul(1024 * 1024)),
         },
+        StartupTrust {
+            anchoring,
+            restore_elevated,
+        },
     )
     .await?;
-    let (tokens, sources) = Tokens::resolve(
-        &state.data_dir,
-        std::env::var(OPERATOR_TOKEN_ENV).ok(),
-        std::env::var(AGENT_TOKEN_ENV).ok(),
-    )?;
+    let agent = std::env::var(AGENT_TOKEN_ENV).ok();
+    let (tokens, sources) = match (launch, operator) {
+        // The agent's own user reads this data dir: never generate or read an operator token there.
+        (Launch::Stdio, None) => Tokens::resolve_without_operator(&state.data_dir, agent)?,
+        (_, operator) => Tokens::resolve(&state.data_dir, operator, agent)?,
+    };
     Ok((gateway, tokens, sources.file))
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let (gateway, tokens, token_file) = open_gateway(&args.state).await?;
+    let (gateway, tokens, token_file) = open_gateway(&args.state, Launch::Serve).await?;
     let bound = BoundServer::bind(args.bind)
         .await?
         .with_limits(args.edge.limits());
@@ -492,7 +575,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
 }
 
 async fn mcp(args: McpArgs) -> Result<ExitCode> {
-    let (gateway, tokens, _) = open_gateway(&args.state).await?;
+    let (gateway, tokens, _) = open_gateway(&args.state, Launch::Stdio).await?;
+    if !tokens.has_operator() {
+        eprintln!(
+            "no operator credential: this process has no operator endpoint and stays in the default mode (pass --operator-credential FILE, see README \"Trust model\")"
+        );
+    }
     let bound = BoundServer::bind(args.bind).await?;
     bound
         .advertise(gateway.data_dir())
@@ -669,8 +757,23 @@ fn audit_db(data_dir: &Path) -> PathBuf {
 
 fn audit_command(command: AuditCommand) -> Result<ExitCode> {
     match command {
-        AuditCommand::Verify { data_dir, json } => {
-            let report = audit::verify(&audit_db(&data_dir))?;
+        AuditCommand::Verify {
+            data_dir,
+            operator_credential,
+            json,
+        } => {
+            let db = audit_db(&data_dir);
+            if !db.exists() {
+                return Err(audit::AuditError::Missing(db).into());
+            }
+            // The key is found the way `serve` finds it: the credential, else the data dir.
+            let anchoring = match &operator_credential {
+                Some(path) => OperatorCredential::load(path, Some(&data_dir))?.anchoring(),
+                None => Anchoring::existing_in_data_dir(&data_dir).context(
+                    "no audit key: pass --operator-credential FILE (or set PROXI_OPERATOR_CREDENTIAL)",
+                )?,
+            };
+            let report = audit::verify_anchored(&db, &anchoring)?;
             if json {
                 out!(
                     "{}",
@@ -688,6 +791,17 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
                     report.records,
                     escape(report.head.as_deref().unwrap_or("(empty)"))
                 )?;
+                if anchoring.is_external() {
+                    out!(
+                        "  every MAC checks out with audit key {}; anchored at record {}",
+                        anchoring.key().id(),
+                        report.anchored_seq.unwrap_or(0)
+                    )?;
+                } else {
+                    out!(
+                        "  MACs checked with the key in the data dir: this proves nothing against someone who can write the data dir (use --operator-credential)"
+                    )?;
+                }
             }
             Ok(if report.first_bad.is_some() {
                 ExitCode::from(1)
@@ -730,9 +844,17 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
 }
 
 fn operator_client(server: &ServerArgs) -> Result<ProxiClient> {
-    let url = resolve_server_url(server.server.as_deref(), &server.data_dir);
+    let url = resolve_server_url(server.server.as_deref(), &server.data_dir)?;
+    let from_credential = match &server.operator_credential {
+        Some(path) if non_empty_env(OPERATOR_TOKEN_ENV).is_none() => Some(
+            OperatorCredential::load(path, Some(&server.data_dir))?
+                .operator_token()
+                .to_owned(),
+        ),
+        _ => None,
+    };
     let token = resolve_token(
-        std::env::var(OPERATOR_TOKEN_ENV).ok(),
+        non_empty_env(OPERATOR_TOKEN_ENV).or(from_credential),
         &server.data_dir,
         true,
     );
@@ -893,7 +1015,7 @@ async fn agent(args: AgentArgs) -> Result<ExitCode> {
         .server
         .clone()
         .or_else(|| non_empty_env("PROXI_SERVER"));
-    let url = resolve_server_url(server_flag.as_deref(), &args.data_dir);
+    let url = resolve_server_url(server_flag.as_deref(), &args.data_dir)?;
     let token = resolve_token(std::env::var(AGENT_TOKEN_ENV).ok(), &args.data_dir, false);
     if token.is_none() {
         bail!(

@@ -98,7 +98,8 @@ impl TokensFile {
 /// The two tokens the server accepts, kept as digests for constant-time comparison.
 #[derive(Clone)]
 pub struct Tokens {
-    operator: [u8; 32],
+    /// `None` when this server has no operator (`proxi mcp` without an operator credential).
+    operator: Option<[u8; 32]>,
     agent: [u8; 32],
 }
 
@@ -159,7 +160,7 @@ impl Tokens {
         let uses_file = file.operator_token.is_some() || file.agent_token.is_some();
         Ok((
             Tokens {
-                operator: digest(&operator),
+                operator: Some(digest(&operator)),
                 agent: digest(&agent),
             },
             TokenSources {
@@ -171,9 +172,52 @@ impl Tokens {
     /// Builds a token set directly (tests, the in-process demo).
     pub fn new(operator: &str, agent: &str) -> Tokens {
         Tokens {
-            operator: digest(operator),
+            operator: Some(digest(operator)),
             agent: digest(agent),
         }
+    }
+
+    /// The agent token only (configured, or generated into `<data_dir>/tokens.json`):
+    /// no operator token is accepted, generated, stored or read from the data dir.
+    /// For `proxi mcp`, whose data dir the agent's own user can read.
+    pub fn resolve_without_operator(
+        data_dir: &Path,
+        agent: Option<String>,
+    ) -> Result<(Tokens, TokenSources), TokenError> {
+        let agent = match agent {
+            Some(token) if !token.is_empty() => {
+                check_strength(&token, AGENT_TOKEN_ENV)?;
+                Some(token)
+            }
+            _ => None,
+        };
+        let mut file = TokensFile::read(data_dir)?;
+        let path = data_dir.join(TOKENS_FILE);
+        let agent = match (agent, &file.agent_token) {
+            (Some(token), _) => token,
+            (None, Some(token)) if check_strength(token, "a stored token").is_ok() => token.clone(),
+            (None, _) => {
+                let token = generate_token()?;
+                file.agent_token = Some(token.clone());
+                file.write(data_dir)?;
+                token
+            }
+        };
+        let uses_file = file.agent_token.as_deref() == Some(agent.as_str());
+        Ok((
+            Tokens {
+                operator: None,
+                agent: digest(&agent),
+            },
+            TokenSources {
+                file: uses_file.then_some(path),
+            },
+        ))
+    }
+
+    /// Whether any token grants the operator role here.
+    pub fn has_operator(&self) -> bool {
+        self.operator.is_some()
     }
 
     /// The principal a presented token belongs to, if any.
@@ -183,7 +227,9 @@ impl Tokens {
         }
         let presented = digest(presented);
         // Compare against both so timing does not reveal which one matched.
-        let is_operator = constant_time_eq(&presented, &self.operator);
+        let is_operator = self
+            .operator
+            .is_some_and(|operator| constant_time_eq(&presented, &operator));
         let is_agent = constant_time_eq(&presented, &self.agent);
         match (is_operator, is_agent) {
             (true, _) => Some(Principal::operator()),
@@ -193,7 +239,8 @@ impl Tokens {
     }
 }
 
-fn check_strength(token: &str, name: &'static str) -> Result<(), TokenError> {
+/// Checks a configured token: visible ASCII, between the length limits.
+pub(crate) fn check_strength(token: &str, name: &'static str) -> Result<(), TokenError> {
     let visible = token.bytes().all(|byte| byte.is_ascii_graphic());
     if visible && (MIN_TOKEN_LEN..=MAX_TOKEN_LEN).contains(&token.len()) {
         Ok(())
@@ -262,6 +309,28 @@ mod tests {
         );
         assert_eq!(tokens.authenticate("agent-secret-1234568"), None);
         assert_eq!(tokens.authenticate(""), None);
+    }
+
+    #[test]
+    fn without_an_operator_no_operator_token_is_stored_or_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = TokensFile {
+            operator_token: Some("stale-operator-token-123".into()),
+            agent_token: None,
+        };
+        stale.write(dir.path()).unwrap();
+        let (tokens, _) = Tokens::resolve_without_operator(dir.path(), None).unwrap();
+        assert!(!tokens.has_operator());
+        assert_eq!(tokens.authenticate("stale-operator-token-123"), None);
+        let stored = TokensFile::read(dir.path()).unwrap();
+        let agent = stored.agent_token.unwrap();
+        assert_eq!(
+            tokens.authenticate(&agent).map(|p| p.role()),
+            Some(Role::Agent)
+        );
+        let fresh = tempfile::tempdir().unwrap();
+        Tokens::resolve_without_operator(fresh.path(), None).unwrap();
+        assert_eq!(TokensFile::read(fresh.path()).unwrap().operator_token, None);
     }
 
     #[test]

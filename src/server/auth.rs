@@ -43,11 +43,12 @@ impl FromRequestParts<AppState> for Operator {
         if refuse(parts, state, &principal, "forbidden").await.is_err() {
             return Err(ApiError::audit_unavailable().into_response());
         }
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "this endpoint requires the operator token; the agent token may not use it",
-        )
-        .into_response())
+        let message = if state.tokens.has_operator() {
+            "this endpoint requires the operator token; the agent token may not use it"
+        } else {
+            "this server has no operator endpoint: `proxi mcp` was started without an operator credential (--operator-credential), so the mode cannot be changed here"
+        };
+        Err(ApiError::new(StatusCode::FORBIDDEN, message).into_response())
     }
 }
 

@@ -81,6 +81,21 @@ impl ServerInfo {
         let text = std::fs::read_to_string(data_dir.join(SERVER_FILE)).ok()?;
         serde_json::from_str(&text).ok()
     }
+
+    /// Whether the process named by `pid` is running (Linux `/proc`; a zombie counts as gone).
+    pub fn process_is_alive(&self) -> bool {
+        if self.pid == 0 {
+            return false;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
+        // The state follows the command name, which is in parentheses and may contain spaces.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        !matches!(state, None | Some('Z' | 'X'))
+    }
 }
 
 /// The REST routes, before state is attached; `/mcp` is merged by the caller.

@@ -58,12 +58,16 @@ impl ServerProcess {
     /// Starts `proxi serve` with `policy` on `data_dir` and waits until it answers.
     pub fn start_with_policy(data_dir: &Path, policy: &Path, extra: &[&str]) -> ServerProcess {
         let _ = std::fs::remove_file(data_dir.join(server::SERVER_FILE));
-        let child = Command::new(env!("CARGO_BIN_EXE_proxi"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_proxi"));
+        command
             .arg("serve")
             .args(["--bind", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .arg("--policy")
-            .arg(policy)
+            .arg(data_dir);
+        // `extra` may name another policy.
+        if !extra.contains(&"--policy") {
+            command.arg("--policy").arg(policy);
+        }
+        let child = command
             .args(extra)
             .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
             .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
@@ -492,4 +496,31 @@ pub fn shipped_policy_with_rate_limits(rules: Value) -> String {
     let mut policy: Value = serde_json::from_str(&text).expect("the shipped policy is JSON");
     policy["rate_limits"] = rules;
     policy.to_string()
+}
+
+/// Writes an operator credential file (mode 0600) holding `operator_token` and a
+/// fixed audit key derived from `key_seed`, in `dir` (which must be outside any data dir).
+pub fn write_credential(dir: &Path, operator_token: &str, key_seed: u8) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("operator-{key_seed}.json"));
+    let body = serde_json::json!({
+        "operator_token": operator_token,
+        "audit_key": hex::encode([key_seed; 32]),
+    });
+    std::fs::write(&path, body.to_string()).expect("credential written");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+/// Waits (bounded) for a child that is expected to exit by itself, and collects its output.
+pub fn wait_for_exit(mut child: Child, timeout: Duration) -> std::process::Output {
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().expect("child status").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the process did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("child output")
 }
