@@ -1058,6 +1058,65 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// Records one refusal at the edge (or a summary of many, see
+    /// `server::refusals`); `detail` names the source and the count.
+    pub async fn record_edge_refusal(
+        &self,
+        principal: &Principal,
+        reason_code: &'static str,
+        detail: Value,
+    ) -> Result<(), GatewayError> {
+        let mode = self
+            .read_state()
+            .effective_mode(Instant::now(), self.policy.default_mode());
+        let entry = AuditEntry {
+            time: Utc::now(),
+            principal: principal.name().clone(),
+            kind: EntryKind::AuthRefused,
+            tool: None,
+            arguments: None,
+            mode: self.mode_name(mode).clone(),
+            decision: AuditDecision::Denied,
+            reason_code: Some(reason_code),
+            outcome: "refused",
+            detail,
+            expires_at: None,
+            context: None,
+        };
+        self.append(entry, audit_priority(principal)).await
+    }
+
+    /// Records a tool request refused before it reached the policy (a malformed
+    /// body, an oversized name): `rejected`, with the name cut to a bounded prefix.
+    pub async fn record_malformed_request(
+        &self,
+        principal: &Principal,
+        tool_name: &str,
+        problem: &str,
+    ) -> Result<(), GatewayError> {
+        let mode = self
+            .read_state()
+            .effective_mode(Instant::now(), self.policy.default_mode());
+        let entry = AuditEntry {
+            time: Utc::now(),
+            principal: principal.name().clone(),
+            kind: EntryKind::ToolCall,
+            tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
+            arguments: None,
+            mode: self.mode_name(mode).clone(),
+            decision: AuditDecision::Rejected,
+            reason_code: Some("malformed_request"),
+            outcome: "malformed_request",
+            detail: json!({
+                "problem": truncate(problem, 200),
+                "tool_name_bytes": tool_name.len(),
+            }),
+            expires_at: None,
+            context: None,
+        };
+        self.append(entry, audit_priority(principal)).await
+    }
+
     /// Records an entry that no mode decision depends on, and waits until it is durable.
     async fn append(&self, entry: AuditEntry, priority: Priority) -> Result<(), GatewayError> {
         self.audit.admit(priority).map_err(|error| match error {

@@ -27,6 +27,7 @@ use proxi::decision::{self, ToolVerdict, Verdict};
 use proxi::gateway::{Gateway, GatewayConfig, StartupTrust};
 use proxi::policy::{Denial, PolicyEngine};
 use proxi::policy_source::PolicySource;
+use proxi::server::limits::EdgeLimits;
 use proxi::server::{AppState, BoundServer};
 use proxi::text::{escape, json_for_terminal};
 use proxi::tokens::{AGENT_TOKEN_ENV, OPERATOR_TOKEN_ENV, Tokens};
@@ -222,6 +223,60 @@ struct ServeArgs {
     bind: SocketAddr,
     #[command(flatten)]
     state: StateArgs,
+    #[command(flatten)]
+    edge: EdgeArgs,
+}
+
+/// Limits at the network edge (defaults fit a flood into 256 MB; see `EdgeLimits`).
+#[derive(Args)]
+struct EdgeArgs {
+    /// Open connections at most; at the cap the longest-idle one is closed [default: 512].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Time to send a request's headers, and most idle time between requests [default: 10s].
+    #[arg(long, value_parser = parse_ttl, value_name = "DURATION")]
+    header_timeout: Option<Duration>,
+    /// MCP sessions open at most, all tokens together [default: 256].
+    #[arg(long, value_name = "N")]
+    max_mcp_sessions: Option<usize>,
+    /// MCP sessions one token may hold [default: 128].
+    #[arg(long, value_name = "N")]
+    max_mcp_sessions_per_token: Option<usize>,
+    /// An MCP session idle this long is closed [default: 60s].
+    #[arg(long, value_parser = parse_ttl, value_name = "DURATION")]
+    mcp_session_idle: Option<Duration>,
+    /// MCP sessions one token may open per minute [default: 120].
+    #[arg(long, value_name = "N")]
+    mcp_sessions_per_minute: Option<std::num::NonZeroU32>,
+    /// MCP sessions one token may open in a burst [default: 30].
+    #[arg(long, value_name = "N")]
+    mcp_session_burst: Option<std::num::NonZeroU32>,
+    /// Refused requests of one source within this window share one audit record [default: 60s].
+    #[arg(long, value_parser = parse_ttl, value_name = "DURATION")]
+    refusal_window: Option<Duration>,
+}
+
+impl EdgeArgs {
+    fn limits(&self) -> EdgeLimits {
+        let default = EdgeLimits::default();
+        EdgeLimits {
+            max_connections: self.max_connections.unwrap_or(default.max_connections),
+            header_timeout: self.header_timeout.unwrap_or(default.header_timeout),
+            max_sessions: self.max_mcp_sessions.unwrap_or(default.max_sessions),
+            max_sessions_per_principal: self
+                .max_mcp_sessions_per_token
+                .unwrap_or(default.max_sessions_per_principal),
+            session_idle_timeout: self
+                .mcp_session_idle
+                .unwrap_or(default.session_idle_timeout),
+            sessions_per_minute: self
+                .mcp_sessions_per_minute
+                .unwrap_or(default.sessions_per_minute),
+            session_burst: self.mcp_session_burst.unwrap_or(default.session_burst),
+            refusal_window: self.refusal_window.unwrap_or(default.refusal_window),
+            ..default
+        }
+    }
 }
 
 #[derive(Args)]
@@ -564,7 +619,9 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
     let policy = PolicySource::from_flag(args.state.policy.as_deref());
     let (gateway, tokens, token_file) =
         open_gateway(&args.state, Launch::Serve, &policy, log).await?;
-    let bound = BoundServer::bind(args.bind).await?;
+    let bound = BoundServer::bind(args.bind)
+        .await?
+        .with_limits(args.edge.limits());
     let mode = gateway.status().mode;
     let version = env!("CARGO_PKG_VERSION");
     let audit = gateway.audit().db_path().display().to_string();

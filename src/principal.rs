@@ -85,10 +85,11 @@ impl Principal {
         }
     }
 
-    /// The same holder, labelled with the MCP client it speaks through.
+    /// The same holder, labelled with the MCP client it speaks through. MCP callers
+    /// always have the agent role, whichever token they hold.
     pub fn via_mcp(&self, client_name: &str) -> Principal {
         Principal {
-            role: self.role,
+            role: Role::Agent,
             name: Arc::from(format!(
                 "{} ({})",
                 self.name,
@@ -145,5 +146,6 @@ mod tests {
             "agent (mcp:inspector)"
         );
         assert_eq!(Principal::agent().via_mcp("x").role(), Role::Agent);
+        assert_eq!(Principal::operator().via_mcp("x").role(), Role::Agent);
     }
 }

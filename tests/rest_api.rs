@@ -329,8 +329,8 @@ async fn auth_refusals_are_401_or_403_and_audited() {
         [
             ("anonymous", "missing_token"),
             ("anonymous", "invalid_token"),
-            ("agent", "forbidden"),
-            ("agent", "forbidden"),
+            // Refusals are aggregated: the first of a window per source and reason
+            // is recorded at once, the other two go into its summary record.
             ("agent", "forbidden"),
         ]
     );

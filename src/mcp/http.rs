@@ -8,6 +8,12 @@
 //!    message, else the answer is a JSON-RPC error (rmcp itself would answer
 //!    malformed bodies with plain text).
 //!
+//! 4. a request naming a session (`Mcp-Session-Id`) must come with the token that
+//!    opened it, else 404 as for an unknown session (audited in aggregate);
+//! 5. an `initialize` must fit the session limits of [`super::sessions`]
+//!    (429/503 with a JSON-RPC error, audited in aggregate), and the session id
+//!    rmcp answers with is bound to the caller's principal.
+//!
 //! The token's principal travels to the handler in the request's extensions,
 //! which rmcp hands over as `http::request::Parts` in the `RequestContext`.
 
@@ -25,25 +31,35 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use rmcp::model::{
     ClientJsonRpcMessage, ClientRequest, ErrorData, RequestId, ServerJsonRpcMessage,
 };
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::sessions::{BoundSessions, SessionRefusal, SessionRegistry};
 use super::{McpShared, Transport, misparsed_standard_request};
 use crate::api::MAX_BODY_BYTES;
-use crate::server::AppState;
-use crate::server::auth::authenticate;
-use crate::server::error_response;
+use crate::server::auth::{authenticate, peer_source};
+use crate::server::refusals::RefusalTally;
+use crate::server::{AppState, Edge, error_response};
 
 /// Where `/mcp` is mounted.
 pub const MCP_PATH: &str = "/mcp";
+/// The header naming a legacy session.
+const SESSION_HEADER: &str = "mcp-session-id";
+/// JSON-RPC error code of a refused session (implementation-defined range).
+pub const SESSION_REFUSED_CODE: i32 = -32001;
 
 /// The `/mcp` route with its guard, ready to merge into the REST router.
 ///
 /// `bound` is the listening address (for the Host/Origin check); cancelling
-/// `shutdown` ends every MCP session and stream, so the server can stop.
-pub fn routes(state: AppState, bound: SocketAddr, shutdown: CancellationToken) -> Router<AppState> {
+/// `shutdown` ends every MCP session and stream, so the server can stop. `edge`
+/// gives the session limits and the tally that audits refusals.
+pub fn routes(
+    state: AppState,
+    bound: SocketAddr,
+    shutdown: CancellationToken,
+    edge: &Edge,
+) -> Router<AppState> {
     let allowed = Arc::new(AllowedAuthorities::for_address(bound));
     let config = StreamableHttpServerConfig::default()
         // The guard is authoritative; rmcp gets the same lists as a second line.
@@ -53,12 +69,21 @@ pub fn routes(state: AppState, bound: SocketAddr, shutdown: CancellationToken) -
         .with_max_request_body_bytes(MAX_BODY_BYTES)
         .with_cancellation_token(shutdown);
     let shared = McpShared::new(state.gateway.clone());
+    let sessions = SessionRegistry::new(&edge.limits);
     let service = StreamableHttpService::new(
         move || Ok(shared.handler(Transport::Http)),
-        Arc::new(LocalSessionManager::default()),
+        Arc::new(BoundSessions::new(
+            sessions.clone(),
+            edge.limits.session_idle_timeout,
+        )),
         config,
     );
-    let guard = Guard { state, allowed };
+    let guard = Guard {
+        state,
+        allowed,
+        sessions,
+        refusals: edge.refusals.clone(),
+    };
     Router::new()
         .route_service(MCP_PATH, service)
         .layer(from_fn_with_state(guard, guard_mcp))
@@ -68,6 +93,8 @@ pub fn routes(state: AppState, bound: SocketAddr, shutdown: CancellationToken) -
 struct Guard {
     state: AppState,
     allowed: Arc<AllowedAuthorities>,
+    sessions: Arc<SessionRegistry>,
+    refusals: Arc<RefusalTally>,
 }
 
 /// The host names and port under which this server may be addressed.
@@ -203,7 +230,40 @@ async fn guard_mcp(State(guard): State<Guard>, request: Request, next: Next) -> 
         Ok(principal) => principal,
         Err(refusal) => return refusal,
     };
-    parts.extensions.insert(principal);
+    let owner = principal.name().clone();
+    let session = parts
+        .headers
+        .get(SESSION_HEADER)
+        .map(|value| value.to_str().unwrap_or_default().to_owned());
+    if let Some(id) = &session {
+        match guard.sessions.owner(id) {
+            Some(holder) if holder == owner => {}
+            holder => {
+                // Unknown and foreign ids get the same answer, so another token's
+                // session ids are not confirmed; only the foreign use is audited.
+                if holder.is_some() {
+                    let request = format!("{} {MCP_PATH}", parts.method);
+                    let source = peer_source(&parts);
+                    if guard
+                        .refusals
+                        .refuse(&principal, &source, &request, "foreign_session")
+                        .await
+                        .is_err()
+                    {
+                        return error_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the audit trail is unavailable; Proxi refuses to act without a record",
+                        );
+                    }
+                }
+                return error_response(
+                    StatusCode::NOT_FOUND,
+                    "no such MCP session for this token; start a new one with initialize",
+                );
+            }
+        }
+    }
+    parts.extensions.insert(principal.clone());
     if parts.method == Method::DELETE {
         let mut response = next.run(Request::from_parts(parts, body)).await;
         // rmcp acknowledges a session's end with 202; clients such as the Python
@@ -235,8 +295,68 @@ async fn guard_mcp(State(guard): State<Guard>, request: Request, next: Next) -> 
     if let Some((id, error)) = json_rpc_problem(&bytes) {
         return json_rpc_error(id, error);
     }
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+    let reservation = match (session, initialize_id(&bytes)) {
+        (None, Some(id)) => match guard.sessions.reserve(&owner) {
+            Ok(reservation) => Some(reservation),
+            Err(refusal) => {
+                let source = peer_source(&parts);
+                let request = format!("POST {MCP_PATH} initialize");
+                if guard
+                    .refusals
+                    .refuse(&principal, &source, &request, refusal.reason_code())
+                    .await
+                    .is_err()
+                {
+                    return error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the audit trail is unavailable; Proxi refuses to act without a record",
+                    );
+                }
+                return session_refused(id, refusal);
+            }
+        },
+        _ => None,
+    };
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    if let Some(reservation) = reservation
+        && let Some(id) = response
+            .headers()
+            .get(SESSION_HEADER)
+            .and_then(|value| value.to_str().ok())
+    {
+        reservation.bind(Arc::from(id));
+    }
+    response
+}
+
+/// The id of an `initialize` request, which opens a legacy session; `None` otherwise.
+fn initialize_id(body: &Bytes) -> Option<RequestId> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        method: Option<String>,
+        id: Option<RequestId>,
+    }
+    let head: Head = serde_json::from_slice(body).ok()?;
+    match head.method.as_deref() {
+        Some("initialize") => head.id,
+        _ => None,
+    }
+}
+
+fn session_refused(id: RequestId, refusal: SessionRefusal) -> Response {
+    let error = ErrorData::new(
+        rmcp::model::ErrorCode(SESSION_REFUSED_CODE),
+        refusal.message(),
+        Some(serde_json::json!({"reason_code": refusal.reason_code()})),
+    );
+    let mut response = json_rpc_error(Some(id), error);
+    *response.status_mut() = refusal.status();
+    response
+        .headers_mut()
+        .insert("retry-after", HeaderValue::from_static("10"));
+    response
 }
 
 fn is_json(content_type: Option<&HeaderValue>) -> bool {

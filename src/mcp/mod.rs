@@ -13,6 +13,7 @@
 //! picks by default.
 
 pub mod http;
+pub mod sessions;
 pub mod stdio;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -420,13 +421,23 @@ impl ServerHandler for ProxiMcp {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        if request.name.len() > MAX_TOOL_NAME_LEN {
-            return Err(ErrorData::invalid_params(
-                format!("tool name must be at most {MAX_TOOL_NAME_LEN} bytes"),
-                None,
-            ));
-        }
         let principal = self.principal(&context)?;
+        if request.name.len() > MAX_TOOL_NAME_LEN {
+            let problem = format!("tool name must be at most {MAX_TOOL_NAME_LEN} bytes");
+            // Recorded (name cut short) so that oversized names leave a trace too.
+            if let Err(error) = self
+                .shared
+                .gateway
+                .record_malformed_request(&principal, &request.name, &problem)
+                .await
+            {
+                tracing::error!(%error, "could not record a malformed tool call");
+                return Ok(
+                    audit_unavailable(&request.name, self.shared.gateway.status().mode).into(),
+                );
+            }
+            return Err(ErrorData::invalid_params(problem, None));
+        }
         let arguments = Value::Object(request.arguments.unwrap_or_default());
         match self
             .shared

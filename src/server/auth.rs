@@ -1,13 +1,21 @@
 //! Bearer-token authentication for REST and `/mcp`, with refusals audited.
+//!
+//! Refusals go through the server's [`RefusalTally`]: the first of a window per
+//! (principal, peer address, reason) is recorded before the answer goes out, the
+//! rest are counted into one summary record, so a flood of bad tokens cannot
+//! flood the audit trail.
 
-use axum::extract::FromRequestParts;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::AppState;
 use super::error::ApiError;
+use super::refusals::RefusalTally;
+use super::{AppState, Edge};
 use crate::principal::{Principal, Role};
 
 /// Any caller holding a valid token (agent or operator).
@@ -32,13 +40,7 @@ impl FromRequestParts<AppState> for Operator {
         if principal.role() == Role::Operator {
             return Ok(Operator(principal));
         }
-        let what = describe(parts);
-        if state
-            .gateway
-            .record_auth_refusal(&principal, &what, "forbidden")
-            .await
-            .is_err()
-        {
+        if refuse(parts, state, &principal, "forbidden").await.is_err() {
             return Err(ApiError::audit_unavailable().into_response());
         }
         let message = if state.tokens.has_operator() {
@@ -67,10 +69,7 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
             "missing credentials: send Authorization: Bearer <token>",
         ),
     };
-    let what = describe(parts);
-    if state
-        .gateway
-        .record_auth_refusal(&Principal::anonymous(), &what, reason)
+    if refuse(parts, state, &Principal::anonymous(), reason)
         .await
         .is_err()
     {
@@ -83,12 +82,56 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
     Err(response)
 }
 
+/// Whether the request carries the operator token (checked again, and audited,
+/// by the extractors; this only decides which share of the server it may use).
+pub fn presents_operator_token(parts_headers: &axum::http::HeaderMap, state: &AppState) -> bool {
+    parts_headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(bearer_token)
+        .and_then(|token| state.tokens.authenticate(token))
+        .is_some_and(|principal| principal.role() == Role::Operator)
+}
+
 fn bearer_token(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim())
         .filter(|token| !token.is_empty())
+}
+
+/// Audits one refusal: through the server's tally when there is one (every
+/// request served by `BoundServer` has it), else as a record of its own.
+async fn refuse(
+    parts: &Parts,
+    state: &AppState,
+    principal: &Principal,
+    reason: &'static str,
+) -> Result<(), crate::gateway::GatewayError> {
+    let what = describe(parts);
+    match parts.extensions.get::<Edge>() {
+        Some(edge) => {
+            let tally: &RefusalTally = &edge.refusals;
+            tally
+                .refuse(principal, &peer_source(parts), &what, reason)
+                .await
+        }
+        None => {
+            state
+                .gateway
+                .record_auth_refusal(principal, &what, reason)
+                .await
+        }
+    }
+}
+
+/// The peer's IP address as refusal records name the source, or `unknown`.
+pub fn peer_source(parts: &Parts) -> String {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string())
 }
 
 fn describe(parts: &Parts) -> String {

@@ -4,6 +4,7 @@
 //! what was wrong with the request and never carry paths, SQL or backtraces.
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::StatusCode;
@@ -104,6 +105,64 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         }
         _ => ApiError::bad_request("could not read the request body"),
     }
+}
+
+/// A JSON body that either parsed into `T`, or did not and may still name a tool.
+///
+/// `POST /tools/execute` uses it so that a malformed request which names a tool
+/// (an extra field, a wrong type) can be audited as `rejected` under that name.
+pub enum NamedJson<T> {
+    /// The body parsed.
+    Parsed(T),
+    /// It did not: the error to answer with, and the body's `tool_name` if it has one.
+    Malformed {
+        /// The 4xx to answer.
+        error: ApiError,
+        /// The string in the body's top-level `tool_name`, if any.
+        tool_name: Option<String>,
+    },
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for NamedJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (parts, body) = request.into_parts();
+        let bytes = match Bytes::from_request(Request::from_parts(parts.clone(), body), state).await
+        {
+            Ok(bytes) => bytes,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "request body exceeds the {} KiB limit",
+                        MAX_BODY_BYTES / 1024
+                    ),
+                ));
+            }
+            Err(_) => return Err(ApiError::bad_request("could not read the request body")),
+        };
+        // axum's own extractor decides, content type included, on the bytes read.
+        let replay = Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
+        match Json::<T>::from_request(replay, state).await {
+            Ok(Json(value)) => Ok(NamedJson::Parsed(value)),
+            Err(rejection) => Ok(NamedJson::Malformed {
+                error: json_rejection(rejection),
+                tool_name: named_tool(&bytes),
+            }),
+        }
+    }
+}
+
+/// The top-level `tool_name` string of a JSON object body, if there is one.
+fn named_tool(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        tool_name: String,
+    }
+    serde_json::from_slice::<Named>(body)
+        .ok()
+        .map(|named| named.tool_name)
 }
 
 /// axum prefixes serde's message with its own sentence; keep serde's part.

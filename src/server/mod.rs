@@ -1,7 +1,10 @@
 //! The HTTP server: the REST API and MCP's Streamable HTTP (`/mcp`) over one shared [`Gateway`].
 
 pub mod auth;
+pub mod connections;
 pub mod error;
+pub mod limits;
+pub mod refusals;
 pub mod rest;
 
 use std::future::Future;
@@ -12,12 +15,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
+use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -27,8 +29,12 @@ use tower_http::timeout::TimeoutLayer;
 use crate::api::MAX_BODY_BYTES;
 use crate::gateway::Gateway;
 use crate::mcp;
+use crate::mcp::http::AllowedAuthorities;
 use crate::tokens::Tokens;
+use connections::ConnectionTable;
 use error::ApiError;
+use limits::EdgeLimits;
+use refusals::RefusalTally;
 
 /// File in the data dir that tells local clients where the server listens.
 pub const SERVER_FILE: &str = "server.json";
@@ -138,10 +144,21 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     )
 }
 
+/// What the edge shares across requests: its limits and the tally that audits
+/// refusals in aggregate. Every request carries it as an extension.
+#[derive(Clone, Debug)]
+pub struct Edge {
+    /// The limits in force.
+    pub limits: EdgeLimits,
+    /// Refusals (authentication, sessions) counted per source and window.
+    pub refusals: Arc<RefusalTally>,
+}
+
 /// A listening server, not yet serving.
 pub struct BoundServer {
     listener: TcpListener,
     address: SocketAddr,
+    limits: EdgeLimits,
 }
 
 impl BoundServer {
@@ -153,7 +170,17 @@ impl BoundServer {
         let address = listener
             .local_addr()
             .map_err(|error| ServerError::Bind { address, error })?;
-        Ok(BoundServer { listener, address })
+        Ok(BoundServer {
+            listener,
+            address,
+            limits: EdgeLimits::default(),
+        })
+    }
+
+    /// Serves with these edge limits instead of the defaults.
+    pub fn with_limits(mut self, limits: EdgeLimits) -> BoundServer {
+        self.limits = limits;
+        self
     }
 
     /// The address actually bound.
@@ -184,49 +211,144 @@ impl BoundServer {
         std::fs::rename(temporary, data_dir.join(SERVER_FILE))
     }
 
-    /// Serves the full application (REST and `/mcp`) until `shutdown` resolves.
+    /// Serves the full application (REST and `/mcp`) until `shutdown` resolves;
+    /// then writes the refusal summaries still pending.
     pub async fn serve_app(
         self,
         state: AppState,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let stop_mcp = CancellationToken::new();
-        let app = app(state, self.address, stop_mcp.clone());
-        self.serve(app, async move {
-            shutdown.await;
-            stop_mcp.cancel();
-        })
-        .await
+        let stop_flusher = CancellationToken::new();
+        let refusals = Arc::new(RefusalTally::new(
+            state.gateway.clone(),
+            self.limits.refusal_window,
+            self.limits.max_refusal_sources,
+        ));
+        // The flusher runs in this future, not a task of its own, so aborting the
+        // serving task also drops the gateway it holds.
+        let flushing = refusals.clone().flush_until(stop_flusher.clone());
+        let edge = Edge {
+            limits: self.limits.clone(),
+            refusals,
+        };
+        let app = app(state, self.address, stop_mcp.clone(), edge);
+        let serving = async {
+            let served = self
+                .serve(app, async move {
+                    shutdown.await;
+                    stop_mcp.cancel();
+                })
+                .await;
+            stop_flusher.cancel();
+            served
+        };
+        let (served, ()) = tokio::join!(serving, flushing);
+        served
     }
 
-    /// Serves `app` until `shutdown` resolves.
+    /// Serves `app` until `shutdown` resolves, within this server's connection limits.
     pub async fn serve(
         self,
         app: Router,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        // Streamed (SSE) answers go out in several writes; with Nagle's algorithm
-        // each later write waits for the client's delayed ACK (~40 ms).
-        let listener = self.listener.tap_io(|stream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(ServerError::Serve)
+        let table = ConnectionTable::new(self.limits.max_connections);
+        connections::serve(self.listener, app, &self.limits, table, shutdown).await;
+        Ok(())
     }
 }
 
 /// Builds the full application: REST routes plus `/mcp`, sharing one gateway.
 ///
-/// `bound` is the address the server listens on: `/mcp` accepts only requests
-/// whose Host/Origin name it. Cancelling `shutdown` closes every MCP session and
-/// stream, which graceful shutdown would otherwise wait for forever.
-pub fn app(state: AppState, bound: SocketAddr, shutdown: CancellationToken) -> Router {
-    let routes = rest_routes().merge(mcp::http::routes(state.clone(), bound, shutdown));
+/// `bound` is the address the server listens on: every route (REST and `/mcp`)
+/// accepts only requests whose Host/Origin name it, and refuses others with 403
+/// before authentication, unaudited. Cancelling `shutdown` closes every MCP
+/// session and stream, which graceful shutdown would otherwise wait for forever.
+pub fn app(state: AppState, bound: SocketAddr, shutdown: CancellationToken, edge: Edge) -> Router {
+    let routes = rest_routes().merge(mcp::http::routes(state.clone(), bound, shutdown, &edge));
+    let allowed = Arc::new(AllowedAuthorities::for_address(bound));
+    let share = OperatorReserve::new(state.clone(), edge.limits.max_connections);
     finish(routes, state)
+        .layer(Extension(edge))
+        .layer(axum::middleware::from_fn_with_state(
+            share,
+            reserve_for_operators,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            allowed,
+            check_authority,
+        ))
+}
+
+/// Keeps part of the connection cap for operators: requests without the
+/// operator token may occupy at most `max_connections - reserve` connections at
+/// once, until their response (a stream included) ends. Connections busy with a
+/// request are never evicted, so without this an agent dripping request bodies,
+/// or holding streams, on every connection could lock operators out; with it, at
+/// least `reserve` connections stay idle (evictable) or the operator's.
+#[derive(Clone)]
+struct OperatorReserve {
+    state: AppState,
+    others: Arc<tokio::sync::Semaphore>,
+}
+
+impl OperatorReserve {
+    fn new(state: AppState, max_connections: usize) -> OperatorReserve {
+        let reserve = (max_connections / 8).max(1);
+        OperatorReserve {
+            state,
+            others: Arc::new(tokio::sync::Semaphore::new(
+                max_connections.saturating_sub(reserve).max(1),
+            )),
+        }
+    }
+}
+
+async fn reserve_for_operators(
+    axum::extract::State(share): axum::extract::State<OperatorReserve>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if auth::presents_operator_token(request.headers(), &share.state) {
+        return next.run(request).await;
+    }
+    match share.others.clone().try_acquire_owned() {
+        Ok(permit) => next
+            .run(request)
+            .await
+            .map(|body| connections::Holding::wrap(body, permit)),
+        Err(_) => {
+            let mut response = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is busy with other requests; retry shortly",
+            );
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            response
+        }
+    }
+}
+
+/// DNS-rebinding protection for every route: a browser tricked into sending a
+/// request under a foreign name (or from a foreign page) gets 403.
+async fn check_authority(
+    axum::extract::State(allowed): axum::extract::State<Arc<AllowedAuthorities>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match allowed.check(request.uri(), request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(reason) => {
+            tracing::debug!(
+                host = ?request.headers().get(axum::http::header::HOST),
+                "refused a request: {reason}"
+            );
+            error_response(StatusCode::FORBIDDEN, reason)
+        }
+    }
 }
 
 /// Convenience for tests and the demo: binds, then serves in a background task.

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::AppState;
 use super::auth::{Caller, Operator};
-use super::error::{ApiError, ApiJson, ApiQuery};
+use super::error::{ApiError, ApiJson, ApiQuery, NamedJson};
 use crate::api::{
     AuditPage, Catalog, DEFAULT_AUDIT_LIMIT, ExecuteRequest, Health, IncidentRequest,
     IncidentResponse, MAX_AUDIT_LIMIT, SetModeRequest, ToolResponse,
@@ -57,15 +57,29 @@ pub async fn set_mode(
 }
 
 /// `POST /tools/execute`: the governed path.
+///
+/// A request from a valid token that names a tool but cannot be run as sent (a
+/// malformed body, an oversized name) is audited as `rejected` before the 4xx.
 pub async fn execute(
     State(state): State<AppState>,
     Caller(principal): Caller,
-    ApiJson(request): ApiJson<ExecuteRequest>,
+    body: NamedJson<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
+    let request = match body {
+        NamedJson::Parsed(request) => request,
+        NamedJson::Malformed { error, tool_name } => {
+            if let Some(tool_name) = tool_name {
+                record_malformed(&state, &principal, &tool_name, &error.message).await?;
+            }
+            return Err(error);
+        }
+    };
     if request.tool_name.len() > MAX_TOOL_NAME_LEN {
-        return Err(ApiError::bad_request(format!(
+        let error = ApiError::bad_request(format!(
             "tool_name must be at most {MAX_TOOL_NAME_LEN} bytes"
-        )));
+        ));
+        record_malformed(&state, &principal, &request.tool_name, &error.message).await?;
+        return Err(error);
     }
     let context = (!request.context.is_empty()).then(|| Value::Object(request.context));
     let execution = state
@@ -86,6 +100,22 @@ pub async fn execute(
             .insert(axum::http::header::RETRY_AFTER, seconds.into());
     }
     Ok(response)
+}
+
+async fn record_malformed(
+    state: &AppState,
+    principal: &crate::principal::Principal,
+    tool_name: &str,
+    problem: &str,
+) -> Result<(), ApiError> {
+    state
+        .gateway
+        .record_malformed_request(principal, tool_name, problem)
+        .await
+        .map_err(|error| match error {
+            GatewayError::AuditLowSpace => ApiError::audit_low_space(),
+            _ => ApiError::audit_unavailable(),
+        })
 }
 
 /// The HTTP status the issue assigns to each outcome.

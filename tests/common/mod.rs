@@ -89,6 +89,18 @@ impl ServerProcess {
         }
     }
 
+    /// SIGTERM, as an operator stops the server, and waits until it has exited.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("the kill command runs");
+        assert!(sent.success(), "SIGTERM was not delivered");
+        wait_until("the server to exit", Duration::from_secs(30), || {
+            self.child.try_wait().expect("the child can be waited for")
+        })
+    }
+
     /// SIGKILL, as in a crash.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -295,6 +307,66 @@ impl TestServer {
             .filter(|record| record.kind == "tool_call")
             .collect()
     }
+}
+
+/// The newest (up to 1000) audit records of a data dir, oldest first, read from the database.
+pub fn audit_records(data_dir: &Path) -> Vec<AuditRecord> {
+    proxi::audit::read_recent(&data_dir.join(proxi::audit::AUDIT_DB_FILE), 1000)
+        .expect("the audit trail is readable")
+}
+
+/// Resident memory of a process in MiB, from /proc.
+pub fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in proc status");
+    kib / 1024
+}
+
+/// Raw JSON-RPC over `/mcp` with `token`: the status, the session id header and the body.
+pub async fn mcp_post(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    session: Option<&str>,
+    body: Value,
+) -> (StatusCode, Option<String>, String) {
+    let mut request = http
+        .post(format!("{url}/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-06-18")
+        .bearer_auth(token)
+        .json(&body);
+    if let Some(session) = session {
+        request = request.header("mcp-session-id", session);
+    }
+    let response = request.send().await.expect("request is sent");
+    let status = response.status();
+    let session = response
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let text = response.text().await.expect("body is read");
+    (status, session, text)
+}
+
+/// An MCP `initialize` request body.
+pub fn mcp_initialize_body(client: &str) -> Value {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": client, "version": "1.0"}
+        }
+    })
 }
 
 /// `proxi mcp` as an MCP client launches it: JSON-RPC lines on stdin and stdout.
