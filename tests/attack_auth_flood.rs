@@ -71,6 +71,7 @@ async fn refused_authentications_are_one_record_per_source_and_window() {
 async fn a_foreign_host_or_origin_is_refused_on_rest_before_auth_and_unaudited() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = ServerProcess::start(dir.path(), &["--durability", "process"]);
+    proxi::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .no_proxy()
         .build()

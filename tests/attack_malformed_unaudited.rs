@@ -81,6 +81,7 @@ async fn malformed_requests_that_name_a_tool_are_audited_as_rejected() {
 async fn an_oversized_tool_name_over_mcp_is_audited_as_rejected() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = ServerProcess::start(dir.path(), &["--durability", "process"]);
+    proxi::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(std::time::Duration::from_secs(30))

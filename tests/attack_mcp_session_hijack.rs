@@ -20,6 +20,7 @@ use serde_json::json;
 async fn a_session_answers_only_the_token_that_opened_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = ServerProcess::start(dir.path(), &["--durability", "process"]);
+    proxi::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))
