@@ -28,7 +28,20 @@ async fn the_mcp_backend_lists_tools_and_maps_outcomes() {
     assert_eq!(restart.category.as_deref(), Some("active"));
     assert_eq!(restart.allowed_modes, Some(vec!["EMERGENCY".to_owned()]));
     assert_eq!(restart.input_schema["required"], json!(["service_name"]));
-    assert_eq!(backend.policy_status().await.unwrap().mode, "NORMAL");
+    let status = backend.policy_status().await.unwrap();
+    assert_eq!(status.mode, "NORMAL");
+    // The prompt states each tool's modes once, although MCP descriptions append them too.
+    let rest = proxi::agent::backend::RestBackend::new(server.agent.clone());
+    assert_eq!(
+        proxi::agent::system_prompt(&status, &catalog),
+        proxi::agent::system_prompt(&status, &rest.catalog().await.unwrap()),
+        "over MCP the agent tells the model exactly what it tells it over REST"
+    );
+    assert!(
+        !restart.description.contains("Allowed in modes"),
+        "{}",
+        restart.description
+    );
 
     let allowed = backend.call_tool("list_services", json!({})).await.unwrap();
     assert_eq!(allowed.decision, Decision::Allowed);

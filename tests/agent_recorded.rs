@@ -5,15 +5,13 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use common::TestServer;
+use common::{Replay, TestServer};
 use proxi::agent::backend::{Decision, RestBackend};
 use proxi::agent::genai_provider::{GenaiSettings, ProviderKind};
 use proxi::agent::provider::LlmProvider;
@@ -169,26 +167,11 @@ impl Wire for Anthropic {
     }
 }
 
-/// Answers each request with the next prepared body; the last one repeats.
-struct Replay(Mutex<VecDeque<Value>>);
-
-impl Respond for Replay {
-    fn respond(&self, _request: &Request) -> ResponseTemplate {
-        let mut bodies = self.0.lock().unwrap();
-        let body = if bodies.len() > 1 {
-            bodies.pop_front().unwrap()
-        } else {
-            bodies.front().cloned().unwrap()
-        };
-        ResponseTemplate::new(200).set_body_json(body)
-    }
-}
-
 /// A model that replays `turns`, in `W`'s format.
 async fn model<W: Wire>(turns: Vec<Value>) -> (MockServer, Box<dyn LlmProvider>) {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(Replay(Mutex::new(turns.into())))
+        .respond_with(Replay::new(turns))
         .mount(&server)
         .await;
     let mut settings = GenaiSettings::new(W::KIND);
