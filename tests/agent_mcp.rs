@@ -195,3 +195,24 @@ async fn the_mock_agent_runs_over_proxi_mcp() {
     );
     backend.close().await;
 }
+
+#[tokio::test]
+async fn arguments_mcp_cannot_carry_are_still_rejected_and_audited() {
+    let server = TestServer::start().await;
+    let backend = McpBackend::connect(&server.url, Some(AGENT_TOKEN.to_owned()))
+        .await
+        .expect("MCP session opens");
+    // A model's truncated arguments, kept as text: MCP carries only objects, so the
+    // backend sends this one over REST, where the server rejects and audits it.
+    let outcome = backend
+        .call_tool("list_services", json!("{\"lines\": 5"))
+        .await
+        .unwrap();
+    assert_eq!(outcome.decision, Decision::Rejected);
+    assert_eq!(outcome.reason_code.as_deref(), Some("invalid_arguments"));
+    let audit = server.tool_calls().await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].decision, "rejected");
+    assert_eq!(audit[0].arguments, Some(json!("{\"lines\": 5")));
+    backend.close().await;
+}

@@ -332,11 +332,16 @@ pub trait AgentObserver: Send + Sync {
     fn after_tool_call<'a>(&'a self, step: usize, record: &'a ToolCallRecord) -> BoxFuture<'a, ()>;
 }
 
-/// Calls whose answer cannot change, by (tool, canonical arguments), with that answer.
+/// Calls whose answer cannot change, by (tool, canonical arguments), with that
+/// answer and how often the model has asked for them again.
 #[derive(Default)]
 struct RepeatGuard {
-    settled: HashMap<(String, String), ToolCallRecord>,
+    settled: HashMap<(String, String), (ToolCallRecord, usize)>,
 }
+
+/// Repeats of a failed or rejected call the model is told about before the run
+/// stops; a repeated policy denial stops the run at once.
+const FAILURE_REPEATS_BEFORE_STOP: usize = 2;
 
 impl RepeatGuard {
     /// Whether the same call would get the same answer again.
@@ -517,7 +522,7 @@ impl<'a> Agent<'a> {
     }
 
     /// Sends one call, unless the guard already knows its answer. Returns the
-    /// record and, for a call not sent again, the earlier record it repeats.
+    /// record and, when the repeat should end the run, the earlier record it repeats.
     async fn call_tool(
         &self,
         step: usize,
@@ -547,10 +552,18 @@ impl<'a> Agent<'a> {
             audit_seq: None,
             result: None,
         };
-        if let Some(earlier) = guard.settled.get(&key).cloned()
+        if let Some((earlier, repeats)) = guard.settled.get(&key).cloned()
             && !self.mode_changed_since(&earlier).await
         {
             let denied = earlier.decision == Decision::Denied;
+            let repeats = repeats + 1;
+            if let Some(entry) = guard.settled.get_mut(&key) {
+                entry.1 = repeats;
+            }
+            // A denial is explained best by the server's own words, now. A failure
+            // or rejection is explained to the model once (it may fix the call),
+            // and ends the run if the model asks for it yet again.
+            let stop = denied || repeats >= FAILURE_REPEATS_BEFORE_STOP;
             let answer = match (&earlier.reason_code, &earlier.message) {
                 (Some(reason), Some(message)) => format!(" ({reason}: {message})"),
                 (Some(reason), None) => format!(" ({reason})"),
@@ -577,7 +590,7 @@ impl<'a> Agent<'a> {
                 mode: earlier.mode.clone(),
                 ..base
             };
-            return Ok((record, Some(earlier)));
+            return Ok((record, stop.then_some(earlier)));
         }
         // Unknown names and unparsable arguments are forwarded anyway: the server
         // audits the attempt and refuses it, which is better evidence than a local refusal.
@@ -611,7 +624,7 @@ impl<'a> Agent<'a> {
             ..base
         };
         if RepeatGuard::is_settled(&record) {
-            guard.settled.insert(key, record.clone());
+            guard.settled.insert(key, (record.clone(), 0));
         } else {
             guard.settled.remove(&key);
         }
