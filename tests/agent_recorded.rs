@@ -17,8 +17,8 @@ use proxi::agent::genai_provider::{GenaiSettings, ProviderKind};
 use proxi::agent::provider::LlmProvider;
 use proxi::agent::select::build_provider;
 use proxi::agent::{
-    ALREADY_DENIED, ALREADY_FAILED, Agent, AgentConfig, AgentError, EMPTY_REPLY_PROMPT,
-    EXIT_UNVERIFIED, RetryPolicy, RunOutcome, RunRecord, WRITTEN_CALL_PROMPT,
+    ALREADY_DENIED, ALREADY_DONE, ALREADY_FAILED, Agent, AgentConfig, AgentError,
+    EMPTY_REPLY_PROMPT, EXIT_UNVERIFIED, RetryPolicy, RunOutcome, RunRecord, WRITTEN_CALL_PROMPT,
 };
 
 /// One tool call as the model wrote it: id (if any), name, arguments as sent on the wire.
@@ -356,6 +356,44 @@ async fn a_repeated_deterministic_failure_is_not_resent<W: Wire>() {
     assert!(answer.contains("unknown_service"), "{answer}");
 }
 
+/// Seen in the by-hand run after the fixes: the 1.5B model restarted a healthy
+/// web-server eight times. An identical successful active call is not sent again;
+/// the model is told once, and a further repeat ends the run with what ran.
+async fn a_repeated_successful_action_is_not_resent<W: Wire>() {
+    let server = TestServer::start().await;
+    server.emergency().await;
+    server.incident("web-server", "critical").await;
+    let (llm, provider) = model::<W>(vec![W::calls(&[(
+        Some("c1"),
+        "restart_service",
+        json!({"service_name": "web-server"}),
+    )])])
+    .await;
+    let record = run(
+        provider.as_ref(),
+        &server,
+        "Fix the critical web server issue",
+    )
+    .await;
+    assert_eq!(server.tool_calls().await.len(), 1, "restarted once");
+    let requests = bodies(&llm).await;
+    assert_eq!(requests.len(), 3);
+    assert!(requests[2].to_string().contains(ALREADY_DONE));
+    let calls: Vec<_> = record.tool_calls().collect();
+    assert_eq!(calls.len(), 3);
+    assert_eq!(calls[1].reason_code.as_deref(), Some(ALREADY_DONE));
+    assert!(!calls[1].forwarded);
+    assert_eq!(record.outcome, RunOutcome::Answered);
+    let answer = &record.final_answer;
+    assert!(
+        answer
+            .contains("✓ restart_service {\"service_name\":\"web-server\"} ran in EMERGENCY mode"),
+        "{answer}"
+    );
+    assert!(record.is_verified(), "{:?}", record.unverified_claims);
+    assert_eq!(record.exit_code(), 0);
+}
+
 /// Defect 4: the 0.5B model wrote its calls as JSON text.
 async fn a_call_written_as_json_text_is_run<W: Wire>() {
     let server = TestServer::start().await;
@@ -471,6 +509,11 @@ macro_rules! recorded {
             #[tokio::test]
             async fn a_repeated_deterministic_failure_is_not_resent() {
                 super::a_repeated_deterministic_failure_is_not_resent::<$wire>().await;
+            }
+
+            #[tokio::test]
+            async fn a_repeated_successful_action_is_not_resent() {
+                super::a_repeated_successful_action_is_not_resent::<$wire>().await;
             }
 
             #[tokio::test]

@@ -56,6 +56,10 @@ pub const ALREADY_DENIED: &str = "already_denied";
 /// Reason code of a call the agent did not send again because it had already
 /// failed or been rejected in a way that cannot change (e.g. `unknown_service`).
 pub const ALREADY_FAILED: &str = "already_failed";
+/// Reason code of an active call the agent did not send again because the same
+/// call had already succeeded in this run (active tools converge on a target
+/// state, so a repeat changes nothing).
+pub const ALREADY_DONE: &str = "already_done";
 /// Failure reason codes that the same call would get again.
 pub const DETERMINISTIC_FAILURES: [&str; 3] =
     ["unknown_service", "unknown_database", INVALID_ARGUMENTS];
@@ -405,6 +409,14 @@ impl<'a> Agent<'a> {
         record.allowed_tools_at_start = status.allowed_tools.clone();
         let system = system_prompt(&status, &tools);
         let known: Vec<String> = tools.iter().map(|tool| tool.name.clone()).collect();
+        // Active tools (restart, scale) converge on a target state: repeating an
+        // identical successful call changes nothing. Small models repeat them
+        // until the step limit (eight restarts of a healthy web-server).
+        let converging: HashSet<String> = tools
+            .iter()
+            .filter(|tool| tool.category.as_deref() == Some("active"))
+            .map(|tool| tool.name.clone())
+            .collect();
 
         let mut messages = vec![Message::User(task.to_owned())];
         let mut guard = RepeatGuard::default();
@@ -477,7 +489,8 @@ impl<'a> Agent<'a> {
             let mut repeated: Vec<ToolCallRecord> = Vec::new();
             for (index, call) in calls.into_iter().enumerate() {
                 let (mut call_record, earlier) = if index < self.config.max_calls_per_step {
-                    self.call_tool(step, &call, &known, &mut guard).await?
+                    self.call_tool(step, &call, (&known, &converging), &mut guard)
+                        .await?
                 } else {
                     // Every call still gets a result: providers reject unanswered call ids.
                     (
@@ -506,8 +519,16 @@ impl<'a> Agent<'a> {
                 // Asking the model again would only repeat the refusal (about 100 s
                 // of model time per run on a small local model); the server's own
                 // answer explains it better than the model did.
-                record.outcome = RunOutcome::Refused;
-                record.final_answer = answer_from_refusals(&repeated, record);
+                let all_done = repeated
+                    .iter()
+                    .all(|call| call.decision == Decision::Allowed);
+                record.outcome = if all_done {
+                    RunOutcome::Answered
+                } else {
+                    RunOutcome::Refused
+                };
+                record.final_answer = answer_from_settled(&repeated, record);
+                mark_unverified_claims(record);
                 return Ok(());
             }
             messages.push(Message::ToolResults(results));
@@ -527,7 +548,7 @@ impl<'a> Agent<'a> {
         &self,
         step: usize,
         call: &ToolCallRequest,
-        known: &[String],
+        (known, converging): (&[String], &HashSet<String>),
         guard: &mut RepeatGuard,
     ) -> Result<(ToolCallRecord, Option<ToolCallRecord>), AgentError> {
         // Models send `null` or nothing for tools without arguments.
@@ -556,19 +577,43 @@ impl<'a> Agent<'a> {
             && !self.mode_changed_since(&earlier).await
         {
             let denied = earlier.decision == Decision::Denied;
+            let done = earlier.decision == Decision::Allowed;
             let repeats = repeats + 1;
             if let Some(entry) = guard.settled.get_mut(&key) {
                 entry.1 = repeats;
             }
-            // A denial is explained best by the server's own words, now. A failure
-            // or rejection is explained to the model once (it may fix the call),
-            // and ends the run if the model asks for it yet again.
+            // A denial is explained best by the server's own words, now. A failure,
+            // rejection or completed action is explained to the model once (it may
+            // move on), and ends the run if the model asks for it yet again.
             let stop = denied || repeats >= FAILURE_REPEATS_BEFORE_STOP;
             let answer = match (&earlier.reason_code, &earlier.message) {
                 (Some(reason), Some(message)) => format!(" ({reason}: {message})"),
                 (Some(reason), None) => format!(" ({reason})"),
                 _ => String::new(),
             };
+            if done {
+                let record = ToolCallRecord {
+                    decision: Decision::Allowed,
+                    reason_code: Some(ALREADY_DONE.to_owned()),
+                    message: Some(format!(
+                        "{} with these arguments already ran successfully in this run{}; the agent did not send it again, because repeating it changes nothing.",
+                        call.name,
+                        earlier
+                            .mode
+                            .as_deref()
+                            .map(|mode| format!(" (in {mode} mode)"))
+                            .unwrap_or_default()
+                    )),
+                    how_to_proceed: Some(
+                        "It is done. Check the state with a read-only tool if needed, then answer the user."
+                            .to_owned(),
+                    ),
+                    mode: earlier.mode.clone(),
+                    result: earlier.result.clone(),
+                    ..base
+                };
+                return Ok((record, stop.then_some(earlier)));
+            }
             let record = ToolCallRecord {
                 decision: earlier.decision,
                 reason_code: Some(
@@ -623,7 +668,8 @@ impl<'a> Agent<'a> {
             result: outcome.result,
             ..base
         };
-        if RepeatGuard::is_settled(&record) {
+        let converged = record.decision == Decision::Allowed && converging.contains(&record.tool);
+        if RepeatGuard::is_settled(&record) || converged {
             guard.settled.insert(key, (record.clone(), 0));
         } else {
             guard.settled.remove(&key);
@@ -683,11 +729,30 @@ fn mark_unverified_claims(record: &mut RunRecord) {
     }
 }
 
-/// The final answer after the model repeated a refused call: the server's own
-/// words for each refusal (reason, mode, how to proceed), then what was sent.
-fn answer_from_refusals(refusals: &[ToolCallRecord], record: &RunRecord) -> String {
+/// The final answer after the model repeated a settled call: for a completed
+/// action, what ran; for a refusal, the server's own words (reason, mode, how to
+/// proceed); then what was sent.
+fn answer_from_settled(settled: &[ToolCallRecord], record: &RunRecord) -> String {
     let mut lines = Vec::new();
-    for refusal in refusals {
+    for refusal in settled {
+        if refusal.decision == Decision::Allowed {
+            let mut line = format!(
+                "✓ {} {} ran",
+                refusal.tool,
+                canonical_json(&refusal.arguments)
+            );
+            if let Some(mode) = &refusal.mode {
+                line.push_str(&format!(" in {mode} mode"));
+            }
+            if let Some(seq) = refusal.audit_seq {
+                line.push_str(&format!(" (audit #{seq})"));
+            }
+            if let Some(result) = &refusal.result {
+                line.push_str(&format!(": {}", truncate_chars(&result.to_string(), 300)));
+            }
+            lines.push(line);
+            continue;
+        }
         let mut line = format!(
             "❌ {} {} was {}",
             refusal.tool,
@@ -709,7 +774,7 @@ fn answer_from_refusals(refusals: &[ToolCallRecord], record: &RunRecord) -> Stri
         }
     }
     lines.push(format!(
-        "The model asked for the same call again; Proxi does not send a call whose answer cannot change, so the run stopped here. {}",
+        "The model asked for the same call again; Proxi does not send a call whose answer cannot change (or that is already done), so the run stopped here. {}",
         summarize_calls(record)
     ));
     lines.join("\n")

@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 
 use super::backend::{Decision, UNKNOWN_TOOL};
 use super::provider::ToolSpec;
-use super::{ALREADY_DENIED, ALREADY_FAILED, TOO_MANY_CALLS, ToolCallRecord};
+use super::{ALREADY_DENIED, ALREADY_DONE, ALREADY_FAILED, TOO_MANY_CALLS, ToolCallRecord};
 use crate::api::PolicyStatus;
 
 /// The heading of the prompt's last, mode-dependent part.
@@ -114,6 +114,9 @@ pub fn render_for_model(record: &ToolCallRecord) -> String {
     }
     let reason = record.reason_code.as_deref();
     let instruction = match record.decision {
+        Decision::Allowed if reason == Some(ALREADY_DONE) => Some(
+            "Already done: this exact call succeeded earlier in this run. Do not repeat it. Answer the user.",
+        ),
         Decision::Allowed => None,
         _ if reason == Some(TOO_MANY_CALLS) => {
             Some("Not run: this turn asked for too many tool calls. Make fewer calls per turn.")
