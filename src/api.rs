@@ -4,7 +4,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use crate::gateway::{CatalogEntry, PolicyStatus};
-pub use crate::infra::InfrastructureStatus;
+pub use crate::infra::{INITIAL_SERVICES, InfrastructureStatus};
+pub use crate::mcp::{META_AUDIT_SEQ as MCP_META_AUDIT_SEQ, META_MODE as MCP_META_MODE};
 
 /// Largest request body the server reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;

@@ -11,11 +11,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use proxi::agent::backend::{McpBackend, RestBackend, ToolBackend};
-use proxi::agent::provider::LlmProvider;
 use proxi::agent::select::{ProviderChoice, SelectedProvider, select_provider};
 use proxi::agent::{
-    Agent, AgentConfig, AgentObserver, DEFAULT_MAX_STEPS, RunOutcome, RunRecord, ToolCallRecord,
+    AgentConfig, AgentObserver, DEFAULT_MAX_STEPS, RunOutcome, RunRecord, ToolCallRecord,
     describe_call,
 };
 use proxi::anchor::Anchoring;
@@ -126,6 +124,9 @@ struct DemoArgs {
     /// Mode switches in the stress scenario (at least 1000 for the seed's test).
     #[arg(long, default_value_t = proxi::demo::DEFAULT_STRESS_SWITCHES)]
     stress_switches: usize,
+    /// Most model turns per agent run.
+    #[arg(long, default_value_t = DEFAULT_MAX_STEPS, value_parser = parse_max_steps)]
+    max_steps: usize,
 }
 
 /// Which model drives the agent; shared by `agent` and `demo`.
@@ -140,6 +141,32 @@ struct ModelArgs {
     /// Override the provider's base URL (OpenAI-compatible servers, proxies).
     #[arg(long)]
     base_url: Option<String>,
+    /// Seconds one model turn may take (default: $PROXI_MODEL_TIMEOUT, else 120).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_model_timeout)]
+    model_timeout: Option<std::time::Duration>,
+    /// Sampling temperature (agent default: the provider's; demo default: 0).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Sampling seed, for providers that honour one (agent default: none; demo default: 0).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl ModelArgs {
+    fn options(&self) -> proxi::agent::select::ModelOptions {
+        proxi::agent::select::ModelOptions {
+            model: self.model.clone(),
+            base_url: self.base_url.clone(),
+            timeout: self.model_timeout,
+            temperature: self.temperature,
+            seed: self.seed,
+        }
+    }
+}
+
+fn parse_model_timeout(text: &str) -> Result<std::time::Duration, String> {
+    proxi::agent::genai_provider::parse_timeout(text)
+        .ok_or_else(|| "expected a positive number of seconds, at most 86400".to_owned())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -1112,11 +1139,14 @@ fn non_empty_env(name: &str) -> Option<String> {
 async fn demo(args: DemoArgs) -> Result<ExitCode> {
     use std::io::IsTerminal;
     let _ = dotenvy::dotenv();
+    let mut model = args.model.options();
+    model.temperature = model.temperature.or(Some(proxi::demo::DEFAULT_TEMPERATURE));
+    model.seed = model.seed.or(Some(proxi::demo::DEFAULT_SEED));
     let options = proxi::demo::DemoOptions {
         scenario: args.scenario,
         provider: args.model.provider.map(provider_choice),
-        model: args.model.model,
-        base_url: args.model.base_url,
+        model,
+        max_steps: args.max_steps,
         keep_data: args.keep_data,
         policy: args.policy,
         stress_switches: args.stress_switches,
@@ -1154,8 +1184,7 @@ fn provider_choice(provider: ProviderArg) -> ProviderChoice {
 fn agent_provider(args: &ModelArgs) -> Result<SelectedProvider> {
     Ok(select_provider(
         args.provider.map(provider_choice),
-        args.model.clone(),
-        args.base_url.clone(),
+        &args.options(),
         non_empty_env,
     )?)
 }
@@ -1201,18 +1230,16 @@ async fn agent(args: AgentArgs, log: LogFormat) -> Result<ExitCode> {
     };
     let live = LiveTranscript;
     let observer: Option<&dyn AgentObserver> = (!args.json).then_some(&live as &dyn AgentObserver);
-    let result = match args.via {
-        Via::Rest => {
-            let backend = RestBackend::new(ProxiClient::new(&url, token)?);
-            run_agent(provider.as_ref(), &backend, config, observer, &task).await
-        }
-        Via::Mcp => {
-            let backend = McpBackend::connect(&url, token).await?;
-            let result = run_agent(provider.as_ref(), &backend, config, observer, &task).await;
-            backend.close().await;
-            result
-        }
+    let server = proxi::agent::run::ServerConnection {
+        url,
+        token,
+        transport: match args.via {
+            Via::Rest => proxi::agent::run::Transport::Rest,
+            Via::Mcp => proxi::agent::run::Transport::Mcp,
+        },
     };
+    let result =
+        proxi::agent::run::run_task(provider.as_ref(), &server, config, observer, &task).await;
     let (record, failure) = match result {
         Ok(record) => (record, None),
         Err(failure) => (*failure.record, Some(failure.error)),
@@ -1226,25 +1253,7 @@ async fn agent(args: AgentArgs, log: LogFormat) -> Result<ExitCode> {
         report_error(log, &error.to_string());
         return Ok(ExitCode::FAILURE);
     }
-    Ok(match record.outcome {
-        RunOutcome::Answered => ExitCode::SUCCESS,
-        RunOutcome::MaxSteps => ExitCode::from(2),
-        RunOutcome::Failed => ExitCode::FAILURE,
-    })
-}
-
-async fn run_agent(
-    provider: &dyn LlmProvider,
-    backend: &dyn ToolBackend,
-    config: AgentConfig,
-    observer: Option<&dyn AgentObserver>,
-    task: &str,
-) -> Result<RunRecord, proxi::agent::AgentFailure> {
-    let mut agent = Agent::new(provider, backend).with_config(config);
-    if let Some(observer) = observer {
-        agent = agent.with_observer(observer);
-    }
-    agent.run(task).await
+    Ok(ExitCode::from(record.exit_code()))
 }
 
 fn print_summary(record: &RunRecord) {

@@ -200,3 +200,38 @@ fn a_real_provider_without_its_key_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("ANTHROPIC_API_KEY is not set"), "{stderr}");
 }
+
+/// A reply that claims a restart no call performed is not a success: the run
+/// record lists the claim and the exit code is 3. The model is replayed over the
+/// OpenAI format and the model timeout is taken from the environment.
+#[tokio::test]
+async fn an_unverified_claim_exits_non_zero() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let dir = tempfile::tempdir().unwrap();
+    let served = serve(dir.path());
+    let llm = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "choices": [{"index": 0, "message": {"role": "assistant",
+                "content": "✅ restart_service(web-server)"}, "finish_reason": "stop"}]
+        })))
+        .mount(&llm)
+        .await;
+    let output = tokio::process::Command::from(proxi(dir.path()))
+        .args(["agent", "--provider", "openai", "--model", "qwen", "--json"])
+        .arg("--base-url")
+        .arg(format!("{}/v1", llm.uri()))
+        .args(["--server", &served.url, "Restart the web server"])
+        .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
+        .env("PROXI_MODEL_TIMEOUT", "45")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("timeout 45 s"), "{stderr}");
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    let run: RunRecord = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(run.unverified_claims, ["✅ restart_service(web-server)"]);
+}

@@ -399,22 +399,19 @@ impl LlmProvider for Scripted {
 }
 
 fn call(id: &str, name: &str, arguments: Value) -> AssistantTurn {
-    AssistantTurn::calls(vec![ToolCallRequest {
-        id: id.to_owned(),
-        name: name.to_owned(),
-        arguments,
-    }])
+    AssistantTurn::calls(vec![ToolCallRequest::new(id, name, arguments)])
 }
 
 #[tokio::test]
-async fn a_denied_call_is_never_sent_twice_with_the_same_arguments() {
+async fn a_denied_call_is_never_sent_twice_and_a_repeat_ends_the_run() {
     let server = TestServer::start().await;
     let provider = Scripted::new(vec![
         Ok(call(
             "1",
             "restart_service",
-            json!({"service_name": "web-server"}),
+            json!({"service_name": "cache"}),
         )),
+        // A different argument is a different call and gets its own decision.
         Ok(call(
             "2",
             "restart_service",
@@ -423,9 +420,9 @@ async fn a_denied_call_is_never_sent_twice_with_the_same_arguments() {
         Ok(call(
             "3",
             "restart_service",
-            json!({"service_name": "cache"}),
+            json!({"service_name": "web-server"}),
         )),
-        Ok(AssistantTurn::answer("❌ blocked")),
+        Ok(AssistantTurn::answer("never asked")),
     ]);
     let backend = RestBackend::new(server.agent.clone());
     let record = Agent::new(&provider, &backend)
@@ -436,26 +433,38 @@ async fn a_denied_call_is_never_sent_twice_with_the_same_arguments() {
     let calls = calls(&record);
     assert_eq!(calls.len(), 3);
     assert!(calls[0].forwarded);
-    assert!(!calls[1].forwarded);
-    assert_eq!(calls[1].decision, Decision::Denied);
-    assert_eq!(calls[1].reason_code.as_deref(), Some(ALREADY_DENIED));
-    // Different arguments are a different call and get their own decision.
-    assert!(calls[2].forwarded);
+    assert!(calls[1].forwarded);
+    assert!(!calls[2].forwarded);
+    assert_eq!(calls[2].decision, Decision::Denied);
+    assert_eq!(calls[2].reason_code.as_deref(), Some(ALREADY_DENIED));
     let audit = server.tool_calls().await;
     assert_eq!(audit.len(), 2);
-    assert_eq!(audit[1].arguments, Some(json!({"service_name": "cache"})));
-    let seen = provider.seen.lock().unwrap();
-    let Some(Message::ToolResults(results)) = seen[2].last() else {
-        panic!("expected tool results");
-    };
-    let told: Value = serde_json::from_str(&results[0].content).unwrap();
-    assert_eq!(told["reason_code"], ALREADY_DENIED);
+    // The repeat ended the run: no model turn after it, and the answer is the server's denial.
+    assert_eq!(provider.seen.lock().unwrap().len(), 3);
+    assert_eq!(record.outcome, RunOutcome::Refused);
     assert!(
-        told["instruction"]
-            .as_str()
-            .unwrap()
-            .contains("Do not retry")
+        record.final_answer.contains("blocked_in_mode"),
+        "{}",
+        record.final_answer
     );
+    assert!(
+        record.final_answer.contains("NORMAL"),
+        "{}",
+        record.final_answer
+    );
+    assert!(
+        record.final_answer.contains("EMERGENCY"),
+        "{}",
+        record.final_answer
+    );
+    assert!(
+        record.final_answer.contains(
+            "Calls sent to the server: restart_service (denied), restart_service (denied)."
+        ),
+        "{}",
+        record.final_answer
+    );
+    assert_eq!(record.exit_code(), 0);
 }
 
 #[tokio::test]
@@ -592,11 +601,7 @@ async fn a_turn_with_too_many_calls_runs_only_the_first_ones() {
     let server = TestServer::start().await;
     let many = AssistantTurn::calls(
         (0..5)
-            .map(|i| ToolCallRequest {
-                id: format!("c{i}"),
-                name: "list_services".to_owned(),
-                arguments: json!({}),
-            })
+            .map(|i| ToolCallRequest::new(format!("c{i}"), "list_services", json!({})))
             .collect(),
     );
     let provider = Scripted::new(vec![Ok(many), Ok(AssistantTurn::answer("ok"))]);

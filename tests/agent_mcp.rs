@@ -28,7 +28,20 @@ async fn the_mcp_backend_lists_tools_and_maps_outcomes() {
     assert_eq!(restart.category.as_deref(), Some("active"));
     assert_eq!(restart.allowed_modes, Some(vec!["EMERGENCY".to_owned()]));
     assert_eq!(restart.input_schema["required"], json!(["service_name"]));
-    assert_eq!(backend.policy_status().await.unwrap().mode, "NORMAL");
+    let status = backend.policy_status().await.unwrap();
+    assert_eq!(status.mode, "NORMAL");
+    // The prompt states each tool's modes once, although MCP descriptions append them too.
+    let rest = proxi::agent::backend::RestBackend::new(server.agent.clone());
+    assert_eq!(
+        proxi::agent::system_prompt(&status, &catalog),
+        proxi::agent::system_prompt(&status, &rest.catalog().await.unwrap()),
+        "over MCP the agent tells the model exactly what it tells it over REST"
+    );
+    assert!(
+        !restart.description.contains("Allowed in modes"),
+        "{}",
+        restart.description
+    );
 
     let allowed = backend.call_tool("list_services", json!({})).await.unwrap();
     assert_eq!(allowed.decision, Decision::Allowed);
@@ -181,5 +194,26 @@ async fn the_mock_agent_runs_over_proxi_mcp() {
             .all(|record| record.principal == "agent (mcp:proxi-agent)"),
         "MCP calls are audited under the agent's identity"
     );
+    backend.close().await;
+}
+
+#[tokio::test]
+async fn arguments_mcp_cannot_carry_are_still_rejected_and_audited() {
+    let server = TestServer::start().await;
+    let backend = McpBackend::connect(&server.url, Some(AGENT_TOKEN.to_owned()))
+        .await
+        .expect("MCP session opens");
+    // A model's truncated arguments, kept as text: MCP carries only objects, so the
+    // backend sends this one over REST, where the server rejects and audits it.
+    let outcome = backend
+        .call_tool("list_services", json!("{\"lines\": 5"))
+        .await
+        .unwrap();
+    assert_eq!(outcome.decision, Decision::Rejected);
+    assert_eq!(outcome.reason_code.as_deref(), Some("invalid_arguments"));
+    let audit = server.tool_calls().await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].decision, "rejected");
+    assert_eq!(audit[0].arguments, Some(json!("{\"lines\": 5")));
     backend.close().await;
 }

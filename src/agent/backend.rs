@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 use tokio::sync::RwLock;
 
 use super::provider::ToolSpec;
-use crate::api::{PolicyStatus, ToolResponse};
+use crate::api::{MCP_META_AUDIT_SEQ, MCP_META_MODE, PolicyStatus, ToolResponse};
 use crate::client::{ClientError, ProxiClient};
 
 /// Reason code the server gives a tool that does not exist.
@@ -120,9 +120,8 @@ impl ToolOutcome {
                     .and_then(|meta| meta.0.get(key))
                     .cloned()
             };
-            let mode =
-                meta(crate::mcp::META_MODE).and_then(|mode| mode.as_str().map(str::to_owned));
-            let audit_seq = meta(crate::mcp::META_AUDIT_SEQ).and_then(|seq| seq.as_u64());
+            let mode = meta(MCP_META_MODE).and_then(|mode| mode.as_str().map(str::to_owned));
+            let audit_seq = meta(MCP_META_AUDIT_SEQ).and_then(|seq| seq.as_u64());
             let value = result
                 .structured_content
                 .filter(|value| !value.is_null())
@@ -418,10 +417,17 @@ impl ToolBackend for McpBackend {
                 .any(|spec| spec.allowed_modes.is_none() || spec.category.is_none())
             {
                 // tools/list need not carry policy metadata; the REST catalog of the
-                // same server does. Names, descriptions and schemas stay MCP's.
+                // same server does. Names and schemas stay MCP's.
                 if let Ok(catalog) = self.rest.catalog().await {
                     for spec in &mut specs {
                         if let Some(entry) = catalog.tools.iter().find(|e| e.name == spec.name) {
+                            // MCP descriptions append the allowed modes, which the
+                            // prompt already states from `allowed_modes`.
+                            if spec.description.len() > entry.description.len()
+                                && spec.description.starts_with(&entry.description)
+                            {
+                                spec.description = entry.description.clone();
+                            }
                             spec.category
                                 .get_or_insert_with(|| entry.category.as_str().to_owned());
                             spec.allowed_modes
@@ -449,21 +455,12 @@ impl ToolBackend for McpBackend {
             match arguments {
                 Value::Object(object) => params = params.with_arguments(object),
                 Value::Null => {}
-                // MCP cannot carry anything but an object, so this never reaches the server.
+                // MCP can carry only an object. Such arguments (e.g. a model's text
+                // that is not JSON) go over REST with the same token instead, so
+                // the server still rejects and audits the attempt.
                 other => {
-                    return Ok(ToolOutcome {
-                        decision: Decision::Rejected,
-                        reason_code: Some(INVALID_ARGUMENTS.to_owned()),
-                        message: Some(format!(
-                            "arguments must be a JSON object, not {}",
-                            crate::tools::json_type_name(&other)
-                        )),
-                        result: None,
-                        how_to_proceed: None,
-                        known_tools: None,
-                        mode: None,
-                        audit_seq: None,
-                    });
+                    let response = self.rest.execute(name, other).await?;
+                    return Ok(ToolOutcome::from_rest(response));
                 }
             }
             match self.session.call_tool(params).await {

@@ -30,6 +30,8 @@ use super::provider::{
 const MAX_ERROR_TEXT: usize = 300;
 /// Default limit for one completion, connect included.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Environment variable that sets the model timeout in seconds (`--model-timeout` wins).
+pub const MODEL_TIMEOUT_ENV: &str = "PROXI_MODEL_TIMEOUT";
 /// Anthropic requires a max_tokens; genai's default (64000) is far beyond what a tool turn needs.
 pub const DEFAULT_ANTHROPIC_MAX_TOKENS: u32 = 4096;
 
@@ -134,6 +136,10 @@ pub struct GenaiSettings {
     pub timeout: Duration,
     /// Output token limit; `None` keeps the provider default (Anthropic gets 4096).
     pub max_tokens: Option<u32>,
+    /// Sampling temperature; `None` keeps the provider default.
+    pub temperature: Option<f64>,
+    /// Sampling seed, for providers that honour one (OpenAI-compatible servers); `None` sends none.
+    pub seed: Option<u64>,
 }
 
 impl fmt::Debug for GenaiSettings {
@@ -145,6 +151,8 @@ impl fmt::Debug for GenaiSettings {
             .field("base_url", &self.base_url)
             .field("timeout", &self.timeout)
             .field("max_tokens", &self.max_tokens)
+            .field("temperature", &self.temperature)
+            .field("seed", &self.seed)
             .finish()
     }
 }
@@ -159,15 +167,30 @@ impl GenaiSettings {
             base_url: None,
             timeout: DEFAULT_TIMEOUT,
             max_tokens: None,
+            temperature: None,
+            seed: None,
         }
     }
 
     /// Reads the seed's variables through `lookup` (normally the process environment):
     /// `GOOGLE_API_KEY` (or `GEMINI_API_KEY`), `OPENAI_API_KEY`, `OPENAI_BASE_URL`,
-    /// `ANTHROPIC_API_KEY`, `OLLAMA_HOST`, plus `GEMINI_BASE_URL` and `ANTHROPIC_BASE_URL`.
-    pub fn from_env(kind: ProviderKind, lookup: impl Fn(&str) -> Option<String>) -> GenaiSettings {
+    /// `ANTHROPIC_API_KEY`, `OLLAMA_HOST`, plus `GEMINI_BASE_URL`, `ANTHROPIC_BASE_URL`
+    /// and [`MODEL_TIMEOUT_ENV`]. A timeout that is not a positive number of seconds is
+    /// a configuration error that names the variable.
+    pub fn from_env(
+        kind: ProviderKind,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<GenaiSettings, ProviderError> {
         let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
         let mut settings = GenaiSettings::new(kind);
+        if let Some(text) = get(MODEL_TIMEOUT_ENV) {
+            settings.timeout = parse_timeout(&text).ok_or_else(|| ProviderError::Config {
+                provider: kind.as_str().to_owned(),
+                message: format!(
+                    "{MODEL_TIMEOUT_ENV}={text:?} is not a positive number of seconds"
+                ),
+            })?;
+        }
         match kind {
             ProviderKind::Gemini => {
                 settings.api_key = get("GOOGLE_API_KEY").or_else(|| get("GEMINI_API_KEY"));
@@ -185,7 +208,26 @@ impl GenaiSettings {
                 settings.base_url = get("OLLAMA_HOST").map(|host| ollama_base_url(&host));
             }
         }
-        settings
+        Ok(settings)
+    }
+}
+
+/// Reads a timeout in seconds (fractions allowed), as `--model-timeout` and
+/// [`MODEL_TIMEOUT_ENV`] take it; `None` unless it is positive and at most a day.
+pub fn parse_timeout(text: &str) -> Option<Duration> {
+    let seconds: f64 = text.trim().trim_end_matches('s').parse().ok()?;
+    (seconds.is_finite() && seconds > 0.0 && seconds <= 86_400.0)
+        .then(|| Duration::from_secs_f64(seconds))
+}
+
+/// The timeout error every provider gives: it names the limit and how to raise it.
+pub fn timeout_error(kind: ProviderKind, limit: Duration) -> ProviderError {
+    ProviderError::Timeout {
+        provider: kind.as_str().to_owned(),
+        message: format!(
+            "no answer within the model timeout of {} s; raise it with --model-timeout or {MODEL_TIMEOUT_ENV}",
+            limit.as_secs_f64()
+        ),
     }
 }
 
@@ -217,7 +259,7 @@ fn with_trailing_slash(url: &str) -> String {
     }
 }
 
-fn is_loopback(url: &str) -> bool {
+pub(super) fn is_loopback(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.starts_with("127.") || rest.starts_with("localhost") || rest.starts_with("[::1]")
 }
@@ -229,6 +271,7 @@ pub struct GenaiProvider {
     base_url: String,
     client: genai::Client,
     options: ChatOptions,
+    timeout: Duration,
 }
 
 impl fmt::Debug for GenaiProvider {
@@ -241,52 +284,87 @@ impl fmt::Debug for GenaiProvider {
     }
 }
 
+/// What every provider needs from [`GenaiSettings`], checked once.
+pub(super) struct Resolved {
+    /// The base URL, ending in `/`.
+    pub base_url: String,
+    /// The key to send, if any.
+    pub key: Option<String>,
+    /// The model name.
+    pub model: String,
+    /// An HTTP client with the model timeout (and no proxy for loopback URLs).
+    pub http: reqwest::Client,
+}
+
+/// Checks the settings: a usable base URL, a key where one is required, a model name.
+pub(super) fn resolve(settings: &GenaiSettings) -> Result<Resolved, ProviderError> {
+    let kind = settings.kind;
+    let config_error = |message: String| ProviderError::Config {
+        provider: kind.as_str().to_owned(),
+        message,
+    };
+    let base_url = with_trailing_slash(
+        settings
+            .base_url
+            .as_deref()
+            .unwrap_or(kind.default_base_url()),
+    );
+    reqwest::Url::parse(&base_url)
+        .map_err(|error| config_error(format!("invalid base URL {base_url}: {error}")))?;
+    let key = match (kind, settings.api_key.clone()) {
+        (ProviderKind::Ollama, _) => None,
+        (_, Some(key)) => Some(key),
+        // A local OpenAI-compatible server (llama.cpp, vLLM) usually takes any key.
+        (ProviderKind::OpenAi, None) if settings.base_url.is_some() => Some("no-key".to_owned()),
+        (_, None) => {
+            return Err(config_error(format!(
+                "{} is not set; put it in the environment or in .env",
+                kind.key_variable()
+            )));
+        }
+    };
+    let model = settings
+        .model
+        .clone()
+        .filter(|model| !model.trim().is_empty())
+        .unwrap_or_else(|| kind.default_model().to_owned());
+    crate::tls::install_crypto_provider();
+    let mut http = reqwest::Client::builder()
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout.min(Duration::from_secs(10)));
+    if is_loopback(&base_url) {
+        // Local model servers (and test doubles) must not go through a proxy.
+        http = http.no_proxy();
+    }
+    let http = http
+        .build()
+        .map_err(|error| config_error(format!("cannot build the HTTP client: {error}")))?;
+    Ok(Resolved {
+        base_url,
+        key,
+        model,
+        http,
+    })
+}
+
 impl GenaiProvider {
     /// Builds a provider; fails if a required key is missing or the URL is unusable.
+    ///
+    /// `proxi` itself serves OpenAI through [`super::openai_provider`], which
+    /// tolerates malformed tool calls; this adapter still speaks OpenAI for
+    /// comparison and tests.
     pub fn new(settings: GenaiSettings) -> Result<GenaiProvider, ProviderError> {
         let kind = settings.kind;
         let config_error = |message: String| ProviderError::Config {
             provider: kind.as_str().to_owned(),
             message,
         };
-        let base_url = with_trailing_slash(
-            settings
-                .base_url
-                .as_deref()
-                .unwrap_or(kind.default_base_url()),
-        );
-        reqwest::Url::parse(&base_url)
-            .map_err(|error| config_error(format!("invalid base URL {base_url}: {error}")))?;
-        let key = match (kind, settings.api_key) {
-            (ProviderKind::Ollama, _) => None,
-            (_, Some(key)) => Some(key),
-            // A local OpenAI-compatible server (llama.cpp, vLLM) usually takes any key.
-            (ProviderKind::OpenAi, None) if settings.base_url.is_some() => {
-                Some("no-key".to_owned())
-            }
-            (_, None) => {
-                return Err(config_error(format!(
-                    "{} is not set; put it in the environment or in .env",
-                    kind.key_variable()
-                )));
-            }
-        };
-        let model = settings
-            .model
-            .filter(|model| !model.trim().is_empty())
-            .unwrap_or_else(|| kind.default_model().to_owned());
-
-        crate::tls::install_crypto_provider();
-        let mut http = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout.min(Duration::from_secs(10)));
-        if is_loopback(&base_url) {
-            // Local model servers (and test doubles) must not go through a proxy.
-            http = http.no_proxy();
-        }
-        let http = http
-            .build()
-            .map_err(|error| config_error(format!("cannot build the HTTP client: {error}")))?;
+        let Resolved {
+            base_url,
+            key,
+            model,
+            http,
+        } = resolve(&settings)?;
         let endpoint = Endpoint::from_owned(base_url.clone());
         let provider_config = match key {
             Some(key) => ProviderConfig::from((endpoint, AuthData::from_single(key))),
@@ -307,12 +385,19 @@ impl GenaiProvider {
         if let Some(max_tokens) = max_tokens {
             options = options.with_max_tokens(max_tokens);
         }
+        if let Some(temperature) = settings.temperature {
+            options = options.with_temperature(temperature);
+        }
+        if let Some(seed) = settings.seed {
+            options = options.with_seed(seed);
+        }
         Ok(GenaiProvider {
             kind,
             model,
             base_url,
             client,
             options,
+            timeout: settings.timeout,
         })
     }
 
@@ -371,7 +456,7 @@ impl GenaiProvider {
         chat
     }
 
-    fn turn(&self, response: ChatResponse) -> Result<AssistantTurn, ProviderError> {
+    fn turn(&self, response: ChatResponse) -> AssistantTurn {
         let text = response
             .content
             .joined_texts()
@@ -379,34 +464,28 @@ impl GenaiProvider {
         let tool_calls: Vec<ToolCallRequest> = response
             .tool_calls()
             .into_iter()
-            .map(|call| ToolCallRequest {
-                id: call.call_id.clone(),
-                name: call.fn_name.clone(),
-                arguments: call.fn_arguments.clone(),
+            .map(|call| {
+                ToolCallRequest::from_wire(
+                    call.call_id.clone(),
+                    call.fn_name.clone(),
+                    call.fn_arguments.clone(),
+                )
             })
             .collect();
         if tool_calls.is_empty() {
-            return match text {
-                Some(text) => Ok(AssistantTurn::answer(text)),
-                None => Err(ProviderError::Malformed {
-                    provider: self.kind.as_str().to_owned(),
-                    message: format!(
-                        "the model returned neither text nor tool calls (stop reason: {})",
-                        response
-                            .stop_reason
-                            .as_ref()
-                            .map_or("none", |reason| reason.raw())
-                    ),
-                }),
+            // An empty reply is a turn, not an error: the loop asks once more.
+            return AssistantTurn {
+                text,
+                ..AssistantTurn::default()
             };
         }
-        Ok(AssistantTurn {
+        AssistantTurn {
             text,
             tool_calls,
             native: response
                 .into_assistant_message_for_tool_use()
                 .map(NativeTurn),
-        })
+        }
     }
 }
 
@@ -447,8 +526,11 @@ impl LlmProvider for GenaiProvider {
                 .client
                 .exec_chat(model, chat, Some(&self.options))
                 .await
-                .map_err(|error| classify(self.kind, error))?;
-            self.turn(response)
+                .map_err(|error| match classify(self.kind, error) {
+                    ProviderError::Timeout { .. } => timeout_error(self.kind, self.timeout),
+                    other => other,
+                })?;
+            Ok(self.turn(response))
         })
     }
 }
@@ -458,47 +540,7 @@ pub fn classify(kind: ProviderKind, error: genai::Error) -> ProviderError {
     let provider = kind.as_str().to_owned();
     if let Some(status) = error.status() {
         let body = status_body(&error).unwrap_or_default();
-        let message = provider_message(body);
-        let status = status.as_u16();
-        // Gemini answers a bad key with 400 INVALID_ARGUMENT / API_KEY_INVALID.
-        let bad_gemini_key = kind == ProviderKind::Gemini
-            && status == 400
-            && (body.contains("API_KEY_INVALID") || body.contains("API key not valid"));
-        return match status {
-            _ if bad_gemini_key => ProviderError::Auth {
-                provider,
-                status,
-                message,
-                hint: format!("Check {}.", kind.key_variable()),
-            },
-            401 | 403 => ProviderError::Auth {
-                provider,
-                status,
-                message,
-                hint: match kind {
-                    ProviderKind::Ollama => {
-                        "Check OLLAMA_HOST and the server's access settings.".to_owned()
-                    }
-                    _ => format!("Check {}.", kind.key_variable()),
-                },
-            },
-            429 => ProviderError::RateLimited {
-                provider,
-                retry_after: retry_after(error.headers(), body),
-                message,
-            },
-            408 | 504 => ProviderError::Timeout { provider, message },
-            500..=599 => ProviderError::Server {
-                provider,
-                status,
-                message,
-            },
-            _ => ProviderError::Request {
-                provider,
-                status,
-                message,
-            },
-        };
+        return classify_status(kind, status.as_u16(), error.headers(), body);
     }
     let malformed = |message: String| ProviderError::Malformed {
         provider: provider.clone(),
@@ -545,6 +587,56 @@ pub fn classify(kind: ProviderKind, error: genai::Error) -> ProviderError {
     }
 }
 
+/// Maps an HTTP error status and body to a [`ProviderError`] a user can act on.
+pub(super) fn classify_status(
+    kind: ProviderKind,
+    status: u16,
+    headers: Option<&HeaderMap>,
+    body: &str,
+) -> ProviderError {
+    let provider = kind.as_str().to_owned();
+    let message = provider_message(body);
+    // Gemini answers a bad key with 400 INVALID_ARGUMENT / API_KEY_INVALID.
+    let bad_gemini_key = kind == ProviderKind::Gemini
+        && status == 400
+        && (body.contains("API_KEY_INVALID") || body.contains("API key not valid"));
+    match status {
+        _ if bad_gemini_key => ProviderError::Auth {
+            provider,
+            status,
+            message,
+            hint: format!("Check {}.", kind.key_variable()),
+        },
+        401 | 403 => ProviderError::Auth {
+            provider,
+            status,
+            message,
+            hint: match kind {
+                ProviderKind::Ollama => {
+                    "Check OLLAMA_HOST and the server's access settings.".to_owned()
+                }
+                _ => format!("Check {}.", kind.key_variable()),
+            },
+        },
+        429 => ProviderError::RateLimited {
+            provider,
+            retry_after: retry_after(headers, body),
+            message,
+        },
+        408 | 504 => ProviderError::Timeout { provider, message },
+        500..=599 => ProviderError::Server {
+            provider,
+            status,
+            message,
+        },
+        _ => ProviderError::Request {
+            provider,
+            status,
+            message,
+        },
+    }
+}
+
 fn status_body(error: &genai::Error) -> Option<&str> {
     match error {
         genai::Error::HttpError { body, .. } => Some(body),
@@ -559,7 +651,7 @@ fn status_body(error: &genai::Error) -> Option<&str> {
 
 /// The human part of a provider error body: OpenAI, Anthropic and Gemini use
 /// `{"error": {"message": ..}}`, Ollama `{"error": ".."}`.
-fn provider_message(body: &str) -> String {
+pub(super) fn provider_message(body: &str) -> String {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
     let from_json = parsed.as_ref().and_then(|value| {
         value
@@ -607,7 +699,7 @@ pub fn retry_after(headers: Option<&HeaderMap>, body: &str) -> Option<Duration> 
         .and_then(|delay| seconds(delay.trim_end_matches('s')))
 }
 
-fn source_chain(error: &dyn std::error::Error) -> String {
+pub(super) fn source_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -618,7 +710,7 @@ fn source_chain(error: &dyn std::error::Error) -> String {
     truncate(&text)
 }
 
-fn truncate(text: &str) -> String {
+pub(super) fn truncate(text: &str) -> String {
     let text = text.trim();
     if text.chars().count() <= MAX_ERROR_TEXT {
         return text.to_owned();
@@ -651,9 +743,9 @@ mod tests {
             "OLLAMA_HOST" => Some("127.0.0.1:11500".to_owned()),
             _ => None,
         };
-        let gemini = GenaiSettings::from_env(ProviderKind::Gemini, env);
+        let gemini = GenaiSettings::from_env(ProviderKind::Gemini, env).unwrap();
         assert_eq!(gemini.api_key.as_deref(), Some("g-key"));
-        let openai = GenaiSettings::from_env(ProviderKind::OpenAi, env);
+        let openai = GenaiSettings::from_env(ProviderKind::OpenAi, env).unwrap();
         assert_eq!(openai.api_key, None);
         // A keyless OpenAI-compatible server is fine; the public API without a key is not.
         let provider = GenaiProvider::new(openai).unwrap();
@@ -663,7 +755,7 @@ mod tests {
             missing.to_string().contains("ANTHROPIC_API_KEY"),
             "{missing}"
         );
-        let ollama = GenaiSettings::from_env(ProviderKind::Ollama, env);
+        let ollama = GenaiSettings::from_env(ProviderKind::Ollama, env).unwrap();
         assert_eq!(ollama.base_url.as_deref(), Some("http://127.0.0.1:11500/"));
         assert!(!format!("{gemini:?}").contains("g-key"));
     }

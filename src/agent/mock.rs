@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use super::provider::{
     AssistantTurn, LlmProvider, Message, ProviderError, ProviderRequest, ToolCallRequest, ToolSpec,
 };
-use crate::infra::INITIAL_SERVICES;
+use crate::api::INITIAL_SERVICES;
 
 /// The model name the mock reports.
 pub const MOCK_MODEL: &str = "deterministic-planner";
@@ -159,10 +159,12 @@ fn plan_turn(request: ProviderRequest<'_>) -> AssistantTurn {
                     planned
                         .into_iter()
                         .enumerate()
-                        .map(|(index, call)| ToolCallRequest {
-                            id: format!("mock-{step}-{}", index + 1),
-                            name: call.name,
-                            arguments: call.arguments,
+                        .map(|(index, call)| {
+                            ToolCallRequest::new(
+                                format!("mock-{step}-{}", index + 1),
+                                call.name,
+                                call.arguments,
+                            )
                         })
                         .collect(),
                 );

@@ -32,12 +32,63 @@ pub struct ToolSpec {
 /// A tool invocation the model asked for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ToolCallRequest {
-    /// The provider's id for the call, used to pair it with its result.
+    /// The provider's id for the call, used to pair it with its result
+    /// (the loop generates one when the provider sent none).
     pub id: String,
     /// The tool name as the model wrote it (it may not exist).
     pub name: String,
-    /// The arguments as the model wrote them (untrusted).
+    /// The arguments as the model wrote them (untrusted). When they were text
+    /// that is not JSON, this is that text as a JSON string, which the server
+    /// rejects (and audits) as `invalid_arguments`.
     pub arguments: Value,
+    /// The arguments text, when the model sent text that does not parse as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unparsed_arguments: Option<String>,
+}
+
+impl ToolCallRequest {
+    /// A call whose arguments arrived as a JSON value.
+    pub fn new(id: impl Into<String>, name: impl Into<String>, arguments: Value) -> Self {
+        ToolCallRequest {
+            id: id.into(),
+            name: name.into(),
+            arguments,
+            unparsed_arguments: None,
+        }
+    }
+
+    /// A call as a provider's wire format carried it: `arguments` may be an
+    /// object, `null`, or a string holding JSON (OpenAI's form).
+    ///
+    /// `null`, a missing value and an empty or blank string (several servers send
+    /// `""` for tools without arguments) all mean "no arguments". A string that is
+    /// not JSON (e.g. truncated output) is kept as text: the call still goes to the
+    /// server, which rejects and audits it, and the model is told why.
+    pub fn from_wire(id: impl Into<String>, name: impl Into<String>, arguments: Value) -> Self {
+        let mut call = ToolCallRequest::new(id, name, Value::Null);
+        call.arguments = match arguments {
+            Value::Null => Value::Object(serde_json::Map::new()),
+            Value::String(text) if text.trim().is_empty() => Value::Object(serde_json::Map::new()),
+            Value::String(text) => match serde_json::from_str::<Value>(&text) {
+                Ok(Value::Null) => Value::Object(serde_json::Map::new()),
+                Ok(parsed) => parsed,
+                Err(_) => {
+                    call.unparsed_arguments = Some(text.clone());
+                    Value::String(text)
+                }
+            },
+            other => other,
+        };
+        call
+    }
+
+    /// The arguments as a JSON text, as OpenAI-style wire formats carry them.
+    pub fn arguments_text(&self) -> String {
+        match &self.unparsed_arguments {
+            Some(text) => text.clone(),
+            None => self.arguments.to_string(),
+        }
+    }
 }
 
 /// What the loop tells the model about one call.
@@ -93,6 +144,15 @@ impl AssistantTurn {
     /// Whether this turn ends the run.
     pub fn is_final(&self) -> bool {
         self.tool_calls.is_empty()
+    }
+
+    /// Whether the model said nothing at all: no text and no calls.
+    pub fn is_empty(&self) -> bool {
+        self.tool_calls.is_empty()
+            && self
+                .text
+                .as_deref()
+                .is_none_or(|text| text.trim().is_empty())
     }
 }
 

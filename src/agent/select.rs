@@ -2,10 +2,46 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use super::genai_provider::{GenaiProvider, GenaiSettings, ProviderKind};
 use super::mock::MockPlanner;
+use super::openai_provider::OpenAiProvider;
 use super::provider::{LlmProvider, ProviderError};
+
+/// What a user may say about the model, on top of the environment.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelOptions {
+    /// Model name; `None` uses the provider's default.
+    pub model: Option<String>,
+    /// Base URL override (OpenAI-compatible servers, proxies).
+    pub base_url: Option<String>,
+    /// Limit for one completion; `None` uses `PROXI_MODEL_TIMEOUT`, else the default.
+    pub timeout: Option<Duration>,
+    /// Sampling temperature; `None` keeps the provider's default.
+    pub temperature: Option<f64>,
+    /// Sampling seed; `None` sends none.
+    pub seed: Option<u64>,
+}
+
+/// A real provider from settings: OpenAI through Proxi's own tolerant adapter,
+/// the others through genai. Returns the provider and the base URL it uses.
+pub fn build_provider(
+    settings: GenaiSettings,
+) -> Result<(Box<dyn LlmProvider>, String), ProviderError> {
+    Ok(match settings.kind {
+        ProviderKind::OpenAi => {
+            let provider = OpenAiProvider::new(settings)?;
+            let url = provider.base_url().to_owned();
+            (Box::new(provider), url)
+        }
+        _ => {
+            let provider = GenaiProvider::new(settings)?;
+            let url = provider.base_url().to_owned();
+            (Box::new(provider), url)
+        }
+    })
+}
 
 /// A provider a user can ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,8 +100,7 @@ pub struct SelectedProvider {
 /// `lookup` reads configuration variables (normally the process environment).
 pub fn select_provider(
     choice: Option<ProviderChoice>,
-    model: Option<String>,
-    base_url: Option<String>,
+    options: &ModelOptions,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<SelectedProvider, ProviderError> {
     let has_google_key = lookup("GOOGLE_API_KEY").is_some_and(|key| !key.trim().is_empty());
@@ -91,22 +126,28 @@ pub fn select_provider(
         ProviderChoice::Anthropic => ProviderKind::Anthropic,
         ProviderChoice::Ollama => ProviderKind::Ollama,
     };
-    let mut settings = GenaiSettings::from_env(kind, lookup);
-    if model.is_some() {
-        settings.model = model;
+    let mut settings = GenaiSettings::from_env(kind, lookup)?;
+    if options.model.is_some() {
+        settings.model = options.model.clone();
     }
-    if base_url.is_some() {
-        settings.base_url = base_url;
+    if options.base_url.is_some() {
+        settings.base_url = options.base_url.clone();
     }
-    let provider = GenaiProvider::new(settings)?;
+    if let Some(timeout) = options.timeout {
+        settings.timeout = timeout;
+    }
+    settings.temperature = options.temperature;
+    settings.seed = options.seed;
+    let timeout = settings.timeout;
+    let (provider, base_url) = build_provider(settings)?;
     let description = format!(
-        "{} (model {}, {}; {why})",
+        "{} (model {}, {base_url}, timeout {} s; {why})",
         provider.name(),
         provider.model(),
-        provider.base_url()
+        timeout.as_secs_f64()
     );
     Ok(SelectedProvider {
-        provider: Box::new(provider),
+        provider,
         description,
     })
 }
@@ -118,12 +159,12 @@ mod tests {
     #[test]
     fn the_default_is_gemini_with_a_google_key_and_the_mock_without() {
         let none = |_: &str| None;
-        let selected = select_provider(None, None, None, none).unwrap();
+        let selected = select_provider(None, &ModelOptions::default(), none).unwrap();
         assert_eq!(selected.provider.name(), "mock");
         assert!(selected.description.contains("no GOOGLE_API_KEY"));
 
         let with_key = |name: &str| (name == "GOOGLE_API_KEY").then(|| "k".to_owned());
-        let selected = select_provider(None, None, None, with_key).unwrap();
+        let selected = select_provider(None, &ModelOptions::default(), with_key).unwrap();
         assert_eq!(selected.provider.name(), "gemini");
         assert!(selected.description.contains("GOOGLE_API_KEY is set"));
     }
@@ -131,13 +172,12 @@ mod tests {
     #[test]
     fn explicit_choices_and_overrides_win() {
         let none = |_: &str| None;
-        let selected = select_provider(
-            Some(ProviderChoice::Ollama),
-            Some("qwen3".into()),
-            Some("http://127.0.0.1:1".into()),
-            none,
-        )
-        .unwrap();
+        let options = ModelOptions {
+            model: Some("qwen3".into()),
+            base_url: Some("http://127.0.0.1:1".into()),
+            ..ModelOptions::default()
+        };
+        let selected = select_provider(Some(ProviderChoice::Ollama), &options, none).unwrap();
         assert_eq!(selected.provider.model(), "qwen3");
         assert!(selected.description.contains("http://127.0.0.1:1"));
         assert_eq!(
@@ -145,5 +185,36 @@ mod tests {
             Ok(ProviderChoice::OpenAi)
         );
         assert!("bard".parse::<ProviderChoice>().is_err());
+    }
+
+    #[test]
+    fn the_model_timeout_comes_from_the_flag_else_the_environment() {
+        let env = |name: &str| match name {
+            "PROXI_MODEL_TIMEOUT" => Some("300".to_owned()),
+            "OPENAI_API_KEY" => Some("k".to_owned()),
+            _ => None,
+        };
+        let selected =
+            select_provider(Some(ProviderChoice::OpenAi), &ModelOptions::default(), env).unwrap();
+        assert!(
+            selected.description.contains("timeout 300 s"),
+            "{}",
+            selected.description
+        );
+        let options = ModelOptions {
+            timeout: Some(Duration::from_secs(7)),
+            ..ModelOptions::default()
+        };
+        let selected = select_provider(Some(ProviderChoice::OpenAi), &options, env).unwrap();
+        assert!(
+            selected.description.contains("timeout 7 s"),
+            "{}",
+            selected.description
+        );
+        let bad = |name: &str| (name == "PROXI_MODEL_TIMEOUT").then(|| "soon".to_owned());
+        let error = select_provider(Some(ProviderChoice::Ollama), &ModelOptions::default(), bad)
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("PROXI_MODEL_TIMEOUT"), "{error}");
     }
 }

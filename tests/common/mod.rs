@@ -525,3 +525,26 @@ pub fn wait_for_exit(mut child: Child, timeout: Duration) -> std::process::Outpu
     }
     child.wait_with_output().expect("child output")
 }
+
+/// A wiremock responder that answers each request with the next prepared JSON
+/// body and repeats the last one: a model replaying recorded turns.
+pub struct Replay(std::sync::Mutex<std::collections::VecDeque<Value>>);
+
+impl Replay {
+    /// Replays `bodies` in order.
+    pub fn new(bodies: Vec<Value>) -> Replay {
+        Replay(std::sync::Mutex::new(bodies.into()))
+    }
+}
+
+impl wiremock::Respond for Replay {
+    fn respond(&self, _request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let mut bodies = self.0.lock().unwrap_or_else(|error| error.into_inner());
+        let body = if bodies.len() > 1 {
+            bodies.pop_front()
+        } else {
+            bodies.front().cloned()
+        };
+        wiremock::ResponseTemplate::new(200).set_body_json(body.unwrap_or(Value::Null))
+    }
+}
