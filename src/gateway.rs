@@ -1029,31 +1029,17 @@ impl Gateway {
         Ok(result)
     }
 
-    /// Records a refused authentication; `what` names the request.
+    /// Records a refused authentication; `what` names the request. Used where no
+    /// edge tally aggregates refusals (a router served without `BoundServer`).
     pub async fn record_auth_refusal(
         &self,
         principal: &Principal,
         what: &str,
         reason_code: &'static str,
     ) -> Result<(), GatewayError> {
-        let mode = self
-            .read_state()
-            .effective_mode(Instant::now(), self.policy.default_mode());
-        let entry = AuditEntry {
-            time: Utc::now(),
-            principal: principal.name().clone(),
-            kind: EntryKind::AuthRefused,
-            tool: None,
-            arguments: None,
-            mode: self.mode_name(mode).clone(),
-            decision: AuditDecision::Denied,
-            reason_code: Some(reason_code),
-            outcome: "refused",
-            detail: Value::String(truncate(what, 200).to_owned()),
-            expires_at: None,
-            context: None,
-        };
-        self.append(entry, audit_priority(principal)).await
+        let detail = Value::String(truncate(what, 200).to_owned());
+        self.record_edge_refusal(principal, reason_code, detail)
+            .await
     }
 }
 
