@@ -531,21 +531,16 @@ impl Gateway {
         record: &AuditRecord,
         why: &str,
     ) -> Result<(), GatewayError> {
-        let entry = AuditEntry {
-            time: Utc::now(),
-            principal: Principal::system().name().clone(),
-            kind: EntryKind::ModeExpired,
-            tool: None,
-            arguments: None,
-            mode: self.mode_name(self.policy.default_mode()).clone(),
-            decision: AuditDecision::Allowed,
-            reason_code: None,
-            outcome: "not_restored",
-            detail: json!({"from": record.mode, "restore_from_seq": record.seq, "reason": why}),
-            expires_at: None,
-            context: None,
-        };
-        self.append(entry, Priority::Essential).await
+        let default = self.policy.default_mode();
+        let detail = json!({"from": record.mode, "restore_from_seq": record.seq, "reason": why});
+        self.append_system_mode_record(
+            EntryKind::ModeExpired,
+            default,
+            "not_restored",
+            detail,
+            None,
+        )
+        .await
     }
 
     /// Records an elevated mode restored with its time left cut to the policy's cap.
@@ -556,27 +551,21 @@ impl Gateway {
         capped_at: DateTime<Utc>,
         cap: Duration,
     ) -> Result<(), GatewayError> {
-        let entry = AuditEntry {
-            time: Utc::now(),
-            principal: Principal::system().name().clone(),
-            kind: EntryKind::ModeChange,
-            tool: None,
-            arguments: None,
-            mode: self.mode_name(state.mode).clone(),
-            decision: AuditDecision::Allowed,
-            reason_code: None,
-            outcome: "restored_capped",
-            detail: json!({
-                "from": record.mode,
-                "reason": state.reason,
-                "ttl_seconds": cap.as_secs(),
-                "restore_from_seq": record.seq,
-                "note": "time left cut to the policy's max_emergency_ttl_seconds at restart",
-            }),
-            expires_at: Some(capped_at),
-            context: None,
-        };
-        self.append(entry, Priority::Essential).await
+        let detail = json!({
+            "from": record.mode,
+            "reason": state.reason,
+            "ttl_seconds": cap.as_secs(),
+            "restore_from_seq": record.seq,
+            "note": "time left cut to the policy's max_emergency_ttl_seconds at restart",
+        });
+        self.append_system_mode_record(
+            EntryKind::ModeChange,
+            state.mode,
+            "restored_capped",
+            detail,
+            Some(capped_at),
+        )
+        .await
     }
 
     async fn record_restore_lapse(
@@ -587,18 +576,34 @@ impl Gateway {
         if record.mode == self.mode_name(self.policy.default_mode()).as_ref() {
             return Ok(());
         }
+        let default = self.policy.default_mode();
+        let detail = json!({"from": record.mode, "reason": why});
+        self.append_system_mode_record(EntryKind::ModeExpired, default, "expired", detail, None)
+            .await
+    }
+
+    /// Records a mode event the system itself caused at startup (a restore
+    /// refused, capped or lapsed), as an essential record, and waits until it is durable.
+    async fn append_system_mode_record(
+        &self,
+        kind: EntryKind,
+        mode: ModeId,
+        outcome: &'static str,
+        detail: Value,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<(), GatewayError> {
         let entry = AuditEntry {
             time: Utc::now(),
             principal: Principal::system().name().clone(),
-            kind: EntryKind::ModeExpired,
+            kind,
             tool: None,
             arguments: None,
-            mode: self.mode_name(self.policy.default_mode()).clone(),
+            mode: self.mode_name(mode).clone(),
             decision: AuditDecision::Allowed,
             reason_code: None,
-            outcome: "expired",
-            detail: json!({"from": record.mode, "reason": why}),
-            expires_at: None,
+            outcome,
+            detail,
+            expires_at,
             context: None,
         };
         self.append(entry, Priority::Essential).await
