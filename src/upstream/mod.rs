@@ -5,6 +5,7 @@
 //! Not yet wired into [`crate::gateway::Gateway::execute`]; nothing here decides or
 //! audits a call.
 
+pub mod call;
 pub mod client;
 pub mod config;
 pub mod names;
