@@ -1006,7 +1006,16 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
             // Every field may hold text the agent chose (tool names, client names),
             // or that someone with file access wrote: nothing reaches the terminal
             // unescaped.
-            for record in audit::read_recent(&audit_db(&data_dir), count)? {
+            let records = audit::read_recent(&audit_db(&data_dir), count)?;
+            // An upstream call's intent that no record resolves: in flight, or cut
+            // short by a crash. Shown as such, never as a plain "pending".
+            let unresolved = proxi::audit_view::unresolved_intents(&records);
+            for record in records {
+                let outcome = if unresolved.contains(&record.seq) {
+                    proxi::audit_view::OUTCOME_UNKNOWN
+                } else {
+                    record.outcome.as_str()
+                };
                 if json {
                     out!("{}", json_for_terminal(&serde_json::to_string(&record)?))?;
                 } else {
@@ -1020,7 +1029,7 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
                         escape(&record.mode),
                         escape(&record.decision),
                         escape(record.reason_code.as_deref().unwrap_or("-")),
-                        escape(&record.outcome)
+                        escape(outcome)
                     )?;
                 }
             }

@@ -18,6 +18,11 @@ use crate::tools::{ArgumentKind, ArgumentValue, ToolCall, ToolName};
 
 /// Mode used when a policy file names no `default_mode`: the fail-safe one.
 pub const FALLBACK_DEFAULT_MODE: &str = "NORMAL";
+/// How long a mode switch waits for in-flight upstream calls when the policy does
+/// not set `drain_timeout_seconds`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest `drain_timeout_seconds`: an operator's switch must not wait longer.
+pub const MAX_DRAIN_TIMEOUT_SECONDS: u64 = 300;
 /// Emergency TTL cap when the policy does not set `max_emergency_ttl_seconds`.
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
 /// No policy may allow an elevated mode to last longer than this.
@@ -274,6 +279,7 @@ pub struct PolicyEngine {
     max_elevated_ttl: Duration,
     rate_limits: Vec<RateLimitRule>,
     rate_limits_are_default: bool,
+    drain_timeout: Duration,
 }
 
 #[derive(Deserialize)]
@@ -294,6 +300,8 @@ struct PolicyDocument {
     modes: BTreeMap<String, ModeDocument>,
     #[serde(default)]
     rate_limits: Option<Vec<RateLimitDocument>>,
+    #[serde(default)]
+    drain_timeout_seconds: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -476,6 +484,12 @@ impl PolicyEngine {
         self.max_elevated_ttl
     }
 
+    /// How long a mode switch waits for in-flight upstream calls that the new mode
+    /// denies before it cancels them (`drain_timeout_seconds`, default 10).
+    pub fn drain_timeout(&self) -> Duration {
+        self.drain_timeout
+    }
+
     /// The rate-limit rules in force: the policy's `rate_limits`, or the built-in
     /// default ([`crate::rate_limit::default_rules`]) when it has none.
     pub fn rate_limits(&self) -> &[RateLimitRule] {
@@ -654,6 +668,17 @@ fn compile(document: PolicyDocument) -> Result<PolicyEngine, Vec<String>> {
         Some(seconds) => Duration::from_secs(seconds),
     };
 
+    let drain_timeout = match document.drain_timeout_seconds {
+        None => DEFAULT_DRAIN_TIMEOUT,
+        Some(seconds) if seconds > MAX_DRAIN_TIMEOUT_SECONDS => {
+            problems.push(format!(
+                "drain_timeout_seconds must be at most {MAX_DRAIN_TIMEOUT_SECONDS}, got {seconds}"
+            ));
+            DEFAULT_DRAIN_TIMEOUT
+        }
+        Some(seconds) => Duration::from_secs(seconds),
+    };
+
     let rate_limits_are_default = document.rate_limits.is_none();
     let rate_limits = match &document.rate_limits {
         None => crate::rate_limit::default_rules(),
@@ -677,6 +702,7 @@ fn compile(document: PolicyDocument) -> Result<PolicyEngine, Vec<String>> {
             max_elevated_ttl,
             rate_limits,
             rate_limits_are_default,
+            drain_timeout,
         }),
         _ => Err(problems),
     }

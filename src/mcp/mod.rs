@@ -45,6 +45,7 @@ use tokio::task::AbortHandle;
 use crate::gateway::{Execution, Gateway, GatewayError, Outcome, PolicyStatus};
 use crate::principal::Principal;
 use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory, ToolName};
+use crate::upstream::call::{CallContext, CallerPeer};
 
 /// `serverInfo.name` in `initialize` and `server/discover`.
 pub const SERVER_NAME: &str = "proxi";
@@ -318,6 +319,31 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
                 .to_owned(),
         )
         .into_result(),
+        // The upstream's answer, every content block, structuredContent and
+        // isError, exactly as it came.
+        Outcome::Forwarded(result) => result,
+        Outcome::UpstreamFailed { failure, message } => {
+            refusal(message, upstream_how_to_proceed(failure).to_owned()).into_result()
+        }
+    }
+}
+
+/// What a caller can do after an upstream call that has no result.
+pub fn upstream_how_to_proceed(failure: crate::gateway::UpstreamFailure) -> &'static str {
+    use crate::gateway::UpstreamFailure;
+    match failure {
+        UpstreamFailure::Unavailable => {
+            "The upstream server is down or restarting; try again later. Other tools still work."
+        }
+        UpstreamFailure::Timeout => {
+            "The upstream server did not answer in time and the call was cancelled; it may or may not have taken effect. Check before calling again."
+        }
+        UpstreamFailure::Refused => {
+            "The upstream server refused the request; check the arguments against the tool's inputSchema."
+        }
+        UpstreamFailure::Cancelled => {
+            "The call was cancelled before it finished; check the policy status before calling again."
+        }
     }
 }
 
@@ -439,10 +465,19 @@ impl ServerHandler for ProxiMcp {
             return Err(ErrorData::invalid_params(problem, None));
         }
         let arguments = Value::Object(request.arguments.unwrap_or_default());
+        // The client's cancellation (context.ct) cancels this call, and only it;
+        // the upstream's traffic during the call goes to this client alone.
+        let call_context = CallContext {
+            cancel: context.ct.clone(),
+            caller: Some(CallerPeer {
+                peer: context.peer.clone(),
+                progress_token: context.meta.get_progress_token(),
+            }),
+        };
         match self
             .shared
             .gateway
-            .execute(&principal, &request.name, arguments)
+            .execute_call(&principal, &request.name, arguments, None, &call_context)
             .await
         {
             Ok(execution) => Ok(tool_result(execution).into()),

@@ -14,11 +14,12 @@ use super::auth::{Caller, Operator};
 use super::error::{ApiError, ApiJson, ApiQuery, NamedJson};
 use crate::api::{
     AuditPage, Catalog, DEFAULT_AUDIT_LIMIT, ExecuteRequest, Health, IncidentRequest,
-    IncidentResponse, MAX_AUDIT_LIMIT, SetModeRequest, ToolResponse,
+    IncidentResponse, MAX_AUDIT_LIMIT, SetModeRequest, SetModeResponse, ToolResponse,
 };
-use crate::gateway::{Execution, GatewayError, ModeChange, ModeChangeError, Outcome};
+use crate::gateway::{Execution, GatewayError, ModeChange, Outcome, UpstreamFailure};
 use crate::infra::ServiceHealth;
 use crate::tools::{MAX_TOOL_NAME_LEN, ToolName};
+use crate::upstream::call::CallContext;
 
 /// `GET /`: liveness, unauthenticated so that probes need no secret.
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
@@ -45,15 +46,13 @@ pub async fn set_mode(
         reason: request.reason,
         ttl: request.ttl_seconds.map(Duration::from_secs),
     };
-    match state.gateway.set_mode(&principal, change).await {
-        Ok(status) => Ok(Json(status).into_response()),
-        Err(ModeChangeError::AuditUnavailable) => Err(ApiError::audit_unavailable()),
-        Err(ModeChangeError::NotOperator) => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ModeChangeError::NotOperator.to_string(),
-        )),
-        Err(error) => Err(ApiError::bad_request(error.to_string())),
-    }
+    let switch = state.gateway.switch_mode(&principal, change).await?;
+    Ok(Json(SetModeResponse {
+        status: switch.status,
+        drained: switch.drain.drained,
+        cancelled: switch.drain.cancelled,
+    })
+    .into_response())
 }
 
 /// `POST /tools/execute`: the governed path.
@@ -82,15 +81,20 @@ pub async fn execute(
         return Err(error);
     }
     let context = (!request.context.is_empty()).then(|| Value::Object(request.context));
+    // A client that goes away drops this future, and with it the guard, which
+    // cancels an upstream call in flight (its outcome is still recorded).
+    let call_context = CallContext::detached();
+    let _cancel_when_dropped = call_context.cancel.clone().drop_guard();
     let execution = state
         .gateway
-        .execute_with_context(&principal, &request.tool_name, request.arguments, context)
-        .await
-        .map_err(|error| match error {
-            GatewayError::AuditUnavailable => ApiError::audit_unavailable(),
-            GatewayError::AuditLowSpace => ApiError::audit_low_space(),
-            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
-        })?;
+        .execute_call(
+            &principal,
+            &request.tool_name,
+            request.arguments,
+            context,
+            &call_context,
+        )
+        .await?;
     let status = execution_status(&execution.outcome);
     let retry_after = execution.outcome.retry_after_seconds();
     let mut response = (status, Json(tool_response(execution))).into_response();
@@ -127,6 +131,13 @@ pub fn execution_status(outcome: &Outcome) -> StatusCode {
         Outcome::InvalidToolName(_) => StatusCode::BAD_REQUEST,
         Outcome::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Outcome::Failed { .. } => StatusCode::CONFLICT,
+        Outcome::Forwarded(result) if result.is_error == Some(true) => StatusCode::CONFLICT,
+        Outcome::Forwarded(_) => StatusCode::OK,
+        Outcome::UpstreamFailed { failure, .. } => match failure {
+            UpstreamFailure::Unavailable | UpstreamFailure::Refused => StatusCode::BAD_GATEWAY,
+            UpstreamFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamFailure::Cancelled => StatusCode::CONFLICT,
+        },
     }
 }
 
@@ -185,8 +196,34 @@ pub fn tool_response(execution: Execution) -> ToolResponse {
             response.how_to_proceed =
                 Some("Slow down: wait retry_after_seconds, then send the call again.".to_owned());
         }
+        // The upstream's result as MCP defines it (content blocks,
+        // structuredContent); an isError result is a failure of the tool.
+        Outcome::Forwarded(result) => {
+            response.success = result.is_error != Some(true);
+            if !response.success {
+                response.error = Some(format!(
+                    "the upstream tool reported an error: {}",
+                    first_text(&result)
+                ));
+            }
+            response.result = serde_json::to_value(&result).ok();
+        }
+        Outcome::UpstreamFailed { failure, message } => {
+            response.error = Some(message);
+            response.how_to_proceed = Some(crate::mcp::upstream_how_to_proceed(failure).to_owned());
+        }
     }
     response
+}
+
+/// The first text block of an upstream result, cut to 1 KiB, for the `error` field.
+fn first_text(result: &rmcp::model::CallToolResult) -> String {
+    let text = result
+        .content
+        .iter()
+        .find_map(|block| block.as_text().map(|text| text.text.as_str()))
+        .unwrap_or("(no text)");
+    crate::gateway::truncate(text, 1024).to_owned()
 }
 
 /// What a rate-limited caller is told; the REST and MCP answers share it.
@@ -273,8 +310,14 @@ pub async fn audit(
                 "the audit trail could not be read",
             )
         })?;
+    let in_flight = state.gateway.in_flight_intents();
+    let outcome_unknown = crate::audit_view::unresolved_intents(&records)
+        .into_iter()
+        .filter(|seq| !in_flight.contains(seq))
+        .collect();
     Ok(Json(AuditPage {
         count: records.len(),
         records,
+        outcome_unknown,
     }))
 }
