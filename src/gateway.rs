@@ -863,7 +863,7 @@ impl Gateway {
         let forwarded = upstreams.call(
             &route.upstream,
             &route.tool,
-            route.arguments.clone(),
+            Some(route.arguments.clone()),
             context,
         );
         // Cancellations first: a call cancelled while its intent was being written
@@ -1472,11 +1472,11 @@ fn tool_call_entry(
 #[derive(Clone, Debug, PartialEq)]
 pub struct UpstreamCall {
     /// The upstream's name in the policy.
-    pub upstream: String,
+    pub upstream: Arc<str>,
     /// The tool's name on the upstream (not its exposed `<upstream>__<tool>`).
-    pub tool: String,
+    pub tool: Arc<str>,
     /// The arguments, as a JSON object (MCP has no other kind).
-    pub arguments: Option<rmcp::model::JsonObject>,
+    pub arguments: rmcp::model::JsonObject,
 }
 
 /// What the decision left to do once its record is queued.
@@ -1549,7 +1549,7 @@ fn upstream_intent_entry(
         decision: AuditDecision::Allowed,
         reason_code: None,
         outcome: crate::audit_view::PENDING,
-        detail: json!({"upstream": route.upstream, "upstream_tool": route.tool}),
+        detail: json!({"upstream": &*route.upstream, "upstream_tool": &*route.tool}),
         expires_at: None,
         context: None,
     }
@@ -1724,7 +1724,7 @@ mod tests {
         Some(UpstreamCall {
             upstream: "fake".into(),
             tool: tool.into(),
-            arguments: None,
+            arguments: JsonObject::new(),
         })
     }
 

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod anchor;
+pub mod answer;
 pub mod api;
 pub mod audit;
 pub mod audit_view;

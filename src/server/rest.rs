@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::AppState;
 use super::auth::{Caller, Operator};
 use super::error::{ApiError, ApiJson, ApiQuery, NamedJson};
+use crate::answer::answer;
 use crate::api::{
     AuditPage, Catalog, DEFAULT_AUDIT_LIMIT, ExecuteRequest, Health, IncidentRequest,
     IncidentResponse, MAX_AUDIT_LIMIT, SetModeRequest, SetModeResponse, ToolResponse,
@@ -141,97 +142,56 @@ pub fn execution_status(outcome: &Outcome) -> StatusCode {
     }
 }
 
-/// Renders an execution in the seed's response shape.
+/// Renders an execution in the response shape of the original Python prototype,
+/// from the same [`answer`] MCP renders.
 pub fn tool_response(execution: Execution) -> ToolResponse {
-    let reason_code = execution.outcome.reason_code().map(str::to_owned);
-    let retry_after_seconds = execution.outcome.retry_after_seconds();
-    let policy_violation = execution.outcome.is_policy_violation();
+    let answer = answer(&execution.outcome, known_tool_names);
     let mut response = ToolResponse {
-        success: false,
+        success: answer.is_none(),
         result: None,
         error: None,
-        policy_violation,
+        policy_violation: false,
         blocked_reason: None,
-        reason_code,
+        reason_code: None,
         tool: execution.tool,
         mode: execution.mode.to_string(),
         how_to_proceed: None,
         known_tools: None,
         audit_seq: execution.audit_seq,
-        retry_after_seconds,
+        retry_after_seconds: None,
     };
     match execution.outcome {
-        Outcome::Executed(result) => {
-            response.success = true;
-            response.result = Some(result);
-        }
-        Outcome::Denied {
-            message,
-            how_to_proceed,
-            ..
-        } => {
-            response.error = Some(format!("Policy violation: {message}"));
-            response.blocked_reason = Some(message);
-            response.how_to_proceed = Some(how_to_proceed);
-        }
-        Outcome::UnknownTool { message } => {
-            response.error = Some(message.clone());
-            response.blocked_reason = Some(message);
-            response.known_tools = Some(
-                ToolName::ALL
-                    .iter()
-                    .map(|tool| tool.as_str().to_owned())
-                    .collect(),
-            );
-            response.how_to_proceed =
-                Some("Use one of the tools listed in known_tools.".to_owned());
-        }
-        Outcome::InvalidArguments(message)
-        | Outcome::InvalidToolName(message)
-        | Outcome::Failed { message, .. } => {
-            response.error = Some(message);
-        }
-        Outcome::RateLimited { .. } => {
-            response.error = Some(rate_limited_message(retry_after_seconds));
-            response.how_to_proceed =
-                Some("Slow down: wait retry_after_seconds, then send the call again.".to_owned());
-        }
+        Outcome::Executed(result) => response.result = Some(result),
         // The upstream's result as MCP defines it (content blocks,
-        // structuredContent); an isError result is a failure of the tool.
-        Outcome::Forwarded(result) => {
-            response.success = result.is_error != Some(true);
-            if !response.success {
-                response.error = Some(format!(
-                    "the upstream tool reported an error: {}",
-                    first_text(&result)
-                ));
-            }
-            response.result = serde_json::to_value(&result).ok();
+        // structuredContent), an isError result included.
+        Outcome::Forwarded(result) => response.result = serde_json::to_value(&result).ok(),
+        _ => {}
+    }
+    if let Some(answer) = answer {
+        response.policy_violation = answer.policy_violation;
+        response.reason_code = Some(answer.reason_code.to_owned());
+        response.retry_after_seconds = answer.retry_after_seconds;
+        response.known_tools = answer.known_tools;
+        response.how_to_proceed = Some(answer.how_to_proceed);
+        if answer.policy_violation {
+            response.blocked_reason = Some(answer.message.clone());
         }
-        Outcome::UpstreamFailed { failure, message } => {
-            response.error = Some(message);
-            response.how_to_proceed = Some(crate::mcp::upstream_how_to_proceed(failure).to_owned());
-        }
+        response.error = Some(
+            match (answer.policy_violation, response.known_tools.is_some()) {
+                (true, false) => format!("Policy violation: {}", answer.message),
+                _ => answer.message,
+            },
+        );
     }
     response
 }
 
-/// The first text block of an upstream result, cut to 1 KiB, for the `error` field.
-fn first_text(result: &rmcp::model::CallToolResult) -> String {
-    let text = result
-        .content
+/// The tools that exist, for an unknown tool's `known_tools`.
+pub fn known_tool_names() -> Vec<String> {
+    ToolName::ALL
         .iter()
-        .find_map(|block| block.as_text().map(|text| text.text.as_str()))
-        .unwrap_or("(no text)");
-    crate::gateway::truncate(text, 1024).to_owned()
-}
-
-/// What a rate-limited caller is told; the REST and MCP answers share it.
-pub fn rate_limited_message(retry_after_seconds: Option<u64>) -> String {
-    format!(
-        "Rate limit exceeded: too many tool calls from this principal. Retry after {} s.",
-        retry_after_seconds.unwrap_or(1)
-    )
+        .map(|tool| tool.as_str().to_owned())
+        .collect()
 }
 
 /// `GET /tools/catalog`.
