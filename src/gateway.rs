@@ -32,7 +32,9 @@ use crate::audit::{
 use crate::decision::{ParsedCall, Verdict, decide_call};
 use crate::infra::{CloudInfrastructure, InfraError, InfrastructureStatus, ServiceHealth};
 pub use crate::mode::{DEFAULT_ELEVATED_TTL, MAX_REASON_LEN, ModeChange, ModeChangeError};
-use crate::mode::{DrainReport, InFlightCall, InFlightCalls, ModeState, drain, validate_change};
+use crate::mode::{
+    DrainReport, InFlightCall, InFlightCalls, ModeState, Restore, drain, validate_change,
+};
 use crate::policy::{Denial, ModeId, PolicyEngine, ReasonCode};
 use crate::principal::{Principal, Role};
 use crate::rate_limit::RateLimiter;
@@ -442,79 +444,34 @@ impl Gateway {
         let Some(record) = recovered.last_mode_event else {
             return Ok(());
         };
-        let default = self.policy.default_mode();
-        if record.mode != self.mode_name(default).as_ref() {
-            if let Some(problem) = &recovered.mode_event_problem {
-                tracing::warn!(%problem, "the recorded mode change does not verify; starting in the default mode");
-                let why = format!(
-                    "the recorded mode change does not verify, so it was not restored ({problem})"
-                );
+        let decision = crate::mode::restore_decision(
+            &self.policy,
+            &record,
+            recovered.mode_event_problem.as_deref(),
+            restore_elevated,
+            Utc::now(),
+        );
+        let state = match decision {
+            Restore::Refused(why) => {
+                tracing::warn!(%why, "the recorded elevated mode is not restored; starting in the default mode");
                 return self.record_restore_refusal(&record, &why).await;
             }
-            if !restore_elevated {
-                return self
-                    .record_restore_refusal(
-                        &record,
-                        "no operator credential is configured, so no elevated mode is restored",
-                    )
-                    .await;
+            Restore::Lapsed(why) => {
+                tracing::info!(%why, "the recorded mode has lapsed; starting in the default mode");
+                return self.record_restore_lapse(&record, why).await;
             }
-        }
-        let Some(mode) = self.policy.mode_id(&record.mode) else {
-            tracing::warn!(mode = %record.mode, "recorded mode no longer exists in the policy; starting in the default mode");
-            return self
-                .record_restore_lapse(&record, "the recorded mode no longer exists in the policy")
-                .await;
-        };
-        let changed_at = DateTime::parse_from_rfc3339(&record.time)
-            .map(|time| time.with_timezone(&Utc))
-            .unwrap_or_else(|_| Utc::now());
-        let mut state = ModeState {
-            mode,
-            expires: None,
-            reason: record
-                .detail
-                .get("reason")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            changed_by: Arc::from(record.principal.as_str()),
-            changed_at,
-            epoch: 0,
-        };
-        if mode != default {
-            let expires_at = record
-                .expires_at
-                .as_deref()
-                .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
-                .map(|time| time.with_timezone(&Utc));
-            let now = Utc::now();
-            let remaining = expires_at.and_then(|at| (at - now).to_std().ok());
-            match (expires_at, remaining) {
-                (Some(at), Some(remaining)) if !remaining.is_zero() => {
-                    let cap = self.policy.max_elevated_ttl();
-                    if remaining > cap {
-                        // Recorded, so that later restarts start from the capped deadline.
-                        let capped_at = now
-                            + chrono::Duration::from_std(cap).unwrap_or(chrono::Duration::zero());
-                        self.record_restore_cap(&record, &state, capped_at, cap)
-                            .await?;
-                        state.expires = Some((Instant::now() + cap, capped_at));
-                        state.changed_by = Principal::system().name().clone();
-                        state.changed_at = now;
-                    } else {
-                        state.expires = Some((Instant::now() + remaining, at));
-                    }
-                }
-                _ => {
-                    return self
-                        .record_restore_lapse(
-                            &record,
-                            "the mode lapsed while Proxi was not running",
-                        )
-                        .await;
-                }
+            Restore::Capped {
+                state,
+                capped_at,
+                cap,
+            } => {
+                // Recorded, so that later restarts start from the capped deadline.
+                self.record_restore_cap(&record, &state, capped_at, cap)
+                    .await?;
+                state
             }
-        }
+            Restore::Restored(state) => state,
+        };
         self.state
             .write()
             .unwrap_or_else(PoisonError::into_inner)

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditRecord;
 use crate::policy::{ModeId, PolicyEngine};
 use crate::text;
 
@@ -210,6 +211,101 @@ impl ModeState {
     pub fn switch(&mut self, mut next: ModeState) -> ModeState {
         next.epoch = self.epoch + 1;
         std::mem::replace(self, next)
+    }
+}
+
+/// What to do at startup with the mode the trail last recorded.
+#[derive(Clone, Debug)]
+pub enum Restore {
+    /// Put back this state (the default mode, or an elevated one with time left).
+    Restored(ModeState),
+    /// Put back this elevated state, whose time left was cut to the policy's cap
+    /// at `capped_at`; the cut is recorded.
+    Capped {
+        /// The state, expiring at the cap.
+        state: ModeState,
+        /// When the capped mode lapses.
+        capped_at: DateTime<Utc>,
+        /// The policy's `max_emergency_ttl_seconds`.
+        cap: Duration,
+    },
+    /// Start in the default mode: the record may not be trusted or used; why, for the trail.
+    Refused(String),
+    /// Start in the default mode: the recorded mode is over (or gone); why, for the trail.
+    Lapsed(&'static str),
+}
+
+/// Decides whether the mode in `record` (the trail's last mode event) comes back
+/// at startup. An elevated mode is restored only when the chain from its record
+/// verified (`problem` is `None`), when `restore_elevated`, while it has time left,
+/// and for at most the policy's current `max_emergency_ttl_seconds`.
+pub fn restore_decision(
+    policy: &PolicyEngine,
+    record: &AuditRecord,
+    problem: Option<&str>,
+    restore_elevated: bool,
+    now: DateTime<Utc>,
+) -> Restore {
+    let default = policy.default_mode();
+    if record.mode != policy.mode(default).name() {
+        if let Some(problem) = problem {
+            return Restore::Refused(format!(
+                "the recorded mode change does not verify, so it was not restored ({problem})"
+            ));
+        }
+        if !restore_elevated {
+            return Restore::Refused(
+                "no operator credential is configured, so no elevated mode is restored".to_owned(),
+            );
+        }
+    }
+    let Some(mode) = policy.mode_id(&record.mode) else {
+        return Restore::Lapsed("the recorded mode no longer exists in the policy");
+    };
+    let changed_at = DateTime::parse_from_rfc3339(&record.time)
+        .map(|time| time.with_timezone(&Utc))
+        .unwrap_or(now);
+    let mut state = ModeState {
+        mode,
+        expires: None,
+        reason: record
+            .detail
+            .get("reason")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        changed_by: Arc::from(record.principal.as_str()),
+        changed_at,
+        epoch: 0,
+    };
+    if mode == default {
+        return Restore::Restored(state);
+    }
+    let expires_at = record
+        .expires_at
+        .as_deref()
+        .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
+        .map(|time| time.with_timezone(&Utc));
+    let remaining = expires_at.and_then(|at| (at - now).to_std().ok());
+    match (expires_at, remaining) {
+        (Some(at), Some(remaining)) if !remaining.is_zero() => {
+            let cap = policy.max_elevated_ttl();
+            if remaining > cap {
+                let capped_at =
+                    now + chrono::Duration::from_std(cap).unwrap_or(chrono::Duration::zero());
+                state.expires = Some((Instant::now() + cap, capped_at));
+                state.changed_by = Arc::from("system");
+                state.changed_at = now;
+                Restore::Capped {
+                    state,
+                    capped_at,
+                    cap,
+                }
+            } else {
+                state.expires = Some((Instant::now() + remaining, at));
+                Restore::Restored(state)
+            }
+        }
+        _ => Restore::Lapsed("the mode lapsed while Proxi was not running"),
     }
 }
 
@@ -511,6 +607,72 @@ mod tests {
         // Undoing goes forward too: the replaced state comes back under a new epoch.
         state.switch(replaced);
         assert_eq!((state.mode, state.epoch), (default, 2));
+    }
+
+    fn mode_record(mode: &str, expires_at: Option<DateTime<Utc>>) -> AuditRecord {
+        AuditRecord {
+            seq: 1,
+            time: Utc::now().to_rfc3339(),
+            principal: "operator".into(),
+            kind: "mode_change".into(),
+            tool: None,
+            arguments: None,
+            mode: mode.into(),
+            decision: "allowed".into(),
+            reason_code: None,
+            outcome: "changed".into(),
+            detail: json!({"reason": "incident"}),
+            expires_at: expires_at.map(|at| at.to_rfc3339()),
+            prev_hash: String::new(),
+            hash: String::new(),
+            context: None,
+            mac: None,
+        }
+    }
+
+    #[test]
+    fn an_elevated_mode_is_restored_only_when_trusted_in_time_and_within_the_cap() {
+        let policy = policy();
+        let now = Utc::now();
+        let soon = Some(now + chrono::Duration::seconds(60));
+        let record = mode_record("EMERGENCY", soon);
+        assert!(matches!(
+            restore_decision(&policy, &record, None, true, now),
+            Restore::Restored(state) if state.reason.as_deref() == Some("incident")
+        ));
+        assert!(matches!(
+            restore_decision(&policy, &record, Some("bad MAC"), true, now),
+            Restore::Refused(why) if why.contains("bad MAC")
+        ));
+        assert!(matches!(
+            restore_decision(&policy, &record, None, false, now),
+            Restore::Refused(_)
+        ));
+        let past = mode_record("EMERGENCY", Some(now - chrono::Duration::seconds(1)));
+        assert!(matches!(
+            restore_decision(&policy, &past, None, true, now),
+            Restore::Lapsed(_)
+        ));
+        let far = mode_record("EMERGENCY", Some(now + chrono::Duration::days(6)));
+        assert!(matches!(
+            restore_decision(&policy, &far, None, true, now),
+            Restore::Capped { cap, .. } if cap == policy.max_elevated_ttl()
+        ));
+        assert!(matches!(
+            restore_decision(&policy, &mode_record("GONE", soon), None, true, now),
+            Restore::Lapsed(_)
+        ));
+        // The default mode comes back whatever the chain says about it.
+        assert!(matches!(
+            restore_decision(
+                &policy,
+                &mode_record("NORMAL", None),
+                Some("bad"),
+                false,
+                now
+            ),
+            Restore::Restored(_)
+        ));
     }
 
     #[tokio::test]
