@@ -72,7 +72,7 @@ impl Fields<'_> {
     }
 }
 
-impl Row {
+impl StoredRecord {
     pub(super) fn fields(&self) -> Fields<'_> {
         Fields {
             seq: self.seq,
@@ -91,9 +91,102 @@ impl Row {
         }
     }
 
-    pub(super) fn hash_is_valid(&self) -> bool {
+    /// Whether `hash` is the hash of this record's fields after `prev_hash`.
+    pub fn hash_is_valid(&self) -> bool {
         self.fields().hash(&self.prev_hash).as_slice() == self.hash.as_bytes()
     }
+}
+
+/// The newest record of a chain: where the next record links to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainHead {
+    /// Its sequence number (0 for an empty chain).
+    pub seq: u64,
+    /// Its hash ([`GENESIS_HASH`] for an empty chain).
+    pub hash: String,
+}
+
+impl ChainHead {
+    /// The head of a chain without records.
+    pub fn genesis() -> ChainHead {
+        ChainHead {
+            seq: 0,
+            hash: GENESIS_HASH.to_owned(),
+        }
+    }
+}
+
+/// Reusable buffers for [`seal`], so that a batch costs no per-row JSON allocation.
+#[derive(Debug, Default)]
+pub struct SealBuffers {
+    arguments: Vec<u8>,
+    detail: Vec<u8>,
+    context: Vec<u8>,
+}
+
+/// Turns `entry` into the next record after `head`: bounds its fields, hashes it
+/// onto the chain and authenticates the hash with `key`; advances `head` to it.
+pub fn seal(
+    head: &mut ChainHead,
+    entry: &AuditEntry,
+    key: &AuditKey,
+    buffers: &mut SealBuffers,
+) -> Result<StoredRecord, AuditError> {
+    let seq = head.seq + 1;
+    let time = format_time(entry.time);
+    let expires_at = entry.expires_at.map(format_time);
+    if let Some(value) = &entry.arguments {
+        write_bounded(&mut buffers.arguments, value, MAX_STORED_JSON_BYTES)?;
+    }
+    write_bounded(&mut buffers.detail, &entry.detail, MAX_STORED_JSON_BYTES)?;
+    if let Some(value) = &entry.context {
+        write_bounded(&mut buffers.context, value, MAX_STORED_CONTEXT_BYTES)?;
+    }
+    let fields = Fields {
+        seq,
+        time: &time,
+        principal: cut(&entry.principal, MAX_STORED_NAME_BYTES),
+        kind: entry.kind.as_str(),
+        tool: entry
+            .tool
+            .as_deref()
+            .map(|tool| cut(tool, MAX_STORED_NAME_BYTES)),
+        arguments: match entry.arguments {
+            Some(_) => Some(utf8(&buffers.arguments)?),
+            None => None,
+        },
+        mode: cut(&entry.mode, MAX_STORED_NAME_BYTES),
+        decision: entry.decision.as_str(),
+        reason_code: entry.reason_code,
+        outcome: entry.outcome,
+        detail: utf8(&buffers.detail)?,
+        expires_at: expires_at.as_deref(),
+        context: match entry.context {
+            Some(_) => Some(utf8(&buffers.context)?),
+            None => None,
+        },
+    };
+    let hash = utf8(&fields.hash(&head.hash))?.to_owned();
+    let record = StoredRecord {
+        seq,
+        principal: fields.principal.to_owned(),
+        kind: fields.kind.to_owned(),
+        tool: fields.tool.map(str::to_owned),
+        arguments: fields.arguments.map(str::to_owned),
+        mode: fields.mode.to_owned(),
+        decision: fields.decision.to_owned(),
+        reason_code: fields.reason_code.map(str::to_owned),
+        outcome: fields.outcome.to_owned(),
+        detail: fields.detail.to_owned(),
+        context: fields.context.map(str::to_owned),
+        time,
+        expires_at,
+        prev_hash: std::mem::replace(&mut head.hash, hash.clone()),
+        mac: Some(key.record_mac(&hash)),
+        hash,
+    };
+    head.seq = seq;
+    Ok(record)
 }
 
 /// The result of checking the chain.
@@ -131,7 +224,7 @@ pub(super) struct ChainCheck<'a> {
 }
 
 impl ChainCheck<'_> {
-    pub(super) fn check(&mut self, row: Row) -> Result<(), BrokenRecord> {
+    pub(super) fn check(&mut self, row: StoredRecord) -> Result<(), BrokenRecord> {
         let broken = |problem: String| BrokenRecord {
             seq: row.seq,
             problem,
@@ -190,5 +283,98 @@ impl ChainCheck<'_> {
         self.previous_hash = Some(row.hash);
         self.expected_seq += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::Utc;
+    use serde_json::json;
+
+    use super::*;
+
+    fn entry(n: i64) -> AuditEntry {
+        AuditEntry {
+            time: Utc::now(),
+            principal: Arc::from("agent"),
+            kind: EntryKind::ToolCall,
+            tool: Some("scale_fleet".into()),
+            arguments: Some(json!({"count": n})),
+            mode: Arc::from("EMERGENCY"),
+            decision: AuditDecision::Allowed,
+            reason_code: None,
+            outcome: "executed",
+            detail: json!({"fleet_size": n}),
+            expires_at: None,
+            context: None,
+        }
+    }
+
+    fn sealed(count: i64, key: &AuditKey) -> Vec<StoredRecord> {
+        let mut head = ChainHead::genesis();
+        let mut buffers = SealBuffers::default();
+        (1..=count)
+            .map(|n| seal(&mut head, &entry(n), key, &mut buffers).unwrap())
+            .collect()
+    }
+
+    fn first_problem(records: Vec<StoredRecord>, key: &AuditKey) -> Option<u64> {
+        let mut check = ChainCheck {
+            key: Some(key),
+            expected_seq: 1,
+            previous_hash: Some(GENESIS_HASH.to_owned()),
+        };
+        records
+            .into_iter()
+            .find_map(|record| check.check(record).err())
+            .map(|broken| broken.seq)
+    }
+
+    #[test]
+    fn sealed_records_link_into_a_chain_that_checks_out() {
+        let key = AuditKey::from_bytes([3; 32]);
+        let records = sealed(3, &key);
+        assert_eq!(records[0].prev_hash, GENESIS_HASH);
+        assert_eq!(records[1].prev_hash, records[0].hash);
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(records.iter().all(StoredRecord::hash_is_valid));
+        assert_eq!(first_problem(records, &key), None);
+    }
+
+    #[test]
+    fn an_edited_sealed_record_is_named() {
+        let key = AuditKey::from_bytes([3; 32]);
+        let mut records = sealed(3, &key);
+        records[1].outcome = "denied".to_owned();
+        assert!(!records[1].hash_is_valid());
+        assert_eq!(first_problem(records, &key), Some(2));
+    }
+
+    #[test]
+    fn a_record_sealed_with_another_key_is_named() {
+        let key = AuditKey::from_bytes([3; 32]);
+        let other = AuditKey::from_bytes([4; 32]);
+        let mut records = sealed(2, &key);
+        records[1].mac = Some(other.record_mac(&records[1].hash));
+        assert_eq!(first_problem(records, &key), Some(2));
+    }
+
+    #[test]
+    fn sealing_bounds_the_fields_it_hashes() {
+        let key = AuditKey::from_bytes([3; 32]);
+        let mut huge = entry(1);
+        huge.principal = Arc::from("p".repeat(10_000));
+        huge.arguments = Some(json!({"a": "x".repeat(100_000)}));
+        let record = seal(
+            &mut ChainHead::genesis(),
+            &huge,
+            &key,
+            &mut SealBuffers::default(),
+        )
+        .unwrap();
+        assert_eq!(record.principal.len(), MAX_STORED_NAME_BYTES);
+        assert!(record.arguments.unwrap().len() < MAX_STORED_JSON_BYTES);
     }
 }

@@ -10,7 +10,7 @@
 //! free disk space is below a reserve kept for operators, and a failed write makes
 //! the log refuse agent traffic only until a later write succeeds.
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -18,18 +18,19 @@ use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::Duration;
 
 use chrono::Utc;
-use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::anchor::{AnchorError, AnchorFile, Anchoring, AuditKey, MacCheck};
 
 mod chain;
 mod record;
 mod sqlite;
+mod store;
 
 pub use chain::*;
 pub use record::*;
 pub use sqlite::*;
+pub use store::*;
 
 /// Most records committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -198,6 +199,21 @@ struct Shared {
     low_space: AtomicBool,
     /// Bytes of free space kept for essential entries.
     reserve: AtomicU64,
+    /// The seq of the newest acknowledged record (see [`AuditLog::committed`]).
+    committed: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Publishes that every record up to `seq` is durable.
+    fn publish_committed(&self, seq: u64) {
+        self.committed.send_if_modified(|newest| {
+            let newer = seq > *newest;
+            if newer {
+                *newest = seq;
+            }
+            newer
+        });
+    }
 }
 
 impl Shared {
@@ -224,7 +240,7 @@ impl Shared {
 pub struct AuditLog {
     sender: mpsc::Sender<Job>,
     shared: Arc<Shared>,
-    db_path: PathBuf,
+    store: Arc<dyn AuditStore>,
 }
 
 /// What [`AuditLog::open`] found in an existing trail.
@@ -307,76 +323,37 @@ impl AuditLog {
         durability: Durability,
         anchoring: Anchoring,
     ) -> Result<(AuditLog, Recovered), AuditError> {
-        let io_error = |path: &Path| {
-            let path = path.to_owned();
-            move |error| AuditError::Io { path, error }
-        };
-        create_private_dir(data_dir).map_err(io_error(data_dir))?;
-        let db_path = data_dir.join(AUDIT_DB_FILE);
-        // SQLite gives the -wal and -shm files the database file's permissions, so
-        // creating that file 0600 first covers all three; chmod covers older trails.
-        std::fs::File::options()
-            .create(true)
-            .append(true)
-            .mode(DATA_FILE_MODE)
-            .open(&db_path)
-            .map_err(io_error(&db_path))?;
-        for suffix in ["", "-wal", "-shm"] {
-            let path = data_dir.join(format!("{AUDIT_DB_FILE}{suffix}"));
-            make_private(&path).map_err(io_error(&path))?;
-        }
-        let connection = Connection::open(&db_path)?;
-        connection.pragma_update(None, "journal_mode", "WAL")?;
-        // Commits never fsync inside SQLite: with `Durability::Full` a separate
-        // syncer thread fsyncs the WAL while the writer already commits the next
-        // batch, and acknowledges only what the fsync covered (pipelined group commit).
-        connection.pragma_update(None, "synchronous", "NORMAL")?;
-        connection.busy_timeout(std::time::Duration::from_secs(5))?;
-        connection.execute_batch(
-            "CREATE TABLE IF NOT EXISTS audit_log (
-                seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                ts TEXT NOT NULL,
-                principal TEXT NOT NULL,
-                kind TEXT NOT NULL,
-                tool TEXT,
-                arguments TEXT,
-                mode TEXT NOT NULL,
-                decision TEXT NOT NULL,
-                reason_code TEXT,
-                outcome TEXT NOT NULL,
-                detail TEXT NOT NULL,
-                expires_at TEXT,
-                prev_hash TEXT NOT NULL,
-                hash TEXT NOT NULL,
-                context TEXT,
-                mac TEXT
-            );
-            -- Scratch row the writer rewrites to find out whether writes succeed again.
-            CREATE TABLE IF NOT EXISTS audit_probe (id INTEGER PRIMARY KEY, at TEXT NOT NULL);",
-        )?;
-        if !has_column(&connection, "context")? {
-            // A trail from before `context` existed; its records hash the same without it.
-            connection.execute_batch("ALTER TABLE audit_log ADD COLUMN context TEXT")?;
-        }
-        if !has_column(&connection, "mac")? {
-            // A trail from before audit keys: the MAC check below refuses to extend it.
-            connection.execute_batch("ALTER TABLE audit_log ADD COLUMN mac TEXT")?;
-        }
+        create_private_dir(data_dir).map_err(|error| AuditError::Io {
+            path: data_dir.to_owned(),
+            error,
+        })?;
+        let store = SqliteStore::open(data_dir, durability)?;
+        AuditLog::open_store(Arc::new(store), anchoring)
+    }
 
+    /// Opens the trail kept by `store`, authenticated by `anchoring`'s key and
+    /// anchor, and starts its writer thread (and, when the store needs one, its syncer).
+    ///
+    /// Refuses a trail whose newest record fails its hash or MAC, that was written
+    /// with another key, or that ends before its anchor (a deleted tail).
+    pub fn open_store(
+        store: Arc<dyn AuditStore>,
+        anchoring: Anchoring,
+    ) -> Result<(AuditLog, Recovered), AuditError> {
+        let thread_error = |error| AuditError::Io {
+            path: PathBuf::from(store.describe()),
+            error,
+        };
         let key = anchoring.key();
-        let last: Option<Row> = connection
-            .query_row(
-                &format!("SELECT {SELECT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT 1"),
-                [],
-                Row::from_sql,
-            )
-            .optional()?;
-        let (last_seq, last_hash) = match last {
+        let head = match store.head()? {
             Some(row) if !row.hash_is_valid() => {
                 return Err(AuditError::TamperedTail(row.seq));
             }
             Some(row) => match key.check_record(&row.hash, row.mac.as_deref()) {
-                MacCheck::Valid => (row.seq, row.hash),
+                MacCheck::Valid => ChainHead {
+                    seq: row.seq,
+                    hash: row.hash,
+                },
                 MacCheck::OtherKey(found) => {
                     return Err(AuditError::KeyMismatch {
                         seq: row.seq,
@@ -387,64 +364,55 @@ impl AuditLog {
                 MacCheck::Missing => return Err(AuditError::Unauthenticated(row.seq)),
                 MacCheck::Invalid => return Err(AuditError::TamperedTail(row.seq)),
             },
-            None => (0, GENESIS_HASH.to_owned()),
+            None => ChainHead::genesis(),
         };
-        check_anchor(&connection, &anchoring, last_seq)?;
+        check_anchor(store.as_ref(), &anchoring, head.seq)?;
         // Proves the anchor is writable before anything is acknowledged.
-        anchoring.write_anchor(last_seq, &last_hash)?;
-        let last_mode_event = connection
-            .query_row(
-                &format!(
-                    "SELECT {SELECT_COLUMNS} FROM audit_log WHERE kind IN ('mode_change', 'mode_expired') ORDER BY seq DESC LIMIT 1"
-                ),
-                [],
-                Row::from_sql,
-            )
-            .optional()?
-            .map(Row::into_record);
+        anchoring.write_anchor(head.seq, &head.hash)?;
+        let last_mode_event = store.last_mode_event()?;
         let mode_event_problem = match &last_mode_event {
-            Some(record) => check_chain_from(&connection, record.seq, key)?
+            Some(record) => check_chain_from(store.as_ref(), record.seq, key)?
                 .map(|broken| format!("record {}: {}", broken.seq, broken.problem)),
             None => None,
         };
         let anchored_externally = anchoring.is_external();
         let anchor = Arc::new(AnchorWriter {
             file: anchoring.open_for_updates()?,
-            head: Mutex::new((last_seq, last_hash.clone())),
+            head: Mutex::new((head.seq, head.hash.clone())),
             failing: AtomicBool::new(false),
         });
 
         let (sender, receiver) = mpsc::channel();
-        let total = disk_space(data_dir).map(|(_, total)| total).unwrap_or(0);
+        let total = match store.free_space() {
+            Some(Ok((_, total))) => total,
+            _ => 0,
+        };
+        let (committed, _) = watch::channel(head.seq);
         let shared = Arc::new(Shared {
             health: AtomicU8::new(HEALTHY),
             generation: AtomicU64::new(0),
             low_space: AtomicBool::new(false),
             reserve: AtomicU64::new(DEFAULT_SPACE_RESERVE_BYTES.min(total / 10)),
+            committed,
         });
-        let syncer = match durability {
-            Durability::Process => None,
-            Durability::Full => {
+        let syncer = match store.durable_sync()? {
+            None => None,
+            Some(sync) => {
                 let (sync_sender, sync_receiver) = mpsc::channel();
                 let syncer = Syncer {
-                    wal_path: data_dir.join(format!("{AUDIT_DB_FILE}-wal")),
-                    data_dir: data_dir.to_owned(),
-                    wal: None,
+                    sync,
                     shared: Arc::clone(&shared),
                     anchor: Arc::clone(&anchor),
                 };
                 std::thread::Builder::new()
                     .name("proxi-audit-sync".into())
                     .spawn(move || syncer.run(sync_receiver))
-                    .map_err(io_error(&db_path))?;
+                    .map_err(thread_error)?;
                 Some(sync_sender)
             }
         };
         let mut writer = Writer {
-            connection,
-            data_dir: data_dir.to_owned(),
-            last_seq,
-            last_hash,
+            store: Arc::clone(&store),
             shared: Arc::clone(&shared),
             anchor,
             syncer,
@@ -453,15 +421,15 @@ impl AuditLog {
         std::thread::Builder::new()
             .name("proxi-audit-writer".into())
             .spawn(move || writer.run(receiver))
-            .map_err(io_error(&db_path))?;
+            .map_err(thread_error)?;
         Ok((
             AuditLog {
                 sender,
                 shared,
-                db_path,
+                store,
             },
             Recovered {
-                records: last_seq,
+                records: head.seq,
                 last_mode_event,
                 mode_event_problem,
                 anchored_externally,
@@ -552,14 +520,31 @@ impl AuditLog {
         self.shared.low_space.load(Ordering::SeqCst)
     }
 
-    /// Where the database lives.
-    pub fn db_path(&self) -> &Path {
-        &self.db_path
+    /// Where the trail is kept, for banners and logs.
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    /// The store the trail is kept in, for reads (queries, verification).
+    pub fn store(&self) -> &Arc<dyn AuditStore> {
+        &self.store
     }
 
     /// The newest `limit` records, oldest first.
     pub fn recent(&self, limit: u32) -> Result<Vec<AuditRecord>, AuditError> {
-        read_recent(&self.db_path, limit)
+        self.store.recent(limit)
+    }
+
+    /// Answers a filtered query (see [`AuditQuery`]); blocking I/O.
+    pub fn query(&self, query: &AuditQuery) -> Result<AuditPage, AuditError> {
+        self.store.query(query)
+    }
+
+    /// Follows the seq of the newest durable record: it changes only after the
+    /// record's caller could have been answered, so a reader that sees seq N can
+    /// read every record up to N.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.shared.committed.subscribe()
     }
 }
 
@@ -567,22 +552,18 @@ impl AuditLog {
 type Acks = Vec<(oneshot::Sender<Result<u64, AuditError>>, u64)>;
 
 struct Writer {
-    connection: Connection,
-    data_dir: PathBuf,
-    last_seq: u64,
-    last_hash: String,
+    store: Arc<dyn AuditStore>,
     shared: Arc<Shared>,
     /// Records the committed head in the anchor (here, or after the syncer's fsync).
     anchor: Arc<AnchorWriter>,
-    /// Present for `Durability::Full`: committed batches wait there for their fsync.
+    /// Present when the store's commits are not durable by themselves
+    /// (`Durability::Full` on SQLite): committed batches wait there for their sync.
     syncer: Option<mpsc::Sender<Acks>>,
 }
 
-/// Fsyncs the WAL for every batch the writer committed since the last fsync.
+/// Makes durable every batch the writer committed since the last sync.
 struct Syncer {
-    wal_path: PathBuf,
-    data_dir: PathBuf,
-    wal: Option<std::fs::File>,
+    sync: Box<dyn DurableSync>,
     shared: Arc<Shared>,
     anchor: Arc<AnchorWriter>,
 }
@@ -598,13 +579,17 @@ impl Syncer {
             let synced = if self.shared.health() == FAILED {
                 Err(std::io::Error::other("an earlier fsync failed"))
             } else {
-                self.sync()
+                self.sync.sync()
             };
             match synced {
                 Ok(()) => {
                     self.anchor.persist(head);
+                    let newest = acks.iter().map(|(_, seq)| *seq).max();
                     for (done, seq) in acks {
                         let _ = done.send(Ok(seq));
+                    }
+                    if let Some(newest) = newest {
+                        self.shared.publish_committed(newest);
                     }
                 }
                 Err(error) => {
@@ -615,22 +600,6 @@ impl Syncer {
                     }
                 }
             }
-        }
-    }
-
-    /// Every frame of every commit that returned before this call is in the WAL
-    /// file's page cache, so one fdatasync makes all of them durable. Frames that
-    /// a checkpoint moved into the database file meanwhile were synced by SQLite.
-    fn sync(&mut self) -> std::io::Result<()> {
-        if self.wal.is_none() {
-            let wal = std::fs::File::open(&self.wal_path)?;
-            // The WAL may be new: make its directory entry durable too, once.
-            std::fs::File::open(&self.data_dir)?.sync_all()?;
-            self.wal = Some(wal);
-        }
-        match &self.wal {
-            Some(wal) => wal.sync_data(),
-            None => Ok(()),
         }
     }
 }
@@ -712,9 +681,13 @@ impl Writer {
                         }
                     }
                     None => {
+                        let newest = acks.last().map(|(_, seq)| *seq);
                         for (done, seq) in acks {
                             // A caller that gave up waiting is not an error for the log.
                             let _ = done.send(Ok(seq));
+                        }
+                        if let Some(newest) = newest {
+                            self.shared.publish_committed(newest);
                         }
                     }
                 }
@@ -741,7 +714,7 @@ impl Writer {
             Ordering::SeqCst,
         );
         self.check_space();
-        if let Err(error) = self.reload_head() {
+        if let Err(error) = self.store.reset() {
             // Commits reload the head again before writing; until that works, none happens.
             tracing::error!(%error, "cannot re-read the audit chain head");
         }
@@ -758,27 +731,6 @@ impl Writer {
         }
     }
 
-    /// Ends any transaction a failed commit left open and takes the chain head
-    /// from the database, so the next record links to what is really stored.
-    fn reload_head(&mut self) -> Result<(), AuditError> {
-        if !self.connection.is_autocommit() {
-            self.connection.execute_batch("ROLLBACK")?;
-        }
-        let head: Option<(i64, String)> = self
-            .connection
-            .query_row(
-                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()?;
-        (self.last_seq, self.last_hash) = match head {
-            Some((seq, hash)) => (u64::try_from(seq).unwrap_or(0), hash),
-            None => (0, GENESIS_HASH.to_owned()),
-        };
-        Ok(())
-    }
-
     /// Re-checks free space, and while recovering tries a small write: when it
     /// succeeds the log accepts agent traffic again.
     fn probe(&mut self) {
@@ -786,15 +738,7 @@ impl Writer {
         if self.shared.health() != RECOVERING {
             return;
         }
-        let attempt = self.reload_head().and_then(|()| {
-            self.connection
-                .execute(
-                    "INSERT OR REPLACE INTO audit_probe (id, at) VALUES (1, ?1)",
-                    [format_time(Utc::now())],
-                )
-                .map_err(AuditError::from)
-        });
-        match attempt {
+        match self.store.probe() {
             Ok(_) => self.recovered(),
             Err(error) => tracing::debug!(%error, "audit write probe failed"),
         }
@@ -803,9 +747,11 @@ impl Writer {
     /// Records whether free space is below the reserve; logs each change.
     fn check_space(&mut self) {
         let reserve = self.shared.reserve.load(Ordering::SeqCst);
-        let low = match disk_space(&self.data_dir) {
-            Ok((free, _)) => free < reserve,
-            Err(error) => {
+        let low = match self.store.free_space() {
+            // A store off the local filesystem keeps its own reserve.
+            None => false,
+            Some(Ok((free, _))) => free < reserve,
+            Some(Err(error)) => {
                 tracing::warn!(%error, "cannot read free disk space; treating it as low");
                 true
             }
@@ -822,90 +768,13 @@ impl Writer {
         }
     }
 
-    /// Writes the batch in one transaction; the chain state advances only on commit.
+    /// Writes the batch in one transaction; returns the first record's seq.
     fn commit(&mut self, batch: &[Job]) -> Result<u64, AuditError> {
-        if !self.connection.is_autocommit() {
-            // A failed commit left a transaction open and its head may be stale.
-            self.reload_head()?;
-        }
-        let transaction = self.connection.transaction()?;
-        let mut seq = self.last_seq;
-        let mut hash = [0u8; 64];
-        hash.copy_from_slice(self.last_hash.as_bytes());
-        // Reused across rows so that a batch costs no per-row allocation for JSON.
-        let mut arguments = Vec::with_capacity(256);
-        let mut detail = Vec::with_capacity(256);
-        let mut context = Vec::with_capacity(64);
-        {
-            let mut insert = transaction.prepare_cached(
-                "INSERT INTO audit_log (seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-            )?;
-            for job in batch {
-                let entry = &job.entry;
-                seq += 1;
-                let time = format_time(entry.time);
-                let expires_at = entry.expires_at.map(format_time);
-                if let Some(value) = &entry.arguments {
-                    write_bounded(&mut arguments, value, MAX_STORED_JSON_BYTES)?;
-                }
-                write_bounded(&mut detail, &entry.detail, MAX_STORED_JSON_BYTES)?;
-                if let Some(value) = &entry.context {
-                    write_bounded(&mut context, value, MAX_STORED_CONTEXT_BYTES)?;
-                }
-                let fields = Fields {
-                    seq,
-                    time: &time,
-                    principal: cut(&entry.principal, MAX_STORED_NAME_BYTES),
-                    kind: entry.kind.as_str(),
-                    tool: entry
-                        .tool
-                        .as_deref()
-                        .map(|tool| cut(tool, MAX_STORED_NAME_BYTES)),
-                    arguments: match entry.arguments {
-                        Some(_) => Some(utf8(&arguments)?),
-                        None => None,
-                    },
-                    mode: cut(&entry.mode, MAX_STORED_NAME_BYTES),
-                    decision: entry.decision.as_str(),
-                    reason_code: entry.reason_code,
-                    outcome: entry.outcome,
-                    detail: utf8(&detail)?,
-                    expires_at: expires_at.as_deref(),
-                    context: match entry.context {
-                        Some(_) => Some(utf8(&context)?),
-                        None => None,
-                    },
-                };
-                let prev_hash = hash;
-                hash = fields.hash(utf8(&prev_hash)?);
-                insert.execute(params![
-                    i64::try_from(seq).unwrap_or(i64::MAX),
-                    fields.time,
-                    fields.principal,
-                    fields.kind,
-                    fields.tool,
-                    fields.arguments,
-                    fields.mode,
-                    fields.decision,
-                    fields.reason_code,
-                    fields.outcome,
-                    fields.detail,
-                    fields.expires_at,
-                    utf8(&prev_hash)?,
-                    utf8(&hash)?,
-                    fields.context,
-                    self.anchor.key().record_mac(utf8(&hash)?),
-                ])?;
-            }
-        }
-        transaction.commit()?;
-        let first = self.last_seq + 1;
-        self.last_seq = seq;
-        self.last_hash = utf8(&hash)?.to_owned();
+        let entries: Vec<&AuditEntry> = batch.iter().map(|job| &job.entry).collect();
+        let head = self.store.append(&entries, self.anchor.key())?;
         self.anchor
-            .committed(seq, &self.last_hash, self.syncer.is_none());
-        Ok(first)
+            .committed(head.seq, &head.hash, self.syncer.is_none());
+        Ok(head.seq + 1 - batch.len() as u64)
     }
 }
 
@@ -957,6 +826,8 @@ impl AnchorWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Utc;
+    use rusqlite::{Connection, params};
     use serde_json::json;
     use sha2::{Digest, Sha256};
 
@@ -999,11 +870,181 @@ mod tests {
             .map(|broken| broken.seq)
     }
 
+    fn seqs(page: &AuditPage) -> Vec<u64> {
+        page.records.iter().map(|record| record.seq).collect()
+    }
+
+    /// Ten records: odd ones by `agent` calling `restart_service` (denied), even
+    /// ones by `operator` calling `scale_fleet` (allowed).
+    async fn mixed_log(dir: &Path) -> AuditLog {
+        let (log, _) = AuditLog::open(dir, Durability::Process).unwrap();
+        for n in 1..=10 {
+            let mut record = entry(n);
+            if n % 2 == 1 {
+                record.tool = Some("restart_service".into());
+                record.decision = AuditDecision::Denied;
+                record.reason_code = Some("blocked_in_mode");
+            } else {
+                record.principal = Arc::from("operator");
+            }
+            log.append(record).await.unwrap();
+        }
+        log
+    }
+
+    #[tokio::test]
+    async fn a_query_filters_and_pages_with_a_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = mixed_log(dir.path()).await;
+        let agent = AuditQuery {
+            principal: Some("agent".into()),
+            after_seq: Some(0),
+            limit: 2,
+            ..AuditQuery::default()
+        };
+        let page = log.query(&agent).unwrap();
+        assert_eq!(seqs(&page), [1, 3]);
+        assert_eq!(page.next_after_seq, Some(3));
+        let page = log
+            .query(&AuditQuery {
+                after_seq: Some(7),
+                ..agent.clone()
+            })
+            .unwrap();
+        assert_eq!(seqs(&page), [9]);
+        assert_eq!(page.next_after_seq, None, "no more match");
+        // Without a cursor: the newest matching records, oldest first.
+        let newest = log
+            .query(&AuditQuery {
+                after_seq: None,
+                ..agent
+            })
+            .unwrap();
+        assert_eq!(seqs(&newest), [7, 9]);
+        assert_eq!(newest.next_after_seq, None);
+    }
+
+    #[tokio::test]
+    async fn every_filter_of_a_query_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = mixed_log(dir.path()).await;
+        let all = |query: AuditQuery| {
+            seqs(
+                &log.query(&AuditQuery {
+                    limit: 100,
+                    ..query
+                })
+                .unwrap(),
+            )
+        };
+        let odd = vec![1, 3, 5, 7, 9];
+        let even = vec![2, 4, 6, 8, 10];
+        assert_eq!(all(AuditQuery::default()).len(), 10);
+        assert_eq!(
+            all(AuditQuery {
+                tool: Some("restart_*".into()),
+                ..AuditQuery::default()
+            }),
+            odd
+        );
+        assert_eq!(
+            all(AuditQuery {
+                tool: Some("*_fleet".into()),
+                ..AuditQuery::default()
+            }),
+            even
+        );
+        assert_eq!(
+            all(AuditQuery {
+                tool: Some("restart".into()),
+                ..AuditQuery::default()
+            }),
+            Vec::<u64>::new(),
+            "without a star the name is exact"
+        );
+        assert_eq!(
+            all(AuditQuery {
+                tool: Some("restart?service".into()),
+                ..AuditQuery::default()
+            }),
+            Vec::<u64>::new(),
+            "only a star is a wildcard"
+        );
+        assert_eq!(
+            all(AuditQuery {
+                decision: Some("allowed".into()),
+                ..AuditQuery::default()
+            }),
+            even
+        );
+        assert_eq!(
+            all(AuditQuery {
+                reason_code: Some("blocked_in_mode".into()),
+                kind: Some("tool_call".into()),
+                ..AuditQuery::default()
+            }),
+            odd
+        );
+        assert!(
+            all(AuditQuery {
+                kind: Some("mode_change".into()),
+                ..AuditQuery::default()
+            })
+            .is_empty()
+        );
+        let future = Utc::now() + chrono::Duration::hours(1);
+        assert!(
+            all(AuditQuery {
+                since: Some(future),
+                ..AuditQuery::default()
+            })
+            .is_empty()
+        );
+        assert_eq!(
+            all(AuditQuery {
+                until: Some(future),
+                ..AuditQuery::default()
+            })
+            .len(),
+            10
+        );
+        // The store's answer is the one the reference filter gives.
+        let query = AuditQuery {
+            principal: Some("agent".into()),
+            tool: Some("*service".into()),
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        let expected: Vec<u64> = log
+            .recent(100)
+            .unwrap()
+            .iter()
+            .filter(|record| query.matches(record))
+            .map(|record| record.seq)
+            .collect();
+        assert_eq!(seqs(&log.query(&query).unwrap()), expected);
+    }
+
+    #[tokio::test]
+    async fn committed_follows_the_newest_durable_record() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(log_with(dir.path(), 2).await);
+        for durability in [Durability::Process, Durability::Full] {
+            let (log, _) = AuditLog::open(dir.path(), durability).unwrap();
+            let mut committed = log.committed();
+            let start = *committed.borrow_and_update();
+            let seq = log.append(entry(9)).await.unwrap();
+            assert_eq!(seq, start + 1);
+            committed.changed().await.unwrap();
+            assert_eq!(*committed.borrow(), seq);
+        }
+    }
+
     #[tokio::test]
     async fn an_intact_chain_verifies() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with(dir.path(), 5).await;
-        let report = verify(log.db_path()).unwrap();
+        let report = log.store().verify(None).unwrap();
         assert_eq!(report.records, 5);
         assert_eq!(report.first_bad, None);
         let records = log.recent(2).unwrap();
@@ -1333,12 +1374,11 @@ mod tests {
     /// Recomputes every hash as someone without the key would after an edit.
     fn rehash(dir: &Path) {
         let connection = Connection::open(dir.join(AUDIT_DB_FILE)).unwrap();
-        let rows: Vec<Row> = connection
-            .prepare(&format!(
-                "SELECT {SELECT_COLUMNS} FROM audit_log ORDER BY seq"
-            ))
+        let columns = select_columns(&connection).unwrap();
+        let rows: Vec<StoredRecord> = connection
+            .prepare(&format!("SELECT {columns} FROM audit_log ORDER BY seq"))
             .unwrap()
-            .query_map([], Row::from_sql)
+            .query_map([], StoredRecord::from_sql)
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();

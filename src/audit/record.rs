@@ -143,28 +143,47 @@ pub struct AuditRecord {
     pub mac: Option<String>,
 }
 
-/// The text columns of one row, exactly as stored and hashed.
-pub(super) struct Row {
-    pub(super) seq: u64,
-    pub(super) time: String,
-    pub(super) principal: String,
-    pub(super) kind: String,
-    pub(super) tool: Option<String>,
-    pub(super) arguments: Option<String>,
-    pub(super) mode: String,
-    pub(super) decision: String,
-    pub(super) reason_code: Option<String>,
-    pub(super) outcome: String,
-    pub(super) detail: String,
-    pub(super) expires_at: Option<String>,
-    pub(super) prev_hash: String,
-    pub(super) hash: String,
-    pub(super) context: Option<String>,
-    pub(super) mac: Option<String>,
+/// One record's columns exactly as a store keeps them and as the chain hashes them
+/// (JSON fields as their bounded text). What stores append and read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Position in the chain, from 1.
+    pub seq: u64,
+    /// RFC 3339 time, microsecond precision (see [`format_time`]).
+    pub time: String,
+    /// Who asked, cut to [`MAX_STORED_NAME_BYTES`].
+    pub principal: String,
+    /// The [`EntryKind`] stored form.
+    pub kind: String,
+    /// The tool named, cut to [`MAX_STORED_NAME_BYTES`].
+    pub tool: Option<String>,
+    /// Bounded JSON text of the arguments.
+    pub arguments: Option<String>,
+    /// The mode in force, cut to [`MAX_STORED_NAME_BYTES`].
+    pub mode: String,
+    /// The [`AuditDecision`] stored form.
+    pub decision: String,
+    /// Reason code of a refusal.
+    pub reason_code: Option<String>,
+    /// What happened.
+    pub outcome: String,
+    /// Bounded JSON text of the detail.
+    pub detail: String,
+    /// For mode changes, when the mode lapses.
+    pub expires_at: Option<String>,
+    /// Hash of the previous record.
+    pub prev_hash: String,
+    /// This record's hash (see [`crate::audit::seal`]).
+    pub hash: String,
+    /// Bounded JSON text of the caller's context.
+    pub context: Option<String>,
+    /// `<key id>:<HMAC>` of `hash` under the audit key.
+    pub mac: Option<String>,
 }
 
-impl Row {
-    pub(super) fn into_record(self) -> AuditRecord {
+impl StoredRecord {
+    /// The record as callers see it: JSON fields parsed back into values.
+    pub fn into_record(self) -> AuditRecord {
         let parse = |text: &str| {
             serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
         };

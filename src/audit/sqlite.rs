@@ -1,16 +1,19 @@
-//! The SQLite store: the `audit_log` table, its readers and the chain check over it.
+//! The SQLite store, the embedded default: the `audit_log` table in the data dir,
+//! written by the audit writer thread through one connection, read through
+//! read-only connections of their own.
 
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params, params_from_iter};
 
 use super::*;
 use crate::anchor::{Anchoring, AuditKey};
 
 /// File name of the audit database inside the data dir.
 pub const AUDIT_DB_FILE: &str = "audit.db";
-
-pub(super) const SELECT_COLUMNS: &str = "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac";
 
 /// The select list that fits the `audit_log` table of `connection`: a database
 /// written before `context` or `mac` existed reads them as NULL (read-only readers
@@ -31,7 +34,7 @@ pub(super) fn select_columns(connection: &Connection) -> Result<String, AuditErr
     ))
 }
 
-pub(super) fn has_column(connection: &Connection, name: &str) -> Result<bool, AuditError> {
+fn has_column(connection: &Connection, name: &str) -> Result<bool, AuditError> {
     let count: i64 = connection.query_row(
         "SELECT COUNT(*) FROM pragma_table_info('audit_log') WHERE name = ?1",
         [name],
@@ -40,10 +43,10 @@ pub(super) fn has_column(connection: &Connection, name: &str) -> Result<bool, Au
     Ok(count > 0)
 }
 
-impl Row {
-    pub(super) fn from_sql(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+impl StoredRecord {
+    pub(super) fn from_sql(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredRecord> {
         let seq: i64 = row.get(0)?;
-        Ok(Row {
+        Ok(StoredRecord {
             seq: u64::try_from(seq).unwrap_or(0),
             time: row.get(1)?,
             principal: row.get(2)?,
@@ -63,7 +66,444 @@ impl Row {
         })
     }
 }
-pub(super) fn open_reader(db_path: &Path) -> Result<Connection, AuditError> {
+
+/// The trail in a SQLite database file (see [`AUDIT_DB_FILE`]).
+#[derive(Debug)]
+pub struct SqliteStore {
+    data_dir: PathBuf,
+    db_path: PathBuf,
+    durability: Durability,
+    /// Absent for a read-only store (`audit verify`, `audit tail`).
+    writer: Option<Mutex<SqliteWriter>>,
+}
+
+/// The writer thread's connection and the chain head it last committed.
+#[derive(Debug)]
+struct SqliteWriter {
+    connection: Connection,
+    head: ChainHead,
+    buffers: SealBuffers,
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database in `data_dir` for writing.
+    ///
+    /// The database and its WAL and shared-memory files are 0600.
+    pub fn open(data_dir: &Path, durability: Durability) -> Result<SqliteStore, AuditError> {
+        let io_error = |path: &Path| {
+            let path = path.to_owned();
+            move |error| AuditError::Io { path, error }
+        };
+        let db_path = data_dir.join(AUDIT_DB_FILE);
+        // SQLite gives the -wal and -shm files the database file's permissions, so
+        // creating that file 0600 first covers all three; chmod covers older trails.
+        std::fs::File::options()
+            .create(true)
+            .append(true)
+            .mode(DATA_FILE_MODE)
+            .open(&db_path)
+            .map_err(io_error(&db_path))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let path = data_dir.join(format!("{AUDIT_DB_FILE}{suffix}"));
+            make_private(&path).map_err(io_error(&path))?;
+        }
+        let connection = Connection::open(&db_path)?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        // Commits never fsync inside SQLite: with `Durability::Full` a separate
+        // syncer thread fsyncs the WAL while the writer already commits the next
+        // batch, and acknowledges only what the fsync covered (pipelined group commit).
+        connection.pragma_update(None, "synchronous", "NORMAL")?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        connection.execute_batch(
+            "CREATE TABLE IF NOT EXISTS audit_log (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                ts TEXT NOT NULL,
+                principal TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                tool TEXT,
+                arguments TEXT,
+                mode TEXT NOT NULL,
+                decision TEXT NOT NULL,
+                reason_code TEXT,
+                outcome TEXT NOT NULL,
+                detail TEXT NOT NULL,
+                expires_at TEXT,
+                prev_hash TEXT NOT NULL,
+                hash TEXT NOT NULL,
+                context TEXT,
+                mac TEXT
+            );
+            -- Scratch row the writer rewrites to find out whether writes succeed again.
+            CREATE TABLE IF NOT EXISTS audit_probe (id INTEGER PRIMARY KEY, at TEXT NOT NULL);",
+        )?;
+        if !has_column(&connection, "context")? {
+            // A trail from before `context` existed; its records hash the same without it.
+            connection.execute_batch("ALTER TABLE audit_log ADD COLUMN context TEXT")?;
+        }
+        if !has_column(&connection, "mac")? {
+            // A trail from before audit keys: the MAC check refuses to extend it.
+            connection.execute_batch("ALTER TABLE audit_log ADD COLUMN mac TEXT")?;
+        }
+        connection.execute_batch(QUERY_INDEXES)?;
+        let mut writer = SqliteWriter {
+            connection,
+            head: ChainHead::genesis(),
+            buffers: SealBuffers::default(),
+        };
+        writer.reload_head()?;
+        Ok(SqliteStore {
+            data_dir: data_dir.to_owned(),
+            db_path,
+            durability,
+            writer: Some(Mutex::new(writer)),
+        })
+    }
+
+    /// Opens the database at `db_path` for reading only (it must exist; nothing is migrated).
+    pub fn open_reader(db_path: &Path) -> Result<SqliteStore, AuditError> {
+        open_reader(db_path)?;
+        Ok(SqliteStore {
+            data_dir: db_path
+                .parent()
+                .map(Path::to_owned)
+                .unwrap_or_else(|| PathBuf::from(".")),
+            db_path: db_path.to_owned(),
+            durability: Durability::Process,
+            writer: None,
+        })
+    }
+
+    /// The database file.
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
+    }
+
+    fn with_writer<T>(
+        &self,
+        work: impl FnOnce(&mut SqliteWriter) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        match &self.writer {
+            Some(writer) => work(&mut writer.lock().unwrap_or_else(PoisonError::into_inner)),
+            None => Err(AuditError::Unavailable),
+        }
+    }
+
+    fn reader(&self) -> Result<(Connection, String), AuditError> {
+        let connection = open_reader(&self.db_path)?;
+        let columns = select_columns(&connection)?;
+        Ok((connection, columns))
+    }
+}
+
+/// One index per filter of [`AuditQuery`], each ending in `seq` so that a filtered
+/// page is read in seq order straight from the index.
+const QUERY_INDEXES: &str = "
+    CREATE INDEX IF NOT EXISTS audit_log_principal ON audit_log (principal, seq);
+    CREATE INDEX IF NOT EXISTS audit_log_kind ON audit_log (kind, seq);
+    CREATE INDEX IF NOT EXISTS audit_log_tool ON audit_log (tool, seq);
+    CREATE INDEX IF NOT EXISTS audit_log_decision ON audit_log (decision, seq);
+    CREATE INDEX IF NOT EXISTS audit_log_reason_code ON audit_log (reason_code, seq);
+    CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts);";
+
+impl SqliteWriter {
+    /// Ends any transaction a failed commit left open and takes the chain head
+    /// from the database, so the next record links to what is really stored.
+    fn reload_head(&mut self) -> Result<(), AuditError> {
+        if !self.connection.is_autocommit() {
+            self.connection.execute_batch("ROLLBACK")?;
+        }
+        let head: Option<(i64, String)> = self
+            .connection
+            .query_row(
+                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        self.head = match head {
+            Some((seq, hash)) => ChainHead {
+                seq: u64::try_from(seq).unwrap_or(0),
+                hash,
+            },
+            None => ChainHead::genesis(),
+        };
+        Ok(())
+    }
+
+    /// Writes the batch in one transaction; the head advances only on commit.
+    fn append(&mut self, entries: &[&AuditEntry], key: &AuditKey) -> Result<ChainHead, AuditError> {
+        if !self.connection.is_autocommit() {
+            // A failed commit left a transaction open and its head may be stale.
+            self.reload_head()?;
+        }
+        let transaction = self.connection.transaction()?;
+        let mut head = self.head.clone();
+        {
+            let mut insert = transaction.prepare_cached(
+                "INSERT INTO audit_log (seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )?;
+            for entry in entries {
+                let record = seal(&mut head, entry, key, &mut self.buffers)?;
+                insert.execute(params![
+                    i64::try_from(record.seq).unwrap_or(i64::MAX),
+                    record.time,
+                    record.principal,
+                    record.kind,
+                    record.tool,
+                    record.arguments,
+                    record.mode,
+                    record.decision,
+                    record.reason_code,
+                    record.outcome,
+                    record.detail,
+                    record.expires_at,
+                    record.prev_hash,
+                    record.hash,
+                    record.context,
+                    record.mac,
+                ])?;
+            }
+        }
+        transaction.commit()?;
+        self.head = head.clone();
+        Ok(head)
+    }
+}
+
+/// Fsyncs the WAL: every frame of every commit that returned before the call is
+/// in the WAL file's page cache, so one fdatasync makes all of them durable.
+/// Frames that a checkpoint moved into the database file meanwhile were synced by SQLite.
+struct WalSync {
+    wal_path: PathBuf,
+    data_dir: PathBuf,
+    wal: Option<std::fs::File>,
+}
+
+impl DurableSync for WalSync {
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self.wal.is_none() {
+            let wal = std::fs::File::open(&self.wal_path)?;
+            // The WAL may be new: make its directory entry durable too, once.
+            std::fs::File::open(&self.data_dir)?.sync_all()?;
+            self.wal = Some(wal);
+        }
+        match &self.wal {
+            Some(wal) => wal.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl AuditStore for SqliteStore {
+    fn describe(&self) -> String {
+        self.db_path.display().to_string()
+    }
+
+    fn head(&self) -> Result<Option<StoredRecord>, AuditError> {
+        let (connection, columns) = self.reader()?;
+        Ok(connection
+            .query_row(
+                &format!("SELECT {columns} FROM audit_log ORDER BY seq DESC LIMIT 1"),
+                [],
+                StoredRecord::from_sql,
+            )
+            .optional()?)
+    }
+
+    fn hash_at(&self, seq: u64) -> Result<Option<String>, AuditError> {
+        if seq == 0 {
+            return Ok(Some(GENESIS_HASH.to_owned()));
+        }
+        let (connection, _) = self.reader()?;
+        Ok(connection
+            .query_row(
+                "SELECT hash FROM audit_log WHERE seq = ?1",
+                [i64::try_from(seq).unwrap_or(i64::MAX)],
+                |row| row.get(0),
+            )
+            .optional()?)
+    }
+
+    fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<ChainHead, AuditError> {
+        self.with_writer(|writer| writer.append(entries, key))
+    }
+
+    fn reset(&self) -> Result<(), AuditError> {
+        self.with_writer(SqliteWriter::reload_head)
+    }
+
+    fn probe(&self) -> Result<(), AuditError> {
+        self.with_writer(|writer| {
+            writer.reload_head()?;
+            writer.connection.execute(
+                "INSERT OR REPLACE INTO audit_probe (id, at) VALUES (1, ?1)",
+                [format_time(Utc::now())],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn durable_sync(&self) -> Result<Option<Box<dyn DurableSync>>, AuditError> {
+        Ok(match self.durability {
+            Durability::Process => None,
+            Durability::Full => Some(Box::new(WalSync {
+                wal_path: self.data_dir.join(format!("{AUDIT_DB_FILE}-wal")),
+                data_dir: self.data_dir.clone(),
+                wal: None,
+            })),
+        })
+    }
+
+    fn free_space(&self) -> Option<std::io::Result<(u64, u64)>> {
+        Some(disk_space(&self.data_dir))
+    }
+
+    fn last_mode_event(&self) -> Result<Option<AuditRecord>, AuditError> {
+        let (connection, columns) = self.reader()?;
+        Ok(connection
+            .query_row(
+                &format!(
+                    "SELECT {columns} FROM audit_log WHERE kind IN ('mode_change', 'mode_expired') ORDER BY seq DESC LIMIT 1"
+                ),
+                [],
+                StoredRecord::from_sql,
+            )
+            .optional()?
+            .map(StoredRecord::into_record))
+    }
+
+    fn scan_from(
+        &self,
+        seq: u64,
+        visit: &mut dyn FnMut(StoredRecord) -> bool,
+    ) -> Result<(), AuditError> {
+        let (connection, columns) = self.reader()?;
+        let mut statement = connection.prepare(&format!(
+            "SELECT {columns} FROM audit_log WHERE seq >= ?1 ORDER BY seq"
+        ))?;
+        let mut rows = statement.query([i64::try_from(seq).unwrap_or(i64::MAX)])?;
+        while let Some(row) = rows.next()? {
+            if !visit(StoredRecord::from_sql(row)?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn highest_seq_written(&self) -> Result<Option<u64>, AuditError> {
+        let (connection, _) = self.reader()?;
+        // AUTOINCREMENT remembers the highest seq ever written.
+        Ok(connection
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'audit_log'",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()?
+            .and_then(|seq| u64::try_from(seq).ok()))
+    }
+
+    fn recent(&self, limit: u32) -> Result<Vec<AuditRecord>, AuditError> {
+        let (connection, columns) = self.reader()?;
+        let mut statement = connection.prepare(&format!(
+            "SELECT {columns} FROM audit_log ORDER BY seq DESC LIMIT ?1"
+        ))?;
+        let mut records = statement
+            .query_map([limit], StoredRecord::from_sql)?
+            .map(|row| row.map(StoredRecord::into_record))
+            .collect::<Result<Vec<_>, _>>()?;
+        records.reverse();
+        Ok(records)
+    }
+
+    fn query(&self, query: &AuditQuery) -> Result<AuditPage, AuditError> {
+        let (connection, columns) = self.reader()?;
+        let mut conditions: Vec<&str> = Vec::new();
+        let mut values: Vec<SqlValue> = Vec::new();
+        let mut exact = |column: &'static str, value: &Option<String>| {
+            if let Some(value) = value {
+                conditions.push(column);
+                values.push(SqlValue::Text(value.clone()));
+            }
+        };
+        exact("principal = ?", &query.principal);
+        exact("kind = ?", &query.kind);
+        exact("decision = ?", &query.decision);
+        exact("reason_code = ?", &query.reason_code);
+        match query.tool_pattern() {
+            Some((pattern, true)) => {
+                conditions.push("tool GLOB ?");
+                values.push(SqlValue::Text(sqlite_glob(pattern)));
+            }
+            Some((tool, false)) => {
+                conditions.push("tool = ?");
+                values.push(SqlValue::Text(tool.to_owned()));
+            }
+            None => {}
+        }
+        if let Some(since) = query.since {
+            conditions.push("ts >= ?");
+            values.push(SqlValue::Text(format_time(since)));
+        }
+        if let Some(until) = query.until {
+            conditions.push("ts < ?");
+            values.push(SqlValue::Text(format_time(until)));
+        }
+        if let Some(after) = query.after_seq {
+            conditions.push("seq > ?");
+            values.push(SqlValue::Integer(i64::try_from(after).unwrap_or(i64::MAX)));
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let limit = query.effective_limit();
+        // One more than asked for tells whether another page follows.
+        let (order, fetch) = match query.after_seq {
+            Some(_) => ("ASC", limit + 1),
+            None => ("DESC", limit),
+        };
+        let mut statement = connection.prepare(&format!(
+            "SELECT {columns} FROM audit_log {filter} ORDER BY seq {order} LIMIT {fetch}"
+        ))?;
+        let mut records = statement
+            .query_map(params_from_iter(values.iter()), StoredRecord::from_sql)?
+            .map(|row| row.map(StoredRecord::into_record))
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_after_seq = match query.after_seq {
+            Some(_) if records.len() > limit as usize => {
+                records.truncate(limit as usize);
+                records.last().map(|record| record.seq)
+            }
+            Some(_) => None,
+            None => {
+                records.reverse();
+                None
+            }
+        };
+        Ok(AuditPage {
+            records,
+            next_after_seq,
+        })
+    }
+}
+
+/// `*` globs as SQLite GLOB patterns: every other GLOB metacharacter matches itself.
+fn sqlite_glob(pattern: &str) -> String {
+    let mut glob = String::with_capacity(pattern.len());
+    for character in pattern.chars() {
+        match character {
+            '?' => glob.push_str("[?]"),
+            '[' => glob.push_str("[[]"),
+            other => glob.push(other),
+        }
+    }
+    glob
+}
+
+fn open_reader(db_path: &Path) -> Result<Connection, AuditError> {
     if !db_path.exists() {
         return Err(AuditError::Missing(db_path.to_owned()));
     }
@@ -77,17 +517,7 @@ pub(super) fn open_reader(db_path: &Path) -> Result<Connection, AuditError> {
 
 /// The newest `limit` records of the trail at `db_path`, oldest first.
 pub fn read_recent(db_path: &Path, limit: u32) -> Result<Vec<AuditRecord>, AuditError> {
-    let connection = open_reader(db_path)?;
-    let columns = select_columns(&connection)?;
-    let mut statement = connection.prepare(&format!(
-        "SELECT {columns} FROM audit_log ORDER BY seq DESC LIMIT ?1"
-    ))?;
-    let mut records = statement
-        .query_map([limit], Row::from_sql)?
-        .map(|row| row.map(Row::into_record))
-        .collect::<Result<Vec<_>, _>>()?;
-    records.reverse();
-    Ok(records)
+    SqliteStore::open_reader(db_path)?.recent(limit)
 }
 
 /// Calls `visit` on every record of the trail at `db_path`, oldest first.
@@ -95,214 +525,17 @@ pub fn for_each_record(
     db_path: &Path,
     mut visit: impl FnMut(AuditRecord),
 ) -> Result<(), AuditError> {
-    let connection = open_reader(db_path)?;
-    let columns = select_columns(&connection)?;
-    let mut statement =
-        connection.prepare(&format!("SELECT {columns} FROM audit_log ORDER BY seq"))?;
-    let mut rows = statement.query([])?;
-    while let Some(row) = rows.next()? {
-        visit(Row::from_sql(row)?.into_record());
-    }
-    Ok(())
+    SqliteStore::open_reader(db_path)?.for_each_record(&mut visit)
 }
 
-pub(super) fn hash_at(connection: &Connection, seq: u64) -> Result<Option<String>, AuditError> {
-    if seq == 0 {
-        return Ok(Some(GENESIS_HASH.to_owned()));
-    }
-    Ok(connection
-        .query_row(
-            "SELECT hash FROM audit_log WHERE seq = ?1",
-            [i64::try_from(seq).unwrap_or(i64::MAX)],
-            |row| row.get(0),
-        )
-        .optional()?)
-}
-
-/// At startup: the anchor must be authentic and must not be ahead of, or differ from, the trail.
-pub(super) fn check_anchor(
-    connection: &Connection,
-    anchoring: &Anchoring,
-    last_seq: u64,
-) -> Result<(), AuditError> {
-    let path = anchoring.anchor_path().to_owned();
-    let untrusted = |problem| AuditError::AnchorUntrusted {
-        anchor: path.clone(),
-        problem,
-        records: last_seq,
-    };
-    match anchoring.read_anchor()? {
-        None if last_seq > 0 => Err(untrusted("missing")),
-        None => Ok(()),
-        Some(anchor) if !anchor.is_authentic(anchoring.key()) => {
-            Err(untrusted("not authenticated by the configured key"))
-        }
-        Some(anchor) if anchor.seq > last_seq => Err(AuditError::Truncated {
-            last: last_seq,
-            anchored: anchor.seq,
-            anchor: path,
-        }),
-        Some(anchor) => match hash_at(connection, anchor.seq)? {
-            Some(hash) if hash == anchor.hash => Ok(()),
-            _ => Err(AuditError::Rewritten(anchor.seq)),
-        },
-    }
-}
-
-/// Checks the chain from record `seq` (its content and MAC, not its link backwards)
-/// to the newest record; returns the first problem.
-pub(super) fn check_chain_from(
-    connection: &Connection,
-    seq: u64,
-    key: &AuditKey,
-) -> Result<Option<BrokenRecord>, AuditError> {
-    let mut statement = connection.prepare(&format!(
-        "SELECT {SELECT_COLUMNS} FROM audit_log WHERE seq >= ?1 ORDER BY seq"
-    ))?;
-    let mut rows = statement.query([i64::try_from(seq).unwrap_or(i64::MAX)])?;
-    let mut check = ChainCheck {
-        key: Some(key),
-        expected_seq: seq,
-        previous_hash: None,
-    };
-    while let Some(row) = rows.next()? {
-        if let Err(broken) = check.check(Row::from_sql(row)?) {
-            return Ok(Some(broken));
-        }
-    }
-    Ok(None)
-}
-
-/// Recomputes the whole hash chain and reports the first record that breaks it.
-/// Checks no MACs: see [`verify_anchored`].
+/// Recomputes the whole hash chain of the trail at `db_path` and reports the first
+/// record that breaks it. Checks no MACs: see [`verify_anchored`].
 pub fn verify(db_path: &Path) -> Result<Verification, AuditError> {
-    verify_with(db_path, None)
+    SqliteStore::open_reader(db_path)?.verify(None)
 }
 
 /// Like [`verify`], and also checks every record's MAC and the anchor with
 /// `anchoring`'s key: reports a re-hashed record, a key mismatch and a deleted tail.
 pub fn verify_anchored(db_path: &Path, anchoring: &Anchoring) -> Result<Verification, AuditError> {
-    verify_with(db_path, Some(anchoring))
-}
-
-pub(super) fn verify_with(
-    db_path: &Path,
-    anchoring: Option<&Anchoring>,
-) -> Result<Verification, AuditError> {
-    let connection = open_reader(db_path)?;
-    let anchor = match anchoring {
-        Some(anchoring) => Some(anchoring.read_anchor()?),
-        None => None,
-    };
-    let anchor_seq = anchor
-        .as_ref()
-        .and_then(|anchor| anchor.as_ref().map(|a| a.seq));
-    let columns = select_columns(&connection)?;
-    let mut statement =
-        connection.prepare(&format!("SELECT {columns} FROM audit_log ORDER BY seq"))?;
-    let mut rows = statement.query([])?;
-    let mut check = ChainCheck {
-        key: anchoring.map(Anchoring::key),
-        expected_seq: 1,
-        previous_hash: Some(GENESIS_HASH.to_owned()),
-    };
-    let mut records = 0;
-    let mut hash_at_anchor = (anchor_seq == Some(0)).then(|| GENESIS_HASH.to_owned());
-    let result = |records, first_bad: Option<BrokenRecord>, head: Option<String>| Verification {
-        records,
-        head: if first_bad.is_none() { head } else { None },
-        first_bad,
-        anchored_seq: None,
-        anchored_externally: anchoring.map(Anchoring::is_external),
-    };
-    while let Some(row) = rows.next()? {
-        let row = Row::from_sql(row)?;
-        records += 1;
-        if Some(row.seq) == anchor_seq {
-            hash_at_anchor = Some(row.hash.clone());
-        }
-        if let Err(broken) = check.check(row) {
-            return Ok(result(records, Some(broken), None));
-        }
-    }
-    let last = check.expected_seq - 1;
-    let head = check.previous_hash.filter(|_| records > 0);
-    if let (Some(anchoring), Some(anchor)) = (anchoring, anchor) {
-        let path = anchoring.anchor_path().display();
-        let problem = match anchor {
-            None if records > 0 => Some(BrokenRecord {
-                seq: last,
-                problem: format!(
-                    "the anchor {path} is missing: it was deleted, or this trail was not written with this key; a deleted tail cannot be ruled out"
-                ),
-            }),
-            None => None,
-            Some(anchor) if anchor.key_id != anchoring.key().id() => Some(BrokenRecord {
-                seq: anchor.seq,
-                problem: format!(
-                    "key mismatch: the anchor {path} was made with audit key {}, but the key given is {}",
-                    anchor.key_id,
-                    anchoring.key().id()
-                ),
-            }),
-            Some(anchor) if !anchor.is_authentic(anchoring.key()) => Some(BrokenRecord {
-                seq: anchor.seq,
-                problem: format!("the anchor {path} was forged (its MAC does not match)"),
-            }),
-            Some(anchor) if anchor.seq > last => Some(BrokenRecord {
-                seq: last + 1,
-                problem: format!(
-                    "records {}..{} were written (the anchor vouches for {}) but are missing: the end of the trail was deleted (truncated)",
-                    last + 1,
-                    anchor.seq,
-                    anchor.seq
-                ),
-            }),
-            Some(anchor) if hash_at_anchor.as_deref() != Some(anchor.hash.as_str()) => {
-                Some(BrokenRecord {
-                    seq: anchor.seq,
-                    problem: "differs from the record the anchor vouches for: the trail was rewritten from here".to_owned(),
-                })
-            }
-            Some(anchor) => {
-                let mut verification = result(records, None, head.clone());
-                verification.anchored_seq = Some(anchor.seq);
-                return finish_unanchored(&connection, verification, last);
-            }
-        };
-        if let Some(problem) = problem {
-            return Ok(result(records, Some(problem), None));
-        }
-    }
-    finish_unanchored(&connection, result(records, None, head), last)
-}
-
-/// The hash-only tail check: AUTOINCREMENT remembers the highest seq ever written,
-/// which exposes a deleted tail unless `sqlite_sequence` was edited too.
-pub(super) fn finish_unanchored(
-    connection: &Connection,
-    mut verification: Verification,
-    last: u64,
-) -> Result<Verification, AuditError> {
-    let highest: Option<u64> = connection
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'audit_log'",
-            [],
-            |row| row.get::<_, i64>(0),
-        )
-        .optional()?
-        .and_then(|seq| u64::try_from(seq).ok());
-    if let Some(highest) = highest
-        && highest > last
-    {
-        verification.head = None;
-        verification.first_bad = Some(BrokenRecord {
-            seq: last + 1,
-            problem: format!(
-                "records {}..{highest} were written but are missing (the end of the log was deleted)",
-                last + 1
-            ),
-        });
-    }
-    Ok(verification)
+    SqliteStore::open_reader(db_path)?.verify(Some(anchoring))
 }
