@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rmcp::model::{CallToolResult, JsonObject};
-use tokio::sync::watch;
+use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -91,7 +91,7 @@ pub struct UpstreamSet {
     members: BTreeMap<String, Member>,
     tools_changed: Arc<watch::Sender<u64>>,
     stop: CancellationToken,
-    refreshers: Vec<JoinHandle<()>>,
+    refreshers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl UpstreamSet {
@@ -135,7 +135,7 @@ impl UpstreamSet {
             members,
             tools_changed,
             stop,
-            refreshers,
+            refreshers: Mutex::new(refreshers),
         };
         if let Err(error) = set.wait_for_required().await {
             set.shutdown().await;
@@ -242,28 +242,24 @@ impl UpstreamSet {
         self.tools_changed.subscribe()
     }
 
-    /// Stops every upstream and waits until each child has exited.
-    pub async fn shutdown(self) {
+    /// Stops every upstream and waits until each child has exited. Takes `&self`
+    /// so that a set shared by the gateway and its front ends can be stopped by
+    /// whoever shuts Proxi down; calls made afterwards fail with `Unavailable`.
+    pub async fn shutdown(&self) {
         self.stop.cancel();
-        for refresher in self.refreshers {
+        let refreshers = std::mem::take(&mut *self.refreshers.lock().await);
+        for refresher in refreshers {
             if let Err(error) = refresher.await {
                 tracing::warn!(%error, "upstream listing task failed");
             }
         }
-        let stopping = self.members.into_values().map(|member| async move {
-            match Arc::try_unwrap(member.supervisor) {
-                Ok(supervisor) => supervisor.shutdown().await,
-                // Unreachable once the refreshers have ended; dropping it still stops
-                // the upstream (its drop guard), just without waiting.
-                Err(shared) => drop(shared),
-            }
-        });
         // Stop them all at once: each may take a few seconds of graceful shutdown.
-        let mut tasks = tokio::task::JoinSet::new();
-        for stopping in stopping {
-            tasks.spawn(stopping);
+        let mut stopping = tokio::task::JoinSet::new();
+        for member in self.members.values() {
+            let supervisor = member.supervisor.clone();
+            stopping.spawn(async move { supervisor.stop().await });
         }
-        while tasks.join_next().await.is_some() {}
+        while stopping.join_next().await.is_some() {}
     }
 }
 

@@ -90,7 +90,7 @@ pub struct Supervisor {
     state: watch::Receiver<State>,
     handler: UpstreamHandler,
     stop: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
     _stop_on_drop: DropGuard,
 }
 
@@ -125,7 +125,7 @@ impl Supervisor {
             handler,
             _stop_on_drop: stop.clone().drop_guard(),
             stop,
-            task: Some(task),
+            task: tokio::sync::Mutex::new(Some(task)),
         }
     }
 
@@ -290,9 +290,17 @@ impl Supervisor {
     }
 
     /// Stops the upstream and waits until its child has exited.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.stop().await;
+    }
+
+    /// Stops the upstream and waits until its child has exited, through a shared
+    /// reference (the supervisor may be shared with a listing task). Calls made
+    /// afterwards fail with `Unavailable`; a second stop returns at once.
+    pub async fn stop(&self) {
         self.stop.cancel();
-        if let Some(task) = self.task.take()
+        let task = self.task.lock().await.take();
+        if let Some(task) = task
             && let Err(error) = task.await
         {
             tracing::warn!(upstream = %self.upstream, %error, "upstream supervisor task failed");

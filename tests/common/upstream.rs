@@ -125,3 +125,79 @@ pub fn not_an_mcp_server() -> StdioTarget {
         cwd: None,
     }
 }
+
+/// Where scripts/mcp-harness.sh puts the Python venv with the official MCP SDK.
+pub fn python() -> PathBuf {
+    let venv = std::env::var_os("PROXI_MCP_HARNESS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/mcp-harness"));
+    let python = venv.join("venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/mcp-harness.sh to install the MCP Python SDK the fixture upstream runs on",
+        python.display()
+    );
+    python
+}
+
+/// tests/fixtures/fixture_upstream.py.
+pub fn fixture_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fixture_upstream.py")
+}
+
+/// The fixture upstream over stdio, recording every call it receives in `call_log`.
+pub fn fixture(call_log: &Path) -> StdioTarget {
+    let mut env = std::collections::BTreeMap::new();
+    env.insert(
+        "FIXTURE_CALL_LOG".to_owned(),
+        Secret::new(call_log.display().to_string()),
+    );
+    StdioTarget {
+        command: python().display().to_string(),
+        args: vec![Secret::new(fixture_script().display().to_string())],
+        env,
+        cwd: None,
+    }
+}
+
+/// The lines the fixture recorded in `call_log` (none if it has no file yet).
+pub fn fixture_calls(call_log: &Path) -> Vec<serde_json::Value> {
+    match std::fs::read_to_string(call_log) {
+        Ok(text) => text
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+            .collect(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(error) => panic!("cannot read {}: {error}", call_log.display()),
+    }
+}
+
+/// The process ids whose process group is `group` (walks /proc).
+pub fn processes_in_group(group: u32) -> Vec<u32> {
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After "pid (comm) ": state, ppid, pgrp, ...
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let state = fields.first().copied().unwrap_or("");
+        if fields.get(2).and_then(|pgrp| pgrp.parse::<u32>().ok()) == Some(group)
+            && state != "Z"
+            && state != "X"
+        {
+            members.push(pid);
+        }
+    }
+    members
+}
