@@ -409,7 +409,7 @@ pub fn listing(policy: &PolicyEngine, mode: ModeId) -> Vec<CatalogEntry> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::upstream::client::ExposedTool;
     use serde_json::json;

@@ -355,4 +355,142 @@ mod tests {
             }
         }
     }
+
+    fn upstream_engine() -> PolicyEngine {
+        let engine = PolicyEngine::from_json(
+            &json!({
+                "upstreams": {"db": {"command": "db-server"}},
+                "modes": {"NORMAL": {
+                    "allowed_tools": ["db__query", "db__d*"],
+                    "blocked_tools": ["db__drop"],
+                    "constraints": {"db__query": {"sql": {"pattern": "(?i)select\\b[^;]*"}}}
+                }}
+            })
+            .to_string(),
+            "db.json",
+        )
+        .expect("valid");
+        let schema = json!({"type": "object", "properties": {
+            "sql": {"type": "string", "maxLength": 100}, "limit": {"type": "integer"}},
+            "required": ["sql"], "additionalProperties": false});
+        let listing = crate::catalog::tests::listing(
+            "db",
+            &[
+                ("query", schema.clone()),
+                ("drop", schema),
+                ("hidden", json!({"type": "object"})),
+            ],
+        );
+        engine.bind(std::sync::Arc::new(crate::catalog::Catalog::from_sources(
+            false,
+            [("db", &listing)],
+        )))
+    }
+
+    #[test]
+    fn an_allowed_upstream_call_names_the_upstream_and_its_own_tool() {
+        let engine = upstream_engine();
+        let normal = engine.default_mode();
+        let verdict = decide_call(&engine, normal, "db__query", &json!({"sql": "SELECT 1"}));
+        let Verdict::Allow(AllowedCall::Upstream {
+            upstream,
+            tool,
+            arguments,
+        }) = verdict
+        else {
+            panic!("allowed: {verdict:?}");
+        };
+        assert_eq!((&*upstream, &*tool), ("db", "query"));
+        assert_eq!(Value::Object(arguments), json!({"sql": "SELECT 1"}));
+    }
+
+    #[test]
+    fn upstream_arguments_are_checked_against_the_schema_then_the_constraints() {
+        let engine = upstream_engine();
+        let normal = engine.default_mode();
+        for invalid in [
+            json!({}),
+            json!({"sql": 1}),
+            json!({"sql": "SELECT 1", "extra": true}),
+            json!({"sql": "x".repeat(101)}),
+            json!([1]),
+            json!("SELECT 1"),
+        ] {
+            let verdict = decide_call(&engine, normal, "db__query", &invalid);
+            assert_eq!(reason(&verdict), Some(INVALID_ARGUMENTS), "{invalid}");
+            let Verdict::InvalidArguments(error) = verdict else {
+                unreachable!()
+            };
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("invalid arguments for db__query: ")
+            );
+        }
+        let drop = decide_call(
+            &engine,
+            normal,
+            "db__query",
+            &json!({"sql": "DROP TABLE t"}),
+        );
+        assert_eq!(reason(&drop), Some("constraint_violated"));
+        let chained = decide_call(
+            &engine,
+            normal,
+            "db__query",
+            &json!({"sql": "select 1; drop table t"}),
+        );
+        assert_eq!(reason(&chained), Some("constraint_violated"));
+        // Tool-level rules come first, whatever the arguments.
+        let blocked = decide_call(&engine, normal, "db__drop", &json!({"nonsense": 1}));
+        assert_eq!(reason(&blocked), Some("blocked_in_mode"));
+        let hidden = decide_call(&engine, normal, "db__hidden", &json!({}));
+        assert_eq!(reason(&hidden), Some("not_allowed"));
+        assert_eq!(
+            decide_call(&engine, normal, "list_services", &json!({})),
+            Verdict::UnknownTool
+        );
+    }
+
+    /// Any JSON: a generated value of bounded depth.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[ -~]{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("sql|limit|[a-z]{1,4}", inner, 0..4)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The decision never panics, and the tool alone agrees with every call:
+        /// a tool-level denial is the call's denial, and an allowed tool is only
+        /// ever refused for its arguments.
+        #[test]
+        fn decide_never_panics_and_agrees_with_decide_tool(
+            tool in "db__(query|drop|hidden|nothing)|list_services",
+            arguments in any_json(),
+        ) {
+            let engine = upstream_engine();
+            let normal = engine.default_mode();
+            let full = decide_call(&engine, normal, &tool, &arguments);
+            match (decide_tool(&engine, normal, &tool), &full) {
+                (ToolVerdict::UnknownTool, Verdict::UnknownTool) => {}
+                (ToolVerdict::Denied(a), Verdict::Deny(b)) => proptest::prop_assert_eq!(&a, b),
+                (ToolVerdict::Allowed { .. }, Verdict::Allow(_) | Verdict::InvalidArguments(_)) => {}
+                (ToolVerdict::Allowed { .. }, Verdict::Deny(d)) => {
+                    proptest::prop_assert_eq!(d.reason, ReasonCode::ConstraintViolated);
+                }
+                (alone, full) => proptest::prop_assert!(false, "{alone:?} vs {full:?}"),
+            }
+        }
+    }
 }

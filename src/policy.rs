@@ -1993,6 +1993,361 @@ mod tests {
         );
     }
 
+    /// An upstream `fs` with read, write and delete tools, behind `policy`.
+    fn fs_engine(policy: Value) -> PolicyEngine {
+        let engine = PolicyEngine::from_json(&policy.to_string(), "fs.json").unwrap();
+        let path = json!({"type": "object", "properties": {"path": {"type": "string"},
+            "depth": {"type": "integer"}}, "required": ["path"]});
+        let listing = crate::catalog::tests::listing(
+            "fs",
+            &[
+                ("read_file", path.clone()),
+                ("read_dir", path.clone()),
+                ("write_file", path.clone()),
+                ("delete_file", path),
+            ],
+        );
+        engine.bind(Arc::new(Catalog::from_sources(
+            engine.simulated_cloud(),
+            [("fs", &listing)],
+        )))
+    }
+
+    fn fs_policy(modes: Value) -> Value {
+        json!({"upstreams": {"fs": {"command": "fs-server"}},
+               "global_rules": {"always_blocked": ["fs__delete_*"]},
+               "modes": modes})
+    }
+
+    fn tool_reason(engine: &PolicyEngine, mode: &str, tool: &str) -> Option<ReasonCode> {
+        let id = engine.catalog().lookup(tool).expect("in the catalog");
+        match engine.decide_tool(engine.mode_id(mode).unwrap(), id) {
+            Decision::Allow => None,
+            Decision::Deny(denial) => Some(denial.reason),
+        }
+    }
+
+    #[test]
+    fn globs_resolve_against_the_catalog_and_any_block_beats_an_allow() {
+        let engine = fs_engine(fs_policy(json!({
+            "NORMAL": {"allowed_tools": ["fs__read_*"], "blocked_tools": ["fs__read_dir"]},
+            "EMERGENCY": {"allowed_tools": ["fs__*"]}
+        })));
+        assert_eq!(tool_reason(&engine, "NORMAL", "fs__read_file"), None);
+        // An exact block wins over a glob allow.
+        assert_eq!(
+            tool_reason(&engine, "NORMAL", "fs__read_dir"),
+            Some(ReasonCode::BlockedInMode)
+        );
+        // Default deny: nothing allows writes in NORMAL.
+        assert_eq!(
+            tool_reason(&engine, "NORMAL", "fs__write_file"),
+            Some(ReasonCode::NotAllowed)
+        );
+        assert_eq!(tool_reason(&engine, "EMERGENCY", "fs__write_file"), None);
+        // A global glob block wins over `fs__*`.
+        assert_eq!(
+            tool_reason(&engine, "EMERGENCY", "fs__delete_file"),
+            Some(ReasonCode::AlwaysBlocked)
+        );
+        let normal = engine.mode(engine.mode_id("NORMAL").unwrap());
+        assert_eq!(normal.allowed().names(), ["fs__read_file", "fs__read_dir"]);
+        assert_eq!(normal.allowed_patterns(), ["fs__read_*"]);
+        assert_eq!(engine.always_blocked().names(), ["fs__delete_file"]);
+        let hidden: Vec<&str> = engine
+            .tools_no_mode_allows()
+            .into_iter()
+            .map(|id| engine.catalog().tool(id).name())
+            .collect();
+        assert_eq!(hidden, ["fs__delete_file"]);
+    }
+
+    #[test]
+    fn a_policy_with_upstreams_has_no_builtins_unless_it_asks_for_them() {
+        let engine = fs_engine(fs_policy(
+            json!({"NORMAL": {"allowed_tools": ["fs__read_*"]}}),
+        ));
+        assert!(!engine.simulated_cloud());
+        assert_eq!(engine.catalog().lookup("list_services"), None);
+        let message = problems(fs_policy(
+            json!({"NORMAL": {"allowed_tools": ["list_services"]}}),
+        ));
+        assert!(
+            message.contains("set \"simulated_cloud\": true"),
+            "{message}"
+        );
+
+        let mut both =
+            fs_policy(json!({"NORMAL": {"allowed_tools": ["list_services", "fs__read_file"]}}));
+        both["simulated_cloud"] = json!(true);
+        let engine = fs_engine(both);
+        assert!(engine.simulated_cloud());
+        assert_eq!(tool_reason(&engine, "NORMAL", "list_services"), None);
+        assert_eq!(tool_reason(&engine, "NORMAL", "fs__read_file"), None);
+        assert_eq!(
+            tool_reason(&engine, "NORMAL", "read_logs"),
+            Some(ReasonCode::NotAllowed)
+        );
+        // Without upstreams nothing changes: the six built-ins.
+        assert_eq!(shipped().catalog().len(), 6);
+    }
+
+    #[test]
+    fn upstream_names_and_globs_are_checked_for_shape_offline() {
+        let message = problems(fs_policy(json!({"NORMAL": {
+            "allowed_tools": ["git__log", "fs__", "fs__read file", "fs__read_*", "fs__read_*"],
+            "constraints": {"ops__*": {"x": {"min": 1}}}
+        }})));
+        for expected in [
+            "'git__log' names upstream 'git', which is not declared in `upstreams` (declared: fs)",
+            "'fs__' has no tool name after 'fs__'",
+            "'fs__read file' is not a tool name or glob",
+            "'fs__read_*' is listed twice",
+            "'ops__*' names upstream 'ops'",
+        ] {
+            assert!(
+                message.contains(expected),
+                "missing {expected:?} in {message}"
+            );
+        }
+        // A built-in-only policy keeps today's message for upstream-looking names.
+        let message = problems(json!({"modes": {"NORMAL": {"allowed_tools": ["fs__read"]}}}));
+        assert!(message.contains("no tool is named 'fs__read'"), "{message}");
+        let message =
+            problems(json!({"upstreams": {"Bad": {"command": "x"}}, "modes": {"NORMAL": {}}}));
+        assert!(
+            message.contains("upstreams.Bad: upstream name \"Bad\" is invalid"),
+            "{message}"
+        );
+        let message = problems(
+            json!({"upstreams": {"fs": {"command": "x", "url": "http://h"}}, "modes": {"NORMAL": {}}}),
+        );
+        assert!(message.contains("sets both"), "{message}");
+    }
+
+    #[test]
+    fn pattern_constraints_must_match_the_whole_string() {
+        let engine = fs_engine(fs_policy(json!({"NORMAL": {
+            "allowed_tools": ["fs__write_file", "fs__read_file"],
+            "constraints": {
+                "fs__write_file": {"path": {"pattern": "/srv/incidents/[^/]+|/tmp/x"}},
+                "fs__read_*": {"depth": {"min": 1, "max": 3}}
+            }
+        }})));
+        let normal = engine.mode_id("NORMAL").unwrap();
+        let write = engine.catalog().lookup("fs__write_file").unwrap();
+        let read = engine.catalog().lookup("fs__read_file").unwrap();
+        let decide_path = |tool, arguments: Value| {
+            let arguments = arguments.as_object().cloned().unwrap();
+            match engine.decide(normal, tool, CallArguments::Json(&arguments)) {
+                Decision::Allow => None,
+                Decision::Deny(denial) => Some(denial.reason),
+            }
+        };
+        assert_eq!(
+            decide_path(write, json!({"path": "/srv/incidents/a.md"})),
+            None
+        );
+        assert_eq!(decide_path(write, json!({"path": "/tmp/x"})), None);
+        for outside in [
+            "/srv/incidents/a/../../etc/passwd",
+            "/srv/incidents/",
+            "x/srv/incidents/a",
+            "/tmp/x/y",
+            "/tmp/xy",
+        ] {
+            assert_eq!(
+                decide_path(write, json!({"path": outside})),
+                Some(ReasonCode::ConstraintViolated),
+                "{outside}"
+            );
+        }
+        // Absent or mistyped arguments fail closed.
+        assert_eq!(
+            decide_path(write, json!({})),
+            Some(ReasonCode::ConstraintViolated)
+        );
+        assert_eq!(
+            decide_path(write, json!({"path": 7})),
+            Some(ReasonCode::ConstraintViolated)
+        );
+        assert_eq!(decide_path(read, json!({"path": "a", "depth": 2})), None);
+        let Decision::Deny(denial) = engine.decide(
+            normal,
+            read,
+            CallArguments::Json(json!({"path": "a", "depth": 9}).as_object().unwrap()),
+        ) else {
+            panic!("depth 9 is over the max");
+        };
+        assert_eq!(
+            engine.explain(&denial),
+            "Argument `depth` of 'fs__read_file' must be between 1 and 3 in NORMAL mode"
+        );
+        assert_eq!(
+            engine.constraints_on(normal, write),
+            ["`path` must be a string that wholly matches the pattern /srv/incidents/[^/]+|/tmp/x"]
+        );
+        // Built-in string arguments take patterns too.
+        let engine = PolicyEngine::from_json(
+            &json!({"modes": {"NORMAL": {"allowed_tools": ["restart_service"],
+                "constraints": {"restart_service": {"service_name": {"pattern": "web-.*"}}}}}})
+            .to_string(),
+            "t",
+        )
+        .unwrap();
+        let web = call(ToolName::RestartService, json!({"service_name": "web-1"}));
+        let db = call(
+            ToolName::RestartService,
+            json!({"service_name": "db-web-1"}),
+        );
+        assert_eq!(reason(&engine, "NORMAL", &web), None);
+        assert_eq!(
+            reason(&engine, "NORMAL", &db),
+            Some(ReasonCode::ConstraintViolated)
+        );
+    }
+
+    #[test]
+    fn mistyped_or_malformed_patterns_are_load_errors() {
+        let message = problems(json!({"modes": {"NORMAL": {"constraints": {
+            "scale_fleet": {"count": {"pattern": "1"}},
+            "restart_service": {"service_name": {"pattern": "(unclosed"}}
+        }}}}));
+        assert!(
+            message.contains("pattern applies to string arguments only"),
+            "{message}"
+        );
+        assert!(
+            message.contains("not a valid regular expression"),
+            "{message}"
+        );
+        let message = problems(fs_policy(json!({"NORMAL": {"constraints": {
+            "fs__write_file": {"path": {"pattern": "a", "min": 1}, "depth": {"one_of": [1, "two"]}}
+        }}})));
+        assert!(
+            message.contains("one argument cannot have both"),
+            "{message}"
+        );
+        assert!(message.contains("all integers or all strings"), "{message}");
+    }
+
+    #[test]
+    fn binding_reports_rules_without_effect_and_constraints_that_cannot_fit() {
+        let engine = fs_engine(fs_policy(json!({"NORMAL": {
+            "allowed_tools": ["fs__read_*", "fs__list_*", "fs__gone"],
+            "constraints": {
+                "fs__read_file": {"mode": {"one_of": ["r"]}},
+                "fs__write_file": {"path": {"min": 1}}
+            }
+        }})));
+        let findings: Vec<String> = engine.findings().iter().map(ToString::to_string).collect();
+        for expected in [
+            "modes.NORMAL.allowed_tools: 'fs__list_*' matches no tool",
+            "modes.NORMAL.allowed_tools: 'fs__gone' matches no tool",
+            "'fs__read_file' has no argument 'mode' (its arguments: path, depth)",
+            "the constraint compares integers, but 'fs__write_file' declares 'path' as string",
+        ] {
+            assert!(
+                findings.iter().any(|finding| finding.contains(expected)),
+                "missing {expected:?} in {findings:?}"
+            );
+        }
+        let errors = engine.findings().iter().filter(|f| f.is_error()).count();
+        assert_eq!(errors, 2, "{findings:?}");
+        // Offline, a glob over the built-ins that cannot fit is a load error.
+        let message = problems(json!({"modes": {"NORMAL": {"constraints": {
+            "*_service": {"count": {"max": 3}}
+        }}}}));
+        assert!(
+            message.contains("'restart_service' has no argument 'count'"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn rebinding_swaps_the_whole_binding_at_once() {
+        let engine = fs_engine(fs_policy(json!({"NORMAL": {"allowed_tools": ["fs__*"]}})));
+        let shared = SharedPolicy::new(engine);
+        let before = shared.current();
+        assert_eq!(before.catalog().len(), 4);
+        let smaller =
+            crate::catalog::tests::listing("fs", &[("read_file", json!({"type": "object"}))]);
+        let after = shared.rebind(Arc::new(Catalog::from_sources(false, [("fs", &smaller)])));
+        assert_eq!(after.catalog().len(), 1);
+        assert_eq!(shared.current().catalog().len(), 1);
+        // A call already holding the old binding keeps deciding under it.
+        assert_eq!(before.catalog().len(), 4);
+        assert_eq!(tool_reason(&after, "NORMAL", "fs__read_file"), None);
+    }
+
+    /// A glob over a-c letters, or an exact name: the shapes the glob tests draw from.
+    fn any_pattern() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "up__[abc]{1,3}",
+            "up__[abc*]{0,3}\\*",
+            "\\*[abc]{0,2}",
+            "up__\\*"
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn globs_match_like_the_equivalent_regex(pattern in "[ab*]{0,6}", name in "[ab]{0,6}") {
+            let reference = regex::Regex::new(&format!("^{}$", pattern.replace('*', ".*"))).unwrap();
+            let glob = NamePattern { text: pattern.clone() };
+            prop_assert_eq!(glob.matches(&name), reference.is_match(&name));
+        }
+
+        /// Precedence over globs, against a reference model: any block (exact or
+        /// glob) beats any allow, and a tool no rule allows is denied.
+        #[test]
+        fn glob_rules_follow_the_precedence_model(
+            always in proptest::collection::vec(any_pattern(), 0..3),
+            allowed in proptest::collection::vec(any_pattern(), 0..4),
+            blocked in proptest::collection::vec(any_pattern(), 0..3),
+            tools in proptest::collection::btree_set("[abc]{1,3}", 1..8),
+        ) {
+            let unique = |list: Vec<String>| {
+                let mut seen = Vec::new();
+                for item in list { if !seen.contains(&item) { seen.push(item); } }
+                seen
+            };
+            let (always, mut allowed, blocked) = (unique(always), unique(allowed), unique(blocked));
+            // Exact overlaps are load errors (tested elsewhere); keep the policy valid.
+            allowed.retain(|tool| !always.contains(tool) && !blocked.contains(tool));
+            let document = json!({
+                "upstreams": {"up": {"command": "x"}},
+                "global_rules": {"always_blocked": always},
+                "modes": {"NORMAL": {"allowed_tools": allowed, "blocked_tools": blocked}}
+            });
+            let engine = PolicyEngine::from_json(&document.to_string(), "generated").unwrap();
+            let names: Vec<&str> = tools.iter().map(String::as_str).collect();
+            let tool_list: Vec<(&str, Value)> = names.iter().map(|n| (*n, json!({"type": "object"}))).collect();
+            let listing = crate::catalog::tests::listing("up", &tool_list);
+            let engine = engine.bind(Arc::new(Catalog::from_sources(false, [("up", &listing)])));
+            let normal = engine.mode_id("NORMAL").unwrap();
+            let matches = |list: &[String], name: &str| {
+                list.iter().any(|p| NamePattern { text: p.clone() }.matches(name))
+            };
+            for (id, tool) in engine.catalog().tools() {
+                let expected = if matches(&always, tool.name()) {
+                    Some(ReasonCode::AlwaysBlocked)
+                } else if matches(&blocked, tool.name()) {
+                    Some(ReasonCode::BlockedInMode)
+                } else if !matches(&allowed, tool.name()) {
+                    Some(ReasonCode::NotAllowed)
+                } else {
+                    None
+                };
+                let actual = match engine.decide_tool(normal, id) {
+                    Decision::Allow => None,
+                    Decision::Deny(denial) => Some(denial.reason),
+                };
+                prop_assert_eq!(actual, expected, "{}", tool.name());
+            }
+        }
+    }
+
     fn tool_subset() -> impl Strategy<Value = Vec<ToolName>> {
         proptest::sample::subsequence(ToolName::ALL.to_vec(), 0..=ToolName::ALL.len())
     }
