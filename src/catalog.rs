@@ -135,6 +135,8 @@ pub struct Catalog {
     tools: Vec<CatalogTool>,
     by_name: HashMap<Arc<str>, ToolId>,
     skipped: Vec<SkippedTool>,
+    /// The built-ins, when present, hold ids 0..6 in [`ToolName::ALL`] order.
+    builtins: bool,
 }
 
 impl Catalog {
@@ -162,6 +164,9 @@ impl Catalog {
     }
 
     fn add_builtins(&mut self) {
+        // Only ever called on an empty catalog, so the built-ins take ids 0..6.
+        debug_assert!(self.tools.is_empty());
+        self.builtins = true;
         for tool in ToolName::ALL {
             self.push(CatalogTool {
                 name: Arc::from(tool.as_str()),
@@ -208,9 +213,10 @@ impl Catalog {
         self.by_name.get(name).copied()
     }
 
-    /// The built-in tool's id, if the catalog has the built-ins.
+    /// The built-in tool's id, if the catalog has the built-ins (no hashing: they
+    /// hold the first ids).
     pub fn builtin_id(&self, tool: ToolName) -> Option<ToolId> {
-        self.lookup(tool.as_str())
+        self.builtins.then(|| ToolId(tool.index() as u32))
     }
 
     /// The tool with this id. Ids are only minted by this catalog, so the index is
@@ -239,7 +245,7 @@ impl Catalog {
 
     /// Whether the six built-ins are in the catalog.
     pub fn has_builtins(&self) -> bool {
-        self.builtin_id(ToolName::ListServices).is_some()
+        self.builtins
     }
 
     /// Upstream tools left out of the catalog, with why.
