@@ -29,7 +29,7 @@ use crate::audit::{
     EntryKind, Priority, Recovered, STORED_PREFIX_BYTES, create_private_dir, format_time,
     json_digest,
 };
-use crate::decision::{ParsedCall, Verdict, decide_call};
+use crate::decision::{AllowedCall, ParsedCall, Verdict, decide_call};
 use crate::infra::{CloudInfrastructure, InfraError, InfrastructureStatus, ServiceHealth};
 pub use crate::mode::{DEFAULT_ELEVATED_TTL, MAX_REASON_LEN, ModeChange, ModeChangeError};
 use crate::mode::{
@@ -255,6 +255,10 @@ pub struct CatalogEntry {
     pub allowed: bool,
     /// Every mode that allows it.
     pub allowed_modes: Vec<String>,
+    /// An upstream tool's MCP annotations as its server listed them (absent for
+    /// built-ins, whose annotations follow from `category`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<Value>,
 }
 
 /// Where the gateway keeps its state and how it records it.
@@ -674,7 +678,7 @@ impl Gateway {
         let invalid_name = tool_name.chars().any(text::needs_escape);
         let shown_name = shown_tool_name(tool_name);
         // Argument checks need no lock: they depend on the call alone.
-        let parsed = ParsedCall::parse(tool_name, &arguments);
+        let parsed = ParsedCall::parse(&self.policy, tool_name, &arguments);
         let now = Utc::now();
         let (pending, mode, step) = {
             let state = self.read_state();
@@ -684,14 +688,14 @@ impl Gateway {
                     Step::Done(Outcome::InvalidToolName(format!(
                         "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
                         text::escape(truncate(tool_name, MAX_TOOL_NAME_LEN)),
-                        ToolName::ALL.map(ToolName::as_str).join(", ")
+                        crate::catalog::listed_names(&self.policy).join(", ")
                     )))
                 }
                 Verdict::UnknownTool => Step::Done(Outcome::UnknownTool {
                     message: format!(
                         "Tool '{}' does not exist. Known tools: {}",
                         truncate(tool_name, MAX_TOOL_NAME_LEN),
-                        ToolName::ALL.map(ToolName::as_str).join(", ")
+                        crate::catalog::listed_names(&self.policy).join(", ")
                     ),
                 }),
                 Verdict::InvalidArguments(error) => {
@@ -702,12 +706,24 @@ impl Gateway {
                     how_to_proceed: self.policy.how_to_proceed(&denial),
                     denial,
                 }),
+                // Registered under the lock, so no switch slips in between.
                 Verdict::Allow(_) if let Some(route) = upstream_route => Step::Forward(
                     route,
-                    // Registered under the lock, so no switch slips in between.
                     self.in_flight.register(state.epoch, tool_name, &arguments),
                 ),
-                Verdict::Allow(call) => {
+                Verdict::Allow(AllowedCall::Upstream {
+                    upstream,
+                    tool,
+                    arguments: checked,
+                }) => Step::Forward(
+                    UpstreamCall {
+                        upstream,
+                        tool,
+                        arguments: checked,
+                    },
+                    self.in_flight.register(state.epoch, tool_name, &arguments),
+                ),
+                Verdict::Allow(AllowedCall::Builtin(call)) => {
                     let result = self
                         .infra
                         .lock()
@@ -1133,22 +1149,14 @@ impl Gateway {
         self.mode_events.subscribe()
     }
 
-    /// Every tool, its schema, and whether the current mode allows it.
+    /// Every tool some mode allows (and every built-in, as before), its schema,
+    /// and whether the current mode allows it. An upstream tool no mode allows is
+    /// left out; a call to it is still decided and audited.
     pub fn catalog(&self) -> Vec<CatalogEntry> {
         let mode = self
             .read_state()
             .effective_mode(Instant::now(), self.policy.default_mode());
-        ToolName::ALL
-            .into_iter()
-            .map(|tool| CatalogEntry {
-                name: tool.as_str().to_owned(),
-                description: tool.description().to_owned(),
-                category: tool.category(),
-                input_schema: Value::Object(tool.input_schema().as_ref().clone()),
-                allowed: self.policy.permits_tool(mode, tool),
-                allowed_modes: names(self.policy.modes_permitting(tool)),
-            })
-            .collect()
+        crate::catalog::listing(&self.policy, mode)
     }
 
     /// Services and fleet size.
@@ -1461,6 +1469,10 @@ fn upstream_failure(error: UpstreamError) -> Outcome {
                 "upstream {upstream:?} did not answer within {} s; the call was cancelled",
                 after.as_secs()
             ),
+        ),
+        UpstreamError::Cancelled { upstream } => (
+            UpstreamFailure::Cancelled,
+            format!("the call to upstream {upstream:?} was cancelled"),
         ),
         UpstreamError::Rejected {
             upstream,
@@ -1776,7 +1788,10 @@ mod tests {
     }
 
     fn audit_verifies(gateway: &Gateway) -> bool {
-        crate::audit::verify(gateway.audit().db_path())
+        gateway
+            .audit()
+            .store()
+            .verify(None)
             .unwrap()
             .first_bad
             .is_none()

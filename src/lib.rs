@@ -11,6 +11,7 @@ pub mod answer;
 pub mod api;
 pub mod audit;
 pub mod audit_view;
+pub mod catalog;
 pub mod client;
 pub mod credential;
 pub mod decision;

@@ -63,3 +63,21 @@ pub trait UpstreamCalls: Send + Sync {
         Result<rmcp::model::CallToolResult, super::client::UpstreamError>,
     >;
 }
+
+/// The running upstreams of `proxi serve` and `proxi mcp`.
+impl UpstreamCalls for super::set::UpstreamSet {
+    fn call<'a>(
+        &'a self,
+        upstream: &'a str,
+        tool: &'a str,
+        arguments: Option<rmcp::model::JsonObject>,
+        context: &'a CallContext,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<rmcp::model::CallToolResult, super::client::UpstreamError>,
+    > {
+        Box::pin(super::set::UpstreamSet::call(
+            self, upstream, tool, arguments, context,
+        ))
+    }
+}
