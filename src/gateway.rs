@@ -35,7 +35,7 @@ pub use crate::mode::{DEFAULT_ELEVATED_TTL, MAX_REASON_LEN, ModeChange, ModeChan
 use crate::mode::{
     DrainReport, InFlightCall, InFlightCalls, ModeState, Restore, drain, validate_change,
 };
-use crate::policy::{Denial, ModeId, PolicyEngine, ReasonCode};
+use crate::policy::{Denial, ModeId, PolicyEngine, ReasonCode, SharedPolicy};
 use crate::principal::{Principal, Role};
 use crate::rate_limit::RateLimiter;
 use crate::text;
@@ -275,7 +275,9 @@ pub struct GatewayConfig {
 
 /// The policy enforcement point shared by REST, MCP, the agent and the demo.
 pub struct Gateway {
-    policy: PolicyEngine,
+    /// The policy's rules bound to the current catalog; re-bound when an
+    /// upstream's tools change. A call is decided wholly under one binding.
+    policy: SharedPolicy,
     mode_names: Vec<Arc<str>>,
     state: RwLock<ModeState>,
     infra: Mutex<CloudInfrastructure>,
@@ -413,7 +415,7 @@ impl Gateway {
         });
         let rate_limiter = RateLimiter::new(policy.rate_limits());
         let gateway = Arc::new(Gateway {
-            policy,
+            policy: SharedPolicy::new(policy),
             mode_names,
             state: RwLock::new(initial),
             infra: Mutex::new(CloudInfrastructure::new()),
@@ -449,7 +451,7 @@ impl Gateway {
             return Ok(());
         };
         let decision = crate::mode::restore_decision(
-            &self.policy,
+            &self.policy(),
             &record,
             recovered.mode_event_problem.as_deref(),
             restore_elevated,
@@ -489,7 +491,7 @@ impl Gateway {
         record: &AuditRecord,
         why: &str,
     ) -> Result<(), GatewayError> {
-        let default = self.policy.default_mode();
+        let default = self.policy().default_mode();
         let detail = json!({"from": record.mode, "restore_from_seq": record.seq, "reason": why});
         self.append_system_mode_record(
             EntryKind::ModeExpired,
@@ -531,10 +533,10 @@ impl Gateway {
         record: &AuditRecord,
         why: &str,
     ) -> Result<(), GatewayError> {
-        if record.mode == self.mode_name(self.policy.default_mode()).as_ref() {
+        if record.mode == self.mode_name(self.policy().default_mode()).as_ref() {
             return Ok(());
         }
-        let default = self.policy.default_mode();
+        let default = self.policy().default_mode();
         let detail = json!({"from": record.mode, "reason": why});
         self.append_system_mode_record(EntryKind::ModeExpired, default, "expired", detail, None)
             .await
@@ -568,8 +570,15 @@ impl Gateway {
     }
 
     /// The policy in force.
-    pub fn policy(&self) -> &PolicyEngine {
-        &self.policy
+    pub fn policy(&self) -> Arc<PolicyEngine> {
+        self.policy.current()
+    }
+
+    /// Binds the policy's rules to `catalog` (an upstream's tools changed, or an
+    /// upstream listed them for the first time); calls decided from now on see it.
+    pub fn rebind(&self, catalog: Arc<crate::catalog::Catalog>) {
+        self.policy.rebind(catalog);
+        self.mode_events.send_replace(self.status());
     }
 
     /// The data dir this gateway owns.
@@ -678,32 +687,33 @@ impl Gateway {
         let invalid_name = tool_name.chars().any(text::needs_escape);
         let shown_name = shown_tool_name(tool_name);
         // Argument checks need no lock: they depend on the call alone.
-        let parsed = ParsedCall::parse(&self.policy, tool_name, &arguments);
+        let policy = self.policy();
+        let parsed = ParsedCall::parse(&policy, tool_name, &arguments);
         let now = Utc::now();
         let (pending, mode, step) = {
             let state = self.read_state();
-            let mode_id = state.effective_mode(Instant::now(), self.policy.default_mode());
-            let step = match parsed.decide(&self.policy, mode_id) {
+            let mode_id = state.effective_mode(Instant::now(), policy.default_mode());
+            let step = match parsed.decide(&policy, mode_id) {
                 Verdict::UnknownTool if invalid_name => {
                     Step::Done(Outcome::InvalidToolName(format!(
                         "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
                         text::escape(truncate(tool_name, MAX_TOOL_NAME_LEN)),
-                        crate::catalog::listed_names(&self.policy).join(", ")
+                        crate::catalog::listed_names(&policy).join(", ")
                     )))
                 }
                 Verdict::UnknownTool => Step::Done(Outcome::UnknownTool {
                     message: format!(
                         "Tool '{}' does not exist. Known tools: {}",
                         truncate(tool_name, MAX_TOOL_NAME_LEN),
-                        crate::catalog::listed_names(&self.policy).join(", ")
+                        crate::catalog::listed_names(&policy).join(", ")
                     ),
                 }),
                 Verdict::InvalidArguments(error) => {
                     Step::Done(Outcome::InvalidArguments(error.to_string()))
                 }
                 Verdict::Deny(denial) => Step::Done(Outcome::Denied {
-                    message: self.policy.explain(&denial),
-                    how_to_proceed: self.policy.how_to_proceed(&denial),
+                    message: policy.explain(&denial),
+                    how_to_proceed: policy.how_to_proceed(&denial),
                     denial,
                 }),
                 // Registered under the lock, so no switch slips in between.
@@ -889,7 +899,7 @@ impl Gateway {
         // order in which modes took effect.
         let (pending, mode) = {
             let state = self.read_state();
-            let mode_id = state.effective_mode(Instant::now(), self.policy.default_mode());
+            let mode_id = state.effective_mode(Instant::now(), self.policy().default_mode());
             let mode = self.mode_name(mode_id).clone();
             let mut entry = tool_call_entry(
                 principal,
@@ -943,7 +953,7 @@ impl Gateway {
         if principal.role() != Role::Operator {
             return Err(ModeChangeError::NotOperator);
         }
-        let change = validate_change(&self.policy, change)?;
+        let change = validate_change(&self.policy(), change)?;
         let (target, reason, ttl) = (change.target, change.reason, change.ttl);
         let target_name = self.mode_name(target).clone();
         let _one_change_at_a_time = self.mode_changes.lock().await;
@@ -953,7 +963,7 @@ impl Gateway {
         let now = Utc::now();
         let (pending, replaced, to_drain) = {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-            let previous = state.effective_mode(Instant::now(), self.policy.default_mode());
+            let previous = state.effective_mode(Instant::now(), self.policy().default_mode());
             let expires = ttl.map(|ttl| {
                 let wall =
                     now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::zero());
@@ -1014,7 +1024,7 @@ impl Gateway {
     /// to each call in flight, with the decision function every call goes through.
     fn would_allow(&self, mode: ModeId, tool: &str, arguments: &Value) -> bool {
         matches!(
-            decide_call(&self.policy, mode, tool, arguments),
+            decide_call(&self.policy(), mode, tool, arguments),
             Verdict::Allow(_)
         )
     }
@@ -1031,7 +1041,7 @@ impl Gateway {
         if to_drain.is_empty() {
             return DrainReport::default();
         }
-        let report = drain(to_drain, self.policy.drain_timeout()).await;
+        let report = drain(to_drain, self.policy().drain_timeout()).await;
         let entry = AuditEntry {
             time: Utc::now(),
             principal: principal.name().clone(),
@@ -1065,7 +1075,7 @@ impl Gateway {
     /// Returns to the default mode if the elevated mode's deadline has passed, then
     /// drains the calls the default mode denies, as [`Gateway::switch_mode`] does.
     async fn expire_if_due(&self) {
-        let default = self.policy.default_mode();
+        let default = self.policy().default_mode();
         let default_name = self.mode_name(default).clone();
         let (pending, to_drain) = {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
@@ -1120,17 +1130,18 @@ impl Gateway {
     /// The current policy state.
     pub fn status(&self) -> PolicyStatus {
         let state = self.read_state().clone();
-        let default = self.policy.default_mode();
+        let default = self.policy().default_mode();
         let now = Instant::now();
         let mode_id = state.effective_mode(now, default);
         let lapsed = mode_id != state.mode;
-        let mode = self.policy.mode(mode_id);
+        let policy = self.policy();
+        let mode = policy.mode(mode_id);
         PolicyStatus {
             mode: mode.name().to_owned(),
             description: mode.description().to_owned(),
             allowed_tools: names(mode.allowed().names()),
             blocked_tools: names(mode.blocked().names()),
-            always_blocked: names(self.policy.always_blocked().names()),
+            always_blocked: names(self.policy().always_blocked().names()),
             emergency_expires_at: if lapsed {
                 None
             } else {
@@ -1155,8 +1166,8 @@ impl Gateway {
     pub fn catalog(&self) -> Vec<CatalogEntry> {
         let mode = self
             .read_state()
-            .effective_mode(Instant::now(), self.policy.default_mode());
-        crate::catalog::listing(&self.policy, mode)
+            .effective_mode(Instant::now(), self.policy().default_mode());
+        crate::catalog::listing(&self.policy(), mode)
     }
 
     /// Services and fleet size.
@@ -1181,7 +1192,7 @@ impl Gateway {
         let (pending, result) = {
             let mode = self
                 .read_state()
-                .effective_mode(Instant::now(), self.policy.default_mode());
+                .effective_mode(Instant::now(), self.policy().default_mode());
             let mut infra = self.infra.lock().unwrap_or_else(PoisonError::into_inner);
             let result = infra
                 .simulate_incident(service, health, now)
@@ -1241,7 +1252,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let mode = self
             .read_state()
-            .effective_mode(Instant::now(), self.policy.default_mode());
+            .effective_mode(Instant::now(), self.policy().default_mode());
         let entry = AuditEntry {
             time: Utc::now(),
             principal: principal.name().clone(),
@@ -1269,7 +1280,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let mode = self
             .read_state()
-            .effective_mode(Instant::now(), self.policy.default_mode());
+            .effective_mode(Instant::now(), self.policy().default_mode());
         let entry = AuditEntry {
             time: Utc::now(),
             principal: principal.name().clone(),
@@ -1929,7 +1940,7 @@ mod tests {
     async fn without_upstreams_attached_an_upstream_call_is_unavailable() {
         let (gateway, _fake, _dir) = gateway_with(10).await;
         let detached = Gateway::open(
-            gateway.policy().clone(),
+            (*gateway.policy()).clone(),
             GatewayConfig {
                 data_dir: _dir.path().join("other"),
                 durability: Durability::Process,

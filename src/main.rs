@@ -652,6 +652,7 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
     let policy = PolicySource::from_flag(args.state.policy.as_deref());
     let (gateway, tokens, token_file) =
         open_gateway(&args.state, Launch::Serve, &policy, log).await?;
+    let upstreams = start_upstreams(&gateway, log).await?;
     let bound = BoundServer::bind(args.bind)
         .await?
         .with_limits(args.edge.limits());
@@ -687,13 +688,44 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
         gateway,
         tokens: Arc::new(tokens),
     };
-    bound.serve_app(state, shutdown_signal(log)).await?;
+    let served = bound.serve_app(state, shutdown_signal(log)).await;
+    if let Some(upstreams) = upstreams {
+        upstreams.shutdown().await;
+    }
+    served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the policy's upstreams (if any) and attaches them to the gateway; one
+/// that fails to start is logged and retried in the background unless required.
+async fn start_upstreams(
+    gateway: &Arc<Gateway>,
+    log: LogFormat,
+) -> Result<Option<proxi::upstream::attach::AttachedUpstreams>> {
+    let upstreams = proxi::upstream::attach::AttachedUpstreams::start(gateway, &|name| {
+        std::env::var(name).ok()
+    })
+    .await?;
+    if let Some(upstreams) = &upstreams {
+        for status in upstreams.set().status() {
+            notice(
+                log,
+                &format!(
+                    "  upstream {}: {} ({})",
+                    status.name,
+                    if status.up { "up" } else { "starting" },
+                    status.transport.as_str()
+                ),
+            );
+        }
+    }
+    Ok(upstreams)
 }
 
 async fn mcp(args: McpArgs, log: LogFormat) -> Result<ExitCode> {
     let policy = PolicySource::from_flag(args.state.policy.as_deref());
     let (gateway, tokens, _) = open_gateway(&args.state, Launch::Stdio, &policy, log).await?;
+    let upstreams = start_upstreams(&gateway, log).await?;
     if !tokens.has_operator() {
         notice(
             log,
@@ -730,6 +762,9 @@ async fn mcp(args: McpArgs, log: LogFormat) -> Result<ExitCode> {
         }),
     };
     stop.cancel();
+    if let Some(upstreams) = upstreams {
+        upstreams.shutdown().await;
+    }
     if !http.is_finished() {
         http.await??;
     }

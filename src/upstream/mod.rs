@@ -5,6 +5,7 @@
 //! Not yet wired into [`crate::gateway::Gateway::execute`]; nothing here decides or
 //! audits a call.
 
+pub mod attach;
 pub mod call;
 pub mod client;
 pub mod config;
