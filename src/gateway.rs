@@ -849,24 +849,29 @@ impl Gateway {
             Some(route.arguments.clone()),
             context,
         );
+        tokio::pin!(forwarded);
         // Cancellations first: a call cancelled while its intent was being written
         // is never sent.
-        tokio::select! {
+        let by_switch = tokio::select! {
             biased;
-            () = in_flight.cancelled().cancelled() => {
-                context.cancel.cancel();
-                Outcome::UpstreamFailed {
-                    failure: UpstreamFailure::Cancelled,
-                    message: "cancelled: the mode changed to one that denies this call, and it did not finish within drain_timeout_seconds".to_owned(),
-                }
-            }
-            () = context.cancel.cancelled() => Outcome::UpstreamFailed {
+            () = in_flight.cancelled().cancelled() => true,
+            () = context.cancel.cancelled() => false,
+            result = &mut forwarded => return forwarded_outcome(result),
+        };
+        // The upstream client sees `context.cancel`, sends notifications/cancelled
+        // for this request alone and ends it; give it a moment to, then let go.
+        context.cancel.cancel();
+        let message = if by_switch {
+            "cancelled: the mode changed to one that denies this call, and it did not finish within drain_timeout_seconds"
+        } else {
+            "cancelled by the caller"
+        };
+        match tokio::time::timeout(CANCEL_GRACE, &mut forwarded).await {
+            // It finished after all: record what happened, not what was asked.
+            Ok(Ok(result)) => Outcome::Forwarded(result),
+            _ => Outcome::UpstreamFailed {
                 failure: UpstreamFailure::Cancelled,
-                message: "cancelled by the caller".to_owned(),
-            },
-            result = forwarded => match result {
-                Ok(result) => Outcome::Forwarded(result),
-                Err(error) => upstream_failure(error),
+                message: message.to_owned(),
             },
         }
     }
@@ -1463,6 +1468,17 @@ enum Step {
     Forward(UpstreamCall, InFlightCall),
 }
 
+/// How long a cancelled upstream call may take to send its cancellation and end.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// The outcome of an upstream call that ran to its end.
+fn forwarded_outcome(result: Result<CallToolResult, UpstreamError>) -> Outcome {
+    match result {
+        Ok(result) => Outcome::Forwarded(result),
+        Err(error) => upstream_failure(error),
+    }
+}
+
 /// An upstream's failure as the caller sees it: safe messages that name the
 /// upstream; the details (which may hold paths) go to the log only.
 fn upstream_failure(error: UpstreamError) -> Outcome {
@@ -1625,6 +1641,8 @@ mod tests {
         received: AtomicUsize,
         /// Calls whose future was dropped before they answered.
         abandoned: AtomicUsize,
+        /// Calls that saw their `CallContext.cancel` fire.
+        cancelled: AtomicUsize,
         /// Signalled when a `held` call has started.
         started: Notify,
         /// Releases every `held` call.
@@ -1646,7 +1664,7 @@ mod tests {
             upstream: &'a str,
             tool: &'a str,
             _arguments: Option<JsonObject>,
-            _context: &'a CallContext,
+            context: &'a CallContext,
         ) -> futures::future::BoxFuture<'a, Result<CallToolResult, UpstreamError>> {
             Box::pin(async move {
                 self.received.fetch_add(1, Ordering::SeqCst);
@@ -1658,9 +1676,14 @@ mod tests {
                         released.await;
                         Ok(CallToolResult::success(vec![ContentBlock::text("done")]))
                     }
+                    // Ends only when cancelled, as the upstream client does.
                     "hang" => {
                         self.started.notify_one();
-                        std::future::pending().await
+                        context.cancel.cancelled().await;
+                        self.cancelled.fetch_add(1, Ordering::SeqCst);
+                        Err(UpstreamError::Cancelled {
+                            upstream: upstream.to_owned(),
+                        })
                     }
                     "fails" => Ok(CallToolResult::error(vec![ContentBlock::text(
                         "no such file",
@@ -1875,8 +1898,9 @@ mod tests {
             .unwrap();
         assert_eq!(switch.drain.cancelled.len(), 1, "{:?}", switch.drain);
         assert_eq!(switch.drain.cancelled[0].outcome, "cancelled");
-        // The upstream request was abandoned (rmcp then sends notifications/cancelled).
-        assert_eq!(fake.abandoned.load(Ordering::SeqCst), 1);
+        // The upstream request saw the cancellation (and would send notifications/cancelled).
+        assert_eq!(fake.cancelled.load(Ordering::SeqCst), 1);
+        assert_eq!(fake.abandoned.load(Ordering::SeqCst), 0);
         let execution = running.await.unwrap();
         assert_eq!(execution.outcome.reason_code(), Some("cancelled"));
         let last = trail(&gateway).pop().unwrap();
@@ -1932,7 +1956,7 @@ mod tests {
         context.cancel.cancel();
         let execution = running.await.unwrap();
         assert_eq!(execution.outcome.reason_code(), Some("cancelled"));
-        assert_eq!(fake.abandoned.load(Ordering::SeqCst), 1);
+        assert_eq!(fake.cancelled.load(Ordering::SeqCst), 1);
         assert_eq!(trail(&gateway).pop().unwrap().outcome, "cancelled");
     }
 
