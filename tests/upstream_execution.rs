@@ -319,3 +319,146 @@ async fn kill_9_during_an_upstream_call_leaves_an_intent_whose_outcome_is_unknow
         String::from_utf8_lossy(&verify.stderr)
     );
 }
+
+/// The mode-thrash property of tests/consistency.rs with real upstream I/O: workers
+/// call an active upstream tool that takes 50–200 ms while the mode flips between
+/// EMERGENCY and NORMAL. From the trail: every call was decided under the mode in
+/// force at its position, no active call was allowed under NORMAL, and every active
+/// call decided before a switch to NORMAL had its outcome recorded before the next
+/// switch began: a switch to NORMAL returns only once no active tool is running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_active_upstream_call_outlives_a_switch_to_normal_while_the_mode_thrashes() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const WORKERS: u64 = 6;
+    const SWITCHES: usize = 200;
+    let setup = start(10, 60);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for worker in 0..WORKERS {
+        let api = setup.api.clone();
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let mut calls = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let (tool, arguments) = if calls % 4 == 3 {
+                    ("fx__echo", json!({"message": "read"}))
+                } else {
+                    (
+                        "fx__slow",
+                        json!({"ms": 50 + (worker * 37 + calls * 53) % 151}),
+                    )
+                };
+                let (status, body) = api.execute(tool, arguments).await;
+                assert!(
+                    status == StatusCode::OK || status == StatusCode::FORBIDDEN,
+                    "unexpected {status}: {body}"
+                );
+                calls += 1;
+            }
+            calls
+        }));
+    }
+    for switch in 0..SWITCHES {
+        let (mode, reason) = if switch % 2 == 0 {
+            ("EMERGENCY", Some("thrash"))
+        } else {
+            ("NORMAL", None)
+        };
+        let (status, body) = setup.api.set_mode(mode, reason, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            body.get("cancelled").is_none(),
+            "nothing waits 10 s: {body}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.unwrap();
+    }
+    let Setup {
+        server, data_dir, ..
+    } = setup;
+    assert!(server.terminate().success());
+
+    let db = data_dir.join(proxi::audit::AUDIT_DB_FILE);
+    let records = proxi::audit::read_recent(&db, 100_000).unwrap();
+    let mut mode_in_force = "NORMAL".to_owned();
+    let mut intents: HashMap<u64, (String, String)> = HashMap::new();
+    let mut outcome_of: HashMap<u64, u64> = HashMap::new();
+    let mut normal_switches: Vec<u64> = Vec::new();
+    let mut switches: Vec<u64> = Vec::new();
+    let mut calls = 0;
+    for record in &records {
+        match record.kind.as_str() {
+            "mode_change" => {
+                mode_in_force = record.mode.clone();
+                switches.push(record.seq);
+                if record.mode == "NORMAL" {
+                    normal_switches.push(record.seq);
+                }
+            }
+            "mode_drained" => {}
+            "tool_call" => match proxi::audit_view::resolved_intent(record) {
+                Some(intent) => {
+                    let (tool, mode) = intents.get(&intent).expect("an outcome follows its intent");
+                    assert_eq!(record.mode, *mode, "an outcome carries its intent's mode");
+                    assert_eq!(record.tool.as_deref(), Some(tool.as_str()));
+                    outcome_of.insert(intent, record.seq);
+                }
+                None => {
+                    calls += 1;
+                    assert_eq!(
+                        record.mode, mode_in_force,
+                        "record {} was decided under {} while {} was in force",
+                        record.seq, record.mode, mode_in_force
+                    );
+                    let tool = record.tool.clone().unwrap_or_default();
+                    if record.decision == "allowed" {
+                        assert!(proxi::audit_view::is_intent(record));
+                        if tool == "fx__slow" {
+                            assert_ne!(
+                                record.mode, "NORMAL",
+                                "active call allowed under NORMAL: {}",
+                                record.seq
+                            );
+                        }
+                        intents.insert(record.seq, (tool, record.mode.clone()));
+                    }
+                }
+            },
+            other => panic!("unexpected record kind {other}"),
+        }
+    }
+    assert_eq!(calls, total, "every answered call is in the trail");
+    assert_eq!(switches.len(), SWITCHES);
+    let mut drained = 0;
+    for (intent, (tool, mode)) in &intents {
+        let outcome = *outcome_of
+            .get(intent)
+            .expect("every intent has its outcome");
+        if tool != "fx__slow" || mode != "EMERGENCY" {
+            continue;
+        }
+        // The first switch to NORMAL after the decision, and the switch after it.
+        let Some(&to_normal) = normal_switches.iter().find(|&&seq| seq > *intent) else {
+            continue;
+        };
+        let next = switches
+            .iter()
+            .copied()
+            .find(|&seq| seq > to_normal)
+            .unwrap_or(u64::MAX);
+        assert!(
+            outcome < next,
+            "active call {intent} (outcome {outcome}) was still running after the switch to NORMAL at {to_normal} returned"
+        );
+        if outcome > to_normal {
+            drained += 1;
+        }
+    }
+    assert!(drained > 0, "some switch had to wait for an active call");
+}
