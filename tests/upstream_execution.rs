@@ -462,3 +462,25 @@ async fn no_active_upstream_call_outlives_a_switch_to_normal_while_the_mode_thra
     }
     assert!(drained > 0, "some switch had to wait for an active call");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_client_that_goes_away_cancels_its_upstream_call_which_is_still_recorded() {
+    let setup = start(10, 60);
+    setup.api.emergency().await;
+    let hung = tokio::spawn({
+        let api = setup.api.clone();
+        async move { api.execute("fx__hang", json!({})).await }
+    });
+    fixture_saw(&setup.call_log, "hang", "call").await;
+    // Dropping the request closes the connection; Proxi drops the handler future.
+    hung.abort();
+    fixture_saw(&setup.call_log, "hang", "cancelled").await;
+    let last = eventually("the outcome record", MINUTE, || async {
+        let records = setup.api.audit(10).await;
+        let last = records.last().cloned()?;
+        (last["outcome"] == "cancelled").then_some(last)
+    })
+    .await;
+    assert_eq!(last["tool"], "fx__hang");
+    assert!(last["detail"]["intent_seq"].is_u64(), "{last}");
+}
