@@ -484,3 +484,90 @@ async fn a_rest_client_that_goes_away_cancels_its_upstream_call_which_is_still_r
     assert_eq!(last["tool"], "fx__hang");
     assert!(last["detail"]["intent_seq"].is_u64(), "{last}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_client_cancellation_cancels_exactly_its_upstream_call() {
+    use rmcp::model::{CallToolRequest, ClientRequest};
+    use rmcp::service::PeerRequestOptions;
+
+    let setup = start(10, 60);
+    setup.api.emergency().await;
+    proxi::tls::install_crypto_provider();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let config = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", setup.server.url))
+        .auth_header(AGENT_TOKEN);
+    let client = ClientConfig::new(
+        ClientCapabilities::default(),
+        Implementation::new("canceller", "1.0"),
+    )
+    .serve(StreamableHttpClientTransport::with_client(http, config))
+    .await
+    .expect("initialize");
+    // A second call in flight beside it must not be touched.
+    let mut slow = CallToolRequestParams::new("fx__slow");
+    slow.arguments = json!({"ms": 1500}).as_object().cloned();
+    let bystander = tokio::spawn({
+        let peer = client.peer().clone();
+        async move { peer.call_tool(slow).await }
+    });
+    fixture_saw(&setup.call_log, "slow", "call").await;
+    let request = ClientRequest::CallToolRequest(CallToolRequest::new(CallToolRequestParams::new(
+        "fx__hang",
+    )));
+    let handle = client
+        .peer()
+        .send_request_with_option(request, PeerRequestOptions::no_options())
+        .await
+        .unwrap();
+    fixture_saw(&setup.call_log, "hang", "call").await;
+    handle
+        .cancel(Some("the user gave up".into()))
+        .await
+        .unwrap();
+    fixture_saw(&setup.call_log, "hang", "cancelled").await;
+    let slow = bystander.await.unwrap().expect("the other call's result");
+    assert_ne!(slow.is_error, Some(true), "{slow:?}");
+    let calls = fixture_calls(&setup.call_log);
+    assert!(
+        !calls
+            .iter()
+            .any(|call| call["tool"] == "slow" && call["event"] == "cancelled"),
+        "{calls:?}"
+    );
+    let recorded = eventually("the cancelled outcome", MINUTE, || async {
+        let records = setup.api.audit(20).await;
+        outcomes(&records)
+            .contains(&("fx__hang".into(), "cancelled".into()))
+            .then_some(outcomes(&records))
+    })
+    .await;
+    assert!(
+        recorded.contains(&("fx__slow".into(), "executed".into())),
+        "{recorded:?}"
+    );
+    client.cancel().await.ok();
+}
+
+#[test]
+fn proxi_mcp_over_stdio_starts_the_upstreams_and_passes_results_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let call_log = dir.path().join("calls.jsonl");
+    let policy = policy(dir.path(), &call_log, 10, 60);
+    let mut mcp = common::McpStdio::start(&dir.path().join("data"), &policy, "stdio-test");
+    let result = mcp.call_tool("fx__echo", json!({"message": "over stdio"}));
+    assert_ne!(result["isError"], true, "{result}");
+    assert_eq!(result["content"][0]["text"], "over stdio", "{result}");
+    assert_eq!(
+        result["structuredContent"]["result"], "over stdio",
+        "{result}"
+    );
+    let denied = mcp.call_tool("fx__hang", json!({}));
+    assert_eq!(denied["isError"], true, "{denied}");
+    assert_eq!(
+        denied["structuredContent"]["reason_code"], "not_allowed",
+        "{denied}"
+    );
+    mcp.close();
+    let calls = fixture_calls(&call_log);
+    assert!(calls.iter().all(|call| call["tool"] == "echo"), "{calls:?}");
+}
