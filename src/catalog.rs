@@ -7,7 +7,7 @@
 //! A catalog is immutable; when an upstream's tools change, a new one is built and
 //! the policy is bound to it again ([`crate::policy::PolicyEngine::bind`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use rmcp::model::{Tool, ToolAnnotations};
@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use crate::gateway::CatalogEntry;
 use crate::policy::{ModeId, PolicyEngine};
 use crate::tools::{ToolCategory, ToolName};
-use crate::upstream::client::{ToolListing, UpstreamClient, UpstreamHandler};
+use crate::upstream::client::{ToolListing, UpstreamClient, UpstreamError, UpstreamHandler};
 use crate::upstream::config::Transport;
 use crate::upstream::names::{SkipReason, SkippedTool};
 
@@ -161,6 +161,25 @@ impl Catalog {
             catalog.add_upstream(upstream, listing);
         }
         catalog
+    }
+
+    /// A catalog from an [`crate::upstream::set::UpstreamSet`]'s current
+    /// listings: the built-ins (when `simulated_cloud`) and every upstream that
+    /// has listed its tools; an upstream without a listing contributes none (its
+    /// tools are unknown until it lists them, then the policy is bound again).
+    pub fn from_listings(
+        simulated_cloud: bool,
+        listings: &BTreeMap<String, Result<ToolListing, UpstreamError>>,
+    ) -> Catalog {
+        Catalog::from_sources(
+            simulated_cloud,
+            listings.iter().filter_map(|(name, listing)| {
+                listing
+                    .as_ref()
+                    .ok()
+                    .map(|listing| (name.as_str(), listing))
+            }),
+        )
     }
 
     fn add_builtins(&mut self) {
@@ -468,6 +487,24 @@ pub(crate) mod tests {
         assert_eq!(entry.argument_types("mode"), None);
         // Without annotations MCP assumes the worst.
         assert_eq!(entry.category(), ToolCategory::Destructive);
+    }
+
+    #[test]
+    fn an_upstream_without_a_listing_adds_no_tools() {
+        let fs = listing("fs", &[("read_file", json!({"type": "object"}))]);
+        let listings = BTreeMap::from([
+            ("fs".to_owned(), Ok(fs)),
+            (
+                "git".to_owned(),
+                Err(UpstreamError::Unavailable {
+                    upstream: "git".to_owned(),
+                    reason: "it is starting".to_owned(),
+                }),
+            ),
+        ]);
+        let catalog = Catalog::from_listings(false, &listings);
+        let names: Vec<&str> = catalog.tools().map(|(_, tool)| tool.name()).collect();
+        assert_eq!(names, ["fs__read_file"]);
     }
 
     #[test]

@@ -42,9 +42,10 @@ fn local_policy(dir: &Path, edit: impl FnOnce(&mut Value)) -> PathBuf {
     let mut policy: Value =
         serde_json::from_str(&std::fs::read_to_string(shipped_filesystem_policy()).unwrap())
             .unwrap();
-    let entry = common::upstream_server_entry("server-filesystem");
-    policy["upstreams"]["fs"]["command"] = json!("node");
-    policy["upstreams"]["fs"]["args"] = json!([entry, "${PROXI_FS_ROOT}"]);
+    let server = common::upstream::server("server-filesystem", &["${PROXI_FS_ROOT}"]);
+    policy["upstreams"]["fs"]["command"] = json!(server.command);
+    let args: Vec<&str> = server.args.iter().map(|arg| arg.expose()).collect();
+    policy["upstreams"]["fs"]["args"] = json!(args);
     edit(&mut policy);
     common::write_policy(dir, "filesystem.json", &policy.to_string())
 }

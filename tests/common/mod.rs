@@ -554,22 +554,3 @@ impl wiremock::Respond for Replay {
         wiremock::ResponseTemplate::new(200).set_body_json(body.unwrap_or(Value::Null))
     }
 }
-
-/// The entry script of the pinned npm MCP server `package` (e.g.
-/// `server-filesystem`) that scripts/upstream-harness.sh installs; fails with a
-/// clear message when it is missing.
-pub fn upstream_server_entry(package: &str) -> PathBuf {
-    let harness = std::env::var_os("PROXI_UPSTREAM_HARNESS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/upstream-harness"));
-    let entry = harness
-        .join("node_modules/@modelcontextprotocol")
-        .join(package)
-        .join("dist/index.js");
-    assert!(
-        entry.is_file(),
-        "{} is missing: run scripts/upstream-harness.sh to install the pinned upstream MCP servers",
-        entry.display()
-    );
-    entry
-}
