@@ -20,6 +20,11 @@ use crate::upstream::client::{ToolListing, UpstreamClient, UpstreamError, Upstre
 use crate::upstream::config::Transport;
 use crate::upstream::names::{SkipReason, SkippedTool};
 
+/// Most tools one upstream may contribute; the rest are left out (and reported),
+/// so an upstream cannot grow the catalog, the policy's bitsets and its compiled
+/// schemas without bound.
+pub const MAX_TOOLS_PER_UPSTREAM: usize = 1000;
+
 /// Dense index of a tool in one [`Catalog`]; meaningless in another one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ToolId(u32);
@@ -135,6 +140,8 @@ pub struct Catalog {
     tools: Vec<CatalogTool>,
     by_name: HashMap<Arc<str>, ToolId>,
     skipped: Vec<SkippedTool>,
+    /// Per upstream, how many tools beyond [`MAX_TOOLS_PER_UPSTREAM`] were left out.
+    over_cap: Vec<(String, usize)>,
     /// The built-ins, when present, hold ids 0..6 in [`ToolName::ALL`] order.
     builtins: bool,
 }
@@ -202,7 +209,16 @@ impl Catalog {
     pub fn add_upstream(&mut self, upstream: &str, listing: &ToolListing) {
         let upstream_name: Arc<str> = Arc::from(upstream);
         self.skipped.extend(listing.skipped.iter().cloned());
-        for exposed in &listing.tools {
+        if listing.tools.len() > MAX_TOOLS_PER_UPSTREAM {
+            let left_out = listing.tools.len() - MAX_TOOLS_PER_UPSTREAM;
+            tracing::warn!(
+                upstream,
+                left_out,
+                "upstream lists more than {MAX_TOOLS_PER_UPSTREAM} tools; the rest are left out of the catalog"
+            );
+            self.over_cap.push((upstream.to_owned(), left_out));
+        }
+        for exposed in listing.tools.iter().take(MAX_TOOLS_PER_UPSTREAM) {
             if self.by_name.contains_key(exposed.exposed_name.as_str()) {
                 self.skipped.push(SkippedTool {
                     upstream: upstream.to_owned(),
@@ -270,6 +286,12 @@ impl Catalog {
     /// Upstream tools left out of the catalog, with why.
     pub fn skipped(&self) -> &[SkippedTool] {
         &self.skipped
+    }
+
+    /// Upstreams that listed more than [`MAX_TOOLS_PER_UPSTREAM`] tools, with how
+    /// many were left out.
+    pub fn over_cap(&self) -> &[(String, usize)] {
+        &self.over_cap
     }
 }
 
@@ -487,6 +509,23 @@ pub(crate) mod tests {
         assert_eq!(entry.argument_types("mode"), None);
         // Without annotations MCP assumes the worst.
         assert_eq!(entry.category(), ToolCategory::Destructive);
+    }
+
+    #[test]
+    fn an_upstream_contributes_at_most_the_cap() {
+        let names: Vec<String> = (0..MAX_TOOLS_PER_UPSTREAM + 5)
+            .map(|index| format!("t{index}"))
+            .collect();
+        let tools: Vec<(&str, Value)> = names
+            .iter()
+            .map(|name| (name.as_str(), json!({"type": "object"})))
+            .collect();
+        let big = listing("big", &tools);
+        let catalog = Catalog::from_sources(false, [("big", &big)]);
+        assert_eq!(catalog.len(), MAX_TOOLS_PER_UPSTREAM);
+        assert_eq!(catalog.over_cap(), [("big".to_owned(), 5)]);
+        assert!(catalog.lookup("big__t999").is_some());
+        assert!(catalog.lookup("big__t1000").is_none());
     }
 
     #[test]
