@@ -88,13 +88,7 @@ impl AttachedUpstreams {
 }
 
 /// The catalog of the built-ins (when `simulated_cloud`) and of every upstream
-/// that has listed its tools; an upstream without a listing adds none yet.
+/// that has listed its tools.
 fn catalog_of(simulated_cloud: bool, set: &UpstreamSet) -> Catalog {
-    let listings = set.listings();
-    Catalog::from_sources(
-        simulated_cloud,
-        listings
-            .iter()
-            .filter_map(|(name, listing)| Some((name.as_str(), listing.as_ref().ok()?))),
-    )
+    Catalog::from_listings(simulated_cloud, &set.listings())
 }
