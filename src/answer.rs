@@ -4,6 +4,7 @@
 //! never drift apart.
 
 use crate::gateway::{Outcome, UpstreamFailure};
+use crate::reason::Reason;
 
 /// A refused or failed call as every front end reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -11,7 +12,7 @@ pub struct Answer {
     /// Whether the policy refused the call (unknown tools included).
     pub policy_violation: bool,
     /// The stable reason code (`blocked_in_mode`, `invalid_arguments`, `upstream_timeout`, ...).
-    pub reason_code: &'static str,
+    pub reason_code: Reason,
     /// Why, in words.
     pub message: String,
     /// A concrete next step for the caller.
@@ -26,6 +27,8 @@ pub struct Answer {
 /// an upstream answered without `isError`). `known_tools` lists the tools that
 /// exist; it is asked only for an unknown tool.
 pub fn answer(outcome: &Outcome, known_tools: impl FnOnce() -> Vec<String>) -> Option<Answer> {
+    // Only a success has no reason code.
+    let reason_code = outcome.reason_code()?;
     let (message, how_to_proceed, known) = match outcome {
         Outcome::Executed(_) => return None,
         Outcome::Forwarded(result) if result.is_error != Some(true) => return None,
@@ -79,7 +82,7 @@ pub fn answer(outcome: &Outcome, known_tools: impl FnOnce() -> Vec<String>) -> O
     };
     Some(Answer {
         policy_violation: outcome.is_policy_violation(),
-        reason_code: outcome.reason_code().unwrap_or("failed"),
+        reason_code,
         message,
         how_to_proceed,
         known_tools: known,
@@ -137,7 +140,7 @@ mod tests {
         assert_eq!(answer(&Outcome::Forwarded(ok), known), None);
         let failed = CallToolResult::error(vec![ContentBlock::text("ENOENT")]);
         let upstream_error = answer(&Outcome::Forwarded(failed), known).expect("a failure");
-        assert_eq!(upstream_error.reason_code, "upstream_error");
+        assert_eq!(upstream_error.reason_code, Reason::UpstreamError);
         assert!(upstream_error.message.contains("ENOENT"));
         let timeout = Outcome::UpstreamFailed {
             failure: UpstreamFailure::Timeout,
@@ -145,7 +148,7 @@ mod tests {
         };
         assert_eq!(
             answer(&timeout, known).unwrap().reason_code,
-            "upstream_timeout"
+            Reason::UpstreamTimeout
         );
         let unknown = Outcome::UnknownTool {
             message: "no such tool".into(),

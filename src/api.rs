@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 pub use crate::gateway::{CatalogEntry, PolicyStatus};
 pub use crate::infra::{INITIAL_SERVICES, InfrastructureStatus};
 pub use crate::mcp::{META_AUDIT_SEQ as MCP_META_AUDIT_SEQ, META_MODE as MCP_META_MODE};
+pub use crate::reason::Reason;
 
 /// Largest request body the server reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;

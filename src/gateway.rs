@@ -35,9 +35,10 @@ pub use crate::mode::{DEFAULT_ELEVATED_TTL, MAX_REASON_LEN, ModeChange, ModeChan
 use crate::mode::{
     DrainReport, InFlightCall, InFlightCalls, ModeState, Restore, drain, validate_change,
 };
-use crate::policy::{Denial, ModeId, PolicyEngine, ReasonCode, SharedPolicy};
+use crate::policy::{Denial, ModeId, PolicyEngine, SharedPolicy};
 use crate::principal::{Principal, Role};
 use crate::rate_limit::RateLimiter;
+use crate::reason::Reason;
 use crate::text;
 use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory, ToolName};
 use crate::upstream::call::{CallContext, UpstreamCalls};
@@ -109,7 +110,7 @@ pub enum Outcome {
     /// The tool ran and failed (e.g. an unknown service); nothing changed.
     Failed {
         /// Machine-readable error code.
-        code: &'static str,
+        code: Reason,
         /// What went wrong.
         message: String,
     },
@@ -141,12 +142,12 @@ pub enum UpstreamFailure {
 
 impl UpstreamFailure {
     /// The reason code callers see.
-    pub fn reason_code(self) -> &'static str {
+    pub fn reason_code(self) -> Reason {
         match self {
-            UpstreamFailure::Unavailable => "upstream_unavailable",
-            UpstreamFailure::Timeout => "upstream_timeout",
-            UpstreamFailure::Refused => "upstream_error",
-            UpstreamFailure::Cancelled => "cancelled",
+            UpstreamFailure::Unavailable => Reason::UpstreamUnavailable,
+            UpstreamFailure::Timeout => Reason::UpstreamTimeout,
+            UpstreamFailure::Refused => Reason::UpstreamError,
+            UpstreamFailure::Cancelled => Reason::Cancelled,
         }
     }
 
@@ -163,15 +164,15 @@ impl UpstreamFailure {
 
 impl Outcome {
     /// The reason code the API reports, if any.
-    pub fn reason_code(&self) -> Option<&'static str> {
+    pub fn reason_code(&self) -> Option<Reason> {
         match self {
             Outcome::Executed(_) => None,
-            Outcome::Denied { denial, .. } => Some(denial.reason.as_str()),
-            Outcome::UnknownTool { .. } => Some(ReasonCode::UnknownTool.as_str()),
-            Outcome::InvalidArguments(_) => Some("invalid_arguments"),
-            Outcome::InvalidToolName(_) => Some("invalid_tool_name"),
-            Outcome::RateLimited { .. } => Some("rate_limited"),
-            Outcome::Failed { code, .. } => Some(code),
+            Outcome::Denied { denial, .. } => Some(denial.reason.into()),
+            Outcome::UnknownTool { .. } => Some(Reason::UnknownTool),
+            Outcome::InvalidArguments(_) => Some(Reason::InvalidArguments),
+            Outcome::InvalidToolName(_) => Some(Reason::InvalidToolName),
+            Outcome::RateLimited { .. } => Some(Reason::RateLimited),
+            Outcome::Failed { code, .. } => Some(*code),
             Outcome::Forwarded(result) if result.is_error == Some(true) => {
                 Some(UpstreamFailure::Refused.reason_code())
             }
@@ -742,7 +743,7 @@ impl Gateway {
                     Step::Done(match result {
                         Ok(result) => Outcome::Executed(result),
                         Err(error) => Outcome::Failed {
-                            code: error.code(),
+                            code: error.reason(),
                             message: error.to_string(),
                         },
                     })
@@ -1294,7 +1295,7 @@ impl Gateway {
             arguments: None,
             mode: self.mode_name(mode).clone(),
             decision: AuditDecision::Rejected,
-            reason_code: Some("malformed_request"),
+            reason_code: Some(Reason::MalformedRequest.as_str()),
             outcome: "malformed_request",
             detail: json!({
                 "problem": truncate(problem, 200),
@@ -1440,7 +1441,7 @@ fn tool_call_entry(
         arguments: Some(arguments),
         mode: mode.clone(),
         decision,
-        reason_code: outcome.reason_code(),
+        reason_code: outcome.reason_code().map(Reason::as_str),
         outcome: outcome_name,
         detail,
         expires_at: None,
@@ -1580,7 +1581,7 @@ fn upstream_outcome_entry(
         arguments: None,
         mode: mode.clone(),
         decision: AuditDecision::Allowed,
-        reason_code: outcome.reason_code(),
+        reason_code: outcome.reason_code().map(Reason::as_str),
         outcome: recorded_outcome(outcome),
         detail,
         expires_at: None,
@@ -1810,7 +1811,11 @@ mod tests {
         ];
         for (tool, recorded, reason_code) in cases {
             let execution = call(&gateway, "list_services", tool).await;
-            assert_eq!(execution.outcome.reason_code(), reason_code, "{tool}");
+            assert_eq!(
+                execution.outcome.reason_code().map(Reason::as_str),
+                reason_code,
+                "{tool}"
+            );
             if let Outcome::UpstreamFailed { message, .. } = &execution.outcome {
                 assert!(!message.contains("/opt/secret"), "{message}");
             }
@@ -1902,7 +1907,7 @@ mod tests {
         assert_eq!(fake.cancelled.load(Ordering::SeqCst), 1);
         assert_eq!(fake.abandoned.load(Ordering::SeqCst), 0);
         let execution = running.await.unwrap();
-        assert_eq!(execution.outcome.reason_code(), Some("cancelled"));
+        assert_eq!(execution.outcome.reason_code(), Some(Reason::Cancelled));
         let last = trail(&gateway).pop().unwrap();
         assert_eq!(
             (last.kind.as_str(), last.outcome.as_str()),
@@ -1955,7 +1960,7 @@ mod tests {
         started.await;
         context.cancel.cancel();
         let execution = running.await.unwrap();
-        assert_eq!(execution.outcome.reason_code(), Some("cancelled"));
+        assert_eq!(execution.outcome.reason_code(), Some(Reason::Cancelled));
         assert_eq!(fake.cancelled.load(Ordering::SeqCst), 1);
         assert_eq!(trail(&gateway).pop().unwrap().outcome, "cancelled");
     }
@@ -1976,7 +1981,7 @@ mod tests {
         let execution = call(&detached, "list_services", "echo").await;
         assert_eq!(
             execution.outcome.reason_code(),
-            Some("upstream_unavailable")
+            Some(Reason::UpstreamUnavailable)
         );
     }
 }

@@ -24,6 +24,7 @@ pub mod policy;
 pub mod policy_source;
 pub mod principal;
 pub mod rate_limit;
+pub mod reason;
 pub mod server;
 pub mod starter;
 pub mod text;

@@ -54,7 +54,7 @@ pub const POLICY_STATUS_URI: &str = "proxi://policy/status";
 /// The readable infrastructure state.
 pub const INFRASTRUCTURE_STATUS_URI: &str = "proxi://infrastructure/status";
 /// Reason code of a call refused because the audit trail cannot record it.
-pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
+pub const AUDIT_UNAVAILABLE: &str = crate::reason::Reason::AuditUnavailable.as_str();
 
 const INSTRUCTIONS: &str = "Proxi governs these infrastructure tools. Every call is checked against \
 the policy's current mode and recorded in an audit trail. Read proxi://policy/status to see the mode \
@@ -279,7 +279,7 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
         }
         (_, Some(answer)) => Refusal {
             policy_violation: answer.policy_violation,
-            reason_code: answer.reason_code.to_owned(),
+            reason_code: answer.reason_code.to_string(),
             mode: mode.to_string(),
             tool,
             how_to_proceed: answer.how_to_proceed,

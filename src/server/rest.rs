@@ -169,7 +169,7 @@ pub fn tool_response(execution: Execution) -> ToolResponse {
     }
     if let Some(answer) = answer {
         response.policy_violation = answer.policy_violation;
-        response.reason_code = Some(answer.reason_code.to_owned());
+        response.reason_code = Some(answer.reason_code.to_string());
         response.retry_after_seconds = answer.retry_after_seconds;
         response.known_tools = answer.known_tools;
         response.how_to_proceed = Some(answer.how_to_proceed);
