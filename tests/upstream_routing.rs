@@ -401,3 +401,144 @@ async fn the_fixture_records_every_call_it_receives() {
     assert_eq!(calls[0]["arguments"], json!({"message": "one"}));
     set.shutdown().await;
 }
+
+/// The fixture serving Streamable HTTP on a free loopback port, and its URL.
+fn http_fixture(call_log: &Path) -> (tokio::process::Child, u16) {
+    let port = common::upstream::free_port();
+    let child = tokio::process::Command::new(common::upstream::python())
+        .arg(common::upstream::fixture_script())
+        .args(["--http", "--port", &port.to_string()])
+        .env("FIXTURE_CALL_LOG", call_log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the http fixture");
+    (child, port)
+}
+
+fn http_upstream(name: &str, port: u16) -> proxi::upstream::config::ResolvedUpstream {
+    let declaration: proxi::upstream::config::UpstreamDeclaration =
+        serde_json::from_value(json!({"url": format!("http://127.0.0.1:{port}/mcp")})).unwrap();
+    declaration.resolve(name, &|_| None).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_request_is_routed_by_its_stream_even_with_calls_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let call_log = dir.path().join("calls.jsonl");
+    let (_server, port) = http_fixture(&call_log);
+    // Optional, so start returns at once; the fixture may still be booting.
+    let set = Arc::new(
+        UpstreamSet::start(vec![http_upstream("web", port)])
+            .await
+            .unwrap(),
+    );
+    let mut changed = set.tools_changed();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        changed.wait_for(|_| set.listings()["web"].is_ok()),
+    )
+    .await
+    .expect("the http fixture is listed")
+    .unwrap();
+    let (alice, alice_seen) = connect(&set, Some("over http")).await;
+    let (bob, _) = connect(&set, None).await;
+
+    let busy = send_call(&bob, "web__slow", json!({"ms": 1500})).await;
+    eventually(
+        "the slow call to reach the fixture",
+        Duration::from_secs(10),
+        || {
+            let calls = fixture_calls(&call_log);
+            async move { calls.iter().any(|c| c["tool"] == "slow").then_some(()) }
+        },
+    )
+    .await;
+    // Two calls in flight, but the sampling request comes on the SSE stream of
+    // Alice's POST, so it is hers without doubt.
+    let answered = result_of(send_call(&alice, "web__ask", json!({"question": "ok?"})).await).await;
+    assert_eq!(text_of(&answered), "client said: over http", "{answered:?}");
+    assert_eq!(alice_seen.sampled.lock().unwrap().len(), 1);
+    assert_eq!(text_of(&result_of(busy).await), "slept 1500 ms");
+    drop((alice, bob));
+    set.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_upstream_that_restarts_is_reconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let call_log = dir.path().join("calls.jsonl");
+    let (mut server, port) = http_fixture(&call_log);
+    let set = UpstreamSet::start(vec![http_upstream("web", port)])
+        .await
+        .unwrap();
+    let mut changed = set.tools_changed();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        changed.wait_for(|_| set.listings()["web"].is_ok()),
+    )
+    .await
+    .expect("the http fixture is listed")
+    .unwrap();
+    let echo = set
+        .call(
+            "web",
+            "echo",
+            arguments(json!({"message": "first"})),
+            &CallContext::detached(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(text_of(&echo), "first");
+
+    server.kill().await.unwrap();
+    let down = set
+        .call(
+            "web",
+            "echo",
+            arguments(json!({"message": "down"})),
+            &CallContext::detached(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            down,
+            proxi::upstream::client::UpstreamError::Unavailable { .. }
+        ),
+        "{down:?}"
+    );
+
+    // The same server again on the same port: the set reconnects by itself.
+    let mut again = tokio::process::Command::new(common::upstream::python())
+        .arg(common::upstream::fixture_script())
+        .args(["--http", "--port", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let echo = eventually(
+        "a call after the reconnect",
+        Duration::from_secs(40),
+        || {
+            let set = &set;
+            async move {
+                set.call(
+                    "web",
+                    "echo",
+                    arguments(json!({"message": "second"})),
+                    &CallContext::detached(),
+                )
+                .await
+                .ok()
+            }
+        },
+    )
+    .await;
+    assert_eq!(text_of(&echo), "second");
+    assert!(set.status()[0].starts >= 2, "{:?}", set.status());
+    set.shutdown().await;
+    again.kill().await.unwrap();
+}
