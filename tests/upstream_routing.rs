@@ -20,9 +20,10 @@ use proxi::upstream::call::{CallContext, CallerPeer};
 use proxi::upstream::set::UpstreamSet;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities,
-    ClientConfig, ClientRequest, CreateMessageRequestParams, CreateMessageResult, ErrorData,
-    Implementation, LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
-    SamplingMessage, ServerCapabilities, ServerConfig, ServerResult,
+    ClientConfig, ClientRequest, CreateMessageRequestParams, CreateMessageResult,
+    ElicitRequestParams, ElicitResult, ElicitationAction, ErrorData, Implementation,
+    LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken, SamplingMessage,
+    ServerCapabilities, ServerConfig, ServerResult,
 };
 use rmcp::service::{
     NotificationContext, PeerRequestOptions, RequestContext, RequestHandle, RoleClient, RoleServer,
@@ -81,22 +82,47 @@ struct Seen {
     progress: Arc<Mutex<Vec<ProgressNotificationParam>>>,
     logs: Arc<Mutex<Vec<LoggingMessageNotificationParam>>>,
     sampled: Arc<Mutex<Vec<CreateMessageRequestParams>>>,
+    elicited: Arc<Mutex<usize>>,
 }
 
-/// A downstream client; with `sampling_reply` it declares sampling and answers with it.
+/// A downstream client; with `sampling_reply` it declares sampling and answers
+/// with it; with `elicitation` it declares elicitation and accepts with
+/// `{"confirmed": true}`.
 #[derive(Clone)]
 struct Caller {
     seen: Seen,
     sampling_reply: Option<&'static str>,
+    elicitation: bool,
 }
 
 impl ClientHandler for Caller {
     fn get_info(&self) -> ClientConfig {
         let mut capabilities = ClientCapabilities::default();
         if self.sampling_reply.is_some() {
-            capabilities = ClientCapabilities::builder().enable_sampling().build();
+            capabilities.sampling = ClientCapabilities::builder()
+                .enable_sampling()
+                .build()
+                .sampling;
+        }
+        if self.elicitation {
+            capabilities.elicitation = ClientCapabilities::builder()
+                .enable_elicitation()
+                .build()
+                .elicitation;
         }
         ClientConfig::new(capabilities, Implementation::new("routing-test", "1"))
+    }
+
+    async fn create_elicitation(
+        &self,
+        _request: ElicitRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, ErrorData> {
+        *self.seen.elicited.lock().unwrap() += 1;
+        if !self.elicitation {
+            return Err(ErrorData::internal_error("no elicitation here", None));
+        }
+        Ok(ElicitResult::new(ElicitationAction::Accept).with_content(json!({"confirmed": true})))
     }
 
     async fn on_progress(
@@ -147,6 +173,7 @@ async fn connect(
     let client = Caller {
         seen: seen.clone(),
         sampling_reply,
+        elicitation: sampling_reply.is_some(),
     }
     .serve(client_end)
     .await
@@ -335,7 +362,7 @@ async fn logging_reaches_the_caller_and_list_changed_ticks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sampling_goes_to_the_calling_client_only_when_it_declared_it() {
+async fn sampling_and_elicitation_go_to_the_calling_client_only_when_it_declared_them() {
     let dir = tempfile::tempdir().unwrap();
     let call_log = dir.path().join("calls.jsonl");
     let set = fixture_set(&call_log).await;
@@ -358,6 +385,17 @@ async fn sampling_goes_to_the_calling_client_only_when_it_declared_it() {
     assert_eq!(refused.is_error, Some(true), "{refused:?}");
     assert!(bob_seen.sampled.lock().unwrap().is_empty());
     assert_eq!(alice_seen.sampled.lock().unwrap().len(), 1);
+
+    // Elicitation follows the same rule: Alice declared it, Bob did not.
+    let confirmed =
+        result_of(send_call(&alice, "fx__confirm", json!({"question": "restart web?"})).await)
+            .await;
+    assert_eq!(text_of(&confirmed), "confirmed: True", "{confirmed:?}");
+    let unconfirmed =
+        result_of(send_call(&bob, "fx__confirm", json!({"question": "restart db?"})).await).await;
+    assert_eq!(unconfirmed.is_error, Some(true), "{unconfirmed:?}");
+    assert_eq!(*alice_seen.elicited.lock().unwrap(), 1);
+    assert_eq!(*bob_seen.elicited.lock().unwrap(), 0);
 
     // Over stdio a request cannot name its call: with a second call in flight it is
     // refused rather than guessed.
