@@ -580,3 +580,49 @@ async fn an_http_upstream_that_restarts_is_reconnected() {
     set.shutdown().await;
     again.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_call_is_cancelled_upstream_and_frees_its_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let call_log = dir.path().join("calls.jsonl");
+    let set = fixture_set(&call_log).await;
+    let (alice, alice_seen) = connect(&set, Some("still mine")).await;
+
+    // The caller's future is dropped once the fixture has the call (a REST client
+    // that hung up, a front end that gave up), with no cancellation token fired.
+    let detached = CallContext::detached();
+    let slow = set.call("fx", "slow", arguments(json!({"ms": 30000})), &detached);
+    tokio::select! {
+        outcome = slow => panic!("the slow call ended: {outcome:?}"),
+        () = eventually("the fixture to receive the slow call", Duration::from_secs(10), || {
+            let calls = fixture_calls(&call_log);
+            async move { calls.iter().any(|c| c["tool"] == "slow").then_some(()) }
+        }) => {}
+    }
+    eventually(
+        "the fixture to see the cancellation",
+        Duration::from_secs(10),
+        || {
+            let calls = fixture_calls(&call_log);
+            async move {
+                calls
+                    .iter()
+                    .any(|c| c["tool"] == "slow" && c["event"] == "cancelled")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // Had the dropped call stayed in flight, this request could not be attributed
+    // over stdio and would be refused.
+    let answered =
+        result_of(send_call(&alice, "fx__ask", json!({"question": "mine?"})).await).await;
+    assert_eq!(
+        text_of(&answered),
+        "client said: still mine",
+        "{answered:?}"
+    );
+    assert_eq!(alice_seen.sampled.lock().unwrap().len(), 1);
+    drop(alice);
+    set.shutdown().await;
+}
