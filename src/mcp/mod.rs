@@ -15,6 +15,7 @@
 pub mod http;
 pub mod sessions;
 pub mod stdio;
+pub mod tool_changes;
 
 use std::sync::{Arc, Mutex, PoisonError};
 

@@ -20,12 +20,12 @@ use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig,
     ClientRequest, ClientResult, CreateMessageRequestParams, CreateMessageResult, ElicitRequest,
     ElicitRequestParams, ElicitResult, ErrorCode, ErrorData as McpError, Implementation,
-    JsonObject, LoggingMessageNotificationParam, ProgressNotificationParam, ServerRequest,
-    ServerResult, Tool,
+    JsonObject, LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
+    ServerRequest, ServerResult, Tool,
 };
 use rmcp::service::{
-    InboundStreamOrigin, NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient,
-    RunningService, ServiceError,
+    InboundStreamOrigin, NotificationContext, Peer, PeerRequestOptions, RequestContext,
+    RequestHandle, RoleClient, RunningService, ServiceError,
 };
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
@@ -632,17 +632,30 @@ pub async fn call_tool_routed(
     let mut params = CallToolRequestParams::new(tool.to_owned());
     params.arguments = arguments;
     let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
-    let mut handle = peer
+    let handle = peer
         .send_request_with_option(request, PeerRequestOptions::no_options())
         .await
         .map_err(|error| service_error(upstream, error))?;
     let token = handle.progress_token.clone();
     let routes = handler.routes();
-    for early in routes.register(token.clone(), handle.id.clone(), ctx.caller.clone()) {
-        forward_progress(upstream, early).await;
+    let early = routes.register(token.clone(), handle.id.clone(), ctx.caller.clone());
+    // From here on, however this future ends (even dropped mid-call), the route is
+    // finished and an unanswered request is cancelled upstream.
+    let mut in_flight = InFlight {
+        handle: Some(handle),
+        routes: routes.clone(),
+        token,
+    };
+    for delivery in early {
+        forward_progress(upstream, delivery).await;
     }
+    let response = &mut in_flight
+        .handle
+        .as_mut()
+        .expect("the handle stays until the call ends")
+        .rx;
     let outcome = tokio::select! {
-        response = &mut handle.rx => Some(match response {
+        response = response => Some(match response {
             Ok(Ok(ServerResult::CallToolResult(result))) => Ok(result),
             Ok(Ok(_)) => Err(unavailable(upstream, "the upstream answered tools/call with another kind of result")),
             Ok(Err(error)) => Err(service_error(upstream, error)),
@@ -651,9 +664,11 @@ pub async fn call_tool_routed(
         () = tokio::time::sleep(timeout) => None,
         () = ctx.cancel.cancelled() => None,
     };
-    routes.finish(&token);
     match outcome {
-        Some(result) => result,
+        Some(result) => {
+            in_flight.answered();
+            result
+        }
         None => {
             let timed_out = !ctx.cancel.is_cancelled();
             let reason = if timed_out {
@@ -661,9 +676,7 @@ pub async fn call_tool_routed(
             } else {
                 "cancelled by the caller"
             };
-            if let Err(error) = handle.cancel(Some(reason.to_owned())).await {
-                tracing::debug!(upstream, %error, "could not send notifications/cancelled");
-            }
+            in_flight.cancel(upstream, reason).await;
             if timed_out {
                 Err(UpstreamError::Timeout {
                     upstream: upstream.to_owned(),
@@ -674,6 +687,46 @@ pub async fn call_tool_routed(
                     upstream: upstream.to_owned(),
                 })
             }
+        }
+    }
+}
+
+/// One `tools/call` sent upstream and not yet settled. Settling it (answered or
+/// cancelled) finishes its route; dropping it unsettled (the caller's future was
+/// dropped) finishes the route too and cancels the request upstream from a task,
+/// so that neither the routing table nor the upstream is left with a call nobody
+/// waits for.
+struct InFlight {
+    handle: Option<RequestHandle<RoleClient>>,
+    routes: Routes,
+    token: ProgressToken,
+}
+
+impl InFlight {
+    fn answered(mut self) {
+        self.handle = None;
+        self.routes.finish(&self.token);
+    }
+
+    async fn cancel(mut self, upstream: &str, reason: &str) {
+        self.routes.finish(&self.token);
+        if let Some(handle) = self.handle.take()
+            && let Err(error) = handle.cancel(Some(reason.to_owned())).await
+        {
+            tracing::debug!(upstream, %error, "could not send notifications/cancelled");
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.routes.finish(&self.token);
+        if let Some(handle) = self.handle.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = handle.cancel(Some("the caller went away".to_owned())).await;
+            });
         }
     }
 }
