@@ -261,15 +261,6 @@ async fn a_hung_upstream_times_out_and_a_crashed_one_is_unavailable_while_proxi_
         !body.to_string().contains(".py"),
         "no paths in answers: {body}"
     );
-    // Proxi answers, and the restarted upstream serves again.
-    eventually("the fixture to be back", MINUTE, || async {
-        let (status, _) = setup
-            .api
-            .execute("fx__echo", json!({"message": "back"}))
-            .await;
-        (status == StatusCode::OK).then_some(())
-    })
-    .await;
     let records = setup.api.audit(100).await;
     let recorded = outcomes(&records);
     assert!(
@@ -280,6 +271,21 @@ async fn a_hung_upstream_times_out_and_a_crashed_one_is_unavailable_while_proxi_
         recorded.contains(&("fx__crash".into(), "unavailable".into())),
         "{recorded:?}"
     );
+    // Proxi answers, and the restarted upstream serves again. While it restarts its
+    // tools stay known: a call is decided and fails fast as unavailable, never
+    // `unknown_tool` (the catalog keeps the upstream's last listing).
+    eventually("the fixture to be back", MINUTE, || async {
+        let (status, body) = setup
+            .api
+            .execute("fx__echo", json!({"message": "back"}))
+            .await;
+        if status != StatusCode::OK {
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+            assert_eq!(body["reason_code"], "upstream_unavailable", "{body}");
+        }
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
