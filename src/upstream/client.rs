@@ -231,7 +231,12 @@ impl ClientHandler for UpstreamHandler {
                 }
             }
             _ => {
-                tracing::info!(upstream = %self.upstream, level = ?params.level, logger = ?params.logger, data = %params.data, "upstream log message");
+                // Cut like a stderr line: the upstream chooses the size.
+                let data = cut_at_boundary(params.data.to_string(), MAX_STDERR_LINE);
+                let logger = params
+                    .logger
+                    .map(|logger| cut_at_boundary(logger, MAX_STDERR_LINE));
+                tracing::info!(upstream = %self.upstream, level = ?params.level, logger = ?logger, data = %data, "upstream log message");
             }
         }
     }
@@ -746,6 +751,18 @@ fn service_error(upstream: &str, error: ServiceError) -> UpstreamError {
     }
 }
 
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn cut_at_boundary(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// Copies the child's stderr to the log, line by line, each cut at
 /// [`MAX_STDERR_LINE`] bytes so a runaway line cannot grow without bound.
 async fn forward_stderr(upstream: String, stderr: impl AsyncRead + Unpin) {
@@ -813,6 +830,16 @@ mod tests {
         assert!(
             matches!(error, UpstreamError::Unavailable { .. }),
             "{error:?}"
+        );
+    }
+
+    #[test]
+    fn long_text_is_cut_at_a_character_boundary() {
+        assert_eq!(cut_at_boundary("short".into(), 10), "short");
+        assert_eq!(cut_at_boundary("ééé".into(), 3), "é");
+        assert_eq!(
+            cut_at_boundary("x".repeat(5000), MAX_STDERR_LINE).len(),
+            MAX_STDERR_LINE
         );
     }
 
