@@ -559,6 +559,10 @@ struct Shared {
     low_space: AtomicBool,
     /// Bytes of free space kept for essential entries.
     reserve: AtomicU64,
+    /// Records, commit times and queue depth for `/metrics`.
+    metrics: crate::metrics::AuditMetrics,
+    /// Seq of the newest durable record, for live readers of the trail.
+    committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -782,6 +786,8 @@ impl AuditLog {
             generation: AtomicU64::new(0),
             low_space: AtomicBool::new(false),
             reserve: AtomicU64::new(DEFAULT_SPACE_RESERVE_BYTES.min(total / 10)),
+            metrics: crate::metrics::AuditMetrics::default(),
+            committed: tokio::sync::watch::channel(last_seq).0,
         });
         let syncer = match durability {
             Durability::Process => None,
@@ -883,7 +889,10 @@ impl AuditLog {
             done,
         };
         match self.sender.send(job) {
-            Ok(()) => Pending(PendingState::Queued(receiver)),
+            Ok(()) => {
+                self.shared.metrics.queue_depth.inc();
+                Pending(PendingState::Queued(receiver))
+            }
             Err(_) => Pending(PendingState::Refused),
         }
     }
@@ -916,6 +925,17 @@ impl AuditLog {
     /// Where the database lives.
     pub fn db_path(&self) -> &Path {
         &self.db_path
+    }
+
+    /// The series this log updates (records, commit seconds, queue depth).
+    pub fn metrics(&self) -> &crate::metrics::AuditMetrics {
+        &self.shared.metrics
+    }
+
+    /// Watches the seq of the newest durable record (0: none yet); a live reader
+    /// wakes on each change and reads what it has not seen from the store.
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.committed.subscribe()
     }
 
     /// The newest `limit` records, oldest first.
@@ -963,7 +983,11 @@ impl Syncer {
             };
             match synced {
                 Ok(()) => {
+                    let newest = acks.iter().map(|(_, seq)| *seq).max();
                     self.anchor.persist(head);
+                    if let Some(newest) = newest {
+                        self.shared.committed.send_replace(newest);
+                    }
                     for (done, seq) in acks {
                         let _ = done.send(Ok(seq));
                     }
@@ -1026,6 +1050,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.shared.metrics.queue_depth.dec_by(batch.len() as i64);
             self.process(&mut batch);
         }
     }
@@ -1052,8 +1077,15 @@ impl Writer {
         if batch.is_empty() {
             return;
         }
-        match self.commit(batch) {
+        let started = std::time::Instant::now();
+        let committed = self.commit(batch);
+        self.shared
+            .metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match committed {
             Ok(first_seq) => {
+                self.shared.metrics.records.inc_by(batch.len() as u64);
                 if health == RECOVERING {
                     self.recovered();
                 }
@@ -1073,6 +1105,10 @@ impl Writer {
                         }
                     }
                     None => {
+                        let newest = acks.last().map(|(_, seq)| *seq);
+                        if let Some(newest) = newest {
+                            self.shared.committed.send_replace(newest);
+                        }
                         for (done, seq) in acks {
                             // A caller that gave up waiting is not an error for the log.
                             let _ = done.send(Ok(seq));

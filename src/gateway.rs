@@ -298,6 +298,7 @@ pub struct Gateway {
     audit: AuditLog,
     mode_events: watch::Sender<PolicyStatus>,
     rate_limiter: RateLimiter,
+    metrics: crate::metrics::Metrics,
     data_dir: PathBuf,
     _data_dir_lock: File,
     /// Held by `set_mode` until its record is durable, so that a change whose
@@ -415,6 +416,7 @@ impl Gateway {
             changed_at: String::new(),
         });
         let rate_limiter = RateLimiter::new(policy.rate_limits());
+        let metrics = crate::metrics::Metrics::new(audit.metrics());
         let gateway = Arc::new(Gateway {
             policy,
             mode_names,
@@ -423,6 +425,7 @@ impl Gateway {
             audit,
             mode_events,
             rate_limiter,
+            metrics,
             data_dir: config.data_dir,
             _data_dir_lock: lock,
             mode_changes: tokio::sync::Mutex::new(()),
@@ -652,6 +655,7 @@ impl Gateway {
         arguments: Value,
         context: Option<Value>,
     ) -> Result<Execution, GatewayError> {
+        let started = Instant::now();
         let tool = ToolName::parse(tool_name);
         let priority = audit_priority(principal);
         // Before anything runs: a call whose record were refused would act unrecorded.
@@ -662,9 +666,14 @@ impl Gateway {
         // The rate limit comes before any other work, so a flood costs one bucket
         // check and one small record per call.
         if let Err(retry_after) = self.rate_limiter.check(principal.role(), tool) {
-            return self
+            let refused = self
                 .refuse_rate_limited(principal, tool_name, retry_after)
                 .await;
+            if let Ok(execution) = &refused {
+                self.metrics
+                    .tool_call(tool, &execution.outcome, started.elapsed());
+            }
+            return refused;
         }
         let invalid_name = tool_name.chars().any(text::needs_escape);
         let shown_name = shown_tool_name(tool_name);
@@ -718,6 +727,7 @@ impl Gateway {
             .durable()
             .await
             .map_err(|_| GatewayError::AuditUnavailable)?;
+        self.metrics.tool_call(tool, &outcome, started.elapsed());
         Ok(Execution {
             tool: shown_name,
             mode,
@@ -879,6 +889,7 @@ impl Gateway {
         }
         let status = self.status();
         self.mode_events.send_replace(status.clone());
+        self.metrics.mode_changed();
         Ok(status)
     }
 
@@ -925,6 +936,7 @@ impl Gateway {
         }
         tracing::info!("elevated mode lapsed; back to the default mode");
         self.mode_events.send_replace(self.status());
+        self.metrics.mode_changed();
     }
 
     /// The current policy state.
@@ -952,6 +964,13 @@ impl Gateway {
             changed_by: state.changed_by.to_string(),
             changed_at: format_time(state.changed_at),
         }
+    }
+
+    /// The metrics in the Prometheus text format, the mode gauge read now.
+    pub fn render_metrics(&self) -> String {
+        let current = self.status().mode;
+        self.metrics
+            .render(self.mode_names.iter().map(|name| name.as_ref()), &current)
     }
 
     /// Watches policy-status changes (mode changes and expiries).

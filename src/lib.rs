@@ -16,6 +16,7 @@ pub mod demo;
 pub mod gateway;
 pub mod infra;
 pub mod mcp;
+pub mod metrics;
 pub mod policy;
 pub mod policy_source;
 pub mod principal;

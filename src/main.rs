@@ -248,6 +248,9 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8000")]
     bind: SocketAddr,
+    /// Also serve /metrics here, without a token, for Prometheus scrapers.
+    #[arg(long, value_name = "ADDR")]
+    metrics_bind: Option<SocketAddr>,
     #[command(flatten)]
     state: StateArgs,
     #[command(flatten)]
@@ -681,6 +684,19 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
         gateway,
         tokens: Arc::new(tokens),
     };
+    if let Some(address) = args.metrics_bind {
+        let (scrape, _task) = proxi::server::metrics::spawn_scrape_listener(
+            state.clone(),
+            address,
+            args.edge.limits(),
+            std::future::pending(),
+        )
+        .await?;
+        notice(
+            log,
+            &format!("metrics (no token) on http://{scrape}/metrics"),
+        );
+    }
     bound.serve_app(state, shutdown_signal(log)).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod connections;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod refusals;
 pub mod rest;
 
@@ -112,6 +113,7 @@ pub fn rest_routes() -> Router<AppState> {
             post(rest::simulate_incident),
         )
         .route("/audit", get(rest::audit))
+        .route("/metrics", get(metrics::metrics))
 }
 
 /// Adds the layers every route shares: body limit, timeout, panic guard, JSON fallbacks.
