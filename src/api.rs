@@ -140,8 +140,12 @@ pub struct IncidentResponse {
 pub struct AuditPage {
     /// Number of records returned.
     pub count: usize,
-    /// The newest records, oldest first.
+    /// The records, oldest first: the newest matching ones, or those after `after_seq`.
     pub records: Vec<crate::audit::AuditRecord>,
+    /// With `after_seq`: the seq of the last record returned, when more match
+    /// (pass it as the next `after_seq`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after_seq: Option<u64>,
 }
 
 /// Every 4xx/5xx body.

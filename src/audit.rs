@@ -2199,3 +2199,118 @@ mod tests {
         assert!(problem.starts_with("record 2:"), "{problem}");
     }
 }
+
+// TEMPORARY (console branch): the store helper's filtered query lands with the
+// audit split under these names; this scan stands in until that merge replaces it.
+
+/// Most records one query returns.
+pub const MAX_QUERY_LIMIT: u32 = 1000;
+
+/// A filtered read of the trail; every filter optional, all given must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// Exact principal.
+    pub principal: Option<String>,
+    /// Exact kind.
+    pub kind: Option<String>,
+    /// Tool name, exact or a `*` glob.
+    pub tool: Option<String>,
+    /// Exact decision.
+    pub decision: Option<String>,
+    /// Exact reason code.
+    pub reason_code: Option<String>,
+    /// Records at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Records strictly before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// The cursor: only records with a greater seq, oldest first.
+    pub after_seq: Option<u64>,
+    /// Most records returned; clamped to 1..=[`MAX_QUERY_LIMIT`].
+    pub limit: u32,
+}
+
+/// One page of a query.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AuditPage {
+    /// Matching records, oldest first.
+    pub records: Vec<AuditRecord>,
+    /// With a cursor: the seq to continue after, when more records match.
+    pub next_after_seq: Option<u64>,
+}
+
+fn glob_matches(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(mut remaining) = text.strip_prefix(head) else {
+                return false;
+            };
+            let parts: Vec<&str> = rest.split('*').collect();
+            for (index, part) in parts.iter().enumerate() {
+                if index == parts.len() - 1 {
+                    return remaining.ends_with(part);
+                }
+                match remaining.find(part) {
+                    Some(at) => remaining = &remaining[at + part.len()..],
+                    None => return false,
+                }
+            }
+            true
+        }
+    }
+}
+
+impl AuditQuery {
+    fn matches(&self, record: &AuditRecord) -> bool {
+        let exact = |filter: &Option<String>, value: Option<&str>| {
+            filter.as_deref().is_none_or(|wanted| Some(wanted) == value)
+        };
+        let time = DateTime::parse_from_rfc3339(&record.time).map(|time| time.to_utc());
+        exact(&self.principal, Some(&record.principal))
+            && exact(&self.kind, Some(&record.kind))
+            && exact(&self.decision, Some(&record.decision))
+            && exact(&self.reason_code, record.reason_code.as_deref())
+            && self.tool.as_deref().is_none_or(|pattern| {
+                record
+                    .tool
+                    .as_deref()
+                    .is_some_and(|tool| glob_matches(pattern, tool))
+            })
+            && self
+                .since
+                .is_none_or(|since| time.is_ok_and(|time| time >= since))
+            && self
+                .until
+                .is_none_or(|until| time.is_ok_and(|time| time < until))
+    }
+}
+
+impl AuditLog {
+    /// Answers a filtered query; blocking I/O.
+    pub fn query(&self, query: &AuditQuery) -> Result<AuditPage, AuditError> {
+        let limit = query.limit.clamp(1, MAX_QUERY_LIMIT) as usize;
+        let after = query.after_seq.unwrap_or(0);
+        let mut matching = Vec::new();
+        for_each_record(&self.db_path, |record| {
+            if record.seq > after && query.matches(&record) {
+                matching.push(record);
+            }
+        })?;
+        let next_after_seq = match query.after_seq {
+            Some(_) if matching.len() > limit => {
+                matching.truncate(limit);
+                matching.last().map(|record| record.seq)
+            }
+            Some(_) => None,
+            None => {
+                let skip = matching.len().saturating_sub(limit);
+                matching.drain(..skip);
+                None
+            }
+        };
+        Ok(AuditPage {
+            records: matching,
+            next_after_seq,
+        })
+    }
+}

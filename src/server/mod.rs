@@ -1,7 +1,9 @@
 //! The HTTP server: the REST API and MCP's Streamable HTTP (`/mcp`) over one shared [`Gateway`].
 
+pub mod audit_api;
 pub mod auth;
 pub mod connections;
+pub mod console;
 pub mod error;
 pub mod limits;
 pub mod metrics;
@@ -112,7 +114,8 @@ pub fn rest_routes() -> Router<AppState> {
             "/infrastructure/simulate-incident",
             post(rest::simulate_incident),
         )
-        .route("/audit", get(rest::audit))
+        .route("/audit", get(audit_api::audit))
+        .route("/audit/stream", get(audit_api::audit_stream))
         .route("/metrics", get(metrics::metrics))
 }
 
@@ -268,11 +271,16 @@ impl BoundServer {
 /// before authentication, unaudited. Cancelling `shutdown` closes every MCP
 /// session and stream, which graceful shutdown would otherwise wait for forever.
 pub fn app(state: AppState, bound: SocketAddr, shutdown: CancellationToken, edge: Edge) -> Router {
-    let routes = rest_routes().merge(mcp::http::routes(state.clone(), bound, shutdown, &edge));
+    let streams = audit_api::StreamShutdown(shutdown.clone());
+    let routes = rest_routes()
+        .merge(console::routes())
+        .merge(mcp::http::routes(state.clone(), bound, shutdown, &edge));
     let allowed = Arc::new(AllowedAuthorities::for_address(bound));
     let share = OperatorReserve::new(state.clone(), edge.limits.max_connections);
     finish(routes, state)
         .layer(Extension(edge))
+        .layer(Extension(streams))
+        .layer(console::layer())
         .layer(axum::middleware::from_fn_with_state(
             share,
             reserve_for_operators,
