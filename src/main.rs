@@ -654,7 +654,7 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
         .with_limits(args.edge.limits());
     let mode = gateway.status().mode;
     let version = env!("CARGO_PKG_VERSION");
-    let audit = gateway.audit().db_path().display().to_string();
+    let audit = gateway.audit().describe();
     let tokens_from = match token_file {
         Some(path) => format!("generated tokens are in {} (mode 0600)", path.display()),
         None => format!("from {OPERATOR_TOKEN_ENV} and {AGENT_TOKEN_ENV}"),

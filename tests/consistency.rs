@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{TestServer, high_rate_limit_policy_path};
-use proxi::audit::{self, AuditRecord};
+use proxi::audit::AuditRecord;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -63,10 +63,13 @@ async fn no_active_tool_runs_under_normal_while_the_mode_thrashes() {
         total_calls += worker.await.expect("worker finished cleanly");
     }
 
-    let db = server.gateway().audit().db_path().to_owned();
+    let gateway = server.gateway();
+    let store = gateway.audit().store();
     let mut records: Vec<AuditRecord> = Vec::new();
-    audit::for_each_record(&db, |record| records.push(record)).unwrap();
-    let verification = audit::verify(&db).unwrap();
+    store
+        .for_each_record(&mut |record| records.push(record))
+        .unwrap();
+    let verification = store.verify(None).unwrap();
     assert_eq!(verification.first_bad, None);
 
     let mut mode_in_force = "NORMAL".to_owned();

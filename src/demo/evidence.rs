@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::Outcome;
 use crate::agent::backend::Decision;
 use crate::agent::{RunOutcome, RunRecord, ToolCallRecord};
-use crate::audit::{self, AuditRecord};
+use crate::audit::AuditRecord;
 use crate::gateway::Gateway;
 use crate::tools::{ToolCategory, ToolName};
 
@@ -53,10 +53,12 @@ impl Findings {
 
 /// Every audit record so far (the demo's trail is small).
 pub(crate) async fn audit_records(gateway: &Gateway) -> Vec<AuditRecord> {
-    let db = gateway.audit().db_path().to_owned();
+    let store = std::sync::Arc::clone(gateway.audit().store());
     tokio::task::spawn_blocking(move || {
         let mut records = Vec::new();
-        audit::for_each_record(&db, |record| records.push(record)).map(|()| records)
+        store
+            .for_each_record(&mut |record| records.push(record))
+            .map(|()| records)
     })
     .await
     .ok()

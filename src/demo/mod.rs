@@ -33,7 +33,7 @@ use crate::agent::provider::LlmProvider;
 use crate::agent::select::{ModelOptions, ProviderChoice, SelectedProvider, select_provider};
 use crate::agent::{DEFAULT_MAX_STEPS, ToolCallRecord};
 use crate::api::SetModeRequest;
-use crate::audit::{self, Durability};
+use crate::audit::Durability;
 use crate::client::{ClientError, ProxiClient};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::infra::{INITIAL_FLEET_SIZE, INITIAL_SERVICES};
@@ -336,8 +336,8 @@ pub async fn run(options: DemoOptions, sink: &mut dyn DemoSink) -> Result<DemoRe
     }
     let wall_seconds = started.elapsed().as_secs_f64();
 
-    let db = environment.gateway.audit().db_path().to_owned();
-    let verification = tokio::task::spawn_blocking(move || audit::verify(&db))
+    let store = std::sync::Arc::clone(environment.gateway.audit().store());
+    let verification = tokio::task::spawn_blocking(move || store.verify(None))
         .await
         .map_err(|error| DemoError::Server(error.to_string()))?
         .map_err(|error| DemoError::Server(error.to_string()))?;

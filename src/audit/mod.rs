@@ -10,40 +10,30 @@
 //! free disk space is below a reserve kept for operators, and a failed write makes
 //! the log refuse agent traffic only until a later write succeeds.
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
+use chrono::Utc;
+use tokio::sync::{oneshot, watch};
 
 use crate::anchor::{AnchorError, AnchorFile, Anchoring, AuditKey, MacCheck};
 
-/// File name of the audit database inside the data dir.
-pub const AUDIT_DB_FILE: &str = "audit.db";
-/// The `prev_hash` of the first record.
-pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+mod chain;
+mod record;
+mod sqlite;
+mod store;
+
+pub use chain::*;
+pub use record::*;
+pub use sqlite::*;
+pub use store::*;
+
 /// Most records committed in one transaction.
 const MAX_BATCH: usize = 1024;
-/// Bytes of a JSON text kept when the whole text is not stored.
-pub const STORED_PREFIX_BYTES: usize = 1024;
-/// Largest `arguments` or `detail` JSON text stored whole; longer ones become a digest.
-pub const MAX_STORED_JSON_BYTES: usize = 8 * 1024;
-/// Largest `context` JSON text stored whole; longer ones become a digest.
-pub const MAX_STORED_CONTEXT_BYTES: usize = 2 * 1024;
-/// Longest stored `principal`, `tool` or `mode`, in bytes.
-pub const MAX_STORED_NAME_BYTES: usize = 256;
-/// Upper bound of one record's stored text: the capped fields plus the fixed-size
-/// ones (times, hashes, static outcome and reason codes), with room to spare.
-pub const MAX_RECORD_BYTES: usize =
-    3 * MAX_STORED_NAME_BYTES + 2 * MAX_STORED_JSON_BYTES + MAX_STORED_CONTEXT_BYTES + 512;
 /// Free space kept for operators on the data dir's filesystem unless configured.
 pub const DEFAULT_SPACE_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
 /// How often a log that failed a write, or is short of space, checks again.
@@ -135,313 +125,6 @@ pub enum AuditError {
     },
 }
 
-/// What kind of event a record describes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EntryKind {
-    /// A tool-execution request, whatever became of it.
-    ToolCall,
-    /// An operator changed the mode.
-    ModeChange,
-    /// An elevated mode lapsed and the system returned to the default mode.
-    ModeExpired,
-    /// A request was refused for a missing, wrong or insufficient token.
-    AuthRefused,
-    /// An operator simulated an incident.
-    Incident,
-}
-
-impl EntryKind {
-    /// The snake_case stored form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EntryKind::ToolCall => "tool_call",
-            EntryKind::ModeChange => "mode_change",
-            EntryKind::ModeExpired => "mode_expired",
-            EntryKind::AuthRefused => "auth_refused",
-            EntryKind::Incident => "incident",
-        }
-    }
-}
-
-/// The policy verdict a record carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AuditDecision {
-    /// The policy (or the operator's authority) allowed it.
-    Allowed,
-    /// The policy or authentication refused it.
-    Denied,
-    /// Refused before the policy was consulted: unknown tool or invalid arguments.
-    Rejected,
-}
-
-impl AuditDecision {
-    /// The snake_case stored form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuditDecision::Allowed => "allowed",
-            AuditDecision::Denied => "denied",
-            AuditDecision::Rejected => "rejected",
-        }
-    }
-}
-
-/// An event to record, before it has a place in the chain.
-#[derive(Clone, Debug)]
-pub struct AuditEntry {
-    /// When it happened.
-    pub time: DateTime<Utc>,
-    /// Who asked: `operator`, `agent`, `mcp:<client>`, `system`, `anonymous`.
-    pub principal: Arc<str>,
-    /// What kind of event.
-    pub kind: EntryKind,
-    /// The tool named in the request, if any.
-    pub tool: Option<String>,
-    /// The request's arguments, if any.
-    pub arguments: Option<Value>,
-    /// The mode the decision was made in (for mode changes: the new mode).
-    pub mode: Arc<str>,
-    /// The verdict.
-    pub decision: AuditDecision,
-    /// Machine-readable reason for a refusal.
-    pub reason_code: Option<&'static str>,
-    /// What happened: `executed`, `denied`, `invalid_arguments`, `failed`, `changed`, ...
-    pub outcome: &'static str,
-    /// Result, error message or explanation.
-    pub detail: Value,
-    /// For mode changes, when the new mode lapses.
-    pub expires_at: Option<DateTime<Utc>>,
-    /// The caller's free-form context (REST `context`), if it gave one.
-    pub context: Option<Value>,
-}
-
-/// A stored, chained record.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AuditRecord {
-    /// Position in the chain, from 1.
-    pub seq: u64,
-    /// RFC 3339 time, microsecond precision.
-    pub time: String,
-    /// Who asked.
-    pub principal: String,
-    /// `tool_call`, `mode_change`, `mode_expired`, `auth_refused` or `incident`.
-    pub kind: String,
-    /// The tool named, if any.
-    pub tool: Option<String>,
-    /// The arguments given, if any.
-    pub arguments: Option<Value>,
-    /// The mode in force (for mode changes: the new mode).
-    pub mode: String,
-    /// `allowed`, `denied` or `rejected`.
-    pub decision: String,
-    /// Reason code of a refusal.
-    pub reason_code: Option<String>,
-    /// What happened.
-    pub outcome: String,
-    /// Result, error or explanation.
-    pub detail: Value,
-    /// For mode changes, when the mode lapses.
-    pub expires_at: Option<String>,
-    /// Hash of the previous record.
-    pub prev_hash: String,
-    /// SHA-256 over `prev_hash` and this record's fields.
-    pub hash: String,
-    /// The caller's context, bounded like `arguments` (absent in records without one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context: Option<Value>,
-    /// `<key id>:<HMAC-SHA-256 of hash>` under the audit key (see [`crate::anchor`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
-}
-
-/// The text columns of one row, exactly as stored and hashed.
-struct Row {
-    seq: u64,
-    time: String,
-    principal: String,
-    kind: String,
-    tool: Option<String>,
-    arguments: Option<String>,
-    mode: String,
-    decision: String,
-    reason_code: Option<String>,
-    outcome: String,
-    detail: String,
-    expires_at: Option<String>,
-    prev_hash: String,
-    hash: String,
-    context: Option<String>,
-    mac: Option<String>,
-}
-
-/// One record's columns, borrowed: what is hashed and what is bound to the INSERT.
-struct Fields<'a> {
-    seq: u64,
-    time: &'a str,
-    principal: &'a str,
-    kind: &'a str,
-    tool: Option<&'a str>,
-    arguments: Option<&'a str>,
-    mode: &'a str,
-    decision: &'a str,
-    reason_code: Option<&'a str>,
-    outcome: &'a str,
-    detail: &'a str,
-    expires_at: Option<&'a str>,
-    context: Option<&'a str>,
-}
-
-impl Fields<'_> {
-    /// SHA-256 over the previous hash, the sequence number and every column,
-    /// each length-prefixed so that no two different rows hash the same bytes;
-    /// returned as lowercase hex.
-    fn hash(&self, prev_hash: &str) -> [u8; 64] {
-        let mut hasher = Sha256::new();
-        hasher.update(prev_hash.as_bytes());
-        hasher.update(self.seq.to_be_bytes());
-        let fields = [
-            Some(self.time),
-            Some(self.principal),
-            Some(self.kind),
-            self.tool,
-            self.arguments,
-            Some(self.mode),
-            Some(self.decision),
-            self.reason_code,
-            Some(self.outcome),
-            Some(self.detail),
-            self.expires_at,
-        ];
-        for field in fields {
-            match field {
-                None => hasher.update([0u8]),
-                Some(text) => {
-                    hasher.update([1u8]);
-                    hasher.update((text.len() as u64).to_be_bytes());
-                    hasher.update(text.as_bytes());
-                }
-            }
-        }
-        // `context` came later: hashed only when present (with its own tag), so
-        // records written before it existed keep their hashes.
-        if let Some(context) = self.context {
-            hasher.update([2u8]);
-            hasher.update((context.len() as u64).to_be_bytes());
-            hasher.update(context.as_bytes());
-        }
-        let mut hex = [0u8; 64];
-        // 32 digest bytes always encode into exactly 64 hex digits.
-        let _ = hex::encode_to_slice(hasher.finalize(), &mut hex);
-        hex
-    }
-}
-
-const SELECT_COLUMNS: &str = "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac";
-
-/// The select list that fits the `audit_log` table of `connection`: a database
-/// written before `context` or `mac` existed reads them as NULL (read-only readers
-/// do not migrate).
-fn select_columns(connection: &Connection) -> Result<String, AuditError> {
-    let context = if has_column(connection, "context")? {
-        "context"
-    } else {
-        "NULL"
-    };
-    let mac = if has_column(connection, "mac")? {
-        "mac"
-    } else {
-        "NULL"
-    };
-    Ok(format!(
-        "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, {context}, {mac}"
-    ))
-}
-
-fn has_column(connection: &Connection, name: &str) -> Result<bool, AuditError> {
-    let count: i64 = connection.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('audit_log') WHERE name = ?1",
-        [name],
-        |row| row.get(0),
-    )?;
-    Ok(count > 0)
-}
-
-impl Row {
-    fn from_sql(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-        let seq: i64 = row.get(0)?;
-        Ok(Row {
-            seq: u64::try_from(seq).unwrap_or(0),
-            time: row.get(1)?,
-            principal: row.get(2)?,
-            kind: row.get(3)?,
-            tool: row.get(4)?,
-            arguments: row.get(5)?,
-            mode: row.get(6)?,
-            decision: row.get(7)?,
-            reason_code: row.get(8)?,
-            outcome: row.get(9)?,
-            detail: row.get(10)?,
-            expires_at: row.get(11)?,
-            prev_hash: row.get(12)?,
-            hash: row.get(13)?,
-            context: row.get(14)?,
-            mac: row.get(15)?,
-        })
-    }
-
-    fn fields(&self) -> Fields<'_> {
-        Fields {
-            seq: self.seq,
-            time: &self.time,
-            principal: &self.principal,
-            kind: &self.kind,
-            tool: self.tool.as_deref(),
-            arguments: self.arguments.as_deref(),
-            mode: &self.mode,
-            decision: &self.decision,
-            reason_code: self.reason_code.as_deref(),
-            outcome: &self.outcome,
-            detail: &self.detail,
-            expires_at: self.expires_at.as_deref(),
-            context: self.context.as_deref(),
-        }
-    }
-
-    fn hash_is_valid(&self) -> bool {
-        self.fields().hash(&self.prev_hash).as_slice() == self.hash.as_bytes()
-    }
-
-    fn into_record(self) -> AuditRecord {
-        let parse = |text: &str| {
-            serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
-        };
-        AuditRecord {
-            seq: self.seq,
-            arguments: self.arguments.as_deref().map(parse),
-            context: self.context.as_deref().map(parse),
-            detail: parse(&self.detail),
-            time: self.time,
-            principal: self.principal,
-            kind: self.kind,
-            tool: self.tool,
-            mode: self.mode,
-            decision: self.decision,
-            reason_code: self.reason_code,
-            outcome: self.outcome,
-            expires_at: self.expires_at,
-            prev_hash: self.prev_hash,
-            hash: self.hash,
-            mac: self.mac,
-        }
-    }
-}
-
-/// Formats a time the way records store it.
-pub fn format_time(time: DateTime<Utc>) -> String {
-    time.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
 /// How hard each commit pushes data to disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -464,49 +147,6 @@ pub enum Priority {
     /// Operator actions and Proxi's own mode events: may use the reserve, and are
     /// still attempted while the log recovers (each attempt doubles as a probe).
     Essential,
-}
-
-/// The stored form of a JSON value whose text is not kept whole: a bounded prefix
-/// of its compact text, the SHA-256 of the whole text and its length in bytes.
-///
-/// Shape: `{"truncated": bool, "prefix": "...", "sha256": "<hex>", "bytes": N}`;
-/// `truncated` is false when the prefix is the whole text.
-pub fn json_digest(value: &Value) -> Value {
-    digest_text(&serde_json::to_string(value).unwrap_or_default())
-}
-
-fn digest_text(text: &str) -> Value {
-    let prefix = cut(text, STORED_PREFIX_BYTES);
-    serde_json::json!({
-        "truncated": prefix.len() < text.len(),
-        "prefix": prefix,
-        "sha256": hex::encode(Sha256::digest(text.as_bytes())),
-        "bytes": text.len(),
-    })
-}
-
-/// Cuts `text` to at most `max` bytes on a character boundary.
-fn cut(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
-/// Serializes `value` into `buffer`; a text longer than `max` is replaced by its digest.
-fn write_bounded(buffer: &mut Vec<u8>, value: &Value, max: usize) -> Result<(), AuditError> {
-    buffer.clear();
-    serde_json::to_writer(&mut *buffer, value).map_err(json_error)?;
-    if buffer.len() > max {
-        let digest = digest_text(utf8(buffer)?);
-        buffer.clear();
-        serde_json::to_writer(&mut *buffer, &digest).map_err(json_error)?;
-    }
-    Ok(())
 }
 
 struct Job {
@@ -561,8 +201,21 @@ struct Shared {
     reserve: AtomicU64,
     /// Records, commit times and queue depth for `/metrics`.
     metrics: crate::metrics::AuditMetrics,
-    /// Seq of the newest durable record, for live readers of the trail.
-    committed: tokio::sync::watch::Sender<u64>,
+    /// The seq of the newest acknowledged record (see [`AuditLog::committed`]).
+    committed: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Publishes that every record up to `seq` is durable.
+    fn publish_committed(&self, seq: u64) {
+        self.committed.send_if_modified(|newest| {
+            let newer = seq > *newest;
+            if newer {
+                *newest = seq;
+            }
+            newer
+        });
+    }
 }
 
 impl Shared {
@@ -589,7 +242,7 @@ impl Shared {
 pub struct AuditLog {
     sender: mpsc::Sender<Job>,
     shared: Arc<Shared>,
-    db_path: PathBuf,
+    store: Arc<dyn AuditStore>,
 }
 
 /// What [`AuditLog::open`] found in an existing trail.
@@ -672,76 +325,37 @@ impl AuditLog {
         durability: Durability,
         anchoring: Anchoring,
     ) -> Result<(AuditLog, Recovered), AuditError> {
-        let io_error = |path: &Path| {
-            let path = path.to_owned();
-            move |error| AuditError::Io { path, error }
-        };
-        create_private_dir(data_dir).map_err(io_error(data_dir))?;
-        let db_path = data_dir.join(AUDIT_DB_FILE);
-        // SQLite gives the -wal and -shm files the database file's permissions, so
-        // creating that file 0600 first covers all three; chmod covers older trails.
-        std::fs::File::options()
-            .create(true)
-            .append(true)
-            .mode(DATA_FILE_MODE)
-            .open(&db_path)
-            .map_err(io_error(&db_path))?;
-        for suffix in ["", "-wal", "-shm"] {
-            let path = data_dir.join(format!("{AUDIT_DB_FILE}{suffix}"));
-            make_private(&path).map_err(io_error(&path))?;
-        }
-        let connection = Connection::open(&db_path)?;
-        connection.pragma_update(None, "journal_mode", "WAL")?;
-        // Commits never fsync inside SQLite: with `Durability::Full` a separate
-        // syncer thread fsyncs the WAL while the writer already commits the next
-        // batch, and acknowledges only what the fsync covered (pipelined group commit).
-        connection.pragma_update(None, "synchronous", "NORMAL")?;
-        connection.busy_timeout(std::time::Duration::from_secs(5))?;
-        connection.execute_batch(
-            "CREATE TABLE IF NOT EXISTS audit_log (
-                seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                ts TEXT NOT NULL,
-                principal TEXT NOT NULL,
-                kind TEXT NOT NULL,
-                tool TEXT,
-                arguments TEXT,
-                mode TEXT NOT NULL,
-                decision TEXT NOT NULL,
-                reason_code TEXT,
-                outcome TEXT NOT NULL,
-                detail TEXT NOT NULL,
-                expires_at TEXT,
-                prev_hash TEXT NOT NULL,
-                hash TEXT NOT NULL,
-                context TEXT,
-                mac TEXT
-            );
-            -- Scratch row the writer rewrites to find out whether writes succeed again.
-            CREATE TABLE IF NOT EXISTS audit_probe (id INTEGER PRIMARY KEY, at TEXT NOT NULL);",
-        )?;
-        if !has_column(&connection, "context")? {
-            // A trail from before `context` existed; its records hash the same without it.
-            connection.execute_batch("ALTER TABLE audit_log ADD COLUMN context TEXT")?;
-        }
-        if !has_column(&connection, "mac")? {
-            // A trail from before audit keys: the MAC check below refuses to extend it.
-            connection.execute_batch("ALTER TABLE audit_log ADD COLUMN mac TEXT")?;
-        }
+        create_private_dir(data_dir).map_err(|error| AuditError::Io {
+            path: data_dir.to_owned(),
+            error,
+        })?;
+        let store = SqliteStore::open(data_dir, durability)?;
+        AuditLog::open_store(Arc::new(store), anchoring)
+    }
 
+    /// Opens the trail kept by `store`, authenticated by `anchoring`'s key and
+    /// anchor, and starts its writer thread (and, when the store needs one, its syncer).
+    ///
+    /// Refuses a trail whose newest record fails its hash or MAC, that was written
+    /// with another key, or that ends before its anchor (a deleted tail).
+    pub fn open_store(
+        store: Arc<dyn AuditStore>,
+        anchoring: Anchoring,
+    ) -> Result<(AuditLog, Recovered), AuditError> {
+        let thread_error = |error| AuditError::Io {
+            path: PathBuf::from(store.describe()),
+            error,
+        };
         let key = anchoring.key();
-        let last: Option<Row> = connection
-            .query_row(
-                &format!("SELECT {SELECT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT 1"),
-                [],
-                Row::from_sql,
-            )
-            .optional()?;
-        let (last_seq, last_hash) = match last {
+        let head = match store.head()? {
             Some(row) if !row.hash_is_valid() => {
                 return Err(AuditError::TamperedTail(row.seq));
             }
             Some(row) => match key.check_record(&row.hash, row.mac.as_deref()) {
-                MacCheck::Valid => (row.seq, row.hash),
+                MacCheck::Valid => ChainHead {
+                    seq: row.seq,
+                    hash: row.hash,
+                },
                 MacCheck::OtherKey(found) => {
                     return Err(AuditError::KeyMismatch {
                         seq: row.seq,
@@ -752,66 +366,56 @@ impl AuditLog {
                 MacCheck::Missing => return Err(AuditError::Unauthenticated(row.seq)),
                 MacCheck::Invalid => return Err(AuditError::TamperedTail(row.seq)),
             },
-            None => (0, GENESIS_HASH.to_owned()),
+            None => ChainHead::genesis(),
         };
-        check_anchor(&connection, &anchoring, last_seq)?;
+        check_anchor(store.as_ref(), &anchoring, head.seq)?;
         // Proves the anchor is writable before anything is acknowledged.
-        anchoring.write_anchor(last_seq, &last_hash)?;
-        let last_mode_event = connection
-            .query_row(
-                &format!(
-                    "SELECT {SELECT_COLUMNS} FROM audit_log WHERE kind IN ('mode_change', 'mode_expired') ORDER BY seq DESC LIMIT 1"
-                ),
-                [],
-                Row::from_sql,
-            )
-            .optional()?
-            .map(Row::into_record);
+        anchoring.write_anchor(head.seq, &head.hash)?;
+        let last_mode_event = store.last_mode_event()?;
         let mode_event_problem = match &last_mode_event {
-            Some(record) => check_chain_from(&connection, record.seq, key)?
+            Some(record) => check_chain_from(store.as_ref(), record.seq, key)?
                 .map(|broken| format!("record {}: {}", broken.seq, broken.problem)),
             None => None,
         };
         let anchored_externally = anchoring.is_external();
         let anchor = Arc::new(AnchorWriter {
             file: anchoring.open_for_updates()?,
-            head: Mutex::new((last_seq, last_hash.clone())),
+            head: Mutex::new((head.seq, head.hash.clone())),
             failing: AtomicBool::new(false),
         });
 
         let (sender, receiver) = mpsc::channel();
-        let total = disk_space(data_dir).map(|(_, total)| total).unwrap_or(0);
+        let total = match store.free_space() {
+            Some(Ok((_, total))) => total,
+            _ => 0,
+        };
+        let (committed, _) = watch::channel(head.seq);
         let shared = Arc::new(Shared {
             health: AtomicU8::new(HEALTHY),
             generation: AtomicU64::new(0),
             low_space: AtomicBool::new(false),
             reserve: AtomicU64::new(DEFAULT_SPACE_RESERVE_BYTES.min(total / 10)),
             metrics: crate::metrics::AuditMetrics::default(),
-            committed: tokio::sync::watch::channel(last_seq).0,
+            committed,
         });
-        let syncer = match durability {
-            Durability::Process => None,
-            Durability::Full => {
+        let syncer = match store.durable_sync()? {
+            None => None,
+            Some(sync) => {
                 let (sync_sender, sync_receiver) = mpsc::channel();
                 let syncer = Syncer {
-                    wal_path: data_dir.join(format!("{AUDIT_DB_FILE}-wal")),
-                    data_dir: data_dir.to_owned(),
-                    wal: None,
+                    sync,
                     shared: Arc::clone(&shared),
                     anchor: Arc::clone(&anchor),
                 };
                 std::thread::Builder::new()
                     .name("proxi-audit-sync".into())
                     .spawn(move || syncer.run(sync_receiver))
-                    .map_err(io_error(&db_path))?;
+                    .map_err(thread_error)?;
                 Some(sync_sender)
             }
         };
         let mut writer = Writer {
-            connection,
-            data_dir: data_dir.to_owned(),
-            last_seq,
-            last_hash,
+            store: Arc::clone(&store),
             shared: Arc::clone(&shared),
             anchor,
             syncer,
@@ -820,15 +424,15 @@ impl AuditLog {
         std::thread::Builder::new()
             .name("proxi-audit-writer".into())
             .spawn(move || writer.run(receiver))
-            .map_err(io_error(&db_path))?;
+            .map_err(thread_error)?;
         Ok((
             AuditLog {
                 sender,
                 shared,
-                db_path,
+                store,
             },
             Recovered {
-                records: last_seq,
+                records: head.seq,
                 last_mode_event,
                 mode_event_problem,
                 anchored_externally,
@@ -922,9 +526,14 @@ impl AuditLog {
         self.shared.low_space.load(Ordering::SeqCst)
     }
 
-    /// Where the database lives.
-    pub fn db_path(&self) -> &Path {
-        &self.db_path
+    /// Where the trail is kept, for banners and logs.
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    /// The store the trail is kept in, for reads (queries, verification).
+    pub fn store(&self) -> &Arc<dyn AuditStore> {
+        &self.store
     }
 
     /// The series this log updates (records, commit seconds, queue depth).
@@ -932,15 +541,21 @@ impl AuditLog {
         &self.shared.metrics
     }
 
-    /// Watches the seq of the newest durable record (0: none yet); a live reader
-    /// wakes on each change and reads what it has not seen from the store.
-    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.shared.committed.subscribe()
-    }
-
     /// The newest `limit` records, oldest first.
     pub fn recent(&self, limit: u32) -> Result<Vec<AuditRecord>, AuditError> {
-        read_recent(&self.db_path, limit)
+        self.store.recent(limit)
+    }
+
+    /// Answers a filtered query (see [`AuditQuery`]); blocking I/O.
+    pub fn query(&self, query: &AuditQuery) -> Result<AuditPage, AuditError> {
+        self.store.query(query)
+    }
+
+    /// Follows the seq of the newest durable record: it changes only after the
+    /// record's caller could have been answered, so a reader that sees seq N can
+    /// read every record up to N.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.shared.committed.subscribe()
     }
 }
 
@@ -948,22 +563,18 @@ impl AuditLog {
 type Acks = Vec<(oneshot::Sender<Result<u64, AuditError>>, u64)>;
 
 struct Writer {
-    connection: Connection,
-    data_dir: PathBuf,
-    last_seq: u64,
-    last_hash: String,
+    store: Arc<dyn AuditStore>,
     shared: Arc<Shared>,
     /// Records the committed head in the anchor (here, or after the syncer's fsync).
     anchor: Arc<AnchorWriter>,
-    /// Present for `Durability::Full`: committed batches wait there for their fsync.
+    /// Present when the store's commits are not durable by themselves
+    /// (`Durability::Full` on SQLite): committed batches wait there for their sync.
     syncer: Option<mpsc::Sender<Acks>>,
 }
 
-/// Fsyncs the WAL for every batch the writer committed since the last fsync.
+/// Makes durable every batch the writer committed since the last sync.
 struct Syncer {
-    wal_path: PathBuf,
-    data_dir: PathBuf,
-    wal: Option<std::fs::File>,
+    sync: Box<dyn DurableSync>,
     shared: Arc<Shared>,
     anchor: Arc<AnchorWriter>,
 }
@@ -979,17 +590,17 @@ impl Syncer {
             let synced = if self.shared.health() == FAILED {
                 Err(std::io::Error::other("an earlier fsync failed"))
             } else {
-                self.sync()
+                self.sync.sync()
             };
             match synced {
                 Ok(()) => {
-                    let newest = acks.iter().map(|(_, seq)| *seq).max();
                     self.anchor.persist(head);
-                    if let Some(newest) = newest {
-                        self.shared.committed.send_replace(newest);
-                    }
+                    let newest = acks.iter().map(|(_, seq)| *seq).max();
                     for (done, seq) in acks {
                         let _ = done.send(Ok(seq));
+                    }
+                    if let Some(newest) = newest {
+                        self.shared.publish_committed(newest);
                     }
                 }
                 Err(error) => {
@@ -1000,22 +611,6 @@ impl Syncer {
                     }
                 }
             }
-        }
-    }
-
-    /// Every frame of every commit that returned before this call is in the WAL
-    /// file's page cache, so one fdatasync makes all of them durable. Frames that
-    /// a checkpoint moved into the database file meanwhile were synced by SQLite.
-    fn sync(&mut self) -> std::io::Result<()> {
-        if self.wal.is_none() {
-            let wal = std::fs::File::open(&self.wal_path)?;
-            // The WAL may be new: make its directory entry durable too, once.
-            std::fs::File::open(&self.data_dir)?.sync_all()?;
-            self.wal = Some(wal);
-        }
-        match &self.wal {
-            Some(wal) => wal.sync_data(),
-            None => Ok(()),
         }
     }
 }
@@ -1106,12 +701,12 @@ impl Writer {
                     }
                     None => {
                         let newest = acks.last().map(|(_, seq)| *seq);
-                        if let Some(newest) = newest {
-                            self.shared.committed.send_replace(newest);
-                        }
                         for (done, seq) in acks {
                             // A caller that gave up waiting is not an error for the log.
                             let _ = done.send(Ok(seq));
+                        }
+                        if let Some(newest) = newest {
+                            self.shared.publish_committed(newest);
                         }
                     }
                 }
@@ -1138,7 +733,7 @@ impl Writer {
             Ordering::SeqCst,
         );
         self.check_space();
-        if let Err(error) = self.reload_head() {
+        if let Err(error) = self.store.reset() {
             // Commits reload the head again before writing; until that works, none happens.
             tracing::error!(%error, "cannot re-read the audit chain head");
         }
@@ -1155,27 +750,6 @@ impl Writer {
         }
     }
 
-    /// Ends any transaction a failed commit left open and takes the chain head
-    /// from the database, so the next record links to what is really stored.
-    fn reload_head(&mut self) -> Result<(), AuditError> {
-        if !self.connection.is_autocommit() {
-            self.connection.execute_batch("ROLLBACK")?;
-        }
-        let head: Option<(i64, String)> = self
-            .connection
-            .query_row(
-                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()?;
-        (self.last_seq, self.last_hash) = match head {
-            Some((seq, hash)) => (u64::try_from(seq).unwrap_or(0), hash),
-            None => (0, GENESIS_HASH.to_owned()),
-        };
-        Ok(())
-    }
-
     /// Re-checks free space, and while recovering tries a small write: when it
     /// succeeds the log accepts agent traffic again.
     fn probe(&mut self) {
@@ -1183,15 +757,7 @@ impl Writer {
         if self.shared.health() != RECOVERING {
             return;
         }
-        let attempt = self.reload_head().and_then(|()| {
-            self.connection
-                .execute(
-                    "INSERT OR REPLACE INTO audit_probe (id, at) VALUES (1, ?1)",
-                    [format_time(Utc::now())],
-                )
-                .map_err(AuditError::from)
-        });
-        match attempt {
+        match self.store.probe() {
             Ok(_) => self.recovered(),
             Err(error) => tracing::debug!(%error, "audit write probe failed"),
         }
@@ -1200,9 +766,11 @@ impl Writer {
     /// Records whether free space is below the reserve; logs each change.
     fn check_space(&mut self) {
         let reserve = self.shared.reserve.load(Ordering::SeqCst);
-        let low = match disk_space(&self.data_dir) {
-            Ok((free, _)) => free < reserve,
-            Err(error) => {
+        let low = match self.store.free_space() {
+            // A store off the local filesystem keeps its own reserve.
+            None => false,
+            Some(Ok((free, _))) => free < reserve,
+            Some(Err(error)) => {
                 tracing::warn!(%error, "cannot read free disk space; treating it as low");
                 true
             }
@@ -1219,307 +787,14 @@ impl Writer {
         }
     }
 
-    /// Writes the batch in one transaction; the chain state advances only on commit.
+    /// Writes the batch in one transaction; returns the first record's seq.
     fn commit(&mut self, batch: &[Job]) -> Result<u64, AuditError> {
-        if !self.connection.is_autocommit() {
-            // A failed commit left a transaction open and its head may be stale.
-            self.reload_head()?;
-        }
-        let transaction = self.connection.transaction()?;
-        let mut seq = self.last_seq;
-        let mut hash = [0u8; 64];
-        hash.copy_from_slice(self.last_hash.as_bytes());
-        // Reused across rows so that a batch costs no per-row allocation for JSON.
-        let mut arguments = Vec::with_capacity(256);
-        let mut detail = Vec::with_capacity(256);
-        let mut context = Vec::with_capacity(64);
-        {
-            let mut insert = transaction.prepare_cached(
-                "INSERT INTO audit_log (seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-            )?;
-            for job in batch {
-                let entry = &job.entry;
-                seq += 1;
-                let time = format_time(entry.time);
-                let expires_at = entry.expires_at.map(format_time);
-                if let Some(value) = &entry.arguments {
-                    write_bounded(&mut arguments, value, MAX_STORED_JSON_BYTES)?;
-                }
-                write_bounded(&mut detail, &entry.detail, MAX_STORED_JSON_BYTES)?;
-                if let Some(value) = &entry.context {
-                    write_bounded(&mut context, value, MAX_STORED_CONTEXT_BYTES)?;
-                }
-                let fields = Fields {
-                    seq,
-                    time: &time,
-                    principal: cut(&entry.principal, MAX_STORED_NAME_BYTES),
-                    kind: entry.kind.as_str(),
-                    tool: entry
-                        .tool
-                        .as_deref()
-                        .map(|tool| cut(tool, MAX_STORED_NAME_BYTES)),
-                    arguments: match entry.arguments {
-                        Some(_) => Some(utf8(&arguments)?),
-                        None => None,
-                    },
-                    mode: cut(&entry.mode, MAX_STORED_NAME_BYTES),
-                    decision: entry.decision.as_str(),
-                    reason_code: entry.reason_code,
-                    outcome: entry.outcome,
-                    detail: utf8(&detail)?,
-                    expires_at: expires_at.as_deref(),
-                    context: match entry.context {
-                        Some(_) => Some(utf8(&context)?),
-                        None => None,
-                    },
-                };
-                let prev_hash = hash;
-                hash = fields.hash(utf8(&prev_hash)?);
-                insert.execute(params![
-                    i64::try_from(seq).unwrap_or(i64::MAX),
-                    fields.time,
-                    fields.principal,
-                    fields.kind,
-                    fields.tool,
-                    fields.arguments,
-                    fields.mode,
-                    fields.decision,
-                    fields.reason_code,
-                    fields.outcome,
-                    fields.detail,
-                    fields.expires_at,
-                    utf8(&prev_hash)?,
-                    utf8(&hash)?,
-                    fields.context,
-                    self.anchor.key().record_mac(utf8(&hash)?),
-                ])?;
-            }
-        }
-        transaction.commit()?;
-        let first = self.last_seq + 1;
-        self.last_seq = seq;
-        self.last_hash = utf8(&hash)?.to_owned();
+        let entries: Vec<&AuditEntry> = batch.iter().map(|job| &job.entry).collect();
+        let head = self.store.append(&entries, self.anchor.key())?;
         self.anchor
-            .committed(seq, &self.last_hash, self.syncer.is_none());
-        Ok(first)
+            .committed(head.seq, &head.hash, self.syncer.is_none());
+        Ok(head.seq + 1 - batch.len() as u64)
     }
-}
-
-fn json_error(error: serde_json::Error) -> AuditError {
-    AuditError::Encoding(error.to_string())
-}
-
-/// serde_json and hex emit UTF-8 only; a failure here is a bug, reported rather than panicking.
-fn utf8(bytes: &[u8]) -> Result<&str, AuditError> {
-    std::str::from_utf8(bytes).map_err(|error| AuditError::Encoding(error.to_string()))
-}
-
-fn open_reader(db_path: &Path) -> Result<Connection, AuditError> {
-    if !db_path.exists() {
-        return Err(AuditError::Missing(db_path.to_owned()));
-    }
-    let connection = Connection::open_with_flags(
-        db_path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    connection.busy_timeout(std::time::Duration::from_secs(5))?;
-    Ok(connection)
-}
-
-/// The newest `limit` records of the trail at `db_path`, oldest first.
-pub fn read_recent(db_path: &Path, limit: u32) -> Result<Vec<AuditRecord>, AuditError> {
-    let connection = open_reader(db_path)?;
-    let columns = select_columns(&connection)?;
-    let mut statement = connection.prepare(&format!(
-        "SELECT {columns} FROM audit_log ORDER BY seq DESC LIMIT ?1"
-    ))?;
-    let mut records = statement
-        .query_map([limit], Row::from_sql)?
-        .map(|row| row.map(Row::into_record))
-        .collect::<Result<Vec<_>, _>>()?;
-    records.reverse();
-    Ok(records)
-}
-
-/// Calls `visit` on every record of the trail at `db_path`, oldest first.
-pub fn for_each_record(
-    db_path: &Path,
-    mut visit: impl FnMut(AuditRecord),
-) -> Result<(), AuditError> {
-    let connection = open_reader(db_path)?;
-    let columns = select_columns(&connection)?;
-    let mut statement =
-        connection.prepare(&format!("SELECT {columns} FROM audit_log ORDER BY seq"))?;
-    let mut rows = statement.query([])?;
-    while let Some(row) = rows.next()? {
-        visit(Row::from_sql(row)?.into_record());
-    }
-    Ok(())
-}
-
-/// The result of checking the chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Verification {
-    /// Records examined.
-    pub records: u64,
-    /// Hash of the newest record (the chain head), if any.
-    pub head: Option<String>,
-    /// The first broken record, if any.
-    pub first_bad: Option<BrokenRecord>,
-    /// The newest record the anchor vouches for, when a key was given and the anchor checked out.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub anchored_seq: Option<u64>,
-    /// Whether the key and anchor used live outside the data dir (`None`: no key given).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub anchored_externally: Option<bool>,
-}
-
-/// Where and how the chain breaks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BrokenRecord {
-    /// The sequence number of the first record that does not check out.
-    pub seq: u64,
-    /// What is wrong with it.
-    pub problem: String,
-}
-
-/// Checks records one after another: sequence, link, hash and (with a key) MAC.
-struct ChainCheck<'a> {
-    key: Option<&'a AuditKey>,
-    expected_seq: u64,
-    /// `None` while the first record's link is not to be checked (a check from the middle).
-    previous_hash: Option<String>,
-}
-
-impl ChainCheck<'_> {
-    fn check(&mut self, row: Row) -> Result<(), BrokenRecord> {
-        let broken = |problem: String| BrokenRecord {
-            seq: row.seq,
-            problem,
-        };
-        if row.seq != self.expected_seq {
-            return Err(broken(if row.seq > self.expected_seq {
-                format!(
-                    "expected record {} next but found {}: record(s) {}..{} were deleted",
-                    self.expected_seq,
-                    row.seq,
-                    self.expected_seq,
-                    row.seq - 1
-                )
-            } else {
-                format!("record {} is out of order", row.seq)
-            }));
-        }
-        if self
-            .previous_hash
-            .as_ref()
-            .is_some_and(|previous| *previous != row.prev_hash)
-        {
-            return Err(broken(
-                "does not link to the record before it (records were deleted, reordered or replaced)"
-                    .to_owned(),
-            ));
-        }
-        if !row.hash_is_valid() {
-            return Err(broken(
-                "its content does not match its hash (the record was edited)".to_owned(),
-            ));
-        }
-        if let Some(key) = self.key {
-            match key.check_record(&row.hash, row.mac.as_deref()) {
-                MacCheck::Valid => {}
-                MacCheck::Missing => {
-                    return Err(broken(
-                        "carries no MAC: it was not written by Proxi with an audit key, or its MAC was removed"
-                            .to_owned(),
-                    ));
-                }
-                MacCheck::OtherKey(found) => {
-                    return Err(broken(format!(
-                        "key mismatch: it was authenticated with audit key {found}, but the key given is {}; use the operator credential this trail was written with",
-                        key.id()
-                    )));
-                }
-                MacCheck::Invalid => {
-                    return Err(broken(
-                        "its MAC does not match: the record was edited and its hash recomputed without the audit key (re-hashed)"
-                            .to_owned(),
-                    ));
-                }
-            }
-        }
-        self.previous_hash = Some(row.hash);
-        self.expected_seq += 1;
-        Ok(())
-    }
-}
-
-fn hash_at(connection: &Connection, seq: u64) -> Result<Option<String>, AuditError> {
-    if seq == 0 {
-        return Ok(Some(GENESIS_HASH.to_owned()));
-    }
-    Ok(connection
-        .query_row(
-            "SELECT hash FROM audit_log WHERE seq = ?1",
-            [i64::try_from(seq).unwrap_or(i64::MAX)],
-            |row| row.get(0),
-        )
-        .optional()?)
-}
-
-/// At startup: the anchor must be authentic and must not be ahead of, or differ from, the trail.
-fn check_anchor(
-    connection: &Connection,
-    anchoring: &Anchoring,
-    last_seq: u64,
-) -> Result<(), AuditError> {
-    let path = anchoring.anchor_path().to_owned();
-    let untrusted = |problem| AuditError::AnchorUntrusted {
-        anchor: path.clone(),
-        problem,
-        records: last_seq,
-    };
-    match anchoring.read_anchor()? {
-        None if last_seq > 0 => Err(untrusted("missing")),
-        None => Ok(()),
-        Some(anchor) if !anchor.is_authentic(anchoring.key()) => {
-            Err(untrusted("not authenticated by the configured key"))
-        }
-        Some(anchor) if anchor.seq > last_seq => Err(AuditError::Truncated {
-            last: last_seq,
-            anchored: anchor.seq,
-            anchor: path,
-        }),
-        Some(anchor) => match hash_at(connection, anchor.seq)? {
-            Some(hash) if hash == anchor.hash => Ok(()),
-            _ => Err(AuditError::Rewritten(anchor.seq)),
-        },
-    }
-}
-
-/// Checks the chain from record `seq` (its content and MAC, not its link backwards)
-/// to the newest record; returns the first problem.
-fn check_chain_from(
-    connection: &Connection,
-    seq: u64,
-    key: &AuditKey,
-) -> Result<Option<BrokenRecord>, AuditError> {
-    let mut statement = connection.prepare(&format!(
-        "SELECT {SELECT_COLUMNS} FROM audit_log WHERE seq >= ?1 ORDER BY seq"
-    ))?;
-    let mut rows = statement.query([i64::try_from(seq).unwrap_or(i64::MAX)])?;
-    let mut check = ChainCheck {
-        key: Some(key),
-        expected_seq: seq,
-        previous_hash: None,
-    };
-    while let Some(row) = rows.next()? {
-        if let Err(broken) = check.check(Row::from_sql(row)?) {
-            return Ok(Some(broken));
-        }
-    }
-    Ok(None)
 }
 
 /// The committed chain head, and writing it to the anchor file.
@@ -1567,141 +842,13 @@ impl AnchorWriter {
     }
 }
 
-/// Recomputes the whole hash chain and reports the first record that breaks it.
-/// Checks no MACs: see [`verify_anchored`].
-pub fn verify(db_path: &Path) -> Result<Verification, AuditError> {
-    verify_with(db_path, None)
-}
-
-/// Like [`verify`], and also checks every record's MAC and the anchor with
-/// `anchoring`'s key: reports a re-hashed record, a key mismatch and a deleted tail.
-pub fn verify_anchored(db_path: &Path, anchoring: &Anchoring) -> Result<Verification, AuditError> {
-    verify_with(db_path, Some(anchoring))
-}
-
-fn verify_with(db_path: &Path, anchoring: Option<&Anchoring>) -> Result<Verification, AuditError> {
-    let connection = open_reader(db_path)?;
-    let anchor = match anchoring {
-        Some(anchoring) => Some(anchoring.read_anchor()?),
-        None => None,
-    };
-    let anchor_seq = anchor
-        .as_ref()
-        .and_then(|anchor| anchor.as_ref().map(|a| a.seq));
-    let columns = select_columns(&connection)?;
-    let mut statement =
-        connection.prepare(&format!("SELECT {columns} FROM audit_log ORDER BY seq"))?;
-    let mut rows = statement.query([])?;
-    let mut check = ChainCheck {
-        key: anchoring.map(Anchoring::key),
-        expected_seq: 1,
-        previous_hash: Some(GENESIS_HASH.to_owned()),
-    };
-    let mut records = 0;
-    let mut hash_at_anchor = (anchor_seq == Some(0)).then(|| GENESIS_HASH.to_owned());
-    let result = |records, first_bad: Option<BrokenRecord>, head: Option<String>| Verification {
-        records,
-        head: if first_bad.is_none() { head } else { None },
-        first_bad,
-        anchored_seq: None,
-        anchored_externally: anchoring.map(Anchoring::is_external),
-    };
-    while let Some(row) = rows.next()? {
-        let row = Row::from_sql(row)?;
-        records += 1;
-        if Some(row.seq) == anchor_seq {
-            hash_at_anchor = Some(row.hash.clone());
-        }
-        if let Err(broken) = check.check(row) {
-            return Ok(result(records, Some(broken), None));
-        }
-    }
-    let last = check.expected_seq - 1;
-    let head = check.previous_hash.filter(|_| records > 0);
-    if let (Some(anchoring), Some(anchor)) = (anchoring, anchor) {
-        let path = anchoring.anchor_path().display();
-        let problem = match anchor {
-            None if records > 0 => Some(BrokenRecord {
-                seq: last,
-                problem: format!(
-                    "the anchor {path} is missing: it was deleted, or this trail was not written with this key; a deleted tail cannot be ruled out"
-                ),
-            }),
-            None => None,
-            Some(anchor) if anchor.key_id != anchoring.key().id() => Some(BrokenRecord {
-                seq: anchor.seq,
-                problem: format!(
-                    "key mismatch: the anchor {path} was made with audit key {}, but the key given is {}",
-                    anchor.key_id,
-                    anchoring.key().id()
-                ),
-            }),
-            Some(anchor) if !anchor.is_authentic(anchoring.key()) => Some(BrokenRecord {
-                seq: anchor.seq,
-                problem: format!("the anchor {path} was forged (its MAC does not match)"),
-            }),
-            Some(anchor) if anchor.seq > last => Some(BrokenRecord {
-                seq: last + 1,
-                problem: format!(
-                    "records {}..{} were written (the anchor vouches for {}) but are missing: the end of the trail was deleted (truncated)",
-                    last + 1,
-                    anchor.seq,
-                    anchor.seq
-                ),
-            }),
-            Some(anchor) if hash_at_anchor.as_deref() != Some(anchor.hash.as_str()) => {
-                Some(BrokenRecord {
-                    seq: anchor.seq,
-                    problem: "differs from the record the anchor vouches for: the trail was rewritten from here".to_owned(),
-                })
-            }
-            Some(anchor) => {
-                let mut verification = result(records, None, head.clone());
-                verification.anchored_seq = Some(anchor.seq);
-                return finish_unanchored(&connection, verification, last);
-            }
-        };
-        if let Some(problem) = problem {
-            return Ok(result(records, Some(problem), None));
-        }
-    }
-    finish_unanchored(&connection, result(records, None, head), last)
-}
-
-/// The hash-only tail check: AUTOINCREMENT remembers the highest seq ever written,
-/// which exposes a deleted tail unless `sqlite_sequence` was edited too.
-fn finish_unanchored(
-    connection: &Connection,
-    mut verification: Verification,
-    last: u64,
-) -> Result<Verification, AuditError> {
-    let highest: Option<u64> = connection
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'audit_log'",
-            [],
-            |row| row.get::<_, i64>(0),
-        )
-        .optional()?
-        .and_then(|seq| u64::try_from(seq).ok());
-    if let Some(highest) = highest
-        && highest > last
-    {
-        verification.head = None;
-        verification.first_bad = Some(BrokenRecord {
-            seq: last + 1,
-            problem: format!(
-                "records {}..{highest} were written but are missing (the end of the log was deleted)",
-                last + 1
-            ),
-        });
-    }
-    Ok(verification)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Utc;
+    use rusqlite::{Connection, params};
     use serde_json::json;
+    use sha2::{Digest, Sha256};
 
     fn entry(n: i64) -> AuditEntry {
         AuditEntry {
@@ -1742,11 +889,181 @@ mod tests {
             .map(|broken| broken.seq)
     }
 
+    fn seqs(page: &AuditPage) -> Vec<u64> {
+        page.records.iter().map(|record| record.seq).collect()
+    }
+
+    /// Ten records: odd ones by `agent` calling `restart_service` (denied), even
+    /// ones by `operator` calling `scale_fleet` (allowed).
+    async fn mixed_log(dir: &Path) -> AuditLog {
+        let (log, _) = AuditLog::open(dir, Durability::Process).unwrap();
+        for n in 1..=10 {
+            let mut record = entry(n);
+            if n % 2 == 1 {
+                record.tool = Some("restart_service".into());
+                record.decision = AuditDecision::Denied;
+                record.reason_code = Some("blocked_in_mode");
+            } else {
+                record.principal = Arc::from("operator");
+            }
+            log.append(record).await.unwrap();
+        }
+        log
+    }
+
+    #[tokio::test]
+    async fn a_query_filters_and_pages_with_a_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = mixed_log(dir.path()).await;
+        let agent = AuditQuery {
+            principal: Some("agent".into()),
+            after_seq: Some(0),
+            limit: 2,
+            ..AuditQuery::default()
+        };
+        let page = log.query(&agent).unwrap();
+        assert_eq!(seqs(&page), [1, 3]);
+        assert_eq!(page.next_after_seq, Some(3));
+        let page = log
+            .query(&AuditQuery {
+                after_seq: Some(7),
+                ..agent.clone()
+            })
+            .unwrap();
+        assert_eq!(seqs(&page), [9]);
+        assert_eq!(page.next_after_seq, None, "no more match");
+        // Without a cursor: the newest matching records, oldest first.
+        let newest = log
+            .query(&AuditQuery {
+                after_seq: None,
+                ..agent
+            })
+            .unwrap();
+        assert_eq!(seqs(&newest), [7, 9]);
+        assert_eq!(newest.next_after_seq, None);
+    }
+
+    #[tokio::test]
+    async fn every_filter_of_a_query_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = mixed_log(dir.path()).await;
+        let all = |query: AuditQuery| {
+            seqs(
+                &log.query(&AuditQuery {
+                    limit: 100,
+                    ..query
+                })
+                .unwrap(),
+            )
+        };
+        let odd = vec![1, 3, 5, 7, 9];
+        let even = vec![2, 4, 6, 8, 10];
+        assert_eq!(all(AuditQuery::default()).len(), 10);
+        assert_eq!(
+            all(AuditQuery {
+                tool: Some("restart_*".into()),
+                ..AuditQuery::default()
+            }),
+            odd
+        );
+        assert_eq!(
+            all(AuditQuery {
+                tool: Some("*_fleet".into()),
+                ..AuditQuery::default()
+            }),
+            even
+        );
+        assert_eq!(
+            all(AuditQuery {
+                tool: Some("restart".into()),
+                ..AuditQuery::default()
+            }),
+            Vec::<u64>::new(),
+            "without a star the name is exact"
+        );
+        assert_eq!(
+            all(AuditQuery {
+                tool: Some("restart?service".into()),
+                ..AuditQuery::default()
+            }),
+            Vec::<u64>::new(),
+            "only a star is a wildcard"
+        );
+        assert_eq!(
+            all(AuditQuery {
+                decision: Some("allowed".into()),
+                ..AuditQuery::default()
+            }),
+            even
+        );
+        assert_eq!(
+            all(AuditQuery {
+                reason_code: Some("blocked_in_mode".into()),
+                kind: Some("tool_call".into()),
+                ..AuditQuery::default()
+            }),
+            odd
+        );
+        assert!(
+            all(AuditQuery {
+                kind: Some("mode_change".into()),
+                ..AuditQuery::default()
+            })
+            .is_empty()
+        );
+        let future = Utc::now() + chrono::Duration::hours(1);
+        assert!(
+            all(AuditQuery {
+                since: Some(future),
+                ..AuditQuery::default()
+            })
+            .is_empty()
+        );
+        assert_eq!(
+            all(AuditQuery {
+                until: Some(future),
+                ..AuditQuery::default()
+            })
+            .len(),
+            10
+        );
+        // The store's answer is the one the reference filter gives.
+        let query = AuditQuery {
+            principal: Some("agent".into()),
+            tool: Some("*service".into()),
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        let expected: Vec<u64> = log
+            .recent(100)
+            .unwrap()
+            .iter()
+            .filter(|record| query.matches(record))
+            .map(|record| record.seq)
+            .collect();
+        assert_eq!(seqs(&log.query(&query).unwrap()), expected);
+    }
+
+    #[tokio::test]
+    async fn committed_follows_the_newest_durable_record() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(log_with(dir.path(), 2).await);
+        for durability in [Durability::Process, Durability::Full] {
+            let (log, _) = AuditLog::open(dir.path(), durability).unwrap();
+            let mut committed = log.committed();
+            let start = *committed.borrow_and_update();
+            let seq = log.append(entry(9)).await.unwrap();
+            assert_eq!(seq, start + 1);
+            committed.changed().await.unwrap();
+            assert_eq!(*committed.borrow(), seq);
+        }
+    }
+
     #[tokio::test]
     async fn an_intact_chain_verifies() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with(dir.path(), 5).await;
-        let report = verify(log.db_path()).unwrap();
+        let report = log.store().verify(None).unwrap();
         assert_eq!(report.records, 5);
         assert_eq!(report.first_bad, None);
         let records = log.recent(2).unwrap();
@@ -2076,12 +1393,11 @@ mod tests {
     /// Recomputes every hash as someone without the key would after an edit.
     fn rehash(dir: &Path) {
         let connection = Connection::open(dir.join(AUDIT_DB_FILE)).unwrap();
-        let rows: Vec<Row> = connection
-            .prepare(&format!(
-                "SELECT {SELECT_COLUMNS} FROM audit_log ORDER BY seq"
-            ))
+        let columns = select_columns(&connection).unwrap();
+        let rows: Vec<StoredRecord> = connection
+            .prepare(&format!("SELECT {columns} FROM audit_log ORDER BY seq"))
             .unwrap()
-            .query_map([], Row::from_sql)
+            .query_map([], StoredRecord::from_sql)
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
@@ -2197,120 +1513,5 @@ mod tests {
         assert_eq!(recovered.last_mode_event.map(|record| record.seq), Some(2));
         let problem = recovered.mode_event_problem.unwrap();
         assert!(problem.starts_with("record 2:"), "{problem}");
-    }
-}
-
-// TEMPORARY (console branch): the store helper's filtered query lands with the
-// audit split under these names; this scan stands in until that merge replaces it.
-
-/// Most records one query returns.
-pub const MAX_QUERY_LIMIT: u32 = 1000;
-
-/// A filtered read of the trail; every filter optional, all given must match.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AuditQuery {
-    /// Exact principal.
-    pub principal: Option<String>,
-    /// Exact kind.
-    pub kind: Option<String>,
-    /// Tool name, exact or a `*` glob.
-    pub tool: Option<String>,
-    /// Exact decision.
-    pub decision: Option<String>,
-    /// Exact reason code.
-    pub reason_code: Option<String>,
-    /// Records at or after this time.
-    pub since: Option<DateTime<Utc>>,
-    /// Records strictly before this time.
-    pub until: Option<DateTime<Utc>>,
-    /// The cursor: only records with a greater seq, oldest first.
-    pub after_seq: Option<u64>,
-    /// Most records returned; clamped to 1..=[`MAX_QUERY_LIMIT`].
-    pub limit: u32,
-}
-
-/// One page of a query.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct AuditPage {
-    /// Matching records, oldest first.
-    pub records: Vec<AuditRecord>,
-    /// With a cursor: the seq to continue after, when more records match.
-    pub next_after_seq: Option<u64>,
-}
-
-fn glob_matches(pattern: &str, text: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == text,
-        Some((head, rest)) => {
-            let Some(mut remaining) = text.strip_prefix(head) else {
-                return false;
-            };
-            let parts: Vec<&str> = rest.split('*').collect();
-            for (index, part) in parts.iter().enumerate() {
-                if index == parts.len() - 1 {
-                    return remaining.ends_with(part);
-                }
-                match remaining.find(part) {
-                    Some(at) => remaining = &remaining[at + part.len()..],
-                    None => return false,
-                }
-            }
-            true
-        }
-    }
-}
-
-impl AuditQuery {
-    fn matches(&self, record: &AuditRecord) -> bool {
-        let exact = |filter: &Option<String>, value: Option<&str>| {
-            filter.as_deref().is_none_or(|wanted| Some(wanted) == value)
-        };
-        let time = DateTime::parse_from_rfc3339(&record.time).map(|time| time.to_utc());
-        exact(&self.principal, Some(&record.principal))
-            && exact(&self.kind, Some(&record.kind))
-            && exact(&self.decision, Some(&record.decision))
-            && exact(&self.reason_code, record.reason_code.as_deref())
-            && self.tool.as_deref().is_none_or(|pattern| {
-                record
-                    .tool
-                    .as_deref()
-                    .is_some_and(|tool| glob_matches(pattern, tool))
-            })
-            && self
-                .since
-                .is_none_or(|since| time.is_ok_and(|time| time >= since))
-            && self
-                .until
-                .is_none_or(|until| time.is_ok_and(|time| time < until))
-    }
-}
-
-impl AuditLog {
-    /// Answers a filtered query; blocking I/O.
-    pub fn query(&self, query: &AuditQuery) -> Result<AuditPage, AuditError> {
-        let limit = query.limit.clamp(1, MAX_QUERY_LIMIT) as usize;
-        let after = query.after_seq.unwrap_or(0);
-        let mut matching = Vec::new();
-        for_each_record(&self.db_path, |record| {
-            if record.seq > after && query.matches(&record) {
-                matching.push(record);
-            }
-        })?;
-        let next_after_seq = match query.after_seq {
-            Some(_) if matching.len() > limit => {
-                matching.truncate(limit);
-                matching.last().map(|record| record.seq)
-            }
-            Some(_) => None,
-            None => {
-                let skip = matching.len().saturating_sub(limit);
-                matching.drain(..skip);
-                None
-            }
-        };
-        Ok(AuditPage {
-            records: matching,
-            next_after_seq,
-        })
     }
 }
