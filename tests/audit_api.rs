@@ -249,3 +249,91 @@ async fn a_stream_that_is_not_read_does_not_hold_up_calls() {
     let (_, body) = audit(&api, "tool=list_services&limit=1000").await;
     assert_eq!(body["count"], 600);
 }
+
+fn tail(data_dir: &std::path::Path, extra: &[&str]) -> Vec<Value> {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_proxi"))
+        .args(["audit", "tail", "--json", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .output()
+        .expect("proxi runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON record per line"))
+        .collect()
+}
+
+#[tokio::test]
+async fn audit_tail_takes_the_same_filters_and_follows_the_stream() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = common::ServerProcess::start(dir.path(), &[]);
+    let api = Api::new(&server.url);
+    some_calls(&api).await;
+
+    let listed = tail(dir.path(), &["--tool", "list_*", "-n", "2"]);
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed
+            .iter()
+            .all(|record| record["tool"] == "list_services")
+    );
+    let denied = tail(dir.path(), &["--decision", "denied", "--kind", "tool_call"]);
+    assert_eq!(denied.len(), 2);
+    let none = tail(dir.path(), &["--until", "2000-01-01T00:00:00Z"]);
+    assert!(none.is_empty());
+
+    let mut follower = std::process::Command::new(env!("CARGO_BIN_EXE_proxi"))
+        .args([
+            "audit",
+            "tail",
+            "--json",
+            "--follow",
+            "-n",
+            "1",
+            "--decision",
+            "denied",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--server", &server.url])
+        .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("proxi runs");
+    let stdout = follower.stdout.take().expect("stdout");
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || -> Value {
+        let line = received
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a line from audit tail --follow");
+        serde_json::from_str(&line).expect("json")
+    };
+    // The newest matching record first, then what arrives.
+    let newest = next();
+    assert_eq!(newest["decision"], "denied");
+    let _ = api.execute("list_services", json!({})).await;
+    let (_, refused) = api
+        .execute("delete_database", json!({"database_name": "x"}))
+        .await;
+    let arrived = next();
+    assert_eq!(arrived["seq"], refused["audit_seq"], "{arrived}");
+    assert_eq!(arrived["tool"], "delete_database");
+    let _ = follower.kill();
+    let _ = follower.wait();
+}

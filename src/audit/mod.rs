@@ -551,9 +551,9 @@ impl AuditLog {
         self.store.query(query)
     }
 
-    /// Follows the seq of the newest durable record: it changes only after the
-    /// record's caller could have been answered, so a reader that sees seq N can
-    /// read every record up to N.
+    /// Follows the seq of the newest durable record: it changes once the record
+    /// is durable and before its caller is answered, so a reader that sees seq N
+    /// can read every record up to N, and a caller told seq N finds it at N or past.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.shared.committed.subscribe()
     }
@@ -595,12 +595,13 @@ impl Syncer {
             match synced {
                 Ok(()) => {
                     self.anchor.persist(head);
-                    let newest = acks.iter().map(|(_, seq)| *seq).max();
+                    // Published before the acks: a caller told its seq finds the
+                    // watch at or past it (a stream it opens next starts after it).
+                    if let Some(newest) = acks.iter().map(|(_, seq)| *seq).max() {
+                        self.shared.publish_committed(newest);
+                    }
                     for (done, seq) in acks {
                         let _ = done.send(Ok(seq));
-                    }
-                    if let Some(newest) = newest {
-                        self.shared.publish_committed(newest);
                     }
                 }
                 Err(error) => {
@@ -700,13 +701,12 @@ impl Writer {
                         }
                     }
                     None => {
-                        let newest = acks.last().map(|(_, seq)| *seq);
+                        if let Some(newest) = acks.last().map(|(_, seq)| *seq) {
+                            self.shared.publish_committed(newest);
+                        }
                         for (done, seq) in acks {
                             // A caller that gave up waiting is not an error for the log.
                             let _ = done.send(Ok(seq));
-                        }
-                        if let Some(newest) = newest {
-                            self.shared.publish_committed(newest);
                         }
                     }
                 }
