@@ -265,3 +265,56 @@ async fn console_endpoints_take_the_cookie_only_and_logout_ends_the_session() {
         .expect("sent");
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn a_console_session_may_use_the_connections_kept_for_operators() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = common::ServerProcess::start(
+        dir.path(),
+        &["--max-connections", "16", "--durability", "process"],
+    );
+    let response = client()
+        .post(format!("{}/console/login", server.url))
+        .header(ORIGIN, &server.url)
+        .header(CONTENT_TYPE, FORM)
+        .body(format!("token={OPERATOR_TOKEN}"))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let cookie = response.headers()[SET_COOKIE]
+        .to_str()
+        .expect("cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned();
+    // Agent requests that never finish their bodies hold every connection they may.
+    let address = server.url.trim_start_matches("http://").to_owned();
+    let mut dripping = Vec::new();
+    for _ in 0..24 {
+        let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+        stream
+            .write_all(
+                format!(
+                    "POST /tools/execute HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {AGENT_TOKEN}\r\n\
+                     Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"tool_name\""
+                )
+                .as_bytes(),
+            )
+            .expect("headers and a first byte are sent");
+        dripping.push(stream);
+    }
+    let response = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client()
+            .get(format!("{}/console/api/overview", server.url))
+            .header(COOKIE, &cookie)
+            .send(),
+    )
+    .await
+    .expect("the console is answered in time")
+    .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+}

@@ -132,6 +132,14 @@ impl ConsoleSessions {
             .remove(&key_of(id));
     }
 
+    /// Whether the request carries the cookie of a live operator session (it may
+    /// then use the connections kept for operators).
+    pub fn presents_operator_session(&self, headers: &HeaderMap) -> bool {
+        session_cookie(headers)
+            .and_then(|id| self.find(id))
+            .is_some_and(|session| session.principal.role() == Role::Operator)
+    }
+
     /// Sessions open now (expired ones included until the next login sweeps them).
     pub fn len(&self) -> usize {
         self.table
@@ -159,7 +167,7 @@ fn constant_time_eq(left: &str, right: &str) -> bool {
             == 0
 }
 
-/// The console's routes; the session table comes as an extension (see [`layer`]).
+/// The console's routes; the session table comes as an `Extension<Arc<ConsoleSessions>>`.
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/console", get(page))
@@ -172,11 +180,6 @@ pub fn routes() -> Router<AppState> {
         .route("/console/api/audit", get(audit))
         .route("/console/api/audit/stream", get(audit_stream))
         .route("/console/api/status/stream", get(status_stream))
-}
-
-/// The extension that gives the console's routes their session table.
-pub fn layer() -> Extension<Arc<ConsoleSessions>> {
-    Extension(Arc::new(ConsoleSessions::default()))
 }
 
 /// Headers every console answer carries: no caching, no framing, no sniffing, and

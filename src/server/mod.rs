@@ -276,11 +276,12 @@ pub fn app(state: AppState, bound: SocketAddr, shutdown: CancellationToken, edge
         .merge(console::routes())
         .merge(mcp::http::routes(state.clone(), bound, shutdown, &edge));
     let allowed = Arc::new(AllowedAuthorities::for_address(bound));
-    let share = OperatorReserve::new(state.clone(), edge.limits.max_connections);
+    let sessions = Arc::new(console::ConsoleSessions::default());
+    let share = OperatorReserve::new(state.clone(), edge.limits.max_connections, sessions.clone());
     finish(routes, state)
         .layer(Extension(edge))
         .layer(Extension(streams))
-        .layer(console::layer())
+        .layer(Extension(sessions))
         .layer(axum::middleware::from_fn_with_state(
             share,
             reserve_for_operators,
@@ -300,14 +301,21 @@ pub fn app(state: AppState, bound: SocketAddr, shutdown: CancellationToken, edge
 #[derive(Clone)]
 struct OperatorReserve {
     state: AppState,
+    /// A logged-in console is the operator too.
+    sessions: Arc<console::ConsoleSessions>,
     others: Arc<tokio::sync::Semaphore>,
 }
 
 impl OperatorReserve {
-    fn new(state: AppState, max_connections: usize) -> OperatorReserve {
+    fn new(
+        state: AppState,
+        max_connections: usize,
+        sessions: Arc<console::ConsoleSessions>,
+    ) -> OperatorReserve {
         let reserve = (max_connections / 8).max(1);
         OperatorReserve {
             state,
+            sessions,
             others: Arc::new(tokio::sync::Semaphore::new(
                 max_connections.saturating_sub(reserve).max(1),
             )),
@@ -320,7 +328,9 @@ async fn reserve_for_operators(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if auth::presents_operator_token(request.headers(), &share.state) {
+    if auth::presents_operator_token(request.headers(), &share.state)
+        || share.sessions.presents_operator_session(request.headers())
+    {
         return next.run(request).await;
     }
     match share.others.clone().try_acquire_owned() {
