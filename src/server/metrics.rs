@@ -34,13 +34,13 @@ fn render(state: &AppState) -> Response {
         .into_response()
 }
 
-/// The scrape listener's app: `/metrics` only, every other path 404, the same
-/// Host/Origin rule as the main listener (a browser page cannot read it either).
-pub fn scrape_app(state: AppState, bound: SocketAddr) -> Router {
-    let allowed = std::sync::Arc::new(crate::mcp::http::AllowedAuthorities::for_address(bound));
-    super::finish(Router::new().route("/metrics", get(open_metrics)), state).layer(
-        axum::middleware::from_fn_with_state(allowed, super::check_authority),
-    )
+/// The scrape listener's app: `/metrics` only, every other path 404.
+///
+/// Unlike the main listener it takes any Host: scrapers name it by whatever
+/// address they reach it at, and what it serves (aggregate counts, the mode) is
+/// what anyone who can reach the port may read anyway.
+pub fn scrape_app(state: AppState) -> Router {
+    super::finish(Router::new().route("/metrics", get(open_metrics)), state)
 }
 
 /// Binds `address` and serves [`scrape_app`] behind the same connection loop
@@ -54,6 +54,6 @@ pub async fn spawn_scrape_listener(
 ) -> Result<(SocketAddr, JoinHandle<Result<(), ServerError>>), ServerError> {
     let server = BoundServer::bind(address).await?.with_limits(limits);
     let bound = server.local_addr();
-    let app = scrape_app(state, bound);
+    let app = scrape_app(state);
     Ok((bound, tokio::spawn(server.serve(app, shutdown))))
 }
