@@ -287,6 +287,11 @@ async fn an_operator_logs_in_elevates_watches_a_call_arrive_and_logs_out() {
     std::fs::write(artifact_dir().join("console-phone.png"), &phone).expect("saved");
     browser.set_window_size(1280, 800).await.expect("resize");
 
+    // A mode change from the CLI (its REST call) reaches the page too.
+    api.normal().await;
+    wait_for_text(&browser, "#mode", "NORMAL again", |text| text == "NORMAL").await;
+    wait_for_text(&browser, "#countdown", "no countdown", str::is_empty).await;
+
     // 6. Log out, and be refused.
     browser
         .find(Locator::Css("#logout-submit"))
