@@ -141,13 +141,17 @@ pub struct IncidentResponse {
 pub struct AuditPage {
     /// Number of records returned.
     pub count: usize,
-    /// The newest records, oldest first.
+    /// The records, oldest first: the newest matching ones, or those after `after_seq`.
     pub records: Vec<crate::audit::AuditRecord>,
     /// Seqs of upstream-call intents among `records` whose outcome is unknown: no
     /// record resolves them and the server is not running them (a crash cut them
     /// short). Absent when there are none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outcome_unknown: Vec<u64>,
+    /// With `after_seq`: the seq of the last record returned, when more match
+    /// (pass it as the next `after_seq`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after_seq: Option<u64>,
 }
 
 /// The answer to `POST /policy/set-mode`: the policy state after the change and,

@@ -12,6 +12,7 @@ use crate::api::{
     AuditPage, Catalog, ErrorBody, ExecuteRequest, Health, IncidentRequest, IncidentResponse,
     InfrastructureStatus, PolicyStatus, SetModeRequest, ToolResponse,
 };
+use crate::audit::AuditRecord;
 use crate::server::ServerInfo;
 use crate::tokens::TokensFile;
 
@@ -155,6 +156,49 @@ impl ProxiClient {
         self.get(&format!("/audit?limit={limit}")).await
     }
 
+    /// Opens `GET /audit/stream` with these filters (`tool`, `decision`, ...), after
+    /// `last_event_id` if given (a resume), else after `after_seq`, else at the head.
+    ///
+    /// The stream has no overall timeout; a connection silent for longer than
+    /// three keep-alive intervals counts as dead.
+    pub async fn audit_stream(
+        &self,
+        filters: &[(&str, String)],
+        last_event_id: Option<u64>,
+    ) -> Result<AuditStream, ClientError> {
+        let mut url = reqwest::Url::parse(&self.url("/audit/stream"))
+            .map_err(|error| ClientError::Config(error.to_string()))?;
+        for (name, value) in filters {
+            url.query_pairs_mut().append_pair(name, value);
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(45));
+        if is_loopback(&self.base) {
+            builder = builder.no_proxy();
+        }
+        let http = builder
+            .build()
+            .map_err(|error| ClientError::Config(error.to_string()))?;
+        let mut request = self.authorize(http.get(url));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id.to_string());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|error| self.unreachable(error))?;
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = response.bytes().await.unwrap_or_default();
+            return Err(status_error(status, &bytes));
+        }
+        Ok(AuditStream {
+            body: Box::pin(response.bytes_stream()),
+            buffer: Vec::new(),
+        })
+    }
+
     /// `POST /tools/execute`; policy refusals and tool failures are answers, not errors.
     pub async fn execute(&self, tool: &str, arguments: Value) -> Result<ToolResponse, ClientError> {
         let request = ExecuteRequest {
@@ -252,6 +296,67 @@ impl ProxiClient {
             message,
         }
     }
+}
+
+/// Longest single event `AuditStream` accepts (a record is bounded far below it).
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// An open `GET /audit/stream`: the records the server commits, in order.
+pub struct AuditStream {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>>,
+    buffer: Vec<u8>,
+}
+
+impl AuditStream {
+    /// The next record; `None` when the server ended the stream (it drops a
+    /// client that falls too far behind: resume after the last seq seen).
+    pub async fn next(&mut self) -> Result<Option<AuditRecord>, ClientError> {
+        use futures::StreamExt;
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|pair| pair == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                if let Some(record) = record_event(&block)? {
+                    return Ok(Some(record));
+                }
+                continue;
+            }
+            if self.buffer.len() > MAX_EVENT_BYTES {
+                return Err(ClientError::Decode(
+                    "an audit event is too large".to_owned(),
+                ));
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buffer.extend_from_slice(&chunk),
+                Some(Err(error)) => return Err(ClientError::Decode(error.to_string())),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+/// The record in one SSE event block, if it is a `record` event (keep-alive
+/// comments and other events are skipped).
+fn record_event(block: &[u8]) -> Result<Option<AuditRecord>, ClientError> {
+    let text =
+        std::str::from_utf8(block).map_err(|error| ClientError::Decode(error.to_string()))?;
+    let mut event = "message";
+    let mut data = String::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("event:") {
+            event = name.trim();
+        } else if let Some(value) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(value.strip_prefix(' ').unwrap_or(value));
+        }
+    }
+    if event != "record" || data.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(&data)
+        .map(Some)
+        .map_err(|error| ClientError::Decode(error.to_string()))
 }
 
 fn status_error(status: StatusCode, body: &[u8]) -> ClientError {

@@ -288,6 +288,7 @@ pub struct Gateway {
     /// announce `notifications/tools/list_changed` after the list it serves changed.
     tools_changed: watch::Sender<u64>,
     rate_limiter: RateLimiter,
+    metrics: crate::metrics::Metrics,
     data_dir: PathBuf,
     _data_dir_lock: File,
     /// Held by `set_mode` until its record is durable, so that a change whose
@@ -418,6 +419,7 @@ impl Gateway {
             changed_at: String::new(),
         });
         let rate_limiter = RateLimiter::new(policy.rate_limits());
+        let metrics = crate::metrics::Metrics::new(audit.metrics());
         let gateway = Arc::new(Gateway {
             policy: SharedPolicy::new(policy),
             mode_names,
@@ -427,6 +429,7 @@ impl Gateway {
             mode_events,
             tools_changed: watch::Sender::new(0),
             rate_limiter,
+            metrics,
             data_dir: config.data_dir,
             _data_dir_lock: lock,
             mode_changes: tokio::sync::Mutex::new(()),
@@ -684,6 +687,7 @@ impl Gateway {
         call_context: &CallContext,
         upstream_route: Option<UpstreamCall>,
     ) -> Result<Execution, GatewayError> {
+        let started = Instant::now();
         let tool = ToolName::parse(tool_name);
         let priority = audit_priority(principal);
         // Before anything runs: a call whose record were refused would act unrecorded.
@@ -694,9 +698,14 @@ impl Gateway {
         // The rate limit comes before any other work, so a flood costs one bucket
         // check and one small record per call.
         if let Err(retry_after) = self.rate_limiter.check(principal.role(), tool) {
-            return self
+            let refused = self
                 .refuse_rate_limited(principal, tool_name, retry_after)
                 .await;
+            if let Ok(execution) = &refused {
+                self.metrics
+                    .tool_call(tool, &execution.outcome, started.elapsed());
+            }
+            return refused;
         }
         let invalid_name = tool_name.chars().any(text::needs_escape);
         let shown_name = shown_tool_name(tool_name);
@@ -779,24 +788,32 @@ impl Gateway {
             .await
             .map_err(|_| GatewayError::AuditUnavailable)?;
         match step {
-            Step::Done(outcome) => Ok(Execution {
-                tool: shown_name,
-                mode,
-                outcome,
-                audit_seq,
-            }),
+            Step::Done(outcome) => {
+                // After the durable record and off the mode lock; allocation-free.
+                self.metrics.tool_call(tool, &outcome, started.elapsed());
+                Ok(Execution {
+                    tool: shown_name,
+                    mode,
+                    outcome,
+                    audit_seq,
+                })
+            }
             Step::Forward(route, in_flight) => {
                 in_flight.set_intent_seq(audit_seq);
-                self.forward(
-                    principal,
-                    shown_name,
-                    mode,
-                    audit_seq,
-                    route,
-                    in_flight,
-                    call_context,
-                )
-                .await
+                let execution = self
+                    .forward(
+                        principal,
+                        shown_name,
+                        mode,
+                        audit_seq,
+                        route,
+                        in_flight,
+                        call_context,
+                    )
+                    .await?;
+                self.metrics
+                    .tool_call(tool, &execution.outcome, started.elapsed());
+                Ok(execution)
             }
         }
     }
@@ -1030,6 +1047,7 @@ impl Gateway {
             }
         };
         self.mode_events.send_replace(self.status());
+        self.metrics.mode_changed();
         let drain = self
             .drain_and_record(principal, &target_name, change_seq, to_drain)
             .await;
@@ -1142,6 +1160,7 @@ impl Gateway {
         };
         tracing::info!("elevated mode lapsed; back to the default mode");
         self.mode_events.send_replace(self.status());
+        self.metrics.mode_changed();
         self.drain_and_record(&Principal::system(), &default_name, change_seq, to_drain)
             .await;
     }
@@ -1172,6 +1191,13 @@ impl Gateway {
             changed_by: state.changed_by.to_string(),
             changed_at: format_time(state.changed_at),
         }
+    }
+
+    /// The metrics in the Prometheus text format, the mode gauge read now.
+    pub fn render_metrics(&self) -> String {
+        let current = self.status().mode;
+        self.metrics
+            .render(self.mode_names.iter().map(|name| name.as_ref()), &current)
     }
 
     /// Watches policy-status changes (mode changes and expiries).

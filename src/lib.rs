@@ -19,6 +19,7 @@ pub mod demo;
 pub mod gateway;
 pub mod infra;
 pub mod mcp;
+pub mod metrics;
 pub mod mode;
 pub mod policy;
 pub mod policy_source;

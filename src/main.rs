@@ -247,6 +247,9 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8000")]
     bind: SocketAddr,
+    /// Also serve /metrics here, without a token, for Prometheus scrapers.
+    #[arg(long, value_name = "ADDR")]
+    metrics_bind: Option<SocketAddr>,
     #[command(flatten)]
     state: StateArgs,
     #[command(flatten)]
@@ -368,7 +371,88 @@ enum AuditCommand {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        filters: TailFilters,
+        /// Then keep printing new records as the server commits them (GET
+        /// /audit/stream; needs the running server and the operator token).
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Server URL for --follow (default: the data dir's server.json).
+        #[arg(long, env = "PROXI_SERVER")]
+        server: Option<String>,
+        /// Operator credential file for --follow (after PROXI_OPERATOR_TOKEN).
+        #[arg(long, env = "PROXI_OPERATOR_CREDENTIAL", value_name = "FILE")]
+        operator_credential: Option<PathBuf>,
     },
+}
+
+/// Which records `audit tail` shows (the filters of `GET /audit`).
+#[derive(Args, Default)]
+struct TailFilters {
+    /// Only this principal (e.g. `agent`, `operator`).
+    #[arg(long)]
+    principal: Option<String>,
+    /// Only this kind (`tool_call`, `mode_change`, `mode_expired`, `auth_refused`, `incident`).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only this tool; `*` matches any run of characters (`restart_*`).
+    #[arg(long)]
+    tool: Option<String>,
+    /// Only this decision (`allowed`, `denied`, `rejected`).
+    #[arg(long)]
+    decision: Option<String>,
+    /// Only this reason code (e.g. `blocked_in_mode`).
+    #[arg(long)]
+    reason_code: Option<String>,
+    /// Only records at or after this RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// Only records before this RFC 3339 time.
+    #[arg(long)]
+    until: Option<String>,
+}
+
+impl TailFilters {
+    /// The filters as query parameters of `GET /audit` and `/audit/stream`.
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        [
+            ("principal", &self.principal),
+            ("kind", &self.kind),
+            ("tool", &self.tool),
+            ("decision", &self.decision),
+            ("reason_code", &self.reason_code),
+            ("since", &self.since),
+            ("until", &self.until),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.clone().map(|value| (name, value)))
+        .collect()
+    }
+
+    /// The filters as a store query for the newest `limit` records.
+    fn query(&self, limit: u32) -> Result<audit::AuditQuery> {
+        let time = |flag: &str, value: &Option<String>| -> Result<_> {
+            value
+                .as_deref()
+                .map(|text| {
+                    chrono::DateTime::parse_from_rfc3339(text)
+                        .map(|time| time.to_utc())
+                        .with_context(|| format!("--{flag} must be an RFC 3339 time"))
+                })
+                .transpose()
+        };
+        Ok(audit::AuditQuery {
+            principal: self.principal.clone(),
+            kind: self.kind.clone(),
+            tool: self.tool.clone(),
+            decision: self.decision.clone(),
+            reason_code: self.reason_code.clone(),
+            since: time("since", &self.since)?,
+            until: time("until", &self.until)?,
+            after_seq: None,
+            limit,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -564,7 +648,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit(command) => audit_command(command),
+        Command::Audit(command) => audit_command(command).await,
         Command::Mode(command) => mode(command).await,
         Command::Demo(args) => demo(args).await,
         Command::Agent(args) => agent(args, log).await,
@@ -688,6 +772,19 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
         gateway,
         tokens: Arc::new(tokens),
     };
+    if let Some(address) = args.metrics_bind {
+        let (scrape, _task) = proxi::server::metrics::spawn_scrape_listener(
+            state.clone(),
+            address,
+            args.edge.limits(),
+            std::future::pending(),
+        )
+        .await?;
+        notice(
+            log,
+            &format!("metrics (no token) on http://{scrape}/metrics"),
+        );
+    }
     let served = bound.serve_app(state, shutdown_signal(log)).await;
     if let Some(upstreams) = upstreams {
         upstreams.shutdown().await;
@@ -1129,7 +1226,7 @@ fn audit_db(data_dir: &Path) -> PathBuf {
     data_dir.join(audit::AUDIT_DB_FILE)
 }
 
-fn audit_command(command: AuditCommand) -> Result<ExitCode> {
+async fn audit_command(command: AuditCommand) -> Result<ExitCode> {
     match command {
         AuditCommand::Verify {
             data_dir,
@@ -1187,41 +1284,94 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
             data_dir,
             count,
             json,
+            filters,
+            follow,
+            server,
+            operator_credential,
         } => {
             if count == 0 || count > 100_000 {
                 bail!("-n must be between 1 and 100000");
             }
-            // Every field may hold text the agent chose (tool names, client names),
-            // or that someone with file access wrote: nothing reaches the terminal
-            // unescaped.
-            let records = audit::read_recent(&audit_db(&data_dir), count)?;
+            let filtered = !filters.pairs().is_empty();
+            let records = if filtered {
+                if count > audit::MAX_QUERY_LIMIT {
+                    bail!(
+                        "with filters, -n must be at most {}",
+                        audit::MAX_QUERY_LIMIT
+                    );
+                }
+                use audit::AuditStore as _;
+                audit::SqliteStore::open_reader(&audit_db(&data_dir))?
+                    .query(&filters.query(count)?)?
+                    .records
+            } else {
+                audit::read_recent(&audit_db(&data_dir), count)?
+            };
             // An upstream call's intent that no record resolves: in flight, or cut
             // short by a crash. Shown as such, never as a plain "pending".
             let unresolved = proxi::audit_view::unresolved_intents(&records);
+            let mut last_seq = 0;
             for record in records {
                 let outcome = if unresolved.contains(&record.seq) {
                     proxi::audit_view::OUTCOME_UNKNOWN
                 } else {
                     record.outcome.as_str()
                 };
-                if json {
-                    out!("{}", json_for_terminal(&serde_json::to_string(&record)?))?;
-                } else {
-                    out!(
-                        "#{:<6} {} {:<22} {:<12} {:<18} {:<9} {:<10} {:<20} {}",
-                        record.seq,
-                        escape(&record.time),
-                        escape(&record.principal),
-                        escape(&record.kind),
-                        escape(record.tool.as_deref().unwrap_or("-")),
-                        escape(&record.mode),
-                        escape(&record.decision),
-                        escape(record.reason_code.as_deref().unwrap_or("-")),
-                        escape(outcome)
-                    )?;
-                }
+                print_record(&record, outcome, json)?;
+                last_seq = record.seq;
             }
-            Ok(ExitCode::SUCCESS)
+            if !follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let client = operator_client(&ServerArgs {
+                server,
+                data_dir,
+                operator_credential,
+            })?;
+            // No record printed means none matches: following from 0 misses nothing.
+            follow_audit(&client, &filters, last_seq, json).await
+        }
+    }
+}
+
+/// Prints one record; every field may hold text the agent chose (tool names,
+/// client names) or that someone with file access wrote, so nothing reaches the
+/// terminal unescaped.
+fn print_record(record: &audit::AuditRecord, outcome: &str, json: bool) -> std::io::Result<()> {
+    if json {
+        let text = serde_json::to_string(record).map_err(std::io::Error::other)?;
+        out!("{}", json_for_terminal(&text))
+    } else {
+        out!(
+            "#{:<6} {} {:<22} {:<12} {:<18} {:<9} {:<10} {:<20} {}",
+            record.seq,
+            escape(&record.time),
+            escape(&record.principal),
+            escape(&record.kind),
+            escape(record.tool.as_deref().unwrap_or("-")),
+            escape(&record.mode),
+            escape(&record.decision),
+            escape(record.reason_code.as_deref().unwrap_or("-")),
+            escape(outcome)
+        )
+    }
+}
+
+/// `audit tail --follow`: prints records after `after` as the server commits
+/// them, until interrupted or the server goes away. A stream the server ends (it
+/// drops a reader that falls behind) is resumed after the last seq printed.
+async fn follow_audit(
+    client: &ProxiClient,
+    filters: &TailFilters,
+    mut after: u64,
+    json: bool,
+) -> Result<ExitCode> {
+    let pairs = filters.pairs();
+    loop {
+        let mut stream = client.audit_stream(&pairs, Some(after)).await?;
+        while let Some(record) = stream.next().await? {
+            after = record.seq;
+            print_record(&record, &record.outcome, json)?;
         }
     }
 }

@@ -199,6 +199,8 @@ struct Shared {
     low_space: AtomicBool,
     /// Bytes of free space kept for essential entries.
     reserve: AtomicU64,
+    /// Records, commit times and queue depth for `/metrics`.
+    metrics: crate::metrics::AuditMetrics,
     /// The seq of the newest acknowledged record (see [`AuditLog::committed`]).
     committed: watch::Sender<u64>,
 }
@@ -393,6 +395,7 @@ impl AuditLog {
             generation: AtomicU64::new(0),
             low_space: AtomicBool::new(false),
             reserve: AtomicU64::new(DEFAULT_SPACE_RESERVE_BYTES.min(total / 10)),
+            metrics: crate::metrics::AuditMetrics::default(),
             committed,
         });
         let syncer = match store.durable_sync()? {
@@ -490,7 +493,10 @@ impl AuditLog {
             done,
         };
         match self.sender.send(job) {
-            Ok(()) => Pending(PendingState::Queued(receiver)),
+            Ok(()) => {
+                self.shared.metrics.queue_depth.inc();
+                Pending(PendingState::Queued(receiver))
+            }
             Err(_) => Pending(PendingState::Refused),
         }
     }
@@ -530,6 +536,11 @@ impl AuditLog {
         &self.store
     }
 
+    /// The series this log updates (records, commit seconds, queue depth).
+    pub fn metrics(&self) -> &crate::metrics::AuditMetrics {
+        &self.shared.metrics
+    }
+
     /// The newest `limit` records, oldest first.
     pub fn recent(&self, limit: u32) -> Result<Vec<AuditRecord>, AuditError> {
         self.store.recent(limit)
@@ -540,9 +551,9 @@ impl AuditLog {
         self.store.query(query)
     }
 
-    /// Follows the seq of the newest durable record: it changes only after the
-    /// record's caller could have been answered, so a reader that sees seq N can
-    /// read every record up to N.
+    /// Follows the seq of the newest durable record: it changes once the record
+    /// is durable and before its caller is answered, so a reader that sees seq N
+    /// can read every record up to N, and a caller told seq N finds it at N or past.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.shared.committed.subscribe()
     }
@@ -584,12 +595,13 @@ impl Syncer {
             match synced {
                 Ok(()) => {
                     self.anchor.persist(head);
-                    let newest = acks.iter().map(|(_, seq)| *seq).max();
+                    // Published before the acks: a caller told its seq finds the
+                    // watch at or past it (a stream it opens next starts after it).
+                    if let Some(newest) = acks.iter().map(|(_, seq)| *seq).max() {
+                        self.shared.publish_committed(newest);
+                    }
                     for (done, seq) in acks {
                         let _ = done.send(Ok(seq));
-                    }
-                    if let Some(newest) = newest {
-                        self.shared.publish_committed(newest);
                     }
                 }
                 Err(error) => {
@@ -634,6 +646,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.shared.metrics.queue_depth.dec_by(batch.len() as i64);
             self.process(&mut batch);
         }
     }
@@ -660,8 +673,15 @@ impl Writer {
         if batch.is_empty() {
             return;
         }
-        match self.commit(batch) {
+        let started = std::time::Instant::now();
+        let committed = self.commit(batch);
+        self.shared
+            .metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match committed {
             Ok(first_seq) => {
+                self.shared.metrics.records.inc_by(batch.len() as u64);
                 if health == RECOVERING {
                     self.recovered();
                 }
@@ -681,13 +701,12 @@ impl Writer {
                         }
                     }
                     None => {
-                        let newest = acks.last().map(|(_, seq)| *seq);
+                        if let Some(newest) = acks.last().map(|(_, seq)| *seq) {
+                            self.shared.publish_committed(newest);
+                        }
                         for (done, seq) in acks {
                             // A caller that gave up waiting is not an error for the log.
                             let _ = done.send(Ok(seq));
-                        }
-                        if let Some(newest) = newest {
-                            self.shared.publish_committed(newest);
                         }
                     }
                 }

@@ -1,9 +1,12 @@
 //! The HTTP server: the REST API and MCP's Streamable HTTP (`/mcp`) over one shared [`Gateway`].
 
+pub mod audit_api;
 pub mod auth;
 pub mod connections;
+pub mod console;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod refusals;
 pub mod rest;
 
@@ -111,7 +114,9 @@ pub fn rest_routes() -> Router<AppState> {
             "/infrastructure/simulate-incident",
             post(rest::simulate_incident),
         )
-        .route("/audit", get(rest::audit))
+        .route("/audit", get(audit_api::audit))
+        .route("/audit/stream", get(audit_api::audit_stream))
+        .route("/metrics", get(metrics::metrics))
 }
 
 /// Adds the layers every route shares: body limit, timeout, panic guard, JSON fallbacks.
@@ -266,11 +271,17 @@ impl BoundServer {
 /// before authentication, unaudited. Cancelling `shutdown` closes every MCP
 /// session and stream, which graceful shutdown would otherwise wait for forever.
 pub fn app(state: AppState, bound: SocketAddr, shutdown: CancellationToken, edge: Edge) -> Router {
-    let routes = rest_routes().merge(mcp::http::routes(state.clone(), bound, shutdown, &edge));
+    let streams = audit_api::StreamShutdown(shutdown.clone());
+    let routes = rest_routes()
+        .merge(console::routes())
+        .merge(mcp::http::routes(state.clone(), bound, shutdown, &edge));
     let allowed = Arc::new(AllowedAuthorities::for_address(bound));
-    let share = OperatorReserve::new(state.clone(), edge.limits.max_connections);
+    let sessions = Arc::new(console::ConsoleSessions::default());
+    let share = OperatorReserve::new(state.clone(), edge.limits.max_connections, sessions.clone());
     finish(routes, state)
         .layer(Extension(edge))
+        .layer(Extension(streams))
+        .layer(Extension(sessions))
         .layer(axum::middleware::from_fn_with_state(
             share,
             reserve_for_operators,
@@ -290,14 +301,21 @@ pub fn app(state: AppState, bound: SocketAddr, shutdown: CancellationToken, edge
 #[derive(Clone)]
 struct OperatorReserve {
     state: AppState,
+    /// A logged-in console is the operator too.
+    sessions: Arc<console::ConsoleSessions>,
     others: Arc<tokio::sync::Semaphore>,
 }
 
 impl OperatorReserve {
-    fn new(state: AppState, max_connections: usize) -> OperatorReserve {
+    fn new(
+        state: AppState,
+        max_connections: usize,
+        sessions: Arc<console::ConsoleSessions>,
+    ) -> OperatorReserve {
         let reserve = (max_connections / 8).max(1);
         OperatorReserve {
             state,
+            sessions,
             others: Arc::new(tokio::sync::Semaphore::new(
                 max_connections.saturating_sub(reserve).max(1),
             )),
@@ -310,7 +328,9 @@ async fn reserve_for_operators(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if auth::presents_operator_token(request.headers(), &share.state) {
+    if auth::presents_operator_token(request.headers(), &share.state)
+        || share.sessions.presents_operator_session(request.headers())
+    {
         return next.run(request).await;
     }
     match share.others.clone().try_acquire_owned() {

@@ -6,16 +6,15 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::AppState;
 use super::auth::{Caller, Operator};
-use super::error::{ApiError, ApiJson, ApiQuery, NamedJson};
+use super::error::{ApiError, ApiJson, NamedJson};
 use crate::answer::answer;
 use crate::api::{
-    AuditPage, Catalog, DEFAULT_AUDIT_LIMIT, ExecuteRequest, Health, IncidentRequest,
-    IncidentResponse, MAX_AUDIT_LIMIT, SetModeRequest, SetModeResponse, ToolResponse,
+    Catalog, ExecuteRequest, Health, IncidentRequest, IncidentResponse, SetModeRequest,
+    SetModeResponse, ToolResponse,
 };
 use crate::gateway::{Execution, GatewayError, ModeChange, Outcome, UpstreamFailure};
 use crate::infra::ServiceHealth;
@@ -238,46 +237,4 @@ pub async fn simulate_incident(
         Ok(Err(error)) => Err(ApiError::new(StatusCode::NOT_FOUND, error.to_string())),
         Err(_) => Err(ApiError::audit_unavailable()),
     }
-}
-
-/// Query of `GET /audit`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuditQuery {
-    limit: Option<u32>,
-}
-
-/// `GET /audit?limit=N` (operator only).
-pub async fn audit(
-    State(state): State<AppState>,
-    _operator: Operator,
-    ApiQuery(query): ApiQuery<AuditQuery>,
-) -> Result<Json<AuditPage>, ApiError> {
-    let limit = query.limit.unwrap_or(DEFAULT_AUDIT_LIMIT);
-    if !(1..=MAX_AUDIT_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be between 1 and {MAX_AUDIT_LIMIT}"
-        )));
-    }
-    let gateway = state.gateway.clone();
-    let records = tokio::task::spawn_blocking(move || gateway.audit().recent(limit))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?
-        .map_err(|error| {
-            tracing::error!(%error, "reading the audit trail failed");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the audit trail could not be read",
-            )
-        })?;
-    let in_flight = state.gateway.in_flight_intents();
-    let outcome_unknown = crate::audit_view::unresolved_intents(&records)
-        .into_iter()
-        .filter(|seq| !in_flight.contains(seq))
-        .collect();
-    Ok(Json(AuditPage {
-        count: records.len(),
-        records,
-        outcome_unknown,
-    }))
 }
