@@ -284,6 +284,9 @@ pub struct Gateway {
     infra: Mutex<CloudInfrastructure>,
     audit: AuditLog,
     mode_events: watch::Sender<PolicyStatus>,
+    /// Counts re-bindings of the policy to a new catalog, so the MCP front end can
+    /// announce `notifications/tools/list_changed` after the list it serves changed.
+    tools_changed: watch::Sender<u64>,
     rate_limiter: RateLimiter,
     data_dir: PathBuf,
     _data_dir_lock: File,
@@ -422,6 +425,7 @@ impl Gateway {
             infra: Mutex::new(CloudInfrastructure::new()),
             audit,
             mode_events,
+            tools_changed: watch::Sender::new(0),
             rate_limiter,
             data_dir: config.data_dir,
             _data_dir_lock: lock,
@@ -580,6 +584,15 @@ impl Gateway {
     pub fn rebind(&self, catalog: Arc<crate::catalog::Catalog>) {
         self.policy.rebind(catalog);
         self.mode_events.send_replace(self.status());
+        // After the swap: whoever hears of the change and re-lists sees the new tools.
+        self.tools_changed
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// Ticks after every [`Gateway::rebind`]: the catalog (hence `tools/list` and
+    /// `/tools/catalog`) may have changed.
+    pub fn tools_changed(&self) -> watch::Receiver<u64> {
+        self.tools_changed.subscribe()
     }
 
     /// The data dir this gateway owns.

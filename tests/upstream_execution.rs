@@ -261,15 +261,6 @@ async fn a_hung_upstream_times_out_and_a_crashed_one_is_unavailable_while_proxi_
         !body.to_string().contains(".py"),
         "no paths in answers: {body}"
     );
-    // Proxi answers, and the restarted upstream serves again.
-    eventually("the fixture to be back", MINUTE, || async {
-        let (status, _) = setup
-            .api
-            .execute("fx__echo", json!({"message": "back"}))
-            .await;
-        (status == StatusCode::OK).then_some(())
-    })
-    .await;
     let records = setup.api.audit(100).await;
     let recorded = outcomes(&records);
     assert!(
@@ -280,6 +271,21 @@ async fn a_hung_upstream_times_out_and_a_crashed_one_is_unavailable_while_proxi_
         recorded.contains(&("fx__crash".into(), "unavailable".into())),
         "{recorded:?}"
     );
+    // Proxi answers, and the restarted upstream serves again. While it restarts its
+    // tools stay known: a call is decided and fails fast as unavailable, never
+    // `unknown_tool` (the catalog keeps the upstream's last listing).
+    eventually("the fixture to be back", MINUTE, || async {
+        let (status, body) = setup
+            .api
+            .execute("fx__echo", json!({"message": "back"}))
+            .await;
+        if status != StatusCode::OK {
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+            assert_eq!(body["reason_code"], "upstream_unavailable", "{body}");
+        }
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -570,4 +576,73 @@ fn proxi_mcp_over_stdio_starts_the_upstreams_and_passes_results_through() {
     mcp.close();
     let calls = fixture_calls(&call_log);
     assert!(calls.iter().all(|call| call["tool"] == "echo"), "{calls:?}");
+}
+
+/// An MCP client that counts `notifications/tools/list_changed`.
+#[derive(Clone)]
+struct ListChangedCounter {
+    count: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl rmcp::ClientHandler for ListChangedCounter {
+    fn get_info(&self) -> ClientConfig {
+        ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("list-changed", "1.0"),
+        )
+    }
+
+    async fn on_tool_list_changed(
+        &self,
+        _context: rmcp::service::NotificationContext<rmcp::RoleClient>,
+    ) {
+        self.count.send_modify(|count| *count += 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_list_changed_refreshes_tools_list_and_is_passed_on_to_clients() {
+    let setup = start(10, 60);
+    setup.api.emergency().await;
+    proxi::tls::install_crypto_provider();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let config = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", setup.server.url))
+        .auth_header(AGENT_TOKEN);
+    let counter = ListChangedCounter {
+        count: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+    };
+    let mut heard = counter.count.subscribe();
+    let client = counter
+        .clone()
+        .serve(StreamableHttpClientTransport::with_client(http, config))
+        .await
+        .expect("initialize");
+    let names = |tools: Vec<rmcp::model::Tool>| -> Vec<String> {
+        tools
+            .into_iter()
+            .map(|tool| tool.name.to_string())
+            .collect()
+    };
+    let before = names(client.peer().list_all_tools().await.unwrap());
+    assert!(before.contains(&"fx__echo".to_owned()), "{before:?}");
+    assert!(!before.contains(&"fx__added_late".to_owned()), "{before:?}");
+
+    let (status, body) = setup
+        .api
+        .execute("fx__add_tool", json!({"name": "added_late"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tokio::time::timeout(MINUTE, heard.wait_for(|count| *count > 0))
+        .await
+        .expect("the client to hear tools/list_changed")
+        .unwrap();
+    let after = names(client.peer().list_all_tools().await.unwrap());
+    assert!(after.contains(&"fx__added_late".to_owned()), "{after:?}");
+    // The new tool is governed like the others: EMERGENCY's `fx__*` allows it.
+    let mut params = CallToolRequestParams::new("fx__added_late");
+    params.arguments = json!({"message": "new"}).as_object().cloned();
+    let result = client.peer().call_tool(params).await.unwrap();
+    assert_ne!(result.is_error, Some(true), "{result:?}");
+    assert_eq!(result.content[0].as_text().unwrap().text, "new");
+    client.cancel().await.ok();
 }

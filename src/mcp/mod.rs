@@ -36,7 +36,7 @@ use rmcp::model::{
 // Logging is deprecated by SEP-2577 but still part of the 2025-era protocol versions.
 #[allow(deprecated)]
 use rmcp::model::{SetLevelRequestMethod, SetLevelRequestParams};
-use rmcp::service::{RequestContext, SubscriptionContext};
+use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -77,17 +77,15 @@ pub enum Transport {
 #[derive(Clone, Debug)]
 pub struct McpShared {
     gateway: Arc<Gateway>,
-    tools: Arc<[Tool]>,
     info: Arc<ServerConfig>,
 }
 
 impl McpShared {
-    /// Derives the tool list and server info from the gateway's catalog and policy.
+    /// The server info; the tool list is built from the gateway's catalog at each
+    /// `tools/list`, because upstream tools come and go.
     pub fn new(gateway: Arc<Gateway>) -> McpShared {
-        let tools = tool_definitions(&gateway).into();
         McpShared {
             gateway,
-            tools,
             info: Arc::new(server_config()),
         }
     }
@@ -99,6 +97,7 @@ impl McpShared {
             shared: self.clone(),
             transport,
             subscription: LegacySubscription::default(),
+            tool_changes: LegacySubscription::default(),
         }
     }
 }
@@ -114,6 +113,9 @@ pub struct ProxiMcp {
     /// of a change made before it listened: a spurious "refetch", never a lost one.)
     updates: watch::Receiver<PolicyStatus>,
     subscription: LegacySubscription,
+    /// The `notifications/tools/list_changed` forwarder of one legacy session,
+    /// started when the client is initialized; stops with the session.
+    tool_changes: LegacySubscription,
 }
 
 /// The `resources/subscribe` watcher of one legacy session; stops when the session ends.
@@ -149,6 +151,7 @@ fn server_config() -> ServerConfig {
         .enable_resources()
         .enable_resources_subscribe()
         .enable_tools()
+        .enable_tool_list_changed()
         .build();
     ServerConfig::new(capabilities)
         .with_server_info(
@@ -387,7 +390,9 @@ impl ServerHandler for ProxiMcp {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        Ok(ListToolsResult::with_all_items(self.shared.tools.to_vec()))
+        Ok(ListToolsResult::with_all_items(tool_definitions(
+            &self.shared.gateway,
+        )))
     }
 
     async fn call_tool(
@@ -529,28 +534,25 @@ impl ServerHandler for ProxiMcp {
         Some(accepted)
     }
 
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        self.tool_changes
+            .replace(Some(tool_changes::forward_to_session(
+                context.peer,
+                self.shared.gateway.tools_changed(),
+            )));
+    }
+
     async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
-        let wants_policy = context
-            .accepted()
-            .resource_subscriptions
-            .as_ref()
-            .is_some_and(|uris| uris.iter().any(|uri| uri == POLICY_STATUS_URI));
-        if !wants_policy {
-            context.cancelled().await;
-            return Ok(());
-        }
-        let mut updates = self.updates.clone();
-        loop {
-            tokio::select! {
-                () = context.cancelled() => return Ok(()),
-                changed = updates.changed() => {
-                    if changed.is_err()
-                        || context.sink().notify_resource_updated(POLICY_STATUS_URI).await.is_err()
-                    {
-                        return Ok(());
-                    }
-                }
-            }
+        // Tool list changes and policy updates share the stream; each forwarder
+        // returns when the client cancels it.
+        let tools =
+            tool_changes::forward_to_listener(&context, self.shared.gateway.tools_changed());
+        let policy = self.listen_for_policy(&context);
+        if tool_changes::wants_tool_changes(&context) {
+            let ((), result) = tokio::join!(tools, policy);
+            result
+        } else {
+            policy.await
         }
     }
 
@@ -573,6 +575,34 @@ impl ServerHandler for ProxiMcp {
         // trail), so any level is accepted and nothing more is needed.
         tracing::debug!(level = ?request.level, "MCP client set its log level");
         Ok(())
+    }
+}
+
+impl ProxiMcp {
+    /// The policy-status half of [`ServerHandler::listen`].
+    async fn listen_for_policy(&self, context: &SubscriptionContext) -> Result<(), ErrorData> {
+        let wants_policy = context
+            .accepted()
+            .resource_subscriptions
+            .as_ref()
+            .is_some_and(|uris| uris.iter().any(|uri| uri == POLICY_STATUS_URI));
+        if !wants_policy {
+            context.cancelled().await;
+            return Ok(());
+        }
+        let mut updates = self.updates.clone();
+        loop {
+            tokio::select! {
+                () = context.cancelled() => return Ok(()),
+                changed = updates.changed() => {
+                    if changed.is_err()
+                        || context.sink().notify_resource_updated(POLICY_STATUS_URI).await.is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -7,11 +7,12 @@
 //! `upstream_unavailable`. Only an upstream declared `"required": true` that fails
 //! its first start stops the server.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
-use super::client::UpstreamError;
+use super::client::{ToolListing, UpstreamError};
 use super::config::ConfigError;
 use super::set::UpstreamSet;
 use crate::catalog::Catalog;
@@ -58,7 +59,8 @@ impl AttachedUpstreams {
         let simulated_cloud = policy.simulated_cloud();
         let mut changes = set.tools_changed();
         changes.borrow_and_update();
-        gateway.rebind(Arc::new(catalog_of(simulated_cloud, &set)));
+        let mut known = KnownListings::default();
+        gateway.rebind(Arc::new(known.catalog(simulated_cloud, &set)));
         let rebinder = tokio::spawn({
             let gateway = Arc::downgrade(gateway);
             let set = Arc::downgrade(&set);
@@ -68,7 +70,7 @@ impl AttachedUpstreams {
                     let (Some(gateway), Some(set)) = (gateway.upgrade(), set.upgrade()) else {
                         return;
                     };
-                    gateway.rebind(Arc::new(catalog_of(simulated_cloud, &set)));
+                    gateway.rebind(Arc::new(known.catalog(simulated_cloud, &set)));
                 }
             }
         });
@@ -87,8 +89,31 @@ impl AttachedUpstreams {
     }
 }
 
-/// The catalog of the built-ins (when `simulated_cloud`) and of every upstream
-/// that has listed its tools.
-fn catalog_of(simulated_cloud: bool, set: &UpstreamSet) -> Catalog {
-    Catalog::from_listings(simulated_cloud, &set.listings())
+/// The newest listing each upstream has given. An upstream that goes down (it
+/// crashed and is restarting, or its connection broke) keeps its tools in the
+/// catalog under that listing: calls to them are still decided by the policy and,
+/// when allowed, fail fast as `upstream_unavailable` from the set, instead of
+/// turning into `unknown_tool` while it restarts. A new listing replaces the old
+/// one when the upstream is back (tools it dropped disappear then).
+#[derive(Debug, Default)]
+struct KnownListings {
+    newest: BTreeMap<String, ToolListing>,
+}
+
+impl KnownListings {
+    /// The catalog of the built-ins (when `simulated_cloud`) and of every upstream
+    /// that has ever listed its tools, each under its newest listing.
+    fn catalog(&mut self, simulated_cloud: bool, set: &UpstreamSet) -> Catalog {
+        for (name, listing) in set.listings() {
+            if let Ok(listing) = listing {
+                self.newest.insert(name, listing);
+            }
+        }
+        let listings: BTreeMap<String, Result<ToolListing, UpstreamError>> = self
+            .newest
+            .iter()
+            .map(|(name, listing)| (name.clone(), Ok(listing.clone())))
+            .collect();
+        Catalog::from_listings(simulated_cloud, &listings)
+    }
 }
