@@ -12,6 +12,10 @@
 #
 # Settings (environment): SCENARIOS (default: every server scenario the suite
 # lists), EXPECTED_CHANGES (space-separated scenarios Proxi changes on purpose).
+# By default those are the resource and prompt scenarios: Proxi governs an
+# upstream's tools only; its resources are Proxi's own (the policy and
+# infrastructure status) and it offers no prompts, so the suite's test resource
+# and prompts/list are not passed through.
 # Needs node, the harnesses of scripts/mcp-harness.sh and scripts/upstream-harness.sh
 # (run here if missing) and a debug build of proxi (built here).
 set -euo pipefail
@@ -21,7 +25,7 @@ mcp_harness="${PROXI_MCP_HARNESS:-$repo/target/mcp-harness}"
 upstream_harness="${PROXI_UPSTREAM_HARNESS:-$repo/target/upstream-harness}"
 agent_token="conformance-agent-token-0123456789"
 operator_token="conformance-operator-token-0123456789"
-expected_changes=" ${EXPECTED_CHANGES:-} "
+expected_changes=" ${EXPECTED_CHANGES-resources-subscribe resources-unsubscribe prompts-list} "
 
 say() { printf '[conformance-upstream] %s\n' "$*" >&2; }
 
