@@ -592,6 +592,11 @@ impl Gateway {
             .send_modify(|count| *count = count.wrapping_add(1));
     }
 
+    /// Sets `proxi_upstream_up{upstream}` (1 up, 0 down) for the metrics scrape.
+    pub fn set_upstream_up(&self, upstream: &str, up: bool) {
+        self.metrics.set_upstream_up(upstream, up);
+    }
+
     /// Ticks after every [`Gateway::rebind`]: the catalog (hence `tools/list` and
     /// `/tools/catalog`) may have changed.
     pub fn tools_changed(&self) -> watch::Receiver<u64> {

@@ -646,3 +646,23 @@ async fn an_upstream_list_changed_refreshes_tools_list_and_is_passed_on_to_clien
     assert_eq!(result.content[0].as_text().unwrap().text, "new");
     client.cancel().await.ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_each_upstream_as_up() {
+    let setup = start(10, 60);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let text = http
+        .get(format!("{}/metrics", setup.server.url))
+        .bearer_auth(common::OPERATOR_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|line| line == "proxi_upstream_up{upstream=\"fx\"} 1"),
+        "{text}"
+    );
+}

@@ -61,6 +61,7 @@ impl AttachedUpstreams {
         changes.borrow_and_update();
         let mut known = KnownListings::default();
         gateway.rebind(Arc::new(known.catalog(simulated_cloud, &set)));
+        report_health(gateway, &set);
         let rebinder = tokio::spawn({
             let gateway = Arc::downgrade(gateway);
             let set = Arc::downgrade(&set);
@@ -71,6 +72,7 @@ impl AttachedUpstreams {
                         return;
                     };
                     gateway.rebind(Arc::new(known.catalog(simulated_cloud, &set)));
+                    report_health(&gateway, &set);
                 }
             }
         });
@@ -86,6 +88,14 @@ impl AttachedUpstreams {
     pub async fn shutdown(self) {
         self.rebinder.abort();
         self.set.shutdown().await;
+    }
+}
+
+/// Each upstream's up/down state into the gateway's metrics; called on every
+/// change the set announces (a start, a restart, a crash, a new listing).
+fn report_health(gateway: &Gateway, set: &UpstreamSet) {
+    for status in set.status() {
+        gateway.set_upstream_up(&status.name, status.up);
     }
 }
 
