@@ -228,6 +228,10 @@ pub struct PolicyStatus {
     pub changed_by: String,
     /// When.
     pub changed_at: String,
+    /// The version of the policy in force: SHA-256 of its canonical JSON
+    /// ([`PolicyEngine::policy_hash`]). Empty from a server that predates it.
+    #[serde(default)]
+    pub policy_hash: String,
 }
 
 /// One tool as `GET /tools/catalog` lists it.
@@ -419,6 +423,7 @@ impl Gateway {
             reason: None,
             changed_by: String::new(),
             changed_at: String::new(),
+            policy_hash: String::new(),
         });
         let rate_limiter = RateLimiter::new(policy.rate_limits());
         let gateway = Arc::new(Gateway {
@@ -962,6 +967,7 @@ impl Gateway {
             reason: if lapsed { None } else { state.reason },
             changed_by: state.changed_by.to_string(),
             changed_at: format_time(state.changed_at),
+            policy_hash: self.policy.policy_hash().to_owned(),
         }
     }
 

@@ -343,6 +343,17 @@ enum PolicyCommand {
         #[arg(long)]
         connect: bool,
     },
+    /// List every decision that changes from OLD to NEW, per mode and tool.
+    /// Exits 0 with no changes, 1 with some.
+    Diff {
+        /// The policy in force.
+        old: PathBuf,
+        /// The candidate policy.
+        new: PathBuf,
+        /// Print the changes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -789,6 +800,23 @@ async fn policy(command: PolicyCommand) -> Result<ExitCode> {
             };
             explain(&engine, &tool, mode.as_deref(), args.as_deref())
         }
+        PolicyCommand::Diff { old, new, json } => {
+            let diff =
+                proxi::policy_diff::diff(&PolicyEngine::load(&old)?, &PolicyEngine::load(&new)?);
+            if json {
+                out!("{}", serde_json::to_string_pretty(&diff)?)?;
+            } else {
+                // Tool names and rules come from the files; keep terminals safe.
+                for line in diff.to_string().lines() {
+                    out!("{}", escape(line))?;
+                }
+            }
+            Ok(if diff.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
     }
 }
 
@@ -1003,6 +1031,7 @@ fn init(dir: &Path) -> Result<ExitCode> {
 /// built-in defaults are applied), so a reader sees the effective rules.
 fn print_policy_check(source: &PolicySource, engine: &PolicyEngine) -> std::io::Result<()> {
     out!("{}: valid", escape(&source.to_string()))?;
+    out!("  policy_hash: {}", engine.policy_hash())?;
     for (id, mode) in engine.modes() {
         let marker = if id == engine.default_mode() {
             " (default)"
