@@ -23,6 +23,7 @@ pub mod policy_diff;
 pub mod policy_source;
 pub mod principal;
 pub mod rate_limit;
+pub mod replay;
 pub mod server;
 pub mod starter;
 pub mod text;

@@ -264,16 +264,27 @@ fn set_changes(at: &str, old: Vec<String>, new: Vec<String>) -> Vec<RuleChange> 
         .collect()
 }
 
-/// The built-ins, then every exactly named upstream tool of either policy,
-/// grouped by upstream in name order, each with a schema that accepts anything.
+/// The built-ins, then every exactly named upstream tool of either policy.
 fn diff_catalog(old: &PolicyEngine, new: &PolicyEngine) -> Catalog {
+    offline_catalog(true, old.named_tools().into_iter().chain(new.named_tools()))
+}
+
+/// A catalog for deciding offline: the built-ins (if `builtins`), then every
+/// `<upstream>__<tool>` among `names` (others are ignored), grouped by upstream
+/// in name order, each with a schema that accepts any object, since upstream
+/// schemas are only known from a running upstream.
+pub fn offline_catalog<'a>(builtins: bool, names: impl IntoIterator<Item = &'a str>) -> Catalog {
     let mut by_upstream: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for name in old.named_tools().into_iter().chain(new.named_tools()) {
+    for name in names {
         if let Some((upstream, tool)) = name.split_once(SEPARATOR) {
             by_upstream.entry(upstream).or_default().insert(tool);
         }
     }
-    let mut catalog = Catalog::builtin();
+    let mut catalog = if builtins {
+        Catalog::builtin()
+    } else {
+        Catalog::default()
+    };
     for (upstream, tools) in by_upstream {
         let listing = ToolListing {
             tools: tools
