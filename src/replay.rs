@@ -98,16 +98,20 @@ pub fn replay(
     since: Option<DateTime<Utc>>,
 ) -> Result<ReplayReport, ReplayError> {
     let mut upstream_names = BTreeSet::new();
-    for_each_tool_call(store, since, &mut |record| {
-        if let Some(tool) = &record.tool
-            && upstream_names.len() < MAX_UPSTREAM_NAMES
-            && tool
-                .split_once(SEPARATOR)
-                .is_some_and(|(upstream, _)| candidate.upstreams().contains_key(upstream))
-        {
-            upstream_names.insert(tool.clone());
-        }
-    })?;
+    // Only a candidate with upstreams needs their names; the built-ins are known.
+    if !candidate.upstreams().is_empty() {
+        let upstream_tools = format!("*{SEPARATOR}*");
+        for_each_tool_call(store, since, Some(&upstream_tools), &mut |record| {
+            if let Some(tool) = &record.tool
+                && upstream_names.len() < MAX_UPSTREAM_NAMES
+                && tool
+                    .split_once(SEPARATOR)
+                    .is_some_and(|(upstream, _)| candidate.upstreams().contains_key(upstream))
+            {
+                upstream_names.insert(tool.clone());
+            }
+        })?;
+    }
     let catalog = offline_catalog(
         candidate.catalog().has_builtins(),
         upstream_names.iter().map(String::as_str),
@@ -117,21 +121,25 @@ pub fn replay(
         candidate_hash: candidate.policy_hash().to_owned(),
         ..ReplayReport::default()
     };
-    for_each_tool_call(store, since, &mut |record| {
+    for_each_tool_call(store, since, None, &mut |record| {
         replay_one(&bound, record, &mut report)
     })?;
     Ok(report)
 }
 
+/// Visits the tool-call records at or after `since`, oldest first; with `tool`,
+/// only those whose tool matches that glob.
 fn for_each_tool_call(
     store: &dyn AuditStore,
     since: Option<DateTime<Utc>>,
+    tool: Option<&str>,
     visit: &mut dyn FnMut(AuditRecord),
 ) -> Result<(), AuditError> {
     let mut after_seq = 0;
     loop {
         let page = store.query(&AuditQuery {
             kind: Some(EntryKind::ToolCall.as_str().to_owned()),
+            tool: tool.map(str::to_owned),
             since,
             after_seq: Some(after_seq),
             limit: MAX_QUERY_LIMIT,
@@ -280,7 +288,91 @@ impl std::fmt::Display for ReplayReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::anchor::AuditKey;
+    use crate::audit::{AuditDecision, AuditEntry, Durability, SqliteStore};
     use serde_json::json;
+
+    fn call(tool: &str, arguments: Value, mode: &str, decision: AuditDecision) -> AuditEntry {
+        AuditEntry {
+            time: Utc::now(),
+            principal: Arc::from("mcp:claude"),
+            kind: EntryKind::ToolCall,
+            tool: Some(tool.to_owned()),
+            arguments: Some(arguments),
+            mode: Arc::from(mode),
+            decision,
+            reason_code: match decision {
+                AuditDecision::Allowed => None,
+                _ => Some("not_allowed"),
+            },
+            outcome: "executed",
+            detail: json!(null),
+            expires_at: None,
+            context: None,
+        }
+    }
+
+    #[test]
+    fn upstream_calls_are_decided_against_the_tools_the_trail_names() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path(), Durability::Process).expect("store opens");
+        let mut rate_limited = call("git__push", json!({}), "NORMAL", AuditDecision::Denied);
+        rate_limited.reason_code = Some("rate_limited");
+        let entries = [
+            call(
+                "git__status",
+                json!({"path": "."}),
+                "NORMAL",
+                AuditDecision::Denied,
+            ),
+            call("git__push", json!({}), "NORMAL", AuditDecision::Allowed),
+            call("other__tool", json!({}), "NORMAL", AuditDecision::Rejected),
+            call("git__log", json!({}), "GONE", AuditDecision::Allowed),
+            rate_limited,
+            call(
+                "git__status",
+                crate::audit::json_digest(&json!({"blob": "x".repeat(9000)})),
+                "NORMAL",
+                AuditDecision::Allowed,
+            ),
+        ];
+        let refs: Vec<&AuditEntry> = entries.iter().collect();
+        store
+            .append(&refs, &AuditKey::from_bytes([1; 32]))
+            .expect("appended");
+        let candidate = PolicyEngine::from_json(
+            r#"{"upstreams": {"git": {"command": "git-mcp"}},
+                "modes": {"NORMAL": {"allowed_tools": ["git__s*", "git__log"]}}}"#,
+            "candidate",
+        )
+        .expect("valid candidate");
+        let report = replay(&store, &candidate, None).expect("replay runs");
+        assert_eq!(report.replayed, 4);
+        assert_eq!(
+            report.not_replayed,
+            BTreeMap::from([
+                ("arguments_not_stored".to_owned(), 1),
+                ("rate_limited".to_owned(), 1)
+            ])
+        );
+        assert_eq!(report.mode_missing, 1);
+        let seqs = |calls: &[ReplayedCall]| calls.iter().map(|call| call.seq).collect::<Vec<_>>();
+        // git__status is allowed by the glob; git__push is not; other__ is undeclared.
+        assert_eq!(seqs(&report.newly_allowed), [1]);
+        assert_eq!(seqs(&report.newly_denied), [2]);
+        assert_eq!(
+            report.newly_denied[0].candidate, "denied (not_allowed)",
+            "{report}"
+        );
+        assert_eq!(
+            report.candidate,
+            BTreeMap::from([
+                ("allowed".to_owned(), 2),
+                ("denied".to_owned(), 1),
+                ("rejected".to_owned(), 1)
+            ])
+        );
+    }
 
     #[test]
     fn the_stored_digest_shape_is_recognised_and_ordinary_arguments_are_not() {
