@@ -29,7 +29,7 @@ fn entry(index: usize) -> AuditEntry {
         kind: EntryKind::ToolCall,
         tool: Some(tool.to_owned()),
         arguments: Some(arguments),
-        mode: Arc::from(if index % 2 == 0 {
+        mode: Arc::from(if index.is_multiple_of(2) {
             "NORMAL"
         } else {
             "EMERGENCY"
