@@ -155,7 +155,7 @@ fn for_each_tool_call(
     }
 }
 
-fn replay_one(policy: &PolicyEngine, record: AuditRecord, report: &mut ReplayReport) {
+fn replay_one(policy: &PolicyEngine, mut record: AuditRecord, report: &mut ReplayReport) {
     let not_replayed = match record.reason_code.as_deref() {
         Some(code) if NOT_POLICY_REFUSALS.contains(&code) => Some(code),
         _ if record.tool.is_none() => Some("malformed_request"),
@@ -173,7 +173,17 @@ fn replay_one(policy: &PolicyEngine, record: AuditRecord, report: &mut ReplayRep
         report.mode_missing += 1;
         policy.default_mode()
     });
-    let arguments = record.arguments.clone().unwrap_or(Value::Null);
+    let arguments = match record.arguments.take() {
+        // Rejected calls (and large denied ones) keep a digest whose prefix is
+        // the whole text when it was short enough: decide on that text.
+        Some(Value::Object(digest)) if is_whole_digest(&digest) => digest
+            .get("prefix")
+            .and_then(Value::as_str)
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or(Value::Null),
+        Some(arguments) => arguments,
+        None => Value::Null,
+    };
     let verdict = decide_call(policy, mode, tool, &arguments);
     let decision = verdict.audit_decision().as_str();
     report.replayed += 1;
@@ -212,12 +222,20 @@ fn replay_one(policy: &PolicyEngine, record: AuditRecord, report: &mut ReplayRep
 /// large to store whole (see [`crate::audit::json_digest`]).
 fn is_stored_digest(arguments: &Value) -> bool {
     arguments.as_object().is_some_and(|object| {
-        object.len() == 4
-            && object.get("truncated") == Some(&Value::Bool(true))
-            && ["prefix", "sha256", "bytes"]
-                .iter()
-                .all(|key| object.contains_key(*key))
+        is_digest(object) && object.get("truncated") == Some(&Value::Bool(true))
     })
+}
+
+/// Whether `object` is a digest whose prefix holds the whole text.
+fn is_whole_digest(object: &serde_json::Map<String, Value>) -> bool {
+    is_digest(object) && object.get("truncated") == Some(&Value::Bool(false))
+}
+
+fn is_digest(object: &serde_json::Map<String, Value>) -> bool {
+    object.len() == 4
+        && ["truncated", "prefix", "sha256", "bytes"]
+            .iter()
+            .all(|key| object.contains_key(*key))
 }
 
 impl std::fmt::Display for ReplayReport {
@@ -310,6 +328,46 @@ mod tests {
             expires_at: None,
             context: None,
         }
+    }
+
+    #[test]
+    fn short_arguments_kept_as_a_digest_are_decided_on_their_text() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path(), Durability::Process).expect("store opens");
+        let digest = |arguments: Value| crate::audit::json_digest(&arguments);
+        let entries = [
+            // Rejected for a wrong type: still rejected, never allowed on the digest.
+            call(
+                "restart_service",
+                digest(json!({"service_name": 5})),
+                "NORMAL",
+                AuditDecision::Rejected,
+            ),
+            // Denied in NORMAL with valid arguments: the candidate allows it.
+            call(
+                "restart_service",
+                digest(json!({"service_name": "web-server"})),
+                "NORMAL",
+                AuditDecision::Denied,
+            ),
+        ];
+        let refs: Vec<&AuditEntry> = entries.iter().collect();
+        store
+            .append(&refs, &AuditKey::from_bytes([1; 32]))
+            .expect("appended");
+        let candidate = PolicyEngine::from_json(
+            r#"{"modes": {"NORMAL": {"allowed_tools": ["restart_service"]}}}"#,
+            "candidate",
+        )
+        .expect("valid candidate");
+        let report = replay(&store, &candidate, None).expect("replay runs");
+        assert_eq!(report.replayed, 2, "{report}");
+        assert_eq!(
+            report.candidate,
+            BTreeMap::from([("allowed".to_owned(), 1), ("rejected".to_owned(), 1)])
+        );
+        assert_eq!(report.newly_allowed.len(), 1);
+        assert_eq!(report.newly_allowed[0].seq, 2);
     }
 
     #[test]
