@@ -40,6 +40,7 @@ fn entry(index: usize) -> AuditEntry {
         detail: json!({"ok": true}),
         expires_at: None,
         context: None,
+        policy_hash: None,
     }
 }
 

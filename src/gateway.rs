@@ -616,6 +616,7 @@ impl Gateway {
             detail,
             expires_at,
             context: None,
+            policy_hash: self.policy_version(),
         };
         self.append(entry, Priority::Essential).await
     }
@@ -728,6 +729,7 @@ impl Gateway {
             let mut entry =
                 tool_call_entry(principal, &shown_name, arguments, &mode, &outcome, now);
             entry.context = context;
+            entry.policy_hash = self.policy_version();
             (self.audit.submit_with(entry, priority), mode, outcome)
         };
         let audit_seq = pending
@@ -770,6 +772,7 @@ impl Gateway {
                 Utc::now(),
             );
             entry.arguments = None;
+            entry.policy_hash = self.policy_version();
             (
                 self.audit.submit_with(entry, audit_priority(principal)),
                 mode,
@@ -884,6 +887,7 @@ impl Gateway {
                     }),
                     expires_at: expires.map(|(_, wall)| wall),
                     context: None,
+                    policy_hash: self.policy_version(),
                 },
                 Priority::Essential,
             );
@@ -932,6 +936,7 @@ impl Gateway {
                     detail: json!({"from": from.as_ref(), "reason": "the time limit lapsed"}),
                     expires_at: None,
                     context: None,
+                    policy_hash: self.policy_version(),
                 },
                 Priority::Essential,
             )
@@ -941,6 +946,11 @@ impl Gateway {
         }
         tracing::info!("elevated mode lapsed; back to the default mode");
         self.mode_events.send_replace(self.status());
+    }
+
+    /// The version of the policy in force, as records carry it.
+    fn policy_version(&self) -> Option<Arc<str>> {
+        Some(Arc::from(self.policy.policy_hash()))
     }
 
     /// The current policy state.
@@ -1033,6 +1043,7 @@ impl Gateway {
                 },
                 expires_at: None,
                 context: None,
+                policy_hash: self.policy_version(),
             };
             (self.audit.submit_with(entry, Priority::Essential), result)
         };
@@ -1082,6 +1093,7 @@ impl Gateway {
             detail,
             expires_at: None,
             context: None,
+            policy_hash: self.policy_version(),
         };
         self.append(entry, audit_priority(principal)).await
     }
@@ -1113,6 +1125,7 @@ impl Gateway {
             }),
             expires_at: None,
             context: None,
+            policy_hash: self.policy_version(),
         };
         self.append(entry, audit_priority(principal)).await
     }
@@ -1249,6 +1262,8 @@ fn tool_call_entry(
         detail,
         expires_at: None,
         context: None,
+        // Set by the caller, which knows the deciding policy.
+        policy_hash: None,
     }
 }
 

@@ -327,6 +327,7 @@ mod tests {
             detail: json!(null),
             expires_at: None,
             context: None,
+            policy_hash: None,
         }
     }
 

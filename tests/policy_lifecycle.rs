@@ -153,6 +153,14 @@ async fn known_trail(server: &TestServer) -> Vec<AuditRecord> {
         .await;
     api.execute("no_such_tool", json!({})).await;
     let calls = server.tool_calls().await;
+    // Every decision names the policy that made it.
+    let version = canonical_digest(&serde_json::from_str(SHIPPED).expect("JSON"));
+    assert!(
+        calls
+            .iter()
+            .all(|record| record.policy_hash.as_deref() == Some(version.as_str())),
+        "{calls:?}"
+    );
     let decisions: Vec<(&str, &str, &str)> = calls
         .iter()
         .map(|record| {
