@@ -7,8 +7,10 @@
 
 pub mod agent;
 pub mod anchor;
+pub mod answer;
 pub mod api;
 pub mod audit;
+pub mod audit_view;
 pub mod canonical;
 pub mod catalog;
 pub mod client;
@@ -18,11 +20,13 @@ pub mod demo;
 pub mod gateway;
 pub mod infra;
 pub mod mcp;
+pub mod mode;
 pub mod policy;
 pub mod policy_diff;
 pub mod policy_source;
 pub mod principal;
 pub mod rate_limit;
+pub mod reason;
 pub mod replay;
 pub mod server;
 pub mod starter;

@@ -678,6 +678,7 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
     let policy = PolicySource::from_flag(args.state.policy.as_deref());
     let (gateway, tokens, token_file) =
         open_gateway(&args.state, Launch::Serve, &policy, log).await?;
+    let upstreams = start_upstreams(&gateway, log).await?;
     let bound = BoundServer::bind(args.bind)
         .await?
         .with_limits(args.edge.limits());
@@ -713,13 +714,44 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
         gateway,
         tokens: Arc::new(tokens),
     };
-    bound.serve_app(state, shutdown_signal(log)).await?;
+    let served = bound.serve_app(state, shutdown_signal(log)).await;
+    if let Some(upstreams) = upstreams {
+        upstreams.shutdown().await;
+    }
+    served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the policy's upstreams (if any) and attaches them to the gateway; one
+/// that fails to start is logged and retried in the background unless required.
+async fn start_upstreams(
+    gateway: &Arc<Gateway>,
+    log: LogFormat,
+) -> Result<Option<proxi::upstream::attach::AttachedUpstreams>> {
+    let upstreams = proxi::upstream::attach::AttachedUpstreams::start(gateway, &|name| {
+        std::env::var(name).ok()
+    })
+    .await?;
+    if let Some(upstreams) = &upstreams {
+        for status in upstreams.set().status() {
+            notice(
+                log,
+                &format!(
+                    "  upstream {}: {} ({})",
+                    status.name,
+                    if status.up { "up" } else { "starting" },
+                    status.transport.as_str()
+                ),
+            );
+        }
+    }
+    Ok(upstreams)
 }
 
 async fn mcp(args: McpArgs, log: LogFormat) -> Result<ExitCode> {
     let policy = PolicySource::from_flag(args.state.policy.as_deref());
     let (gateway, tokens, _) = open_gateway(&args.state, Launch::Stdio, &policy, log).await?;
+    let upstreams = start_upstreams(&gateway, log).await?;
     if !tokens.has_operator() {
         notice(
             log,
@@ -756,6 +788,9 @@ async fn mcp(args: McpArgs, log: LogFormat) -> Result<ExitCode> {
         }),
     };
     stop.cancel();
+    if let Some(upstreams) = upstreams {
+        upstreams.shutdown().await;
+    }
     if !http.is_finished() {
         http.await??;
     }
@@ -1238,7 +1273,16 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
             // Every field may hold text the agent chose (tool names, client names),
             // or that someone with file access wrote: nothing reaches the terminal
             // unescaped.
-            for record in audit::read_recent(&audit_db(&data_dir), count)? {
+            let records = audit::read_recent(&audit_db(&data_dir), count)?;
+            // An upstream call's intent that no record resolves: in flight, or cut
+            // short by a crash. Shown as such, never as a plain "pending".
+            let unresolved = proxi::audit_view::unresolved_intents(&records);
+            for record in records {
+                let outcome = if unresolved.contains(&record.seq) {
+                    proxi::audit_view::OUTCOME_UNKNOWN
+                } else {
+                    record.outcome.as_str()
+                };
                 if json {
                     out!("{}", json_for_terminal(&serde_json::to_string(&record)?))?;
                 } else {
@@ -1252,7 +1296,7 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
                         escape(&record.mode),
                         escape(&record.decision),
                         escape(record.reason_code.as_deref().unwrap_or("-")),
-                        escape(&record.outcome)
+                        escape(outcome)
                     )?;
                 }
             }

@@ -12,7 +12,8 @@
 //! candidate declares, each accepting any object. Some records cannot be
 //! decided again and are counted apart, never guessed: refusals that did not
 //! come from the policy (rate limits, malformed requests) and calls whose
-//! arguments were too large to be stored whole.
+//! arguments were too large to be stored whole. An upstream call is decided
+//! once, on its intent record; the outcome record that follows it is skipped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -156,6 +157,10 @@ fn for_each_tool_call(
 }
 
 fn replay_one(policy: &PolicyEngine, mut record: AuditRecord, report: &mut ReplayReport) {
+    // An upstream call's outcome record follows its intent, which is the decision.
+    if crate::audit_view::resolved_intent(&record).is_some() {
+        return;
+    }
     let not_replayed = match record.reason_code.as_deref() {
         Some(code) if NOT_POLICY_REFUSALS.contains(&code) => Some(code),
         _ if record.tool.is_none() => Some("malformed_request"),
@@ -375,6 +380,9 @@ mod tests {
     fn upstream_calls_are_decided_against_the_tools_the_trail_names() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(dir.path(), Durability::Process).expect("store opens");
+        let mut outcome = call("git__push", json!(null), "NORMAL", AuditDecision::Allowed);
+        outcome.arguments = None;
+        outcome.detail = json!({"intent_seq": 2});
         let mut rate_limited = call("git__push", json!({}), "NORMAL", AuditDecision::Denied);
         rate_limited.reason_code = Some("rate_limited");
         let entries = [
@@ -385,6 +393,7 @@ mod tests {
                 AuditDecision::Denied,
             ),
             call("git__push", json!({}), "NORMAL", AuditDecision::Allowed),
+            outcome,
             call("other__tool", json!({}), "NORMAL", AuditDecision::Rejected),
             call("git__log", json!({}), "GONE", AuditDecision::Allowed),
             rate_limited,

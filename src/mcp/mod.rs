@@ -44,7 +44,8 @@ use tokio::task::AbortHandle;
 
 use crate::gateway::{Execution, Gateway, GatewayError, Outcome, PolicyStatus};
 use crate::principal::Principal;
-use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory, ToolName};
+use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory};
+use crate::upstream::call::{CallContext, CallerPeer};
 
 /// `serverInfo.name` in `initialize` and `server/discover`.
 pub const SERVER_NAME: &str = "proxi";
@@ -53,7 +54,7 @@ pub const POLICY_STATUS_URI: &str = "proxi://policy/status";
 /// The readable infrastructure state.
 pub const INFRASTRUCTURE_STATUS_URI: &str = "proxi://infrastructure/status";
 /// Reason code of a call refused because the audit trail cannot record it.
-pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
+pub const AUDIT_UNAVAILABLE: &str = crate::reason::Reason::AuditUnavailable.as_str();
 
 const INSTRUCTIONS: &str = "Proxi governs these infrastructure tools. Every call is checked against \
 the policy's current mode and recorded in an audit trail. Read proxi://policy/status to see the mode \
@@ -222,7 +223,7 @@ pub struct Refusal {
     pub audit_seq: Option<u64>,
     /// For an unknown tool, the tools that exist.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub known_tools: Option<Vec<&'static str>>,
+    pub known_tools: Option<Vec<String>>,
     /// For a rate-limited call, the seconds to wait before calling again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after_seconds: Option<u64>,
@@ -250,7 +251,9 @@ pub const META_MODE: &str = "dev.proxi/mode";
 /// `_meta` key of a successful call's audit sequence number.
 pub const META_AUDIT_SEQ: &str = "dev.proxi/audit_seq";
 
-/// Turns the gateway's answer into an MCP tool result.
+/// Turns the gateway's answer into an MCP tool result: a success with the mode
+/// and audit seq in `_meta`, an upstream's result unchanged, or an `isError`
+/// refusal rendered from the same [`crate::answer::answer`] REST renders.
 pub fn tool_result(execution: Execution) -> CallToolResult {
     let Execution {
         tool,
@@ -258,21 +261,12 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
         outcome,
         audit_seq,
     } = execution;
-    let reason_code = outcome.reason_code().unwrap_or_default().to_owned();
-    let policy_violation = outcome.is_policy_violation();
-    let refusal = |message: String, how_to_proceed: String| Refusal {
-        policy_violation,
-        reason_code: reason_code.clone(),
-        mode: mode.to_string(),
-        tool: tool.clone(),
-        how_to_proceed,
-        message,
-        audit_seq: Some(audit_seq),
-        known_tools: None,
-        retry_after_seconds: None,
-    };
-    match outcome {
-        Outcome::Executed(result) => {
+    let answer = crate::answer::answer(&outcome, crate::server::rest::known_tool_names);
+    match (outcome, answer) {
+        // The upstream's answer, every content block, structuredContent and
+        // isError, exactly as it came.
+        (Outcome::Forwarded(result), _) => result,
+        (Outcome::Executed(result), _) => {
             let text = result.to_string();
             let mut success = CallToolResult::success(vec![ContentBlock::text(text)]);
             success.structured_content = Some(result);
@@ -283,47 +277,20 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
             success.meta = Some(rmcp::model::MetaObject(meta));
             success
         }
-        Outcome::Denied {
-            message,
-            how_to_proceed,
-            ..
-        } => refusal(message, how_to_proceed).into_result(),
-        Outcome::UnknownTool { message } => Refusal {
-            known_tools: Some(ToolName::ALL.map(ToolName::as_str).to_vec()),
-            ..refusal(
-                message,
-                "Use one of the tools listed in known_tools (see tools/list).".to_owned(),
-            )
+        (_, Some(answer)) => Refusal {
+            policy_violation: answer.policy_violation,
+            reason_code: answer.reason_code.to_string(),
+            mode: mode.to_string(),
+            tool,
+            how_to_proceed: answer.how_to_proceed,
+            message: answer.message,
+            audit_seq: Some(audit_seq),
+            known_tools: answer.known_tools,
+            retry_after_seconds: answer.retry_after_seconds,
         }
         .into_result(),
-        Outcome::InvalidArguments(message) => refusal(
-            message,
-            "Fix the arguments to match the tool's inputSchema (see tools/list) and call again."
-                .to_owned(),
-        )
-        .into_result(),
-        Outcome::InvalidToolName(message) => refusal(
-            message,
-            "Call one of the tools listed by tools/list, by its exact name.".to_owned(),
-        )
-        .into_result(),
-        Outcome::RateLimited { .. } => {
-            let retry_after_seconds = outcome.retry_after_seconds();
-            Refusal {
-                retry_after_seconds,
-                ..refusal(
-                    crate::server::rest::rate_limited_message(retry_after_seconds),
-                    "Slow down: wait retry_after_seconds, then call again.".to_owned(),
-                )
-            }
-            .into_result()
-        }
-        Outcome::Failed { message, .. } => refusal(
-            message,
-            "Nothing was changed. Check the arguments (list_services shows valid service names) and call again."
-                .to_owned(),
-        )
-        .into_result(),
+        // answer() is None only for Executed and a successful Forwarded.
+        (_, None) => CallToolResult::error(vec![ContentBlock::text("internal error")]),
     }
 }
 
@@ -445,10 +412,19 @@ impl ServerHandler for ProxiMcp {
             return Err(ErrorData::invalid_params(problem, None));
         }
         let arguments = Value::Object(request.arguments.unwrap_or_default());
+        // The client's cancellation (context.ct) cancels this call, and only it;
+        // the upstream's traffic during the call goes to this client alone.
+        let call_context = CallContext {
+            cancel: context.ct.clone(),
+            caller: Some(CallerPeer {
+                peer: context.peer.clone(),
+                progress_token: context.meta.get_progress_token(),
+            }),
+        };
         match self
             .shared
             .gateway
-            .execute(&principal, &request.name, arguments)
+            .execute_call(&principal, &request.name, arguments, None, &call_context)
             .await
         {
             Ok(execution) => Ok(tool_result(execution).into()),
@@ -607,7 +583,7 @@ mod tests {
 
     use super::*;
     use crate::policy::{Decision, PolicyEngine};
-    use crate::tools::ToolCall;
+    use crate::tools::{ToolCall, ToolName};
 
     fn execution(outcome: Outcome) -> Execution {
         Execution {

@@ -294,31 +294,65 @@ pub struct UpstreamClient {
 /// the whole group with SIGKILL: the child is gone by then, or is being killed by
 /// `kill_on_drop`, but a grandchild (the server an `npx` wrapper started) would
 /// otherwise survive as an orphan.
+///
+/// The group is also killed as soon as the child itself exits: a grandchild that
+/// inherited the pipes would otherwise keep the session open after its wrapper
+/// died, so the crash would go unnoticed and the wrapper's restart never happen.
 #[derive(Debug)]
-struct ProcessGroup(Option<rustix::process::Pid>);
+struct ProcessGroup {
+    group: Option<rustix::process::Pid>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+}
 
 impl ProcessGroup {
     fn new(leader: Option<u32>) -> ProcessGroup {
-        ProcessGroup(
-            leader
-                .and_then(|pid| i32::try_from(pid).ok())
-                .and_then(rustix::process::Pid::from_raw),
-        )
+        let group = leader
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        let watcher = group.map(|group| tokio::spawn(kill_group_when_leader_exits(group)));
+        ProcessGroup { group, watcher }
+    }
+}
+
+/// Kills `group` with SIGKILL; an empty group (ESRCH) is the usual, good case.
+fn kill_group(group: rustix::process::Pid) {
+    match rustix::process::kill_process_group(group, rustix::process::Signal::KILL) {
+        Ok(()) => tracing::debug!(
+            group = group.as_raw_nonzero().get(),
+            "killed what was left of an upstream's process group"
+        ),
+        Err(rustix::io::Errno::SRCH) => {}
+        Err(error) => tracing::warn!(%error, "cannot kill an upstream's process group"),
+    }
+}
+
+/// Waits for the group's leader (the child) to exit, through a pidfd (readable once
+/// the process has exited, even before it is reaped), then kills the rest of the group.
+async fn kill_group_when_leader_exits(group: rustix::process::Pid) {
+    let pidfd = match rustix::process::pidfd_open(group, rustix::process::PidfdFlags::empty()) {
+        Ok(pidfd) => pidfd,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch an upstream's exit; its group is killed only when its session ends");
+            return;
+        }
+    };
+    match tokio::io::unix::AsyncFd::new(pidfd) {
+        Ok(exited) => {
+            if exited.readable().await.is_ok() {
+                kill_group(group);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot watch an upstream's exit"),
     }
 }
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        if let Some(group) = self.0 {
-            // ESRCH (the group is empty already) is the usual, good case.
-            match rustix::process::kill_process_group(group, rustix::process::Signal::KILL) {
-                Ok(()) => tracing::debug!(
-                    group = group.as_raw_nonzero().get(),
-                    "killed what was left of an upstream's process group"
-                ),
-                Err(rustix::io::Errno::SRCH) => {}
-                Err(error) => tracing::warn!(%error, "cannot kill an upstream's process group"),
-            }
+        if let Some(watcher) = self.watcher.take() {
+            watcher.abort();
+        }
+        if let Some(group) = self.group {
+            kill_group(group);
         }
     }
 }
@@ -421,7 +455,10 @@ impl UpstreamClient {
             upstream: upstream.to_owned(),
             service,
             pid: None,
-            _group: ProcessGroup::new(None),
+            _group: ProcessGroup {
+                group: None,
+                watcher: None,
+            },
         })
     }
 
