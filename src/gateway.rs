@@ -239,6 +239,10 @@ pub struct PolicyStatus {
     pub changed_by: String,
     /// When.
     pub changed_at: String,
+    /// The version of the policy in force: SHA-256 of its canonical JSON
+    /// ([`PolicyEngine::policy_hash`]). Empty from a server that predates it.
+    #[serde(default)]
+    pub policy_hash: String,
 }
 
 /// One tool as `GET /tools/catalog` lists it.
@@ -417,6 +421,7 @@ impl Gateway {
             reason: None,
             changed_by: String::new(),
             changed_at: String::new(),
+            policy_hash: String::new(),
         });
         let rate_limiter = RateLimiter::new(policy.rate_limits());
         let metrics = crate::metrics::Metrics::new(audit.metrics());
@@ -573,6 +578,7 @@ impl Gateway {
             detail,
             expires_at,
             context: None,
+            policy_hash: self.policy_version(),
         };
         self.append(entry, Priority::Essential).await
     }
@@ -786,6 +792,8 @@ impl Gateway {
                 }
             };
             entry.context = context;
+            // The hash of the very engine that decided, not of a later reload.
+            entry.policy_hash = Some(Arc::from(policy.policy_hash()));
             (self.audit.submit_with(entry, priority), mode, step)
         };
         let audit_seq = pending
@@ -951,6 +959,7 @@ impl Gateway {
                 Utc::now(),
             );
             entry.arguments = None;
+            entry.policy_hash = self.policy_version();
             (
                 self.audit.submit_with(entry, audit_priority(principal)),
                 mode,
@@ -1039,6 +1048,7 @@ impl Gateway {
                     }),
                     expires_at: expires.map(|(_, wall)| wall),
                     context: None,
+                    policy_hash: self.policy_version(),
                 },
                 Priority::Essential,
             );
@@ -1105,6 +1115,7 @@ impl Gateway {
             }),
             expires_at: None,
             context: None,
+            policy_hash: self.policy_version(),
         };
         // The switch itself is recorded and in force; a failure here loses only the
         // summary (each drained call has its own outcome record).
@@ -1151,6 +1162,7 @@ impl Gateway {
                     detail: json!({"from": from.as_ref(), "reason": "the time limit lapsed"}),
                     expires_at: None,
                     context: None,
+                    policy_hash: self.policy_version(),
                 },
                 Priority::Essential,
             );
@@ -1168,6 +1180,11 @@ impl Gateway {
         self.metrics.mode_changed();
         self.drain_and_record(&Principal::system(), &default_name, change_seq, to_drain)
             .await;
+    }
+
+    /// The version of the policy in force, as records carry it.
+    fn policy_version(&self) -> Option<Arc<str>> {
+        Some(Arc::from(self.policy().policy_hash()))
     }
 
     /// The current policy state.
@@ -1195,6 +1212,7 @@ impl Gateway {
             reason: if lapsed { None } else { state.reason },
             changed_by: state.changed_by.to_string(),
             changed_at: format_time(state.changed_at),
+            policy_hash: policy.policy_hash().to_owned(),
         }
     }
 
@@ -1267,6 +1285,7 @@ impl Gateway {
                 },
                 expires_at: None,
                 context: None,
+                policy_hash: self.policy_version(),
             };
             (self.audit.submit_with(entry, Priority::Essential), result)
         };
@@ -1316,6 +1335,7 @@ impl Gateway {
             detail,
             expires_at: None,
             context: None,
+            policy_hash: self.policy_version(),
         };
         self.append(entry, audit_priority(principal)).await
     }
@@ -1347,6 +1367,7 @@ impl Gateway {
             }),
             expires_at: None,
             context: None,
+            policy_hash: self.policy_version(),
         };
         self.append(entry, audit_priority(principal)).await
     }
@@ -1490,6 +1511,8 @@ fn tool_call_entry(
         detail,
         expires_at: None,
         context: None,
+        // Set by the caller, which knows the deciding policy.
+        policy_hash: None,
     }
 }
 
@@ -1593,6 +1616,8 @@ fn upstream_intent_entry(
         detail: json!({"upstream": &*route.upstream, "upstream_tool": &*route.tool}),
         expires_at: None,
         context: None,
+        // Set by the caller, which knows the deciding policy.
+        policy_hash: None,
     }
 }
 
@@ -1630,6 +1655,8 @@ fn upstream_outcome_entry(
         detail,
         expires_at: None,
         context: None,
+        // Not a decision: its intent record names the policy.
+        policy_hash: None,
     }
 }
 

@@ -346,6 +346,32 @@ enum PolicyCommand {
         #[arg(long)]
         connect: bool,
     },
+    /// List every decision that changes from OLD to NEW, per mode and tool.
+    /// Exits 0 with no changes, 1 with some.
+    Diff {
+        /// The policy in force.
+        old: PathBuf,
+        /// The candidate policy.
+        new: PathBuf,
+        /// Print the changes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide every tool call of the audit trail again under a candidate policy,
+    /// in the mode recorded with it, and list the calls whose outcome changes.
+    Replay {
+        /// The candidate policy.
+        #[arg(long)]
+        candidate: PathBuf,
+        #[arg(long, default_value = "./proxi-data")]
+        data_dir: PathBuf,
+        /// Only calls at or after this time: RFC 3339, or a duration ago (`2h`, `30m`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -921,6 +947,48 @@ async fn policy(command: PolicyCommand) -> Result<ExitCode> {
             };
             explain(&engine, &tool, mode.as_deref(), args.as_deref())
         }
+        PolicyCommand::Diff { old, new, json } => {
+            let diff =
+                proxi::policy_diff::diff(&PolicyEngine::load(&old)?, &PolicyEngine::load(&new)?);
+            if json {
+                out!("{}", json_for_terminal(&serde_json::to_string(&diff)?))?;
+            } else {
+                // Tool names and rules come from the files; keep terminals safe.
+                for line in diff.to_string().lines() {
+                    out!("{}", escape(line))?;
+                }
+            }
+            Ok(if diff.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        PolicyCommand::Replay {
+            candidate,
+            data_dir,
+            since,
+            json,
+        } => {
+            let candidate = PolicyEngine::load(&candidate)?;
+            let since = since.as_deref().map(parse_since).transpose()?;
+            let db = audit_db(&data_dir);
+            if !db.exists() {
+                return Err(audit::AuditError::Missing(db).into());
+            }
+            let store = audit::SqliteStore::open_reader(&db)?;
+            let report = proxi::replay::replay(&store, &candidate, since)?;
+            if json {
+                // Compact: the terminal-safe form escapes newlines too.
+                out!("{}", json_for_terminal(&serde_json::to_string(&report)?))?;
+            } else {
+                // Tool and principal names in the trail are the agent's choice.
+                for line in report.to_string().lines() {
+                    out!("{}", escape(line))?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -1141,6 +1209,7 @@ fn init(dir: &Path) -> Result<ExitCode> {
 /// built-in defaults are applied), so a reader sees the effective rules.
 fn print_policy_check(source: &PolicySource, engine: &PolicyEngine) -> std::io::Result<()> {
     out!("{}: valid", escape(&source.to_string()))?;
+    out!("  policy_hash: {}", engine.policy_hash())?;
     for (id, mode) in engine.modes() {
         let marker = if id == engine.default_mode() {
             " (default)"
@@ -1212,6 +1281,16 @@ fn print_policy_check(source: &PolicySource, engine: &PolicyEngine) -> std::io::
         }
     }
     Ok(())
+}
+
+/// `--since`: an RFC 3339 time, or a duration before now (`2h`, `30m`).
+fn parse_since(text: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(time.to_utc());
+    }
+    let ago = humantime::parse_duration(text)
+        .with_context(|| format!("--since {text:?}: not an RFC 3339 time or a duration"))?;
+    Ok(chrono::Utc::now() - chrono::Duration::from_std(ago)?)
 }
 
 fn list_or_none(names: &[&str]) -> String {

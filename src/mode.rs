@@ -627,6 +627,7 @@ mod tests {
             hash: String::new(),
             context: None,
             mac: None,
+            policy_hash: None,
         }
     }
 

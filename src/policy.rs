@@ -372,6 +372,8 @@ struct PolicyRules {
     upstreams: BTreeMap<String, UpstreamDeclaration>,
     simulated_cloud: bool,
     drain_timeout: Duration,
+    /// [`crate::canonical::canonical_digest`] of the policy document.
+    policy_hash: String,
 }
 
 /// A constraint resolved to one tool of the catalog.
@@ -436,6 +438,21 @@ impl Mode {
             .blocked
             .iter()
             .map(NamePattern::as_str)
+            .collect()
+    }
+
+    /// The argument constraints as written, with the tool name or glob each
+    /// applies to: `(pattern, "argument must be ...")`, in file order.
+    pub fn constraint_rules(&self) -> Vec<(&str, String)> {
+        self.written()
+            .constraints
+            .iter()
+            .map(|constraint| {
+                (
+                    constraint.tools.as_str(),
+                    format!("`{}` must be {}", constraint.argument, constraint.rule),
+                )
+            })
             .collect()
     }
 
@@ -674,16 +691,21 @@ impl PolicyEngine {
                 }
             });
         }
-        let document: PolicyDocument =
-            serde_json::from_str(text).map_err(|error| PolicyError::Parse {
-                source_name: source_name.to_owned(),
-                error,
-            })?;
+        let parse_error = |error| PolicyError::Parse {
+            source_name: source_name.to_owned(),
+            error,
+        };
+        // Typed straight from the text, so errors keep their line and column.
+        let document: PolicyDocument = serde_json::from_str(text).map_err(parse_error)?;
+        let value: Value = serde_json::from_str(text).map_err(parse_error)?;
+        let policy_hash = crate::canonical::canonical_digest(&value);
         let invalid = |problems| PolicyError::Invalid {
             source_name: source_name.to_owned(),
             problems,
         };
-        let rules = Arc::new(compile(document).map_err(invalid)?);
+        let mut rules = compile(document).map_err(invalid)?;
+        rules.policy_hash = policy_hash;
+        let rules = Arc::new(rules);
         let catalog = if rules.simulated_cloud {
             Catalog::builtin()
         } else {
@@ -711,6 +733,32 @@ impl PolicyEngine {
     /// more and allows nothing (default deny).
     pub fn bind(&self, catalog: Arc<Catalog>) -> PolicyEngine {
         bind_rules(Arc::clone(&self.rules), catalog)
+    }
+
+    /// The policy's version: the SHA-256 (lowercase hex) of its document's
+    /// canonical JSON, so key order and whitespace do not change it. The same
+    /// for every binding of the same file.
+    pub fn policy_hash(&self) -> &str {
+        &self.rules.policy_hash
+    }
+
+    /// Every exact (non-glob) tool name the rules write anywhere: always_blocked,
+    /// each mode's allowed and blocked tools and constraints. Sorted.
+    pub fn named_tools(&self) -> std::collections::BTreeSet<&str> {
+        let rules = &self.rules;
+        let mode_patterns = rules.modes.iter().flat_map(|mode| {
+            mode.allowed
+                .iter()
+                .chain(&mode.blocked)
+                .chain(mode.constraints.iter().map(|constraint| &constraint.tools))
+        });
+        rules
+            .always_blocked
+            .iter()
+            .chain(mode_patterns)
+            .filter(|pattern| !pattern.is_glob())
+            .map(NamePattern::as_str)
+            .collect()
     }
 
     /// The catalog this engine is bound to.
@@ -1394,6 +1442,8 @@ fn compile(document: PolicyDocument) -> Result<PolicyRules, Vec<String>> {
             upstreams: document.upstreams,
             simulated_cloud,
             drain_timeout,
+            // Set by the caller, which holds the document's text.
+            policy_hash: String::new(),
         }),
         _ => Err(problems),
     }

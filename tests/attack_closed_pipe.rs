@@ -57,6 +57,7 @@ fn trail_with_records(data_dir: &std::path::Path, count: usize) {
                     detail: json!(null),
                     expires_at: None,
                     context: None,
+                    policy_hash: None,
                 })
                 .await
                 .unwrap();

@@ -99,6 +99,7 @@ fn hostile_trail(data_dir: &std::path::Path) {
                 detail: json!("\r\u{1b}[2K"),
                 expires_at: None,
                 context: None,
+                policy_hash: None,
             })
             .await
             .unwrap();

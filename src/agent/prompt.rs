@@ -160,6 +160,7 @@ mod tests {
             reason: None,
             changed_by: "system".into(),
             changed_at: "now".into(),
+            policy_hash: String::new(),
         }
     }
 

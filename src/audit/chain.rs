@@ -25,6 +25,7 @@ pub(super) struct Fields<'a> {
     pub(super) detail: &'a str,
     pub(super) expires_at: Option<&'a str>,
     pub(super) context: Option<&'a str>,
+    pub(super) policy_hash: Option<&'a str>,
 }
 
 impl Fields<'_> {
@@ -65,6 +66,12 @@ impl Fields<'_> {
             hasher.update((context.len() as u64).to_be_bytes());
             hasher.update(context.as_bytes());
         }
+        // `policy_hash` came after `context`, the same way (tag 3).
+        if let Some(policy_hash) = self.policy_hash {
+            hasher.update([3u8]);
+            hasher.update((policy_hash.len() as u64).to_be_bytes());
+            hasher.update(policy_hash.as_bytes());
+        }
         let mut hex = [0u8; 64];
         // 32 digest bytes always encode into exactly 64 hex digits.
         let _ = hex::encode_to_slice(hasher.finalize(), &mut hex);
@@ -88,6 +95,7 @@ impl StoredRecord {
             detail: &self.detail,
             expires_at: self.expires_at.as_deref(),
             context: self.context.as_deref(),
+            policy_hash: self.policy_hash.as_deref(),
         }
     }
 
@@ -165,6 +173,10 @@ pub fn seal(
             Some(_) => Some(utf8(&buffers.context)?),
             None => None,
         },
+        policy_hash: entry
+            .policy_hash
+            .as_deref()
+            .map(|hash| cut(hash, MAX_STORED_POLICY_HASH_BYTES)),
     };
     let hash = utf8(&fields.hash(&head.hash))?.to_owned();
     let record = StoredRecord {
@@ -179,6 +191,7 @@ pub fn seal(
         outcome: fields.outcome.to_owned(),
         detail: fields.detail.to_owned(),
         context: fields.context.map(str::to_owned),
+        policy_hash: fields.policy_hash.map(str::to_owned),
         time,
         expires_at,
         prev_hash: std::mem::replace(&mut head.hash, hash.clone()),
@@ -309,6 +322,7 @@ mod tests {
             detail: json!({"fleet_size": n}),
             expires_at: None,
             context: None,
+            policy_hash: None,
         }
     }
 

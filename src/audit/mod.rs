@@ -864,6 +864,7 @@ mod tests {
             detail: json!({"fleet_size": n}),
             expires_at: None,
             context: None,
+            policy_hash: None,
         }
     }
 
@@ -1239,6 +1240,41 @@ mod tests {
         let mut with_context = entry(4);
         with_context.context = Some(json!({"why": "after migration"}));
         assert_eq!(log.append(with_context).await.unwrap(), 4);
+        assert_eq!(first_bad(dir.path()), None);
+    }
+
+    #[tokio::test]
+    async fn the_policy_hash_is_stored_and_covered_by_the_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        let mut with_version = entry(1);
+        with_version.policy_hash = Some(Arc::from("ab".repeat(40).as_str()));
+        log.append(with_version).await.unwrap();
+        log.append(entry(2)).await.unwrap();
+        let records = log.recent(2).unwrap();
+        // Cut to the length of a SHA-256 in hex.
+        assert_eq!(records[0].policy_hash, Some("ab".repeat(32)));
+        assert_eq!(records[1].policy_hash, None);
+        drop(log);
+        assert_eq!(first_bad(dir.path()), None);
+        tamper(
+            dir.path(),
+            "UPDATE audit_log SET policy_hash = 'cd' WHERE seq = 1",
+        );
+        assert_eq!(first_bad(dir.path()), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_trail_from_before_policy_hash_verifies_and_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(log_with(dir.path(), 3).await);
+        tamper(dir.path(), "ALTER TABLE audit_log DROP COLUMN policy_hash");
+        assert_eq!(verify(&dir.path().join(AUDIT_DB_FILE)).unwrap().records, 3);
+        let (log, recovered) = AuditLog::open(dir.path(), Durability::Process).unwrap();
+        assert_eq!(recovered.records, 3);
+        let mut with_version = entry(4);
+        with_version.policy_hash = Some(Arc::from("0f".repeat(32).as_str()));
+        assert_eq!(log.append(with_version).await.unwrap(), 4);
         assert_eq!(first_bad(dir.path()), None);
     }
 

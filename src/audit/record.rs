@@ -16,10 +16,12 @@ pub const STORED_PREFIX_BYTES: usize = 1024;
 pub const MAX_STORED_JSON_BYTES: usize = 8 * 1024;
 /// Largest `context` JSON text stored whole; longer ones become a digest.
 pub const MAX_STORED_CONTEXT_BYTES: usize = 2 * 1024;
+/// Longest stored `policy_hash`: a SHA-256 in hex.
+pub const MAX_STORED_POLICY_HASH_BYTES: usize = 64;
 /// Longest stored `principal`, `tool` or `mode`, in bytes.
 pub const MAX_STORED_NAME_BYTES: usize = 256;
 /// Upper bound of one record's stored text: the capped fields plus the fixed-size
-/// ones (times, hashes, static outcome and reason codes), with room to spare.
+/// ones (times, hashes, the policy hash, static outcome and reason codes), with room to spare.
 pub const MAX_RECORD_BYTES: usize =
     3 * MAX_STORED_NAME_BYTES + 2 * MAX_STORED_JSON_BYTES + MAX_STORED_CONTEXT_BYTES + 512;
 
@@ -105,6 +107,9 @@ pub struct AuditEntry {
     pub expires_at: Option<DateTime<Utc>>,
     /// The caller's free-form context (REST `context`), if it gave one.
     pub context: Option<Value>,
+    /// The version ([`crate::policy::PolicyEngine::policy_hash`]) of the policy
+    /// that decided, for records of decisions.
+    pub policy_hash: Option<Arc<str>>,
 }
 
 /// A stored, chained record.
@@ -144,6 +149,9 @@ pub struct AuditRecord {
     /// `<key id>:<HMAC-SHA-256 of hash>` under the audit key (see [`crate::anchor`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The version of the policy that decided (absent in records without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_hash: Option<String>,
 }
 
 /// One record's columns exactly as a store keeps them and as the chain hashes them
@@ -182,6 +190,8 @@ pub struct StoredRecord {
     pub context: Option<String>,
     /// `<key id>:<HMAC>` of `hash` under the audit key.
     pub mac: Option<String>,
+    /// The deciding policy's version, cut to [`MAX_STORED_POLICY_HASH_BYTES`].
+    pub policy_hash: Option<String>,
 }
 
 impl StoredRecord {
@@ -207,6 +217,7 @@ impl StoredRecord {
             prev_hash: self.prev_hash,
             hash: self.hash,
             mac: self.mac,
+            policy_hash: self.policy_hash,
         }
     }
 }

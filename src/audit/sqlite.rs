@@ -29,8 +29,13 @@ pub(super) fn select_columns(connection: &Connection) -> Result<String, AuditErr
     } else {
         "NULL"
     };
+    let policy_hash = if has_column(connection, "policy_hash")? {
+        "policy_hash"
+    } else {
+        "NULL"
+    };
     Ok(format!(
-        "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, {context}, {mac}"
+        "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, {context}, {mac}, {policy_hash}"
     ))
 }
 
@@ -63,6 +68,7 @@ impl StoredRecord {
             hash: row.get(13)?,
             context: row.get(14)?,
             mac: row.get(15)?,
+            policy_hash: row.get(16)?,
         })
     }
 }
@@ -131,7 +137,8 @@ impl SqliteStore {
                 prev_hash TEXT NOT NULL,
                 hash TEXT NOT NULL,
                 context TEXT,
-                mac TEXT
+                mac TEXT,
+                policy_hash TEXT
             );
             -- Scratch row the writer rewrites to find out whether writes succeed again.
             CREATE TABLE IF NOT EXISTS audit_probe (id INTEGER PRIMARY KEY, at TEXT NOT NULL);",
@@ -139,6 +146,10 @@ impl SqliteStore {
         if !has_column(&connection, "context")? {
             // A trail from before `context` existed; its records hash the same without it.
             connection.execute_batch("ALTER TABLE audit_log ADD COLUMN context TEXT")?;
+        }
+        if !has_column(&connection, "policy_hash")? {
+            // A trail from before policy versions; its records hash the same without it.
+            connection.execute_batch("ALTER TABLE audit_log ADD COLUMN policy_hash TEXT")?;
         }
         if !has_column(&connection, "mac")? {
             // A trail from before audit keys: the MAC check refuses to extend it.
@@ -240,8 +251,8 @@ impl SqliteWriter {
         let mut head = self.head.clone();
         {
             let mut insert = transaction.prepare_cached(
-                "INSERT INTO audit_log (seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                "INSERT INTO audit_log (seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac, policy_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )?;
             for entry in entries {
                 let record = seal(&mut head, entry, key, &mut self.buffers)?;
@@ -262,6 +273,7 @@ impl SqliteWriter {
                     record.hash,
                     record.context,
                     record.mac,
+                    record.policy_hash,
                 ])?;
             }
         }
