@@ -18,7 +18,7 @@ use proxi::agent::{
 };
 use proxi::anchor::Anchoring;
 use proxi::api::SetModeRequest;
-use proxi::audit::{self, Durability};
+use proxi::audit::{self, AuditStore, Durability};
 use proxi::client::{ProxiClient, resolve_server_url, resolve_token};
 use proxi::credential::OperatorCredential;
 use proxi::decision::{self, ToolVerdict, Verdict};
@@ -226,6 +226,10 @@ struct StateArgs {
     /// Operator credential file (`proxi credential init`): the operator token and the audit key; the audit anchor is kept next to it.
     #[arg(long, env = "PROXI_OPERATOR_CREDENTIAL", value_name = "FILE")]
     operator_credential: Option<PathBuf>,
+    /// Keep the audit trail in PostgreSQL (`postgres://USER@HOST:PORT/DB`, no TLS) shared by
+    /// several instances; needs --operator-credential [default: SQLite in the data dir].
+    #[arg(long, env = "PROXI_STORE", value_name = "URL")]
+    store: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -348,6 +352,9 @@ enum AuditCommand {
         /// The operator credential the server uses (else the key in the data dir).
         #[arg(long, env = "PROXI_OPERATOR_CREDENTIAL", value_name = "FILE")]
         operator_credential: Option<PathBuf>,
+        /// The trail's PostgreSQL store, as given to `serve` [default: SQLite in the data dir].
+        #[arg(long, env = "PROXI_STORE", value_name = "URL")]
+        store: Option<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -356,6 +363,9 @@ enum AuditCommand {
     Tail {
         #[arg(long, default_value = "./proxi-data")]
         data_dir: PathBuf,
+        /// The trail's PostgreSQL store, as given to `serve` [default: SQLite in the data dir].
+        #[arg(long, env = "PROXI_STORE", value_name = "URL")]
+        store: Option<String>,
         /// How many records.
         #[arg(short = 'n', long = "lines", default_value_t = 20)]
         count: u32,
@@ -618,21 +628,30 @@ async fn open_gateway(
     }
     // Under stdio an elevated mode is restored only when the key is out of the agent's reach.
     let restore_elevated = launch == Launch::Serve || anchoring.is_external();
-    let gateway = Gateway::open_with(
-        policy,
-        GatewayConfig {
-            data_dir: state.data_dir.clone(),
-            durability: state.durability.into(),
-            audit_reserve_bytes: state
-                .audit_reserve_mb
-                .map(|mb| mb.saturating_mul(1024 * 1024)),
-        },
-        StartupTrust {
-            anchoring,
-            restore_elevated,
-        },
-    )
-    .await?;
+    let config = GatewayConfig {
+        data_dir: state.data_dir.clone(),
+        durability: state.durability.into(),
+        audit_reserve_bytes: state
+            .audit_reserve_mb
+            .map(|mb| mb.saturating_mul(1024 * 1024)),
+    };
+    let trust = StartupTrust {
+        anchoring,
+        restore_elevated,
+    };
+    let gateway = match &state.store {
+        None => Gateway::open_with(policy, config, trust).await?,
+        Some(store) => {
+            // Every instance authenticates the one shared chain: they need one audit key.
+            if credential.is_none() {
+                bail!(
+                    "--store needs --operator-credential: every instance on a shared store must use the same audit key"
+                );
+            }
+            let store = audit::PostgresStore::connect(&postgres_url(store)?)?;
+            Gateway::open_with_store(policy, config, trust, Arc::new(store)).await?
+        }
+    };
     let agent = std::env::var(AGENT_TOKEN_ENV).ok();
     let (tokens, sources) = match (launch, operator) {
         // The agent's own user reads this data dir: never generate or read an operator token there.
@@ -937,8 +956,22 @@ fn list_or_none(names: &[&str]) -> String {
     }
 }
 
-fn audit_db(data_dir: &Path) -> PathBuf {
-    data_dir.join(audit::AUDIT_DB_FILE)
+/// The store `audit` subcommands read: PostgreSQL when `store` names it, else
+/// the SQLite database in `data_dir` (which must exist).
+fn audit_store(store: Option<&str>, data_dir: &Path) -> Result<Arc<dyn AuditStore>> {
+    Ok(match store {
+        Some(url) => Arc::new(audit::PostgresStore::connect(&postgres_url(url)?)?),
+        None => Arc::new(audit::SqliteStore::open_reader(
+            &data_dir.join(audit::AUDIT_DB_FILE),
+        )?),
+    })
+}
+
+fn postgres_url(store: &str) -> Result<String> {
+    if !audit::is_postgres_url(store) {
+        bail!("--store takes a postgres:// URL (without it the trail is SQLite in the data dir)");
+    }
+    Ok(store.to_owned())
 }
 
 fn audit_command(command: AuditCommand) -> Result<ExitCode> {
@@ -946,12 +979,10 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
         AuditCommand::Verify {
             data_dir,
             operator_credential,
+            store,
             json,
         } => {
-            let db = audit_db(&data_dir);
-            if !db.exists() {
-                return Err(audit::AuditError::Missing(db).into());
-            }
+            let store = audit_store(store.as_deref(), &data_dir)?;
             // The key is found the way `serve` finds it: the credential, else the data dir.
             let anchoring = match &operator_credential {
                 Some(path) => OperatorCredential::load(path, Some(&data_dir))?.anchoring(),
@@ -959,7 +990,7 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
                     "no audit key: pass --operator-credential FILE (or set PROXI_OPERATOR_CREDENTIAL)",
                 )?,
             };
-            let report = audit::verify_anchored(&db, &anchoring)?;
+            let report = store.verify(Some(&anchoring))?;
             if json {
                 out!(
                     "{}",
@@ -997,6 +1028,7 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
         }
         AuditCommand::Tail {
             data_dir,
+            store,
             count,
             json,
         } => {
@@ -1006,7 +1038,7 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
             // Every field may hold text the agent chose (tool names, client names),
             // or that someone with file access wrote: nothing reaches the terminal
             // unescaped.
-            for record in audit::read_recent(&audit_db(&data_dir), count)? {
+            for record in audit_store(store.as_deref(), &data_dir)?.recent(count)? {
                 if json {
                     out!("{}", json_for_terminal(&serde_json::to_string(&record)?))?;
                 } else {

@@ -23,11 +23,13 @@ use tokio::sync::{oneshot, watch};
 use crate::anchor::{AnchorError, AnchorFile, Anchoring, AuditKey, MacCheck};
 
 mod chain;
+mod postgres;
 mod record;
 mod sqlite;
 mod store;
 
 pub use chain::*;
+pub use postgres::*;
 pub use record::*;
 pub use sqlite::*;
 pub use store::*;
@@ -49,6 +51,9 @@ pub enum AuditError {
     /// SQLite refused an operation.
     #[error("audit database error: {0}")]
     Database(#[from] rusqlite::Error),
+    /// The PostgreSQL store failed an operation.
+    #[error("audit store error: {0}")]
+    Postgres(#[from] PostgresError),
     /// The data dir could not be prepared.
     #[error("cannot prepare audit storage at {path}: {error}")]
     Io {

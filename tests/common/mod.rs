@@ -1,6 +1,8 @@
 //! Shared helpers for end-to-end tests: real servers on ephemeral loopback ports.
 #![allow(dead_code)] // Each test binary uses a different subset.
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
