@@ -27,16 +27,16 @@ fn decisions(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("decide");
     group.bench_function("allowed_read_only_in_normal", |b| {
-        b.iter(|| engine.decide(black_box(normal), black_box(&ToolCall::ListServices)))
+        b.iter(|| engine.decide_builtin(black_box(normal), black_box(&ToolCall::ListServices)))
     });
     group.bench_function("blocked_in_normal", |b| {
-        b.iter(|| engine.decide(black_box(normal), black_box(&restart)))
+        b.iter(|| engine.decide_builtin(black_box(normal), black_box(&restart)))
     });
     group.bench_function("constrained_allowed_in_emergency", |b| {
-        b.iter(|| engine.decide(black_box(emergency), black_box(&scale)))
+        b.iter(|| engine.decide_builtin(black_box(emergency), black_box(&scale)))
     });
     group.bench_function("always_blocked", |b| {
-        b.iter(|| engine.decide(black_box(emergency), black_box(&delete)))
+        b.iter(|| engine.decide_builtin(black_box(emergency), black_box(&delete)))
     });
     group.finish();
 
@@ -46,7 +46,7 @@ fn decisions(c: &mut Criterion) {
         b.iter(|| {
             let call = ToolCall::parse(ToolName::RestartService, black_box(&arguments))
                 .expect("valid arguments");
-            engine.decide(emergency, &call)
+            engine.decide_builtin(emergency, &call)
         })
     });
 }

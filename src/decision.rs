@@ -7,19 +7,52 @@
 //! mode's argument constraints. Tool-level rules come before the schema so that a
 //! tool the mode forbids is refused as forbidden whatever arguments it was sent.
 
-use serde_json::Value;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
 
 use crate::audit::AuditDecision;
-use crate::policy::{Decision, Denial, ModeId, PolicyEngine, ReasonCode};
-use crate::tools::{ArgumentError, ToolCall, ToolName};
+use crate::catalog::{ToolId, ToolOrigin};
+use crate::policy::{CallArguments, Decision, Denial, ModeId, PolicyEngine, ReasonCode};
+use crate::tools::{ArgumentError, ToolCall, json_type_name};
 
 /// Reason code of arguments that do not match the tool's JSON Schema.
 pub const INVALID_ARGUMENTS: &str = "invalid_arguments";
+
+/// Arguments refused before any constraint: they do not fit the tool's schema.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid arguments for {tool}: {message}")]
+pub struct InvalidArguments {
+    /// The tool's exposed name.
+    pub tool: Arc<str>,
+    /// What is wrong, for the caller.
+    pub message: String,
+}
+
+impl From<ArgumentError> for InvalidArguments {
+    fn from(error: ArgumentError) -> InvalidArguments {
+        InvalidArguments {
+            tool: Arc::from(error.tool.as_str()),
+            message: error.message,
+        }
+    }
+}
+
+/// A call's arguments once they fit the tool's schema.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParsedArguments {
+    /// A built-in's typed call.
+    Builtin(ToolCall),
+    /// An upstream tool's arguments, valid against its `inputSchema`.
+    Upstream(Map<String, Value>),
+}
 
 /// A tool call with its arguments already checked against the schema.
 ///
 /// Checking needs no mode, so [`crate::gateway::Gateway::execute`] does it before
 /// taking the mode lock and decides with [`ParsedCall::decide`] under the lock.
+/// Both steps must use the same [`PolicyEngine`] (one catalog binding): the
+/// tool id is only meaningful in it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ParsedCall {
     /// No tool has the requested name.
@@ -27,22 +60,32 @@ pub enum ParsedCall {
     /// A known tool, and whether its arguments fit its schema.
     Known {
         /// The tool asked for.
-        tool: ToolName,
-        /// The typed call, or why the arguments were refused.
-        call: Result<ToolCall, ArgumentError>,
+        tool: ToolId,
+        /// The checked arguments, or why they were refused.
+        call: Result<ParsedArguments, InvalidArguments>,
     },
 }
 
 impl ParsedCall {
-    /// Looks the tool up and checks `arguments` against its schema.
-    pub fn parse(tool_name: &str, arguments: &Value) -> ParsedCall {
-        match ToolName::parse(tool_name) {
-            None => ParsedCall::UnknownTool,
-            Some(tool) => ParsedCall::Known {
-                tool,
-                call: ToolCall::parse(tool, arguments),
-            },
-        }
+    /// Looks the tool up in `policy`'s catalog and checks `arguments` against its
+    /// schema: a built-in's typed parser, or an upstream tool's compiled `inputSchema`.
+    pub fn parse(policy: &PolicyEngine, tool_name: &str, arguments: &Value) -> ParsedCall {
+        let Some(tool) = policy.catalog().lookup(tool_name) else {
+            return ParsedCall::UnknownTool;
+        };
+        let entry = policy.catalog().tool(tool);
+        let call = match entry.origin() {
+            ToolOrigin::Builtin(builtin) => ToolCall::parse(*builtin, arguments)
+                .map(ParsedArguments::Builtin)
+                .map_err(InvalidArguments::from),
+            ToolOrigin::Upstream { .. } => {
+                parse_upstream(policy, tool, arguments).map_err(|message| InvalidArguments {
+                    tool: Arc::clone(entry.shared_name()),
+                    message,
+                })
+            }
+        };
+        ParsedCall::Known { tool, call }
     }
 
     /// Decides the call in `mode`; see the module documentation for the order.
@@ -54,27 +97,87 @@ impl ParsedCall {
         if let Decision::Deny(denial) = policy.decide_tool(mode, tool) {
             return Verdict::Deny(denial);
         }
-        match call {
-            Err(error) => Verdict::InvalidArguments(error),
-            Ok(call) => match policy.decide(mode, &call) {
-                Decision::Allow => Verdict::Allow(call),
-                Decision::Deny(denial) => Verdict::Deny(denial),
-            },
+        let arguments = match call {
+            Err(error) => return Verdict::InvalidArguments(error),
+            Ok(arguments) => arguments,
+        };
+        let view = match &arguments {
+            ParsedArguments::Builtin(call) => CallArguments::Builtin(call),
+            ParsedArguments::Upstream(arguments) => CallArguments::Json(arguments),
+        };
+        if let Decision::Deny(denial) = policy.decide(mode, tool, view) {
+            return Verdict::Deny(denial);
         }
+        Verdict::Allow(match (arguments, policy.catalog().tool(tool).origin()) {
+            (ParsedArguments::Builtin(call), _) => AllowedCall::Builtin(call),
+            (ParsedArguments::Upstream(arguments), ToolOrigin::Upstream { upstream, tool }) => {
+                AllowedCall::Upstream {
+                    upstream: Arc::clone(upstream),
+                    tool: Arc::clone(tool),
+                    arguments,
+                }
+            }
+            // parse() builds upstream arguments only for upstream tools.
+            (ParsedArguments::Upstream(_), ToolOrigin::Builtin(_)) => {
+                return Verdict::UnknownTool;
+            }
+        })
     }
+}
+
+/// `null` is read as "no arguments", as for built-ins; anything but an object
+/// is refused before the schema sees it.
+fn parse_upstream(
+    policy: &PolicyEngine,
+    tool: ToolId,
+    arguments: &Value,
+) -> Result<ParsedArguments, String> {
+    let object = match arguments {
+        Value::Null => Map::new(),
+        Value::Object(object) => object.clone(),
+        other => {
+            return Err(format!(
+                "arguments must be a JSON object, not {}",
+                json_type_name(other)
+            ));
+        }
+    };
+    let value = Value::Object(object);
+    policy.check_schema(tool, &value)?;
+    match value {
+        Value::Object(object) => Ok(ParsedArguments::Upstream(object)),
+        // Built from an object just above.
+        _ => Err("arguments must be a JSON object".to_owned()),
+    }
+}
+
+/// An allowed call, ready to run: in process, or forwarded to its upstream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AllowedCall {
+    /// A built-in simulated-cloud call.
+    Builtin(ToolCall),
+    /// A call to forward to an upstream MCP server.
+    Upstream {
+        /// The upstream's name, as declared in the policy.
+        upstream: Arc<str>,
+        /// The tool's own name at the upstream (not the exposed `<upstream>__<tool>`).
+        tool: Arc<str>,
+        /// The arguments, valid against the tool's `inputSchema` and the mode's constraints.
+        arguments: Map<String, Value>,
+    },
 }
 
 /// How one tool call is decided, before anything runs.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
-    /// The policy allows the call; this is the typed call to run.
-    Allow(ToolCall),
+    /// The policy allows the call; this is what to run.
+    Allow(AllowedCall),
     /// The policy refuses the call.
     Deny(Denial),
     /// No tool has the requested name; refused before any policy rule applies.
     UnknownTool,
     /// The tool is permitted in the mode but the arguments do not fit its schema.
-    InvalidArguments(ArgumentError),
+    InvalidArguments(InvalidArguments),
 }
 
 impl Verdict {
@@ -106,7 +209,7 @@ pub fn decide_call(
     tool_name: &str,
     arguments: &Value,
 ) -> Verdict {
-    ParsedCall::parse(tool_name, arguments).decide(policy, mode)
+    ParsedCall::parse(policy, tool_name, arguments).decide(policy, mode)
 }
 
 /// How the policy treats a tool in a mode, whatever its arguments.
@@ -128,7 +231,7 @@ pub enum ToolVerdict {
 /// now, and under which constraints", answered by the same tool-level rules that
 /// [`ParsedCall::decide`] applies first.
 pub fn decide_tool(policy: &PolicyEngine, mode: ModeId, tool_name: &str) -> ToolVerdict {
-    let Some(tool) = ToolName::parse(tool_name) else {
+    let Some(tool) = policy.catalog().lookup(tool_name) else {
         return ToolVerdict::UnknownTool;
     };
     match policy.decide_tool(mode, tool) {
@@ -142,6 +245,7 @@ pub fn decide_tool(policy: &PolicyEngine, mode: ModeId, tool_name: &str) -> Tool
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tools::ToolName;
     use serde_json::json;
 
     fn shipped() -> PolicyEngine {
@@ -178,7 +282,10 @@ mod tests {
         let over = decide_call(&engine, emergency, "scale_fleet", &json!({"count": 50}));
         assert_eq!(reason(&over), Some("constraint_violated"));
         let ok = decide_call(&engine, emergency, "scale_fleet", &json!({"count": 5}));
-        assert_eq!(ok, Verdict::Allow(ToolCall::ScaleFleet { count: 5 }));
+        assert_eq!(
+            ok,
+            Verdict::Allow(AllowedCall::Builtin(ToolCall::ScaleFleet { count: 5 }))
+        );
         assert_eq!(ok.audit_decision(), AuditDecision::Allowed);
     }
 
@@ -245,6 +352,144 @@ mod tests {
                         (alone, full) => panic!("{tool} {arguments}: {alone:?} vs {full:?}"),
                     }
                 }
+            }
+        }
+    }
+
+    fn upstream_engine() -> PolicyEngine {
+        let engine = PolicyEngine::from_json(
+            &json!({
+                "upstreams": {"db": {"command": "db-server"}},
+                "modes": {"NORMAL": {
+                    "allowed_tools": ["db__query", "db__d*"],
+                    "blocked_tools": ["db__drop"],
+                    "constraints": {"db__query": {"sql": {"pattern": "(?i)select\\b[^;]*"}}}
+                }}
+            })
+            .to_string(),
+            "db.json",
+        )
+        .expect("valid");
+        let schema = json!({"type": "object", "properties": {
+            "sql": {"type": "string", "maxLength": 100}, "limit": {"type": "integer"}},
+            "required": ["sql"], "additionalProperties": false});
+        let listing = crate::catalog::tests::listing(
+            "db",
+            &[
+                ("query", schema.clone()),
+                ("drop", schema),
+                ("hidden", json!({"type": "object"})),
+            ],
+        );
+        engine.bind(std::sync::Arc::new(crate::catalog::Catalog::from_sources(
+            false,
+            [("db", &listing)],
+        )))
+    }
+
+    #[test]
+    fn an_allowed_upstream_call_names_the_upstream_and_its_own_tool() {
+        let engine = upstream_engine();
+        let normal = engine.default_mode();
+        let verdict = decide_call(&engine, normal, "db__query", &json!({"sql": "SELECT 1"}));
+        let Verdict::Allow(AllowedCall::Upstream {
+            upstream,
+            tool,
+            arguments,
+        }) = verdict
+        else {
+            panic!("allowed: {verdict:?}");
+        };
+        assert_eq!((&*upstream, &*tool), ("db", "query"));
+        assert_eq!(Value::Object(arguments), json!({"sql": "SELECT 1"}));
+    }
+
+    #[test]
+    fn upstream_arguments_are_checked_against_the_schema_then_the_constraints() {
+        let engine = upstream_engine();
+        let normal = engine.default_mode();
+        for invalid in [
+            json!({}),
+            json!({"sql": 1}),
+            json!({"sql": "SELECT 1", "extra": true}),
+            json!({"sql": "x".repeat(101)}),
+            json!([1]),
+            json!("SELECT 1"),
+        ] {
+            let verdict = decide_call(&engine, normal, "db__query", &invalid);
+            assert_eq!(reason(&verdict), Some(INVALID_ARGUMENTS), "{invalid}");
+            let Verdict::InvalidArguments(error) = verdict else {
+                unreachable!()
+            };
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("invalid arguments for db__query: ")
+            );
+        }
+        let drop = decide_call(
+            &engine,
+            normal,
+            "db__query",
+            &json!({"sql": "DROP TABLE t"}),
+        );
+        assert_eq!(reason(&drop), Some("constraint_violated"));
+        let chained = decide_call(
+            &engine,
+            normal,
+            "db__query",
+            &json!({"sql": "select 1; drop table t"}),
+        );
+        assert_eq!(reason(&chained), Some("constraint_violated"));
+        // Tool-level rules come first, whatever the arguments.
+        let blocked = decide_call(&engine, normal, "db__drop", &json!({"nonsense": 1}));
+        assert_eq!(reason(&blocked), Some("blocked_in_mode"));
+        let hidden = decide_call(&engine, normal, "db__hidden", &json!({}));
+        assert_eq!(reason(&hidden), Some("not_allowed"));
+        assert_eq!(
+            decide_call(&engine, normal, "list_services", &json!({})),
+            Verdict::UnknownTool
+        );
+    }
+
+    /// Any JSON: a generated value of bounded depth.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[ -~]{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("sql|limit|[a-z]{1,4}", inner, 0..4)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The decision never panics, and the tool alone agrees with every call:
+        /// a tool-level denial is the call's denial, and an allowed tool is only
+        /// ever refused for its arguments.
+        #[test]
+        fn decide_never_panics_and_agrees_with_decide_tool(
+            tool in "db__(query|drop|hidden|nothing)|list_services",
+            arguments in any_json(),
+        ) {
+            let engine = upstream_engine();
+            let normal = engine.default_mode();
+            let full = decide_call(&engine, normal, &tool, &arguments);
+            match (decide_tool(&engine, normal, &tool), &full) {
+                (ToolVerdict::UnknownTool, Verdict::UnknownTool) => {}
+                (ToolVerdict::Denied(a), Verdict::Deny(b)) => proptest::prop_assert_eq!(&a, b),
+                (ToolVerdict::Allowed { .. }, Verdict::Allow(_) | Verdict::InvalidArguments(_)) => {}
+                (ToolVerdict::Allowed { .. }, Verdict::Deny(d)) => {
+                    proptest::prop_assert_eq!(d.reason, ReasonCode::ConstraintViolated);
+                }
+                (alone, full) => proptest::prop_assert!(false, "{alone:?} vs {full:?}"),
             }
         }
     }

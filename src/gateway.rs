@@ -25,7 +25,7 @@ use crate::audit::{
     EntryKind, Priority, Recovered, STORED_PREFIX_BYTES, create_private_dir, format_time,
     json_digest,
 };
-use crate::decision::{ParsedCall, Verdict};
+use crate::decision::{AllowedCall, ParsedCall, Verdict};
 use crate::infra::{CloudInfrastructure, InfraError, InfrastructureStatus, ServiceHealth};
 use crate::policy::{Denial, ModeId, PolicyEngine, ReasonCode};
 use crate::principal::{Principal, Role};
@@ -39,6 +39,8 @@ pub const DEFAULT_ELEVATED_TTL: Duration = Duration::from_secs(900);
 pub const MAX_REASON_LEN: usize = 500;
 /// Name of the lock file that keeps two processes off one data dir.
 pub const LOCK_FILE: &str = "proxi.lock";
+/// Failure code of an allowed upstream call that cannot reach its upstream.
+pub const UPSTREAM_UNAVAILABLE: &str = "upstream_unavailable";
 /// Longest refusal message a tool-call record keeps, in bytes (messages may quote the caller's input).
 const MAX_RECORDED_MESSAGE_BYTES: usize = 1024;
 
@@ -243,6 +245,10 @@ pub struct CatalogEntry {
     pub allowed: bool,
     /// Every mode that allows it.
     pub allowed_modes: Vec<String>,
+    /// An upstream tool's MCP annotations as its server listed them (absent for
+    /// built-ins, whose annotations follow from `category`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<Value>,
 }
 
 /// A request to change the mode.
@@ -684,7 +690,7 @@ impl Gateway {
         let invalid_name = tool_name.chars().any(text::needs_escape);
         let shown_name = shown_tool_name(tool_name);
         // Argument checks need no lock: they depend on the call alone.
-        let parsed = ParsedCall::parse(tool_name, &arguments);
+        let parsed = ParsedCall::parse(&self.policy, tool_name, &arguments);
         let now = Utc::now();
         let (pending, mode, outcome) = {
             let state = self.read_state();
@@ -693,13 +699,13 @@ impl Gateway {
                 Verdict::UnknownTool if invalid_name => Outcome::InvalidToolName(format!(
                     "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
                     text::escape(truncate(tool_name, MAX_TOOL_NAME_LEN)),
-                    ToolName::ALL.map(ToolName::as_str).join(", ")
+                    crate::catalog::listed_names(&self.policy).join(", ")
                 )),
                 Verdict::UnknownTool => Outcome::UnknownTool {
                     message: format!(
                         "Tool '{}' does not exist. Known tools: {}",
                         truncate(tool_name, MAX_TOOL_NAME_LEN),
-                        ToolName::ALL.map(ToolName::as_str).join(", ")
+                        crate::catalog::listed_names(&self.policy).join(", ")
                     ),
                 },
                 Verdict::InvalidArguments(error) => Outcome::InvalidArguments(error.to_string()),
@@ -708,7 +714,7 @@ impl Gateway {
                     how_to_proceed: self.policy.how_to_proceed(&denial),
                     denial,
                 },
-                Verdict::Allow(call) => {
+                Verdict::Allow(AllowedCall::Builtin(call)) => {
                     let result = self
                         .infra
                         .lock()
@@ -722,6 +728,11 @@ impl Gateway {
                         },
                     }
                 }
+                // Forwarding to upstreams is not wired yet: fail clearly, never run.
+                Verdict::Allow(AllowedCall::Upstream { upstream, .. }) => Outcome::Failed {
+                    code: UPSTREAM_UNAVAILABLE,
+                    message: format!("upstream '{upstream}' is not connected"),
+                },
             };
             let mode = self.mode_name(mode_id).clone();
             let mut entry =
@@ -974,22 +985,14 @@ impl Gateway {
         self.mode_events.subscribe()
     }
 
-    /// Every tool, its schema, and whether the current mode allows it.
+    /// Every tool some mode allows (and every built-in, as before), its schema,
+    /// and whether the current mode allows it. An upstream tool no mode allows is
+    /// left out; a call to it is still decided and audited.
     pub fn catalog(&self) -> Vec<CatalogEntry> {
         let mode = self
             .read_state()
             .effective_mode(Instant::now(), self.policy.default_mode());
-        ToolName::ALL
-            .into_iter()
-            .map(|tool| CatalogEntry {
-                name: tool.as_str().to_owned(),
-                description: tool.description().to_owned(),
-                category: tool.category(),
-                input_schema: Value::Object(tool.input_schema().as_ref().clone()),
-                allowed: self.policy.permits_tool(mode, tool),
-                allowed_modes: names(self.policy.modes_permitting(tool)),
-            })
-            .collect()
+        crate::catalog::listing(&self.policy, mode)
     }
 
     /// Services and fleet size.

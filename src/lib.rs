@@ -9,6 +9,7 @@ pub mod agent;
 pub mod anchor;
 pub mod api;
 pub mod audit;
+pub mod catalog;
 pub mod client;
 pub mod credential;
 pub mod decision;

@@ -29,7 +29,6 @@ use proxi::server::limits::EdgeLimits;
 use proxi::server::{AppState, BoundServer};
 use proxi::text::{escape, json_for_terminal};
 use proxi::tokens::{AGENT_TOKEN_ENV, OPERATOR_TOKEN_ENV, Tokens};
-use proxi::tools::ToolName;
 
 /// Writes one line to stdout and reports failure instead of panicking as
 /// `println!` does, so that a closed pipe (`proxi audit tail | head`) ends the
@@ -326,6 +325,10 @@ enum PolicyCommand {
     Check {
         /// The policy file (default: policies/ops_policy.json if it exists, else the built-in policy).
         file: Option<PathBuf>,
+        /// Also start (or reach) the policy's upstreams, list their tools and check
+        /// the rules against them.
+        #[arg(long)]
+        connect: bool,
     },
     /// Show how the policy decides one call.
     Explain {
@@ -340,6 +343,9 @@ enum PolicyCommand {
         /// Policy file (default: policies/ops_policy.json if it exists, else the built-in policy).
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// Start (or reach) the policy's upstreams to learn their tools and schemas.
+        #[arg(long)]
+        connect: bool,
     },
 }
 
@@ -556,7 +562,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args, log).await,
         Command::Mcp(args) => mcp(args, log).await,
-        Command::Policy(command) => policy(command),
+        Command::Policy(command) => policy(command).await,
         Command::Credential(CredentialCommand::Init { file }) => {
             let credential = OperatorCredential::create(&file)?;
             println!(
@@ -766,32 +772,134 @@ async fn shutdown_signal(log: LogFormat) {
     notice(log, "shutting down");
 }
 
-fn policy(command: PolicyCommand) -> Result<ExitCode> {
+async fn policy(command: PolicyCommand) -> Result<ExitCode> {
     match command {
-        PolicyCommand::Check { file } => {
+        PolicyCommand::Check { file, connect } => {
             let source = PolicySource::from_flag(file.as_deref());
             let engine = source.load()?;
             print_policy_check(&source, &engine)?;
-            Ok(ExitCode::SUCCESS)
+            if !connect {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let (bound, failures) = connect_upstreams(&engine).await;
+            let errors = print_connected_check(&bound, &failures)?;
+            Ok(if errors == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         PolicyCommand::Explain {
             tool,
             mode,
             args,
             policy,
-        } => explain(&tool, mode.as_deref(), args.as_deref(), policy.as_deref()),
+            connect,
+        } => {
+            let engine = PolicySource::from_flag(policy.as_deref()).load()?;
+            let engine = if connect {
+                let (bound, failures) = connect_upstreams(&engine).await;
+                for (upstream, reason) in &failures {
+                    eprintln!("warning: upstream {upstream}: {}", escape(reason));
+                }
+                bound
+            } else {
+                engine
+            };
+            explain(&engine, &tool, mode.as_deref(), args.as_deref())
+        }
     }
+}
+
+/// Connects to every upstream of `engine` and binds it to what they listed.
+async fn connect_upstreams(engine: &PolicyEngine) -> (PolicyEngine, Vec<(String, String)>) {
+    let discovery = proxi::catalog::discover(engine, &|name| std::env::var(name).ok()).await;
+    (
+        engine.bind(std::sync::Arc::new(discovery.catalog)),
+        discovery.failures,
+    )
+}
+
+/// `policy check --connect`'s report on the rules against the tools the upstreams
+/// listed. Returns the number of errors (unreachable upstreams, constraints that
+/// cannot fit, unusable schemas); the rest are warnings.
+fn print_connected_check(
+    engine: &PolicyEngine,
+    failures: &[(String, String)],
+) -> std::io::Result<usize> {
+    let catalog = engine.catalog();
+    let mut errors = 0;
+    out!("connected:")?;
+    for name in engine.upstreams().keys() {
+        if let Some((_, reason)) = failures.iter().find(|(upstream, _)| upstream == name) {
+            errors += 1;
+            out!("  error: upstream {name}: {}", escape(reason))?;
+            continue;
+        }
+        let prefix = format!("{name}{}", proxi::upstream::names::SEPARATOR);
+        let tools: Vec<&str> = catalog
+            .tools()
+            .map(|(_, tool)| tool.name())
+            .filter(|tool| tool.starts_with(&prefix))
+            .collect();
+        out!("  {name}: {} tools: {}", tools.len(), list_or_none(&tools))?;
+    }
+    for skipped in catalog.skipped() {
+        out!(
+            "  warning: left out {} tool {}: {}",
+            skipped.upstream,
+            escape(&format!("{:?}", skipped.tool)),
+            skipped.reason
+        )?;
+    }
+    let hidden: Vec<&str> = engine
+        .tools_no_mode_allows()
+        .into_iter()
+        .map(|tool| catalog.tool(tool).name())
+        .collect();
+    if !hidden.is_empty() {
+        out!(
+            "  warning: no mode allows (hidden from tools/list): {}",
+            hidden.join(", ")
+        )?;
+    }
+    for finding in engine.findings() {
+        if finding.is_error() {
+            errors += 1;
+            out!("  error: {}", escape(&finding.to_string()))?;
+        } else {
+            out!("  warning: {}", escape(&finding.to_string()))?;
+        }
+    }
+    for (id, mode) in engine.modes() {
+        let marker = if id == engine.default_mode() {
+            " (default)"
+        } else {
+            ""
+        };
+        let allowed: Vec<&str> = catalog
+            .tools()
+            .filter(|(tool, _)| engine.permits_tool(id, *tool))
+            .map(|(_, tool)| tool.name())
+            .collect();
+        out!("  {}{marker} runs: {}", mode.name(), list_or_none(&allowed))?;
+    }
+    if errors == 0 {
+        out!("connected check: ok")?;
+    } else {
+        out!("connected check: {errors} error(s)")?;
+    }
+    Ok(errors)
 }
 
 /// `proxi policy explain`: the decision `Gateway::execute` would take, from the
 /// same function, for a call (with `--args`) or for the tool alone.
 fn explain(
+    engine: &PolicyEngine,
     tool: &str,
     mode: Option<&str>,
     args: Option<&str>,
-    policy: Option<&Path>,
 ) -> Result<ExitCode> {
-    let engine = PolicySource::from_flag(policy).load()?;
     let mode_id = match mode {
         Some(name) => engine.mode_id(name).with_context(|| {
             let known: Vec<&str> = engine.modes().map(|(_, m)| m.name()).collect();
@@ -811,11 +919,19 @@ fn explain(
         println!("  reason: unknown_tool");
         println!(
             "  no tool has this name; known tools: {}",
-            ToolName::ALL.map(ToolName::as_str).join(", ")
+            list_or_none(&proxi::catalog::listed_names(engine))
         );
+        let upstream = tool
+            .split_once(proxi::upstream::names::SEPARATOR)
+            .map(|(upstream, _)| upstream);
+        if upstream.is_some_and(|upstream| engine.upstreams().contains_key(upstream))
+            && engine.catalog().lookup(tool).is_none()
+        {
+            println!("  (upstream tools are known only after connecting: pass --connect)");
+        }
     };
     let allowed = match args {
-        None => match decision::decide_tool(&engine, mode_id, tool) {
+        None => match decision::decide_tool(engine, mode_id, tool) {
             ToolVerdict::UnknownTool => {
                 print_unknown();
                 false
@@ -830,7 +946,11 @@ fn explain(
                     "ALLOWED  {tool} in {mode_name} mode, for arguments that pass the checks below"
                 );
                 println!("  {tool} is in {mode_name}'s allowed_tools and is not blocked");
-                let arguments = ToolName::parse(tool).map_or(&[][..], ToolName::argument_names);
+                let arguments = engine
+                    .catalog()
+                    .lookup(tool)
+                    .map(|id| engine.catalog().tool(id).argument_names())
+                    .unwrap_or_default();
                 if !arguments.is_empty() {
                     println!(
                         "  arguments must match its JSON Schema: {}",
@@ -852,7 +972,7 @@ fn explain(
         Some(args) => {
             let arguments: serde_json::Value =
                 serde_json::from_str(args).context("--args is not valid JSON")?;
-            match decision::decide_call(&engine, mode_id, tool, &arguments) {
+            match decision::decide_call(engine, mode_id, tool, &arguments) {
                 Verdict::UnknownTool => {
                     print_unknown();
                     false
@@ -908,12 +1028,18 @@ fn print_policy_check(source: &PolicySource, engine: &PolicyEngine) -> std::io::
         } else {
             ""
         };
+        // Upstream tools are unknown offline, so such a policy is shown as written.
+        let (allowed, blocked) = if engine.upstreams().is_empty() {
+            (mode.allowed().names(), mode.blocked().names())
+        } else {
+            (mode.allowed_patterns(), mode.blocked_patterns())
+        };
         out!(
             "  {}{marker}: allows {}",
             mode.name(),
-            list_or_none(&mode.allowed().names())
+            list_or_none(&allowed)
         )?;
-        out!("    blocks: {}", list_or_none(&mode.blocked().names()))?;
+        out!("    blocks: {}", list_or_none(&blocked))?;
         let constraints = mode.constraint_descriptions();
         if constraints.is_empty() {
             out!("    argument constraints: none")?;
@@ -924,10 +1050,31 @@ fn print_policy_check(source: &PolicySource, engine: &PolicyEngine) -> std::io::
             }
         }
     }
-    out!(
-        "  always blocked: {}",
-        list_or_none(&engine.always_blocked().names())
-    )?;
+    let always_blocked = if engine.upstreams().is_empty() {
+        engine.always_blocked().names()
+    } else {
+        engine.always_blocked_patterns()
+    };
+    out!("  always blocked: {}", list_or_none(&always_blocked))?;
+    if !engine.upstreams().is_empty() {
+        let names: Vec<&str> = engine.upstreams().keys().map(String::as_str).collect();
+        out!(
+            "  upstreams: {} (their tools are checked with --connect)",
+            names.join(", ")
+        )?;
+        out!(
+            "  built-in simulated cloud: {}",
+            if engine.simulated_cloud() {
+                "yes"
+            } else {
+                "no"
+            }
+        )?;
+    } else {
+        for finding in engine.findings() {
+            out!("  warning: {}", escape(&finding.to_string()))?;
+        }
+    }
     out!(
         "  elevated modes last at most {}s",
         engine.max_elevated_ttl().as_secs()

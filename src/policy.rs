@@ -1,20 +1,40 @@
-//! The policy engine: loads and validates `ops_policy.json`, then decides tool calls.
+//! The policy engine: loads and validates a policy file, binds it to a tool
+//! catalog, then decides tool calls.
 //!
-//! Loading does all the work that can fail (parsing, name resolution, constraint
-//! typing), so that [`PolicyEngine::decide`] is a pure function over bitsets and a
-//! few integers: it cannot fail and allocates nothing.
+//! Compiling happens in two steps, because upstream tools are only known after
+//! Proxi has connected to their servers:
+//!
+//! 1. **Load** ([`PolicyEngine::from_json`], [`PolicyEngine::load`]): parse and
+//!    validate the file offline. Built-in tool names are checked exactly, as
+//!    always; upstream names (`<upstream>__<tool>`) and `*` globs are checked for
+//!    shape and for a declared upstream. The loaded engine is bound to the catalog
+//!    known offline: the six built-ins, unless the policy declares `upstreams`
+//!    without `"simulated_cloud": true`.
+//! 2. **Bind** ([`PolicyEngine::bind`]): resolve every rule against a
+//!    [`Catalog`] into per-mode [`ToolBits`], and compile each upstream tool's
+//!    `inputSchema` into a validator, once. A new catalog means a new engine;
+//!    [`SharedPolicy`] swaps it in as one `Arc`, so a call is decided wholly
+//!    under one binding.
+//!
+//! [`PolicyEngine::decide`] is then a pure function over bitsets and a few
+//! integers: it cannot fail and allocates nothing.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use regex::Regex;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
+use crate::catalog::{Catalog, ToolBits, ToolId, ToolOrigin};
 use crate::rate_limit::{RateLimitDocument, RateLimitRule};
 use crate::tools::{ArgumentKind, ArgumentValue, ToolCall, ToolName};
+use crate::upstream::config::UpstreamDeclaration;
+use crate::upstream::names::{MAX_EXPOSED_NAME_LEN, SEPARATOR};
 
 /// Mode used when a policy file names no `default_mode`: the fail-safe one.
 pub const FALLBACK_DEFAULT_MODE: &str = "NORMAL";
@@ -24,6 +44,13 @@ pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
 pub const HARD_MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest accepted mode name.
 pub const MAX_MODE_NAME_LEN: usize = 32;
+/// Longest accepted `pattern` constraint, in bytes.
+pub const MAX_PATTERN_LEN: usize = 1024;
+/// Compiled-size cap of one `pattern` regex, so a policy cannot make Proxi build
+/// a huge automaton.
+const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+/// Longest schema-validation message handed back to a caller, in characters.
+const MAX_SCHEMA_MESSAGE_LEN: usize = 300;
 
 /// Why a policy file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +125,8 @@ impl fmt::Display for ReasonCode {
     }
 }
 
-/// Index of a mode inside one [`PolicyEngine`].
+/// Index of a mode inside one [`PolicyEngine`]; stable across re-binds, since
+/// modes come from the file, not the catalog.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ModeId(u8);
 
@@ -109,30 +137,82 @@ impl ModeId {
     }
 }
 
-/// A set of tools, one bit each.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ToolSet(u8);
+/// A tool name as a rule writes it: an exact name, or a glob in which `*` stands
+/// for any run of characters (`fs__read_*`, `git__*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamePattern {
+    text: String,
+}
 
-impl ToolSet {
-    /// Whether `tool` is in the set.
-    pub fn contains(self, tool: ToolName) -> bool {
-        self.0 & (1 << tool.index()) != 0
+impl NamePattern {
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
     }
 
-    fn insert(&mut self, tool: ToolName) {
-        self.0 |= 1 << tool.index();
+    /// Whether the pattern has a `*`.
+    pub fn is_glob(&self) -> bool {
+        self.text.contains('*')
+    }
+
+    /// Whether `name` matches: equal for an exact name, the glob for a glob.
+    pub fn matches(&self, name: &str) -> bool {
+        if self.is_glob() {
+            glob_matches(self.text.as_bytes(), name.as_bytes())
+        } else {
+            self.text == name
+        }
+    }
+}
+
+/// `*`-only glob matching, in linear time (the classic two-pointer algorithm that
+/// backtracks to the last star only).
+fn glob_matches(pattern: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    let mut last_star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            last_star = Some((p, n));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == name[n] {
+            p += 1;
+            n += 1;
+        } else if let Some((star, matched)) = last_star {
+            p = star + 1;
+            n = matched + 1;
+            last_star = Some((star, matched + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|byte| *byte == b'*')
+}
+
+/// A set of catalog tools, as one mode or the global rules resolve to.
+#[derive(Clone, Copy, Debug)]
+pub struct ToolSet<'a> {
+    bits: &'a ToolBits,
+    catalog: &'a Catalog,
+}
+
+impl<'a> ToolSet<'a> {
+    /// Whether `tool` is in the set.
+    pub fn contains(self, tool: ToolId) -> bool {
+        self.bits.contains(tool)
     }
 
     /// The tools in the set, in catalog order.
-    pub fn iter(self) -> impl Iterator<Item = ToolName> {
-        ToolName::ALL
-            .into_iter()
-            .filter(move |tool| self.contains(*tool))
+    pub fn iter(self) -> impl Iterator<Item = ToolId> + 'a {
+        self.bits.iter()
     }
 
-    /// The tools' wire names, in catalog order.
-    pub fn names(self) -> Vec<&'static str> {
-        self.iter().map(ToolName::as_str).collect()
+    /// The tools' exposed names, in catalog order.
+    pub fn names(self) -> Vec<&'a str> {
+        let catalog = self.catalog;
+        self.bits
+            .iter()
+            .map(|tool| catalog.tool(tool).name())
+            .collect()
     }
 }
 
@@ -145,11 +225,12 @@ pub enum Decision {
     Deny(Denial),
 }
 
-/// A refused call: which tool, under which mode, and why.
+/// A refused call: which tool, under which mode, and why. Its ids refer to the
+/// binding that decided it; explain it with that same engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Denial {
     /// The refused tool.
-    pub tool: ToolName,
+    pub tool: ToolId,
     /// The mode the decision was made in.
     pub mode: ModeId,
     /// Why.
@@ -158,19 +239,52 @@ pub struct Denial {
     constraint: Option<usize>,
 }
 
-/// One checked rule on one argument of one tool.
-#[derive(Clone, Debug, PartialEq)]
-struct ArgumentConstraint {
-    tool: ToolName,
-    argument: &'static str,
+/// The arguments of one call, as constraints read them: a built-in's typed call,
+/// or an upstream call's JSON object (already checked against its schema).
+#[derive(Clone, Copy, Debug)]
+pub enum CallArguments<'a> {
+    /// A built-in tool's parsed call.
+    Builtin(&'a ToolCall),
+    /// An upstream tool's top-level arguments.
+    Json(&'a Map<String, Value>),
+}
+
+impl<'a> CallArguments<'a> {
+    /// The top-level argument `name` as an integer or a string; `None` when it is
+    /// absent or of another type (a constraint on it then fails, closed).
+    pub fn get(self, name: &str) -> Option<ArgumentValue<'a>> {
+        match self {
+            CallArguments::Builtin(call) => call.argument(name),
+            CallArguments::Json(arguments) => match arguments.get(name)? {
+                Value::String(text) => Some(ArgumentValue::String(text)),
+                Value::Number(number) => number.as_i64().map(ArgumentValue::Integer),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// One checked rule on one argument of the tools a name or glob selects.
+#[derive(Debug)]
+struct ConstraintRule {
+    tools: NamePattern,
+    argument: String,
     rule: Rule,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 enum Rule {
-    Range { min: Option<i64>, max: Option<i64> },
+    Range {
+        min: Option<i64>,
+        max: Option<i64>,
+    },
     OneOfIntegers(Vec<i64>),
     OneOfStrings(Vec<String>),
+    /// Anchored when compiled: the whole string must match `source`.
+    Pattern {
+        source: String,
+        regex: Regex,
+    },
 }
 
 impl Rule {
@@ -185,8 +299,17 @@ impl Rule {
             (Rule::OneOfStrings(allowed), ArgumentValue::String(value)) => {
                 allowed.iter().any(|allowed| allowed == value)
             }
-            // Loading rejects mistyped rules; if one slipped through, fail closed.
+            (Rule::Pattern { regex, .. }, ArgumentValue::String(value)) => regex.is_match(value),
+            // A value of the wrong type never passes: fail closed.
             _ => false,
+        }
+    }
+
+    /// The kind of value the rule applies to.
+    fn kind(&self) -> ArgumentKind {
+        match self {
+            Rule::Range { .. } | Rule::OneOfIntegers(_) => ArgumentKind::Integer,
+            Rule::OneOfStrings(_) | Rule::Pattern { .. } => ArgumentKind::String,
         }
     }
 }
@@ -215,18 +338,54 @@ impl fmt::Display for Rule {
                 write!(f, "one of {}", values.join(", "))
             }
             Rule::OneOfStrings(values) => write!(f, "one of {}", values.join(", ")),
+            Rule::Pattern { source, .. } => {
+                write!(f, "a string that wholly matches the pattern {source}")
+            }
         }
     }
 }
 
-/// One operational mode, compiled.
+/// One mode as the file writes it (names and globs, not yet bound).
+#[derive(Debug)]
+struct ModeRules {
+    name: String,
+    description: String,
+    allowed: Vec<NamePattern>,
+    blocked: Vec<NamePattern>,
+    constraints: Vec<Arc<ConstraintRule>>,
+}
+
+/// The validated file: everything that does not depend on the catalog.
+#[derive(Debug)]
+struct PolicyRules {
+    modes: Vec<ModeRules>,
+    default_mode: ModeId,
+    always_blocked: Vec<NamePattern>,
+    max_elevated_ttl: Duration,
+    rate_limits: Vec<RateLimitRule>,
+    rate_limits_are_default: bool,
+    upstreams: BTreeMap<String, UpstreamDeclaration>,
+    simulated_cloud: bool,
+}
+
+/// A constraint resolved to one tool of the catalog.
+#[derive(Clone, Debug)]
+struct BoundConstraint {
+    tool: ToolId,
+    constraint: Arc<ConstraintRule>,
+}
+
+/// One operational mode, bound to a catalog.
 #[derive(Clone, Debug)]
 pub struct Mode {
     name: String,
     description: String,
-    allowed: ToolSet,
-    blocked: ToolSet,
-    constraints: Vec<ArgumentConstraint>,
+    allowed: ToolBits,
+    blocked: ToolBits,
+    constraints: Vec<BoundConstraint>,
+    rules: Arc<PolicyRules>,
+    index: usize,
+    catalog: Arc<Catalog>,
 }
 
 impl Mode {
@@ -240,40 +399,181 @@ impl Mode {
         &self.description
     }
 
-    /// Tools listed in `allowed_tools`.
-    pub fn allowed(&self) -> ToolSet {
-        self.allowed
+    /// Catalog tools that `allowed_tools` selects.
+    pub fn allowed(&self) -> ToolSet<'_> {
+        ToolSet {
+            bits: &self.allowed,
+            catalog: &self.catalog,
+        }
     }
 
-    /// Tools listed in `blocked_tools`.
-    pub fn blocked(&self) -> ToolSet {
-        self.blocked
+    /// Catalog tools that `blocked_tools` selects.
+    pub fn blocked(&self) -> ToolSet<'_> {
+        ToolSet {
+            bits: &self.blocked,
+            catalog: &self.catalog,
+        }
     }
 
-    /// The argument constraints the mode enforces, one line each in file order,
-    /// e.g. `scale_fleet.count must be between 1 and 10`.
+    /// `allowed_tools` as written: exact names and globs.
+    pub fn allowed_patterns(&self) -> Vec<&str> {
+        self.written()
+            .allowed
+            .iter()
+            .map(NamePattern::as_str)
+            .collect()
+    }
+
+    /// `blocked_tools` as written: exact names and globs.
+    pub fn blocked_patterns(&self) -> Vec<&str> {
+        self.written()
+            .blocked
+            .iter()
+            .map(NamePattern::as_str)
+            .collect()
+    }
+
+    fn written(&self) -> &ModeRules {
+        // `index` is this mode's position among the rules it was bound from.
+        &self.rules.modes[self.index]
+    }
+
+    /// The argument constraints the mode enforces, as written, one line each in
+    /// file order, e.g. `scale_fleet.count must be between 1 and 10`.
     pub fn constraint_descriptions(&self) -> Vec<String> {
-        self.constraints
+        self.written()
+            .constraints
             .iter()
             .map(|constraint| {
                 format!(
                     "{}.{} must be {}",
-                    constraint.tool, constraint.argument, constraint.rule
+                    constraint.tools.as_str(),
+                    constraint.argument,
+                    constraint.rule
                 )
             })
             .collect()
     }
 }
 
-/// A validated policy, ready to decide calls.
+/// How a call's arguments are checked against its tool's schema, compiled once
+/// per binding.
+#[derive(Debug)]
+enum ArgumentCheck {
+    /// A built-in: [`ToolCall::parse`] checks the arguments.
+    Builtin,
+    /// An upstream tool: its `inputSchema`, compiled.
+    Schema(Box<jsonschema::Validator>),
+    /// An upstream tool whose `inputSchema` does not compile: every call is refused.
+    Unusable(String),
+}
+
+/// Something `bind` noticed about a policy over a given catalog. Errors make a
+/// call fail or be refused for reasons of the policy; warnings are rules that
+/// have no effect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding {
+    /// A rule's exact name or glob matches no tool of the catalog.
+    Unmatched {
+        /// Where the rule is, e.g. `modes.NORMAL.allowed_tools`.
+        at: String,
+        /// The name or glob as written.
+        pattern: String,
+    },
+    /// A constraint names an argument the tool's schema does not have, so no
+    /// call can pass it.
+    UnknownArgument {
+        /// Where the constraint is.
+        at: String,
+        /// The tool's exposed name.
+        tool: String,
+        /// The argument the constraint names.
+        argument: String,
+        /// The schema's top-level properties.
+        known: Vec<String>,
+    },
+    /// A constraint's kind (integer or string) does not fit the schema's type.
+    WrongType {
+        /// Where the constraint is.
+        at: String,
+        /// The tool's exposed name.
+        tool: String,
+        /// The argument.
+        argument: String,
+        /// What the constraint compares: `integer` or `string`.
+        expected: &'static str,
+        /// The types the schema gives the argument.
+        schema_types: Vec<String>,
+    },
+    /// The tool's `inputSchema` is not a usable JSON Schema; its calls are refused.
+    UnusableSchema {
+        /// The tool's exposed name.
+        tool: String,
+        /// The compile error.
+        error: String,
+    },
+}
+
+impl Finding {
+    /// Whether the finding is an error (rather than a rule without effect).
+    pub fn is_error(&self) -> bool {
+        !matches!(self, Finding::Unmatched { .. })
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Finding::Unmatched { at, pattern } => {
+                write!(f, "{at}: '{pattern}' matches no tool")
+            }
+            Finding::UnknownArgument {
+                at,
+                tool,
+                argument,
+                known,
+            } => {
+                if known.is_empty() {
+                    write!(
+                        f,
+                        "{at}: '{tool}' takes no arguments, so no call can meet a constraint on '{argument}'"
+                    )
+                } else {
+                    write!(
+                        f,
+                        "{at}: '{tool}' has no argument '{argument}' (its arguments: {})",
+                        known.join(", ")
+                    )
+                }
+            }
+            Finding::WrongType {
+                at,
+                tool,
+                argument,
+                expected,
+                schema_types,
+            } => write!(
+                f,
+                "{at}: the constraint compares {expected}s, but '{tool}' declares '{argument}' as {}",
+                schema_types.join(" or ")
+            ),
+            Finding::UnusableSchema { tool, error } => write!(
+                f,
+                "'{tool}': its inputSchema is not a usable JSON Schema ({error}); every call to it is refused"
+            ),
+        }
+    }
+}
+
+/// A validated policy bound to a catalog, ready to decide calls. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct PolicyEngine {
-    modes: Vec<Mode>,
-    default_mode: ModeId,
-    always_blocked: ToolSet,
-    max_elevated_ttl: Duration,
-    rate_limits: Vec<RateLimitRule>,
-    rate_limits_are_default: bool,
+    rules: Arc<PolicyRules>,
+    catalog: Arc<Catalog>,
+    modes: Arc<[Mode]>,
+    always_blocked: ToolBits,
+    checks: Arc<[ArgumentCheck]>,
+    findings: Arc<[Finding]>,
 }
 
 #[derive(Deserialize)]
@@ -294,6 +594,10 @@ struct PolicyDocument {
     modes: BTreeMap<String, ModeDocument>,
     #[serde(default)]
     rate_limits: Option<Vec<RateLimitDocument>>,
+    #[serde(default)]
+    upstreams: BTreeMap<String, UpstreamDeclaration>,
+    #[serde(default)]
+    simulated_cloud: Option<bool>,
 }
 
 #[derive(Default, Deserialize)]
@@ -328,10 +632,12 @@ struct ConstraintDocument {
     max: Option<i64>,
     #[serde(default)]
     one_of: Option<Vec<Value>>,
+    #[serde(default)]
+    pattern: Option<String>,
 }
 
 impl PolicyEngine {
-    /// Reads and validates a policy file.
+    /// Reads and validates a policy file, bound to its offline catalog.
     pub fn load(path: &Path) -> Result<PolicyEngine, PolicyError> {
         let source_name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|error| PolicyError::Read {
@@ -341,7 +647,10 @@ impl PolicyEngine {
         PolicyEngine::from_json(&text, &source_name)
     }
 
-    /// Validates policy JSON; `source_name` names it in error messages.
+    /// Validates policy JSON; `source_name` names it in error messages. The engine
+    /// is bound to the catalog known offline: the built-ins, unless the policy
+    /// declares `upstreams` without `"simulated_cloud": true` (then it is empty
+    /// until [`PolicyEngine::bind`] gives it the upstreams' tools).
     pub fn from_json(text: &str, source_name: &str) -> Result<PolicyEngine, PolicyError> {
         // First pass: refuse duplicate keys before serde's maps can merge them.
         if let Err(error) = reject_duplicate_keys(text) {
@@ -362,20 +671,94 @@ impl PolicyEngine {
                 source_name: source_name.to_owned(),
                 error,
             })?;
-        compile(document).map_err(|problems| PolicyError::Invalid {
+        let invalid = |problems| PolicyError::Invalid {
             source_name: source_name.to_owned(),
             problems,
-        })
+        };
+        let rules = Arc::new(compile(document).map_err(invalid)?);
+        let catalog = if rules.simulated_cloud {
+            Catalog::builtin()
+        } else {
+            Catalog::default()
+        };
+        let engine = bind_rules(rules, Arc::new(catalog));
+        // The built-ins are known offline, so a constraint that cannot fit one of
+        // them is a load error, not something to learn at connect time.
+        let problems: Vec<String> = engine
+            .findings
+            .iter()
+            .filter(|finding| finding.is_error())
+            .map(Finding::to_string)
+            .collect();
+        if problems.is_empty() {
+            Ok(engine)
+        } else {
+            Err(invalid(problems))
+        }
+    }
+
+    /// The same rules bound to `catalog`: every name and glob resolved to tool
+    /// ids, every upstream tool's schema compiled. What did not fit is in
+    /// [`PolicyEngine::findings`]; a rule that matches nothing denies nothing
+    /// more and allows nothing (default deny).
+    pub fn bind(&self, catalog: Arc<Catalog>) -> PolicyEngine {
+        bind_rules(Arc::clone(&self.rules), catalog)
+    }
+
+    /// The catalog this engine is bound to.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// What binding noticed, in file order: rules matching no tool, constraints
+    /// that do not fit a tool's schema, unusable schemas.
+    pub fn findings(&self) -> &[Finding] {
+        &self.findings
+    }
+
+    /// The upstream MCP servers the policy declares, by name.
+    pub fn upstreams(&self) -> &BTreeMap<String, UpstreamDeclaration> {
+        &self.rules.upstreams
+    }
+
+    /// Whether the catalog includes the six built-in simulated-cloud tools: when
+    /// the policy declares no upstreams, or sets `"simulated_cloud": true`.
+    pub fn simulated_cloud(&self) -> bool {
+        self.rules.simulated_cloud
+    }
+
+    /// Checks an upstream tool's arguments against its `inputSchema` (compiled at
+    /// bind time). Built-ins are checked by [`ToolCall::parse`] instead and pass here.
+    pub fn check_schema(&self, tool: ToolId, arguments: &Value) -> Result<(), String> {
+        match self.checks.get(tool.index()) {
+            Some(ArgumentCheck::Builtin) => Ok(()),
+            Some(ArgumentCheck::Schema(validator)) => match validator.validate(arguments) {
+                Ok(()) => Ok(()),
+                Err(error) => {
+                    let path = error.instance_path().to_string();
+                    let message = bounded(&error.to_string(), MAX_SCHEMA_MESSAGE_LEN);
+                    Err(if path.is_empty() {
+                        message
+                    } else {
+                        format!("`{path}`: {message}")
+                    })
+                }
+            },
+            Some(ArgumentCheck::Unusable(error)) => Err(format!(
+                "the tool's inputSchema is not a usable JSON Schema ({error}), so no call to it can be checked"
+            )),
+            None => Err("the tool is not in this policy's catalog".to_owned()),
+        }
     }
 
     /// Decides whether `tool` may run in `mode` at all, whatever its arguments.
     ///
     /// The tool-level rules, in the seed's order: always_blocked, then the mode's
-    /// blocked_tools, then allowed_tools (default deny). The gateway asks this before
-    /// it looks at the arguments, so a blocked tool is reported as blocked even when
-    /// its arguments are wrong, and a caller who may not use a tool learns nothing
-    /// about its schema.
-    pub fn decide_tool(&self, mode: ModeId, tool: ToolName) -> Decision {
+    /// blocked_tools, then allowed_tools (default deny). A block, exact or glob,
+    /// always wins over an allow. The gateway asks this before it looks at the
+    /// arguments, so a blocked tool is reported as blocked even when its arguments
+    /// are wrong, and a caller who may not use a tool learns nothing about its schema.
+    pub fn decide_tool(&self, mode: ModeId, tool: ToolId) -> Decision {
         let deny = |reason| {
             Decision::Deny(Denial {
                 tool,
@@ -397,52 +780,59 @@ impl PolicyEngine {
         Decision::Allow
     }
 
-    /// Decides whether `call` may run in `mode`.
+    /// Decides whether a call of `tool` with `arguments` (schema-valid) may run in `mode`.
     ///
     /// The tool-level rules first ([`PolicyEngine::decide_tool`]), then the mode's
-    /// argument constraints on the parsed (schema-valid) arguments.
-    pub fn decide(&self, mode: ModeId, call: &ToolCall) -> Decision {
-        let tool = call.tool();
+    /// argument constraints on the top-level arguments.
+    pub fn decide(&self, mode: ModeId, tool: ToolId, arguments: CallArguments<'_>) -> Decision {
         if let denied @ Decision::Deny(_) = self.decide_tool(mode, tool) {
             return denied;
         }
-        let compiled = self.mode(mode);
-        let deny = |reason, constraint| {
-            Decision::Deny(Denial {
-                tool,
-                mode,
-                reason,
-                constraint,
-            })
-        };
-        for (index, constraint) in compiled.constraints.iter().enumerate() {
-            if constraint.tool != tool {
+        for (index, bound) in self.mode(mode).constraints.iter().enumerate() {
+            if bound.tool != tool {
                 continue;
             }
-            let admitted = call
-                .argument(constraint.argument)
-                .is_some_and(|value| constraint.rule.admits(value));
+            let admitted = arguments
+                .get(&bound.constraint.argument)
+                .is_some_and(|value| bound.constraint.rule.admits(value));
             if !admitted {
-                return deny(ReasonCode::ConstraintViolated, Some(index));
+                return Decision::Deny(Denial {
+                    tool,
+                    mode,
+                    reason: ReasonCode::ConstraintViolated,
+                    constraint: Some(index),
+                });
             }
         }
         Decision::Allow
     }
 
+    /// [`PolicyEngine::decide`] for a parsed built-in call; `None` when the
+    /// catalog has no built-ins.
+    pub fn decide_builtin(&self, mode: ModeId, call: &ToolCall) -> Option<Decision> {
+        let tool = self.catalog.builtin_id(call.tool())?;
+        Some(self.decide(mode, tool, CallArguments::Builtin(call)))
+    }
+
     /// The mode's argument constraints on `tool`, each as a sentence such as
     /// "`count` must be between 1 and 10", in policy order.
-    pub fn constraints_on(&self, mode: ModeId, tool: ToolName) -> Vec<String> {
+    pub fn constraints_on(&self, mode: ModeId, tool: ToolId) -> Vec<String> {
         self.mode(mode)
             .constraints
             .iter()
-            .filter(|constraint| constraint.tool == tool)
-            .map(|constraint| format!("`{}` must be {}", constraint.argument, constraint.rule))
+            .filter(|bound| bound.tool == tool)
+            .map(|bound| {
+                format!(
+                    "`{}` must be {}",
+                    bound.constraint.argument, bound.constraint.rule
+                )
+            })
             .collect()
     }
 
     /// The mode with this id.
     pub fn mode(&self, mode: ModeId) -> &Mode {
-        // ModeIds are only minted by this engine, so the index is in range.
+        // ModeIds are only minted by this engine's rules, so the index is in range.
         &self.modes[usize::from(mode.0)]
     }
 
@@ -463,50 +853,73 @@ impl PolicyEngine {
 
     /// The mode the system starts in and returns to when an elevated mode lapses.
     pub fn default_mode(&self) -> ModeId {
-        self.default_mode
+        self.rules.default_mode
     }
 
-    /// Tools blocked in every mode.
-    pub fn always_blocked(&self) -> ToolSet {
-        self.always_blocked
+    /// Catalog tools blocked in every mode.
+    pub fn always_blocked(&self) -> ToolSet<'_> {
+        ToolSet {
+            bits: &self.always_blocked,
+            catalog: &self.catalog,
+        }
+    }
+
+    /// `global_rules.always_blocked` as written: exact names and globs.
+    pub fn always_blocked_patterns(&self) -> Vec<&str> {
+        self.rules
+            .always_blocked
+            .iter()
+            .map(NamePattern::as_str)
+            .collect()
     }
 
     /// Longest time an operator may hold a non-default mode.
     pub fn max_elevated_ttl(&self) -> Duration {
-        self.max_elevated_ttl
+        self.rules.max_elevated_ttl
     }
 
     /// The rate-limit rules in force: the policy's `rate_limits`, or the built-in
     /// default ([`crate::rate_limit::default_rules`]) when it has none.
     pub fn rate_limits(&self) -> &[RateLimitRule] {
-        &self.rate_limits
+        &self.rules.rate_limits
     }
 
     /// Whether [`PolicyEngine::rate_limits`] is the built-in default.
     pub fn rate_limits_are_default(&self) -> bool {
-        self.rate_limits_are_default
+        self.rules.rate_limits_are_default
     }
 
     /// Whether `tool` passes the tool-level checks in `mode` (constraints aside).
-    pub fn permits_tool(&self, mode: ModeId, tool: ToolName) -> bool {
-        let compiled = self.mode(mode);
-        !self.always_blocked.contains(tool)
-            && !compiled.blocked.contains(tool)
-            && compiled.allowed.contains(tool)
+    pub fn permits_tool(&self, mode: ModeId, tool: ToolId) -> bool {
+        self.decide_tool(mode, tool) == Decision::Allow
     }
 
     /// Names of the modes in which `tool` may run at all.
-    pub fn modes_permitting(&self, tool: ToolName) -> Vec<&str> {
+    pub fn modes_permitting(&self, tool: ToolId) -> Vec<&str> {
         self.modes()
             .filter(|(id, _)| self.permits_tool(*id, tool))
             .map(|(_, mode)| mode.name())
             .collect()
     }
 
+    /// Catalog tools that no mode permits: hidden from listings, still decided
+    /// (and refused) when called.
+    pub fn tools_no_mode_allows(&self) -> Vec<ToolId> {
+        self.catalog
+            .tools()
+            .map(|(id, _)| id)
+            .filter(|id| self.modes().all(|(mode, _)| !self.permits_tool(mode, *id)))
+            .collect()
+    }
+
+    fn tool_name(&self, tool: ToolId) -> &str {
+        self.catalog.tool(tool).name()
+    }
+
     /// A sentence explaining a denial, for humans and models.
     pub fn explain(&self, denial: &Denial) -> String {
         let mode = self.mode(denial.mode).name();
-        let tool = denial.tool;
+        let tool = self.tool_name(denial.tool);
         match denial.reason {
             ReasonCode::AlwaysBlocked => format!(
                 "Tool '{tool}' is blocked in every mode by the global rules: destructive operations are never allowed"
@@ -528,13 +941,13 @@ impl PolicyEngine {
 
     /// A concrete next step for the caller of a denied tool.
     pub fn how_to_proceed(&self, denial: &Denial) -> String {
-        let tool = denial.tool;
+        let tool = self.tool_name(denial.tool);
         match denial.reason {
             ReasonCode::AlwaysBlocked => format!(
                 "Do not retry: '{tool}' is never allowed through Proxi. If it is truly needed, a human must do it outside the agent, through change management."
             ),
             ReasonCode::BlockedInMode | ReasonCode::NotAllowed => {
-                let modes = self.modes_permitting(tool);
+                let modes = self.modes_permitting(denial.tool);
                 if modes.is_empty() {
                     format!("Do not retry: no mode of this policy allows '{tool}'.")
                 } else {
@@ -557,14 +970,264 @@ impl PolicyEngine {
         }
     }
 
-    fn violated_constraint(&self, denial: &Denial) -> Option<&ArgumentConstraint> {
+    fn violated_constraint(&self, denial: &Denial) -> Option<&ConstraintRule> {
         denial
             .constraint
             .and_then(|index| self.mode(denial.mode).constraints.get(index))
+            .map(|bound| bound.constraint.as_ref())
     }
 }
 
-fn compile(document: PolicyDocument) -> Result<PolicyEngine, Vec<String>> {
+/// The policy in force, swappable as a whole: a re-bind (an upstream's tools
+/// changed) builds a new [`PolicyEngine`] and replaces one `Arc`. A caller takes
+/// [`SharedPolicy::current`] once per call and decides wholly under it.
+#[derive(Debug)]
+pub struct SharedPolicy {
+    current: RwLock<Arc<PolicyEngine>>,
+}
+
+impl SharedPolicy {
+    /// Starts with `engine`.
+    pub fn new(engine: PolicyEngine) -> SharedPolicy {
+        SharedPolicy {
+            current: RwLock::new(Arc::new(engine)),
+        }
+    }
+
+    /// The binding in force now.
+    pub fn current(&self) -> Arc<PolicyEngine> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Binds the same rules to `catalog` and makes that the binding in force.
+    /// The new engine is built before the swap, so callers never wait on a bind.
+    pub fn rebind(&self, catalog: Arc<Catalog>) -> Arc<PolicyEngine> {
+        let engine = Arc::new(self.current().bind(catalog));
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&engine);
+        engine
+    }
+}
+
+fn bounded(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+fn bind_rules(rules: Arc<PolicyRules>, catalog: Arc<Catalog>) -> PolicyEngine {
+    let mut findings = Vec::new();
+    let resolve = |patterns: &[NamePattern], at: &str, findings: &mut Vec<Finding>| {
+        let mut bits = ToolBits::empty(catalog.len());
+        for pattern in patterns {
+            let mut matched = false;
+            for (id, tool) in catalog.tools() {
+                if pattern.matches(tool.name()) {
+                    bits.insert(id);
+                    matched = true;
+                }
+            }
+            if !matched {
+                findings.push(Finding::Unmatched {
+                    at: at.to_owned(),
+                    pattern: pattern.as_str().to_owned(),
+                });
+            }
+        }
+        bits
+    };
+    let always_blocked = resolve(
+        &rules.always_blocked,
+        "global_rules.always_blocked",
+        &mut findings,
+    );
+    let mut modes = Vec::with_capacity(rules.modes.len());
+    for (index, mode) in rules.modes.iter().enumerate() {
+        let at = format!("modes.{}", mode.name);
+        let allowed = resolve(&mode.allowed, &format!("{at}.allowed_tools"), &mut findings);
+        let blocked = resolve(&mode.blocked, &format!("{at}.blocked_tools"), &mut findings);
+        let mut constraints = Vec::new();
+        for constraint in &mode.constraints {
+            let at = format!(
+                "{at}.constraints.{}.{}",
+                constraint.tools.as_str(),
+                constraint.argument
+            );
+            let mut matched = false;
+            for (id, tool) in catalog.tools() {
+                if !constraint.tools.matches(tool.name()) {
+                    continue;
+                }
+                matched = true;
+                check_constraint_fits(tool, constraint, &at, &mut findings);
+                constraints.push(BoundConstraint {
+                    tool: id,
+                    constraint: Arc::clone(constraint),
+                });
+            }
+            if !matched {
+                findings.push(Finding::Unmatched {
+                    at,
+                    pattern: constraint.tools.as_str().to_owned(),
+                });
+            }
+        }
+        modes.push(Mode {
+            name: mode.name.clone(),
+            description: mode.description.clone(),
+            allowed,
+            blocked,
+            constraints,
+            rules: Arc::clone(&rules),
+            index,
+            catalog: Arc::clone(&catalog),
+        });
+    }
+    let checks = catalog
+        .tools()
+        .map(|(_, tool)| match tool.origin() {
+            ToolOrigin::Builtin(_) => ArgumentCheck::Builtin,
+            ToolOrigin::Upstream { .. } => {
+                let schema = Value::Object(tool.input_schema().as_ref().clone());
+                // No retriever is configured (the crate is built without its
+                // HTTP and file resolvers), so a remote `$ref` fails to compile
+                // instead of reaching out.
+                match jsonschema::options().build(&schema) {
+                    Ok(validator) => ArgumentCheck::Schema(Box::new(validator)),
+                    Err(error) => {
+                        let error = bounded(&error.to_string(), MAX_SCHEMA_MESSAGE_LEN);
+                        findings.push(Finding::UnusableSchema {
+                            tool: tool.name().to_owned(),
+                            error: error.clone(),
+                        });
+                        ArgumentCheck::Unusable(error)
+                    }
+                }
+            }
+        })
+        .collect();
+    PolicyEngine {
+        always_blocked,
+        modes: modes.into(),
+        checks,
+        findings: findings.into(),
+        rules,
+        catalog,
+    }
+}
+
+/// Whether a constraint can apply to `tool`'s schema: the argument exists and
+/// its declared type fits the rule's kind.
+fn check_constraint_fits(
+    tool: &crate::catalog::CatalogTool,
+    constraint: &ConstraintRule,
+    at: &str,
+    findings: &mut Vec<Finding>,
+) {
+    let Some(types) = tool.argument_types(&constraint.argument) else {
+        findings.push(Finding::UnknownArgument {
+            at: at.to_owned(),
+            tool: tool.name().to_owned(),
+            argument: constraint.argument.clone(),
+            known: tool
+                .argument_names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        });
+        return;
+    };
+    let (expected, fits): (&'static str, &[&str]) = match constraint.rule.kind() {
+        ArgumentKind::Integer => ("integer", &["integer", "number"]),
+        ArgumentKind::String => ("string", &["string"]),
+    };
+    // A property without `type` may hold anything; the rule then decides alone.
+    if !types.is_empty() && !types.iter().any(|kind| fits.contains(kind)) {
+        findings.push(Finding::WrongType {
+            at: at.to_owned(),
+            tool: tool.name().to_owned(),
+            argument: constraint.argument.clone(),
+            expected,
+            schema_types: types.into_iter().map(str::to_owned).collect(),
+        });
+    }
+}
+
+/// What tools a policy file can name, known offline.
+struct Sources<'a> {
+    builtins: bool,
+    upstreams: &'a BTreeMap<String, UpstreamDeclaration>,
+}
+
+impl Sources<'_> {
+    fn upstream_list(&self) -> String {
+        if self.upstreams.is_empty() {
+            "none".to_owned()
+        } else {
+            self.upstreams
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    }
+
+    /// Checks a name or glob offline: built-in names exactly, upstream names and
+    /// globs for shape and a declared upstream.
+    fn check(&self, name: &str) -> Result<NamePattern, String> {
+        let pattern = NamePattern {
+            text: name.to_owned(),
+        };
+        let valid_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        if name.is_empty() || !name.chars().all(|c| valid_char(c) || c == '*') {
+            return Err(format!(
+                "'{}' is not a tool name or glob: use A-Z, a-z, 0-9, '_', '-' and '*'",
+                name.escape_debug()
+            ));
+        }
+        if name.len() > MAX_EXPOSED_NAME_LEN {
+            return Err(format!(
+                "'{name}' is longer than {MAX_EXPOSED_NAME_LEN} characters, so no tool can have it"
+            ));
+        }
+        if let Some((upstream, tool)) = name.split_once(SEPARATOR) {
+            let declared = self.upstreams.contains_key(upstream);
+            if !upstream.contains('*') && !declared {
+                if self.upstreams.is_empty() && !pattern.is_glob() {
+                    return Err(self.unknown_builtin(name));
+                }
+                return Err(format!(
+                    "'{name}' names upstream '{upstream}', which is not declared in `upstreams` (declared: {})",
+                    self.upstream_list()
+                ));
+            }
+            if declared && tool.is_empty() {
+                return Err(format!(
+                    "'{name}' has no tool name after '{upstream}{SEPARATOR}'"
+                ));
+            }
+            return Ok(pattern);
+        }
+        if pattern.is_glob() {
+            return Ok(pattern);
+        }
+        if !self.builtins {
+            return Err(format!(
+                "'{name}' is not an upstream tool name (<upstream>{SEPARATOR}<tool>), and this policy has no built-in tools (set \"simulated_cloud\": true to include them)"
+            ));
+        }
+        match ToolName::parse(name) {
+            Some(_) => Ok(pattern),
+            None => Err(self.unknown_builtin(name)),
+        }
+    }
+
+    fn unknown_builtin(&self, name: &str) -> String {
+        format!("no tool is named '{name}' (known tools: {})", known_tools())
+    }
+}
+
+fn compile(document: PolicyDocument) -> Result<PolicyRules, Vec<String>> {
     let mut problems = Vec::new();
     if document.modes.is_empty() {
         problems.push("`modes` must define at least one mode".to_owned());
@@ -572,8 +1235,30 @@ fn compile(document: PolicyDocument) -> Result<PolicyEngine, Vec<String>> {
     if document.modes.len() > usize::from(u8::MAX) {
         problems.push("a policy may define at most 255 modes".to_owned());
     }
+    for (name, declaration) in &document.upstreams {
+        // Offline, every `${VAR}` stands for a placeholder: the shape is checked
+        // now, the variables when Proxi starts (or `policy check --connect`).
+        if let Err(error) = declaration.resolve(name, &|_| Some("placeholder".to_owned())) {
+            problems.push(format!("upstreams.{name}: {error}"));
+        }
+    }
+    let simulated_cloud = match document.simulated_cloud {
+        Some(on) => on,
+        None => document.upstreams.is_empty(),
+    };
+    if !simulated_cloud && document.upstreams.is_empty() {
+        problems.push(
+            "\"simulated_cloud\": false and no `upstreams`: the policy would have no tools"
+                .to_owned(),
+        );
+    }
+    let sources = Sources {
+        builtins: simulated_cloud,
+        upstreams: &document.upstreams,
+    };
 
-    let always_blocked = tool_set(
+    let always_blocked = name_list(
+        &sources,
         &document.global_rules.always_blocked,
         "global_rules.always_blocked",
         &mut problems,
@@ -587,30 +1272,34 @@ fn compile(document: PolicyDocument) -> Result<PolicyEngine, Vec<String>> {
                 "{at}: mode names must be 1 to {MAX_MODE_NAME_LEN} characters of A-Z, 0-9 and '_', starting with a letter"
             ));
         }
-        let allowed = tool_set(
+        let allowed = name_list(
+            &sources,
             &mode.allowed_tools,
             &format!("{at}.allowed_tools"),
             &mut problems,
         );
-        let blocked = tool_set(
+        let blocked = name_list(
+            &sources,
             &mode.blocked_tools,
             &format!("{at}.blocked_tools"),
             &mut problems,
         );
-        for tool in allowed.iter() {
+        for tool in &allowed {
             if blocked.contains(tool) {
                 problems.push(format!(
-                    "{at}: '{tool}' is in both allowed_tools and blocked_tools"
+                    "{at}: '{}' is in both allowed_tools and blocked_tools",
+                    tool.as_str()
                 ));
             }
             if always_blocked.contains(tool) {
                 problems.push(format!(
-                    "{at}.allowed_tools: '{tool}' is in global_rules.always_blocked, so allowing it here has no effect"
+                    "{at}.allowed_tools: '{}' is in global_rules.always_blocked, so allowing it here has no effect",
+                    tool.as_str()
                 ));
             }
         }
-        let constraints = compile_constraints(&mode.constraints, &at, &mut problems);
-        modes.push(Mode {
+        let constraints = compile_constraints(&sources, &mode.constraints, &at, &mut problems);
+        modes.push(ModeRules {
             name: name.clone(),
             description: mode.description.clone(),
             allowed,
@@ -669,7 +1358,7 @@ fn compile(document: PolicyDocument) -> Result<PolicyEngine, Vec<String>> {
     };
 
     match default_mode {
-        Some(index) if problems.is_empty() => Ok(PolicyEngine {
+        Some(index) if problems.is_empty() => Ok(PolicyRules {
             modes,
             // At most 255 modes were checked above, so the index fits.
             default_mode: ModeId(index as u8),
@@ -677,6 +1366,8 @@ fn compile(document: PolicyDocument) -> Result<PolicyEngine, Vec<String>> {
             max_elevated_ttl,
             rate_limits,
             rate_limits_are_default,
+            upstreams: document.upstreams,
+            simulated_cloud,
         }),
         _ => Err(problems),
     }
@@ -790,99 +1481,171 @@ fn known_tools() -> String {
     ToolName::ALL.map(ToolName::as_str).join(", ")
 }
 
-fn tool_set(names: &[String], at: &str, problems: &mut Vec<String>) -> ToolSet {
-    let mut set = ToolSet::default();
+fn name_list(
+    sources: &Sources<'_>,
+    names: &[String],
+    at: &str,
+    problems: &mut Vec<String>,
+) -> Vec<NamePattern> {
+    let mut list: Vec<NamePattern> = Vec::with_capacity(names.len());
     for name in names {
-        match ToolName::parse(name) {
-            Some(tool) if set.contains(tool) => {
-                problems.push(format!("{at}: '{tool}' is listed twice"));
+        match sources.check(name) {
+            Ok(pattern) if list.contains(&pattern) => {
+                problems.push(format!("{at}: '{name}' is listed twice"));
             }
-            Some(tool) => set.insert(tool),
-            None => problems.push(format!(
-                "{at}: no tool is named '{name}' (known tools: {})",
-                known_tools()
-            )),
+            Ok(pattern) => list.push(pattern),
+            Err(problem) => problems.push(format!("{at}: {problem}")),
         }
     }
-    set
+    list
 }
 
 fn compile_constraints(
+    sources: &Sources<'_>,
     constraints: &BTreeMap<String, BTreeMap<String, ConstraintDocument>>,
     at: &str,
     problems: &mut Vec<String>,
-) -> Vec<ArgumentConstraint> {
+) -> Vec<Arc<ConstraintRule>> {
     let mut compiled = Vec::new();
     for (tool_name, arguments) in constraints {
-        let Some(tool) = ToolName::parse(tool_name) else {
-            problems.push(format!(
-                "{at}.constraints: no tool is named '{tool_name}' (known tools: {})",
-                known_tools()
-            ));
-            continue;
+        let tools = match sources.check(tool_name) {
+            Ok(tools) => tools,
+            Err(problem) => {
+                problems.push(format!("{at}.constraints: {problem}"));
+                continue;
+            }
         };
+        // An exact built-in name is checked against its arguments now, as always;
+        // globs and upstream tools are checked against schemas at bind time.
+        let builtin = (!tools.is_glob())
+            .then(|| ToolName::parse(tool_name))
+            .flatten();
         for (argument_name, document) in arguments {
             let at = format!("{at}.constraints.{tool_name}.{argument_name}");
-            let Some(kind) = tool.argument_kind(argument_name) else {
-                let known = tool.argument_names();
-                problems.push(if known.is_empty() {
-                    format!("{at}: '{tool}' takes no arguments")
-                } else {
-                    format!(
-                        "{at}: '{tool}' has no argument '{argument_name}' (its arguments: {})",
-                        known.join(", ")
-                    )
-                });
-                continue;
+            let known_kind = match builtin {
+                None => None,
+                Some(tool) => match tool.argument_kind(argument_name) {
+                    Some(kind) => Some(kind),
+                    None => {
+                        let known = tool.argument_names();
+                        problems.push(if known.is_empty() {
+                            format!("{at}: '{tool}' takes no arguments")
+                        } else {
+                            format!(
+                                "{at}: '{tool}' has no argument '{argument_name}' (its arguments: {})",
+                                known.join(", ")
+                            )
+                        });
+                        continue;
+                    }
+                },
             };
-            // argument_kind only answers for names in argument_names, which are 'static.
-            let Some(argument) = tool
-                .argument_names()
-                .iter()
-                .copied()
-                .find(|name| name == argument_name)
-            else {
-                continue;
-            };
-            let mut add = |rule| {
-                compiled.push(ArgumentConstraint {
-                    tool,
-                    argument,
+            for rule in compile_rules(document, known_kind, &at, problems) {
+                compiled.push(Arc::new(ConstraintRule {
+                    tools: tools.clone(),
+                    argument: argument_name.clone(),
                     rule,
-                })
-            };
-            if document.min.is_none() && document.max.is_none() && document.one_of.is_none() {
-                problems.push(format!("{at}: give at least one of min, max or one_of"));
-            }
-            if document.min.is_some() || document.max.is_some() {
-                if kind != ArgumentKind::Integer {
-                    problems.push(format!("{at}: min and max apply to integer arguments only"));
-                } else if let (Some(min), Some(max)) = (document.min, document.max)
-                    && min > max
-                {
-                    problems.push(format!("{at}: min ({min}) is greater than max ({max})"));
-                } else {
-                    add(Rule::Range {
-                        min: document.min,
-                        max: document.max,
-                    });
-                }
-            }
-            if let Some(values) = &document.one_of {
-                match one_of_rule(values, kind) {
-                    Ok(rule) => add(rule),
-                    Err(problem) => problems.push(format!("{at}.one_of: {problem}")),
-                }
+                }));
             }
         }
     }
     compiled
 }
 
-fn one_of_rule(values: &[Value], kind: ArgumentKind) -> Result<Rule, String> {
+/// The rules of one constraint object. `known_kind` is the argument's kind when
+/// the tool is a built-in; otherwise the kind follows from the rules written.
+fn compile_rules(
+    document: &ConstraintDocument,
+    known_kind: Option<ArgumentKind>,
+    at: &str,
+    problems: &mut Vec<String>,
+) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    let has_range = document.min.is_some() || document.max.is_some();
+    if !has_range && document.one_of.is_none() && document.pattern.is_none() {
+        problems.push(format!(
+            "{at}: give at least one of min, max, one_of or pattern"
+        ));
+        return rules;
+    }
+    if has_range && document.pattern.is_some() {
+        problems.push(format!(
+            "{at}: min and max apply to integers and pattern to strings; one argument cannot have both"
+        ));
+        return rules;
+    }
+    let kind = known_kind.or(if has_range {
+        Some(ArgumentKind::Integer)
+    } else if document.pattern.is_some() {
+        Some(ArgumentKind::String)
+    } else {
+        None
+    });
+    if has_range {
+        if kind != Some(ArgumentKind::Integer) {
+            problems.push(format!("{at}: min and max apply to integer arguments only"));
+        } else if let (Some(min), Some(max)) = (document.min, document.max)
+            && min > max
+        {
+            problems.push(format!("{at}: min ({min}) is greater than max ({max})"));
+        } else {
+            rules.push(Rule::Range {
+                min: document.min,
+                max: document.max,
+            });
+        }
+    }
+    if let Some(source) = &document.pattern {
+        if kind != Some(ArgumentKind::String) {
+            problems.push(format!("{at}: pattern applies to string arguments only"));
+        } else {
+            match compile_pattern(source) {
+                Ok(rule) => rules.push(rule),
+                Err(problem) => problems.push(format!("{at}.pattern: {problem}")),
+            }
+        }
+    }
+    if let Some(values) = &document.one_of {
+        match one_of_rule(values, kind) {
+            Ok(rule) => rules.push(rule),
+            Err(problem) => problems.push(format!("{at}.one_of: {problem}")),
+        }
+    }
+    rules
+}
+
+/// Compiles `source` so that it must match the whole value: `^(?:source)$`, so
+/// an alternation such as `a|b` cannot match a prefix or suffix only.
+fn compile_pattern(source: &str) -> Result<Rule, String> {
+    if source.len() > MAX_PATTERN_LEN {
+        return Err(format!("must be at most {MAX_PATTERN_LEN} bytes"));
+    }
+    regex::RegexBuilder::new(&format!("^(?:{source})$"))
+        .size_limit(PATTERN_SIZE_LIMIT)
+        .build()
+        .map(|regex| Rule::Pattern {
+            source: source.to_owned(),
+            regex,
+        })
+        .map_err(|error| {
+            format!(
+                "not a valid regular expression: {}",
+                error.to_string().replace('\n', " ")
+            )
+        })
+}
+
+fn one_of_rule(values: &[Value], kind: Option<ArgumentKind>) -> Result<Rule, String> {
     if values.is_empty() {
         return Err("must list at least one value".to_owned());
     }
+    let kind = kind.unwrap_or(if values.iter().all(Value::is_i64) {
+        ArgumentKind::Integer
+    } else if values.iter().all(Value::is_string) {
+        ArgumentKind::String
+    } else {
+        return Err("values must be all integers or all strings".to_owned());
+    });
     match kind {
         ArgumentKind::Integer => values
             .iter()
@@ -922,8 +1685,18 @@ mod tests {
         ToolCall::parse(tool, &args).unwrap()
     }
 
+    fn decide(engine: &PolicyEngine, mode: ModeId, call: &ToolCall) -> Decision {
+        engine
+            .decide_builtin(mode, call)
+            .expect("the catalog has the built-ins")
+    }
+
+    fn id(engine: &PolicyEngine, tool: ToolName) -> ToolId {
+        engine.catalog().builtin_id(tool).expect("a built-in")
+    }
+
     fn reason(engine: &PolicyEngine, mode: &str, call: &ToolCall) -> Option<ReasonCode> {
-        match engine.decide(engine.mode_id(mode).unwrap(), call) {
+        match decide(engine, engine.mode_id(mode).unwrap(), call) {
             Decision::Allow => None,
             Decision::Deny(denial) => Some(denial.reason),
         }
@@ -993,7 +1766,7 @@ mod tests {
             Some(ReasonCode::ConstraintViolated)
         );
         assert_eq!(reason(&engine, "EMERGENCY", &ok), None);
-        let Decision::Deny(denial) = engine.decide(engine.mode_id("EMERGENCY").unwrap(), &big)
+        let Decision::Deny(denial) = decide(&engine, engine.mode_id("EMERGENCY").unwrap(), &big)
         else {
             unreachable!()
         };
@@ -1220,6 +1993,361 @@ mod tests {
         );
     }
 
+    /// An upstream `fs` with read, write and delete tools, behind `policy`.
+    fn fs_engine(policy: Value) -> PolicyEngine {
+        let engine = PolicyEngine::from_json(&policy.to_string(), "fs.json").unwrap();
+        let path = json!({"type": "object", "properties": {"path": {"type": "string"},
+            "depth": {"type": "integer"}}, "required": ["path"]});
+        let listing = crate::catalog::tests::listing(
+            "fs",
+            &[
+                ("read_file", path.clone()),
+                ("read_dir", path.clone()),
+                ("write_file", path.clone()),
+                ("delete_file", path),
+            ],
+        );
+        engine.bind(Arc::new(Catalog::from_sources(
+            engine.simulated_cloud(),
+            [("fs", &listing)],
+        )))
+    }
+
+    fn fs_policy(modes: Value) -> Value {
+        json!({"upstreams": {"fs": {"command": "fs-server"}},
+               "global_rules": {"always_blocked": ["fs__delete_*"]},
+               "modes": modes})
+    }
+
+    fn tool_reason(engine: &PolicyEngine, mode: &str, tool: &str) -> Option<ReasonCode> {
+        let id = engine.catalog().lookup(tool).expect("in the catalog");
+        match engine.decide_tool(engine.mode_id(mode).unwrap(), id) {
+            Decision::Allow => None,
+            Decision::Deny(denial) => Some(denial.reason),
+        }
+    }
+
+    #[test]
+    fn globs_resolve_against_the_catalog_and_any_block_beats_an_allow() {
+        let engine = fs_engine(fs_policy(json!({
+            "NORMAL": {"allowed_tools": ["fs__read_*"], "blocked_tools": ["fs__read_dir"]},
+            "EMERGENCY": {"allowed_tools": ["fs__*"]}
+        })));
+        assert_eq!(tool_reason(&engine, "NORMAL", "fs__read_file"), None);
+        // An exact block wins over a glob allow.
+        assert_eq!(
+            tool_reason(&engine, "NORMAL", "fs__read_dir"),
+            Some(ReasonCode::BlockedInMode)
+        );
+        // Default deny: nothing allows writes in NORMAL.
+        assert_eq!(
+            tool_reason(&engine, "NORMAL", "fs__write_file"),
+            Some(ReasonCode::NotAllowed)
+        );
+        assert_eq!(tool_reason(&engine, "EMERGENCY", "fs__write_file"), None);
+        // A global glob block wins over `fs__*`.
+        assert_eq!(
+            tool_reason(&engine, "EMERGENCY", "fs__delete_file"),
+            Some(ReasonCode::AlwaysBlocked)
+        );
+        let normal = engine.mode(engine.mode_id("NORMAL").unwrap());
+        assert_eq!(normal.allowed().names(), ["fs__read_file", "fs__read_dir"]);
+        assert_eq!(normal.allowed_patterns(), ["fs__read_*"]);
+        assert_eq!(engine.always_blocked().names(), ["fs__delete_file"]);
+        let hidden: Vec<&str> = engine
+            .tools_no_mode_allows()
+            .into_iter()
+            .map(|id| engine.catalog().tool(id).name())
+            .collect();
+        assert_eq!(hidden, ["fs__delete_file"]);
+    }
+
+    #[test]
+    fn a_policy_with_upstreams_has_no_builtins_unless_it_asks_for_them() {
+        let engine = fs_engine(fs_policy(
+            json!({"NORMAL": {"allowed_tools": ["fs__read_*"]}}),
+        ));
+        assert!(!engine.simulated_cloud());
+        assert_eq!(engine.catalog().lookup("list_services"), None);
+        let message = problems(fs_policy(
+            json!({"NORMAL": {"allowed_tools": ["list_services"]}}),
+        ));
+        assert!(
+            message.contains("set \"simulated_cloud\": true"),
+            "{message}"
+        );
+
+        let mut both =
+            fs_policy(json!({"NORMAL": {"allowed_tools": ["list_services", "fs__read_file"]}}));
+        both["simulated_cloud"] = json!(true);
+        let engine = fs_engine(both);
+        assert!(engine.simulated_cloud());
+        assert_eq!(tool_reason(&engine, "NORMAL", "list_services"), None);
+        assert_eq!(tool_reason(&engine, "NORMAL", "fs__read_file"), None);
+        assert_eq!(
+            tool_reason(&engine, "NORMAL", "read_logs"),
+            Some(ReasonCode::NotAllowed)
+        );
+        // Without upstreams nothing changes: the six built-ins.
+        assert_eq!(shipped().catalog().len(), 6);
+    }
+
+    #[test]
+    fn upstream_names_and_globs_are_checked_for_shape_offline() {
+        let message = problems(fs_policy(json!({"NORMAL": {
+            "allowed_tools": ["git__log", "fs__", "fs__read file", "fs__read_*", "fs__read_*"],
+            "constraints": {"ops__*": {"x": {"min": 1}}}
+        }})));
+        for expected in [
+            "'git__log' names upstream 'git', which is not declared in `upstreams` (declared: fs)",
+            "'fs__' has no tool name after 'fs__'",
+            "'fs__read file' is not a tool name or glob",
+            "'fs__read_*' is listed twice",
+            "'ops__*' names upstream 'ops'",
+        ] {
+            assert!(
+                message.contains(expected),
+                "missing {expected:?} in {message}"
+            );
+        }
+        // A built-in-only policy keeps today's message for upstream-looking names.
+        let message = problems(json!({"modes": {"NORMAL": {"allowed_tools": ["fs__read"]}}}));
+        assert!(message.contains("no tool is named 'fs__read'"), "{message}");
+        let message =
+            problems(json!({"upstreams": {"Bad": {"command": "x"}}, "modes": {"NORMAL": {}}}));
+        assert!(
+            message.contains("upstreams.Bad: upstream name \"Bad\" is invalid"),
+            "{message}"
+        );
+        let message = problems(
+            json!({"upstreams": {"fs": {"command": "x", "url": "http://h"}}, "modes": {"NORMAL": {}}}),
+        );
+        assert!(message.contains("sets both"), "{message}");
+    }
+
+    #[test]
+    fn pattern_constraints_must_match_the_whole_string() {
+        let engine = fs_engine(fs_policy(json!({"NORMAL": {
+            "allowed_tools": ["fs__write_file", "fs__read_file"],
+            "constraints": {
+                "fs__write_file": {"path": {"pattern": "/srv/incidents/[^/]+|/tmp/x"}},
+                "fs__read_*": {"depth": {"min": 1, "max": 3}}
+            }
+        }})));
+        let normal = engine.mode_id("NORMAL").unwrap();
+        let write = engine.catalog().lookup("fs__write_file").unwrap();
+        let read = engine.catalog().lookup("fs__read_file").unwrap();
+        let decide_path = |tool, arguments: Value| {
+            let arguments = arguments.as_object().cloned().unwrap();
+            match engine.decide(normal, tool, CallArguments::Json(&arguments)) {
+                Decision::Allow => None,
+                Decision::Deny(denial) => Some(denial.reason),
+            }
+        };
+        assert_eq!(
+            decide_path(write, json!({"path": "/srv/incidents/a.md"})),
+            None
+        );
+        assert_eq!(decide_path(write, json!({"path": "/tmp/x"})), None);
+        for outside in [
+            "/srv/incidents/a/../../etc/passwd",
+            "/srv/incidents/",
+            "x/srv/incidents/a",
+            "/tmp/x/y",
+            "/tmp/xy",
+        ] {
+            assert_eq!(
+                decide_path(write, json!({"path": outside})),
+                Some(ReasonCode::ConstraintViolated),
+                "{outside}"
+            );
+        }
+        // Absent or mistyped arguments fail closed.
+        assert_eq!(
+            decide_path(write, json!({})),
+            Some(ReasonCode::ConstraintViolated)
+        );
+        assert_eq!(
+            decide_path(write, json!({"path": 7})),
+            Some(ReasonCode::ConstraintViolated)
+        );
+        assert_eq!(decide_path(read, json!({"path": "a", "depth": 2})), None);
+        let Decision::Deny(denial) = engine.decide(
+            normal,
+            read,
+            CallArguments::Json(json!({"path": "a", "depth": 9}).as_object().unwrap()),
+        ) else {
+            panic!("depth 9 is over the max");
+        };
+        assert_eq!(
+            engine.explain(&denial),
+            "Argument `depth` of 'fs__read_file' must be between 1 and 3 in NORMAL mode"
+        );
+        assert_eq!(
+            engine.constraints_on(normal, write),
+            ["`path` must be a string that wholly matches the pattern /srv/incidents/[^/]+|/tmp/x"]
+        );
+        // Built-in string arguments take patterns too.
+        let engine = PolicyEngine::from_json(
+            &json!({"modes": {"NORMAL": {"allowed_tools": ["restart_service"],
+                "constraints": {"restart_service": {"service_name": {"pattern": "web-.*"}}}}}})
+            .to_string(),
+            "t",
+        )
+        .unwrap();
+        let web = call(ToolName::RestartService, json!({"service_name": "web-1"}));
+        let db = call(
+            ToolName::RestartService,
+            json!({"service_name": "db-web-1"}),
+        );
+        assert_eq!(reason(&engine, "NORMAL", &web), None);
+        assert_eq!(
+            reason(&engine, "NORMAL", &db),
+            Some(ReasonCode::ConstraintViolated)
+        );
+    }
+
+    #[test]
+    fn mistyped_or_malformed_patterns_are_load_errors() {
+        let message = problems(json!({"modes": {"NORMAL": {"constraints": {
+            "scale_fleet": {"count": {"pattern": "1"}},
+            "restart_service": {"service_name": {"pattern": "(unclosed"}}
+        }}}}));
+        assert!(
+            message.contains("pattern applies to string arguments only"),
+            "{message}"
+        );
+        assert!(
+            message.contains("not a valid regular expression"),
+            "{message}"
+        );
+        let message = problems(fs_policy(json!({"NORMAL": {"constraints": {
+            "fs__write_file": {"path": {"pattern": "a", "min": 1}, "depth": {"one_of": [1, "two"]}}
+        }}})));
+        assert!(
+            message.contains("one argument cannot have both"),
+            "{message}"
+        );
+        assert!(message.contains("all integers or all strings"), "{message}");
+    }
+
+    #[test]
+    fn binding_reports_rules_without_effect_and_constraints_that_cannot_fit() {
+        let engine = fs_engine(fs_policy(json!({"NORMAL": {
+            "allowed_tools": ["fs__read_*", "fs__list_*", "fs__gone"],
+            "constraints": {
+                "fs__read_file": {"mode": {"one_of": ["r"]}},
+                "fs__write_file": {"path": {"min": 1}}
+            }
+        }})));
+        let findings: Vec<String> = engine.findings().iter().map(ToString::to_string).collect();
+        for expected in [
+            "modes.NORMAL.allowed_tools: 'fs__list_*' matches no tool",
+            "modes.NORMAL.allowed_tools: 'fs__gone' matches no tool",
+            "'fs__read_file' has no argument 'mode' (its arguments: path, depth)",
+            "the constraint compares integers, but 'fs__write_file' declares 'path' as string",
+        ] {
+            assert!(
+                findings.iter().any(|finding| finding.contains(expected)),
+                "missing {expected:?} in {findings:?}"
+            );
+        }
+        let errors = engine.findings().iter().filter(|f| f.is_error()).count();
+        assert_eq!(errors, 2, "{findings:?}");
+        // Offline, a glob over the built-ins that cannot fit is a load error.
+        let message = problems(json!({"modes": {"NORMAL": {"constraints": {
+            "*_service": {"count": {"max": 3}}
+        }}}}));
+        assert!(
+            message.contains("'restart_service' has no argument 'count'"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn rebinding_swaps_the_whole_binding_at_once() {
+        let engine = fs_engine(fs_policy(json!({"NORMAL": {"allowed_tools": ["fs__*"]}})));
+        let shared = SharedPolicy::new(engine);
+        let before = shared.current();
+        assert_eq!(before.catalog().len(), 4);
+        let smaller =
+            crate::catalog::tests::listing("fs", &[("read_file", json!({"type": "object"}))]);
+        let after = shared.rebind(Arc::new(Catalog::from_sources(false, [("fs", &smaller)])));
+        assert_eq!(after.catalog().len(), 1);
+        assert_eq!(shared.current().catalog().len(), 1);
+        // A call already holding the old binding keeps deciding under it.
+        assert_eq!(before.catalog().len(), 4);
+        assert_eq!(tool_reason(&after, "NORMAL", "fs__read_file"), None);
+    }
+
+    /// A glob over a-c letters, or an exact name: the shapes the glob tests draw from.
+    fn any_pattern() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "up__[abc]{1,3}",
+            "up__[abc*]{0,3}\\*",
+            "\\*[abc]{0,2}",
+            "up__\\*"
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn globs_match_like_the_equivalent_regex(pattern in "[ab*]{0,6}", name in "[ab]{0,6}") {
+            let reference = regex::Regex::new(&format!("^{}$", pattern.replace('*', ".*"))).unwrap();
+            let glob = NamePattern { text: pattern.clone() };
+            prop_assert_eq!(glob.matches(&name), reference.is_match(&name));
+        }
+
+        /// Precedence over globs, against a reference model: any block (exact or
+        /// glob) beats any allow, and a tool no rule allows is denied.
+        #[test]
+        fn glob_rules_follow_the_precedence_model(
+            always in proptest::collection::vec(any_pattern(), 0..3),
+            allowed in proptest::collection::vec(any_pattern(), 0..4),
+            blocked in proptest::collection::vec(any_pattern(), 0..3),
+            tools in proptest::collection::btree_set("[abc]{1,3}", 1..8),
+        ) {
+            let unique = |list: Vec<String>| {
+                let mut seen = Vec::new();
+                for item in list { if !seen.contains(&item) { seen.push(item); } }
+                seen
+            };
+            let (always, mut allowed, blocked) = (unique(always), unique(allowed), unique(blocked));
+            // Exact overlaps are load errors (tested elsewhere); keep the policy valid.
+            allowed.retain(|tool| !always.contains(tool) && !blocked.contains(tool));
+            let document = json!({
+                "upstreams": {"up": {"command": "x"}},
+                "global_rules": {"always_blocked": always},
+                "modes": {"NORMAL": {"allowed_tools": allowed, "blocked_tools": blocked}}
+            });
+            let engine = PolicyEngine::from_json(&document.to_string(), "generated").unwrap();
+            let names: Vec<&str> = tools.iter().map(String::as_str).collect();
+            let tool_list: Vec<(&str, Value)> = names.iter().map(|n| (*n, json!({"type": "object"}))).collect();
+            let listing = crate::catalog::tests::listing("up", &tool_list);
+            let engine = engine.bind(Arc::new(Catalog::from_sources(false, [("up", &listing)])));
+            let normal = engine.mode_id("NORMAL").unwrap();
+            let matches = |list: &[String], name: &str| {
+                list.iter().any(|p| NamePattern { text: p.clone() }.matches(name))
+            };
+            for (id, tool) in engine.catalog().tools() {
+                let expected = if matches(&always, tool.name()) {
+                    Some(ReasonCode::AlwaysBlocked)
+                } else if matches(&blocked, tool.name()) {
+                    Some(ReasonCode::BlockedInMode)
+                } else if !matches(&allowed, tool.name()) {
+                    Some(ReasonCode::NotAllowed)
+                } else {
+                    None
+                };
+                let actual = match engine.decide_tool(normal, id) {
+                    Decision::Allow => None,
+                    Decision::Deny(denial) => Some(denial.reason),
+                };
+                prop_assert_eq!(actual, expected, "{}", tool.name());
+            }
+        }
+    }
+
     fn tool_subset() -> impl Strategy<Value = Vec<ToolName>> {
         proptest::sample::subsequence(ToolName::ALL.to_vec(), 0..=ToolName::ALL.len())
     }
@@ -1311,10 +2439,10 @@ mod tests {
             } else {
                 None
             };
-            let actual = match engine.decide(mode, &call) {
+            let actual = match decide(&engine, mode, &call) {
                 Decision::Allow => None,
                 Decision::Deny(denial) => {
-                    prop_assert_eq!(denial.tool, tool);
+                    prop_assert_eq!(denial.tool, id(&engine, tool));
                     prop_assert_eq!(denial.mode, mode);
                     Some(denial.reason)
                 }
@@ -1332,14 +2460,15 @@ mod tests {
         ) {
             let engine = PolicyEngine::from_json(&document.to_string(), "generated").unwrap();
             let mode = engine.mode_id(if emergency { "EMERGENCY" } else { "NORMAL" }).unwrap();
-            let tool_level = engine.decide_tool(mode, call.tool());
-            match engine.decide(mode, &call) {
+            let tool = id(&engine, call.tool());
+            let tool_level = engine.decide_tool(mode, tool);
+            match decide(&engine, mode, &call) {
                 Decision::Deny(denial) if denial.reason == ReasonCode::ConstraintViolated => {
                     prop_assert_eq!(tool_level, Decision::Allow);
                 }
                 decision => prop_assert_eq!(tool_level, decision),
             }
-            prop_assert_eq!(tool_level == Decision::Allow, engine.permits_tool(mode, call.tool()));
+            prop_assert_eq!(tool_level == Decision::Allow, engine.permits_tool(mode, tool));
         }
 
         #[test]
@@ -1350,7 +2479,7 @@ mod tests {
             let engine = PolicyEngine::from_json(&document.to_string(), "generated").unwrap();
             if always.contains(&call.tool()) {
                 for (mode, _) in engine.modes() {
-                    prop_assert!(matches!(engine.decide(mode, &call), Decision::Deny(_)));
+                    prop_assert!(matches!(decide(&engine, mode, &call), Decision::Deny(_)));
                 }
             }
         }

@@ -3,99 +3,17 @@
 //! pinned by tests/upstream-harness/package.json and installed by
 //! scripts/upstream-harness.sh (scripts/test.sh runs it first).
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::upstream::{
+    arguments, eventually, everything, free_port, kill_9, process_exists, server, text_of,
+};
 use proxi::upstream::client::{UpstreamClient, UpstreamError, UpstreamHandler};
-use proxi::upstream::config::{Secret, StdioTarget};
+use proxi::upstream::config::Secret;
 use proxi::upstream::supervisor::Supervisor;
-use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::json;
-
-/// Where scripts/upstream-harness.sh installs the servers.
-fn harness() -> PathBuf {
-    std::env::var_os("PROXI_UPSTREAM_HARNESS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/upstream-harness"))
-}
-
-/// A stdio target running the pinned server `package` with `args`, under plain `node`.
-fn server(package: &str, args: &[&str]) -> StdioTarget {
-    let entry = harness()
-        .join("node_modules/@modelcontextprotocol")
-        .join(package)
-        .join("dist/index.js");
-    assert!(
-        entry.is_file(),
-        "{} is missing: run scripts/upstream-harness.sh to install the pinned upstream MCP servers",
-        entry.display()
-    );
-    let mut all_args = vec![Secret::new(entry.display().to_string())];
-    all_args.extend(args.iter().map(|arg| Secret::new((*arg).to_owned())));
-    StdioTarget {
-        command: "node".into(),
-        args: all_args,
-        env: Default::default(),
-        cwd: None,
-    }
-}
-
-fn everything() -> StdioTarget {
-    server("server-everything", &["stdio"])
-}
-
-fn arguments(value: serde_json::Value) -> Option<JsonObject> {
-    match value {
-        serde_json::Value::Object(map) => Some(map),
-        other => panic!("arguments must be an object, not {other}"),
-    }
-}
-
-fn text_of(result: &CallToolResult) -> String {
-    result
-        .content
-        .iter()
-        .filter_map(|block| block.as_text().map(|text| text.text.clone()))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Polls `condition` (every 20 ms) until it returns `Some`, failing with `what` after `timeout`.
-async fn eventually<T, F: Future<Output = Option<T>>>(
-    what: &str,
-    timeout: Duration,
-    mut condition: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = condition().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Whether `pid` is a live process: it exists and is not a zombie. (A child killed
-/// after its runtime is gone stays a zombie until its parent exits: it runs nothing.)
-fn process_exists(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the parenthesised command name, which may itself hold spaces.
-    let state = stat
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next());
-    !matches!(state, Some('Z' | 'X'))
-}
-
-fn kill_9(pid: u32) {
-    let status = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -9 {pid} failed");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filesystem_tools_are_listed_and_read_text_file_reads_a_file() {
@@ -413,15 +331,6 @@ fn tearing_down_the_runtime_kills_the_child() {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(supervisor);
-}
-
-/// A free loopback port for a server that takes its port from the environment.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

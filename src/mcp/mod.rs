@@ -156,7 +156,7 @@ fn server_config() -> ServerConfig {
         .with_instructions(INSTRUCTIONS)
 }
 
-/// The six tools as MCP advertises them, from the gateway's catalog.
+/// The tools as MCP advertises them, from the gateway's catalog listing.
 pub fn tool_definitions(gateway: &Gateway) -> Vec<Tool> {
     gateway
         .catalog()
@@ -171,12 +171,18 @@ pub fn tool_definitions(gateway: &Gateway) -> Vec<Tool> {
                 Value::Object(schema) => schema,
                 _ => Map::new(),
             };
-            Tool::new(
-                entry.name,
-                format!("{} {availability}", entry.description),
-                schema,
-            )
-            .annotate(annotations(entry.category))
+            // An upstream tool keeps its server's annotations; a built-in's follow
+            // from its category.
+            let annotations = entry
+                .annotations
+                .and_then(|listed| serde_json::from_value(listed).ok())
+                .unwrap_or_else(|| annotations(entry.category));
+            let description = if entry.description.is_empty() {
+                availability
+            } else {
+                format!("{} {availability}", entry.description)
+            };
+            Tool::new(entry.name, description, schema).annotate(annotations)
         })
         .collect()
 }
@@ -634,7 +640,8 @@ mod tests {
                 .expect("the shipped policy is valid");
         let call = ToolCall::parse(ToolName::RestartService, &json!({"service_name": "web"}))
             .expect("valid arguments");
-        let Decision::Deny(denial) = policy.decide(policy.default_mode(), &call) else {
+        let Some(Decision::Deny(denial)) = policy.decide_builtin(policy.default_mode(), &call)
+        else {
             panic!("NORMAL must refuse restart_service");
         };
         let result = tool_result(execution(Outcome::Denied {

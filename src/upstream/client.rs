@@ -6,16 +6,27 @@
 //! `notifications/cancelled` for it; an upstream's `isError` result is a result,
 //! not an error.
 
+// Sampling and logging are deprecated by SEP-2577 (rmcp 3.11), yet the protocol
+// versions Proxi serves still carry them, and passing them on is part of being
+// transparent to the calling client.
+#![allow(deprecated)]
+
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation,
-    JsonObject, Tool,
+    CallToolRequest, CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig,
+    ClientRequest, ClientResult, CreateMessageRequestParams, CreateMessageResult, ElicitRequest,
+    ElicitRequestParams, ElicitResult, ErrorCode, ErrorData as McpError, Implementation,
+    JsonObject, LoggingMessageNotificationParam, ProgressNotificationParam, ServerRequest,
+    ServerResult, Tool,
 };
-use rmcp::service::{NotificationContext, Peer, RoleClient, RunningService, ServiceError};
+use rmcp::service::{
+    InboundStreamOrigin, NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient,
+    RunningService, ServiceError,
+};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{ClientHandler, ServiceExt};
@@ -23,8 +34,10 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::call::{CallContext, CallerPeer};
 use super::config::{HttpTarget, StdioTarget};
 use super::names::{SkippedTool, expose_all};
+use super::routing::{Attribution, ProgressDelivery, Routes};
 
 /// How long the `initialize` handshake may take before the upstream counts as down.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -59,6 +72,12 @@ pub enum UpstreamError {
         /// The timeout that expired.
         after: Duration,
     },
+    /// The caller cancelled the call (or went away); the upstream request was cancelled.
+    #[error("the call to upstream {upstream:?} was cancelled")]
+    Cancelled {
+        /// The upstream's name.
+        upstream: String,
+    },
     /// The upstream answered with a JSON-RPC error (e.g. an unknown tool).
     #[error("upstream {upstream:?} refused the request: {message} (code {code})")]
     Rejected {
@@ -90,14 +109,16 @@ pub struct ToolListing {
     pub skipped: Vec<SkippedTool>,
 }
 
-/// The client side of an upstream session: identifies Proxi and counts
-/// `tools/list_changed`. (`notifications/message` is deprecated by SEP-2577 in
-/// rmcp 3.11 and is not forwarded yet.)
+/// The client side of an upstream session: identifies Proxi, advertises what
+/// Proxi can pass on (sampling, elicitation), counts `tools/list_changed`, and
+/// routes the upstream's traffic during a call to that call's caller only (see
+/// [`super::routing`]).
 #[derive(Debug, Clone)]
 pub struct UpstreamHandler {
     upstream: Arc<str>,
     // Shared by the clones a supervisor hands to each restart of the upstream.
     list_changed: Arc<watch::Sender<u64>>,
+    routes: Routes,
 }
 
 impl UpstreamHandler {
@@ -106,6 +127,7 @@ impl UpstreamHandler {
         UpstreamHandler {
             upstream: upstream.into(),
             list_changed: Arc::new(watch::Sender::new(0)),
+            routes: Routes::default(),
         }
     }
 
@@ -114,12 +136,70 @@ impl UpstreamHandler {
     pub fn list_changed(&self) -> watch::Receiver<u64> {
         self.list_changed.subscribe()
     }
+
+    /// The calls in flight through this handler's upstream and their callers.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    /// The caller a server→client request belongs to, or the JSON-RPC error the
+    /// upstream gets instead.
+    fn requester(
+        &self,
+        context: &RequestContext<RoleClient>,
+        what: &str,
+        declared: impl Fn(&ClientCapabilities) -> bool,
+    ) -> Result<CallerPeer, McpError> {
+        let origin = match context.extensions.get::<InboundStreamOrigin>() {
+            Some(InboundStreamOrigin::OutboundRequest(id)) => Some(id),
+            _ => None,
+        };
+        let refuse = |why: &str| {
+            tracing::info!(upstream = %self.upstream, request = what, why, "upstream request refused");
+            Err(McpError::new(
+                ErrorCode::METHOD_NOT_FOUND,
+                format!("{what} is not available: {why}"),
+                None,
+            ))
+        };
+        match self.routes.attribute(origin) {
+            Attribution::Caller(caller) => {
+                let supported = caller
+                    .peer
+                    .peer_info()
+                    .is_some_and(|info| declared(&info.capabilities));
+                if supported {
+                    Ok(caller)
+                } else {
+                    refuse("the calling client does not support it")
+                }
+            }
+            Attribution::NoPeer => refuse("the call did not come from an MCP client"),
+            Attribution::Idle => refuse("no call is in flight"),
+            Attribution::Ambiguous => {
+                refuse("several calls are in flight and the request names none of them")
+            }
+        }
+    }
+}
+
+fn relayed_error(what: &str, error: ServiceError) -> McpError {
+    match error {
+        ServiceError::McpError(error) => error,
+        other => McpError::internal_error(format!("{what} failed: {other}"), None),
+    }
 }
 
 impl ClientHandler for UpstreamHandler {
     fn get_info(&self) -> ClientConfig {
+        // Only what Proxi can pass on to a calling client; roots are not offered
+        // (they would describe Proxi's host, not the caller's).
+        let capabilities = ClientCapabilities::builder()
+            .enable_sampling()
+            .enable_elicitation()
+            .build();
         ClientConfig::new(
-            ClientCapabilities::default(),
+            capabilities,
             Implementation::new("proxi", env!("CARGO_PKG_VERSION")),
         )
     }
@@ -127,6 +207,75 @@ impl ClientHandler for UpstreamHandler {
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
         tracing::info!(upstream = %self.upstream, "upstream tool list changed");
         self.list_changed.send_modify(|count| *count += 1);
+    }
+
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        if let Some(delivery) = self.routes.progress(params) {
+            forward_progress(&self.upstream, delivery).await;
+        }
+    }
+
+    async fn on_logging_message(
+        &self,
+        params: LoggingMessageNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        match self.routes.attribute(None) {
+            Attribution::Caller(caller) => {
+                if let Err(error) = caller.peer.notify_logging_message(params).await {
+                    tracing::debug!(upstream = %self.upstream, %error, "caller gone; log message dropped");
+                }
+            }
+            _ => {
+                tracing::info!(upstream = %self.upstream, level = ?params.level, logger = ?params.logger, data = %params.data, "upstream log message");
+            }
+        }
+    }
+
+    async fn create_message(
+        &self,
+        params: CreateMessageRequestParams,
+        context: RequestContext<RoleClient>,
+    ) -> Result<CreateMessageResult, McpError> {
+        let caller = self.requester(&context, "sampling", |capabilities| {
+            capabilities.sampling.is_some()
+        })?;
+        caller
+            .peer
+            .create_message(params)
+            .await
+            .map_err(|error| relayed_error("sampling", error))
+    }
+
+    async fn create_elicitation(
+        &self,
+        params: ElicitRequestParams,
+        context: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, McpError> {
+        let caller = self.requester(&context, "elicitation", |capabilities| {
+            capabilities.elicitation.is_some()
+        })?;
+        // Sent as a plain request: rmcp's typed helper needs its `elicitation`
+        // feature, which would add nothing else Proxi uses.
+        let request = ServerRequest::ElicitRequest(ElicitRequest::new(params));
+        match caller.peer.send_request(request).await {
+            Ok(ClientResult::ElicitResult(result)) => Ok(result),
+            Ok(_) => Err(McpError::internal_error(
+                "the client answered elicitation with another kind of result",
+                None,
+            )),
+            Err(error) => Err(relayed_error("elicitation", error)),
+        }
+    }
+}
+
+async fn forward_progress(upstream: &str, delivery: ProgressDelivery) {
+    if let Err(error) = delivery.caller.peer.notify_progress(delivery.params).await {
+        tracing::debug!(upstream, %error, "caller gone; progress dropped");
     }
 }
 
@@ -136,6 +285,42 @@ pub struct UpstreamClient {
     upstream: String,
     service: RunningService<RoleClient, UpstreamHandler>,
     pid: Option<u32>,
+    // Declared after `service`, so it is dropped after it: the session's own
+    // shutdown of the child comes first, then the group is killed.
+    _group: ProcessGroup,
+}
+
+/// The process group of a stdio upstream (its child leads it). Dropping this kills
+/// the whole group with SIGKILL: the child is gone by then, or is being killed by
+/// `kill_on_drop`, but a grandchild (the server an `npx` wrapper started) would
+/// otherwise survive as an orphan.
+#[derive(Debug)]
+struct ProcessGroup(Option<rustix::process::Pid>);
+
+impl ProcessGroup {
+    fn new(leader: Option<u32>) -> ProcessGroup {
+        ProcessGroup(
+            leader
+                .and_then(|pid| i32::try_from(pid).ok())
+                .and_then(rustix::process::Pid::from_raw),
+        )
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            // ESRCH (the group is empty already) is the usual, good case.
+            match rustix::process::kill_process_group(group, rustix::process::Signal::KILL) {
+                Ok(()) => tracing::debug!(
+                    group = group.as_raw_nonzero().get(),
+                    "killed what was left of an upstream's process group"
+                ),
+                Err(rustix::io::Errno::SRCH) => {}
+                Err(error) => tracing::warn!(%error, "cannot kill an upstream's process group"),
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for UpstreamClient {
@@ -174,7 +359,10 @@ impl UpstreamClient {
             .envs(target.env.iter().map(|(key, value)| (key, value.expose())))
             // Whatever path drops the child (a cancelled start, a panic, runtime
             // shutdown) kills it, so no upstream outlives its client.
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            // Its own process group, so that what it spawns (an `npx` wrapper's
+            // node server) can be killed with it: see `ProcessGroup`.
+            .process_group(0);
         if let Some(cwd) = &target.cwd {
             command.current_dir(cwd);
         }
@@ -188,15 +376,18 @@ impl UpstreamClient {
                 )
             })?;
         let pid = transport.id();
+        let group = ProcessGroup::new(pid);
         if let Some(stderr) = stderr {
             tokio::spawn(forward_stderr(upstream.to_owned(), stderr));
         }
+        // A failed handshake drops `group`, which kills whatever the child started.
         let service = handshake(upstream, handler.serve(transport)).await?;
         tracing::info!(upstream, pid, "stdio upstream connected");
         Ok(UpstreamClient {
             upstream: upstream.to_owned(),
             service,
             pid,
+            _group: group,
         })
     }
 
@@ -230,6 +421,7 @@ impl UpstreamClient {
             upstream: upstream.to_owned(),
             service,
             pid: None,
+            _group: ProcessGroup::new(None),
         })
     }
 
@@ -279,20 +471,31 @@ impl UpstreamClient {
     }
 
     /// Runs the session until it ends by itself (the child exits, the connection
-    /// drops) or `stop` is cancelled, in which case it is shut down as
+    /// drops), `broken` is cancelled (a caller found the connection unusable), or
+    /// `stop` is cancelled; in the last two cases it is shut down as
     /// [`UpstreamClient::shutdown`] does. The supervisor uses this to notice a crash.
-    pub async fn serve_until(self, stop: &CancellationToken) -> SessionEnd {
+    pub async fn serve_until(
+        self,
+        stop: &CancellationToken,
+        broken: &CancellationToken,
+    ) -> SessionEnd {
         let cancel = self.service.cancellation_token();
         let waiting = self.service.waiting();
         tokio::pin!(waiting);
-        tokio::select! {
+        let end = tokio::select! {
             _ = &mut waiting => SessionEnd::Exited,
+            () = broken.cancelled() => {
+                cancel.cancel();
+                let _ = waiting.await;
+                SessionEnd::Broken
+            }
             () = stop.cancelled() => {
                 cancel.cancel();
                 let _ = waiting.await;
                 SessionEnd::Stopped
             }
-        }
+        };
+        end
     }
 }
 
@@ -303,6 +506,8 @@ pub enum SessionEnd {
     Exited,
     /// Proxi asked it to stop and it has.
     Stopped,
+    /// A caller found the connection unusable; the session was closed to reconnect.
+    Broken,
 }
 
 async fn handshake<F, E>(
@@ -363,6 +568,76 @@ pub async fn call_tool(
             upstream: upstream.to_owned(),
             after: timeout,
         }),
+    }
+}
+
+/// Calls `tool` for the caller in `ctx`. The request gets its own progress token
+/// (rmcp's), mapped back to the caller's in `handler`'s routes for the duration of
+/// the call. When `ctx.cancel` fires or `timeout` expires, this request alone is
+/// cancelled upstream (`notifications/cancelled` with its id).
+pub async fn call_tool_routed(
+    upstream: &str,
+    peer: &Peer<RoleClient>,
+    handler: &UpstreamHandler,
+    tool: &str,
+    arguments: Option<JsonObject>,
+    timeout: Duration,
+    ctx: &CallContext,
+) -> Result<CallToolResult, UpstreamError> {
+    if peer.is_transport_closed() {
+        return Err(unavailable(upstream, "the connection is closed"));
+    }
+    if ctx.cancel.is_cancelled() {
+        return Err(UpstreamError::Cancelled {
+            upstream: upstream.to_owned(),
+        });
+    }
+    let mut params = CallToolRequestParams::new(tool.to_owned());
+    params.arguments = arguments;
+    let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
+    let mut handle = peer
+        .send_request_with_option(request, PeerRequestOptions::no_options())
+        .await
+        .map_err(|error| service_error(upstream, error))?;
+    let token = handle.progress_token.clone();
+    let routes = handler.routes();
+    for early in routes.register(token.clone(), handle.id.clone(), ctx.caller.clone()) {
+        forward_progress(upstream, early).await;
+    }
+    let outcome = tokio::select! {
+        response = &mut handle.rx => Some(match response {
+            Ok(Ok(ServerResult::CallToolResult(result))) => Ok(result),
+            Ok(Ok(_)) => Err(unavailable(upstream, "the upstream answered tools/call with another kind of result")),
+            Ok(Err(error)) => Err(service_error(upstream, error)),
+            Err(_) => Err(unavailable(upstream, "the connection closed during the call")),
+        }),
+        () = tokio::time::sleep(timeout) => None,
+        () = ctx.cancel.cancelled() => None,
+    };
+    routes.finish(&token);
+    match outcome {
+        Some(result) => result,
+        None => {
+            let timed_out = !ctx.cancel.is_cancelled();
+            let reason = if timed_out {
+                "timeout"
+            } else {
+                "cancelled by the caller"
+            };
+            if let Err(error) = handle.cancel(Some(reason.to_owned())).await {
+                tracing::debug!(upstream, %error, "could not send notifications/cancelled");
+            }
+            if timed_out {
+                Err(UpstreamError::Timeout {
+                    upstream: upstream.to_owned(),
+                    after: timeout,
+                })
+            } else {
+                Err(UpstreamError::Cancelled {
+                    upstream: upstream.to_owned(),
+                })
+            }
+        }
     }
 }
 

@@ -9,4 +9,6 @@ pub mod call;
 pub mod client;
 pub mod config;
 pub mod names;
+pub mod routing;
+pub mod set;
 pub mod supervisor;

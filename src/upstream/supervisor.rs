@@ -1,6 +1,7 @@
-//! Keeps one stdio upstream running: starts it, notices when it exits, and
-//! restarts it with bounded exponential backoff. While it is down, calls fail at
-//! once with [`UpstreamError::Unavailable`] rather than waiting for it.
+//! Keeps one upstream connected: starts it (a stdio child, or a Streamable HTTP
+//! session), notices when it exits or its connection breaks, and restarts it with
+//! bounded exponential backoff. While it is down, calls fail at once with
+//! [`UpstreamError::Unavailable`] rather than waiting for it.
 //!
 //! Stopping the supervisor, or dropping it, stops the child: the session is shut
 //! down gracefully, and the child is spawned with `kill_on_drop` so that even a
@@ -14,10 +15,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::call::CallContext;
 use super::client::{
     self, SessionEnd, ToolListing, UpstreamClient, UpstreamError, UpstreamHandler,
 };
-use super::config::StdioTarget;
+use super::config::{StdioTarget, Transport};
 
 /// Delay before the first restart.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -63,31 +65,55 @@ impl Backoff {
 struct Live {
     peer: Peer<RoleClient>,
     pid: Option<u32>,
-    start: u64,
+    // Cancelled by a caller that found the connection broken (an HTTP upstream
+    // that went away leaves rmcp's session open): the supervisor then reconnects.
+    broken: CancellationToken,
 }
 
-/// A stdio upstream kept running in a background task.
+/// What the supervisor task publishes after each attempt and each exit.
+#[derive(Debug, Clone, Default)]
+struct State {
+    live: Option<Live>,
+    /// Connection attempts finished so far, successful or not.
+    attempts: u64,
+    /// Successful starts so far.
+    starts: u64,
+    /// Why the last attempt failed or the last session ended, while down.
+    last_error: Option<UpstreamError>,
+}
+
+/// One upstream kept connected in a background task.
 #[derive(Debug)]
 pub struct Supervisor {
     upstream: String,
     call_timeout: Duration,
-    state: watch::Receiver<Option<Live>>,
+    state: watch::Receiver<State>,
     handler: UpstreamHandler,
     stop: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
     _stop_on_drop: DropGuard,
 }
 
 impl Supervisor {
-    /// Starts supervising `target` under the name `upstream`; returns at once.
-    /// Use [`Supervisor::wait_until_up`] to wait for the first start.
+    /// Starts supervising the stdio upstream `target` under the name `upstream`;
+    /// returns at once. Use [`Supervisor::wait_until_up`] to wait for the first start.
     pub fn start(upstream: &str, target: StdioTarget, call_timeout: Duration) -> Supervisor {
-        let (state_tx, state) = watch::channel(None);
+        Supervisor::start_transport(upstream, Transport::Stdio(target), call_timeout)
+    }
+
+    /// Starts supervising an upstream over either transport; returns at once. An
+    /// HTTP upstream is reconnected with the same backoff as a stdio one is restarted.
+    pub fn start_transport(
+        upstream: &str,
+        transport: Transport,
+        call_timeout: Duration,
+    ) -> Supervisor {
+        let (state_tx, state) = watch::channel(State::default());
         let stop = CancellationToken::new();
         let handler = UpstreamHandler::new(upstream);
         let task = tokio::spawn(supervise(
             upstream.to_owned(),
-            target,
+            transport,
             handler.clone(),
             state_tx,
             stop.clone(),
@@ -99,7 +125,7 @@ impl Supervisor {
             handler,
             _stop_on_drop: stop.clone().drop_guard(),
             stop,
-            task: Some(task),
+            task: tokio::sync::Mutex::new(Some(task)),
         }
     }
 
@@ -108,20 +134,38 @@ impl Supervisor {
         &self.upstream
     }
 
-    /// The running child's process id, or `None` while it is down.
+    /// The limit on one call to this upstream.
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
+
+    /// The running child's process id, or `None` while it is down (always `None`
+    /// for an HTTP upstream).
     pub fn pid(&self) -> Option<u32> {
-        self.state.borrow().as_ref().and_then(|live| live.pid)
+        self.state.borrow().live.as_ref().and_then(|live| live.pid)
     }
 
     /// How many times the upstream has been started successfully (handshake done).
     /// It goes up on each restart, so the catalog knows to list tools again.
+    /// It keeps its last value while the upstream is down.
     pub fn starts(&self) -> u64 {
-        self.state.borrow().as_ref().map_or(0, |live| live.start)
+        self.state.borrow().starts
     }
 
     /// Whether a session is up right now.
     pub fn is_up(&self) -> bool {
-        self.state.borrow().is_some()
+        self.state.borrow().live.is_some()
+    }
+
+    /// Why the upstream is down (the last failed start or the last exit), or
+    /// `None` while it is up or before its first attempt has finished.
+    pub fn last_error(&self) -> Option<UpstreamError> {
+        let state = self.state.borrow();
+        if state.live.is_some() {
+            None
+        } else {
+            state.last_error.clone()
+        }
     }
 
     /// Counts `notifications/tools/list_changed` over every run of the upstream.
@@ -129,13 +173,47 @@ impl Supervisor {
         self.handler.list_changed()
     }
 
+    /// A receiver that sees every change of the supervisor's state (up, down, a
+    /// restart, a failed attempt); the contents are private, only the change matters.
+    pub fn state_changes(&self) -> watch::Receiver<impl Sized + use<>> {
+        self.state.clone()
+    }
+
+    /// The handler shared by every run of this upstream (it routes the
+    /// upstream's traffic during a call to that call's caller).
+    pub fn handler(&self) -> &UpstreamHandler {
+        &self.handler
+    }
+
     /// Waits until a session is up, for at most `timeout`.
     pub async fn wait_until_up(&self, timeout: Duration) -> Result<(), UpstreamError> {
         let mut state = self.state.clone();
-        match tokio::time::timeout(timeout, state.wait_for(Option::is_some)).await {
+        match tokio::time::timeout(timeout, state.wait_for(|state| state.live.is_some())).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(self.unavailable("the supervisor has stopped")),
             Err(_) => Err(self.unavailable("it did not start in time")),
+        }
+    }
+
+    /// Waits for the outcome of the first connection attempt: `Ok` once a session
+    /// is up, or the error that made the first attempt fail. (The supervisor keeps
+    /// retrying in the background either way.)
+    pub async fn first_start(&self) -> Result<(), UpstreamError> {
+        let mut state = self.state.clone();
+        let outcome = state
+            .wait_for(|state| state.live.is_some() || state.attempts > 0)
+            .await
+            .map(|state| match (&state.live, &state.last_error) {
+                (Some(_), _) => Ok(()),
+                (None, Some(error)) => Err(error.clone()),
+                (None, None) => Err(UpstreamError::Unavailable {
+                    upstream: self.upstream.clone(),
+                    reason: "it exited right after starting".to_owned(),
+                }),
+            });
+        match outcome {
+            Ok(result) => result,
+            Err(_) => Err(self.unavailable("the supervisor has stopped")),
         }
     }
 
@@ -146,16 +224,34 @@ impl Supervisor {
         }
     }
 
-    fn live_peer(&self) -> Result<Peer<RoleClient>, UpstreamError> {
-        match &*self.state.borrow() {
-            Some(live) => Ok(live.peer.clone()),
-            None => Err(self.unavailable("it is not running")),
+    fn live(&self) -> Result<Live, UpstreamError> {
+        let state = self.state.borrow();
+        match &state.live {
+            Some(live) => Ok(live.clone()),
+            None => Err(state
+                .last_error
+                .clone()
+                .unwrap_or_else(|| self.unavailable("it is not running"))),
         }
     }
 
-    /// Lists the current run's tools under their exposed names.
+    /// Lists the current run's tools under their exposed names, giving up after
+    /// the call timeout.
     pub async fn list_tools(&self) -> Result<ToolListing, UpstreamError> {
-        client::list_tools(&self.upstream, &self.live_peer()?).await
+        let live = self.live()?;
+        let listing = tokio::time::timeout(
+            self.call_timeout,
+            client::list_tools(&self.upstream, &live.peer),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(UpstreamError::Timeout {
+                upstream: self.upstream.clone(),
+                after: self.call_timeout,
+            })
+        });
+        note_broken(&live, &listing);
+        listing
     }
 
     /// Calls the upstream's own tool `tool` with the configured per-call timeout;
@@ -165,14 +261,46 @@ impl Supervisor {
         tool: &str,
         arguments: Option<JsonObject>,
     ) -> Result<CallToolResult, UpstreamError> {
-        let peer = self.live_peer()?;
-        client::call_tool(&self.upstream, &peer, tool, arguments, self.call_timeout).await
+        self.call_tool_with(tool, arguments, &CallContext::detached())
+            .await
+    }
+
+    /// Calls `tool` for the caller described by `ctx`: the upstream's progress,
+    /// logging and sampling/elicitation requests during the call go to that caller
+    /// only, and cancelling `ctx.cancel` cancels this one upstream request.
+    pub async fn call_tool_with(
+        &self,
+        tool: &str,
+        arguments: Option<JsonObject>,
+        ctx: &CallContext,
+    ) -> Result<CallToolResult, UpstreamError> {
+        let live = self.live()?;
+        let result = client::call_tool_routed(
+            &self.upstream,
+            &live.peer,
+            &self.handler,
+            tool,
+            arguments,
+            self.call_timeout,
+            ctx,
+        )
+        .await;
+        note_broken(&live, &result);
+        result
     }
 
     /// Stops the upstream and waits until its child has exited.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.stop().await;
+    }
+
+    /// Stops the upstream and waits until its child has exited, through a shared
+    /// reference (the supervisor may be shared with a listing task). Calls made
+    /// afterwards fail with `Unavailable`; a second stop returns at once.
+    pub async fn stop(&self) {
         self.stop.cancel();
-        if let Some(task) = self.task.take()
+        let task = self.task.lock().await.take();
+        if let Some(task) = task
             && let Err(error) = task.await
         {
             tracing::warn!(upstream = %self.upstream, %error, "upstream supervisor task failed");
@@ -180,17 +308,36 @@ impl Supervisor {
     }
 }
 
+/// A transport failure (not a timeout, not the upstream's own refusal) means the
+/// session is unusable: tell the supervisor to reconnect.
+fn note_broken<T>(live: &Live, outcome: &Result<T, UpstreamError>) {
+    if let Err(UpstreamError::Unavailable { .. }) = outcome {
+        live.broken.cancel();
+    }
+}
+
+async fn connect(
+    upstream: &str,
+    transport: &Transport,
+    handler: UpstreamHandler,
+) -> Result<UpstreamClient, UpstreamError> {
+    match transport {
+        Transport::Stdio(target) => UpstreamClient::connect_stdio(upstream, target, handler).await,
+        Transport::Http(target) => UpstreamClient::connect_http(upstream, target, handler).await,
+    }
+}
+
 async fn supervise(
     upstream: String,
-    target: StdioTarget,
+    transport: Transport,
     handler: UpstreamHandler,
-    state: watch::Sender<Option<Live>>,
+    state: watch::Sender<State>,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
     let mut starts = 0;
     loop {
-        let connecting = UpstreamClient::connect_stdio(&upstream, &target, handler.clone());
+        let connecting = connect(&upstream, &transport, handler.clone());
         // Dropping a half-started connection kills its child (kill_on_drop).
         let connected = tokio::select! {
             connected = connecting => connected,
@@ -200,13 +347,29 @@ async fn supervise(
             Ok(session) => {
                 starts += 1;
                 let started_at = Instant::now();
-                state.send_replace(Some(Live {
-                    peer: session.peer().clone(),
-                    pid: session.pid(),
-                    start: starts,
-                }));
-                let end = session.serve_until(&stop).await;
-                state.send_replace(None);
+                let broken = CancellationToken::new();
+                state.send_modify(|state| {
+                    state.attempts += 1;
+                    state.starts = starts;
+                    state.last_error = None;
+                    state.live = Some(Live {
+                        peer: session.peer().clone(),
+                        pid: session.pid(),
+                        broken: broken.clone(),
+                    });
+                });
+                let end = session.serve_until(&stop, &broken).await;
+                let reason = match end {
+                    SessionEnd::Broken => "its connection broke",
+                    _ => "it exited",
+                };
+                state.send_modify(|state| {
+                    state.live = None;
+                    state.last_error = Some(UpstreamError::Unavailable {
+                        upstream: upstream.clone(),
+                        reason: format!("{reason}; restarting"),
+                    });
+                });
                 if end == SessionEnd::Stopped {
                     break;
                 }
@@ -215,7 +378,13 @@ async fn supervise(
                 }
                 tracing::warn!(upstream, "upstream exited");
             }
-            Err(error) => tracing::warn!(upstream, %error, "upstream failed to start"),
+            Err(error) => {
+                tracing::warn!(upstream, %error, "upstream failed to start");
+                state.send_modify(|state| {
+                    state.attempts += 1;
+                    state.last_error = Some(error);
+                });
+            }
         }
         let delay = backoff.next_delay();
         tracing::info!(upstream, ?delay, "restarting upstream after backoff");
@@ -224,7 +393,13 @@ async fn supervise(
             () = stop.cancelled() => break,
         }
     }
-    state.send_replace(None);
+    state.send_modify(|state| {
+        state.live = None;
+        state.last_error = Some(UpstreamError::Unavailable {
+            upstream: upstream.clone(),
+            reason: "it has been stopped".to_owned(),
+        });
+    });
     tracing::info!(upstream, "upstream supervisor stopped");
 }
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // Each test binary uses a different subset.
 
 pub mod postgres;
+pub mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
