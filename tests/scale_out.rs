@@ -241,3 +241,34 @@ async fn with_postgres_down_calls_get_503_and_service_resumes_without_a_restart(
         Some("mode_change")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mode_change_is_in_the_shared_mode_row_before_set_mode_returns() {
+    let cluster = cluster(2);
+    let url = cluster.postgres.url();
+    let a = instance(cluster.dirs[0].path(), &url, &cluster.credential);
+    let b = instance(cluster.dirs[1].path(), &url, &cluster.credential);
+    let store = Arc::new(PostgresStore::connect(&url).expect("the store is reachable"));
+    let shared = |store: Arc<PostgresStore>| async move {
+        tokio::task::spawn_blocking(move || store.shared_mode().expect("the row is readable"))
+            .await
+            .expect("the read finished")
+    };
+    assert_eq!(shared(Arc::clone(&store)).await, None, "no mode record yet");
+
+    Api::new(&a.url).emergency().await;
+    let row = shared(Arc::clone(&store)).await.expect("the row exists");
+    assert_eq!((row.mode.as_str(), row.epoch), ("EMERGENCY", 1));
+    assert!(row.expires_at.is_some(), "the lapse time is shared too");
+    let records = chain(&url);
+    let change = records.last().expect("a record");
+    assert_eq!((change.kind.as_str(), change.seq), ("mode_change", row.seq));
+
+    // A change through another instance lands in the same row, one epoch on.
+    Api::new(&b.url).normal().await;
+    let row = shared(store).await.expect("the row exists");
+    assert_eq!(
+        (row.mode.as_str(), row.epoch, row.expires_at),
+        ("NORMAL", 2, None)
+    );
+}

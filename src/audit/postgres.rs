@@ -65,6 +65,15 @@ CREATE TABLE IF NOT EXISTS audit_high_water (
 INSERT INTO audit_high_water (id, seq) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 -- Scratch row the writer rewrites to find out whether writes succeed again.
 CREATE TABLE IF NOT EXISTS audit_probe (id INTEGER PRIMARY KEY, at TIMESTAMPTZ NOT NULL);
+-- The mode shared by every instance: written in the transaction of the mode record
+-- it reflects; every mode record bumps the epoch.
+CREATE TABLE IF NOT EXISTS proxi_mode (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    mode TEXT NOT NULL,
+    expires_at TEXT,
+    epoch BIGINT NOT NULL,
+    seq BIGINT NOT NULL
+);
 "#;
 
 /// Audit store failures specific to PostgreSQL.
@@ -269,6 +278,10 @@ fn stored_record(row: &Row) -> Result<StoredRecord, AuditError> {
     })
 }
 
+fn is_mode_record(kind: &str) -> bool {
+    kind == EntryKind::ModeChange.as_str() || kind == EntryKind::ModeExpired.as_str()
+}
+
 fn seq_param(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
@@ -402,8 +415,47 @@ impl AuditStore for PostgresStore {
                     &[&seq_param(head.seq)],
                 )
                 .await?;
+            let mode_records: Vec<&StoredRecord> = records
+                .iter()
+                .filter(|record| is_mode_record(&record.kind))
+                .collect();
+            if let Some(last) = mode_records.last() {
+                let bump = i64::try_from(mode_records.len()).unwrap_or(i64::MAX);
+                transaction
+                    .execute(
+                        "INSERT INTO proxi_mode (id, mode, expires_at, epoch, seq) VALUES (1, $1, $2, $3, $4)
+                         ON CONFLICT (id) DO UPDATE SET mode = EXCLUDED.mode,
+                             expires_at = EXCLUDED.expires_at,
+                             epoch = proxi_mode.epoch + EXCLUDED.epoch, seq = EXCLUDED.seq",
+                        &[&last.mode, &last.expires_at, &bump, &seq_param(last.seq)],
+                    )
+                    .await?;
+            }
             transaction.commit().await?;
             Ok(head)
+        })
+    }
+
+    fn shared_mode(&self) -> Result<Option<SharedMode>, AuditError> {
+        let pool = &self.pool;
+        self.run(async move {
+            let client = Self::client(pool).await?;
+            let row = client
+                .query_opt(
+                    "SELECT mode, expires_at, epoch, seq FROM proxi_mode WHERE id = 1",
+                    &[],
+                )
+                .await?;
+            let Some(row) = row else { return Ok(None) };
+            let number = |index: usize| -> Result<u64, AuditError> {
+                Ok(u64::try_from(row.try_get::<_, i64>(index)?).unwrap_or(0))
+            };
+            Ok(Some(SharedMode {
+                mode: row.try_get(0)?,
+                expires_at: row.try_get(1)?,
+                epoch: number(2)?,
+                seq: number(3)?,
+            }))
         })
     }
 

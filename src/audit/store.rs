@@ -114,6 +114,20 @@ pub struct AuditPage {
     pub next_after_seq: Option<u64>,
 }
 
+/// The mode every instance on a shared store is in: the row that the transaction
+/// of each mode change or expiry record rewrites.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedMode {
+    /// The mode named by the newest mode record.
+    pub mode: String,
+    /// When it lapses, as the record stores it.
+    pub expires_at: Option<String>,
+    /// Bumped by every mode record: a decision taken under another epoch is stale.
+    pub epoch: u64,
+    /// The seq of the newest mode record.
+    pub seq: u64,
+}
+
 /// Makes committed batches durable when a commit alone does not (SQLite's WAL
 /// without fsync); run on its own thread so that it overlaps the next commit.
 pub trait DurableSync: Send {
@@ -137,6 +151,12 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// transaction. Nothing is stored unless everything is; on success returns
     /// the head after the batch (the batch's records end at `head.seq`).
     fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<ChainHead, AuditError>;
+
+    /// The mode shared by every instance on this store, for stores that several
+    /// instances share (`None` for a store of one instance, whose mode lives in memory).
+    fn shared_mode(&self) -> Result<Option<SharedMode>, AuditError> {
+        Ok(None)
+    }
 
     /// After a failed append: ends whatever it left open and re-reads the head,
     /// so the next record links to what is really stored.
