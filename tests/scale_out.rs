@@ -272,3 +272,51 @@ async fn a_mode_change_is_in_the_shared_mode_row_before_set_mode_returns() {
         ("NORMAL", 2, None)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_noticed_by_two_instances_is_recorded_once() {
+    let cluster = cluster(2);
+    let url = cluster.postgres.url();
+    let a = instance(cluster.dirs[0].path(), &url, &cluster.credential);
+    let (status, body) = Api::new(&a.url)
+        .set_mode("EMERGENCY", Some("incident"), Some(4))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // B starts during the emergency and restores it from the shared chain: both
+    // instances now hold the same elevated mode and lapse time.
+    let b = instance(cluster.dirs[1].path(), &url, &cluster.credential);
+    let mode_of = |server: &ServerProcess| {
+        let api = Api::new(&server.url);
+        async move {
+            let (status, body) = api.get("/policy/status", Some(OPERATOR_TOKEN)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["mode"].as_str().expect("a mode").to_owned()
+        }
+    };
+    assert_eq!(mode_of(&b).await, "EMERGENCY", "B restored the emergency");
+    let urls = [a.url.clone(), b.url.clone()];
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        wait_until("both instances to lapse", Duration::from_secs(30), || {
+            urls.iter()
+                .all(|url| {
+                    let (_, body) =
+                        runtime.block_on(Api::new(url).get("/policy/status", Some(OPERATOR_TOKEN)));
+                    body["mode"] == "NORMAL"
+                })
+                .then_some(())
+        })
+    })
+    .await
+    .expect("the wait finished");
+    let expiries: Vec<AuditRecord> = chain(&url)
+        .into_iter()
+        .filter(|record| record.kind == "mode_expired")
+        .collect();
+    assert_eq!(expiries.len(), 1, "{expiries:#?}");
+    let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
+    assert!(ok, "{output}");
+}

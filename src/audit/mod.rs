@@ -666,16 +666,12 @@ impl Writer {
             return;
         }
         match self.commit(batch) {
-            Ok(first_seq) => {
+            Ok(seqs) => {
                 if health == RECOVERING {
                     self.recovered();
                 }
                 self.check_space();
-                let acks: Acks = batch
-                    .drain(..)
-                    .enumerate()
-                    .map(|(offset, job)| (job.done, first_seq + offset as u64))
-                    .collect();
+                let acks: Acks = batch.drain(..).map(|job| job.done).zip(seqs).collect();
                 match &self.syncer {
                     Some(syncer) => {
                         if let Err(mpsc::SendError(acks)) = syncer.send(acks) {
@@ -686,7 +682,7 @@ impl Writer {
                         }
                     }
                     None => {
-                        let newest = acks.last().map(|(_, seq)| *seq);
+                        let newest = acks.iter().map(|(_, seq)| *seq).max();
                         for (done, seq) in acks {
                             // A caller that gave up waiting is not an error for the log.
                             let _ = done.send(Ok(seq));
@@ -773,13 +769,19 @@ impl Writer {
         }
     }
 
-    /// Writes the batch in one transaction; returns the first record's seq.
-    fn commit(&mut self, batch: &[Job]) -> Result<u64, AuditError> {
+    /// Writes the batch in one transaction; returns each job's seq.
+    fn commit(&mut self, batch: &[Job]) -> Result<Vec<u64>, AuditError> {
         let entries: Vec<&AuditEntry> = batch.iter().map(|job| &job.entry).collect();
-        let head = self.store.append(&entries, self.anchor.key())?;
+        let appended = self.store.append(&entries, self.anchor.key())?;
+        if appended.seqs.len() != batch.len() {
+            return Err(AuditError::Encoding(
+                "the store answered a batch with the wrong number of records".to_owned(),
+            ));
+        }
+        let head = appended.head;
         self.anchor
             .committed(head.seq, &head.hash, self.syncer.is_none());
-        Ok(head.seq + 1 - batch.len() as u64)
+        Ok(appended.seqs)
     }
 }
 

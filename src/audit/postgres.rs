@@ -333,7 +333,7 @@ impl AuditStore for PostgresStore {
         })
     }
 
-    fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<ChainHead, AuditError> {
+    fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<Appended, AuditError> {
         let pool = &self.pool;
         let mut buffers = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
         let buffers = &mut *buffers;
@@ -357,15 +357,45 @@ impl AuditStore for PostgresStore {
                 },
                 None => ChainHead::genesis(),
             };
+            // The shared mode as of this transaction, followed through the batch.
+            let mut shared_mode: Option<(String, u64)> = transaction
+                .query_opt("SELECT mode, seq FROM proxi_mode WHERE id = 1", &[])
+                .await?
+                .map(|row| -> Result<(String, u64), AuditError> {
+                    Ok((
+                        row.try_get(0)?,
+                        u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0),
+                    ))
+                })
+                .transpose()?;
             let mut records = Vec::with_capacity(entries.len());
+            let mut seqs = Vec::with_capacity(entries.len());
             for entry in entries {
-                records.push(seal(&mut head, entry, key, buffers)?);
+                // Every instance that held the elevated mode notices its lapse; the
+                // first to commit records it, the others find the mode already back.
+                if entry.kind == EntryKind::ModeExpired
+                    && let Some((mode, seq)) = &shared_mode
+                    && *mode == *entry.mode
+                {
+                    seqs.push(*seq);
+                    continue;
+                }
+                let record = seal(&mut head, entry, key, buffers)?;
+                if is_mode_record(&record.kind) {
+                    shared_mode = Some((record.mode.clone(), record.seq));
+                }
+                seqs.push(record.seq);
+                records.push(record);
+            }
+            if records.is_empty() {
+                transaction.commit().await?;
+                return Ok(Appended { head, seqs });
             }
             // One statement for the whole batch: columns as arrays, unnested.
             let column = |get: fn(&StoredRecord) -> Option<&str>| -> Vec<Option<&str>> {
                 records.iter().map(get).collect()
             };
-            let seqs: Vec<i64> = records.iter().map(|record| seq_param(record.seq)).collect();
+            let seq_column: Vec<i64> = records.iter().map(|record| seq_param(record.seq)).collect();
             let times = column(|r| Some(&r.time));
             let principals = column(|r| Some(&r.principal));
             let kinds = column(|r| Some(&r.kind));
@@ -390,7 +420,7 @@ impl AuditStore for PostgresStore {
                             $13::TEXT[], $14::TEXT[], $15::TEXT[], $16::TEXT[])"
                     ),
                     &[
-                        &seqs,
+                        &seq_column,
                         &times,
                         &principals,
                         &kinds,
@@ -432,7 +462,7 @@ impl AuditStore for PostgresStore {
                     .await?;
             }
             transaction.commit().await?;
-            Ok(head)
+            Ok(Appended { head, seqs })
         })
     }
 

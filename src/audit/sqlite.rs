@@ -231,7 +231,7 @@ impl SqliteWriter {
     }
 
     /// Writes the batch in one transaction; the head advances only on commit.
-    fn append(&mut self, entries: &[&AuditEntry], key: &AuditKey) -> Result<ChainHead, AuditError> {
+    fn append(&mut self, entries: &[&AuditEntry], key: &AuditKey) -> Result<Appended, AuditError> {
         if !self.connection.is_autocommit() {
             // A failed commit left a transaction open and its head may be stale.
             self.reload_head()?;
@@ -266,8 +266,12 @@ impl SqliteWriter {
             }
         }
         transaction.commit()?;
+        let first = self.head.seq + 1;
         self.head = head.clone();
-        Ok(head)
+        Ok(Appended {
+            seqs: (first..=head.seq).collect(),
+            head,
+        })
     }
 }
 
@@ -325,7 +329,7 @@ impl AuditStore for SqliteStore {
             .optional()?)
     }
 
-    fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<ChainHead, AuditError> {
+    fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<Appended, AuditError> {
         self.with_writer(|writer| writer.append(entries, key))
     }
 

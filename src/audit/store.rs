@@ -128,6 +128,17 @@ pub struct SharedMode {
     pub seq: u64,
 }
 
+/// What one append committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The chain head after the batch.
+    pub head: ChainHead,
+    /// One seq per entry, in order: the record written for it or, when a shared
+    /// store found the event already recorded (an expiry another instance
+    /// noticed first), the record that did.
+    pub seqs: Vec<u64>,
+}
+
 /// Makes committed batches durable when a commit alone does not (SQLite's WAL
 /// without fsync); run on its own thread so that it overlaps the next commit.
 pub trait DurableSync: Send {
@@ -148,9 +159,8 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     fn hash_at(&self, seq: u64) -> Result<Option<String>, AuditError>;
 
     /// Seals `entries` onto the chain with `key` and commits them in one
-    /// transaction. Nothing is stored unless everything is; on success returns
-    /// the head after the batch (the batch's records end at `head.seq`).
-    fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<ChainHead, AuditError>;
+    /// transaction. Nothing is stored unless everything is.
+    fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<Appended, AuditError>;
 
     /// The mode shared by every instance on this store, for stores that several
     /// instances share (`None` for a store of one instance, whose mode lives in memory).
