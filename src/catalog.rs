@@ -7,7 +7,7 @@
 //! A catalog is immutable; when an upstream's tools change, a new one is built and
 //! the policy is bound to it again ([`crate::policy::PolicyEngine::bind`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use rmcp::model::{Tool, ToolAnnotations};
@@ -16,9 +16,14 @@ use serde_json::{Map, Value};
 use crate::gateway::CatalogEntry;
 use crate::policy::{ModeId, PolicyEngine};
 use crate::tools::{ToolCategory, ToolName};
-use crate::upstream::client::{ToolListing, UpstreamClient, UpstreamHandler};
+use crate::upstream::client::{ToolListing, UpstreamClient, UpstreamError, UpstreamHandler};
 use crate::upstream::config::Transport;
 use crate::upstream::names::{SkipReason, SkippedTool};
+
+/// Most tools one upstream may contribute; the rest are left out (and reported),
+/// so an upstream cannot grow the catalog, the policy's bitsets and its compiled
+/// schemas without bound.
+pub const MAX_TOOLS_PER_UPSTREAM: usize = 1000;
 
 /// Dense index of a tool in one [`Catalog`]; meaningless in another one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -135,6 +140,8 @@ pub struct Catalog {
     tools: Vec<CatalogTool>,
     by_name: HashMap<Arc<str>, ToolId>,
     skipped: Vec<SkippedTool>,
+    /// Per upstream, how many tools beyond [`MAX_TOOLS_PER_UPSTREAM`] were left out.
+    over_cap: Vec<(String, usize)>,
     /// The built-ins, when present, hold ids 0..6 in [`ToolName::ALL`] order.
     builtins: bool,
 }
@@ -163,6 +170,25 @@ impl Catalog {
         catalog
     }
 
+    /// A catalog from an [`crate::upstream::set::UpstreamSet`]'s current
+    /// listings: the built-ins (when `simulated_cloud`) and every upstream that
+    /// has listed its tools; an upstream without a listing contributes none (its
+    /// tools are unknown until it lists them, then the policy is bound again).
+    pub fn from_listings(
+        simulated_cloud: bool,
+        listings: &BTreeMap<String, Result<ToolListing, UpstreamError>>,
+    ) -> Catalog {
+        Catalog::from_sources(
+            simulated_cloud,
+            listings.iter().filter_map(|(name, listing)| {
+                listing
+                    .as_ref()
+                    .ok()
+                    .map(|listing| (name.as_str(), listing))
+            }),
+        )
+    }
+
     fn add_builtins(&mut self) {
         // Only ever called on an empty catalog, so the built-ins take ids 0..6.
         debug_assert!(self.tools.is_empty());
@@ -183,7 +209,16 @@ impl Catalog {
     pub fn add_upstream(&mut self, upstream: &str, listing: &ToolListing) {
         let upstream_name: Arc<str> = Arc::from(upstream);
         self.skipped.extend(listing.skipped.iter().cloned());
-        for exposed in &listing.tools {
+        if listing.tools.len() > MAX_TOOLS_PER_UPSTREAM {
+            let left_out = listing.tools.len() - MAX_TOOLS_PER_UPSTREAM;
+            tracing::warn!(
+                upstream,
+                left_out,
+                "upstream lists more than {MAX_TOOLS_PER_UPSTREAM} tools; the rest are left out of the catalog"
+            );
+            self.over_cap.push((upstream.to_owned(), left_out));
+        }
+        for exposed in listing.tools.iter().take(MAX_TOOLS_PER_UPSTREAM) {
             if self.by_name.contains_key(exposed.exposed_name.as_str()) {
                 self.skipped.push(SkippedTool {
                     upstream: upstream.to_owned(),
@@ -251,6 +286,12 @@ impl Catalog {
     /// Upstream tools left out of the catalog, with why.
     pub fn skipped(&self) -> &[SkippedTool] {
         &self.skipped
+    }
+
+    /// Upstreams that listed more than [`MAX_TOOLS_PER_UPSTREAM`] tools, with how
+    /// many were left out.
+    pub fn over_cap(&self) -> &[(String, usize)] {
+        &self.over_cap
     }
 }
 
@@ -468,6 +509,41 @@ pub(crate) mod tests {
         assert_eq!(entry.argument_types("mode"), None);
         // Without annotations MCP assumes the worst.
         assert_eq!(entry.category(), ToolCategory::Destructive);
+    }
+
+    #[test]
+    fn an_upstream_contributes_at_most_the_cap() {
+        let names: Vec<String> = (0..MAX_TOOLS_PER_UPSTREAM + 5)
+            .map(|index| format!("t{index}"))
+            .collect();
+        let tools: Vec<(&str, Value)> = names
+            .iter()
+            .map(|name| (name.as_str(), json!({"type": "object"})))
+            .collect();
+        let big = listing("big", &tools);
+        let catalog = Catalog::from_sources(false, [("big", &big)]);
+        assert_eq!(catalog.len(), MAX_TOOLS_PER_UPSTREAM);
+        assert_eq!(catalog.over_cap(), [("big".to_owned(), 5)]);
+        assert!(catalog.lookup("big__t999").is_some());
+        assert!(catalog.lookup("big__t1000").is_none());
+    }
+
+    #[test]
+    fn an_upstream_without_a_listing_adds_no_tools() {
+        let fs = listing("fs", &[("read_file", json!({"type": "object"}))]);
+        let listings = BTreeMap::from([
+            ("fs".to_owned(), Ok(fs)),
+            (
+                "git".to_owned(),
+                Err(UpstreamError::Unavailable {
+                    upstream: "git".to_owned(),
+                    reason: "it is starting".to_owned(),
+                }),
+            ),
+        ]);
+        let catalog = Catalog::from_listings(false, &listings);
+        let names: Vec<&str> = catalog.tools().map(|(_, tool)| tool.name()).collect();
+        assert_eq!(names, ["fs__read_file"]);
     }
 
     #[test]

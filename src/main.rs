@@ -852,6 +852,12 @@ fn print_connected_check(
             skipped.reason
         )?;
     }
+    for (upstream, left_out) in catalog.over_cap() {
+        out!(
+            "  warning: {upstream} lists more than {} tools; {left_out} left out",
+            proxi::catalog::MAX_TOOLS_PER_UPSTREAM
+        )?;
+    }
     let hidden: Vec<&str> = engine
         .tools_no_mode_allows()
         .into_iter()

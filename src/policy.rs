@@ -2298,6 +2298,24 @@ mod tests {
             prop_assert_eq!(glob.matches(&name), reference.is_match(&name));
         }
 
+        /// A `pattern` matches whole values only: a literal pattern admits exactly
+        /// itself, never a value that merely contains it, and an alternation
+        /// cannot match a prefix or suffix of one branch.
+        #[test]
+        fn patterns_are_anchored(literal in "[a-z/]{1,6}", other in "[a-z/]{1,8}", extra in "[a-z/]{1,3}") {
+            let Ok(Rule::Pattern { regex, .. }) = compile_pattern(&format!("{}|zz", regex::escape(&literal))) else {
+                panic!("a literal compiles");
+            };
+            let rule = Rule::Pattern { source: literal.clone(), regex };
+            prop_assert!(rule.admits(ArgumentValue::String(&literal)));
+            prop_assert_eq!(rule.admits(ArgumentValue::String(&other)), other == literal || other == "zz");
+            let longer = format!("{literal}{extra}");
+            let prefixed = format!("{extra}{literal}");
+            prop_assert!(!rule.admits(ArgumentValue::String(&longer)));
+            prop_assert!(!rule.admits(ArgumentValue::String(&prefixed)));
+            prop_assert!(!rule.admits(ArgumentValue::Integer(1)));
+        }
+
         /// Precedence over globs, against a reference model: any block (exact or
         /// glob) beats any allow, and a tool no rule allows is denied.
         #[test]

@@ -8,7 +8,7 @@ use crate::policy_source::{BUILT_IN_POLICY, DEFAULT_POLICY_PATH};
 
 /// Where the example upstream policy goes, relative to the target directory.
 pub const UPSTREAM_EXAMPLE_PATH: &str = "policies/upstreams.example.json";
-/// The example upstream policy: the documented shape, which does not load yet.
+/// The example upstream policy: the documented shape of a policy over MCP servers.
 pub const UPSTREAM_EXAMPLE: &str = include_str!("../policies/upstreams.example.json");
 
 /// Why the starter files were not written.
@@ -50,7 +50,7 @@ pub const STARTER_FILES: [StarterFile; 2] = [
     StarterFile {
         path: UPSTREAM_EXAMPLE_PATH,
         content: UPSTREAM_EXAMPLE,
-        purpose: "an example policy for upstream MCP servers; it does not load yet, because this Proxi version does not govern upstream servers",
+        purpose: "an example policy for upstream MCP servers; `proxi policy check --connect` checks it, but this Proxi version does not forward calls to upstreams yet",
     },
 ];
 
@@ -100,6 +100,7 @@ mod tests {
         let written = write_starter_files(&target).expect("init writes");
         assert_eq!(written.len(), 2);
         PolicyEngine::load(&written[0]).expect("the starter policy loads");
+        PolicyEngine::load(&written[1]).expect("the upstream example loads");
         let example: Value =
             serde_json::from_str(&std::fs::read_to_string(&written[1]).expect("read"))
                 .expect("the example is JSON");
@@ -108,7 +109,7 @@ mod tests {
         assert!(
             example["description"]
                 .as_str()
-                .is_some_and(|text| text.contains("does not load yet"))
+                .is_some_and(|text| text.contains("EXAMPLE ONLY"))
         );
     }
 

@@ -41,7 +41,7 @@ fn init_writes_the_starter_files_and_never_overwrites_them() {
     );
     assert!(
         stdout.contains("site/policies/upstreams.example.json")
-            && stdout.contains("does not load yet"),
+            && stdout.contains("does not forward calls to upstreams yet"),
         "{stdout}"
     );
     let site = dir.path().join("site");

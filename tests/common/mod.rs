@@ -234,8 +234,12 @@ impl TestServer {
 
     /// Starts a server with the policy file at `path`.
     pub async fn start_with_policy(path: &Path) -> TestServer {
+        TestServer::start_with_engine(PolicyEngine::load(path).expect("policy loads")).await
+    }
+
+    /// Starts a server with an engine already bound (e.g. to upstream tools).
+    pub async fn start_with_engine(policy: PolicyEngine) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let policy = PolicyEngine::load(path).expect("policy loads");
         let gateway = Gateway::open(
             policy,
             GatewayConfig {
