@@ -1,4 +1,5 @@
-//! The tamper-evident audit trail: a hash-chained SQLite table written by one thread.
+//! The tamper-evident audit trail: a hash chain written by one thread into an
+//! [`AuditStore`] (SQLite in the data dir, or PostgreSQL shared by several instances).
 //!
 //! Callers [`AuditLog::submit`] an entry, which only queues it (cheap, no I/O, safe
 //! to call while holding the mode lock so that queue order is decision order), and
