@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 pub use crate::gateway::{CatalogEntry, PolicyStatus};
 pub use crate::infra::{INITIAL_SERVICES, InfrastructureStatus};
 pub use crate::mcp::{META_AUDIT_SEQ as MCP_META_AUDIT_SEQ, META_MODE as MCP_META_MODE};
+pub use crate::reason::Reason;
 
 /// Largest request body the server reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -142,6 +143,27 @@ pub struct AuditPage {
     pub count: usize,
     /// The newest records, oldest first.
     pub records: Vec<crate::audit::AuditRecord>,
+    /// Seqs of upstream-call intents among `records` whose outcome is unknown: no
+    /// record resolves them and the server is not running them (a crash cut them
+    /// short). Absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outcome_unknown: Vec<u64>,
+}
+
+/// The answer to `POST /policy/set-mode`: the policy state after the change and,
+/// when the switch had to wait for upstream calls the new mode denies, what
+/// became of them (absent when there were none, so the shape is the status's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SetModeResponse {
+    /// The policy state after the change.
+    #[serde(flatten)]
+    pub status: PolicyStatus,
+    /// Calls that finished within `drain_timeout_seconds`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drained: Vec<crate::mode::DrainedCall>,
+    /// Calls still running at the timeout, cancelled and recorded as `cancelled`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cancelled: Vec<crate::mode::DrainedCall>,
 }
 
 /// Every 4xx/5xx body.

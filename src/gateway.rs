@@ -1,20 +1,24 @@
 //! The one execution path every front end uses:
 //! rate limit → decide (tool rules → arguments → constraints, [`crate::decision`]) → execute → audit.
 //!
-//! The mode lives behind a read-write lock. A tool call holds the read side from
-//! its decision until its audit entry is queued, and a mode change holds the write
-//! side while it switches and queues its own entry. So a call is decided and run
-//! under one mode, no active tool runs once a switch to NORMAL has returned, and
-//! the audit trail's order is the order in which decisions took effect. No lock is
-//! held across I/O: the lock is released before waiting for the audit commit.
+//! The mode lives behind a read-write lock ([`crate::mode`] holds the state
+//! machine). A built-in tool call holds the read side from its decision until its
+//! audit entry is queued, and a mode change holds the write side while it switches
+//! and queues its own entry, so the audit trail's order is the order in which
+//! decisions took effect. An upstream call is decided and registered as in flight
+//! under the read side, its intent record is queued there too, and the lock is
+//! released before the upstream is called: a switch to a mode that denies it waits
+//! for it (up to `drain_timeout_seconds`) and then cancels it, so once a switch has
+//! returned, nothing the new mode denies runs. No lock is held across I/O.
 
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use rmcp::model::CallToolResult;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -25,22 +29,23 @@ use crate::audit::{
     EntryKind, Priority, Recovered, STORED_PREFIX_BYTES, create_private_dir, format_time,
     json_digest,
 };
-use crate::decision::{AllowedCall, ParsedCall, Verdict};
+use crate::decision::{AllowedCall, ParsedCall, Verdict, decide_call};
 use crate::infra::{CloudInfrastructure, InfraError, InfrastructureStatus, ServiceHealth};
-use crate::policy::{Denial, ModeId, PolicyEngine, ReasonCode};
+pub use crate::mode::{DEFAULT_ELEVATED_TTL, MAX_REASON_LEN, ModeChange, ModeChangeError};
+use crate::mode::{
+    DrainReport, InFlightCall, InFlightCalls, ModeState, Restore, drain, validate_change,
+};
+use crate::policy::{Denial, ModeId, PolicyEngine, SharedPolicy};
 use crate::principal::{Principal, Role};
 use crate::rate_limit::RateLimiter;
+use crate::reason::Reason;
 use crate::text;
 use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory, ToolName};
+use crate::upstream::call::{CallContext, UpstreamCalls};
+use crate::upstream::client::UpstreamError;
 
-/// Emergency TTL when the operator does not give one.
-pub const DEFAULT_ELEVATED_TTL: Duration = Duration::from_secs(900);
-/// Longest accepted mode-change reason, in characters.
-pub const MAX_REASON_LEN: usize = 500;
 /// Name of the lock file that keeps two processes off one data dir.
 pub const LOCK_FILE: &str = "proxi.lock";
-/// Failure code of an allowed upstream call that cannot reach its upstream.
-pub const UPSTREAM_UNAVAILABLE: &str = "upstream_unavailable";
 /// Longest refusal message a tool-call record keeps, in bytes (messages may quote the caller's input).
 const MAX_RECORDED_MESSAGE_BYTES: usize = 1024;
 
@@ -71,51 +76,6 @@ pub enum GatewayError {
         /// The I/O error.
         error: std::io::Error,
     },
-}
-
-/// Why an operator's mode change was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ModeChangeError {
-    /// Only operators may change the mode.
-    #[error("only an operator may change the mode")]
-    NotOperator,
-    /// The policy has no such mode.
-    #[error("unknown mode '{requested}'; available modes: {available}")]
-    UnknownMode {
-        /// What was asked for.
-        requested: String,
-        /// The policy's modes.
-        available: String,
-    },
-    /// Elevated modes need a reason for the audit trail.
-    #[error("a reason is required to enter {0} mode")]
-    ReasonRequired(String),
-    /// The reason is too long.
-    #[error("the reason must be at most {MAX_REASON_LEN} characters")]
-    ReasonTooLong,
-    /// The reason has no visible character: only spaces, zero-width, bidi or control characters.
-    #[error(
-        "the reason must contain visible characters (spaces, zero-width and control characters alone do not count)"
-    )]
-    ReasonInvisible,
-    /// The TTL is zero or above the policy's cap.
-    #[error(
-        "ttl_seconds must be between 1 and {max} (the policy's max_emergency_ttl_seconds), got {requested}"
-    )]
-    TtlOutOfRange {
-        /// What was asked for.
-        requested: u64,
-        /// The policy's cap.
-        max: u64,
-    },
-    /// The default mode does not lapse.
-    #[error(
-        "ttl_seconds applies only to elevated modes; {0} is the default mode and does not expire"
-    )]
-    TtlOnDefaultMode(String),
-    /// The change could not be recorded.
-    #[error("the audit trail is unavailable; the mode change was not recorded")]
-    AuditUnavailable,
 }
 
 /// What happened to one tool call.
@@ -150,23 +110,74 @@ pub enum Outcome {
     /// The tool ran and failed (e.g. an unknown service); nothing changed.
     Failed {
         /// Machine-readable error code.
-        code: &'static str,
+        code: Reason,
         /// What went wrong.
+        message: String,
+    },
+    /// An upstream ran the call and answered with this result, exactly as MCP
+    /// defines it; an `isError` result is the upstream's own failure.
+    Forwarded(CallToolResult),
+    /// The call was allowed but no upstream result came back.
+    UpstreamFailed {
+        /// Why there is no result.
+        failure: UpstreamFailure,
+        /// What went wrong, naming the upstream, never a secret.
         message: String,
     },
 }
 
+/// Why an allowed upstream call has no result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// The upstream is down, could not be started, or its connection broke.
+    Unavailable,
+    /// The upstream did not answer within its `call_timeout_seconds`.
+    Timeout,
+    /// The upstream refused the request with a JSON-RPC error.
+    Refused,
+    /// The caller went away or cancelled, or a mode switch that denies the call
+    /// ran out of `drain_timeout_seconds`.
+    Cancelled,
+}
+
+impl UpstreamFailure {
+    /// The reason code callers see.
+    pub fn reason_code(self) -> Reason {
+        match self {
+            UpstreamFailure::Unavailable => Reason::UpstreamUnavailable,
+            UpstreamFailure::Timeout => Reason::UpstreamTimeout,
+            UpstreamFailure::Refused => Reason::UpstreamError,
+            UpstreamFailure::Cancelled => Reason::Cancelled,
+        }
+    }
+
+    /// The outcome its record carries.
+    pub fn recorded_outcome(self) -> &'static str {
+        match self {
+            UpstreamFailure::Unavailable => "unavailable",
+            UpstreamFailure::Timeout => "timeout",
+            UpstreamFailure::Refused => "upstream_error",
+            UpstreamFailure::Cancelled => "cancelled",
+        }
+    }
+}
+
 impl Outcome {
     /// The reason code the API reports, if any.
-    pub fn reason_code(&self) -> Option<&'static str> {
+    pub fn reason_code(&self) -> Option<Reason> {
         match self {
             Outcome::Executed(_) => None,
-            Outcome::Denied { denial, .. } => Some(denial.reason.as_str()),
-            Outcome::UnknownTool { .. } => Some(ReasonCode::UnknownTool.as_str()),
-            Outcome::InvalidArguments(_) => Some("invalid_arguments"),
-            Outcome::InvalidToolName(_) => Some("invalid_tool_name"),
-            Outcome::RateLimited { .. } => Some("rate_limited"),
-            Outcome::Failed { code, .. } => Some(code),
+            Outcome::Denied { denial, .. } => Some(denial.reason.into()),
+            Outcome::UnknownTool { .. } => Some(Reason::UnknownTool),
+            Outcome::InvalidArguments(_) => Some(Reason::InvalidArguments),
+            Outcome::InvalidToolName(_) => Some(Reason::InvalidToolName),
+            Outcome::RateLimited { .. } => Some(Reason::RateLimited),
+            Outcome::Failed { code, .. } => Some(*code),
+            Outcome::Forwarded(result) if result.is_error == Some(true) => {
+                Some(UpstreamFailure::Refused.reason_code())
+            }
+            Outcome::Forwarded(_) => None,
+            Outcome::UpstreamFailed { failure, .. } => Some(failure.reason_code()),
         }
     }
 
@@ -251,38 +262,6 @@ pub struct CatalogEntry {
     pub annotations: Option<Value>,
 }
 
-/// A request to change the mode.
-#[derive(Clone, Debug, Default)]
-pub struct ModeChange {
-    /// The target mode's name (any case).
-    pub mode: String,
-    /// Why; required for elevated modes.
-    pub reason: Option<String>,
-    /// How long an elevated mode lasts; defaults to 15 minutes (capped by policy).
-    pub ttl: Option<Duration>,
-}
-
-#[derive(Clone, Debug)]
-struct ModeState {
-    mode: ModeId,
-    /// Monotonic deadline for decisions, wall-clock time for display and restarts.
-    expires: Option<(Instant, DateTime<Utc>)>,
-    reason: Option<String>,
-    changed_by: Arc<str>,
-    changed_at: DateTime<Utc>,
-}
-
-impl ModeState {
-    /// The mode decisions use: an elevated mode past its deadline counts as lapsed
-    /// even before the expiry task has recorded it.
-    fn effective_mode(&self, now: Instant, default: ModeId) -> ModeId {
-        match self.expires {
-            Some((deadline, _)) if now >= deadline => default,
-            _ => self.mode,
-        }
-    }
-}
-
 /// Where the gateway keeps its state and how it records it.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
@@ -297,18 +276,38 @@ pub struct GatewayConfig {
 
 /// The policy enforcement point shared by REST, MCP, the agent and the demo.
 pub struct Gateway {
-    policy: PolicyEngine,
+    /// The policy's rules bound to the current catalog; re-bound when an
+    /// upstream's tools change. A call is decided wholly under one binding.
+    policy: SharedPolicy,
     mode_names: Vec<Arc<str>>,
     state: RwLock<ModeState>,
     infra: Mutex<CloudInfrastructure>,
     audit: AuditLog,
     mode_events: watch::Sender<PolicyStatus>,
+    /// Counts re-bindings of the policy to a new catalog, so the MCP front end can
+    /// announce `notifications/tools/list_changed` after the list it serves changed.
+    tools_changed: watch::Sender<u64>,
     rate_limiter: RateLimiter,
     data_dir: PathBuf,
     _data_dir_lock: File,
     /// Held by `set_mode` until its record is durable, so that a change whose
     /// record failed can be undone without undoing a later one.
     mode_changes: tokio::sync::Mutex<()>,
+    /// Upstream calls decided but not yet recorded, for the drain on a mode switch.
+    in_flight: Arc<InFlightCalls>,
+    /// Where allowed upstream calls go; unset until the upstreams are attached
+    /// (and then every upstream call is `upstream_unavailable`).
+    upstreams: OnceLock<Arc<dyn UpstreamCalls>>,
+}
+
+/// What a mode change did: the policy state after it, and the in-flight upstream
+/// calls it had to wait for or cancel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModeSwitch {
+    /// The policy state after the change.
+    pub status: PolicyStatus,
+    /// The calls decided under the previous mode that the new one denies.
+    pub drain: DrainReport,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -415,13 +414,11 @@ impl Gateway {
             .map(|(_, mode)| Arc::from(mode.name()))
             .collect();
         let now = Utc::now();
-        let initial = ModeState {
-            mode: policy.default_mode(),
-            expires: None,
-            reason: None,
-            changed_by: Principal::system().name().clone(),
-            changed_at: now,
-        };
+        let initial = ModeState::initial(
+            policy.default_mode(),
+            Principal::system().name().clone(),
+            now,
+        );
         let (mode_events, _) = watch::channel(PolicyStatus {
             mode: String::new(),
             description: String::new(),
@@ -437,16 +434,19 @@ impl Gateway {
         });
         let rate_limiter = RateLimiter::new(policy.rate_limits());
         let gateway = Arc::new(Gateway {
-            policy,
+            policy: SharedPolicy::new(policy),
             mode_names,
             state: RwLock::new(initial),
             infra: Mutex::new(CloudInfrastructure::new()),
             audit,
             mode_events,
+            tools_changed: watch::Sender::new(0),
             rate_limiter,
             data_dir: config.data_dir,
             _data_dir_lock: lock,
             mode_changes: tokio::sync::Mutex::new(()),
+            in_flight: Arc::new(InFlightCalls::default()),
+            upstreams: OnceLock::new(),
         });
         gateway
             .restore_mode(recovered, trust.restore_elevated)
@@ -470,79 +470,38 @@ impl Gateway {
         let Some(record) = recovered.last_mode_event else {
             return Ok(());
         };
-        let default = self.policy.default_mode();
-        if record.mode != self.mode_name(default).as_ref() {
-            if let Some(problem) = &recovered.mode_event_problem {
-                tracing::warn!(%problem, "the recorded mode change does not verify; starting in the default mode");
-                let why = format!(
-                    "the recorded mode change does not verify, so it was not restored ({problem})"
-                );
+        let decision = crate::mode::restore_decision(
+            &self.policy(),
+            &record,
+            recovered.mode_event_problem.as_deref(),
+            restore_elevated,
+            Utc::now(),
+        );
+        let state = match decision {
+            Restore::Refused(why) => {
+                tracing::warn!(%why, "the recorded elevated mode is not restored; starting in the default mode");
                 return self.record_restore_refusal(&record, &why).await;
             }
-            if !restore_elevated {
-                return self
-                    .record_restore_refusal(
-                        &record,
-                        "no operator credential is configured, so no elevated mode is restored",
-                    )
-                    .await;
+            Restore::Lapsed(why) => {
+                tracing::info!(%why, "the recorded mode has lapsed; starting in the default mode");
+                return self.record_restore_lapse(&record, why).await;
             }
-        }
-        let Some(mode) = self.policy.mode_id(&record.mode) else {
-            tracing::warn!(mode = %record.mode, "recorded mode no longer exists in the policy; starting in the default mode");
-            return self
-                .record_restore_lapse(&record, "the recorded mode no longer exists in the policy")
-                .await;
-        };
-        let changed_at = DateTime::parse_from_rfc3339(&record.time)
-            .map(|time| time.with_timezone(&Utc))
-            .unwrap_or_else(|_| Utc::now());
-        let mut state = ModeState {
-            mode,
-            expires: None,
-            reason: record
-                .detail
-                .get("reason")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            changed_by: Arc::from(record.principal.as_str()),
-            changed_at,
-        };
-        if mode != default {
-            let expires_at = record
-                .expires_at
-                .as_deref()
-                .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
-                .map(|time| time.with_timezone(&Utc));
-            let now = Utc::now();
-            let remaining = expires_at.and_then(|at| (at - now).to_std().ok());
-            match (expires_at, remaining) {
-                (Some(at), Some(remaining)) if !remaining.is_zero() => {
-                    let cap = self.policy.max_elevated_ttl();
-                    if remaining > cap {
-                        // Recorded, so that later restarts start from the capped deadline.
-                        let capped_at = now
-                            + chrono::Duration::from_std(cap).unwrap_or(chrono::Duration::zero());
-                        self.record_restore_cap(&record, &state, capped_at, cap)
-                            .await?;
-                        state.expires = Some((Instant::now() + cap, capped_at));
-                        state.changed_by = Principal::system().name().clone();
-                        state.changed_at = now;
-                    } else {
-                        state.expires = Some((Instant::now() + remaining, at));
-                    }
-                }
-                _ => {
-                    return self
-                        .record_restore_lapse(
-                            &record,
-                            "the mode lapsed while Proxi was not running",
-                        )
-                        .await;
-                }
+            Restore::Capped {
+                state,
+                capped_at,
+                cap,
+            } => {
+                // Recorded, so that later restarts start from the capped deadline.
+                self.record_restore_cap(&record, &state, capped_at, cap)
+                    .await?;
+                state
             }
-        }
-        *self.state.write().unwrap_or_else(PoisonError::into_inner) = state;
+            Restore::Restored(state) => state,
+        };
+        self.state
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .switch(state);
         Ok(())
     }
 
@@ -552,7 +511,7 @@ impl Gateway {
         record: &AuditRecord,
         why: &str,
     ) -> Result<(), GatewayError> {
-        let default = self.policy.default_mode();
+        let default = self.policy().default_mode();
         let detail = json!({"from": record.mode, "restore_from_seq": record.seq, "reason": why});
         self.append_system_mode_record(
             EntryKind::ModeExpired,
@@ -594,10 +553,10 @@ impl Gateway {
         record: &AuditRecord,
         why: &str,
     ) -> Result<(), GatewayError> {
-        if record.mode == self.mode_name(self.policy.default_mode()).as_ref() {
+        if record.mode == self.mode_name(self.policy().default_mode()).as_ref() {
             return Ok(());
         }
-        let default = self.policy.default_mode();
+        let default = self.policy().default_mode();
         let detail = json!({"from": record.mode, "reason": why});
         self.append_system_mode_record(EntryKind::ModeExpired, default, "expired", detail, None)
             .await
@@ -631,8 +590,24 @@ impl Gateway {
     }
 
     /// The policy in force.
-    pub fn policy(&self) -> &PolicyEngine {
-        &self.policy
+    pub fn policy(&self) -> Arc<PolicyEngine> {
+        self.policy.current()
+    }
+
+    /// Binds the policy's rules to `catalog` (an upstream's tools changed, or an
+    /// upstream listed them for the first time); calls decided from now on see it.
+    pub fn rebind(&self, catalog: Arc<crate::catalog::Catalog>) {
+        self.policy.rebind(catalog);
+        self.mode_events.send_replace(self.status());
+        // After the swap: whoever hears of the change and re-lists sees the new tools.
+        self.tools_changed
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// Ticks after every [`Gateway::rebind`]: the catalog (hence `tools/list` and
+    /// `/tools/catalog`) may have changed.
+    pub fn tools_changed(&self) -> watch::Receiver<u64> {
+        self.tools_changed.subscribe()
     }
 
     /// The data dir this gateway owns.
@@ -654,24 +629,75 @@ impl Gateway {
         self.state.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Validates, decides, runs and records one tool call.
+    /// Validates, decides, runs and records one tool call, for a caller with no
+    /// MCP peer and no way to cancel ([`CallContext::detached`]).
     pub async fn execute(
-        &self,
+        self: &Arc<Self>,
         principal: &Principal,
         tool_name: &str,
         arguments: Value,
     ) -> Result<Execution, GatewayError> {
-        self.execute_with_context(principal, tool_name, arguments, None)
-            .await
+        self.execute_call(
+            principal,
+            tool_name,
+            arguments,
+            None,
+            &CallContext::detached(),
+        )
+        .await
     }
 
     /// [`Gateway::execute`], recording the caller's free-form `context` (bounded) too.
     pub async fn execute_with_context(
-        &self,
+        self: &Arc<Self>,
         principal: &Principal,
         tool_name: &str,
         arguments: Value,
         context: Option<Value>,
+    ) -> Result<Execution, GatewayError> {
+        self.execute_call(
+            principal,
+            tool_name,
+            arguments,
+            context,
+            &CallContext::detached(),
+        )
+        .await
+    }
+
+    /// Validates, decides, runs and records one tool call on behalf of the caller
+    /// described by `call_context`: an upstream call is cancelled when its
+    /// `cancel` fires, and the upstream's traffic during the call goes to its peer.
+    ///
+    /// A built-in tool runs under the mode lock and gets one record. An upstream
+    /// call is registered as in flight under the mode's epoch and gets an intent
+    /// record (`allowed`, outcome `pending`) that is durable before anything is
+    /// forwarded; the lock is released before the upstream is called, and a second
+    /// record with the outcome refers to the intent by seq.
+    pub async fn execute_call(
+        self: &Arc<Self>,
+        principal: &Principal,
+        tool_name: &str,
+        arguments: Value,
+        context: Option<Value>,
+        call_context: &CallContext,
+    ) -> Result<Execution, GatewayError> {
+        self.execute_routed(principal, tool_name, arguments, context, call_context, None)
+            .await
+    }
+
+    /// The one execution path. `upstream_route`, when given, sends a call the
+    /// decision allows to that upstream instead of the simulated cloud: the seam
+    /// through which the in-process tests drive the upstream branch with the
+    /// built-in tools' decisions.
+    async fn execute_routed(
+        self: &Arc<Self>,
+        principal: &Principal,
+        tool_name: &str,
+        arguments: Value,
+        context: Option<Value>,
+        call_context: &CallContext,
+        upstream_route: Option<UpstreamCall>,
     ) -> Result<Execution, GatewayError> {
         let tool = ToolName::parse(tool_name);
         let priority = audit_priority(principal);
@@ -690,66 +716,204 @@ impl Gateway {
         let invalid_name = tool_name.chars().any(text::needs_escape);
         let shown_name = shown_tool_name(tool_name);
         // Argument checks need no lock: they depend on the call alone.
-        let parsed = ParsedCall::parse(&self.policy, tool_name, &arguments);
+        let policy = self.policy();
+        let parsed = ParsedCall::parse(&policy, tool_name, &arguments);
         let now = Utc::now();
-        let (pending, mode, outcome) = {
+        let (pending, mode, step) = {
             let state = self.read_state();
-            let mode_id = state.effective_mode(Instant::now(), self.policy.default_mode());
-            let outcome = match parsed.decide(&self.policy, mode_id) {
-                Verdict::UnknownTool if invalid_name => Outcome::InvalidToolName(format!(
-                    "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
-                    text::escape(truncate(tool_name, MAX_TOOL_NAME_LEN)),
-                    crate::catalog::listed_names(&self.policy).join(", ")
-                )),
-                Verdict::UnknownTool => Outcome::UnknownTool {
+            let mode_id = state.effective_mode(Instant::now(), policy.default_mode());
+            let step = match parsed.decide(&policy, mode_id) {
+                Verdict::UnknownTool if invalid_name => {
+                    Step::Done(Outcome::InvalidToolName(format!(
+                        "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
+                        text::escape(truncate(tool_name, MAX_TOOL_NAME_LEN)),
+                        crate::catalog::listed_names(&policy).join(", ")
+                    )))
+                }
+                Verdict::UnknownTool => Step::Done(Outcome::UnknownTool {
                     message: format!(
                         "Tool '{}' does not exist. Known tools: {}",
                         truncate(tool_name, MAX_TOOL_NAME_LEN),
-                        crate::catalog::listed_names(&self.policy).join(", ")
+                        crate::catalog::listed_names(&policy).join(", ")
                     ),
-                },
-                Verdict::InvalidArguments(error) => Outcome::InvalidArguments(error.to_string()),
-                Verdict::Deny(denial) => Outcome::Denied {
-                    message: self.policy.explain(&denial),
-                    how_to_proceed: self.policy.how_to_proceed(&denial),
+                }),
+                Verdict::InvalidArguments(error) => {
+                    Step::Done(Outcome::InvalidArguments(error.to_string()))
+                }
+                Verdict::Deny(denial) => Step::Done(Outcome::Denied {
+                    message: policy.explain(&denial),
+                    how_to_proceed: policy.how_to_proceed(&denial),
                     denial,
-                },
+                }),
+                // Registered under the lock, so no switch slips in between.
+                Verdict::Allow(_) if let Some(route) = upstream_route => Step::Forward(
+                    route,
+                    self.in_flight.register(state.epoch, tool_name, &arguments),
+                ),
+                Verdict::Allow(AllowedCall::Upstream {
+                    upstream,
+                    tool,
+                    arguments: checked,
+                }) => Step::Forward(
+                    UpstreamCall {
+                        upstream,
+                        tool,
+                        arguments: checked,
+                    },
+                    self.in_flight.register(state.epoch, tool_name, &arguments),
+                ),
                 Verdict::Allow(AllowedCall::Builtin(call)) => {
                     let result = self
                         .infra
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .execute(&call, now);
-                    match result {
+                    Step::Done(match result {
                         Ok(result) => Outcome::Executed(result),
                         Err(error) => Outcome::Failed {
-                            code: error.code(),
+                            code: error.reason(),
                             message: error.to_string(),
                         },
-                    }
+                    })
                 }
-                // Forwarding to upstreams is not wired yet: fail clearly, never run.
-                Verdict::Allow(AllowedCall::Upstream { upstream, .. }) => Outcome::Failed {
-                    code: UPSTREAM_UNAVAILABLE,
-                    message: format!("upstream '{upstream}' is not connected"),
-                },
             };
             let mode = self.mode_name(mode_id).clone();
-            let mut entry =
-                tool_call_entry(principal, &shown_name, arguments, &mode, &outcome, now);
+            let mut entry = match &step {
+                Step::Done(outcome) => {
+                    tool_call_entry(principal, &shown_name, arguments, &mode, outcome, now)
+                }
+                Step::Forward(route, _) => {
+                    upstream_intent_entry(principal, &shown_name, arguments, &mode, route, now)
+                }
+            };
             entry.context = context;
-            (self.audit.submit_with(entry, priority), mode, outcome)
+            (self.audit.submit_with(entry, priority), mode, step)
         };
         let audit_seq = pending
             .durable()
             .await
             .map_err(|_| GatewayError::AuditUnavailable)?;
-        Ok(Execution {
-            tool: shown_name,
-            mode,
-            outcome,
-            audit_seq,
-        })
+        match step {
+            Step::Done(outcome) => Ok(Execution {
+                tool: shown_name,
+                mode,
+                outcome,
+                audit_seq,
+            }),
+            Step::Forward(route, in_flight) => {
+                in_flight.set_intent_seq(audit_seq);
+                self.forward(
+                    principal,
+                    shown_name,
+                    mode,
+                    audit_seq,
+                    route,
+                    in_flight,
+                    call_context,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Forwards an allowed upstream call whose intent is durable, and records its
+    /// outcome. The call runs in a task of its own: if the caller goes away (its
+    /// request future dropped, which fires its cancellation), the call is still
+    /// cancelled upstream and its outcome recorded.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        self: &Arc<Self>,
+        principal: &Principal,
+        tool: String,
+        mode: Arc<str>,
+        intent_seq: u64,
+        route: UpstreamCall,
+        in_flight: InFlightCall,
+        call_context: &CallContext,
+    ) -> Result<Execution, GatewayError> {
+        let gateway = self.clone();
+        let principal = principal.clone();
+        let upstream_context = CallContext {
+            cancel: call_context.cancel.child_token(),
+            caller: call_context.caller.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let outcome = gateway
+                .call_upstream(&route, &in_flight, &upstream_context)
+                .await;
+            in_flight.set_outcome(recorded_outcome(&outcome));
+            let entry = upstream_outcome_entry(&principal, &tool, &mode, intent_seq, &outcome);
+            // Essential: the intent was admitted, so its outcome must not be refused.
+            let recorded = gateway.audit.append_with(entry, Priority::Essential).await;
+            // Only now may a switch waiting for this call go on.
+            drop(in_flight);
+            let audit_seq = recorded.map_err(|_| GatewayError::AuditUnavailable)?;
+            Ok(Execution {
+                tool,
+                mode,
+                outcome,
+                audit_seq,
+            })
+        });
+        task.await.unwrap_or(Err(GatewayError::AuditUnavailable))
+    }
+
+    /// Calls the upstream, unless the call is cancelled first; never fails, since
+    /// every way it can end is an outcome to record.
+    async fn call_upstream(
+        &self,
+        route: &UpstreamCall,
+        in_flight: &InFlightCall,
+        context: &CallContext,
+    ) -> Outcome {
+        let Some(upstreams) = self.upstreams.get() else {
+            return Outcome::UpstreamFailed {
+                failure: UpstreamFailure::Unavailable,
+                message: format!("upstream {:?} is not running", route.upstream),
+            };
+        };
+        let forwarded = upstreams.call(
+            &route.upstream,
+            &route.tool,
+            Some(route.arguments.clone()),
+            context,
+        );
+        tokio::pin!(forwarded);
+        // Cancellations first: a call cancelled while its intent was being written
+        // is never sent.
+        let by_switch = tokio::select! {
+            biased;
+            () = in_flight.cancelled().cancelled() => true,
+            () = context.cancel.cancelled() => false,
+            result = &mut forwarded => return forwarded_outcome(result),
+        };
+        // The upstream client sees `context.cancel`, sends notifications/cancelled
+        // for this request alone and ends it; give it a moment to, then let go.
+        context.cancel.cancel();
+        let message = if by_switch {
+            "cancelled: the mode changed to one that denies this call, and it did not finish within drain_timeout_seconds"
+        } else {
+            "cancelled by the caller"
+        };
+        match tokio::time::timeout(CANCEL_GRACE, &mut forwarded).await {
+            // It finished after all: record what happened, not what was asked.
+            Ok(Ok(result)) => Outcome::Forwarded(result),
+            _ => Outcome::UpstreamFailed {
+                failure: UpstreamFailure::Cancelled,
+                message: message.to_owned(),
+            },
+        }
+    }
+
+    /// The intent seqs of the upstream calls in flight (their outcome is not yet recorded).
+    pub fn in_flight_intents(&self) -> Vec<u64> {
+        self.in_flight.intent_seqs()
+    }
+
+    /// Sends allowed upstream calls to `upstreams` from now on. Returns false (and
+    /// changes nothing) if upstreams were attached already.
+    pub fn attach_upstreams(&self, upstreams: Arc<dyn UpstreamCalls>) -> bool {
+        self.upstreams.set(upstreams).is_ok()
     }
 
     /// Records and answers a call refused by a rate limit.
@@ -769,7 +933,7 @@ impl Gateway {
         // order in which modes took effect.
         let (pending, mode) = {
             let state = self.read_state();
-            let mode_id = state.effective_mode(Instant::now(), self.policy.default_mode());
+            let mode_id = state.effective_mode(Instant::now(), self.policy().default_mode());
             let mode = self.mode_name(mode_id).clone();
             let mut entry = tool_call_entry(
                 principal,
@@ -797,85 +961,59 @@ impl Gateway {
         })
     }
 
-    /// Changes the mode on an operator's behalf and records it.
+    /// Changes the mode on an operator's behalf and records it; see
+    /// [`Gateway::switch_mode`] for the calls it waits for.
     pub async fn set_mode(
         &self,
         principal: &Principal,
         change: ModeChange,
     ) -> Result<PolicyStatus, ModeChangeError> {
+        self.switch_mode(principal, change)
+            .await
+            .map(|switch| switch.status)
+    }
+
+    /// Changes the mode on an operator's behalf, records it, then waits for the
+    /// upstream calls decided under the previous mode that the new one denies: up to
+    /// the policy's `drain_timeout_seconds`, after which it cancels the rest and
+    /// waits until their `cancelled` outcome is recorded. When there were such
+    /// calls, a `mode_drained` record lists them. Returns only after that, so once
+    /// it has returned no call the new mode denies is running or will start.
+    pub async fn switch_mode(
+        &self,
+        principal: &Principal,
+        change: ModeChange,
+    ) -> Result<ModeSwitch, ModeChangeError> {
         if principal.role() != Role::Operator {
             return Err(ModeChangeError::NotOperator);
         }
-        let target = self.policy.mode_id(change.mode.trim()).ok_or_else(|| {
-            ModeChangeError::UnknownMode {
-                requested: truncate(&change.mode, 64).to_owned(),
-                available: self
-                    .mode_names
-                    .iter()
-                    .map(|n| n.as_ref())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
-        })?;
+        let change = validate_change(&self.policy(), change)?;
+        let (target, reason, ttl) = (change.target, change.reason, change.ttl);
         let target_name = self.mode_name(target).clone();
-        let reason = change
-            .reason
-            .map(|reason| reason.trim().to_owned())
-            .filter(|reason| !reason.is_empty());
-        // A reason made of zero-width or control characters only looks given.
-        if reason
-            .as_deref()
-            .is_some_and(|r| !text::has_visible_text(r))
-        {
-            return Err(ModeChangeError::ReasonInvisible);
-        }
-        if reason
-            .as_ref()
-            .is_some_and(|r| r.chars().count() > MAX_REASON_LEN)
-        {
-            return Err(ModeChangeError::ReasonTooLong);
-        }
-        let is_default = target == self.policy.default_mode();
-        let ttl = if is_default {
-            if change.ttl.is_some() {
-                return Err(ModeChangeError::TtlOnDefaultMode(target_name.to_string()));
-            }
-            None
-        } else {
-            if reason.is_none() {
-                return Err(ModeChangeError::ReasonRequired(target_name.to_string()));
-            }
-            let max = self.policy.max_elevated_ttl();
-            let ttl = change.ttl.unwrap_or(DEFAULT_ELEVATED_TTL.min(max));
-            if ttl.is_zero() || ttl > max {
-                return Err(ModeChangeError::TtlOutOfRange {
-                    requested: ttl.as_secs(),
-                    max: max.as_secs(),
-                });
-            }
-            Some(ttl)
-        };
         let _one_change_at_a_time = self.mode_changes.lock().await;
         if self.audit.admit(Priority::Essential).is_err() {
             return Err(ModeChangeError::AuditUnavailable);
         }
         let now = Utc::now();
-        let (pending, replaced) = {
+        let (pending, replaced, to_drain) = {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-            let replaced = state.clone();
-            let previous = state.effective_mode(Instant::now(), self.policy.default_mode());
+            let previous = state.effective_mode(Instant::now(), self.policy().default_mode());
             let expires = ttl.map(|ttl| {
                 let wall =
                     now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::zero());
                 (Instant::now() + ttl, wall)
             });
-            *state = ModeState {
+            let replaced = state.switch(ModeState {
                 mode: target,
                 expires,
                 reason: reason.clone(),
                 changed_by: principal.name().clone(),
                 changed_at: now,
-            };
+                epoch: 0,
+            });
+            let to_drain = self.in_flight.to_drain(state.epoch, |tool, arguments| {
+                self.would_allow(target, tool, arguments)
+            });
             let pending = self.audit.submit_with(
                 AuditEntry {
                     time: now,
@@ -883,7 +1021,7 @@ impl Gateway {
                     kind: EntryKind::ModeChange,
                     tool: None,
                     arguments: None,
-                    mode: target_name,
+                    mode: target_name.clone(),
                     decision: AuditDecision::Allowed,
                     reason_code: None,
                     outcome: "changed",
@@ -897,45 +1035,108 @@ impl Gateway {
                 },
                 Priority::Essential,
             );
-            (pending, replaced)
+            (pending, replaced, to_drain)
         };
-        if pending.durable().await.is_err() {
-            self.undo_unrecorded_mode_change(principal, now, replaced);
-            return Err(ModeChangeError::AuditUnavailable);
-        }
-        let status = self.status();
-        self.mode_events.send_replace(status.clone());
-        Ok(status)
+        let change_seq = match pending.durable().await {
+            Ok(seq) => seq,
+            Err(_) => {
+                self.undo_unrecorded_mode_change(principal, now, replaced);
+                return Err(ModeChangeError::AuditUnavailable);
+            }
+        };
+        self.mode_events.send_replace(self.status());
+        let drain = self
+            .drain_and_record(principal, &target_name, change_seq, to_drain)
+            .await;
+        Ok(ModeSwitch {
+            status: self.status(),
+            drain,
+        })
     }
 
-    /// Returns to the default mode if the elevated mode's deadline has passed.
+    /// Whether `mode` would allow `tool(arguments)`: the test a mode switch applies
+    /// to each call in flight, with the decision function every call goes through.
+    fn would_allow(&self, mode: ModeId, tool: &str, arguments: &Value) -> bool {
+        matches!(
+            decide_call(&self.policy(), mode, tool, arguments),
+            Verdict::Allow(_)
+        )
+    }
+
+    /// Drains the calls a switch must wait for and, if there were any, records
+    /// what became of them (`mode_drained`, referring to the switch's record).
+    async fn drain_and_record(
+        &self,
+        principal: &Principal,
+        mode: &Arc<str>,
+        change_seq: u64,
+        to_drain: Vec<crate::mode::DrainTarget>,
+    ) -> DrainReport {
+        if to_drain.is_empty() {
+            return DrainReport::default();
+        }
+        let report = drain(to_drain, self.policy().drain_timeout()).await;
+        let entry = AuditEntry {
+            time: Utc::now(),
+            principal: principal.name().clone(),
+            kind: EntryKind::ModeDrained,
+            tool: None,
+            arguments: None,
+            mode: mode.clone(),
+            decision: AuditDecision::Allowed,
+            reason_code: None,
+            outcome: if report.cancelled.is_empty() {
+                "drained"
+            } else {
+                "cancelled"
+            },
+            detail: json!({
+                "change_seq": change_seq,
+                "drained": report.drained,
+                "cancelled": report.cancelled,
+            }),
+            expires_at: None,
+            context: None,
+        };
+        // The switch itself is recorded and in force; a failure here loses only the
+        // summary (each drained call has its own outcome record).
+        if let Err(error) = self.audit.append_with(entry, Priority::Essential).await {
+            tracing::error!(%error, "could not record the calls a mode switch drained");
+        }
+        report
+    }
+
+    /// Returns to the default mode if the elevated mode's deadline has passed, then
+    /// drains the calls the default mode denies, as [`Gateway::switch_mode`] does.
     async fn expire_if_due(&self) {
-        let default = self.policy.default_mode();
-        let pending = {
+        let default = self.policy().default_mode();
+        let default_name = self.mode_name(default).clone();
+        let (pending, to_drain) = {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-            let due = state
-                .expires
-                .is_some_and(|(deadline, _)| Instant::now() >= deadline);
-            if !due {
+            if !state.is_due(Instant::now()) {
                 return;
             }
             let from = self.mode_name(state.mode).clone();
             let now = Utc::now();
-            *state = ModeState {
+            state.switch(ModeState {
                 mode: default,
                 expires: None,
                 reason: Some(format!("{from} mode lapsed")),
                 changed_by: Principal::system().name().clone(),
                 changed_at: now,
-            };
-            self.audit.submit_with(
+                epoch: 0,
+            });
+            let to_drain = self.in_flight.to_drain(state.epoch, |tool, arguments| {
+                self.would_allow(default, tool, arguments)
+            });
+            let pending = self.audit.submit_with(
                 AuditEntry {
                     time: now,
                     principal: Principal::system().name().clone(),
                     kind: EntryKind::ModeExpired,
                     tool: None,
                     arguments: None,
-                    mode: self.mode_name(default).clone(),
+                    mode: default_name.clone(),
                     decision: AuditDecision::Allowed,
                     reason_code: None,
                     outcome: "expired",
@@ -944,29 +1145,37 @@ impl Gateway {
                     context: None,
                 },
                 Priority::Essential,
-            )
+            );
+            (pending, to_drain)
         };
-        if let Err(error) = pending.durable().await {
-            tracing::error!(%error, "could not record the end of an elevated mode");
-        }
+        let change_seq = match pending.durable().await {
+            Ok(seq) => seq,
+            Err(error) => {
+                tracing::error!(%error, "could not record the end of an elevated mode");
+                0
+            }
+        };
         tracing::info!("elevated mode lapsed; back to the default mode");
         self.mode_events.send_replace(self.status());
+        self.drain_and_record(&Principal::system(), &default_name, change_seq, to_drain)
+            .await;
     }
 
     /// The current policy state.
     pub fn status(&self) -> PolicyStatus {
         let state = self.read_state().clone();
-        let default = self.policy.default_mode();
+        let default = self.policy().default_mode();
         let now = Instant::now();
         let mode_id = state.effective_mode(now, default);
         let lapsed = mode_id != state.mode;
-        let mode = self.policy.mode(mode_id);
+        let policy = self.policy();
+        let mode = policy.mode(mode_id);
         PolicyStatus {
             mode: mode.name().to_owned(),
             description: mode.description().to_owned(),
             allowed_tools: names(mode.allowed().names()),
             blocked_tools: names(mode.blocked().names()),
-            always_blocked: names(self.policy.always_blocked().names()),
+            always_blocked: names(self.policy().always_blocked().names()),
             emergency_expires_at: if lapsed {
                 None
             } else {
@@ -991,8 +1200,8 @@ impl Gateway {
     pub fn catalog(&self) -> Vec<CatalogEntry> {
         let mode = self
             .read_state()
-            .effective_mode(Instant::now(), self.policy.default_mode());
-        crate::catalog::listing(&self.policy, mode)
+            .effective_mode(Instant::now(), self.policy().default_mode());
+        crate::catalog::listing(&self.policy(), mode)
     }
 
     /// Services and fleet size.
@@ -1017,7 +1226,7 @@ impl Gateway {
         let (pending, result) = {
             let mode = self
                 .read_state()
-                .effective_mode(Instant::now(), self.policy.default_mode());
+                .effective_mode(Instant::now(), self.policy().default_mode());
             let mut infra = self.infra.lock().unwrap_or_else(PoisonError::into_inner);
             let result = infra
                 .simulate_incident(service, health, now)
@@ -1077,7 +1286,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let mode = self
             .read_state()
-            .effective_mode(Instant::now(), self.policy.default_mode());
+            .effective_mode(Instant::now(), self.policy().default_mode());
         let entry = AuditEntry {
             time: Utc::now(),
             principal: principal.name().clone(),
@@ -1105,7 +1314,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let mode = self
             .read_state()
-            .effective_mode(Instant::now(), self.policy.default_mode());
+            .effective_mode(Instant::now(), self.policy().default_mode());
         let entry = AuditEntry {
             time: Utc::now(),
             principal: principal.name().clone(),
@@ -1114,7 +1323,7 @@ impl Gateway {
             arguments: None,
             mode: self.mode_name(mode).clone(),
             decision: AuditDecision::Rejected,
-            reason_code: Some("malformed_request"),
+            reason_code: Some(Reason::MalformedRequest.as_str()),
             outcome: "malformed_request",
             detail: json!({
                 "problem": truncate(problem, 200),
@@ -1151,7 +1360,7 @@ impl Gateway {
     ) {
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         if state.changed_at == changed_at && Arc::ptr_eq(&state.changed_by, principal.name()) {
-            *state = replaced;
+            state.switch(replaced);
         }
     }
 }
@@ -1232,6 +1441,13 @@ fn tool_call_entry(
         Outcome::Failed { message, .. } => {
             (AuditDecision::Allowed, "failed", recorded_message(message))
         }
+        // Upstream calls get an intent and an outcome record instead
+        // (`upstream_intent_entry`, `upstream_outcome_entry`); kept total here.
+        Outcome::Forwarded(_) | Outcome::UpstreamFailed { .. } => (
+            AuditDecision::Allowed,
+            recorded_outcome(outcome),
+            Value::Null,
+        ),
     };
     let arguments = match decision {
         AuditDecision::Rejected => json_digest(&arguments),
@@ -1253,8 +1469,148 @@ fn tool_call_entry(
         arguments: Some(arguments),
         mode: mode.clone(),
         decision,
-        reason_code: outcome.reason_code(),
+        reason_code: outcome.reason_code().map(Reason::as_str),
         outcome: outcome_name,
+        detail,
+        expires_at: None,
+        context: None,
+    }
+}
+
+/// An allowed call bound for an upstream: which upstream, the upstream's own tool
+/// name, and the arguments as checked against the tool's schema.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamCall {
+    /// The upstream's name in the policy.
+    pub upstream: Arc<str>,
+    /// The tool's name on the upstream (not its exposed `<upstream>__<tool>`).
+    pub tool: Arc<str>,
+    /// The arguments, as a JSON object (MCP has no other kind).
+    pub arguments: rmcp::model::JsonObject,
+}
+
+/// What the decision left to do once its record is queued.
+enum Step {
+    /// Nothing: the outcome is known (a built-in ran, or the call was refused).
+    Done(Outcome),
+    /// Forward to an upstream, as this in-flight call.
+    Forward(UpstreamCall, InFlightCall),
+}
+
+/// How long a cancelled upstream call may take to send its cancellation and end.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// The outcome of an upstream call that ran to its end.
+fn forwarded_outcome(result: Result<CallToolResult, UpstreamError>) -> Outcome {
+    match result {
+        Ok(result) => Outcome::Forwarded(result),
+        Err(error) => upstream_failure(error),
+    }
+}
+
+/// An upstream's failure as the caller sees it: safe messages that name the
+/// upstream; the details (which may hold paths) go to the log only.
+fn upstream_failure(error: UpstreamError) -> Outcome {
+    let (failure, message) = match &error {
+        UpstreamError::Unavailable { upstream, .. } => {
+            tracing::warn!(%error, "upstream call failed");
+            (
+                UpstreamFailure::Unavailable,
+                format!("upstream {upstream:?} is unavailable; try again later"),
+            )
+        }
+        UpstreamError::Timeout { upstream, after } => (
+            UpstreamFailure::Timeout,
+            format!(
+                "upstream {upstream:?} did not answer within {} s; the call was cancelled",
+                after.as_secs()
+            ),
+        ),
+        UpstreamError::Cancelled { upstream } => (
+            UpstreamFailure::Cancelled,
+            format!("the call to upstream {upstream:?} was cancelled"),
+        ),
+        UpstreamError::Rejected {
+            upstream,
+            code,
+            message,
+        } => (
+            UpstreamFailure::Refused,
+            format!(
+                "upstream {upstream:?} refused the request: {} (code {code})",
+                truncate(message, MAX_RECORDED_MESSAGE_BYTES)
+            ),
+        ),
+    };
+    Outcome::UpstreamFailed { failure, message }
+}
+
+/// The `outcome` column of an upstream call's second record.
+fn recorded_outcome(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Forwarded(result) if result.is_error == Some(true) => "upstream_error",
+        Outcome::UpstreamFailed { failure, .. } => failure.recorded_outcome(),
+        _ => "executed",
+    }
+}
+
+/// The write-ahead record of an allowed upstream call: `allowed`, outcome
+/// `pending`, durable before the call is forwarded.
+fn upstream_intent_entry(
+    principal: &Principal,
+    tool_name: &str,
+    arguments: Value,
+    mode: &Arc<str>,
+    route: &UpstreamCall,
+    now: DateTime<Utc>,
+) -> AuditEntry {
+    AuditEntry {
+        time: now,
+        principal: principal.name().clone(),
+        kind: EntryKind::ToolCall,
+        tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
+        arguments: Some(arguments),
+        mode: mode.clone(),
+        decision: AuditDecision::Allowed,
+        reason_code: None,
+        outcome: crate::audit_view::PENDING,
+        detail: json!({"upstream": &*route.upstream, "upstream_tool": &*route.tool}),
+        expires_at: None,
+        context: None,
+    }
+}
+
+/// The second record of an upstream call: its outcome, referring to the intent by
+/// seq (`detail.intent_seq`, hashed with the rest). The mode is the intent's: the
+/// mode the call was decided under.
+fn upstream_outcome_entry(
+    principal: &Principal,
+    tool_name: &str,
+    mode: &Arc<str>,
+    intent_seq: u64,
+    outcome: &Outcome,
+) -> AuditEntry {
+    let detail = match outcome {
+        Outcome::Forwarded(result) => json!({
+            crate::audit_view::INTENT_SEQ: intent_seq,
+            "result": result,
+        }),
+        Outcome::UpstreamFailed { message, .. } => json!({
+            crate::audit_view::INTENT_SEQ: intent_seq,
+            "message": truncate(message, MAX_RECORDED_MESSAGE_BYTES),
+        }),
+        _ => json!({crate::audit_view::INTENT_SEQ: intent_seq}),
+    };
+    AuditEntry {
+        time: Utc::now(),
+        principal: principal.name().clone(),
+        kind: EntryKind::ToolCall,
+        tool: Some(tool_name.to_owned()),
+        arguments: None,
+        mode: mode.clone(),
+        decision: AuditDecision::Allowed,
+        reason_code: outcome.reason_code().map(Reason::as_str),
+        outcome: recorded_outcome(outcome),
         detail,
         expires_at: None,
         context: None,
@@ -1293,4 +1649,367 @@ fn spawn_expiry_task(gateway: Weak<Gateway>, mut events: watch::Receiver<PolicyS
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    //! The upstream branch of the execution path, in process: the built-in tools'
+    //! decisions (restart_service is active, list_services read-only) routed to a
+    //! fake upstream, so that the drain and the write-ahead records are tested
+    //! without HTTP or a child process.
+
+    use super::*;
+    use rmcp::model::{ContentBlock, JsonObject};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Notify;
+
+    /// How the fake upstream answers each of its tools.
+    #[derive(Default)]
+    struct FakeUpstream {
+        /// Calls received (the fake counts before it answers).
+        received: AtomicUsize,
+        /// Calls whose future was dropped before they answered.
+        abandoned: AtomicUsize,
+        /// Calls that saw their `CallContext.cancel` fire.
+        cancelled: AtomicUsize,
+        /// Signalled when a `held` call has started.
+        started: Notify,
+        /// Releases every `held` call.
+        release: Notify,
+    }
+
+    struct CountsAbandoned<'a>(&'a AtomicUsize, bool);
+    impl Drop for CountsAbandoned<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    impl UpstreamCalls for FakeUpstream {
+        fn call<'a>(
+            &'a self,
+            upstream: &'a str,
+            tool: &'a str,
+            _arguments: Option<JsonObject>,
+            context: &'a CallContext,
+        ) -> futures::future::BoxFuture<'a, Result<CallToolResult, UpstreamError>> {
+            Box::pin(async move {
+                self.received.fetch_add(1, Ordering::SeqCst);
+                let mut guard = CountsAbandoned(&self.abandoned, false);
+                let answer = match tool {
+                    "held" => {
+                        let released = self.release.notified();
+                        self.started.notify_one();
+                        released.await;
+                        Ok(CallToolResult::success(vec![ContentBlock::text("done")]))
+                    }
+                    // Ends only when cancelled, as the upstream client does.
+                    "hang" => {
+                        self.started.notify_one();
+                        context.cancel.cancelled().await;
+                        self.cancelled.fetch_add(1, Ordering::SeqCst);
+                        Err(UpstreamError::Cancelled {
+                            upstream: upstream.to_owned(),
+                        })
+                    }
+                    "fails" => Ok(CallToolResult::error(vec![ContentBlock::text(
+                        "no such file",
+                    )])),
+                    "down" => Err(UpstreamError::Unavailable {
+                        upstream: upstream.to_owned(),
+                        reason: "cannot start \"/opt/secret/path\"".to_owned(),
+                    }),
+                    "slowpoke" => Err(UpstreamError::Timeout {
+                        upstream: upstream.to_owned(),
+                        after: Duration::from_secs(60),
+                    }),
+                    _ => Ok(CallToolResult::success(vec![ContentBlock::text("echo")])),
+                };
+                guard.1 = true;
+                answer
+            })
+        }
+    }
+
+    async fn gateway_with(
+        drain_timeout_seconds: u64,
+    ) -> (Arc<Gateway>, Arc<FakeUpstream>, tempfile::TempDir) {
+        let mut policy: Value =
+            serde_json::from_str(include_str!("../policies/ops_policy.json")).unwrap();
+        policy["drain_timeout_seconds"] = json!(drain_timeout_seconds);
+        let policy = PolicyEngine::from_json(&policy.to_string(), "test policy").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = GatewayConfig {
+            data_dir: dir.path().join("data"),
+            durability: Durability::Process,
+            audit_reserve_bytes: Some(0),
+        };
+        let gateway = Gateway::open(policy, config).await.unwrap();
+        let fake = Arc::new(FakeUpstream::default());
+        assert!(gateway.attach_upstreams(fake.clone()));
+        (gateway, fake, dir)
+    }
+
+    fn route(tool: &str) -> Option<UpstreamCall> {
+        Some(UpstreamCall {
+            upstream: "fake".into(),
+            tool: tool.into(),
+            arguments: JsonObject::new(),
+        })
+    }
+
+    async fn call(gateway: &Arc<Gateway>, tool: &str, upstream_tool: &str) -> Execution {
+        let arguments = match tool {
+            "restart_service" => json!({"service_name": "web-server"}),
+            _ => json!({}),
+        };
+        gateway
+            .execute_routed(
+                &Principal::agent(),
+                tool,
+                arguments,
+                None,
+                &CallContext::detached(),
+                route(upstream_tool),
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn emergency(gateway: &Gateway) {
+        let change = ModeChange {
+            mode: "EMERGENCY".into(),
+            reason: Some("incident".into()),
+            ttl: None,
+        };
+        gateway
+            .set_mode(&Principal::operator(), change)
+            .await
+            .unwrap();
+    }
+
+    fn normal() -> ModeChange {
+        ModeChange {
+            mode: "NORMAL".into(),
+            ..ModeChange::default()
+        }
+    }
+
+    fn trail(gateway: &Gateway) -> Vec<AuditRecord> {
+        gateway.audit().recent(1000).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_upstream_call_has_a_durable_intent_and_an_outcome_that_refers_to_it() {
+        let (gateway, fake, _dir) = gateway_with(10).await;
+        let execution = call(&gateway, "list_services", "echo").await;
+        assert!(
+            matches!(&execution.outcome, Outcome::Forwarded(result) if result.is_error != Some(true))
+        );
+        assert_eq!(fake.received.load(Ordering::SeqCst), 1);
+        let records = trail(&gateway);
+        let [intent, outcome] = &records[..] else {
+            panic!("two records: {records:#?}")
+        };
+        assert_eq!(
+            (intent.decision.as_str(), intent.outcome.as_str()),
+            ("allowed", "pending")
+        );
+        assert_eq!(outcome.outcome, "executed");
+        assert_eq!(outcome.detail["intent_seq"], json!(intent.seq));
+        assert_eq!(outcome.detail["result"]["content"][0]["text"], "echo");
+        assert_eq!(execution.audit_seq, outcome.seq);
+        assert!(crate::audit_view::unresolved_intents(&records).is_empty());
+        // A denial is one record and never reaches the upstream.
+        let denied = call(&gateway, "restart_service", "echo").await;
+        assert!(matches!(denied.outcome, Outcome::Denied { .. }));
+        assert_eq!(fake.received.load(Ordering::SeqCst), 1);
+        assert_eq!(trail(&gateway).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn upstream_failures_are_recorded_with_safe_messages() {
+        let (gateway, _fake, _dir) = gateway_with(10).await;
+        let cases = [
+            ("fails", "upstream_error", Some("upstream_error")),
+            ("down", "unavailable", Some("upstream_unavailable")),
+            ("slowpoke", "timeout", Some("upstream_timeout")),
+        ];
+        for (tool, recorded, reason_code) in cases {
+            let execution = call(&gateway, "list_services", tool).await;
+            assert_eq!(
+                execution.outcome.reason_code().map(Reason::as_str),
+                reason_code,
+                "{tool}"
+            );
+            if let Outcome::UpstreamFailed { message, .. } = &execution.outcome {
+                assert!(!message.contains("/opt/secret"), "{message}");
+            }
+            let last = trail(&gateway).pop().unwrap();
+            assert_eq!(last.outcome, recorded, "{tool}");
+            assert_eq!(last.reason_code.as_deref(), reason_code, "{tool}");
+        }
+        assert!(audit_verifies(&gateway));
+    }
+
+    fn audit_verifies(gateway: &Gateway) -> bool {
+        gateway
+            .audit()
+            .store()
+            .verify(None)
+            .unwrap()
+            .first_bad
+            .is_none()
+    }
+
+    #[tokio::test]
+    async fn a_switch_to_normal_waits_for_an_active_call_decided_in_emergency() {
+        let (gateway, fake, _dir) = gateway_with(10).await;
+        emergency(&gateway).await;
+        let started = fake.started.notified();
+        let running = tokio::spawn({
+            let gateway = gateway.clone();
+            async move { call(&gateway, "restart_service", "held").await }
+        });
+        started.await;
+        // Released only once the switch is recorded and in force, so the switch
+        // must have waited for the call to return.
+        let mut events = gateway.subscribe();
+        let switching = tokio::spawn({
+            let gateway = gateway.clone();
+            async move { gateway.switch_mode(&Principal::operator(), normal()).await }
+        });
+        events
+            .wait_for(|status| status.mode == "NORMAL")
+            .await
+            .unwrap();
+        fake.release.notify_one();
+        let switch = switching.await.unwrap().unwrap();
+        let execution = running.await.unwrap();
+        assert!(matches!(execution.outcome, Outcome::Forwarded(_)));
+        assert_eq!(switch.drain.drained.len(), 1, "{:?}", switch.drain);
+        assert_eq!(switch.drain.drained[0].outcome, "executed");
+        assert!(switch.drain.cancelled.is_empty());
+        let records = trail(&gateway);
+        let kinds: Vec<_> = records
+            .iter()
+            .map(|r| (r.kind.as_str(), r.outcome.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("mode_change", "changed"),
+                ("tool_call", "pending"),
+                ("mode_change", "changed"),
+                ("tool_call", "executed"),
+                ("mode_drained", "drained"),
+            ]
+        );
+        assert_eq!(
+            records[4].detail["drained"][0]["intent_seq"],
+            json!(records[1].seq)
+        );
+        assert_eq!(records[4].detail["change_seq"], json!(records[2].seq));
+        assert!(gateway.in_flight.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_call_still_running_at_the_drain_timeout_is_cancelled_upstream() {
+        let (gateway, fake, _dir) = gateway_with(0).await;
+        emergency(&gateway).await;
+        let started = fake.started.notified();
+        let running = tokio::spawn({
+            let gateway = gateway.clone();
+            async move { call(&gateway, "restart_service", "hang").await }
+        });
+        started.await;
+        let switch = gateway
+            .switch_mode(&Principal::operator(), normal())
+            .await
+            .unwrap();
+        assert_eq!(switch.drain.cancelled.len(), 1, "{:?}", switch.drain);
+        assert_eq!(switch.drain.cancelled[0].outcome, "cancelled");
+        // The upstream request saw the cancellation (and would send notifications/cancelled).
+        assert_eq!(fake.cancelled.load(Ordering::SeqCst), 1);
+        assert_eq!(fake.abandoned.load(Ordering::SeqCst), 0);
+        let execution = running.await.unwrap();
+        assert_eq!(execution.outcome.reason_code(), Some(Reason::Cancelled));
+        let last = trail(&gateway).pop().unwrap();
+        assert_eq!(
+            (last.kind.as_str(), last.outcome.as_str()),
+            ("mode_drained", "cancelled")
+        );
+        assert!(audit_verifies(&gateway));
+    }
+
+    #[tokio::test]
+    async fn a_switch_does_not_wait_for_calls_the_new_mode_allows() {
+        let (gateway, fake, _dir) = gateway_with(10).await;
+        emergency(&gateway).await;
+        let started = fake.started.notified();
+        let running = tokio::spawn({
+            let gateway = gateway.clone();
+            async move { call(&gateway, "list_services", "held").await }
+        });
+        started.await;
+        let switch = gateway
+            .switch_mode(&Principal::operator(), normal())
+            .await
+            .unwrap();
+        assert!(switch.drain.is_empty());
+        fake.release.notify_one();
+        running.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_cancels_gets_its_call_cancelled_and_recorded() {
+        let (gateway, fake, _dir) = gateway_with(10).await;
+        let context = CallContext::detached();
+        let started = fake.started.notified();
+        let running = tokio::spawn({
+            let gateway = gateway.clone();
+            let context = context.clone();
+            async move {
+                gateway
+                    .execute_routed(
+                        &Principal::agent(),
+                        "list_services",
+                        json!({}),
+                        None,
+                        &context,
+                        route("hang"),
+                    )
+                    .await
+                    .unwrap()
+            }
+        });
+        started.await;
+        context.cancel.cancel();
+        let execution = running.await.unwrap();
+        assert_eq!(execution.outcome.reason_code(), Some(Reason::Cancelled));
+        assert_eq!(fake.cancelled.load(Ordering::SeqCst), 1);
+        assert_eq!(trail(&gateway).pop().unwrap().outcome, "cancelled");
+    }
+
+    #[tokio::test]
+    async fn without_upstreams_attached_an_upstream_call_is_unavailable() {
+        let (gateway, _fake, _dir) = gateway_with(10).await;
+        let detached = Gateway::open(
+            (*gateway.policy()).clone(),
+            GatewayConfig {
+                data_dir: _dir.path().join("other"),
+                durability: Durability::Process,
+                audit_reserve_bytes: Some(0),
+            },
+        )
+        .await
+        .unwrap();
+        let execution = call(&detached, "list_services", "echo").await;
+        assert_eq!(
+            execution.outcome.reason_code(),
+            Some(Reason::UpstreamUnavailable)
+        );
+    }
 }

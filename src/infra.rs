@@ -61,9 +61,15 @@ pub enum InfraError {
 impl InfraError {
     /// A stable machine-readable code.
     pub fn code(&self) -> &'static str {
+        self.reason().as_str()
+    }
+
+    /// The reason code of the failure.
+    pub fn reason(&self) -> crate::reason::Reason {
+        use crate::reason::Reason;
         match self {
-            InfraError::UnknownService(..) => "unknown_service",
-            InfraError::UnknownDatabase(_) => "unknown_database",
+            InfraError::UnknownService(..) => Reason::UnknownService,
+            InfraError::UnknownDatabase(_) => Reason::UnknownDatabase,
         }
     }
 }

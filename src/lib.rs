@@ -7,8 +7,10 @@
 
 pub mod agent;
 pub mod anchor;
+pub mod answer;
 pub mod api;
 pub mod audit;
+pub mod audit_view;
 pub mod catalog;
 pub mod client;
 pub mod credential;
@@ -17,10 +19,12 @@ pub mod demo;
 pub mod gateway;
 pub mod infra;
 pub mod mcp;
+pub mod mode;
 pub mod policy;
 pub mod policy_source;
 pub mod principal;
 pub mod rate_limit;
+pub mod reason;
 pub mod server;
 pub mod starter;
 pub mod text;

@@ -671,6 +671,7 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
     let policy = PolicySource::from_flag(args.state.policy.as_deref());
     let (gateway, tokens, token_file) =
         open_gateway(&args.state, Launch::Serve, &policy, log).await?;
+    let upstreams = start_upstreams(&gateway, log).await?;
     let bound = BoundServer::bind(args.bind)
         .await?
         .with_limits(args.edge.limits());
@@ -706,13 +707,44 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
         gateway,
         tokens: Arc::new(tokens),
     };
-    bound.serve_app(state, shutdown_signal(log)).await?;
+    let served = bound.serve_app(state, shutdown_signal(log)).await;
+    if let Some(upstreams) = upstreams {
+        upstreams.shutdown().await;
+    }
+    served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the policy's upstreams (if any) and attaches them to the gateway; one
+/// that fails to start is logged and retried in the background unless required.
+async fn start_upstreams(
+    gateway: &Arc<Gateway>,
+    log: LogFormat,
+) -> Result<Option<proxi::upstream::attach::AttachedUpstreams>> {
+    let upstreams = proxi::upstream::attach::AttachedUpstreams::start(gateway, &|name| {
+        std::env::var(name).ok()
+    })
+    .await?;
+    if let Some(upstreams) = &upstreams {
+        for status in upstreams.set().status() {
+            notice(
+                log,
+                &format!(
+                    "  upstream {}: {} ({})",
+                    status.name,
+                    if status.up { "up" } else { "starting" },
+                    status.transport.as_str()
+                ),
+            );
+        }
+    }
+    Ok(upstreams)
 }
 
 async fn mcp(args: McpArgs, log: LogFormat) -> Result<ExitCode> {
     let policy = PolicySource::from_flag(args.state.policy.as_deref());
     let (gateway, tokens, _) = open_gateway(&args.state, Launch::Stdio, &policy, log).await?;
+    let upstreams = start_upstreams(&gateway, log).await?;
     if !tokens.has_operator() {
         notice(
             log,
@@ -749,6 +781,9 @@ async fn mcp(args: McpArgs, log: LogFormat) -> Result<ExitCode> {
         }),
     };
     stop.cancel();
+    if let Some(upstreams) = upstreams {
+        upstreams.shutdown().await;
+    }
     if !http.is_finished() {
         http.await??;
     }
@@ -1191,7 +1226,16 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
             // Every field may hold text the agent chose (tool names, client names),
             // or that someone with file access wrote: nothing reaches the terminal
             // unescaped.
-            for record in audit_store(store.as_deref(), &data_dir)?.recent(count)? {
+            let records = audit_store(store.as_deref(), &data_dir)?.recent(count)?;
+            // An upstream call's intent that no record resolves: in flight, or cut
+            // short by a crash. Shown as such, never as a plain "pending".
+            let unresolved = proxi::audit_view::unresolved_intents(&records);
+            for record in records {
+                let outcome = if unresolved.contains(&record.seq) {
+                    proxi::audit_view::OUTCOME_UNKNOWN
+                } else {
+                    record.outcome.as_str()
+                };
                 if json {
                     out!("{}", json_for_terminal(&serde_json::to_string(&record)?))?;
                 } else {
@@ -1205,7 +1249,7 @@ fn audit_command(command: AuditCommand) -> Result<ExitCode> {
                         escape(&record.mode),
                         escape(&record.decision),
                         escape(record.reason_code.as_deref().unwrap_or("-")),
-                        escape(&record.outcome)
+                        escape(outcome)
                     )?;
                 }
             }

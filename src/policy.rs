@@ -38,6 +38,11 @@ use crate::upstream::names::{MAX_EXPOSED_NAME_LEN, SEPARATOR};
 
 /// Mode used when a policy file names no `default_mode`: the fail-safe one.
 pub const FALLBACK_DEFAULT_MODE: &str = "NORMAL";
+/// How long a mode switch waits for in-flight upstream calls when the policy does
+/// not set `drain_timeout_seconds`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest `drain_timeout_seconds`: an operator's switch must not wait longer.
+pub const MAX_DRAIN_TIMEOUT_SECONDS: u64 = 300;
 /// Emergency TTL cap when the policy does not set `max_emergency_ttl_seconds`.
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
 /// No policy may allow an elevated mode to last longer than this.
@@ -366,6 +371,7 @@ struct PolicyRules {
     rate_limits_are_default: bool,
     upstreams: BTreeMap<String, UpstreamDeclaration>,
     simulated_cloud: bool,
+    drain_timeout: Duration,
 }
 
 /// A constraint resolved to one tool of the catalog.
@@ -598,6 +604,8 @@ struct PolicyDocument {
     upstreams: BTreeMap<String, UpstreamDeclaration>,
     #[serde(default)]
     simulated_cloud: Option<bool>,
+    #[serde(default)]
+    drain_timeout_seconds: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -876,6 +884,12 @@ impl PolicyEngine {
     /// Longest time an operator may hold a non-default mode.
     pub fn max_elevated_ttl(&self) -> Duration {
         self.rules.max_elevated_ttl
+    }
+
+    /// How long a mode switch waits for in-flight upstream calls that the new mode
+    /// denies before it cancels them (`drain_timeout_seconds`, default 10).
+    pub fn drain_timeout(&self) -> Duration {
+        self.rules.drain_timeout
     }
 
     /// The rate-limit rules in force: the policy's `rate_limits`, or the built-in
@@ -1343,6 +1357,17 @@ fn compile(document: PolicyDocument) -> Result<PolicyRules, Vec<String>> {
         Some(seconds) => Duration::from_secs(seconds),
     };
 
+    let drain_timeout = match document.drain_timeout_seconds {
+        None => DEFAULT_DRAIN_TIMEOUT,
+        Some(seconds) if seconds > MAX_DRAIN_TIMEOUT_SECONDS => {
+            problems.push(format!(
+                "drain_timeout_seconds must be at most {MAX_DRAIN_TIMEOUT_SECONDS}, got {seconds}"
+            ));
+            DEFAULT_DRAIN_TIMEOUT
+        }
+        Some(seconds) => Duration::from_secs(seconds),
+    };
+
     let rate_limits_are_default = document.rate_limits.is_none();
     let rate_limits = match &document.rate_limits {
         None => crate::rate_limit::default_rules(),
@@ -1368,6 +1393,7 @@ fn compile(document: PolicyDocument) -> Result<PolicyRules, Vec<String>> {
             rate_limits_are_default,
             upstreams: document.upstreams,
             simulated_cloud,
+            drain_timeout,
         }),
         _ => Err(problems),
     }

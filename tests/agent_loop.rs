@@ -172,8 +172,9 @@ async fn invalid_fleet_sizes_are_rejected_with_the_constraint() {
             answer.starts_with(&format!("❌ I cannot scale the fleet to {count}: ")),
             "{answer}"
         );
+        // REST and MCP now give the same how_to_proceed, which the answer quotes after the message.
         assert!(
-            answer.ends_with(&format!("`count` must be between 1 and 100, got {count}.")),
+            answer.contains(&format!("`count` must be between 1 and 100, got {count}.")),
             "{answer}"
         );
     }

@@ -20,9 +20,10 @@ use proxi::upstream::call::{CallContext, CallerPeer};
 use proxi::upstream::set::UpstreamSet;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities,
-    ClientConfig, ClientRequest, CreateMessageRequestParams, CreateMessageResult, ErrorData,
-    Implementation, LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
-    SamplingMessage, ServerCapabilities, ServerConfig, ServerResult,
+    ClientConfig, ClientRequest, CreateMessageRequestParams, CreateMessageResult,
+    ElicitRequestParams, ElicitResult, ElicitationAction, ErrorData, Implementation,
+    LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken, SamplingMessage,
+    ServerCapabilities, ServerConfig, ServerResult,
 };
 use rmcp::service::{
     NotificationContext, PeerRequestOptions, RequestContext, RequestHandle, RoleClient, RoleServer,
@@ -81,22 +82,47 @@ struct Seen {
     progress: Arc<Mutex<Vec<ProgressNotificationParam>>>,
     logs: Arc<Mutex<Vec<LoggingMessageNotificationParam>>>,
     sampled: Arc<Mutex<Vec<CreateMessageRequestParams>>>,
+    elicited: Arc<Mutex<usize>>,
 }
 
-/// A downstream client; with `sampling_reply` it declares sampling and answers with it.
+/// A downstream client; with `sampling_reply` it declares sampling and answers
+/// with it; with `elicitation` it declares elicitation and accepts with
+/// `{"confirmed": true}`.
 #[derive(Clone)]
 struct Caller {
     seen: Seen,
     sampling_reply: Option<&'static str>,
+    elicitation: bool,
 }
 
 impl ClientHandler for Caller {
     fn get_info(&self) -> ClientConfig {
         let mut capabilities = ClientCapabilities::default();
         if self.sampling_reply.is_some() {
-            capabilities = ClientCapabilities::builder().enable_sampling().build();
+            capabilities.sampling = ClientCapabilities::builder()
+                .enable_sampling()
+                .build()
+                .sampling;
+        }
+        if self.elicitation {
+            capabilities.elicitation = ClientCapabilities::builder()
+                .enable_elicitation()
+                .build()
+                .elicitation;
         }
         ClientConfig::new(capabilities, Implementation::new("routing-test", "1"))
+    }
+
+    async fn create_elicitation(
+        &self,
+        _request: ElicitRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, ErrorData> {
+        *self.seen.elicited.lock().unwrap() += 1;
+        if !self.elicitation {
+            return Err(ErrorData::internal_error("no elicitation here", None));
+        }
+        Ok(ElicitResult::new(ElicitationAction::Accept).with_content(json!({"confirmed": true})))
     }
 
     async fn on_progress(
@@ -147,6 +173,7 @@ async fn connect(
     let client = Caller {
         seen: seen.clone(),
         sampling_reply,
+        elicitation: sampling_reply.is_some(),
     }
     .serve(client_end)
     .await
@@ -335,7 +362,7 @@ async fn logging_reaches_the_caller_and_list_changed_ticks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sampling_goes_to_the_calling_client_only_when_it_declared_it() {
+async fn sampling_and_elicitation_go_to_the_calling_client_only_when_it_declared_them() {
     let dir = tempfile::tempdir().unwrap();
     let call_log = dir.path().join("calls.jsonl");
     let set = fixture_set(&call_log).await;
@@ -358,6 +385,17 @@ async fn sampling_goes_to_the_calling_client_only_when_it_declared_it() {
     assert_eq!(refused.is_error, Some(true), "{refused:?}");
     assert!(bob_seen.sampled.lock().unwrap().is_empty());
     assert_eq!(alice_seen.sampled.lock().unwrap().len(), 1);
+
+    // Elicitation follows the same rule: Alice declared it, Bob did not.
+    let confirmed =
+        result_of(send_call(&alice, "fx__confirm", json!({"question": "restart web?"})).await)
+            .await;
+    assert_eq!(text_of(&confirmed), "confirmed: True", "{confirmed:?}");
+    let unconfirmed =
+        result_of(send_call(&bob, "fx__confirm", json!({"question": "restart db?"})).await).await;
+    assert_eq!(unconfirmed.is_error, Some(true), "{unconfirmed:?}");
+    assert_eq!(*alice_seen.elicited.lock().unwrap(), 1);
+    assert_eq!(*bob_seen.elicited.lock().unwrap(), 0);
 
     // Over stdio a request cannot name its call: with a second call in flight it is
     // refused rather than guessed.
@@ -399,5 +437,192 @@ async fn the_fixture_records_every_call_it_receives() {
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls[0]["tool"], "echo");
     assert_eq!(calls[0]["arguments"], json!({"message": "one"}));
+    set.shutdown().await;
+}
+
+/// The fixture serving Streamable HTTP on a free loopback port, and its URL.
+fn http_fixture(call_log: &Path) -> (tokio::process::Child, u16) {
+    let port = common::upstream::free_port();
+    let child = tokio::process::Command::new(common::upstream::python())
+        .arg(common::upstream::fixture_script())
+        .args(["--http", "--port", &port.to_string()])
+        .env("FIXTURE_CALL_LOG", call_log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the http fixture");
+    (child, port)
+}
+
+fn http_upstream(name: &str, port: u16) -> proxi::upstream::config::ResolvedUpstream {
+    let declaration: proxi::upstream::config::UpstreamDeclaration =
+        serde_json::from_value(json!({"url": format!("http://127.0.0.1:{port}/mcp")})).unwrap();
+    declaration.resolve(name, &|_| None).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_request_is_routed_by_its_stream_even_with_calls_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let call_log = dir.path().join("calls.jsonl");
+    let (_server, port) = http_fixture(&call_log);
+    // Optional, so start returns at once; the fixture may still be booting.
+    let set = Arc::new(
+        UpstreamSet::start(vec![http_upstream("web", port)])
+            .await
+            .unwrap(),
+    );
+    let mut changed = set.tools_changed();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        changed.wait_for(|_| set.listings()["web"].is_ok()),
+    )
+    .await
+    .expect("the http fixture is listed")
+    .unwrap();
+    let (alice, alice_seen) = connect(&set, Some("over http")).await;
+    let (bob, _) = connect(&set, None).await;
+
+    let busy = send_call(&bob, "web__slow", json!({"ms": 1500})).await;
+    eventually(
+        "the slow call to reach the fixture",
+        Duration::from_secs(10),
+        || {
+            let calls = fixture_calls(&call_log);
+            async move { calls.iter().any(|c| c["tool"] == "slow").then_some(()) }
+        },
+    )
+    .await;
+    // Two calls in flight, but the sampling request comes on the SSE stream of
+    // Alice's POST, so it is hers without doubt.
+    let answered = result_of(send_call(&alice, "web__ask", json!({"question": "ok?"})).await).await;
+    assert_eq!(text_of(&answered), "client said: over http", "{answered:?}");
+    assert_eq!(alice_seen.sampled.lock().unwrap().len(), 1);
+    assert_eq!(text_of(&result_of(busy).await), "slept 1500 ms");
+    drop((alice, bob));
+    set.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_upstream_that_restarts_is_reconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let call_log = dir.path().join("calls.jsonl");
+    let (mut server, port) = http_fixture(&call_log);
+    let set = UpstreamSet::start(vec![http_upstream("web", port)])
+        .await
+        .unwrap();
+    let mut changed = set.tools_changed();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        changed.wait_for(|_| set.listings()["web"].is_ok()),
+    )
+    .await
+    .expect("the http fixture is listed")
+    .unwrap();
+    let echo = set
+        .call(
+            "web",
+            "echo",
+            arguments(json!({"message": "first"})),
+            &CallContext::detached(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(text_of(&echo), "first");
+
+    server.kill().await.unwrap();
+    let down = set
+        .call(
+            "web",
+            "echo",
+            arguments(json!({"message": "down"})),
+            &CallContext::detached(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            down,
+            proxi::upstream::client::UpstreamError::Unavailable { .. }
+        ),
+        "{down:?}"
+    );
+
+    // The same server again on the same port: the set reconnects by itself.
+    let mut again = tokio::process::Command::new(common::upstream::python())
+        .arg(common::upstream::fixture_script())
+        .args(["--http", "--port", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let echo = eventually(
+        "a call after the reconnect",
+        Duration::from_secs(40),
+        || {
+            let set = &set;
+            async move {
+                set.call(
+                    "web",
+                    "echo",
+                    arguments(json!({"message": "second"})),
+                    &CallContext::detached(),
+                )
+                .await
+                .ok()
+            }
+        },
+    )
+    .await;
+    assert_eq!(text_of(&echo), "second");
+    assert!(set.status()[0].starts >= 2, "{:?}", set.status());
+    set.shutdown().await;
+    again.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_call_is_cancelled_upstream_and_frees_its_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let call_log = dir.path().join("calls.jsonl");
+    let set = fixture_set(&call_log).await;
+    let (alice, alice_seen) = connect(&set, Some("still mine")).await;
+
+    // The caller's future is dropped once the fixture has the call (a REST client
+    // that hung up, a front end that gave up), with no cancellation token fired.
+    let detached = CallContext::detached();
+    let slow = set.call("fx", "slow", arguments(json!({"ms": 30000})), &detached);
+    tokio::select! {
+        outcome = slow => panic!("the slow call ended: {outcome:?}"),
+        () = eventually("the fixture to receive the slow call", Duration::from_secs(10), || {
+            let calls = fixture_calls(&call_log);
+            async move { calls.iter().any(|c| c["tool"] == "slow").then_some(()) }
+        }) => {}
+    }
+    eventually(
+        "the fixture to see the cancellation",
+        Duration::from_secs(10),
+        || {
+            let calls = fixture_calls(&call_log);
+            async move {
+                calls
+                    .iter()
+                    .any(|c| c["tool"] == "slow" && c["event"] == "cancelled")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // Had the dropped call stayed in flight, this request could not be attributed
+    // over stdio and would be refused.
+    let answered =
+        result_of(send_call(&alice, "fx__ask", json!({"question": "mine?"})).await).await;
+    assert_eq!(
+        text_of(&answered),
+        "client said: still mine",
+        "{answered:?}"
+    );
+    assert_eq!(alice_seen.sampled.lock().unwrap().len(), 1);
+    drop(alice);
     set.shutdown().await;
 }

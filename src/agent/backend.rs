@@ -20,13 +20,13 @@ use serde_json::{Map, Value};
 use tokio::sync::RwLock;
 
 use super::provider::ToolSpec;
-use crate::api::{MCP_META_AUDIT_SEQ, MCP_META_MODE, PolicyStatus, ToolResponse};
+use crate::api::{MCP_META_AUDIT_SEQ, MCP_META_MODE, PolicyStatus, Reason, ToolResponse};
 use crate::client::{ClientError, ProxiClient};
 
 /// Reason code the server gives a tool that does not exist.
-pub const UNKNOWN_TOOL: &str = "unknown_tool";
+pub const UNKNOWN_TOOL: &str = Reason::UnknownTool.as_str();
 /// Reason code the server gives arguments that fail the tool's schema.
-pub const INVALID_ARGUMENTS: &str = "invalid_arguments";
+pub const INVALID_ARGUMENTS: &str = Reason::InvalidArguments.as_str();
 
 /// How the server decided one call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

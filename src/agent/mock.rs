@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use super::provider::{
     AssistantTurn, LlmProvider, Message, ProviderError, ProviderRequest, ToolCallRequest, ToolSpec,
 };
-use crate::api::INITIAL_SERVICES;
+use crate::api::{INITIAL_SERVICES, Reason};
 
 /// The model name the mock reports.
 pub const MOCK_MODEL: &str = "deterministic-planner";
@@ -807,8 +807,9 @@ fn refusal(action: &str, tool: &str, observed: &Observed, tools: &[ToolSpec]) ->
         .as_deref()
         .map(|next| format!(" {next}"))
         .unwrap_or_default();
-    match (observed.decision.as_str(), observed.reason_code.as_deref()) {
-        ("denied", Some("unknown_tool")) => {
+    let reason = observed.reason_code.as_deref().and_then(Reason::parse);
+    match (observed.decision.as_str(), reason) {
+        ("denied", Some(Reason::UnknownTool)) => {
             let known = observed
                 .known_tools
                 .clone()
@@ -818,7 +819,7 @@ fn refusal(action: &str, tool: &str, observed: &Observed, tools: &[ToolSpec]) ->
                 known.join(", ")
             )
         }
-        ("denied", Some("blocked_in_mode" | "not_allowed")) => {
+        ("denied", Some(Reason::BlockedInMode | Reason::NotAllowed)) => {
             let mode = observed.mode.as_deref().unwrap_or("the current");
             let mut sentence = format!("❌ I cannot {action} in {mode} mode.");
             match mode_policy_sentence(mode, tools) {
@@ -832,7 +833,7 @@ fn refusal(action: &str, tool: &str, observed: &Observed, tools: &[ToolSpec]) ->
             sentence
         }
         ("denied", _) => match observed.mode.as_deref() {
-            Some(mode) if observed.reason_code.as_deref() == Some("constraint_violated") => {
+            Some(mode) if reason == Some(Reason::ConstraintViolated) => {
                 format!("❌ I cannot {action} in {mode} mode: {message}.{next}")
             }
             _ => format!("❌ I cannot {action}: {message}.{next}"),

@@ -61,8 +61,11 @@ pub const ALREADY_FAILED: &str = "already_failed";
 /// state, so a repeat changes nothing).
 pub const ALREADY_DONE: &str = "already_done";
 /// Failure reason codes that the same call would get again.
-pub const DETERMINISTIC_FAILURES: [&str; 3] =
-    ["unknown_service", "unknown_database", INVALID_ARGUMENTS];
+pub const DETERMINISTIC_FAILURES: [&str; 3] = [
+    crate::api::Reason::UnknownService.as_str(),
+    crate::api::Reason::UnknownDatabase.as_str(),
+    INVALID_ARGUMENTS,
+];
 /// What the model is told after an empty reply.
 pub const EMPTY_REPLY_PROMPT: &str =
     "Your reply was empty. Call one of the tools, or answer the user in words.";

@@ -37,6 +37,8 @@ pub enum EntryKind {
     AuthRefused,
     /// An operator simulated an incident.
     Incident,
+    /// A mode switch waited for, or cancelled, upstream calls the new mode denies.
+    ModeDrained,
 }
 
 impl EntryKind {
@@ -48,6 +50,7 @@ impl EntryKind {
             EntryKind::ModeExpired => "mode_expired",
             EntryKind::AuthRefused => "auth_refused",
             EntryKind::Incident => "incident",
+            EntryKind::ModeDrained => "mode_drained",
         }
     }
 }

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
+use crate::reason::Reason;
+
 use super::evidence::{Findings, audit_records, check_run, confirmed, last_seq};
 use super::{DemoError, DemoSink, Environment, Outcome, ScenarioReport};
 use crate::agent::backend::Decision;
@@ -314,7 +316,7 @@ impl Environment {
                             attempted += 1;
                             findings.check(
                                 call.decision == Decision::Rejected
-                                    && call.reason_code.as_deref() == Some("invalid_arguments")
+                                    && Reason::InvalidArguments.is(call.reason_code.as_deref())
                                     && confirmed(call, &records),
                                 format!("scale_fleet(count={count}) FAILED argument validation (invalid_arguments, audited as rejected)"),
                             );
@@ -424,7 +426,7 @@ impl Environment {
                 let claimed = match refused {
                     Some(call) => {
                         findings.check(
-                            call.reason_code.as_deref() == Some("unknown_tool")
+                            Reason::UnknownTool.is(call.reason_code.as_deref())
                                 && confirmed(call, &records),
                             "magic_fix was REJECTED as unknown_tool and the attempt is in the audit trail",
                         );
@@ -469,7 +471,7 @@ impl Environment {
                     Some(call) => {
                         findings.check(
                             call.decision == Decision::Failed
-                                && call.reason_code.as_deref() == Some("unknown_service")
+                                && Reason::UnknownService.is(call.reason_code.as_deref())
                                 && confirmed(call, &records),
                             "restart_service(payment-service) FAILED resource validation (unknown_service, audited as failed)",
                         );

@@ -15,6 +15,7 @@
 pub mod http;
 pub mod sessions;
 pub mod stdio;
+pub mod tool_changes;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -35,7 +36,7 @@ use rmcp::model::{
 // Logging is deprecated by SEP-2577 but still part of the 2025-era protocol versions.
 #[allow(deprecated)]
 use rmcp::model::{SetLevelRequestMethod, SetLevelRequestParams};
-use rmcp::service::{RequestContext, SubscriptionContext};
+use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -44,7 +45,8 @@ use tokio::task::AbortHandle;
 
 use crate::gateway::{Execution, Gateway, GatewayError, Outcome, PolicyStatus};
 use crate::principal::Principal;
-use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory, ToolName};
+use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory};
+use crate::upstream::call::{CallContext, CallerPeer};
 
 /// `serverInfo.name` in `initialize` and `server/discover`.
 pub const SERVER_NAME: &str = "proxi";
@@ -53,7 +55,7 @@ pub const POLICY_STATUS_URI: &str = "proxi://policy/status";
 /// The readable infrastructure state.
 pub const INFRASTRUCTURE_STATUS_URI: &str = "proxi://infrastructure/status";
 /// Reason code of a call refused because the audit trail cannot record it.
-pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
+pub const AUDIT_UNAVAILABLE: &str = crate::reason::Reason::AuditUnavailable.as_str();
 
 const INSTRUCTIONS: &str = "Proxi governs these infrastructure tools. Every call is checked against \
 the policy's current mode and recorded in an audit trail. Read proxi://policy/status to see the mode \
@@ -75,17 +77,15 @@ pub enum Transport {
 #[derive(Clone, Debug)]
 pub struct McpShared {
     gateway: Arc<Gateway>,
-    tools: Arc<[Tool]>,
     info: Arc<ServerConfig>,
 }
 
 impl McpShared {
-    /// Derives the tool list and server info from the gateway's catalog and policy.
+    /// The server info; the tool list is built from the gateway's catalog at each
+    /// `tools/list`, because upstream tools come and go.
     pub fn new(gateway: Arc<Gateway>) -> McpShared {
-        let tools = tool_definitions(&gateway).into();
         McpShared {
             gateway,
-            tools,
             info: Arc::new(server_config()),
         }
     }
@@ -97,6 +97,7 @@ impl McpShared {
             shared: self.clone(),
             transport,
             subscription: LegacySubscription::default(),
+            tool_changes: LegacySubscription::default(),
         }
     }
 }
@@ -112,6 +113,9 @@ pub struct ProxiMcp {
     /// of a change made before it listened: a spurious "refetch", never a lost one.)
     updates: watch::Receiver<PolicyStatus>,
     subscription: LegacySubscription,
+    /// The `notifications/tools/list_changed` forwarder of one legacy session,
+    /// started when the client is initialized; stops with the session.
+    tool_changes: LegacySubscription,
 }
 
 /// The `resources/subscribe` watcher of one legacy session; stops when the session ends.
@@ -147,6 +151,7 @@ fn server_config() -> ServerConfig {
         .enable_resources()
         .enable_resources_subscribe()
         .enable_tools()
+        .enable_tool_list_changed()
         .build();
     ServerConfig::new(capabilities)
         .with_server_info(
@@ -222,7 +227,7 @@ pub struct Refusal {
     pub audit_seq: Option<u64>,
     /// For an unknown tool, the tools that exist.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub known_tools: Option<Vec<&'static str>>,
+    pub known_tools: Option<Vec<String>>,
     /// For a rate-limited call, the seconds to wait before calling again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after_seconds: Option<u64>,
@@ -250,7 +255,9 @@ pub const META_MODE: &str = "dev.proxi/mode";
 /// `_meta` key of a successful call's audit sequence number.
 pub const META_AUDIT_SEQ: &str = "dev.proxi/audit_seq";
 
-/// Turns the gateway's answer into an MCP tool result.
+/// Turns the gateway's answer into an MCP tool result: a success with the mode
+/// and audit seq in `_meta`, an upstream's result unchanged, or an `isError`
+/// refusal rendered from the same [`crate::answer::answer`] REST renders.
 pub fn tool_result(execution: Execution) -> CallToolResult {
     let Execution {
         tool,
@@ -258,21 +265,12 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
         outcome,
         audit_seq,
     } = execution;
-    let reason_code = outcome.reason_code().unwrap_or_default().to_owned();
-    let policy_violation = outcome.is_policy_violation();
-    let refusal = |message: String, how_to_proceed: String| Refusal {
-        policy_violation,
-        reason_code: reason_code.clone(),
-        mode: mode.to_string(),
-        tool: tool.clone(),
-        how_to_proceed,
-        message,
-        audit_seq: Some(audit_seq),
-        known_tools: None,
-        retry_after_seconds: None,
-    };
-    match outcome {
-        Outcome::Executed(result) => {
+    let answer = crate::answer::answer(&outcome, crate::server::rest::known_tool_names);
+    match (outcome, answer) {
+        // The upstream's answer, every content block, structuredContent and
+        // isError, exactly as it came.
+        (Outcome::Forwarded(result), _) => result,
+        (Outcome::Executed(result), _) => {
             let text = result.to_string();
             let mut success = CallToolResult::success(vec![ContentBlock::text(text)]);
             success.structured_content = Some(result);
@@ -283,47 +281,20 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
             success.meta = Some(rmcp::model::MetaObject(meta));
             success
         }
-        Outcome::Denied {
-            message,
-            how_to_proceed,
-            ..
-        } => refusal(message, how_to_proceed).into_result(),
-        Outcome::UnknownTool { message } => Refusal {
-            known_tools: Some(ToolName::ALL.map(ToolName::as_str).to_vec()),
-            ..refusal(
-                message,
-                "Use one of the tools listed in known_tools (see tools/list).".to_owned(),
-            )
+        (_, Some(answer)) => Refusal {
+            policy_violation: answer.policy_violation,
+            reason_code: answer.reason_code.to_string(),
+            mode: mode.to_string(),
+            tool,
+            how_to_proceed: answer.how_to_proceed,
+            message: answer.message,
+            audit_seq: Some(audit_seq),
+            known_tools: answer.known_tools,
+            retry_after_seconds: answer.retry_after_seconds,
         }
         .into_result(),
-        Outcome::InvalidArguments(message) => refusal(
-            message,
-            "Fix the arguments to match the tool's inputSchema (see tools/list) and call again."
-                .to_owned(),
-        )
-        .into_result(),
-        Outcome::InvalidToolName(message) => refusal(
-            message,
-            "Call one of the tools listed by tools/list, by its exact name.".to_owned(),
-        )
-        .into_result(),
-        Outcome::RateLimited { .. } => {
-            let retry_after_seconds = outcome.retry_after_seconds();
-            Refusal {
-                retry_after_seconds,
-                ..refusal(
-                    crate::server::rest::rate_limited_message(retry_after_seconds),
-                    "Slow down: wait retry_after_seconds, then call again.".to_owned(),
-                )
-            }
-            .into_result()
-        }
-        Outcome::Failed { message, .. } => refusal(
-            message,
-            "Nothing was changed. Check the arguments (list_services shows valid service names) and call again."
-                .to_owned(),
-        )
-        .into_result(),
+        // answer() is None only for Executed and a successful Forwarded.
+        (_, None) => CallToolResult::error(vec![ContentBlock::text("internal error")]),
     }
 }
 
@@ -419,7 +390,9 @@ impl ServerHandler for ProxiMcp {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        Ok(ListToolsResult::with_all_items(self.shared.tools.to_vec()))
+        Ok(ListToolsResult::with_all_items(tool_definitions(
+            &self.shared.gateway,
+        )))
     }
 
     async fn call_tool(
@@ -445,10 +418,19 @@ impl ServerHandler for ProxiMcp {
             return Err(ErrorData::invalid_params(problem, None));
         }
         let arguments = Value::Object(request.arguments.unwrap_or_default());
+        // The client's cancellation (context.ct) cancels this call, and only it;
+        // the upstream's traffic during the call goes to this client alone.
+        let call_context = CallContext {
+            cancel: context.ct.clone(),
+            caller: Some(CallerPeer {
+                peer: context.peer.clone(),
+                progress_token: context.meta.get_progress_token(),
+            }),
+        };
         match self
             .shared
             .gateway
-            .execute(&principal, &request.name, arguments)
+            .execute_call(&principal, &request.name, arguments, None, &call_context)
             .await
         {
             Ok(execution) => Ok(tool_result(execution).into()),
@@ -552,28 +534,25 @@ impl ServerHandler for ProxiMcp {
         Some(accepted)
     }
 
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        self.tool_changes
+            .replace(Some(tool_changes::forward_to_session(
+                context.peer,
+                self.shared.gateway.tools_changed(),
+            )));
+    }
+
     async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
-        let wants_policy = context
-            .accepted()
-            .resource_subscriptions
-            .as_ref()
-            .is_some_and(|uris| uris.iter().any(|uri| uri == POLICY_STATUS_URI));
-        if !wants_policy {
-            context.cancelled().await;
-            return Ok(());
-        }
-        let mut updates = self.updates.clone();
-        loop {
-            tokio::select! {
-                () = context.cancelled() => return Ok(()),
-                changed = updates.changed() => {
-                    if changed.is_err()
-                        || context.sink().notify_resource_updated(POLICY_STATUS_URI).await.is_err()
-                    {
-                        return Ok(());
-                    }
-                }
-            }
+        // Tool list changes and policy updates share the stream; each forwarder
+        // returns when the client cancels it.
+        let tools =
+            tool_changes::forward_to_listener(&context, self.shared.gateway.tools_changed());
+        let policy = self.listen_for_policy(&context);
+        if tool_changes::wants_tool_changes(&context) {
+            let ((), result) = tokio::join!(tools, policy);
+            result
+        } else {
+            policy.await
         }
     }
 
@@ -599,6 +578,34 @@ impl ServerHandler for ProxiMcp {
     }
 }
 
+impl ProxiMcp {
+    /// The policy-status half of [`ServerHandler::listen`].
+    async fn listen_for_policy(&self, context: &SubscriptionContext) -> Result<(), ErrorData> {
+        let wants_policy = context
+            .accepted()
+            .resource_subscriptions
+            .as_ref()
+            .is_some_and(|uris| uris.iter().any(|uri| uri == POLICY_STATUS_URI));
+        if !wants_policy {
+            context.cancelled().await;
+            return Ok(());
+        }
+        let mut updates = self.updates.clone();
+        loop {
+            tokio::select! {
+                () = context.cancelled() => return Ok(()),
+                changed = updates.changed() => {
+                    if changed.is_err()
+                        || context.sink().notify_resource_updated(POLICY_STATUS_URI).await.is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -607,7 +614,7 @@ mod tests {
 
     use super::*;
     use crate::policy::{Decision, PolicyEngine};
-    use crate::tools::ToolCall;
+    use crate::tools::{ToolCall, ToolName};
 
     fn execution(outcome: Outcome) -> Execution {
         Execution {

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
 use crate::api::{ErrorBody, MAX_BODY_BYTES};
+use crate::gateway::{GatewayError, ModeChangeError};
 
 /// An error answer: a status and a safe message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +52,33 @@ impl ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             "disk space for the audit trail is low: agent calls are refused until an operator frees space (operator actions still work)",
         )
+    }
+}
+
+/// A gateway failure as the caller sees it: 503 when the audit trail cannot
+/// record (nothing runs unrecorded), otherwise a 500 with no details.
+impl From<GatewayError> for ApiError {
+    fn from(error: GatewayError) -> ApiError {
+        match error {
+            GatewayError::AuditUnavailable => ApiError::audit_unavailable(),
+            GatewayError::AuditLowSpace => ApiError::audit_low_space(),
+            other => {
+                tracing::error!(error = %other, "request failed inside the gateway");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+        }
+    }
+}
+
+/// A refused mode change: 503 when it could not be recorded, 403 for a caller
+/// who is not an operator, 400 for a change the rules refuse.
+impl From<ModeChangeError> for ApiError {
+    fn from(error: ModeChangeError) -> ApiError {
+        match error {
+            ModeChangeError::AuditUnavailable => ApiError::audit_unavailable(),
+            ModeChangeError::NotOperator => ApiError::new(StatusCode::FORBIDDEN, error.to_string()),
+            other => ApiError::bad_request(other.to_string()),
+        }
     }
 }
 

@@ -12,13 +12,15 @@ use serde_json::Value;
 use super::AppState;
 use super::auth::{Caller, Operator};
 use super::error::{ApiError, ApiJson, ApiQuery, NamedJson};
+use crate::answer::answer;
 use crate::api::{
     AuditPage, Catalog, DEFAULT_AUDIT_LIMIT, ExecuteRequest, Health, IncidentRequest,
-    IncidentResponse, MAX_AUDIT_LIMIT, SetModeRequest, ToolResponse,
+    IncidentResponse, MAX_AUDIT_LIMIT, SetModeRequest, SetModeResponse, ToolResponse,
 };
-use crate::gateway::{Execution, GatewayError, ModeChange, ModeChangeError, Outcome};
+use crate::gateway::{Execution, GatewayError, ModeChange, Outcome, UpstreamFailure};
 use crate::infra::ServiceHealth;
 use crate::tools::{MAX_TOOL_NAME_LEN, ToolName};
+use crate::upstream::call::CallContext;
 
 /// `GET /`: liveness, unauthenticated so that probes need no secret.
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
@@ -45,15 +47,13 @@ pub async fn set_mode(
         reason: request.reason,
         ttl: request.ttl_seconds.map(Duration::from_secs),
     };
-    match state.gateway.set_mode(&principal, change).await {
-        Ok(status) => Ok(Json(status).into_response()),
-        Err(ModeChangeError::AuditUnavailable) => Err(ApiError::audit_unavailable()),
-        Err(ModeChangeError::NotOperator) => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ModeChangeError::NotOperator.to_string(),
-        )),
-        Err(error) => Err(ApiError::bad_request(error.to_string())),
-    }
+    let switch = state.gateway.switch_mode(&principal, change).await?;
+    Ok(Json(SetModeResponse {
+        status: switch.status,
+        drained: switch.drain.drained,
+        cancelled: switch.drain.cancelled,
+    })
+    .into_response())
 }
 
 /// `POST /tools/execute`: the governed path.
@@ -82,15 +82,20 @@ pub async fn execute(
         return Err(error);
     }
     let context = (!request.context.is_empty()).then(|| Value::Object(request.context));
+    // A client that goes away drops this future, and with it the guard, which
+    // cancels an upstream call in flight (its outcome is still recorded).
+    let call_context = CallContext::detached();
+    let _cancel_when_dropped = call_context.cancel.clone().drop_guard();
     let execution = state
         .gateway
-        .execute_with_context(&principal, &request.tool_name, request.arguments, context)
-        .await
-        .map_err(|error| match error {
-            GatewayError::AuditUnavailable => ApiError::audit_unavailable(),
-            GatewayError::AuditLowSpace => ApiError::audit_low_space(),
-            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
-        })?;
+        .execute_call(
+            &principal,
+            &request.tool_name,
+            request.arguments,
+            context,
+            &call_context,
+        )
+        .await?;
     let status = execution_status(&execution.outcome);
     let retry_after = execution.outcome.retry_after_seconds();
     let mut response = (status, Json(tool_response(execution))).into_response();
@@ -127,74 +132,66 @@ pub fn execution_status(outcome: &Outcome) -> StatusCode {
         Outcome::InvalidToolName(_) => StatusCode::BAD_REQUEST,
         Outcome::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Outcome::Failed { .. } => StatusCode::CONFLICT,
+        Outcome::Forwarded(result) if result.is_error == Some(true) => StatusCode::CONFLICT,
+        Outcome::Forwarded(_) => StatusCode::OK,
+        Outcome::UpstreamFailed { failure, .. } => match failure {
+            UpstreamFailure::Unavailable | UpstreamFailure::Refused => StatusCode::BAD_GATEWAY,
+            UpstreamFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamFailure::Cancelled => StatusCode::CONFLICT,
+        },
     }
 }
 
-/// Renders an execution in the seed's response shape.
+/// Renders an execution in the response shape of the original Python prototype,
+/// from the same [`answer`] MCP renders.
 pub fn tool_response(execution: Execution) -> ToolResponse {
-    let reason_code = execution.outcome.reason_code().map(str::to_owned);
-    let retry_after_seconds = execution.outcome.retry_after_seconds();
-    let policy_violation = execution.outcome.is_policy_violation();
+    let answer = answer(&execution.outcome, known_tool_names);
     let mut response = ToolResponse {
-        success: false,
+        success: answer.is_none(),
         result: None,
         error: None,
-        policy_violation,
+        policy_violation: false,
         blocked_reason: None,
-        reason_code,
+        reason_code: None,
         tool: execution.tool,
         mode: execution.mode.to_string(),
         how_to_proceed: None,
         known_tools: None,
         audit_seq: execution.audit_seq,
-        retry_after_seconds,
+        retry_after_seconds: None,
     };
     match execution.outcome {
-        Outcome::Executed(result) => {
-            response.success = true;
-            response.result = Some(result);
+        Outcome::Executed(result) => response.result = Some(result),
+        // The upstream's result as MCP defines it (content blocks,
+        // structuredContent), an isError result included.
+        Outcome::Forwarded(result) => response.result = serde_json::to_value(&result).ok(),
+        _ => {}
+    }
+    if let Some(answer) = answer {
+        response.policy_violation = answer.policy_violation;
+        response.reason_code = Some(answer.reason_code.to_string());
+        response.retry_after_seconds = answer.retry_after_seconds;
+        response.known_tools = answer.known_tools;
+        response.how_to_proceed = Some(answer.how_to_proceed);
+        if answer.policy_violation {
+            response.blocked_reason = Some(answer.message.clone());
         }
-        Outcome::Denied {
-            message,
-            how_to_proceed,
-            ..
-        } => {
-            response.error = Some(format!("Policy violation: {message}"));
-            response.blocked_reason = Some(message);
-            response.how_to_proceed = Some(how_to_proceed);
-        }
-        Outcome::UnknownTool { message } => {
-            response.error = Some(message.clone());
-            response.blocked_reason = Some(message);
-            response.known_tools = Some(
-                ToolName::ALL
-                    .iter()
-                    .map(|tool| tool.as_str().to_owned())
-                    .collect(),
-            );
-            response.how_to_proceed =
-                Some("Use one of the tools listed in known_tools.".to_owned());
-        }
-        Outcome::InvalidArguments(message)
-        | Outcome::InvalidToolName(message)
-        | Outcome::Failed { message, .. } => {
-            response.error = Some(message);
-        }
-        Outcome::RateLimited { .. } => {
-            response.error = Some(rate_limited_message(retry_after_seconds));
-            response.how_to_proceed =
-                Some("Slow down: wait retry_after_seconds, then send the call again.".to_owned());
-        }
+        response.error = Some(
+            match (answer.policy_violation, response.known_tools.is_some()) {
+                (true, false) => format!("Policy violation: {}", answer.message),
+                _ => answer.message,
+            },
+        );
     }
     response
 }
 
-/// What a rate-limited caller is told; the REST and MCP answers share it.
-pub fn rate_limited_message(retry_after_seconds: Option<u64>) -> String {
-    format!(
-        "Rate limit exceeded: too many tool calls from this principal. Retry after {} s.",
-        retry_after_seconds.unwrap_or(1)
-    )
+/// The tools that exist, for an unknown tool's `known_tools`.
+pub fn known_tool_names() -> Vec<String> {
+    ToolName::ALL
+        .iter()
+        .map(|tool| tool.as_str().to_owned())
+        .collect()
 }
 
 /// `GET /tools/catalog`.
@@ -273,8 +270,14 @@ pub async fn audit(
                 "the audit trail could not be read",
             )
         })?;
+    let in_flight = state.gateway.in_flight_intents();
+    let outcome_unknown = crate::audit_view::unresolved_intents(&records)
+        .into_iter()
+        .filter(|seq| !in_flight.contains(seq))
+        .collect();
     Ok(Json(AuditPage {
         count: records.len(),
         records,
+        outcome_unknown,
     }))
 }

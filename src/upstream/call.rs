@@ -41,3 +41,43 @@ impl CallContext {
         CallContext::default()
     }
 }
+
+/// Where [`crate::gateway::Gateway::execute_call`] sends an upstream call the policy
+/// allowed: the upstream set in `proxi serve` and `proxi mcp`, a fake in tests.
+///
+/// The future ends with the upstream's result (an `isError` result included),
+/// or the reason there is none. The gateway drops it when the caller or a mode
+/// switch cancels the call, and also fires `context.cancel`; either way the
+/// upstream request must be cancelled (rmcp sends `notifications/cancelled` when
+/// a request future is dropped).
+pub trait UpstreamCalls: Send + Sync {
+    /// Calls the upstream's own tool `tool` on upstream `upstream`.
+    fn call<'a>(
+        &'a self,
+        upstream: &'a str,
+        tool: &'a str,
+        arguments: Option<rmcp::model::JsonObject>,
+        context: &'a CallContext,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<rmcp::model::CallToolResult, super::client::UpstreamError>,
+    >;
+}
+
+/// The running upstreams of `proxi serve` and `proxi mcp`.
+impl UpstreamCalls for super::set::UpstreamSet {
+    fn call<'a>(
+        &'a self,
+        upstream: &'a str,
+        tool: &'a str,
+        arguments: Option<rmcp::model::JsonObject>,
+        context: &'a CallContext,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<rmcp::model::CallToolResult, super::client::UpstreamError>,
+    > {
+        Box::pin(super::set::UpstreamSet::call(
+            self, upstream, tool, arguments, context,
+        ))
+    }
+}

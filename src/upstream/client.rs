@@ -20,12 +20,12 @@ use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig,
     ClientRequest, ClientResult, CreateMessageRequestParams, CreateMessageResult, ElicitRequest,
     ElicitRequestParams, ElicitResult, ErrorCode, ErrorData as McpError, Implementation,
-    JsonObject, LoggingMessageNotificationParam, ProgressNotificationParam, ServerRequest,
-    ServerResult, Tool,
+    JsonObject, LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
+    ServerRequest, ServerResult, Tool,
 };
 use rmcp::service::{
-    InboundStreamOrigin, NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient,
-    RunningService, ServiceError,
+    InboundStreamOrigin, NotificationContext, Peer, PeerRequestOptions, RequestContext,
+    RequestHandle, RoleClient, RunningService, ServiceError,
 };
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
@@ -231,7 +231,12 @@ impl ClientHandler for UpstreamHandler {
                 }
             }
             _ => {
-                tracing::info!(upstream = %self.upstream, level = ?params.level, logger = ?params.logger, data = %params.data, "upstream log message");
+                // Cut like a stderr line: the upstream chooses the size.
+                let data = cut_at_boundary(params.data.to_string(), MAX_STDERR_LINE);
+                let logger = params
+                    .logger
+                    .map(|logger| cut_at_boundary(logger, MAX_STDERR_LINE));
+                tracing::info!(upstream = %self.upstream, level = ?params.level, logger = ?logger, data = %data, "upstream log message");
             }
         }
     }
@@ -294,31 +299,65 @@ pub struct UpstreamClient {
 /// the whole group with SIGKILL: the child is gone by then, or is being killed by
 /// `kill_on_drop`, but a grandchild (the server an `npx` wrapper started) would
 /// otherwise survive as an orphan.
+///
+/// The group is also killed as soon as the child itself exits: a grandchild that
+/// inherited the pipes would otherwise keep the session open after its wrapper
+/// died, so the crash would go unnoticed and the wrapper's restart never happen.
 #[derive(Debug)]
-struct ProcessGroup(Option<rustix::process::Pid>);
+struct ProcessGroup {
+    group: Option<rustix::process::Pid>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+}
 
 impl ProcessGroup {
     fn new(leader: Option<u32>) -> ProcessGroup {
-        ProcessGroup(
-            leader
-                .and_then(|pid| i32::try_from(pid).ok())
-                .and_then(rustix::process::Pid::from_raw),
-        )
+        let group = leader
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        let watcher = group.map(|group| tokio::spawn(kill_group_when_leader_exits(group)));
+        ProcessGroup { group, watcher }
+    }
+}
+
+/// Kills `group` with SIGKILL; an empty group (ESRCH) is the usual, good case.
+fn kill_group(group: rustix::process::Pid) {
+    match rustix::process::kill_process_group(group, rustix::process::Signal::KILL) {
+        Ok(()) => tracing::debug!(
+            group = group.as_raw_nonzero().get(),
+            "killed what was left of an upstream's process group"
+        ),
+        Err(rustix::io::Errno::SRCH) => {}
+        Err(error) => tracing::warn!(%error, "cannot kill an upstream's process group"),
+    }
+}
+
+/// Waits for the group's leader (the child) to exit, through a pidfd (readable once
+/// the process has exited, even before it is reaped), then kills the rest of the group.
+async fn kill_group_when_leader_exits(group: rustix::process::Pid) {
+    let pidfd = match rustix::process::pidfd_open(group, rustix::process::PidfdFlags::empty()) {
+        Ok(pidfd) => pidfd,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch an upstream's exit; its group is killed only when its session ends");
+            return;
+        }
+    };
+    match tokio::io::unix::AsyncFd::new(pidfd) {
+        Ok(exited) => {
+            if exited.readable().await.is_ok() {
+                kill_group(group);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot watch an upstream's exit"),
     }
 }
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        if let Some(group) = self.0 {
-            // ESRCH (the group is empty already) is the usual, good case.
-            match rustix::process::kill_process_group(group, rustix::process::Signal::KILL) {
-                Ok(()) => tracing::debug!(
-                    group = group.as_raw_nonzero().get(),
-                    "killed what was left of an upstream's process group"
-                ),
-                Err(rustix::io::Errno::SRCH) => {}
-                Err(error) => tracing::warn!(%error, "cannot kill an upstream's process group"),
-            }
+        if let Some(watcher) = self.watcher.take() {
+            watcher.abort();
+        }
+        if let Some(group) = self.group {
+            kill_group(group);
         }
     }
 }
@@ -421,7 +460,10 @@ impl UpstreamClient {
             upstream: upstream.to_owned(),
             service,
             pid: None,
-            _group: ProcessGroup::new(None),
+            _group: ProcessGroup {
+                group: None,
+                watcher: None,
+            },
         })
     }
 
@@ -595,17 +637,30 @@ pub async fn call_tool_routed(
     let mut params = CallToolRequestParams::new(tool.to_owned());
     params.arguments = arguments;
     let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
-    let mut handle = peer
+    let handle = peer
         .send_request_with_option(request, PeerRequestOptions::no_options())
         .await
         .map_err(|error| service_error(upstream, error))?;
     let token = handle.progress_token.clone();
     let routes = handler.routes();
-    for early in routes.register(token.clone(), handle.id.clone(), ctx.caller.clone()) {
-        forward_progress(upstream, early).await;
+    let early = routes.register(token.clone(), handle.id.clone(), ctx.caller.clone());
+    // From here on, however this future ends (even dropped mid-call), the route is
+    // finished and an unanswered request is cancelled upstream.
+    let mut in_flight = InFlight {
+        handle: Some(handle),
+        routes: routes.clone(),
+        token,
+    };
+    for delivery in early {
+        forward_progress(upstream, delivery).await;
     }
+    let response = &mut in_flight
+        .handle
+        .as_mut()
+        .expect("the handle stays until the call ends")
+        .rx;
     let outcome = tokio::select! {
-        response = &mut handle.rx => Some(match response {
+        response = response => Some(match response {
             Ok(Ok(ServerResult::CallToolResult(result))) => Ok(result),
             Ok(Ok(_)) => Err(unavailable(upstream, "the upstream answered tools/call with another kind of result")),
             Ok(Err(error)) => Err(service_error(upstream, error)),
@@ -614,9 +669,11 @@ pub async fn call_tool_routed(
         () = tokio::time::sleep(timeout) => None,
         () = ctx.cancel.cancelled() => None,
     };
-    routes.finish(&token);
     match outcome {
-        Some(result) => result,
+        Some(result) => {
+            in_flight.answered();
+            result
+        }
         None => {
             let timed_out = !ctx.cancel.is_cancelled();
             let reason = if timed_out {
@@ -624,9 +681,7 @@ pub async fn call_tool_routed(
             } else {
                 "cancelled by the caller"
             };
-            if let Err(error) = handle.cancel(Some(reason.to_owned())).await {
-                tracing::debug!(upstream, %error, "could not send notifications/cancelled");
-            }
+            in_flight.cancel(upstream, reason).await;
             if timed_out {
                 Err(UpstreamError::Timeout {
                     upstream: upstream.to_owned(),
@@ -637,6 +692,46 @@ pub async fn call_tool_routed(
                     upstream: upstream.to_owned(),
                 })
             }
+        }
+    }
+}
+
+/// One `tools/call` sent upstream and not yet settled. Settling it (answered or
+/// cancelled) finishes its route; dropping it unsettled (the caller's future was
+/// dropped) finishes the route too and cancels the request upstream from a task,
+/// so that neither the routing table nor the upstream is left with a call nobody
+/// waits for.
+struct InFlight {
+    handle: Option<RequestHandle<RoleClient>>,
+    routes: Routes,
+    token: ProgressToken,
+}
+
+impl InFlight {
+    fn answered(mut self) {
+        self.handle = None;
+        self.routes.finish(&self.token);
+    }
+
+    async fn cancel(mut self, upstream: &str, reason: &str) {
+        self.routes.finish(&self.token);
+        if let Some(handle) = self.handle.take()
+            && let Err(error) = handle.cancel(Some(reason.to_owned())).await
+        {
+            tracing::debug!(upstream, %error, "could not send notifications/cancelled");
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.routes.finish(&self.token);
+        if let Some(handle) = self.handle.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = handle.cancel(Some("the caller went away".to_owned())).await;
+            });
         }
     }
 }
@@ -654,6 +749,18 @@ fn service_error(upstream: &str, error: ServiceError) -> UpstreamError {
         },
         other => unavailable(upstream, other.to_string()),
     }
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn cut_at_boundary(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 /// Copies the child's stderr to the log, line by line, each cut at
@@ -723,6 +830,16 @@ mod tests {
         assert!(
             matches!(error, UpstreamError::Unavailable { .. }),
             "{error:?}"
+        );
+    }
+
+    #[test]
+    fn long_text_is_cut_at_a_character_boundary() {
+        assert_eq!(cut_at_boundary("short".into(), 10), "short");
+        assert_eq!(cut_at_boundary("ééé".into(), 3), "é");
+        assert_eq!(
+            cut_at_boundary("x".repeat(5000), MAX_STDERR_LINE).len(),
+            MAX_STDERR_LINE
         );
     }
 

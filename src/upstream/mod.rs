@@ -2,9 +2,11 @@
 //! policy file, the names their tools get, an rmcp client session with each, and a
 //! supervisor that keeps a stdio upstream running.
 //!
-//! Not yet wired into [`crate::gateway::Gateway::execute`]; nothing here decides or
-//! audits a call.
+//! Nothing here decides or audits a call: [`crate::gateway::Gateway::execute_call`]
+//! does, and hands allowed calls to the set through [`call::UpstreamCalls`];
+//! [`attach`] starts the set for `serve` and `mcp`.
 
+pub mod attach;
 pub mod call;
 pub mod client;
 pub mod config;

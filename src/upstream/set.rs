@@ -216,7 +216,7 @@ impl UpstreamSet {
         self.members
             .iter()
             .map(|(name, member)| {
-                let supervisor = &member.supervisor;
+                let snapshot = member.supervisor.snapshot();
                 let tools = match &*member.listing.borrow() {
                     Listing::Listed(listing) => Some(listing.tools.len()),
                     _ => None,
@@ -224,11 +224,11 @@ impl UpstreamSet {
                 UpstreamStatus {
                     name: name.clone(),
                     transport: member.transport,
-                    up: supervisor.is_up(),
-                    starts: supervisor.starts(),
-                    pid: supervisor.pid(),
+                    up: snapshot.up,
+                    starts: snapshot.starts,
+                    pid: snapshot.pid,
                     tools,
-                    last_error: supervisor.last_error().map(|error| error.to_string()),
+                    last_error: snapshot.last_error.map(|error| error.to_string()),
                     required: member.required,
                 }
             })

@@ -82,6 +82,19 @@ struct State {
     last_error: Option<UpstreamError>,
 }
 
+/// A consistent view of a supervisor's state at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisorSnapshot {
+    /// Whether a session is up.
+    pub up: bool,
+    /// Successful starts so far.
+    pub starts: u64,
+    /// The child's process id while a stdio session is up.
+    pub pid: Option<u32>,
+    /// Why it is down, while it is.
+    pub last_error: Option<UpstreamError>,
+}
+
 /// One upstream kept connected in a background task.
 #[derive(Debug)]
 pub struct Supervisor {
@@ -150,6 +163,21 @@ impl Supervisor {
     /// It keeps its last value while the upstream is down.
     pub fn starts(&self) -> u64 {
         self.state.borrow().starts
+    }
+
+    /// Up, starts, pid and why it is down, read together (the separate accessors
+    /// may straddle a restart).
+    pub fn snapshot(&self) -> SupervisorSnapshot {
+        let state = self.state.borrow();
+        SupervisorSnapshot {
+            up: state.live.is_some(),
+            starts: state.starts,
+            pid: state.live.as_ref().and_then(|live| live.pid),
+            last_error: match state.live {
+                Some(_) => None,
+                None => state.last_error.clone(),
+            },
+        }
     }
 
     /// Whether a session is up right now.
