@@ -375,7 +375,7 @@ impl Gateway {
             anchoring,
             restore_elevated: true,
         };
-        Gateway::open_locked(policy, config, trust, lock).await
+        Gateway::open_locked(policy, config, trust, lock, None).await
     }
 
     /// Like [`Gateway::open`], with the audit key, anchor and restore rule given.
@@ -385,7 +385,19 @@ impl Gateway {
         trust: StartupTrust,
     ) -> Result<Arc<Gateway>, GatewayError> {
         let lock = lock_data_dir(&config.data_dir)?;
-        Gateway::open_locked(policy, config, trust, lock).await
+        Gateway::open_locked(policy, config, trust, lock, None).await
+    }
+
+    /// Like [`Gateway::open_with`], with the audit trail kept in `store` (a shared
+    /// PostgreSQL store) rather than in the data dir's SQLite database.
+    pub async fn open_with_store(
+        policy: PolicyEngine,
+        config: GatewayConfig,
+        trust: StartupTrust,
+        store: Arc<dyn crate::audit::AuditStore>,
+    ) -> Result<Arc<Gateway>, GatewayError> {
+        let lock = lock_data_dir(&config.data_dir)?;
+        Gateway::open_locked(policy, config, trust, lock, Some(store)).await
     }
 
     async fn open_locked(
@@ -393,9 +405,12 @@ impl Gateway {
         config: GatewayConfig,
         trust: StartupTrust,
         lock: File,
+        store: Option<Arc<dyn crate::audit::AuditStore>>,
     ) -> Result<Arc<Gateway>, GatewayError> {
-        let (audit, recovered) =
-            AuditLog::open_anchored(&config.data_dir, config.durability, trust.anchoring)?;
+        let (audit, recovered) = match store {
+            Some(store) => AuditLog::open_store(store, trust.anchoring)?,
+            None => AuditLog::open_anchored(&config.data_dir, config.durability, trust.anchoring)?,
+        };
         if let Some(bytes) = config.audit_reserve_bytes {
             audit.set_space_reserve(bytes);
         }

@@ -18,7 +18,7 @@ use proxi::agent::{
 };
 use proxi::anchor::Anchoring;
 use proxi::api::SetModeRequest;
-use proxi::audit::{self, Durability};
+use proxi::audit::{self, AuditStore, Durability};
 use proxi::client::{ProxiClient, resolve_server_url, resolve_token};
 use proxi::credential::OperatorCredential;
 use proxi::decision::{self, ToolVerdict, Verdict};
@@ -225,6 +225,10 @@ struct StateArgs {
     /// Operator credential file (`proxi credential init`): the operator token and the audit key; the audit anchor is kept next to it.
     #[arg(long, env = "PROXI_OPERATOR_CREDENTIAL", value_name = "FILE")]
     operator_credential: Option<PathBuf>,
+    /// Keep the audit trail in PostgreSQL (`postgres://USER@HOST:PORT/DB`, no TLS) shared by
+    /// several instances; needs --operator-credential [default: SQLite in the data dir].
+    #[arg(long, env = "PROXI_STORE", value_name = "URL")]
+    store: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -365,6 +369,9 @@ enum PolicyCommand {
         candidate: PathBuf,
         #[arg(long, default_value = "./proxi-data")]
         data_dir: PathBuf,
+        /// The trail's PostgreSQL store, as given to `serve` [default: SQLite in the data dir].
+        #[arg(long, env = "PROXI_STORE", value_name = "URL")]
+        store: Option<String>,
         /// Only calls at or after this time: RFC 3339, or a duration ago (`2h`, `30m`).
         #[arg(long)]
         since: Option<String>,
@@ -383,6 +390,9 @@ enum AuditCommand {
         /// The operator credential the server uses (else the key in the data dir).
         #[arg(long, env = "PROXI_OPERATOR_CREDENTIAL", value_name = "FILE")]
         operator_credential: Option<PathBuf>,
+        /// The trail's PostgreSQL store, as given to `serve` [default: SQLite in the data dir].
+        #[arg(long, env = "PROXI_STORE", value_name = "URL")]
+        store: Option<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -391,6 +401,9 @@ enum AuditCommand {
     Tail {
         #[arg(long, default_value = "./proxi-data")]
         data_dir: PathBuf,
+        /// The trail's PostgreSQL store, as given to `serve` [default: SQLite in the data dir].
+        #[arg(long, env = "PROXI_STORE", value_name = "URL")]
+        store: Option<String>,
         /// How many records.
         #[arg(short = 'n', long = "lines", default_value_t = 20)]
         count: u32,
@@ -734,21 +747,30 @@ async fn open_gateway(
     }
     // Under stdio an elevated mode is restored only when the key is out of the agent's reach.
     let restore_elevated = launch == Launch::Serve || anchoring.is_external();
-    let gateway = Gateway::open_with(
-        policy,
-        GatewayConfig {
-            data_dir: state.data_dir.clone(),
-            durability: state.durability.into(),
-            audit_reserve_bytes: state
-                .audit_reserve_mb
-                .map(|mb| mb.saturating_mul(1024 * 1024)),
-        },
-        StartupTrust {
-            anchoring,
-            restore_elevated,
-        },
-    )
-    .await?;
+    let config = GatewayConfig {
+        data_dir: state.data_dir.clone(),
+        durability: state.durability.into(),
+        audit_reserve_bytes: state
+            .audit_reserve_mb
+            .map(|mb| mb.saturating_mul(1024 * 1024)),
+    };
+    let trust = StartupTrust {
+        anchoring,
+        restore_elevated,
+    };
+    let gateway = match &state.store {
+        None => Gateway::open_with(policy, config, trust).await?,
+        Some(store) => {
+            // Every instance authenticates the one shared chain: they need one audit key.
+            if credential.is_none() {
+                bail!(
+                    "--store needs --operator-credential: every instance on a shared store must use the same audit key"
+                );
+            }
+            let store = audit::PostgresStore::connect(&postgres_url(store)?)?;
+            Gateway::open_with_store(policy, config, trust, Arc::new(store)).await?
+        }
+    };
     let agent = std::env::var(AGENT_TOKEN_ENV).ok();
     let (tokens, sources) = match (launch, operator) {
         // The agent's own user reads this data dir: never generate or read an operator token there.
@@ -967,17 +989,20 @@ async fn policy(command: PolicyCommand) -> Result<ExitCode> {
         PolicyCommand::Replay {
             candidate,
             data_dir,
+            store,
             since,
             json,
         } => {
             let candidate = PolicyEngine::load(&candidate)?;
             let since = since.as_deref().map(parse_since).transpose()?;
-            let db = audit_db(&data_dir);
-            if !db.exists() {
-                return Err(audit::AuditError::Missing(db).into());
+            if store.is_none() {
+                let db = data_dir.join(audit::AUDIT_DB_FILE);
+                if !db.exists() {
+                    return Err(audit::AuditError::Missing(db).into());
+                }
             }
-            let store = audit::SqliteStore::open_reader(&db)?;
-            let report = proxi::replay::replay(&store, &candidate, since)?;
+            let reader = audit_store(store.as_deref(), &data_dir)?;
+            let report = proxi::replay::replay(reader.as_ref(), &candidate, since)?;
             if json {
                 // Compact: the terminal-safe form escapes newlines too.
                 out!("{}", json_for_terminal(&serde_json::to_string(&report)?))?;
@@ -1301,8 +1326,22 @@ fn list_or_none(names: &[&str]) -> String {
     }
 }
 
-fn audit_db(data_dir: &Path) -> PathBuf {
-    data_dir.join(audit::AUDIT_DB_FILE)
+/// The store `audit` subcommands read: PostgreSQL when `store` names it, else
+/// the SQLite database in `data_dir` (which must exist).
+fn audit_store(store: Option<&str>, data_dir: &Path) -> Result<Arc<dyn AuditStore>> {
+    Ok(match store {
+        Some(url) => Arc::new(audit::PostgresStore::connect(&postgres_url(url)?)?),
+        None => Arc::new(audit::SqliteStore::open_reader(
+            &data_dir.join(audit::AUDIT_DB_FILE),
+        )?),
+    })
+}
+
+fn postgres_url(store: &str) -> Result<String> {
+    if !audit::is_postgres_url(store) {
+        bail!("--store takes a postgres:// URL (without it the trail is SQLite in the data dir)");
+    }
+    Ok(store.to_owned())
 }
 
 async fn audit_command(command: AuditCommand) -> Result<ExitCode> {
@@ -1310,12 +1349,10 @@ async fn audit_command(command: AuditCommand) -> Result<ExitCode> {
         AuditCommand::Verify {
             data_dir,
             operator_credential,
+            store,
             json,
         } => {
-            let db = audit_db(&data_dir);
-            if !db.exists() {
-                return Err(audit::AuditError::Missing(db).into());
-            }
+            let store = audit_store(store.as_deref(), &data_dir)?;
             // The key is found the way `serve` finds it: the credential, else the data dir.
             let anchoring = match &operator_credential {
                 Some(path) => OperatorCredential::load(path, Some(&data_dir))?.anchoring(),
@@ -1323,7 +1360,7 @@ async fn audit_command(command: AuditCommand) -> Result<ExitCode> {
                     "no audit key: pass --operator-credential FILE (or set PROXI_OPERATOR_CREDENTIAL)",
                 )?,
             };
-            let report = audit::verify_anchored(&db, &anchoring)?;
+            let report = store.verify(Some(&anchoring))?;
             if json {
                 out!(
                     "{}",
@@ -1361,6 +1398,7 @@ async fn audit_command(command: AuditCommand) -> Result<ExitCode> {
         }
         AuditCommand::Tail {
             data_dir,
+            store,
             count,
             json,
             filters,
@@ -1372,6 +1410,7 @@ async fn audit_command(command: AuditCommand) -> Result<ExitCode> {
                 bail!("-n must be between 1 and 100000");
             }
             let filtered = !filters.pairs().is_empty();
+            let reader = audit_store(store.as_deref(), &data_dir)?;
             let records = if filtered {
                 if count > audit::MAX_QUERY_LIMIT {
                     bail!(
@@ -1379,12 +1418,9 @@ async fn audit_command(command: AuditCommand) -> Result<ExitCode> {
                         audit::MAX_QUERY_LIMIT
                     );
                 }
-                use audit::AuditStore as _;
-                audit::SqliteStore::open_reader(&audit_db(&data_dir))?
-                    .query(&filters.query(count)?)?
-                    .records
+                reader.query(&filters.query(count)?)?.records
             } else {
-                audit::read_recent(&audit_db(&data_dir), count)?
+                reader.recent(count)?
             };
             // An upstream call's intent that no record resolves: in flight, or cut
             // short by a crash. Shown as such, never as a plain "pending".

@@ -1,4 +1,5 @@
-//! The tamper-evident audit trail: a hash-chained SQLite table written by one thread.
+//! The tamper-evident audit trail: a hash chain written by one thread into an
+//! [`AuditStore`] (SQLite in the data dir, or PostgreSQL shared by several instances).
 //!
 //! Callers [`AuditLog::submit`] an entry, which only queues it (cheap, no I/O, safe
 //! to call while holding the mode lock so that queue order is decision order), and
@@ -23,11 +24,13 @@ use tokio::sync::{oneshot, watch};
 use crate::anchor::{AnchorError, AnchorFile, Anchoring, AuditKey, MacCheck};
 
 mod chain;
+mod postgres;
 mod record;
 mod sqlite;
 mod store;
 
 pub use chain::*;
+pub use postgres::*;
 pub use record::*;
 pub use sqlite::*;
 pub use store::*;
@@ -49,6 +52,9 @@ pub enum AuditError {
     /// SQLite refused an operation.
     #[error("audit database error: {0}")]
     Database(#[from] rusqlite::Error),
+    /// The PostgreSQL store failed an operation.
+    #[error("audit store error: {0}")]
+    Postgres(#[from] PostgresError),
     /// The data dir could not be prepared.
     #[error("cannot prepare audit storage at {path}: {error}")]
     Io {
@@ -680,17 +686,13 @@ impl Writer {
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
         match committed {
-            Ok(first_seq) => {
+            Ok(seqs) => {
                 self.shared.metrics.records.inc_by(batch.len() as u64);
                 if health == RECOVERING {
                     self.recovered();
                 }
                 self.check_space();
-                let acks: Acks = batch
-                    .drain(..)
-                    .enumerate()
-                    .map(|(offset, job)| (job.done, first_seq + offset as u64))
-                    .collect();
+                let acks: Acks = batch.drain(..).map(|job| job.done).zip(seqs).collect();
                 match &self.syncer {
                     Some(syncer) => {
                         if let Err(mpsc::SendError(acks)) = syncer.send(acks) {
@@ -701,7 +703,9 @@ impl Writer {
                         }
                     }
                     None => {
-                        if let Some(newest) = acks.last().map(|(_, seq)| *seq) {
+                        // Published before the acks: a reader woken by an ack (a stream
+                        // opened right after a call) must not see an older head.
+                        if let Some(newest) = acks.iter().map(|(_, seq)| *seq).max() {
                             self.shared.publish_committed(newest);
                         }
                         for (done, seq) in acks {
@@ -787,13 +791,19 @@ impl Writer {
         }
     }
 
-    /// Writes the batch in one transaction; returns the first record's seq.
-    fn commit(&mut self, batch: &[Job]) -> Result<u64, AuditError> {
+    /// Writes the batch in one transaction; returns each job's seq.
+    fn commit(&mut self, batch: &[Job]) -> Result<Vec<u64>, AuditError> {
         let entries: Vec<&AuditEntry> = batch.iter().map(|job| &job.entry).collect();
-        let head = self.store.append(&entries, self.anchor.key())?;
+        let appended = self.store.append(&entries, self.anchor.key())?;
+        if appended.seqs.len() != batch.len() {
+            return Err(AuditError::Encoding(
+                "the store answered a batch with the wrong number of records".to_owned(),
+            ));
+        }
+        let head = appended.head;
         self.anchor
             .committed(head.seq, &head.hash, self.syncer.is_none());
-        Ok(head.seq + 1 - batch.len() as u64)
+        Ok(appended.seqs)
     }
 }
 

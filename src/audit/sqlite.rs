@@ -242,7 +242,7 @@ impl SqliteWriter {
     }
 
     /// Writes the batch in one transaction; the head advances only on commit.
-    fn append(&mut self, entries: &[&AuditEntry], key: &AuditKey) -> Result<ChainHead, AuditError> {
+    fn append(&mut self, entries: &[&AuditEntry], key: &AuditKey) -> Result<Appended, AuditError> {
         if !self.connection.is_autocommit() {
             // A failed commit left a transaction open and its head may be stale.
             self.reload_head()?;
@@ -278,8 +278,12 @@ impl SqliteWriter {
             }
         }
         transaction.commit()?;
+        let first = self.head.seq + 1;
         self.head = head.clone();
-        Ok(head)
+        Ok(Appended {
+            seqs: (first..=head.seq).collect(),
+            head,
+        })
     }
 }
 
@@ -337,7 +341,7 @@ impl AuditStore for SqliteStore {
             .optional()?)
     }
 
-    fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<ChainHead, AuditError> {
+    fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<Appended, AuditError> {
         self.with_writer(|writer| writer.append(entries, key))
     }
 

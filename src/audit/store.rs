@@ -114,6 +114,31 @@ pub struct AuditPage {
     pub next_after_seq: Option<u64>,
 }
 
+/// The mode every instance on a shared store is in: the row that the transaction
+/// of each mode change or expiry record rewrites.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedMode {
+    /// The mode named by the newest mode record.
+    pub mode: String,
+    /// When it lapses, as the record stores it.
+    pub expires_at: Option<String>,
+    /// Bumped by every mode record: a decision taken under another epoch is stale.
+    pub epoch: u64,
+    /// The seq of the newest mode record.
+    pub seq: u64,
+}
+
+/// What one append committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The chain head after the batch.
+    pub head: ChainHead,
+    /// One seq per entry, in order: the record written for it or, when a shared
+    /// store found the event already recorded (an expiry another instance
+    /// noticed first), the record that did.
+    pub seqs: Vec<u64>,
+}
+
 /// Makes committed batches durable when a commit alone does not (SQLite's WAL
 /// without fsync); run on its own thread so that it overlaps the next commit.
 pub trait DurableSync: Send {
@@ -134,9 +159,14 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     fn hash_at(&self, seq: u64) -> Result<Option<String>, AuditError>;
 
     /// Seals `entries` onto the chain with `key` and commits them in one
-    /// transaction. Nothing is stored unless everything is; on success returns
-    /// the head after the batch (the batch's records end at `head.seq`).
-    fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<ChainHead, AuditError>;
+    /// transaction. Nothing is stored unless everything is.
+    fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<Appended, AuditError>;
+
+    /// The mode shared by every instance on this store, for stores that several
+    /// instances share (`None` for a store of one instance, whose mode lives in memory).
+    fn shared_mode(&self) -> Result<Option<SharedMode>, AuditError> {
+        Ok(None)
+    }
 
     /// After a failed append: ends whatever it left open and re-reads the head,
     /// so the next record links to what is really stored.

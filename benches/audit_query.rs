@@ -1,0 +1,169 @@
+//! Filtered audit queries on a trail of 1,000,000 records (target: each under 50 ms).
+//!
+//! Run: `cargo bench --bench audit_query`. The first run writes the trail under
+//! `target/bench-fixtures/audit-1m/` (a minute or so); later runs reuse it.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use criterion::{Criterion, criterion_group, criterion_main};
+use proxi::anchor::AuditKey;
+use proxi::audit::{
+    AUDIT_DB_FILE, AuditDecision, AuditEntry, AuditQuery, AuditStore, Durability, EntryKind,
+    SqliteStore,
+};
+use serde_json::json;
+
+const RECORDS: u64 = 1_000_000;
+const BATCH: u64 = 1000;
+const TOOLS: [&str; 8] = [
+    "list_services",
+    "read_logs",
+    "get_fleet_status",
+    "restart_service",
+    "scale_fleet",
+    "delete_database",
+    "github.create_issue",
+    "github.list_issues",
+];
+
+/// The n-th record of the fixture: mostly agent calls, some operator and MCP
+/// callers, every eighth tool, a tenth of them denied, a few mode changes.
+fn entry(n: u64, start: chrono::DateTime<Utc>) -> AuditEntry {
+    let principal = match n % 20 {
+        0 => "operator",
+        1..=3 => "mcp:claude",
+        _ => "agent",
+    };
+    let denied = n % 10 == 7;
+    let mode_change = n.is_multiple_of(5000);
+    AuditEntry {
+        // One record a millisecond: the trail spans about 17 minutes.
+        time: start + Duration::milliseconds(n as i64),
+        principal: Arc::from(principal),
+        kind: if mode_change {
+            EntryKind::ModeChange
+        } else {
+            EntryKind::ToolCall
+        },
+        tool: (!mode_change).then(|| TOOLS[(n % TOOLS.len() as u64) as usize].to_owned()),
+        arguments: Some(json!({"n": n})),
+        mode: Arc::from("NORMAL"),
+        decision: if denied {
+            AuditDecision::Denied
+        } else {
+            AuditDecision::Allowed
+        },
+        reason_code: denied.then_some("blocked_in_mode"),
+        outcome: if denied { "denied" } else { "executed" },
+        detail: json!({"ok": !denied}),
+        expires_at: None,
+        context: None,
+        policy_hash: None,
+    }
+}
+
+fn fixture() -> (PathBuf, chrono::DateTime<Utc>) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-fixtures/audit-1m");
+    let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .expect("a valid time")
+        .to_utc();
+    let db = dir.join(AUDIT_DB_FILE);
+    if let Ok(store) = SqliteStore::open_reader(&db)
+        && store
+            .head()
+            .ok()
+            .flatten()
+            .is_some_and(|head| head.seq == RECORDS)
+    {
+        return (db, start);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the fixture dir");
+    let store = SqliteStore::open(&dir, Durability::Process).expect("open the fixture store");
+    let key = AuditKey::from_bytes([7; 32]);
+    for batch in 0..RECORDS / BATCH {
+        let entries: Vec<AuditEntry> = (1..=BATCH)
+            .map(|n| entry(batch * BATCH + n, start))
+            .collect();
+        let refs: Vec<&AuditEntry> = entries.iter().collect();
+        store.append(&refs, &key).expect("append to the fixture");
+    }
+    (db, start)
+}
+
+fn queries(c: &mut Criterion) {
+    let (db, start) = fixture();
+    let store = SqliteStore::open_reader(&db).expect("open the fixture");
+    let cases = [
+        (
+            "newest_100_of_operator",
+            AuditQuery {
+                principal: Some("operator".into()),
+                limit: 100,
+                ..AuditQuery::default()
+            },
+        ),
+        (
+            "tool_glob_page_after_cursor",
+            AuditQuery {
+                tool: Some("github.*".into()),
+                after_seq: Some(500_000),
+                limit: 100,
+                ..AuditQuery::default()
+            },
+        ),
+        (
+            "denied_by_reason_newest_1000",
+            AuditQuery {
+                decision: Some("denied".into()),
+                reason_code: Some("blocked_in_mode".into()),
+                limit: 1000,
+                ..AuditQuery::default()
+            },
+        ),
+        (
+            "mode_changes_page",
+            AuditQuery {
+                kind: Some("mode_change".into()),
+                after_seq: Some(0),
+                limit: 100,
+                ..AuditQuery::default()
+            },
+        ),
+        (
+            "time_window_of_agent_restarts",
+            AuditQuery {
+                principal: Some("agent".into()),
+                tool: Some("restart_service".into()),
+                since: Some(start + Duration::seconds(300)),
+                until: Some(start + Duration::seconds(360)),
+                limit: 1000,
+                ..AuditQuery::default()
+            },
+        ),
+        (
+            "rare_combination_mcp_denied_delete",
+            AuditQuery {
+                principal: Some("mcp:claude".into()),
+                tool: Some("delete_database".into()),
+                decision: Some("denied".into()),
+                after_seq: Some(0),
+                limit: 100,
+                ..AuditQuery::default()
+            },
+        ),
+    ];
+    let mut group = c.benchmark_group("audit_query_1m");
+    for (name, query) in &cases {
+        group.bench_function(*name, |b| {
+            b.iter(|| store.query(black_box(query)).expect("the query answers"))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, queries);
+criterion_main!(benches);

@@ -1,0 +1,322 @@
+//! Several `proxi serve` instances on one PostgreSQL store (issue 15), with a real
+//! PostgreSQL cluster per test (see tests/common/postgres.rs).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::postgres::PostgresServer;
+use common::{
+    AGENT_TOKEN, Api, OPERATOR_TOKEN, ServerProcess, high_rate_limit_policy_path, wait_until,
+    write_credential,
+};
+use proxi::audit::{AuditRecord, AuditStore, PostgresStore};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// One instance on the shared store, with its own data dir (tokens, lock file).
+fn instance(data_dir: &Path, store: &str, credential: &Path) -> ServerProcess {
+    ServerProcess::start_with_policy(
+        data_dir,
+        &high_rate_limit_policy_path(),
+        &[
+            "--store",
+            store,
+            "--operator-credential",
+            credential.to_str().expect("a UTF-8 path"),
+        ],
+    )
+}
+
+/// `proxi audit verify --store URL`: success and what it printed.
+fn verify_store(store: &str, credential: &Path, data_dir: &Path) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_proxi"))
+        .args(["audit", "verify", "--store", store, "--data-dir"])
+        .arg(data_dir)
+        .arg("--operator-credential")
+        .arg(credential)
+        .output()
+        .expect("proxi runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
+fn chain(store: &str) -> Vec<AuditRecord> {
+    let store = PostgresStore::connect(store).expect("the store is reachable");
+    let mut records = Vec::new();
+    store
+        .for_each_record(&mut |record| records.push(record))
+        .expect("the chain is readable");
+    records
+}
+
+/// Calls a read-only tool in a loop until `stop`, or until the instance is gone;
+/// pushes the `audit_seq` of every acknowledged call.
+fn agent(
+    api: Api,
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<Mutex<Vec<u64>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let request = api
+                .http
+                .post(format!("{}/tools/execute", api.url))
+                .bearer_auth(AGENT_TOKEN)
+                .json(&json!({"tool_name": "list_services", "arguments": {}}))
+                .send()
+                .await;
+            // Once the instance dies, requests fail: that is the end of this agent.
+            let Ok(response) = request else { break };
+            if response.status() != StatusCode::OK {
+                continue;
+            }
+            let Ok(body) = response.json::<Value>().await else {
+                break;
+            };
+            let seq = body["audit_seq"]
+                .as_u64()
+                .expect("acknowledged calls carry audit_seq");
+            acknowledged.lock().expect("not poisoned").push(seq);
+        }
+    })
+}
+
+async fn wait_for_count(what: &'static str, counter: &Arc<Mutex<Vec<u64>>>, at_least: usize) {
+    let counter = Arc::clone(counter);
+    tokio::task::spawn_blocking(move || {
+        wait_until(what, Duration::from_secs(60), || {
+            (counter.lock().expect("not poisoned").len() >= at_least).then_some(())
+        })
+    })
+    .await
+    .expect("the wait finished");
+}
+
+struct Cluster {
+    postgres: PostgresServer,
+    credential: PathBuf,
+    dirs: Vec<tempfile::TempDir>,
+    _credential_dir: tempfile::TempDir,
+}
+
+fn cluster(instances: usize) -> Cluster {
+    let postgres = PostgresServer::start();
+    let credential_dir = tempfile::tempdir().expect("temp dir");
+    let credential = write_credential(credential_dir.path(), OPERATOR_TOKEN, 42);
+    Cluster {
+        postgres,
+        credential,
+        dirs: (0..instances)
+            .map(|_| tempfile::tempdir().expect("temp dir"))
+            .collect(),
+        _credential_dir: credential_dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_one_instance_under_load_keeps_every_acknowledged_call_in_one_chain() {
+    let cluster = cluster(3);
+    let url = cluster.postgres.url();
+    let servers: Vec<ServerProcess> = cluster
+        .dirs
+        .iter()
+        .map(|dir| instance(dir.path(), &url, &cluster.credential))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged: Vec<Arc<Mutex<Vec<u64>>>> =
+        (0..3).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
+    let mut agents = Vec::new();
+    for (server, acknowledged) in servers.iter().zip(&acknowledged) {
+        for _ in 0..3 {
+            agents.push(agent(
+                Api::new(&server.url),
+                Arc::clone(&stop),
+                Arc::clone(acknowledged),
+            ));
+        }
+    }
+    for counter in &acknowledged {
+        wait_for_count("calls acknowledged by every instance", counter, 100).await;
+    }
+    let mut servers = servers.into_iter();
+    let (a, b, c) = (
+        servers.next().expect("A"),
+        servers.next().expect("B"),
+        servers.next().expect("C"),
+    );
+    b.kill();
+    // A and C carry on after B's crash.
+    let after_crash: Vec<usize> = [0, 2]
+        .iter()
+        .map(|&index| acknowledged[index].lock().expect("not poisoned").len())
+        .collect();
+    wait_for_count("A to carry on", &acknowledged[0], after_crash[0] + 100).await;
+    wait_for_count("C to carry on", &acknowledged[2], after_crash[1] + 100).await;
+    stop.store(true, Ordering::Relaxed);
+    for agent in agents {
+        agent.await.expect("the agent finished cleanly");
+    }
+
+    let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
+    assert!(ok, "audit verify --store after the crash: {output}");
+    assert!(output.contains("audit trail OK"), "{output}");
+    let stored = chain(&url);
+    let mut all: Vec<u64> = acknowledged
+        .iter()
+        .flat_map(|counter| counter.lock().expect("not poisoned").clone())
+        .collect();
+    let total = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), total, "two acknowledged calls share a seq");
+    for seq in &all {
+        let record = stored
+            .iter()
+            .find(|record| record.seq == *seq)
+            .unwrap_or_else(|| panic!("acknowledged call {seq} is missing from the chain"));
+        assert_eq!(record.kind, "tool_call");
+        assert_eq!(record.tool.as_deref(), Some("list_services"));
+    }
+    drop((a, c));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_postgres_down_calls_get_503_and_service_resumes_without_a_restart() {
+    let cluster = cluster(1);
+    let url = cluster.postgres.url();
+    let server = instance(cluster.dirs[0].path(), &url, &cluster.credential);
+    let api = Api::new(&server.url);
+    let (status, body) = api.execute("list_services", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    cluster.postgres.stop();
+    let (status, body) = api.execute("list_services", json!({})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let (status, body) = api.set_mode("EMERGENCY", Some("incident"), Some(60)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let (status, body) = api.execute("list_services", json!({})).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "nothing runs: {body}"
+    );
+
+    cluster.postgres.start_again();
+    let url_for_wait = server.url.clone();
+    let seq = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let api = Api::new(&url_for_wait);
+        wait_until("service to resume", Duration::from_secs(30), || {
+            let (status, body) = runtime.block_on(api.execute("list_services", json!({})));
+            (status == StatusCode::OK).then(|| body["audit_seq"].as_u64())
+        })
+    })
+    .await
+    .expect("the wait finished")
+    .expect("an acknowledged call carries audit_seq");
+    assert!(seq >= 2, "the chain continues after the outage");
+    api.emergency().await;
+
+    let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
+    assert!(ok, "audit verify --store after the outage: {output}");
+    let stored = chain(&url);
+    let mode_changes = stored
+        .iter()
+        .filter(|record| record.kind == "mode_change")
+        .count();
+    assert_eq!(mode_changes, 1, "the refused mode change left no record");
+    assert_eq!(
+        stored.last().map(|record| record.kind.as_str()),
+        Some("mode_change")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mode_change_is_in_the_shared_mode_row_before_set_mode_returns() {
+    let cluster = cluster(2);
+    let url = cluster.postgres.url();
+    let a = instance(cluster.dirs[0].path(), &url, &cluster.credential);
+    let b = instance(cluster.dirs[1].path(), &url, &cluster.credential);
+    let store = Arc::new(PostgresStore::connect(&url).expect("the store is reachable"));
+    let shared = |store: Arc<PostgresStore>| async move {
+        tokio::task::spawn_blocking(move || store.shared_mode().expect("the row is readable"))
+            .await
+            .expect("the read finished")
+    };
+    assert_eq!(shared(Arc::clone(&store)).await, None, "no mode record yet");
+
+    Api::new(&a.url).emergency().await;
+    let row = shared(Arc::clone(&store)).await.expect("the row exists");
+    assert_eq!((row.mode.as_str(), row.epoch), ("EMERGENCY", 1));
+    assert!(row.expires_at.is_some(), "the lapse time is shared too");
+    let records = chain(&url);
+    let change = records.last().expect("a record");
+    assert_eq!((change.kind.as_str(), change.seq), ("mode_change", row.seq));
+
+    // A change through another instance lands in the same row, one epoch on.
+    Api::new(&b.url).normal().await;
+    let row = shared(store).await.expect("the row exists");
+    assert_eq!(
+        (row.mode.as_str(), row.epoch, row.expires_at),
+        ("NORMAL", 2, None)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_noticed_by_two_instances_is_recorded_once() {
+    let cluster = cluster(2);
+    let url = cluster.postgres.url();
+    let a = instance(cluster.dirs[0].path(), &url, &cluster.credential);
+    let (status, body) = Api::new(&a.url)
+        .set_mode("EMERGENCY", Some("incident"), Some(4))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // B starts during the emergency and restores it from the shared chain: both
+    // instances now hold the same elevated mode and lapse time.
+    let b = instance(cluster.dirs[1].path(), &url, &cluster.credential);
+    let mode_of = |server: &ServerProcess| {
+        let api = Api::new(&server.url);
+        async move {
+            let (status, body) = api.get("/policy/status", Some(OPERATOR_TOKEN)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["mode"].as_str().expect("a mode").to_owned()
+        }
+    };
+    assert_eq!(mode_of(&b).await, "EMERGENCY", "B restored the emergency");
+    let urls = [a.url.clone(), b.url.clone()];
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        wait_until("both instances to lapse", Duration::from_secs(30), || {
+            urls.iter()
+                .all(|url| {
+                    let (_, body) =
+                        runtime.block_on(Api::new(url).get("/policy/status", Some(OPERATOR_TOKEN)));
+                    body["mode"] == "NORMAL"
+                })
+                .then_some(())
+        })
+    })
+    .await
+    .expect("the wait finished");
+    let expiries: Vec<AuditRecord> = chain(&url)
+        .into_iter()
+        .filter(|record| record.kind == "mode_expired")
+        .collect();
+    assert_eq!(expiries.len(), 1, "{expiries:#?}");
+    let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
+    assert!(ok, "{output}");
+}
