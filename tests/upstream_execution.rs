@@ -339,7 +339,7 @@ async fn no_active_upstream_call_outlives_a_switch_to_normal_while_the_mode_thra
     use std::sync::atomic::{AtomicBool, Ordering};
 
     const WORKERS: u64 = 6;
-    const SWITCHES: usize = 200;
+    const SWITCHES: usize = 1_000;
     let setup = start(10, 60);
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
@@ -665,4 +665,77 @@ async fn metrics_report_each_upstream_as_up() {
             .any(|line| line == "proxi_upstream_up{upstream=\"fx\"} 1"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_and_pattern_violations_never_reach_the_upstream_over_rest_and_mcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let call_log = dir.path().join("calls.jsonl");
+    let text = json!({
+        "default_mode": "NORMAL",
+        "rate_limits": [{"principal": "*", "tools": "*", "rate": "1000/s", "burst": 1000}],
+        "upstreams": {
+            "fx": {
+                "command": python().display().to_string(),
+                "args": [fixture_script().display().to_string()],
+                "env": {"FIXTURE_CALL_LOG": call_log.display().to_string()},
+                "required": true,
+            }
+        },
+        "modes": {
+            "NORMAL": {
+                "description": "echo lower-case words only",
+                "allowed_tools": ["fx__echo"],
+                "constraints": {"fx__echo": {"message": {"pattern": "[a-z]+"}}}
+            }
+        }
+    });
+    let policy = write_policy(dir.path(), "pattern.json", &text.to_string());
+    let server = ServerProcess::start_with_policy(&dir.path().join("data"), &policy, &[]);
+    let api = Api::new(&server.url);
+
+    // REST: wrong type (the upstream's own inputSchema), then a pattern that must
+    // match the whole value ("ok DROP" contains a match but is not one).
+    let (status, body) = api.execute("fx__echo", json!({"message": 7})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["reason_code"], "invalid_arguments", "{body}");
+    let (status, body) = api.execute("fx__echo", json!({"message": "ok DROP"})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["reason_code"], "constraint_violated", "{body}");
+
+    // MCP: the same refusals are isError results with the reason code.
+    proxi::tls::install_crypto_provider();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let config = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", server.url))
+        .auth_header(AGENT_TOKEN);
+    let client = ClientConfig::new(
+        ClientCapabilities::default(),
+        Implementation::new("violations", "1.0"),
+    )
+    .serve(StreamableHttpClientTransport::with_client(http, config))
+    .await
+    .expect("initialize");
+    for (arguments, reason) in [
+        (json!({"message": 7}), "invalid_arguments"),
+        (json!({"message": "DROP"}), "constraint_violated"),
+    ] {
+        let mut params = CallToolRequestParams::new("fx__echo");
+        params.arguments = arguments.as_object().cloned();
+        let result = client.peer().call_tool(params).await.unwrap();
+        assert_eq!(result.is_error, Some(true), "{result:?}");
+        let structured = result.structured_content.expect("structuredContent");
+        assert_eq!(structured["reason_code"], reason, "{structured}");
+    }
+    // A valid call goes through, and it is the only one the upstream ever saw.
+    let mut params = CallToolRequestParams::new("fx__echo");
+    params.arguments = json!({"message": "fine"}).as_object().cloned();
+    let result = client.peer().call_tool(params).await.unwrap();
+    assert_ne!(result.is_error, Some(true), "{result:?}");
+    client.cancel().await.ok();
+    let received: Vec<Value> = fixture_calls(&call_log)
+        .into_iter()
+        .filter(|call| call["tool"] == "echo")
+        .collect();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0]["arguments"]["message"], "fine", "{received:?}");
 }
