@@ -739,3 +739,110 @@ async fn schema_and_pattern_violations_never_reach_the_upstream_over_rest_and_mc
     assert_eq!(received.len(), 1, "{received:?}");
     assert_eq!(received[0]["arguments"]["message"], "fine", "{received:?}");
 }
+
+/// An MCP client of Proxi that keeps the progress notifications it receives.
+#[derive(Clone, Default)]
+struct ProgressKeeper {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(rmcp::model::ProgressToken, f64)>>>,
+}
+
+impl rmcp::ClientHandler for ProgressKeeper {
+    fn get_info(&self) -> ClientConfig {
+        ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("progress-keeper", "1.0"),
+        )
+    }
+
+    async fn on_progress(
+        &self,
+        params: rmcp::model::ProgressNotificationParam,
+        _context: rmcp::service::NotificationContext<rmcp::RoleClient>,
+    ) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((params.progress_token, params.progress));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_through_proxi_reaches_only_its_caller_under_the_callers_token() {
+    use rmcp::model::{CallToolRequest, ClientRequest, ServerResult};
+    use rmcp::service::PeerRequestOptions;
+
+    let setup = start(10, 60);
+    setup.api.emergency().await;
+    proxi::tls::install_crypto_provider();
+    let connect = || async {
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let config =
+            StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", setup.server.url))
+                .auth_header(AGENT_TOKEN);
+        let keeper = ProgressKeeper::default();
+        let client = keeper
+            .clone()
+            .serve(StreamableHttpClientTransport::with_client(http, config))
+            .await
+            .expect("initialize");
+        (client, keeper)
+    };
+    let (alice, alice_seen) = connect().await;
+    let (bob, bob_seen) = connect().await;
+    let send = |client: &rmcp::service::RunningService<rmcp::RoleClient, ProgressKeeper>,
+                steps: u64| {
+        let mut params = CallToolRequestParams::new("fx__progress");
+        params.arguments = json!({"steps": steps, "gap_ms": 30}).as_object().cloned();
+        let peer = client.peer().clone();
+        async move {
+            peer.send_request_with_option(
+                ClientRequest::CallToolRequest(CallToolRequest::new(params)),
+                PeerRequestOptions::no_options(),
+            )
+            .await
+            .expect("send tools/call")
+        }
+    };
+    let alice_call = send(&alice, 5).await;
+    let bob_call = send(&bob, 3).await;
+    let (alice_token, bob_token) = (
+        alice_call.progress_token.clone(),
+        bob_call.progress_token.clone(),
+    );
+    let (alice_result, bob_result) =
+        tokio::join!(alice_call.await_response(), bob_call.await_response());
+    for (result, expected) in [(alice_result, "5 steps done"), (bob_result, "3 steps done")] {
+        match result.expect("a response") {
+            ServerResult::CallToolResult(result) => {
+                assert_eq!(result.content[0].as_text().unwrap().text, expected)
+            }
+            other => panic!("not a tool result: {other:?}"),
+        }
+    }
+    // Progress is forwarded beside the result, so the last one may trail it.
+    eventually("all progress to arrive", MINUTE, || {
+        let counts = (
+            alice_seen.seen.lock().unwrap().len(),
+            bob_seen.seen.lock().unwrap().len(),
+        );
+        async move { (counts == (5, 3)).then_some(()) }
+    })
+    .await;
+    let alice_progress = alice_seen.seen.lock().unwrap().clone();
+    let bob_progress = bob_seen.seen.lock().unwrap().clone();
+    assert!(
+        alice_progress
+            .iter()
+            .all(|(token, _)| *token == alice_token),
+        "{alice_progress:?}"
+    );
+    assert!(
+        bob_progress.iter().all(|(token, _)| *token == bob_token),
+        "{bob_progress:?}"
+    );
+    let mut values: Vec<f64> = alice_progress.iter().map(|(_, value)| *value).collect();
+    values.sort_by(f64::total_cmp);
+    assert_eq!(values, [1.0, 2.0, 3.0, 4.0, 5.0]);
+    alice.cancel().await.ok();
+    bob.cancel().await.ok();
+}
