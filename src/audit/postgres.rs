@@ -626,11 +626,7 @@ impl AuditStore for PostgresStore {
         } else {
             format!("WHERE {}", conditions.join(" AND "))
         };
-        let limit = query.effective_limit();
-        let (order, fetch) = match query.after_seq {
-            Some(_) => ("ASC", limit + 1),
-            None => ("DESC", limit),
-        };
+        let (order, fetch) = query.fetch_plan();
         let mut params: Vec<&(dyn ToSql + Sync)> = texts
             .iter()
             .map(|text| text as &(dyn ToSql + Sync))
@@ -638,7 +634,7 @@ impl AuditStore for PostgresStore {
         if let Some(after) = &after {
             params.push(after);
         }
-        let mut records: Vec<AuditRecord> = self
+        let records: Vec<AuditRecord> = self
             .query_records(
                 &format!(
                     "SELECT {COLUMNS} FROM audit_log {filter} ORDER BY seq {order} LIMIT {fetch}"
@@ -648,21 +644,7 @@ impl AuditStore for PostgresStore {
             .into_iter()
             .map(StoredRecord::into_record)
             .collect();
-        let next_after_seq = match query.after_seq {
-            Some(_) if records.len() > limit as usize => {
-                records.truncate(limit as usize);
-                records.last().map(|record| record.seq)
-            }
-            Some(_) => None,
-            None => {
-                records.reverse();
-                None
-            }
-        };
-        Ok(AuditPage {
-            records,
-            next_after_seq,
-        })
+        Ok(AuditPage::from_fetched(query, records))
     }
 }
 

@@ -475,34 +475,15 @@ impl AuditStore for SqliteStore {
         } else {
             format!("WHERE {}", conditions.join(" AND "))
         };
-        let limit = query.effective_limit();
-        // One more than asked for tells whether another page follows.
-        let (order, fetch) = match query.after_seq {
-            Some(_) => ("ASC", limit + 1),
-            None => ("DESC", limit),
-        };
+        let (order, fetch) = query.fetch_plan();
         let mut statement = connection.prepare(&format!(
             "SELECT {columns} FROM audit_log {filter} ORDER BY seq {order} LIMIT {fetch}"
         ))?;
-        let mut records = statement
+        let records = statement
             .query_map(params_from_iter(values.iter()), StoredRecord::from_sql)?
             .map(|row| row.map(StoredRecord::into_record))
             .collect::<Result<Vec<_>, _>>()?;
-        let next_after_seq = match query.after_seq {
-            Some(_) if records.len() > limit as usize => {
-                records.truncate(limit as usize);
-                records.last().map(|record| record.seq)
-            }
-            Some(_) => None,
-            None => {
-                records.reverse();
-                None
-            }
-        };
-        Ok(AuditPage {
-            records,
-            next_after_seq,
-        })
+        Ok(AuditPage::from_fetched(query, records))
     }
 }
 

@@ -50,6 +50,17 @@ impl AuditQuery {
         self.limit.clamp(1, MAX_QUERY_LIMIT)
     }
 
+    /// How a store fetches this query: the `ORDER BY seq` direction and the row
+    /// count. With a cursor, oldest first and one row more than the limit (it tells
+    /// whether another page follows); without, the newest `limit`.
+    pub fn fetch_plan(&self) -> (&'static str, u32) {
+        let limit = self.effective_limit();
+        match self.after_seq {
+            Some(_) => ("ASC", limit + 1),
+            None => ("DESC", limit),
+        }
+    }
+
     /// The tool filter as a pattern: `Some((text, true))` for a glob.
     pub fn tool_pattern(&self) -> Option<(&str, bool)> {
         self.tool.as_deref().map(|tool| (tool, tool.contains('*')))
@@ -112,6 +123,30 @@ pub struct AuditPage {
     /// The cursor for the next page: the seq of the last record returned, present
     /// only when more records match after it.
     pub next_after_seq: Option<u64>,
+}
+
+impl AuditPage {
+    /// The page for `query` from the rows a store fetched by
+    /// [`AuditQuery::fetch_plan`]: oldest first, cut to the limit, with the cursor
+    /// when the extra row shows that more match.
+    pub fn from_fetched(query: &AuditQuery, mut records: Vec<AuditRecord>) -> AuditPage {
+        let limit = query.effective_limit() as usize;
+        let next_after_seq = match query.after_seq {
+            Some(_) if records.len() > limit => {
+                records.truncate(limit);
+                records.last().map(|record| record.seq)
+            }
+            Some(_) => None,
+            None => {
+                records.reverse();
+                None
+            }
+        };
+        AuditPage {
+            records,
+            next_after_seq,
+        }
+    }
 }
 
 /// The mode every instance on a shared store is in: the row that the transaction

@@ -119,11 +119,11 @@ impl KnownListings {
                 self.newest.insert(name, listing);
             }
         }
-        let listings: BTreeMap<String, Result<ToolListing, UpstreamError>> = self
-            .newest
-            .iter()
-            .map(|(name, listing)| (name.clone(), Ok(listing.clone())))
-            .collect();
-        Catalog::from_listings(simulated_cloud, &listings)
+        Catalog::from_sources(
+            simulated_cloud,
+            self.newest
+                .iter()
+                .map(|(name, listing)| (name.as_str(), listing)),
+        )
     }
 }
