@@ -8,17 +8,12 @@ mod common;
 
 use std::process::Command;
 
+use common::mcp_client::{call_tool, connect};
 use common::{
     AGENT_TOKEN, Api, McpStdio, OPERATOR_TOKEN, ServerProcess, shipped_policy_with_rate_limits,
     write_policy,
 };
 use reqwest::StatusCode;
-use rmcp::RoleClient;
-use rmcp::ServiceExt;
-use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation};
-use rmcp::service::RunningService;
-use rmcp::transport::StreamableHttpClientTransport;
-use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use serde_json::{Value, json};
 
 /// Five calls per agent, then one an hour: the refusals are deterministic.
@@ -158,21 +153,6 @@ async fn the_shipped_limit_lets_a_burst_of_100_through() {
     }
 }
 
-/// Opens an MCP session over Streamable HTTP under `client_name`.
-async fn mcp_session(url: &str, client_name: &str) -> RunningService<RoleClient, ClientConfig> {
-    proxi::tls::install_crypto_provider();
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let config = StreamableHttpClientTransportConfig::with_uri(format!("{url}/mcp"))
-        .auth_header(AGENT_TOKEN);
-    ClientConfig::new(
-        ClientCapabilities::default(),
-        Implementation::new(client_name, "1.0"),
-    )
-    .serve(StreamableHttpClientTransport::with_client(http, config))
-    .await
-    .expect("initialize over Streamable HTTP")
-}
-
 #[tokio::test]
 async fn mcp_client_names_and_transports_do_not_buy_fresh_buckets() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,12 +163,9 @@ async fn mcp_client_names_and_transports_do_not_buy_fresh_buckets() {
     // and mixes in REST: the buckets belong to the token holder, not to names.
     let mut results = Vec::new();
     for name in ["a", "b", "c", "d"] {
-        let session = mcp_session(&server.url, name).await;
+        let session = connect(&server.url, AGENT_TOKEN, name).await;
         for _ in 0..2 {
-            let result = session
-                .call_tool(CallToolRequestParams::new("list_services"))
-                .await
-                .expect("tools/call answers");
+            let result = call_tool(&session, "list_services", json!({})).await;
             results.push(serde_json::to_value(&result).unwrap());
         }
         let _ = session.cancel().await;
