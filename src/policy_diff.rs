@@ -242,7 +242,7 @@ fn tool_decision(engine: &PolicyEngine, mode: ModeId, tool: &str) -> ToolDecisio
         // Both engines are bound to the same catalog, built from the tools looked up.
         ToolVerdict::UnknownTool => ToolDecision {
             allowed: false,
-            reason: Some("unknown_tool"),
+            reason: Some(crate::reason::Reason::UnknownTool.as_str()),
             constraints: Vec::new(),
         },
     }

@@ -11,6 +11,7 @@ use serde_json::Value;
 use common::{AGENT_TOKEN, OPERATOR_TOKEN, ServerProcess};
 use proxi::agent::RunRecord;
 use proxi::agent::backend::Decision;
+use proxi::reason::Reason;
 /// Variables that would change which provider or server the agent picks.
 const AMBIENT: [&str; 8] = [
     "GOOGLE_API_KEY",
@@ -78,7 +79,10 @@ fn mock_agent_runs_through_a_served_proxi() {
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].tool, "restart_service");
     assert_eq!(calls[0].decision, Decision::Denied);
-    assert_eq!(calls[0].reason_code.as_deref(), Some("blocked_in_mode"));
+    assert_eq!(
+        calls[0].reason_code.as_deref(),
+        Some(Reason::BlockedInMode.as_str())
+    );
     assert!(
         run.final_answer
             .starts_with("❌ I cannot restart the web server in NORMAL mode."),

@@ -13,6 +13,7 @@ use common::{
     AGENT_TOKEN, Api, McpStdio, OPERATOR_TOKEN, ServerProcess, shipped_policy_with_rate_limits,
     write_policy,
 };
+use proxi::reason::Reason;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -68,7 +69,7 @@ async fn a_flood_is_refused_with_429_and_small_records() {
     );
     let (first_refused, retry_after, body) = refusal.expect("a refusal");
     assert_eq!(first_refused, 5);
-    assert_eq!(body["reason_code"], "rate_limited", "{body}");
+    assert_eq!(body["reason_code"], Reason::RateLimited.as_str(), "{body}");
     assert_eq!(body["success"], false);
     let seconds = body["retry_after_seconds"]
         .as_u64()
@@ -80,7 +81,7 @@ async fn a_flood_is_refused_with_429_and_small_records() {
     let records = api.audit(100).await;
     let limited: Vec<&Value> = records
         .iter()
-        .filter(|record| record["reason_code"] == "rate_limited")
+        .filter(|record| record["reason_code"] == Reason::RateLimited.as_str())
         .collect();
     assert_eq!(limited.len(), 15);
     for record in &limited {
@@ -177,7 +178,11 @@ async fn mcp_client_names_and_transports_do_not_buy_fresh_buckets() {
     assert_eq!(limited.len(), 3, "burst 5 of 8 calls: {results:?}");
     for result in &limited {
         let refusal = &result["structuredContent"];
-        assert_eq!(refusal["reason_code"], "rate_limited", "{result}");
+        assert_eq!(
+            refusal["reason_code"],
+            Reason::RateLimited.as_str(),
+            "{result}"
+        );
         assert!(
             refusal["retry_after_seconds"].as_u64() >= Some(3000),
             "{result}"
@@ -205,7 +210,7 @@ fn stdio_mcp_calls_over_the_limit_get_an_is_error_result() {
         .iter()
         .filter(|result| {
             result["isError"] == true
-                && result["structuredContent"]["reason_code"] == "rate_limited"
+                && result["structuredContent"]["reason_code"] == Reason::RateLimited.as_str()
         })
         .count();
     assert_eq!(limited, 3, "burst 5 of 8: {results:?}");

@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use common::mcp_client::{call_params, connect, connect_with};
 use common::mcp_harness::DEADLINE;
 use common::{AGENT_TOKEN, OPERATOR_TOKEN};
+use proxi::reason::Reason;
 
 const CLIENT_NAME: &str = "rust-protocol-test";
 
@@ -176,7 +177,7 @@ async fn tools_call_takes_the_governed_path_and_refusals_are_tool_results() {
     assert_eq!(denied.is_error, Some(true));
     let refusal = structured(&denied);
     assert_eq!(refusal["policy_violation"], true);
-    assert_eq!(refusal["reason_code"], "blocked_in_mode");
+    assert_eq!(refusal["reason_code"], Reason::BlockedInMode.as_str());
     assert_eq!(refusal["mode"], "NORMAL");
     assert_eq!(refusal["tool"], "restart_service");
     let hint = refusal["how_to_proceed"].as_str().unwrap_or_default();
@@ -197,11 +198,17 @@ async fn tools_call_takes_the_governed_path_and_refusals_are_tool_results() {
     // tool would be denied before its arguments are looked at).
     let invalid = call(&client, "read_logs", json!({"lines": "ten"})).await;
     assert_eq!(invalid.is_error, Some(true));
-    assert_eq!(structured(&invalid)["reason_code"], "invalid_arguments");
+    assert_eq!(
+        structured(&invalid)["reason_code"],
+        Reason::InvalidArguments.as_str()
+    );
     assert_eq!(structured(&invalid)["policy_violation"], false);
 
     let missing = call(&client, "get_service_status", json!({})).await;
-    assert_eq!(structured(&missing)["reason_code"], "invalid_arguments");
+    assert_eq!(
+        structured(&missing)["reason_code"],
+        Reason::InvalidArguments.as_str()
+    );
 
     let failed = call(
         &client,
@@ -210,15 +217,24 @@ async fn tools_call_takes_the_governed_path_and_refusals_are_tool_results() {
     )
     .await;
     assert_eq!(failed.is_error, Some(true));
-    assert_eq!(structured(&failed)["reason_code"], "unknown_service");
+    assert_eq!(
+        structured(&failed)["reason_code"],
+        Reason::UnknownService.as_str()
+    );
 
     // No MCP tool or method changes the mode: an agent cannot escalate itself.
     let escalate = call(&client, "set_mode", json!({"mode": "EMERGENCY"})).await;
-    assert_eq!(structured(&escalate)["reason_code"], "unknown_tool");
+    assert_eq!(
+        structured(&escalate)["reason_code"],
+        Reason::UnknownTool.as_str()
+    );
     assert_eq!(server.gateway.status().mode, "NORMAL");
 
     let always = call(&client, "delete_database", json!({"db_name": "database"})).await;
-    assert_eq!(structured(&always)["reason_code"], "always_blocked");
+    assert_eq!(
+        structured(&always)["reason_code"],
+        Reason::AlwaysBlocked.as_str()
+    );
 
     let records = server.gateway.audit().recent(20).expect("read the audit");
     let calls: Vec<_> = records
@@ -296,7 +312,7 @@ async fn a_missing_or_wrong_token_is_refused_with_401_and_audited() {
         .filter(|record| record.kind == "auth_refused")
         .filter_map(|record| record.reason_code.as_deref())
         .collect();
-    assert_eq!(refusals, ["missing_token", "invalid_token"]);
+    assert_eq!(refusals, ["missing_token", Reason::InvalidToken.as_str()]);
 }
 
 #[tokio::test]
@@ -446,7 +462,7 @@ fn proxi_mcp_speaks_only_protocol_on_stdout() {
     assert_eq!(answers[&4]["result"]["isError"], true);
     assert_eq!(
         answers[&4]["result"]["structuredContent"]["reason_code"],
-        "always_blocked"
+        Reason::AlwaysBlocked.as_str()
     );
     assert_eq!(
         answers[&5]["error"]["code"], -32602,

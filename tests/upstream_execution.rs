@@ -15,6 +15,7 @@ use std::time::Duration;
 use common::mcp_client::{call_tool, connect, connect_with, result_of, send_call};
 use common::upstream::{eventually, fixture_calls, fixture_script, python, wait_for_fixture_call};
 use common::{AGENT_TOKEN, Api, ServerProcess, write_policy};
+use proxi::reason::Reason;
 use reqwest::StatusCode;
 use rmcp::model::{ClientCapabilities, ClientConfig, Implementation};
 use serde_json::{Value, json};
@@ -210,10 +211,10 @@ async fn a_hung_upstream_times_out_and_a_crashed_one_is_unavailable_while_proxi_
     setup.api.emergency().await;
     let (status, body) = setup.api.execute("fx__hang", json!({})).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
-    assert_eq!(body["reason_code"], "upstream_timeout");
+    assert_eq!(body["reason_code"], Reason::UpstreamTimeout.as_str());
     let (status, body) = setup.api.execute("fx__crash", json!({})).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
-    assert_eq!(body["reason_code"], "upstream_unavailable");
+    assert_eq!(body["reason_code"], Reason::UpstreamUnavailable.as_str());
     assert!(
         !body.to_string().contains(".py"),
         "no paths in answers: {body}"
@@ -238,7 +239,11 @@ async fn a_hung_upstream_times_out_and_a_crashed_one_is_unavailable_while_proxi_
             .await;
         if status != StatusCode::OK {
             assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
-            assert_eq!(body["reason_code"], "upstream_unavailable", "{body}");
+            assert_eq!(
+                body["reason_code"],
+                Reason::UpstreamUnavailable.as_str(),
+                "{body}"
+            );
         }
         (status == StatusCode::OK).then_some(())
     })
@@ -505,7 +510,8 @@ fn proxi_mcp_over_stdio_starts_the_upstreams_and_passes_results_through() {
     let denied = mcp.call_tool("fx__hang", json!({}));
     assert_eq!(denied["isError"], true, "{denied}");
     assert_eq!(
-        denied["structuredContent"]["reason_code"], "not_allowed",
+        denied["structuredContent"]["reason_code"],
+        Reason::NotAllowed.as_str(),
         "{denied}"
     );
     mcp.close();
@@ -623,16 +629,27 @@ async fn schema_and_pattern_violations_never_reach_the_upstream_over_rest_and_mc
     // match the whole value ("ok DROP" contains a match but is not one).
     let (status, body) = api.execute("fx__echo", json!({"message": 7})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    assert_eq!(body["reason_code"], "invalid_arguments", "{body}");
+    assert_eq!(
+        body["reason_code"],
+        Reason::InvalidArguments.as_str(),
+        "{body}"
+    );
     let (status, body) = api.execute("fx__echo", json!({"message": "ok DROP"})).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    assert_eq!(body["reason_code"], "constraint_violated", "{body}");
+    assert_eq!(
+        body["reason_code"],
+        Reason::ConstraintViolated.as_str(),
+        "{body}"
+    );
 
     // MCP: the same refusals are isError results with the reason code.
     let client = connect(&server.url, AGENT_TOKEN, "violations").await;
     for (arguments, reason) in [
-        (json!({"message": 7}), "invalid_arguments"),
-        (json!({"message": "DROP"}), "constraint_violated"),
+        (json!({"message": 7}), Reason::InvalidArguments.as_str()),
+        (
+            json!({"message": "DROP"}),
+            Reason::ConstraintViolated.as_str(),
+        ),
     ] {
         let result = call_tool(&client, "fx__echo", arguments).await;
         assert_eq!(result.is_error, Some(true), "{result:?}");

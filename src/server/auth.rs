@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::refusals::RefusalTally;
 use super::{AppState, Edge};
 use crate::principal::{Principal, Role};
+use crate::reason::Reason;
 
 /// Any caller holding a valid token (agent or operator).
 pub struct Caller(pub Principal);
@@ -40,7 +41,10 @@ impl FromRequestParts<AppState> for Operator {
         if principal.role() == Role::Operator {
             return Ok(Operator(principal));
         }
-        if refuse(parts, state, &principal, "forbidden").await.is_err() {
+        if refuse(parts, state, &principal, Reason::Forbidden)
+            .await
+            .is_err()
+        {
             return Err(ApiError::audit_unavailable().into_response());
         }
         let message = if state.tokens.has_operator() {
@@ -62,10 +66,10 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
     let (reason, message) = match presented {
         Some(token) => match state.tokens.authenticate(token) {
             Some(principal) => return Ok(principal),
-            None => ("invalid_token", "the bearer token is not valid"),
+            None => (Reason::InvalidToken, "the bearer token is not valid"),
         },
         None => (
-            "missing_token",
+            Reason::MissingToken,
             "missing credentials: send Authorization: Bearer <token>",
         ),
     };
@@ -107,7 +111,7 @@ async fn refuse(
     parts: &Parts,
     state: &AppState,
     principal: &Principal,
-    reason: &'static str,
+    reason: Reason,
 ) -> Result<(), crate::gateway::GatewayError> {
     let what = describe(parts);
     match parts.extensions.get::<Edge>() {

@@ -35,6 +35,7 @@ use super::{AppState, Edge};
 use crate::gateway::{ModeChange, ModeChangeError, PolicyStatus};
 use crate::infra::InfrastructureStatus;
 use crate::principal::{Principal, Role};
+use crate::reason::Reason;
 
 /// Name of the session cookie.
 pub const SESSION_COOKIE: &str = "proxi_console";
@@ -346,13 +347,13 @@ async fn login(
         Some(principal) if principal.role() == Role::Operator => None,
         Some(principal) => Some((
             principal.clone(),
-            "forbidden",
+            Reason::Forbidden,
             StatusCode::FORBIDDEN,
             "only an operator token opens the console",
         )),
         None => Some((
             Principal::anonymous(),
-            "invalid_token",
+            Reason::InvalidToken,
             StatusCode::UNAUTHORIZED,
             "that token is not valid",
         )),
@@ -418,7 +419,7 @@ async fn record_refusal(
     edge: Option<&Edge>,
     source: &str,
     principal: &Principal,
-    reason: &'static str,
+    reason: Reason,
 ) -> Result<(), crate::gateway::GatewayError> {
     let what = "POST /console/login";
     match edge {
