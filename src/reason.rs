@@ -59,11 +59,23 @@ pub enum Reason {
     SessionLimitPrincipal,
     /// The server holds the most MCP sessions it allows, all tokens together.
     SessionLimitTotal,
+    /// The token names a principal, but the registry of named principals cannot
+    /// be trusted (its signature does not check out), so no named token is accepted.
+    RegistryUntrusted,
+    /// The call needs a human's approval first; it did not run.
+    ApprovalRequired,
+    /// The approval found for the call was given under another policy, or the
+    /// approval named belongs to another principal, tool or arguments.
+    ApprovalMismatch,
+    /// The approval for the call ran out of time before it was used.
+    ApprovalExpired,
+    /// An operator refused the approval for this exact call.
+    ApprovalDenied,
 }
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 28] = [
         Reason::AlwaysBlocked,
         Reason::BlockedInMode,
         Reason::NotAllowed,
@@ -87,6 +99,11 @@ impl Reason {
         Reason::SessionRateLimited,
         Reason::SessionLimitPrincipal,
         Reason::SessionLimitTotal,
+        Reason::RegistryUntrusted,
+        Reason::ApprovalRequired,
+        Reason::ApprovalMismatch,
+        Reason::ApprovalExpired,
+        Reason::ApprovalDenied,
     ];
 
     /// The stable snake_case wire name.
@@ -115,6 +132,11 @@ impl Reason {
             Reason::SessionRateLimited => "session_rate_limited",
             Reason::SessionLimitPrincipal => "session_limit_principal",
             Reason::SessionLimitTotal => "session_limit_total",
+            Reason::RegistryUntrusted => "registry_untrusted",
+            Reason::ApprovalRequired => "approval_required",
+            Reason::ApprovalMismatch => "approval_mismatch",
+            Reason::ApprovalExpired => "approval_expired",
+            Reason::ApprovalDenied => "approval_denied",
         }
     }
 
@@ -178,6 +200,7 @@ mod tests {
             (Reason::SessionRateLimited, "session_rate_limited"),
             (Reason::SessionLimitPrincipal, "session_limit_principal"),
             (Reason::SessionLimitTotal, "session_limit_total"),
+            (Reason::RegistryUntrusted, "registry_untrusted"),
         ] {
             assert_eq!(reason.as_str(), name);
         }

@@ -312,7 +312,10 @@ async fn a_missing_or_wrong_token_is_refused_with_401_and_audited() {
         .filter(|record| record.kind == "auth_refused")
         .filter_map(|record| record.reason_code.as_deref())
         .collect();
-    assert_eq!(refusals, ["missing_token", Reason::InvalidToken.as_str()]);
+    assert_eq!(
+        refusals,
+        [Reason::MissingToken.as_str(), Reason::InvalidToken.as_str()]
+    );
 }
 
 #[tokio::test]

@@ -18,6 +18,7 @@ use super::refusals::RefusalTally;
 use super::{AppState, Edge};
 use crate::principal::{Principal, Role};
 use crate::reason::Reason;
+use crate::tokens::Authentication;
 
 /// Any caller holding a valid token (agent or operator).
 pub struct Caller(pub Principal);
@@ -64,9 +65,12 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
         .and_then(|value| value.to_str().ok())
         .and_then(bearer_token);
     let (reason, message) = match presented {
-        Some(token) => match state.tokens.authenticate(token) {
-            Some(principal) => return Ok(principal),
-            None => (Reason::InvalidToken, "the bearer token is not valid"),
+        Some(token) => match state.tokens.check(token) {
+            Authentication::Accepted(principal) => return Ok(principal),
+            refused => (
+                refused.refusal_reason().unwrap_or(Reason::InvalidToken),
+                "the bearer token is not valid",
+            ),
         },
         None => (
             Reason::MissingToken,
