@@ -248,7 +248,7 @@ pub struct PolicyStatus {
 /// One tool as `GET /tools/catalog` lists it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CatalogEntry {
-    /// Wire name.
+    /// The name callers use in `/tools/execute` and MCP `tools/call`.
     pub name: String,
     /// What it does.
     pub description: String,

@@ -64,9 +64,9 @@ impl PolicyDiff {
 /// How one tool's decision in one mode changes.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DecisionChange {
-    /// The mode.
+    /// Name of the mode whose decision changes.
     pub mode: String,
-    /// The tool.
+    /// Exposed name of the tool whose decision changes.
     pub tool: String,
     /// What kind of change.
     pub change: ChangeKind,
