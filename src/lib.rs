@@ -9,6 +9,7 @@ pub mod agent;
 pub mod anchor;
 pub mod answer;
 pub mod api;
+pub mod approval;
 pub mod audit;
 pub mod audit_view;
 pub mod canonical;
