@@ -103,3 +103,49 @@ async fn a_removed_revocation_or_an_old_signed_copy_is_refused() {
     assert_eq!(status_with(&api, &alice).await, StatusCode::UNAUTHORIZED);
     assert_eq!(status_with(&api, OPERATOR_TOKEN).await, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn with_a_credential_an_old_copy_put_back_while_the_server_is_down_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let outside = tempfile::tempdir().expect("temp dir");
+    let credential = common::write_credential(outside.path(), OPERATOR_TOKEN, 7);
+    let credential_flag = credential.to_str().expect("utf-8 path");
+    let with_credential = ["add", "alice", "--role", "operator"]
+        .into_iter()
+        .chain(["--operator-credential", credential_flag])
+        .collect::<Vec<_>>();
+    let added = common::identities::token_command(dir.path(), &with_credential);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let alice = String::from_utf8(added.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned();
+    let before_revocation = std::fs::read(dir.path().join(PRINCIPALS_FILE)).expect("copy");
+    let revoked = common::identities::token_command(
+        dir.path(),
+        &["revoke", "alice", "--operator-credential", credential_flag],
+    );
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    // The server was not running: only the mark beside the credential remembers.
+    std::fs::write(dir.path().join(PRINCIPALS_FILE), &before_revocation).expect("write");
+    let server = ServerProcess::start(
+        dir.path(),
+        &[
+            "--durability",
+            "process",
+            "--operator-credential",
+            credential_flag,
+        ],
+    );
+    let api = Api::new(&server.url);
+    assert_eq!(status_with(&api, &alice).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status_with(&api, OPERATOR_TOKEN).await, StatusCode::OK);
+}

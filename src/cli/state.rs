@@ -141,20 +141,30 @@ pub(crate) async fn open_gateway(
         (Launch::Stdio, None) => Tokens::resolve_without_operator(&state.data_dir, agent)?,
         (_, operator) => Tokens::resolve(&state.data_dir, operator, agent)?,
     };
-    Ok((
-        gateway,
-        with_named_tokens(tokens, &state.data_dir, log),
-        sources.file,
-    ))
+    let tokens = with_named_tokens(
+        tokens,
+        &state.data_dir,
+        state.operator_credential.as_deref(),
+        log,
+    );
+    Ok((gateway, tokens, sources.file))
 }
 
 /// Attaches the data dir's registry of named tokens, signed with a key derived from
 /// the operator token; without an operator token no named token is accepted.
-fn with_named_tokens(tokens: Tokens, data_dir: &Path, log: LogFormat) -> Tokens {
+fn with_named_tokens(
+    tokens: Tokens,
+    data_dir: &Path,
+    credential: Option<&Path>,
+    log: LogFormat,
+) -> Tokens {
     let Some(key) = tokens.registry_key() else {
         return tokens;
     };
-    let principals = DataDirPrincipals::new(data_dir, Some(key));
+    let mut principals = DataDirPrincipals::new(data_dir, Some(key));
+    if let Some(credential) = credential {
+        principals = principals.with_credential(credential);
+    }
     match principals.list() {
         Ok(listed) if !listed.is_empty() => notice(
             log,

@@ -82,10 +82,14 @@ impl RegistryArgs {
         let Some(operator) = operator else {
             return Err(IdentityError::NoOperatorSecret.into());
         };
-        Ok(DataDirPrincipals::new(
+        let principals = DataDirPrincipals::new(
             &self.data_dir,
             Some(RegistryKey::from_operator_token(&operator)),
-        ))
+        );
+        Ok(match &credential {
+            Some(credential) => principals.with_credential(credential.path()),
+            None => principals,
+        })
     }
 }
 
