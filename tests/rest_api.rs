@@ -336,7 +336,7 @@ async fn auth_refusals_are_401_or_403_and_audited() {
             ("anonymous", Reason::InvalidToken.as_str()),
             // Refusals are aggregated: the first of a window per source and reason
             // is recorded at once, the other two go into its summary record.
-            ("agent", "forbidden"),
+            ("agent", Reason::Forbidden.as_str()),
         ]
     );
 }

@@ -41,6 +41,10 @@ pub enum EntryKind {
     Incident,
     /// A mode switch waited for, or cancelled, upstream calls the new mode denies.
     ModeDrained,
+    /// An operator logged in to the console.
+    ConsoleLogin,
+    /// An operator logged out of the console.
+    ConsoleLogout,
 }
 
 impl EntryKind {
@@ -53,6 +57,8 @@ impl EntryKind {
             EntryKind::AuthRefused => "auth_refused",
             EntryKind::Incident => "incident",
             EntryKind::ModeDrained => "mode_drained",
+            EntryKind::ConsoleLogin => "console_login",
+            EntryKind::ConsoleLogout => "console_logout",
         }
     }
 }
