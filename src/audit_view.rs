@@ -53,23 +53,10 @@ mod tests {
     fn record(seq: u64, outcome: &str, detail: Value) -> AuditRecord {
         AuditRecord {
             seq,
-            time: String::new(),
-            principal: "agent".into(),
-            kind: "tool_call".into(),
             tool: Some("fs__read_file".into()),
-            arguments: None,
-            mode: "NORMAL".into(),
-            decision: "allowed".into(),
-            reason_code: None,
             outcome: outcome.into(),
             detail,
-            expires_at: None,
-            prev_hash: String::new(),
-            hash: String::new(),
-            context: None,
-            mac: None,
-            policy_hash: None,
-            role: None,
+            ..AuditRecord::sample()
         }
     }
 

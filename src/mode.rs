@@ -611,24 +611,14 @@ mod tests {
 
     fn mode_record(mode: &str, expires_at: Option<DateTime<Utc>>) -> AuditRecord {
         AuditRecord {
-            seq: 1,
             time: Utc::now().to_rfc3339(),
             principal: "operator".into(),
             kind: "mode_change".into(),
-            tool: None,
-            arguments: None,
             mode: mode.into(),
-            decision: "allowed".into(),
-            reason_code: None,
             outcome: "changed".into(),
             detail: json!({"reason": "incident"}),
             expires_at: expires_at.map(|at| at.to_rfc3339()),
-            prev_hash: String::new(),
-            hash: String::new(),
-            context: None,
-            mac: None,
-            policy_hash: None,
-            role: None,
+            ..AuditRecord::sample()
         }
     }
 

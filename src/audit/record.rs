@@ -167,6 +167,34 @@ pub struct AuditRecord {
     pub role: Option<String>,
 }
 
+#[cfg(test)]
+impl AuditRecord {
+    /// A record for unit tests to adjust with struct update syntax: seq 1, an
+    /// allowed `tool_call` of `agent` in NORMAL, everything optional absent.
+    pub(crate) fn sample() -> AuditRecord {
+        AuditRecord {
+            seq: 1,
+            time: String::new(),
+            principal: "agent".into(),
+            kind: "tool_call".into(),
+            tool: None,
+            arguments: None,
+            mode: "NORMAL".into(),
+            decision: "allowed".into(),
+            reason_code: None,
+            outcome: "executed".into(),
+            detail: Value::Null,
+            expires_at: None,
+            prev_hash: String::new(),
+            hash: String::new(),
+            context: None,
+            mac: None,
+            policy_hash: None,
+            role: None,
+        }
+    }
+}
+
 impl AuditRecord {
     /// The reason code as a [`crate::reason::Reason`]; `None` without one, or for
     /// a stored name no reason has (a record from another version, or forged).
@@ -316,24 +344,10 @@ mod tests {
 
     fn record_with_reason(reason_code: Option<&str>) -> AuditRecord {
         AuditRecord {
-            seq: 1,
-            time: "2026-01-01T00:00:00.000000Z".to_owned(),
-            principal: "agent".to_owned(),
-            kind: "tool_call".to_owned(),
-            tool: Some("restart_service".to_owned()),
-            arguments: None,
-            mode: "NORMAL".to_owned(),
             decision: "denied".to_owned(),
             reason_code: reason_code.map(str::to_owned),
             outcome: "denied".to_owned(),
-            detail: Value::Null,
-            expires_at: None,
-            prev_hash: String::new(),
-            hash: String::new(),
-            context: None,
-            mac: None,
-            policy_hash: None,
-            role: None,
+            ..AuditRecord::sample()
         }
     }
 
