@@ -25,6 +25,7 @@ pub mod mode;
 pub mod policy;
 pub mod policy_diff;
 pub mod policy_source;
+pub mod policy_watch;
 pub mod principal;
 pub mod rate_limit;
 pub mod reason;

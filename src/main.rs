@@ -258,6 +258,10 @@ struct ServeArgs {
     state: StateArgs,
     #[command(flatten)]
     edge: EdgeArgs,
+    /// Reload the policy file when it changes (it is also reloaded on SIGHUP and
+    /// on `proxi policy reload`).
+    #[arg(long)]
+    watch: bool,
 }
 
 /// Limits at the network edge (defaults fit a flood into 256 MB; see `EdgeLimits`).
@@ -360,6 +364,12 @@ enum PolicyCommand {
         /// Print the changes as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Make a running server read its policy file again (operator token); a file
+    /// that fails its checks is refused and the old policy stays in force.
+    Reload {
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Decide every tool call of the audit trail again under a candidate policy,
     /// in the mode recorded with it, and list the calls whose outcome changes.
@@ -785,6 +795,7 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
     let (gateway, tokens, token_file) =
         open_gateway(&args.state, Launch::Serve, &policy, log).await?;
     let upstreams = start_upstreams(&gateway, log).await?;
+    let _reloaders = policy_reloaders(&gateway, &policy, args.watch)?;
     let bound = BoundServer::bind(args.bind)
         .await?
         .with_limits(args.edge.limits());
@@ -839,6 +850,29 @@ async fn serve(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
     }
     served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Remembers the policy file for reloads and starts what triggers them: SIGHUP,
+/// and with `--watch` the file's changes. The built-in policy has no file to reload.
+fn policy_reloaders(
+    gateway: &Arc<Gateway>,
+    policy: &PolicySource,
+    watch: bool,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    gateway.set_policy_source(policy.clone());
+    let mut tasks = vec![proxi::policy_watch::spawn_sighup_reloader(gateway)?];
+    match policy {
+        PolicySource::File(path) if watch => tasks.push(proxi::policy_watch::spawn_file_watcher(
+            gateway,
+            path.clone(),
+            proxi::policy_watch::WATCH_INTERVAL,
+        )),
+        PolicySource::BuiltIn if watch => {
+            bail!("--watch needs a policy file (--policy FILE); the built-in policy cannot change")
+        }
+        _ => {}
+    }
+    Ok(tasks)
 }
 
 /// Starts the policy's upstreams (if any) and attaches them to the gateway; one
@@ -985,6 +1019,27 @@ async fn policy(command: PolicyCommand) -> Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        PolicyCommand::Reload { server } => {
+            let report = operator_client(&server)?.reload_policy().await?;
+            out!(
+                "policy reloaded: {} -> {}{}",
+                report.previous_policy_hash,
+                report.policy_hash,
+                if report.changed { "" } else { " (unchanged)" }
+            )?;
+            out!("  mode: {}", escape(&report.mode))?;
+            if let Some(fallback) = &report.mode_fallback {
+                out!(
+                    "  the new policy has no mode {}: back to {}",
+                    escape(&fallback.from),
+                    escape(&fallback.to)
+                )?;
+            }
+            for warning in &report.warnings {
+                out!("  warning: {}", escape(warning))?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Replay {
             candidate,

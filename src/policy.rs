@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use regex::Regex;
@@ -742,6 +742,12 @@ impl PolicyEngine {
         &self.rules.policy_hash
     }
 
+    /// Whether both engines hold the very same compiled rules (one load of one
+    /// document, perhaps bound to different catalogs): then their `ModeId`s agree.
+    pub fn same_rules(&self, other: &PolicyEngine) -> bool {
+        Arc::ptr_eq(&self.rules, &other.rules)
+    }
+
     /// Every exact (non-glob) tool name the rules write anywhere: always_blocked,
     /// each mode's allowed and blocked tools and constraints. Sorted.
     pub fn named_tools(&self) -> std::collections::BTreeSet<&str> {
@@ -1046,6 +1052,9 @@ impl PolicyEngine {
 #[derive(Debug)]
 pub struct SharedPolicy {
     current: RwLock<Arc<PolicyEngine>>,
+    /// Serializes writers: a re-bind reads the rules in force and writes them back
+    /// bound anew, so without it a re-bind racing a reload could put the old rules back.
+    writers: Mutex<()>,
 }
 
 impl SharedPolicy {
@@ -1053,6 +1062,27 @@ impl SharedPolicy {
     pub fn new(engine: PolicyEngine) -> SharedPolicy {
         SharedPolicy {
             current: RwLock::new(Arc::new(engine)),
+            writers: Mutex::new(()),
+        }
+    }
+
+    /// Makes `engine`'s rules, bound to the catalog in force, the binding in force
+    /// (a reload); returns the engine replaced and the one now in force.
+    pub fn replace(&self, engine: &PolicyEngine) -> (Arc<PolicyEngine>, Arc<PolicyEngine>) {
+        let _one_writer = self.writers.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = self.current();
+        let engine = Arc::new(engine.bind(Arc::clone(previous.catalog())));
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&engine);
+        (previous, engine)
+    }
+
+    /// Puts `engine` back in force if `expected` is still the binding in force
+    /// (undoing a reload whose record failed, unless something replaced it since).
+    pub fn restore(&self, expected: &Arc<PolicyEngine>, engine: Arc<PolicyEngine>) {
+        let _one_writer = self.writers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if current.same_rules(expected) {
+            *current = engine;
         }
     }
 
@@ -1064,6 +1094,7 @@ impl SharedPolicy {
     /// Binds the same rules to `catalog` and makes that the binding in force.
     /// The new engine is built before the swap, so callers never wait on a bind.
     pub fn rebind(&self, catalog: Arc<Catalog>) -> Arc<PolicyEngine> {
+        let _one_writer = self.writers.lock().unwrap_or_else(PoisonError::into_inner);
         let engine = Arc::new(self.current().bind(catalog));
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&engine);
         engine

@@ -44,11 +44,14 @@ pub enum Reason {
     Cancelled,
     /// The audit trail cannot record, so nothing runs.
     AuditUnavailable,
+    /// A policy reload was refused: the new file failed its checks, and the old
+    /// policy stays in force.
+    PolicyRefused,
 }
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::AlwaysBlocked,
         Reason::BlockedInMode,
         Reason::NotAllowed,
@@ -65,6 +68,7 @@ impl Reason {
         Reason::UpstreamTimeout,
         Reason::Cancelled,
         Reason::AuditUnavailable,
+        Reason::PolicyRefused,
     ];
 
     /// The stable snake_case wire name.
@@ -86,6 +90,7 @@ impl Reason {
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::Cancelled => "cancelled",
             Reason::AuditUnavailable => "audit_unavailable",
+            Reason::PolicyRefused => "policy_refused",
         }
     }
 
