@@ -45,6 +45,7 @@ use crate::upstream::call::{CallContext, UpstreamCalls};
 use crate::upstream::client::UpstreamError;
 
 mod reload;
+mod shadow;
 pub use reload::{ModeFallback, ReloadError, ReloadReport, ReloadTrigger};
 
 /// Name of the lock file that keeps two processes off one data dir.
@@ -311,6 +312,8 @@ pub struct Gateway {
     upstreams: OnceLock<Arc<dyn UpstreamCalls>>,
     /// The file the policy was loaded from, for reloads (unset: nothing to reload).
     policy_source: OnceLock<crate::policy_source::PolicySource>,
+    /// `--shadow-policy`: decides every call a second time, for comparison only.
+    shadow: OnceLock<SharedPolicy>,
 }
 
 /// What a mode change did: the policy state after it, and the in-flight upstream
@@ -461,6 +464,7 @@ impl Gateway {
             in_flight: Arc::new(InFlightCalls::default()),
             upstreams: OnceLock::new(),
             policy_source: OnceLock::new(),
+            shadow: OnceLock::new(),
         });
         gateway
             .restore_mode(recovered, trust.restore_elevated)
@@ -612,6 +616,9 @@ impl Gateway {
     /// Binds the policy's rules to `catalog` (an upstream's tools changed, or an
     /// upstream listed them for the first time); calls decided from now on see it.
     pub fn rebind(&self, catalog: Arc<crate::catalog::Catalog>) {
+        if let Some(shadow) = self.shadow.get() {
+            shadow.rebind(Arc::clone(&catalog));
+        }
         self.policy.rebind(catalog);
         self.mode_events.send_replace(self.status());
         // After the swap: whoever hears of the change and re-lists sees the new tools.
@@ -760,7 +767,7 @@ impl Gateway {
         let parsed_under = self.policy();
         let parsed_early = ParsedCall::parse(&parsed_under, tool_name, &arguments);
         let now = Utc::now();
-        let (pending, mode, step) = {
+        let (pending, mode, step, shadow_input) = {
             let state = self.read_state();
             // A reload swaps the policy under the write side: if one came between the
             // parse and here, parse again, so the call is decided wholly under the
@@ -773,7 +780,9 @@ impl Gateway {
                 (current, reparsed)
             };
             let mode_id = state.effective_mode(Instant::now(), policy.default_mode());
-            let step = match parsed.decide(&policy, mode_id) {
+            let verdict = parsed.decide(&policy, mode_id);
+            let decided = shadow::DecisionClass::of(&verdict);
+            let step = match verdict {
                 Verdict::UnknownTool if invalid_name => {
                     Step::Done(Outcome::InvalidToolName(format!(
                         "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
@@ -829,6 +838,7 @@ impl Gateway {
                 }
             };
             let mode = self.mode_name(mode_id).clone();
+            let shadow_input = self.shadow.get().map(|_| (arguments.clone(), decided));
             let mut entry = match &step {
                 Step::Done(outcome) => {
                     tool_call_entry(principal, &shown_name, arguments, &mode, outcome, now)
@@ -840,12 +850,27 @@ impl Gateway {
             entry.context = context;
             // The hash of the very engine that decided, not of a later reload.
             entry.policy_hash = Some(Arc::from(policy.policy_hash()));
-            (self.audit.submit_with(entry, priority), mode, step)
+            (
+                self.audit.submit_with(entry, priority),
+                mode,
+                step,
+                shadow_input,
+            )
         };
         let audit_seq = pending
             .durable()
             .await
             .map_err(|_| GatewayError::AuditUnavailable)?;
+        if let Some((arguments, decided)) = shadow_input {
+            self.compare_with_shadow(
+                principal,
+                &shown_name,
+                &mode,
+                &arguments,
+                decided,
+                audit_seq,
+            );
+        }
         match step {
             Step::Done(outcome) => {
                 // After the durable record and off the mode lock; allocation-free.

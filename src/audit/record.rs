@@ -43,6 +43,8 @@ pub enum EntryKind {
     ModeDrained,
     /// The policy file was reloaded (old hash → new hash), or a reload was refused.
     PolicyReload,
+    /// A call's decision under the shadow policy (`serve --shadow-policy`) differed.
+    ShadowDecision,
 }
 
 impl EntryKind {
@@ -56,6 +58,7 @@ impl EntryKind {
             EntryKind::Incident => "incident",
             EntryKind::ModeDrained => "mode_drained",
             EntryKind::PolicyReload => "policy_reload",
+            EntryKind::ShadowDecision => "shadow_decision",
         }
     }
 }
