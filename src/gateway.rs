@@ -44,6 +44,7 @@ use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory, ToolName};
 use crate::upstream::call::{CallContext, UpstreamCalls};
 use crate::upstream::client::UpstreamError;
 
+mod guard_trail;
 mod reload;
 mod shadow;
 pub use reload::{ModeFallback, ReloadError, ReloadReport, ReloadTrigger};
@@ -106,6 +107,9 @@ pub enum Outcome {
     /// The tool name contains control, bidi, zero-width or separator characters;
     /// nothing was looked up. The message shows the name escaped.
     InvalidToolName(String),
+    /// The policy allowed the call but one of the mode's stateful guards refused it
+    /// (cooldown, step too large, missing prior call); nothing ran.
+    Guarded(crate::guards::GuardRefusal),
     /// The caller is over one of the policy's `rate_limits`; nothing was looked at.
     RateLimited {
         /// How long until the refusing bucket has room again.
@@ -176,6 +180,7 @@ impl Outcome {
             Outcome::InvalidArguments(_) => Some(Reason::InvalidArguments),
             Outcome::InvalidToolName(_) => Some(Reason::InvalidToolName),
             Outcome::RateLimited { .. } => Some(Reason::RateLimited),
+            Outcome::Guarded(refusal) => Some(refusal.reason()),
             Outcome::Failed { code, .. } => Some(*code),
             Outcome::Forwarded(result) if result.is_error == Some(true) => {
                 Some(UpstreamFailure::Refused.reason_code())
@@ -185,23 +190,28 @@ impl Outcome {
         }
     }
 
-    /// For a rate-limited call, the whole seconds to wait before retrying (at least 1),
-    /// as `Retry-After` and `retry_after_seconds` report it.
+    /// For a rate-limited call or a guard's cooldown, the whole seconds to wait
+    /// before retrying (at least 1), as `Retry-After` and `retry_after_seconds` report it.
     pub fn retry_after_seconds(&self) -> Option<u64> {
-        match self {
-            Outcome::RateLimited { retry_after } => Some(
-                retry_after
-                    .as_secs()
-                    .saturating_add(u64::from(retry_after.subsec_nanos() > 0))
-                    .max(1),
-            ),
+        let retry_after = match self {
+            Outcome::RateLimited { retry_after } => Some(*retry_after),
+            Outcome::Guarded(refusal) => refusal.retry_after(),
             _ => None,
-        }
+        };
+        retry_after.map(|retry_after| {
+            retry_after
+                .as_secs()
+                .saturating_add(u64::from(retry_after.subsec_nanos() > 0))
+                .max(1)
+        })
     }
 
     /// Whether the policy refused the call (unknown tools included, as in the API).
     pub fn is_policy_violation(&self) -> bool {
-        matches!(self, Outcome::Denied { .. } | Outcome::UnknownTool { .. })
+        matches!(
+            self,
+            Outcome::Denied { .. } | Outcome::UnknownTool { .. } | Outcome::Guarded(_)
+        )
     }
 }
 
@@ -312,6 +322,8 @@ pub struct Gateway {
     upstreams: OnceLock<Arc<dyn UpstreamCalls>>,
     /// The file the policy was loaded from, for reloads (unset: nothing to reload).
     policy_source: OnceLock<crate::policy_source::PolicySource>,
+    /// What ran, when and for whom, for the policy's stateful guards.
+    guard_state: Mutex<crate::guards::GuardState>,
     /// `--shadow-policy`: decides every call a second time, for comparison only.
     shadow: OnceLock<SharedPolicy>,
 }
@@ -465,10 +477,12 @@ impl Gateway {
             upstreams: OnceLock::new(),
             policy_source: OnceLock::new(),
             shadow: OnceLock::new(),
+            guard_state: Mutex::new(crate::guards::GuardState::default()),
         });
         gateway
             .restore_mode(recovered, trust.restore_elevated)
             .await?;
+        gateway.rebuild_guard_state()?;
         gateway.mode_events.send_replace(gateway.status());
         spawn_expiry_task(Arc::downgrade(&gateway), gateway.mode_events.subscribe());
         Ok(gateway)
@@ -782,7 +796,30 @@ impl Gateway {
             let mode_id = state.effective_mode(Instant::now(), policy.default_mode());
             let verdict = parsed.decide(&policy, mode_id);
             let decided = shadow::DecisionClass::of(&verdict);
+            // Checked and noted under one lock, so two calls cannot both pass a
+            // cooldown; taken only when the policy has guards.
+            let mut guard_state = policy.has_guards().then(|| {
+                self.guard_state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            });
+            let guard_refusal = match (&verdict, &guard_state) {
+                (Verdict::Allow(_), Some(state)) => state
+                    .check(
+                        policy.guards(mode_id),
+                        principal.name(),
+                        tool_name,
+                        &arguments,
+                        now,
+                        || self.infrastructure_status().fleet_size,
+                    )
+                    .err(),
+                _ => None,
+            };
             let step = match verdict {
+                Verdict::Allow(_) if let Some(refusal) = guard_refusal => {
+                    Step::Done(Outcome::Guarded(refusal))
+                }
                 Verdict::UnknownTool if invalid_name => {
                     Step::Done(Outcome::InvalidToolName(format!(
                         "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
@@ -837,6 +874,18 @@ impl Gateway {
                     })
                 }
             };
+            if let Some(state) = guard_state.as_mut()
+                && matches!(step, Step::Done(Outcome::Executed(_)) | Step::Forward(..))
+            {
+                state.note_run(
+                    policy.all_guards(),
+                    principal.name(),
+                    tool_name,
+                    &arguments,
+                    now,
+                );
+            }
+            drop(guard_state);
             let mode = self.mode_name(mode_id).clone();
             let shadow_input = self.shadow.get().map(|_| (arguments.clone(), decided));
             let mut entry = match &step {
@@ -1569,6 +1618,11 @@ fn tool_call_entry(
             Value::String(
                 "the tool name contains control, bidi or zero-width characters".to_owned(),
             ),
+        ),
+        Outcome::Guarded(refusal) => (
+            AuditDecision::Denied,
+            "denied",
+            recorded_message(&refusal.message()),
         ),
         Outcome::RateLimited { retry_after } => (
             AuditDecision::Denied,

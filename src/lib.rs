@@ -18,6 +18,7 @@ pub mod credential;
 pub mod decision;
 pub mod demo;
 pub mod gateway;
+pub mod guards;
 pub mod infra;
 pub mod mcp;
 pub mod metrics;

@@ -160,6 +160,14 @@ impl NamePattern {
         self.text.contains('*')
     }
 
+    /// A pattern from `text` as it is, unchecked (for unit tests elsewhere).
+    #[cfg(test)]
+    pub(crate) fn for_tests(text: &str) -> NamePattern {
+        NamePattern {
+            text: text.to_owned(),
+        }
+    }
+
     /// Whether `name` matches: equal for an exact name, the glob for a glob.
     pub fn matches(&self, name: &str) -> bool {
         if self.is_glob() {
@@ -358,6 +366,7 @@ struct ModeRules {
     allowed: Vec<NamePattern>,
     blocked: Vec<NamePattern>,
     constraints: Vec<Arc<ConstraintRule>>,
+    guards: crate::guards::ModeGuards,
 }
 
 /// The validated file: everything that does not depend on the catalog.
@@ -646,6 +655,8 @@ struct ModeDocument {
     blocked_tools: Vec<String>,
     #[serde(default)]
     constraints: BTreeMap<String, BTreeMap<String, ConstraintDocument>>,
+    #[serde(default)]
+    guards: crate::guards::GuardDocuments,
 }
 
 #[derive(Deserialize)]
@@ -740,6 +751,21 @@ impl PolicyEngine {
     /// for every binding of the same file.
     pub fn policy_hash(&self) -> &str {
         &self.rules.policy_hash
+    }
+
+    /// The stateful guards of `mode` (see [`crate::guards`]).
+    pub fn guards(&self, mode: ModeId) -> &crate::guards::ModeGuards {
+        &self.rules.modes[mode.index()].guards
+    }
+
+    /// Every mode's guards, in mode order.
+    pub fn all_guards(&self) -> impl Iterator<Item = &crate::guards::ModeGuards> {
+        self.rules.modes.iter().map(|mode| &mode.guards)
+    }
+
+    /// Whether any mode has a guard (else no call needs the guard state).
+    pub fn has_guards(&self) -> bool {
+        self.all_guards().any(|guards| !guards.is_empty())
     }
 
     /// Whether both engines hold the very same compiled rules (one load of one
@@ -1392,12 +1418,22 @@ fn compile(document: PolicyDocument) -> Result<PolicyRules, Vec<String>> {
             }
         }
         let constraints = compile_constraints(&sources, &mode.constraints, &at, &mut problems);
+        let guards_at = format!("{at}.guards");
+        let mut guarded = Vec::with_capacity(mode.guards.len());
+        for (tool, guard) in &mode.guards {
+            match sources.check(tool) {
+                Ok(pattern) => guarded.push((pattern, guard)),
+                Err(problem) => problems.push(format!("{guards_at}: {problem}")),
+            }
+        }
+        let guards = crate::guards::ModeGuards::compile(guarded, &guards_at, &mut problems);
         modes.push(ModeRules {
             name: name.clone(),
             description: mode.description.clone(),
             allowed,
             blocked,
             constraints,
+            guards,
         });
     }
 

@@ -47,11 +47,17 @@ pub enum Reason {
     /// A policy reload was refused: the new file failed its checks, and the old
     /// policy stays in force.
     PolicyRefused,
+    /// A guard's cooldown: the tool ran for this value too recently.
+    Cooldown,
+    /// A guard's `max_step`: the change is larger than one call may make.
+    StepTooLarge,
+    /// A guard's `requires_prior`: the caller did not run the prior tool first.
+    RequiresPrior,
 }
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 20] = [
         Reason::AlwaysBlocked,
         Reason::BlockedInMode,
         Reason::NotAllowed,
@@ -69,6 +75,9 @@ impl Reason {
         Reason::Cancelled,
         Reason::AuditUnavailable,
         Reason::PolicyRefused,
+        Reason::Cooldown,
+        Reason::StepTooLarge,
+        Reason::RequiresPrior,
     ];
 
     /// The stable snake_case wire name.
@@ -91,6 +100,9 @@ impl Reason {
             Reason::Cancelled => "cancelled",
             Reason::AuditUnavailable => "audit_unavailable",
             Reason::PolicyRefused => "policy_refused",
+            Reason::Cooldown => "cooldown",
+            Reason::StepTooLarge => "step_too_large",
+            Reason::RequiresPrior => "requires_prior",
         }
     }
 
