@@ -606,7 +606,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: Principal::system().name().clone(),
+            principal: Principal::system(),
             kind,
             tool: None,
             arguments: None,
@@ -1155,7 +1155,7 @@ impl Gateway {
             let pending = self.audit.submit_with(
                 AuditEntry {
                     time: now,
-                    principal: principal.name().clone(),
+                    principal: principal.clone(),
                     kind: EntryKind::ModeChange,
                     tool: None,
                     arguments: None,
@@ -1218,7 +1218,7 @@ impl Gateway {
         let report = drain(to_drain, self.policy().drain_timeout()).await;
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: EntryKind::ModeDrained,
             tool: None,
             arguments: None,
@@ -1274,7 +1274,7 @@ impl Gateway {
             let pending = self.audit.submit_with(
                 AuditEntry {
                     time: now,
-                    principal: Principal::system().name().clone(),
+                    principal: Principal::system(),
                     kind: EntryKind::ModeExpired,
                     tool: None,
                     arguments: None,
@@ -1406,7 +1406,7 @@ impl Gateway {
                 .map(|()| infra.status());
             let entry = AuditEntry {
                 time: now,
-                principal: principal.name().clone(),
+                principal: principal.clone(),
                 kind: EntryKind::Incident,
                 tool: None,
                 arguments: Some(json!({"service": truncate(service, 128), "status": health})),
@@ -1461,7 +1461,7 @@ impl Gateway {
         let mode = self.current_mode_name();
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: EntryKind::AuthRefused,
             tool: None,
             arguments: None,
@@ -1488,7 +1488,7 @@ impl Gateway {
         let mode = self.current_mode_name();
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: EntryKind::ToolCall,
             tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
             arguments: None,
@@ -1654,7 +1654,7 @@ fn tool_call_entry(
     };
     AuditEntry {
         time: now,
-        principal: principal.name().clone(),
+        principal: principal.clone(),
         kind: EntryKind::ToolCall,
         tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
         arguments: Some(arguments),
@@ -1759,7 +1759,7 @@ fn upstream_intent_entry(
 ) -> AuditEntry {
     AuditEntry {
         time: now,
-        principal: principal.name().clone(),
+        principal: principal.clone(),
         kind: EntryKind::ToolCall,
         tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
         arguments: Some(arguments),
@@ -1798,7 +1798,7 @@ fn upstream_outcome_entry(
     };
     AuditEntry {
         time: Utc::now(),
-        principal: principal.name().clone(),
+        principal: principal.clone(),
         kind: EntryKind::ToolCall,
         tool: Some(tool_name.to_owned()),
         arguments: None,

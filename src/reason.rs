@@ -53,11 +53,20 @@ pub enum Reason {
     StepTooLarge,
     /// A guard's `requires_prior`: the caller did not run the prior tool first.
     RequiresPrior,
+    /// The call needs a human's approval first; it did not run.
+    ApprovalRequired,
+    /// The approval found for the call was given under another policy, or the
+    /// approval named belongs to another principal, tool or arguments.
+    ApprovalMismatch,
+    /// The approval for the call ran out of time before it was used.
+    ApprovalExpired,
+    /// An operator refused the approval for this exact call.
+    ApprovalDenied,
 }
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 24] = [
         Reason::AlwaysBlocked,
         Reason::BlockedInMode,
         Reason::NotAllowed,
@@ -78,6 +87,10 @@ impl Reason {
         Reason::Cooldown,
         Reason::StepTooLarge,
         Reason::RequiresPrior,
+        Reason::ApprovalRequired,
+        Reason::ApprovalMismatch,
+        Reason::ApprovalExpired,
+        Reason::ApprovalDenied,
     ];
 
     /// The stable snake_case wire name.
@@ -103,6 +116,10 @@ impl Reason {
             Reason::Cooldown => "cooldown",
             Reason::StepTooLarge => "step_too_large",
             Reason::RequiresPrior => "requires_prior",
+            Reason::ApprovalRequired => "approval_required",
+            Reason::ApprovalMismatch => "approval_mismatch",
+            Reason::ApprovalExpired => "approval_expired",
+            Reason::ApprovalDenied => "approval_denied",
         }
     }
 

@@ -398,6 +398,10 @@ fn print_policy_check(source: &PolicySource, engine: &PolicyEngine) -> std::io::
                 out!("      {}", escape(&constraint))?;
             }
         }
+        for (tools, rule) in mode.approval_rules() {
+            let ttl = mode.approval_ttl().as_secs();
+            out!("    needs approval: {tools} {rule} (expires after {ttl} s)")?;
+        }
     }
     let always_blocked = if engine.upstreams().is_empty() {
         engine.always_blocked().names()

@@ -215,7 +215,7 @@ impl Gateway {
             let pending = self.audit.submit_with(
                 AuditEntry {
                     time: now,
-                    principal: principal.name().clone(),
+                    principal: principal.clone(),
                     kind: EntryKind::PolicyReload,
                     tool: None,
                     arguments: None,
@@ -241,7 +241,7 @@ impl Gateway {
                 self.audit.submit_with(
                     AuditEntry {
                         time: now,
-                        principal: principal.name().clone(),
+                        principal: principal.clone(),
                         kind: EntryKind::ModeExpired,
                         tool: None,
                         arguments: None,
@@ -344,7 +344,7 @@ impl Gateway {
             .collect();
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: EntryKind::PolicyReload,
             tool: None,
             arguments: None,

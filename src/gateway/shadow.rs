@@ -75,7 +75,7 @@ impl Gateway {
         self.metrics.shadow_disagreement();
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: EntryKind::ShadowDecision,
             tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
             arguments: None,
