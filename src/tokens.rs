@@ -280,7 +280,13 @@ impl Tokens {
         if presented.is_empty() || presented.len() > MAX_TOKEN_LEN {
             return Authentication::Invalid;
         }
-        let presented = digest(presented);
+        self.check_digest(&digest(presented))
+    }
+
+    /// [`Tokens::check`] for a token known by its SHA-256 only (a console session
+    /// keeps the digest of the token it was opened with, to notice a revocation).
+    pub fn check_digest(&self, presented: &[u8; 32]) -> Authentication {
+        let presented = *presented;
         // Compare against both so timing does not reveal which one matched.
         let is_operator = self
             .operator
@@ -334,6 +340,7 @@ pub fn generate_token() -> Result<String, TokenError> {
 mod tests {
     use super::*;
     use crate::principal::Role;
+    use std::sync::Arc;
 
     #[test]
     fn generated_tokens_are_persisted_privately_and_reused() {
@@ -394,6 +401,41 @@ mod tests {
         let fresh = tempfile::tempdir().unwrap();
         Tokens::resolve_without_operator(fresh.path(), None).unwrap();
         assert_eq!(TokensFile::read(fresh.path()).unwrap().operator_token, None);
+    }
+
+    #[test]
+    fn named_tokens_come_from_the_registry_signed_with_the_operator_key() {
+        use crate::identities::{DataDirPrincipals, PrincipalStore};
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = Tokens::new("operator-secret-123456", "agent-secret-1234567");
+        let registry = Arc::new(DataDirPrincipals::new(dir.path(), tokens.registry_key()));
+        let alice = registry.add("alice", Role::Operator).unwrap().token;
+        let tokens = tokens.with_principals(registry);
+        assert_eq!(
+            tokens.check(&alice),
+            Authentication::Accepted(Principal::named("alice", Role::Operator))
+        );
+        assert_eq!(
+            tokens.authenticate("operator-secret-123456"),
+            Some(Principal::operator())
+        );
+        assert_eq!(
+            tokens.check("unknown-token-123456"),
+            Authentication::Invalid
+        );
+        std::fs::write(dir.path().join(crate::identities::PRINCIPALS_FILE), b"{}").unwrap();
+        let refused = tokens.check(&alice);
+        assert_eq!(refused, Authentication::RegistryUntrusted);
+        assert_eq!(refused.refusal_reason(), Some("registry_untrusted"));
+        // The built-in tokens do not depend on the registry.
+        assert_eq!(
+            tokens.authenticate("agent-secret-1234567"),
+            Some(Principal::agent())
+        );
+        // Keyed by the operator token: a server without one has no key.
+        let dir = tempfile::tempdir().unwrap();
+        let (without, _) = Tokens::resolve_without_operator(dir.path(), None).unwrap();
+        assert!(without.registry_key().is_none());
     }
 
     #[test]

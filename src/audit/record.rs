@@ -45,6 +45,10 @@ pub enum EntryKind {
     PolicyReload,
     /// A call's decision under the shadow policy (`serve --shadow-policy`) differed.
     ShadowDecision,
+    /// An operator logged in to the console.
+    ConsoleLogin,
+    /// An operator logged out of the console.
+    ConsoleLogout,
 }
 
 impl EntryKind {
@@ -59,6 +63,8 @@ impl EntryKind {
             EntryKind::ModeDrained => "mode_drained",
             EntryKind::PolicyReload => "policy_reload",
             EntryKind::ShadowDecision => "shadow_decision",
+            EntryKind::ConsoleLogin => "console_login",
+            EntryKind::ConsoleLogout => "console_logout",
         }
     }
 }
