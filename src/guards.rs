@@ -94,6 +94,38 @@ pub struct GuardRule {
     pub requires_prior: Option<RequiresPrior>,
 }
 
+impl std::fmt::Display for GuardRule {
+    /// One line, as `policy check` and `policy diff` show it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:", self.tools.as_str())?;
+        let mut parts = Vec::new();
+        if let Some(cooldown) = &self.cooldown {
+            parts.push(match &cooldown.per {
+                Some(per) => format!("cooldown {} s per {per}", cooldown.window.as_secs()),
+                None => format!("cooldown {} s", cooldown.window.as_secs()),
+            });
+        }
+        if let Some(step) = self.max_step {
+            parts.push(format!("max_step {step}"));
+        }
+        if let Some(prior) = &self.requires_prior {
+            parts.push(match &prior.same {
+                Some(same) => format!(
+                    "requires_prior {} (same {same}) within {} s",
+                    prior.tool,
+                    prior.within.as_secs()
+                ),
+                None => format!(
+                    "requires_prior {} within {} s",
+                    prior.tool,
+                    prior.within.as_secs()
+                ),
+            });
+        }
+        write!(f, " {}", parts.join(", "))
+    }
+}
+
 /// Every guard of one mode, in the file's order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModeGuards {

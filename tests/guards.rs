@@ -136,3 +136,22 @@ fn policy_check_refuses_bad_guards() {
     );
     assert!(stderr.contains("modes.NORMAL.guards"), "{stderr}");
 }
+
+#[test]
+fn policy_diff_shows_guard_changes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let guarded = write_policy(dir.path(), "guarded.json", &guarded_policy().to_string());
+    let output = Command::new(env!("CARGO_BIN_EXE_proxi"))
+        .args(["policy", "diff"])
+        .arg(high_rate_limit_policy_path())
+        .arg(&guarded)
+        .output()
+        .expect("proxi runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "modes.EMERGENCY.guards: + restart_service: cooldown 120 s per service_name, requires_prior get_service_status (same service_name) within 300 s\n\
+         modes.EMERGENCY.guards: + scale_fleet: max_step 2\n\
+         2 changes\n"
+    );
+}
