@@ -19,7 +19,7 @@ pub struct Answer {
     pub how_to_proceed: String,
     /// For an unknown tool, the tools that exist.
     pub known_tools: Option<Vec<String>>,
-    /// For a rate-limited call, whole seconds to wait before calling again.
+    /// For a rate-limited call or a guard's cooldown, whole seconds to wait before calling again.
     pub retry_after_seconds: Option<u64>,
 }
 
@@ -46,6 +46,7 @@ pub fn answer(outcome: &Outcome, known_tools: impl FnOnce() -> Vec<String>) -> O
             how_to_proceed,
             ..
         } => (message.clone(), how_to_proceed.clone(), None),
+        Outcome::Guarded(refusal) => (refusal.message(), refusal.how_to_proceed(), None),
         Outcome::UnknownTool { message } => (
             message.clone(),
             "Use one of the tools listed in known_tools (see tools/list or /tools/catalog)."

@@ -132,6 +132,12 @@ impl ProxiClient {
         self.post("/policy/set-mode", request).await
     }
 
+    /// `POST /policy/reload` (operator token): the server reads its policy file
+    /// again. A refused file is an error whose message lists the problems.
+    pub async fn reload_policy(&self) -> Result<crate::gateway::ReloadReport, ClientError> {
+        self.post("/policy/reload", &serde_json::json!({})).await
+    }
+
     /// `GET /tools/catalog`.
     pub async fn catalog(&self) -> Result<Catalog, ClientError> {
         self.get("/tools/catalog").await

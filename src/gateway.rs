@@ -44,6 +44,11 @@ use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory, ToolName};
 use crate::upstream::call::{CallContext, UpstreamCalls};
 use crate::upstream::client::UpstreamError;
 
+mod guard_trail;
+mod reload;
+mod shadow;
+pub use reload::{ModeFallback, ReloadError, ReloadReport, ReloadTrigger};
+
 /// Name of the lock file that keeps two processes off one data dir.
 pub const LOCK_FILE: &str = "proxi.lock";
 /// Longest refusal message a tool-call record keeps, in bytes (messages may quote the caller's input).
@@ -102,6 +107,9 @@ pub enum Outcome {
     /// The tool name contains control, bidi, zero-width or separator characters;
     /// nothing was looked up. The message shows the name escaped.
     InvalidToolName(String),
+    /// The policy allowed the call but one of the mode's stateful guards refused it
+    /// (cooldown, step too large, missing prior call); nothing ran.
+    Guarded(crate::guards::GuardRefusal),
     /// The caller is over one of the policy's `rate_limits`; nothing was looked at.
     RateLimited {
         /// How long until the refusing bucket has room again.
@@ -172,6 +180,7 @@ impl Outcome {
             Outcome::InvalidArguments(_) => Some(Reason::InvalidArguments),
             Outcome::InvalidToolName(_) => Some(Reason::InvalidToolName),
             Outcome::RateLimited { .. } => Some(Reason::RateLimited),
+            Outcome::Guarded(refusal) => Some(refusal.reason()),
             Outcome::Failed { code, .. } => Some(*code),
             Outcome::Forwarded(result) if result.is_error == Some(true) => {
                 Some(UpstreamFailure::Refused.reason_code())
@@ -181,23 +190,28 @@ impl Outcome {
         }
     }
 
-    /// For a rate-limited call, the whole seconds to wait before retrying (at least 1),
-    /// as `Retry-After` and `retry_after_seconds` report it.
+    /// For a rate-limited call or a guard's cooldown, the whole seconds to wait
+    /// before retrying (at least 1), as `Retry-After` and `retry_after_seconds` report it.
     pub fn retry_after_seconds(&self) -> Option<u64> {
-        match self {
-            Outcome::RateLimited { retry_after } => Some(
-                retry_after
-                    .as_secs()
-                    .saturating_add(u64::from(retry_after.subsec_nanos() > 0))
-                    .max(1),
-            ),
+        let retry_after = match self {
+            Outcome::RateLimited { retry_after } => Some(*retry_after),
+            Outcome::Guarded(refusal) => refusal.retry_after(),
             _ => None,
-        }
+        };
+        retry_after.map(|retry_after| {
+            retry_after
+                .as_secs()
+                .saturating_add(u64::from(retry_after.subsec_nanos() > 0))
+                .max(1)
+        })
     }
 
     /// Whether the policy refused the call (unknown tools included, as in the API).
     pub fn is_policy_violation(&self) -> bool {
-        matches!(self, Outcome::Denied { .. } | Outcome::UnknownTool { .. })
+        matches!(
+            self,
+            Outcome::Denied { .. } | Outcome::UnknownTool { .. } | Outcome::Guarded(_)
+        )
     }
 }
 
@@ -283,7 +297,9 @@ pub struct Gateway {
     /// The policy's rules bound to the current catalog; re-bound when an
     /// upstream's tools change. A call is decided wholly under one binding.
     policy: SharedPolicy,
-    mode_names: Vec<Arc<str>>,
+    /// The policy's mode names, by `ModeId`; replaced with the policy on a reload,
+    /// under the mode lock's write side.
+    mode_names: RwLock<Arc<[Arc<str>]>>,
     state: RwLock<ModeState>,
     infra: Mutex<CloudInfrastructure>,
     audit: AuditLog,
@@ -291,7 +307,8 @@ pub struct Gateway {
     /// Counts re-bindings of the policy to a new catalog, so the MCP front end can
     /// announce `notifications/tools/list_changed` after the list it serves changed.
     tools_changed: watch::Sender<u64>,
-    rate_limiter: RateLimiter,
+    /// The policy's `rate_limits`; rebuilt on a reload that changes them.
+    rate_limiter: RwLock<RateLimiter>,
     metrics: crate::metrics::Metrics,
     data_dir: PathBuf,
     _data_dir_lock: File,
@@ -303,6 +320,12 @@ pub struct Gateway {
     /// Where allowed upstream calls go; unset until the upstreams are attached
     /// (and then every upstream call is `upstream_unavailable`).
     upstreams: OnceLock<Arc<dyn UpstreamCalls>>,
+    /// The file the policy was loaded from, for reloads (unset: nothing to reload).
+    policy_source: OnceLock<crate::policy_source::PolicySource>,
+    /// What ran, when and for whom, for the policy's stateful guards.
+    guard_state: Mutex<crate::guards::GuardState>,
+    /// `--shadow-policy`: decides every call a second time, for comparison only.
+    shadow: OnceLock<SharedPolicy>,
 }
 
 /// What a mode change did: the policy state after it, and the in-flight upstream
@@ -414,10 +437,7 @@ impl Gateway {
         if let Some(bytes) = config.audit_reserve_bytes {
             audit.set_space_reserve(bytes);
         }
-        let mode_names = policy
-            .modes()
-            .map(|(_, mode)| Arc::from(mode.name()))
-            .collect();
+        let mode_names = mode_names_of(&policy);
         let now = Utc::now();
         let initial = ModeState::initial(
             policy.default_mode(),
@@ -442,23 +462,27 @@ impl Gateway {
         let metrics = crate::metrics::Metrics::new(audit.metrics());
         let gateway = Arc::new(Gateway {
             policy: SharedPolicy::new(policy),
-            mode_names,
+            mode_names: RwLock::new(mode_names),
             state: RwLock::new(initial),
             infra: Mutex::new(CloudInfrastructure::new()),
             audit,
             mode_events,
             tools_changed: watch::Sender::new(0),
-            rate_limiter,
+            rate_limiter: RwLock::new(rate_limiter),
             metrics,
             data_dir: config.data_dir,
             _data_dir_lock: lock,
             mode_changes: tokio::sync::Mutex::new(()),
             in_flight: Arc::new(InFlightCalls::default()),
             upstreams: OnceLock::new(),
+            policy_source: OnceLock::new(),
+            shadow: OnceLock::new(),
+            guard_state: Mutex::new(crate::guards::GuardState::default()),
         });
         gateway
             .restore_mode(recovered, trust.restore_elevated)
             .await?;
+        gateway.rebuild_guard_state()?;
         gateway.mode_events.send_replace(gateway.status());
         spawn_expiry_task(Arc::downgrade(&gateway), gateway.mode_events.subscribe());
         Ok(gateway)
@@ -606,6 +630,9 @@ impl Gateway {
     /// Binds the policy's rules to `catalog` (an upstream's tools changed, or an
     /// upstream listed them for the first time); calls decided from now on see it.
     pub fn rebind(&self, catalog: Arc<crate::catalog::Catalog>) {
+        if let Some(shadow) = self.shadow.get() {
+            shadow.rebind(Arc::clone(&catalog));
+        }
         self.policy.rebind(catalog);
         self.mode_events.send_replace(self.status());
         // After the swap: whoever hears of the change and re-lists sees the new tools.
@@ -634,9 +661,19 @@ impl Gateway {
         &self.audit
     }
 
-    fn mode_name(&self, mode: ModeId) -> &Arc<str> {
-        // mode_names is built from the same engine, one entry per mode, in order.
-        &self.mode_names[mode.index()]
+    /// The name of `mode`, a `ModeId` of the policy in force. Both are replaced
+    /// together under the mode lock's write side, so a caller holding the read side
+    /// gets the right name; a stale id (never expected) gets the default mode's.
+    fn mode_name(&self, mode: ModeId) -> Arc<str> {
+        let names = self
+            .mode_names
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        names
+            .get(mode.index())
+            .or_else(|| names.first())
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""))
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, ModeState> {
@@ -723,7 +760,12 @@ impl Gateway {
         })?;
         // The rate limit comes before any other work, so a flood costs one bucket
         // check and one small record per call.
-        if let Err(retry_after) = self.rate_limiter.check(principal.role(), tool) {
+        let limited = self
+            .rate_limiter
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .check(principal.role(), tool);
+        if let Err(retry_after) = limited {
             let refused = self
                 .refuse_rate_limited(principal, tool_name, retry_after)
                 .await;
@@ -736,13 +778,48 @@ impl Gateway {
         let invalid_name = tool_name.chars().any(text::needs_escape);
         let shown_name = shown_tool_name(tool_name);
         // Argument checks need no lock: they depend on the call alone.
-        let policy = self.policy();
-        let parsed = ParsedCall::parse(&policy, tool_name, &arguments);
+        let parsed_under = self.policy();
+        let parsed_early = ParsedCall::parse(&parsed_under, tool_name, &arguments);
         let now = Utc::now();
-        let (pending, mode, step) = {
+        let (pending, mode, step, shadow_input) = {
             let state = self.read_state();
+            // A reload swaps the policy under the write side: if one came between the
+            // parse and here, parse again, so the call is decided wholly under the
+            // policy in force (and its ModeIds match the state's).
+            let current = self.policy();
+            let (policy, parsed) = if current.same_rules(&parsed_under) {
+                (parsed_under, parsed_early)
+            } else {
+                let reparsed = ParsedCall::parse(&current, tool_name, &arguments);
+                (current, reparsed)
+            };
             let mode_id = state.effective_mode(Instant::now(), policy.default_mode());
-            let step = match parsed.decide(&policy, mode_id) {
+            let verdict = parsed.decide(&policy, mode_id);
+            let decided = shadow::DecisionClass::of(&verdict);
+            // Checked and noted under one lock, so two calls cannot both pass a
+            // cooldown; taken only when the policy has guards.
+            let mut guard_state = policy.has_guards().then(|| {
+                self.guard_state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            });
+            let guard_refusal = match (&verdict, &guard_state) {
+                (Verdict::Allow(_), Some(state)) => state
+                    .check(
+                        policy.guards(mode_id),
+                        principal.name(),
+                        tool_name,
+                        &arguments,
+                        now,
+                        || self.infrastructure_status().fleet_size,
+                    )
+                    .err(),
+                _ => None,
+            };
+            let step = match verdict {
+                Verdict::Allow(_) if let Some(refusal) = guard_refusal => {
+                    Step::Done(Outcome::Guarded(refusal))
+                }
                 Verdict::UnknownTool if invalid_name => {
                     Step::Done(Outcome::InvalidToolName(format!(
                         "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
@@ -797,7 +874,20 @@ impl Gateway {
                     })
                 }
             };
+            if let Some(state) = guard_state.as_mut()
+                && matches!(step, Step::Done(Outcome::Executed(_)) | Step::Forward(..))
+            {
+                state.note_run(
+                    policy.all_guards(),
+                    principal.name(),
+                    tool_name,
+                    &arguments,
+                    now,
+                );
+            }
+            drop(guard_state);
             let mode = self.mode_name(mode_id).clone();
+            let shadow_input = self.shadow.get().map(|_| (arguments.clone(), decided));
             let mut entry = match &step {
                 Step::Done(outcome) => {
                     tool_call_entry(principal, &shown_name, arguments, &mode, outcome, now)
@@ -809,12 +899,27 @@ impl Gateway {
             entry.context = context;
             // The hash of the very engine that decided, not of a later reload.
             entry.policy_hash = Some(Arc::from(policy.policy_hash()));
-            (self.audit.submit_with(entry, priority), mode, step)
+            (
+                self.audit.submit_with(entry, priority),
+                mode,
+                step,
+                shadow_input,
+            )
         };
         let audit_seq = pending
             .durable()
             .await
             .map_err(|_| GatewayError::AuditUnavailable)?;
+        if let Some((arguments, decided)) = shadow_input {
+            self.compare_with_shadow(
+                principal,
+                &shown_name,
+                &mode,
+                &arguments,
+                decided,
+                audit_seq,
+            );
+        }
         match step {
             Step::Done(outcome) => {
                 // After the durable record and off the mode lock; allocation-free.
@@ -1018,10 +1123,12 @@ impl Gateway {
         if principal.role() != Role::Operator {
             return Err(ModeChangeError::NotOperator);
         }
+        // Validated under the lock a reload also takes, so the target's ModeId is the
+        // policy's in force.
+        let _one_change_at_a_time = self.mode_changes.lock().await;
         let change = validate_change(&self.policy(), change)?;
         let (target, reason, ttl) = (change.target, change.reason, change.ttl);
         let target_name = self.mode_name(target).clone();
-        let _one_change_at_a_time = self.mode_changes.lock().await;
         if self.audit.admit(Priority::Essential).is_err() {
             return Err(ModeChangeError::AuditUnavailable);
         }
@@ -1143,13 +1250,14 @@ impl Gateway {
     /// Returns to the default mode if the elevated mode's deadline has passed, then
     /// drains the calls the default mode denies, as [`Gateway::switch_mode`] does.
     async fn expire_if_due(&self) {
-        let default = self.policy().default_mode();
-        let default_name = self.mode_name(default).clone();
-        let (pending, to_drain) = {
+        let (pending, to_drain, default_name) = {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
             if !state.is_due(Instant::now()) {
                 return;
             }
+            // Under the write side, which a reload also needs: the policy's own default.
+            let default = self.policy().default_mode();
+            let default_name = self.mode_name(default);
             let from = self.mode_name(state.mode).clone();
             let now = Utc::now();
             state.switch(ModeState {
@@ -1181,7 +1289,7 @@ impl Gateway {
                 },
                 Priority::Essential,
             );
-            (pending, to_drain)
+            (pending, to_drain, default_name)
         };
         let change_seq = match pending.durable().await {
             Ok(seq) => seq,
@@ -1204,26 +1312,34 @@ impl Gateway {
 
     /// The current policy state.
     pub fn status(&self) -> PolicyStatus {
-        let state = self.read_state().clone();
-        let default = self.policy().default_mode();
+        // State, policy and names read under one read guard: a reload replaces them together.
+        let (state, policy, mode_names) = {
+            let state = self.read_state();
+            let names = self
+                .mode_names
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            (state.clone(), self.policy(), names)
+        };
+        let default = policy.default_mode();
         let now = Instant::now();
         let mode_id = state.effective_mode(now, default);
         let lapsed = mode_id != state.mode;
-        let policy = self.policy();
         let mode = policy.mode(mode_id);
         PolicyStatus {
             mode: mode.name().to_owned(),
             description: mode.description().to_owned(),
             allowed_tools: names(mode.allowed().names()),
             blocked_tools: names(mode.blocked().names()),
-            always_blocked: names(self.policy().always_blocked().names()),
+            always_blocked: names(policy.always_blocked().names()),
             emergency_expires_at: if lapsed {
                 None
             } else {
                 state.expires.map(|(_, wall)| format_time(wall))
             },
-            default_mode: self.mode_name(default).to_string(),
-            available_modes: self.mode_names.iter().map(|n| n.to_string()).collect(),
+            default_mode: policy.mode(default).name().to_owned(),
+            available_modes: mode_names.iter().map(|n| n.to_string()).collect(),
             reason: if lapsed { None } else { state.reason },
             changed_by: state.changed_by.to_string(),
             changed_at: format_time(state.changed_at),
@@ -1234,8 +1350,13 @@ impl Gateway {
     /// The metrics in the Prometheus text format, the mode gauge read now.
     pub fn render_metrics(&self) -> String {
         let current = self.status().mode;
+        let mode_names = self
+            .mode_names
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         self.metrics
-            .render(self.mode_names.iter().map(|name| name.as_ref()), &current)
+            .render(mode_names.iter().map(|name| name.as_ref()), &current)
     }
 
     /// Watches policy-status changes (mode changes and expiries).
@@ -1247,10 +1368,13 @@ impl Gateway {
     /// and whether the current mode allows it. An upstream tool no mode allows is
     /// left out; a call to it is still decided and audited.
     pub fn catalog(&self) -> Vec<CatalogEntry> {
-        let mode = self
-            .read_state()
-            .effective_mode(Instant::now(), self.policy().default_mode());
-        crate::catalog::listing(&self.policy(), mode)
+        let (policy, mode) = {
+            let state = self.read_state();
+            let policy = self.policy();
+            let mode = state.effective_mode(Instant::now(), policy.default_mode());
+            (policy, mode)
+        };
+        crate::catalog::listing(&policy, mode)
     }
 
     /// Services and fleet size.
@@ -1334,16 +1458,14 @@ impl Gateway {
         reason_code: Reason,
         detail: Value,
     ) -> Result<(), GatewayError> {
-        let mode = self
-            .read_state()
-            .effective_mode(Instant::now(), self.policy().default_mode());
+        let mode = self.current_mode_name();
         let entry = AuditEntry {
             time: Utc::now(),
             principal: principal.clone(),
             kind: EntryKind::AuthRefused,
             tool: None,
             arguments: None,
-            mode: self.mode_name(mode).clone(),
+            mode,
             decision: AuditDecision::Denied,
             reason_code: Some(reason_code),
             outcome: "refused",
@@ -1397,16 +1519,14 @@ impl Gateway {
         tool_name: &str,
         problem: &str,
     ) -> Result<(), GatewayError> {
-        let mode = self
-            .read_state()
-            .effective_mode(Instant::now(), self.policy().default_mode());
+        let mode = self.current_mode_name();
         let entry = AuditEntry {
             time: Utc::now(),
             principal: principal.clone(),
             kind: EntryKind::ToolCall,
             tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
             arguments: None,
-            mode: self.mode_name(mode).clone(),
+            mode,
             decision: AuditDecision::Rejected,
             reason_code: Some(Reason::MalformedRequest),
             outcome: "malformed_request",
@@ -1419,6 +1539,12 @@ impl Gateway {
             policy_hash: self.policy_version(),
         };
         self.append(entry, audit_priority(principal)).await
+    }
+
+    /// The name of the mode in force, read under the mode lock.
+    fn current_mode_name(&self) -> Arc<str> {
+        let state = self.read_state();
+        self.mode_name(state.effective_mode(Instant::now(), self.policy().default_mode()))
     }
 
     /// Records an entry that no mode decision depends on, and waits until it is durable.
@@ -1449,6 +1575,14 @@ impl Gateway {
             state.switch(replaced);
         }
     }
+}
+
+/// The mode names of `policy`, indexed by `ModeId`.
+fn mode_names_of(policy: &PolicyEngine) -> Arc<[Arc<str>]> {
+    policy
+        .modes()
+        .map(|(_, mode)| Arc::from(mode.name()))
+        .collect()
 }
 
 fn names(names: Vec<&str>) -> Vec<String> {
@@ -1518,6 +1652,11 @@ fn tool_call_entry(
             Value::String(
                 "the tool name contains control, bidi or zero-width characters".to_owned(),
             ),
+        ),
+        Outcome::Guarded(refusal) => (
+            AuditDecision::Denied,
+            "denied",
+            recorded_message(&refusal.message()),
         ),
         Outcome::RateLimited { retry_after } => (
             AuditDecision::Denied,

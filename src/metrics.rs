@@ -95,6 +95,7 @@ pub struct Metrics {
     mode_changes: Counter,
     upstream_up: Family<UpstreamLabels, Gauge>,
     approvals_pending: Gauge,
+    shadow_disagreements: Counter,
 }
 
 impl Metrics {
@@ -108,6 +109,12 @@ impl Metrics {
         let mode_changes = Counter::default();
         let upstream_up = Family::<UpstreamLabels, Gauge>::default();
         let approvals_pending = Gauge::default();
+        let shadow_disagreements = Counter::default();
+        registry.register(
+            "proxi_shadow_disagreements",
+            "Tool calls the shadow policy (serve --shadow-policy) decided differently",
+            shadow_disagreements.clone(),
+        );
         registry.register(
             "proxi_tool_calls",
             "Tool calls by tool, decision and reason code",
@@ -157,6 +164,7 @@ impl Metrics {
             mode_changes,
             upstream_up,
             approvals_pending,
+            shadow_disagreements,
         };
         metrics.precreate();
         metrics
@@ -201,6 +209,11 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Counts one call the shadow policy decided differently.
+    pub fn shadow_disagreement(&self) {
+        self.shadow_disagreements.inc();
+    }
+
     /// Counts one mode change or expiry.
     pub fn mode_changed(&self) {
         self.mode_changes.inc();
@@ -218,6 +231,8 @@ impl Metrics {
 
     /// Renders every metric; `modes` are the policy's modes and `current` the one in force.
     pub fn render<'a>(&self, modes: impl IntoIterator<Item = &'a str>, current: &str) -> String {
+        // A reload may have removed a mode: only the policy's modes in force are shown.
+        self.mode.clear();
         for mode in modes {
             self.mode
                 .get_or_create(&ModeLabels {
@@ -245,7 +260,7 @@ pub fn decision_of(outcome: &Outcome) -> &'static str {
         | Outcome::Failed { .. }
         | Outcome::Forwarded(_)
         | Outcome::UpstreamFailed { .. } => "allowed",
-        Outcome::Denied { .. } | Outcome::RateLimited { .. } => "denied",
+        Outcome::Denied { .. } | Outcome::RateLimited { .. } | Outcome::Guarded(_) => "denied",
         Outcome::UnknownTool { .. }
         | Outcome::InvalidArguments(_)
         | Outcome::InvalidToolName(_) => "rejected",

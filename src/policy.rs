@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use regex::Regex;
@@ -162,6 +162,14 @@ impl NamePattern {
     /// Whether the pattern has a `*`.
     pub fn is_glob(&self) -> bool {
         self.text.contains('*')
+    }
+
+    /// A pattern from `text` as it is, unchecked (for unit tests elsewhere).
+    #[cfg(test)]
+    pub(crate) fn for_tests(text: &str) -> NamePattern {
+        NamePattern {
+            text: text.to_owned(),
+        }
     }
 
     /// Whether `name` matches: equal for an exact name, the glob for a glob.
@@ -362,6 +370,7 @@ struct ModeRules {
     allowed: Vec<NamePattern>,
     blocked: Vec<NamePattern>,
     constraints: Vec<Arc<ConstraintRule>>,
+    guards: crate::guards::ModeGuards,
     approvals: Vec<Arc<ApprovalRule>>,
     approval_ttl: Duration,
 }
@@ -712,6 +721,8 @@ struct ModeDocument {
     #[serde(default)]
     constraints: BTreeMap<String, BTreeMap<String, ConstraintDocument>>,
     #[serde(default)]
+    guards: crate::guards::GuardDocuments,
+    #[serde(default)]
     require_approval: BTreeMap<String, BTreeMap<String, ConstraintDocument>>,
     #[serde(default)]
     approval_ttl_seconds: Option<u64>,
@@ -809,6 +820,27 @@ impl PolicyEngine {
     /// for every binding of the same file.
     pub fn policy_hash(&self) -> &str {
         &self.rules.policy_hash
+    }
+
+    /// The stateful guards of `mode` (see [`crate::guards`]).
+    pub fn guards(&self, mode: ModeId) -> &crate::guards::ModeGuards {
+        &self.rules.modes[mode.index()].guards
+    }
+
+    /// Every mode's guards, in mode order.
+    pub fn all_guards(&self) -> impl Iterator<Item = &crate::guards::ModeGuards> {
+        self.rules.modes.iter().map(|mode| &mode.guards)
+    }
+
+    /// Whether any mode has a guard (else no call needs the guard state).
+    pub fn has_guards(&self) -> bool {
+        self.all_guards().any(|guards| !guards.is_empty())
+    }
+
+    /// Whether both engines hold the very same compiled rules (one load of one
+    /// document, perhaps bound to different catalogs): then their `ModeId`s agree.
+    pub fn same_rules(&self, other: &PolicyEngine) -> bool {
+        Arc::ptr_eq(&self.rules, &other.rules)
     }
 
     /// Every exact (non-glob) tool name the rules write anywhere: always_blocked,
@@ -1144,6 +1176,9 @@ impl PolicyEngine {
 #[derive(Debug)]
 pub struct SharedPolicy {
     current: RwLock<Arc<PolicyEngine>>,
+    /// Serializes writers: a re-bind reads the rules in force and writes them back
+    /// bound anew, so without it a re-bind racing a reload could put the old rules back.
+    writers: Mutex<()>,
 }
 
 impl SharedPolicy {
@@ -1151,6 +1186,27 @@ impl SharedPolicy {
     pub fn new(engine: PolicyEngine) -> SharedPolicy {
         SharedPolicy {
             current: RwLock::new(Arc::new(engine)),
+            writers: Mutex::new(()),
+        }
+    }
+
+    /// Makes `engine`'s rules, bound to the catalog in force, the binding in force
+    /// (a reload); returns the engine replaced and the one now in force.
+    pub fn replace(&self, engine: &PolicyEngine) -> (Arc<PolicyEngine>, Arc<PolicyEngine>) {
+        let _one_writer = self.writers.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = self.current();
+        let engine = Arc::new(engine.bind(Arc::clone(previous.catalog())));
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&engine);
+        (previous, engine)
+    }
+
+    /// Puts `engine` back in force if `expected` is still the binding in force
+    /// (undoing a reload whose record failed, unless something replaced it since).
+    pub fn restore(&self, expected: &Arc<PolicyEngine>, engine: Arc<PolicyEngine>) {
+        let _one_writer = self.writers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if current.same_rules(expected) {
+            *current = engine;
         }
     }
 
@@ -1162,6 +1218,7 @@ impl SharedPolicy {
     /// Binds the same rules to `catalog` and makes that the binding in force.
     /// The new engine is built before the swap, so callers never wait on a bind.
     pub fn rebind(&self, catalog: Arc<Catalog>) -> Arc<PolicyEngine> {
+        let _one_writer = self.writers.lock().unwrap_or_else(PoisonError::into_inner);
         let engine = Arc::new(self.current().bind(catalog));
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&engine);
         engine
@@ -1526,12 +1583,22 @@ fn compile(document: PolicyDocument) -> Result<PolicyRules, Vec<String>> {
             }
             Some(seconds) => Duration::from_secs(seconds),
         };
+        let guards_at = format!("{at}.guards");
+        let mut guarded = Vec::with_capacity(mode.guards.len());
+        for (tool, guard) in &mode.guards {
+            match sources.check(tool) {
+                Ok(pattern) => guarded.push((pattern, guard)),
+                Err(problem) => problems.push(format!("{guards_at}: {problem}")),
+            }
+        }
+        let guards = crate::guards::ModeGuards::compile(guarded, &guards_at, &mut problems);
         modes.push(ModeRules {
             name: name.clone(),
             description: mode.description.clone(),
             allowed,
             blocked,
             constraints,
+            guards,
             approvals,
             approval_ttl,
         });

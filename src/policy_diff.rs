@@ -213,6 +213,20 @@ pub fn diff(old: &PolicyEngine, new: &PolicyEngine) -> PolicyDiff {
             approvals(old_rules),
             approvals(new_rules),
         ));
+        // Guards are stateful, so they are compared as written.
+        let guards = |engine: &PolicyEngine, mode: ModeId| -> Vec<String> {
+            engine
+                .guards(mode)
+                .rules()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        rules.extend(set_changes(
+            &format!("{at}.guards"),
+            guards(old, old_mode),
+            guards(new, new_mode),
+        ));
     }
     let always_blocked_globs = |engine: &PolicyEngine| -> Vec<String> {
         engine

@@ -62,6 +62,15 @@ pub enum Reason {
     /// The token names a principal, but the registry of named principals cannot
     /// be trusted (its signature does not check out), so no named token is accepted.
     RegistryUntrusted,
+    /// A policy reload was refused: the new file failed its checks, and the old
+    /// policy stays in force.
+    PolicyRefused,
+    /// A guard's cooldown: the tool ran for this value too recently.
+    Cooldown,
+    /// A guard's `max_step`: the change is larger than one call may make.
+    StepTooLarge,
+    /// A guard's `requires_prior`: the caller did not run the prior tool first.
+    RequiresPrior,
     /// The call needs a human's approval first; it did not run.
     ApprovalRequired,
     /// The approval found for the call was given under another policy, or the
@@ -75,7 +84,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 32] = [
         Reason::AlwaysBlocked,
         Reason::BlockedInMode,
         Reason::NotAllowed,
@@ -100,6 +109,10 @@ impl Reason {
         Reason::SessionLimitPrincipal,
         Reason::SessionLimitTotal,
         Reason::RegistryUntrusted,
+        Reason::PolicyRefused,
+        Reason::Cooldown,
+        Reason::StepTooLarge,
+        Reason::RequiresPrior,
         Reason::ApprovalRequired,
         Reason::ApprovalMismatch,
         Reason::ApprovalExpired,
@@ -133,6 +146,10 @@ impl Reason {
             Reason::SessionLimitPrincipal => "session_limit_principal",
             Reason::SessionLimitTotal => "session_limit_total",
             Reason::RegistryUntrusted => "registry_untrusted",
+            Reason::PolicyRefused => "policy_refused",
+            Reason::Cooldown => "cooldown",
+            Reason::StepTooLarge => "step_too_large",
+            Reason::RequiresPrior => "requires_prior",
             Reason::ApprovalRequired => "approval_required",
             Reason::ApprovalMismatch => "approval_mismatch",
             Reason::ApprovalExpired => "approval_expired",

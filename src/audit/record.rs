@@ -41,6 +41,10 @@ pub enum EntryKind {
     Incident,
     /// A mode switch waited for, or cancelled, upstream calls the new mode denies.
     ModeDrained,
+    /// The policy file was reloaded (old hash → new hash), or a reload was refused.
+    PolicyReload,
+    /// A call's decision under the shadow policy (`serve --shadow-policy`) differed.
+    ShadowDecision,
     /// An operator logged in to the console.
     ConsoleLogin,
     /// An operator logged out of the console.
@@ -57,6 +61,8 @@ impl EntryKind {
             EntryKind::AuthRefused => "auth_refused",
             EntryKind::Incident => "incident",
             EntryKind::ModeDrained => "mode_drained",
+            EntryKind::PolicyReload => "policy_reload",
+            EntryKind::ShadowDecision => "shadow_decision",
             EntryKind::ConsoleLogin => "console_login",
             EntryKind::ConsoleLogout => "console_logout",
         }

@@ -33,6 +33,7 @@ pub(crate) mod mcp;
 pub(crate) mod mode;
 pub(crate) mod model;
 pub(crate) mod policy;
+pub(crate) mod reload;
 pub(crate) mod serve;
 pub(crate) mod state;
 pub(crate) mod token;

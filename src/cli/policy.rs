@@ -54,6 +54,12 @@ pub(crate) enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make a running server read its policy file again (operator token); a file
+    /// that fails its checks is refused and the old policy stays in force.
+    Reload {
+        #[command(flatten)]
+        server: super::ServerArgs,
+    },
     /// Decide every tool call of the audit trail again under a candidate policy,
     /// in the mode recorded with it, and list the calls whose outcome changes.
     Replay {
@@ -128,6 +134,7 @@ pub(crate) async fn run(command: PolicyCommand) -> Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        PolicyCommand::Reload { server } => super::reload::run(server).await,
         PolicyCommand::Replay {
             candidate,
             data_dir,

@@ -29,6 +29,14 @@ pub(crate) struct ServeArgs {
     state: StateArgs,
     #[command(flatten)]
     edge: EdgeArgs,
+    /// Reload the policy file when it changes (it is also reloaded on SIGHUP and
+    /// on `proxi policy reload`).
+    #[arg(long)]
+    watch: bool,
+    /// Also decide every call under this policy, for comparison only: calls are
+    /// answered as before; disagreements are recorded (`shadow_decision`) and counted.
+    #[arg(long, value_name = "FILE")]
+    shadow_policy: Option<std::path::PathBuf>,
 }
 
 /// Limits at the network edge (defaults fit a flood into 256 MB; see `EdgeLimits`).
@@ -89,6 +97,15 @@ pub(crate) async fn run(args: ServeArgs, log: LogFormat) -> Result<ExitCode> {
     let (gateway, tokens, token_file) =
         open_gateway(&args.state, Launch::Serve, &policy, log).await?;
     let upstreams = start_upstreams(&gateway, log).await?;
+    let _reloaders = super::reload::start_reloaders(&gateway, &policy, args.watch)?;
+    if let Some(path) = &args.shadow_policy {
+        let shadow = proxi::policy::PolicyEngine::load(path)?;
+        gateway.set_shadow_policy(&shadow);
+        notice(
+            log,
+            &format!("  shadow:    {} ({})", path.display(), shadow.policy_hash()),
+        );
+    }
     let bound = BoundServer::bind(args.bind)
         .await?
         .with_limits(args.edge.limits());

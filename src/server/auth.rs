@@ -83,6 +83,18 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
     {
         return Err(ApiError::audit_unavailable().into_response());
     }
+    if let Some(retry_after) = auth_refusal_rate(parts) {
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many refused authentications from this address; slow down",
+        )
+        .into_response();
+        let seconds = retry_after.as_secs().max(1);
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        return Err(response);
+    }
     let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
     response
         .headers_mut()
@@ -132,6 +144,16 @@ async fn refuse(
                 .await
         }
     }
+}
+
+/// When the request's source is over its rate of refused authentications, how
+/// long until it has room again (only with the server's tally, which every
+/// request served by `BoundServer` has).
+fn auth_refusal_rate(parts: &Parts) -> Option<std::time::Duration> {
+    let edge = parts.extensions.get::<Edge>()?;
+    edge.refusals
+        .check_auth_refusal_rate(&peer_source(parts))
+        .err()
 }
 
 /// The peer's IP address as refusal records name the source, or `unknown`.

@@ -8,6 +8,7 @@ pub mod error;
 pub mod limits;
 pub mod metrics;
 pub mod refusals;
+pub mod reload;
 pub mod rest;
 
 use std::future::Future;
@@ -107,6 +108,7 @@ pub fn rest_routes() -> Router<AppState> {
         .route("/", get(rest::health))
         .route("/policy/status", get(rest::policy_status))
         .route("/policy/set-mode", post(rest::set_mode))
+        .route("/policy/reload", post(reload::reload))
         .route("/tools/execute", post(rest::execute))
         .route("/tools/catalog", get(rest::catalog))
         .route("/infrastructure/status", get(rest::infrastructure_status))

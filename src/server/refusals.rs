@@ -7,12 +7,20 @@
 //! are counted and written as one summary record when the window closes. The
 //! table of sources is bounded: past `max_sources`, new sources share one
 //! `other` bucket per reason, so the table cannot grow with the flood either.
+//!
+//! Refused authentications are also rate-limited per source address (a governor
+//! keyed limiter, bounded the same way): a source over
+//! [`AUTH_REFUSALS_PER_SECOND`] gets 429 with `Retry-After` instead of 401. A valid
+//! token never consults the limiter, so a flood from the agent's own address does
+//! not lock the agent out.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +31,10 @@ use crate::reason::Reason;
 
 /// The source name shared by refusals from sources past the table's bound.
 pub const OVERFLOW_SOURCE: &str = "other";
+/// Refused authentications one source may cause per second before it gets 429s.
+pub const AUTH_REFUSALS_PER_SECOND: u32 = 20;
+/// Refused authentications one source may cause in a burst.
+pub const AUTH_REFUSAL_BURST: u32 = 50;
 /// Longest request description kept in a refusal record.
 const MAX_REQUEST_LEN: usize = 200;
 
@@ -50,6 +62,8 @@ pub struct RefusalTally {
     window: Duration,
     max_sources: usize,
     table: Mutex<HashMap<Key, Tally>>,
+    /// Refused authentications per source address.
+    auth_refusals: DefaultKeyedRateLimiter<Arc<str>>,
 }
 
 impl RefusalTally {
@@ -60,7 +74,25 @@ impl RefusalTally {
             window: window.max(Duration::from_millis(100)),
             max_sources: max_sources.max(1),
             table: Mutex::new(HashMap::new()),
+            auth_refusals: DefaultKeyedRateLimiter::keyed(auth_refusal_quota()),
         }
+    }
+
+    /// Counts one refused authentication from `source` against its rate; `Err`
+    /// with the time until it has room again when the source is over it. Past
+    /// `max_sources` addresses (after forgetting the idle ones), new ones share the
+    /// `other` key, so the table stays bounded.
+    pub fn check_auth_refusal_rate(&self, source: &str) -> Result<(), Duration> {
+        let mut key: Arc<str> = Arc::from(truncate(source, 64));
+        if self.auth_refusals.len() >= self.max_sources {
+            self.auth_refusals.retain_recent();
+            if self.auth_refusals.len() >= self.max_sources {
+                key = Arc::from(OVERFLOW_SOURCE);
+            }
+        }
+        self.auth_refusals
+            .check_key(&key)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
     /// Notes one refusal. The first of its window is recorded before this returns
@@ -176,6 +208,14 @@ impl RefusalTally {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+fn auth_refusal_quota() -> Quota {
+    // Both constants are non-zero.
+    let rate =
+        std::num::NonZeroU32::new(AUTH_REFUSALS_PER_SECOND).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = std::num::NonZeroU32::new(AUTH_REFUSAL_BURST).unwrap_or(std::num::NonZeroU32::MIN);
+    Quota::per_second(rate).allow_burst(burst)
 }
 
 #[cfg(test)]

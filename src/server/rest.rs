@@ -129,7 +129,9 @@ async fn record_malformed(
 pub fn execution_status(outcome: &Outcome) -> StatusCode {
     match outcome {
         Outcome::Executed(_) => StatusCode::OK,
-        Outcome::Denied { .. } | Outcome::UnknownTool { .. } => StatusCode::FORBIDDEN,
+        Outcome::Denied { .. } | Outcome::UnknownTool { .. } | Outcome::Guarded(_) => {
+            StatusCode::FORBIDDEN
+        }
         Outcome::InvalidArguments(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Outcome::InvalidToolName(_) => StatusCode::BAD_REQUEST,
         Outcome::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,

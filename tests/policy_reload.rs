@@ -1,0 +1,425 @@
+//! Policy reload, end to end: `POST /policy/reload` on a real server while calls
+//! run, refused files, the mode fallback, `SIGHUP`, `serve --watch` and
+//! `proxi policy reload`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{
+    AGENT_TOKEN, OPERATOR_TOKEN, ServerProcess, TestServer, audit_records,
+    high_rate_limit_policy_path, wait_until,
+};
+use proxi::canonical::canonical_digest;
+use proxi::policy_source::PolicySource;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// The shipped policy with rate limits no test reaches.
+fn base_policy() -> Value {
+    let text = std::fs::read_to_string(high_rate_limit_policy_path()).expect("policy readable");
+    serde_json::from_str(&text).expect("policy is JSON")
+}
+
+/// The base policy with restart_service allowed in NORMAL: its decisions differ.
+fn restart_allowed_policy() -> Value {
+    let mut policy = base_policy();
+    policy["modes"]["NORMAL"]["allowed_tools"]
+        .as_array_mut()
+        .expect("allowed_tools")
+        .push(json!("restart_service"));
+    policy["modes"]["NORMAL"]["blocked_tools"] = json!(["scale_fleet", "delete_database"]);
+    policy
+}
+
+fn hash(policy: &Value) -> String {
+    canonical_digest(policy)
+}
+
+/// Replaces the file's content in one step (write beside it, rename over it), so
+/// a reader never sees it half-written.
+fn install(path: &Path, policy: &Value) {
+    let next = path.with_extension("next");
+    std::fs::write(
+        &next,
+        serde_json::to_string_pretty(policy).expect("serializable"),
+    )
+    .expect("write the policy");
+    std::fs::rename(&next, path).expect("rename the policy into place");
+}
+
+/// A server started from `policy` written to a file it may reload.
+async fn reloadable_server(dir: &Path, policy: &Value) -> (TestServer, PathBuf) {
+    let path = dir.join("policy.json");
+    install(&path, policy);
+    let server = TestServer::start_with_policy(&path).await;
+    assert!(
+        server
+            .gateway()
+            .set_policy_source(PolicySource::File(path.clone()))
+    );
+    (server, path)
+}
+
+async fn reload(server: &TestServer) -> (StatusCode, Value) {
+    server
+        .api()
+        .post("/policy/reload", Some(OPERATOR_TOKEN), json!({}))
+        .await
+}
+
+async fn policy_hash(server: &TestServer) -> String {
+    let (status, body) = server.api().get("/policy/status", Some(AGENT_TOKEN)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["policy_hash"].as_str().expect("hash").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_reloads_while_calls_run_each_call_decided_under_the_policy_it_records() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (denying, allowing) = (base_policy(), restart_allowed_policy());
+    let (server, path) = reloadable_server(dir.path(), &denying).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for _ in 0..3 {
+        let api = server.api();
+        let stop = stop.clone();
+        callers.push(tokio::spawn(async move {
+            let mut answered = 0_u32;
+            while !stop.load(Ordering::SeqCst) {
+                let (status, body) = api
+                    .execute("restart_service", json!({"service_name": "web-server"}))
+                    .await;
+                assert!(
+                    status == StatusCode::OK || status == StatusCode::FORBIDDEN,
+                    "{status} {body}"
+                );
+                answered += 1;
+            }
+            answered
+        }));
+    }
+    for round in 0..50 {
+        let next = if round % 2 == 0 { &allowing } else { &denying };
+        install(&path, next);
+        let (status, body) = reload(&server).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["policy_hash"], json!(hash(next)), "{body}");
+        assert_eq!(body["changed"], json!(true));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut answered = 0;
+    for caller in callers {
+        answered += caller.await.expect("caller task");
+    }
+    assert!(answered > 0);
+
+    // The whole trail, not only the newest thousand records.
+    let records = proxi::audit::read_recent(
+        &server.data_dir().join(proxi::audit::AUDIT_DB_FILE),
+        u32::MAX,
+    )
+    .expect("the trail is readable");
+    let (allow_hash, deny_hash) = (hash(&allowing), hash(&denying));
+    let calls: Vec<_> = records.iter().filter(|r| r.kind == "tool_call").collect();
+    assert!(!calls.is_empty());
+    let mut seen = (0, 0);
+    for call in &calls {
+        let recorded = call
+            .policy_hash
+            .as_deref()
+            .expect("a decision names its policy");
+        match call.decision.as_str() {
+            "allowed" => {
+                assert_eq!(recorded, allow_hash, "seq {}", call.seq);
+                seen.0 += 1;
+            }
+            "denied" => {
+                assert_eq!(recorded, deny_hash, "seq {}", call.seq);
+                assert_eq!(call.reason_code.as_deref(), Some("blocked_in_mode"));
+                seen.1 += 1;
+            }
+            other => panic!("unexpected decision {other} at seq {}", call.seq),
+        }
+    }
+    // Between two reload records, every call was decided under the policy the
+    // first of them installed.
+    let mut in_force = deny_hash.clone();
+    for record in &records {
+        match record.kind.as_str() {
+            "policy_reload" => {
+                assert_eq!(record.outcome, "reloaded");
+                assert_eq!(record.detail["previous_policy_hash"], json!(in_force));
+                in_force = record.detail["policy_hash"]
+                    .as_str()
+                    .expect("hash")
+                    .to_owned();
+                assert_eq!(record.policy_hash.as_deref(), Some(in_force.as_str()));
+            }
+            "tool_call" => assert_eq!(record.policy_hash.as_deref(), Some(in_force.as_str())),
+            _ => {}
+        }
+    }
+    let reloads = records.iter().filter(|r| r.kind == "policy_reload").count();
+    assert_eq!(reloads, 50);
+    assert!(seen.0 > 0 || seen.1 > 0, "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_refused_reload_keeps_the_old_policy_and_is_recorded_with_its_problems() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, path) = reloadable_server(dir.path(), &base_policy()).await;
+    let before = policy_hash(&server).await;
+
+    let mut broken = restart_allowed_policy();
+    broken["modes"]["NORMAL"]["allowed_tools"]
+        .as_array_mut()
+        .expect("allowed_tools")
+        .push(json!("no_such_builtin"));
+    broken["unknown_key"] = json!(1);
+    install(&path, &broken);
+    let (status, body) = reload(&server).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let problems = body["problems"].as_array().expect("problems listed");
+    assert!(!problems.is_empty(), "{body}");
+    let text = body.to_string();
+    assert!(
+        !text.contains(dir.path().to_str().expect("utf-8")),
+        "no path: {text}"
+    );
+
+    // Not JSON at all.
+    std::fs::write(&path, "{ not json").expect("write");
+    let (status, body) = reload(&server).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("error")
+            .contains("not a valid policy document")
+    );
+
+    assert_eq!(policy_hash(&server).await, before);
+    let (status, body) = server
+        .api()
+        .execute("restart_service", json!({"service_name": "web-server"}))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "still the old policy: {body}"
+    );
+
+    let refused: Vec<_> = audit_records(server.data_dir())
+        .into_iter()
+        .filter(|r| r.kind == "policy_reload")
+        .collect();
+    assert_eq!(refused.len(), 2);
+    for record in &refused {
+        assert_eq!(
+            (record.decision.as_str(), record.outcome.as_str()),
+            ("denied", "refused")
+        );
+        assert_eq!(record.reason_code.as_deref(), Some("policy_refused"));
+        assert_eq!(record.detail["policy_hash"], json!(before));
+        assert!(
+            !record.detail["problems"]
+                .as_array()
+                .expect("problems")
+                .is_empty()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_reload_that_drops_the_mode_in_force_returns_to_the_default_mode() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, path) = reloadable_server(dir.path(), &base_policy()).await;
+    server.api().emergency().await;
+
+    let mut renamed = base_policy();
+    let emergency = renamed["modes"]["EMERGENCY"].take();
+    let modes = renamed["modes"].as_object_mut().expect("modes");
+    modes.remove("EMERGENCY");
+    modes.insert("INCIDENT".to_owned(), emergency);
+    install(&path, &renamed);
+    let (status, body) = reload(&server).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["mode_fallback"],
+        json!({"from": "EMERGENCY", "to": "NORMAL"})
+    );
+    assert_eq!(body["mode"], json!("NORMAL"));
+    let (_, status) = server.api().get("/policy/status", Some(AGENT_TOKEN)).await;
+    assert_eq!(status["mode"], json!("NORMAL"));
+    assert_eq!(status["emergency_expires_at"], Value::Null);
+    assert_eq!(status["available_modes"], json!(["INCIDENT", "NORMAL"]));
+    let (status, _) = server
+        .api()
+        .execute("restart_service", json!({"service_name": "web-server"}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let records = audit_records(server.data_dir());
+    let tail: Vec<_> = records
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(|r| (r.kind.as_str(), r.outcome.as_str(), r.mode.as_str()))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            ("policy_reload", "reloaded", "NORMAL"),
+            ("mode_expired", "policy_reloaded", "NORMAL"),
+            ("tool_call", "denied", "NORMAL"),
+        ]
+    );
+
+    // A mode the new policy keeps stays in force, with its deadline.
+    let (status, body) = server
+        .api()
+        .set_mode("INCIDENT", Some("again"), Some(600))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut kept = renamed.clone();
+    kept["description"] = json!("same modes, new text");
+    install(&path, &kept);
+    let (status, body) = reload(&server).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["mode"], json!("INCIDENT"));
+    assert_eq!(body["mode_fallback"], Value::Null);
+    let (_, status) = server.api().get("/policy/status", Some(AGENT_TOKEN)).await;
+    assert_eq!(status["mode"], json!("INCIDENT"));
+    assert!(status["emergency_expires_at"].is_string(), "{status}");
+}
+
+#[tokio::test]
+async fn reload_needs_the_operator_and_a_policy_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, _path) = reloadable_server(dir.path(), &base_policy()).await;
+    let (status, _) = server
+        .api()
+        .post("/policy/reload", Some(AGENT_TOKEN), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = server.api().post("/policy/reload", None, json!({})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // A server started without a file (the built-in default) has nothing to reload.
+    let builtin = TestServer::start().await;
+    let (status, body) = builtin
+        .api()
+        .post("/policy/reload", Some(OPERATOR_TOKEN), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["error"].as_str().expect("error").contains("--policy"));
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_the_upstreams_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, path) = reloadable_server(dir.path(), &base_policy()).await;
+    let mut with_upstream = base_policy();
+    with_upstream["simulated_cloud"] = json!(true);
+    with_upstream["upstreams"] = json!({"files": {"command": "true"}});
+    install(&path, &with_upstream);
+    let (status, body) = reload(&server).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .expect("problem")
+            .contains("upstreams")
+    );
+}
+
+/// The newest accepted reload's record in the data dir, once there is one whose
+/// policy hash is `expected`.
+fn wait_for_reload_to(data_dir: &Path, expected: &str) -> proxi::audit::AuditRecord {
+    wait_until("the reload record", Duration::from_secs(20), || {
+        audit_records(data_dir).into_iter().rev().find(|r| {
+            r.kind == "policy_reload"
+                && r.outcome == "reloaded"
+                && r.detail["policy_hash"] == json!(expected)
+        })
+    })
+}
+
+#[test]
+fn sighup_reloads_the_policy_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("policy.json");
+    install(&path, &base_policy());
+    let data_dir = dir.path().join("data");
+    let server = ServerProcess::start_with_policy(&data_dir, &path, &[]);
+    let next = restart_allowed_policy();
+    install(&path, &next);
+    let sent = Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    let reload = wait_for_reload_to(&data_dir, &hash(&next));
+    assert_eq!(
+        reload.detail["previous_policy_hash"],
+        json!(hash(&base_policy()))
+    );
+    assert_eq!(reload.detail["trigger"], json!("sighup"));
+    assert_eq!(reload.principal, "system");
+}
+
+#[test]
+fn serve_watch_reloads_when_the_file_changes_and_the_cli_reloads_on_request() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("policy.json");
+    install(&path, &base_policy());
+    let data_dir = dir.path().join("data");
+    let server = ServerProcess::start_with_policy(&data_dir, &path, &["--watch"]);
+    let next = restart_allowed_policy();
+    install(&path, &next);
+    let watched = wait_for_reload_to(&data_dir, &hash(&next));
+    assert_eq!(watched.detail["trigger"], json!("watch"));
+
+    // `proxi policy reload` asks the same server (found through server.json).
+    let mut again = next.clone();
+    again["description"] = json!("reloaded by the CLI");
+    install(&path, &again);
+    let output = Command::new(env!("CARGO_BIN_EXE_proxi"))
+        .args(["policy", "reload", "--data-dir"])
+        .arg(&data_dir)
+        .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
+        .env_remove("PROXI_SERVER")
+        .output()
+        .expect("proxi runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains(&hash(&again)), "{stdout}");
+
+    // A broken file: the CLI exits 1 and lists the problem.
+    std::fs::write(&path, "{\"modes\": {}, \"bogus\": 1}").expect("write");
+    let output = Command::new(env!("CARGO_BIN_EXE_proxi"))
+        .args(["policy", "reload", "--server", &server.url])
+        .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
+        .output()
+        .expect("proxi runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("bogus"), "{stderr}");
+    let refused = wait_until("the refused reload", Duration::from_secs(20), || {
+        audit_records(&data_dir)
+            .into_iter()
+            .find(|r| r.kind == "policy_reload" && r.outcome == "refused")
+    });
+    assert_eq!(refused.detail["policy_hash"], json!(hash(&again)));
+    drop(server);
+}
