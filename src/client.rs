@@ -205,6 +205,7 @@ impl ProxiClient {
             tool_name: tool.to_owned(),
             arguments,
             context: Default::default(),
+            wait_for_approval_seconds: None,
         };
         let response = self
             .authorize(self.http.post(self.url("/tools/execute")))
@@ -215,6 +216,7 @@ impl ProxiClient {
         let response_status = response.status();
         match response_status {
             StatusCode::OK
+            | StatusCode::ACCEPTED
             | StatusCode::BAD_REQUEST
             | StatusCode::FORBIDDEN
             | StatusCode::CONFLICT

@@ -44,6 +44,9 @@ use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory, ToolName};
 use crate::upstream::call::{CallContext, UpstreamCalls};
 use crate::upstream::client::UpstreamError;
 
+mod approvals;
+pub use approvals::ApprovalDecisionError;
+
 /// Name of the lock file that keeps two processes off one data dir.
 pub const LOCK_FILE: &str = "proxi.lock";
 /// Longest refusal message a tool-call record keeps, in bytes (messages may quote the caller's input).
@@ -55,6 +58,12 @@ pub enum GatewayError {
     /// The audit trail cannot record, so nothing may run.
     #[error("the audit trail is unavailable; refusing to act without a record")]
     AuditUnavailable,
+    /// The approval store failed, so a call that needs approval cannot run.
+    #[error("the approval store is unavailable; calls that need approval are refused")]
+    ApprovalsUnavailable,
+    /// The approval store could not be opened.
+    #[error(transparent)]
+    Approvals(#[from] crate::approval::ApprovalError),
     /// Free disk space is below the reserve kept for operators, so agent calls are refused.
     #[error(
         "free disk space for the audit trail is below the operators' reserve; agent calls are refused until space is freed"
@@ -124,6 +133,9 @@ pub enum Outcome {
         /// What went wrong, naming the upstream, never a secret.
         message: String,
     },
+    /// The policy allows the call only with a human's approval, and there is none
+    /// to use (yet); it did not run.
+    Approval(crate::approval::ApprovalAnswer),
 }
 
 /// Why an allowed upstream call has no result.
@@ -178,6 +190,7 @@ impl Outcome {
             }
             Outcome::Forwarded(_) => None,
             Outcome::UpstreamFailed { failure, .. } => Some(failure.reason_code()),
+            Outcome::Approval(answer) => Some(answer.reason),
         }
     }
 
@@ -303,6 +316,8 @@ pub struct Gateway {
     /// Where allowed upstream calls go; unset until the upstreams are attached
     /// (and then every upstream call is `upstream_unavailable`).
     upstreams: OnceLock<Arc<dyn UpstreamCalls>>,
+    /// Requests for a human's approval (`require_approval`, elevation requests).
+    approvals: approvals::Approvals,
 }
 
 /// What a mode change did: the policy state after it, and the in-flight upstream
@@ -440,6 +455,9 @@ impl Gateway {
         });
         let rate_limiter = RateLimiter::new(policy.rate_limits());
         let metrics = crate::metrics::Metrics::new(audit.metrics());
+        let approval_store: Arc<dyn crate::approval::ApprovalStore> = Arc::new(
+            crate::approval::sqlite::SqliteApprovals::open(&config.data_dir)?,
+        );
         let gateway = Arc::new(Gateway {
             policy: SharedPolicy::new(policy),
             mode_names,
@@ -455,12 +473,17 @@ impl Gateway {
             mode_changes: tokio::sync::Mutex::new(()),
             in_flight: Arc::new(InFlightCalls::default()),
             upstreams: OnceLock::new(),
+            approvals: approvals::Approvals::new(approval_store),
         });
         gateway
             .restore_mode(recovered, trust.restore_elevated)
             .await?;
         gateway.mode_events.send_replace(gateway.status());
         spawn_expiry_task(Arc::downgrade(&gateway), gateway.mode_events.subscribe());
+        // Expires (and records) what lapsed while Proxi was down, then each on time.
+        gateway.expire_due_approvals().await;
+        gateway.approvals_changed().await;
+        approvals::spawn_approval_expiry_task(Arc::downgrade(&gateway));
         Ok(gateway)
     }
 
@@ -738,11 +761,60 @@ impl Gateway {
         // Argument checks need no lock: they depend on the call alone.
         let policy = self.policy();
         let parsed = ParsedCall::parse(&policy, tool_name, &arguments);
+        // The approval step, only when some mode asks for approvals at all.
+        let mut approval = None;
+        if policy.has_approval_rules() {
+            match self
+                .approval_gate(principal, &policy, &parsed, &shown_name, &arguments)
+                .await?
+            {
+                approvals::Gate::NotNeeded => {}
+                approvals::Gate::Consumed(consumed) => approval = Some(consumed),
+                approvals::Gate::Answer(answer, mode_id) => {
+                    let outcome = Outcome::Approval(answer);
+                    let mode = self.mode_name(mode_id).clone();
+                    let pending = {
+                        // Queued under the mode lock, like every decision.
+                        let _state = self.read_state();
+                        let mut entry = tool_call_entry(
+                            principal,
+                            &shown_name,
+                            arguments,
+                            &mode,
+                            &outcome,
+                            Utc::now(),
+                        );
+                        entry.context = context;
+                        entry.policy_hash = Some(Arc::from(policy.policy_hash()));
+                        self.audit.submit_with(entry, priority)
+                    };
+                    let audit_seq = pending
+                        .durable()
+                        .await
+                        .map_err(|_| GatewayError::AuditUnavailable)?;
+                    self.metrics.tool_call(tool, &outcome, started.elapsed());
+                    return Ok(Execution {
+                        tool: shown_name,
+                        mode,
+                        outcome,
+                        audit_seq,
+                    });
+                }
+            }
+        }
         let now = Utc::now();
         let (pending, mode, step) = {
             let state = self.read_state();
             let mode_id = state.effective_mode(Instant::now(), policy.default_mode());
+            // Decided again under the lock: a call that needs approval and has none
+            // (the mode changed since the approval step) does not run.
+            let missed_approval = approval.is_none()
+                && policy.has_approval_rules()
+                && approvals::needs_approval(&policy, mode_id, parsed.clone());
             let step = match parsed.decide(&policy, mode_id) {
+                Verdict::Allow(_) if missed_approval => Step::Done(Outcome::Approval(
+                    crate::approval::ApprovalAnswer::changed_meanwhile(),
+                )),
                 Verdict::UnknownTool if invalid_name => {
                     Step::Done(Outcome::InvalidToolName(format!(
                         "Tool name '{}' contains control, bidi, zero-width or line-separator characters; no tool has such a name. Known tools: {}",
@@ -809,6 +881,9 @@ impl Gateway {
             entry.context = context;
             // The hash of the very engine that decided, not of a later reload.
             entry.policy_hash = Some(Arc::from(policy.policy_hash()));
+            if let Some(approval) = &approval {
+                entry.detail = approvals::with_approval(entry.detail, approval);
+            }
             (self.audit.submit_with(entry, priority), mode, step)
         };
         let audit_seq = pending
@@ -1493,6 +1568,15 @@ fn tool_call_entry(
         Outcome::Failed { message, .. } => {
             (AuditDecision::Allowed, "failed", recorded_message(message))
         }
+        Outcome::Approval(answer) => (
+            AuditDecision::Denied,
+            answer.reason.as_str(),
+            json!({
+                "approval_id": answer.approval_id,
+                "expires_at": answer.expires_at.map(format_time),
+                "message": truncate(&answer.message, MAX_RECORDED_MESSAGE_BYTES),
+            }),
+        ),
         // Upstream calls get an intent and an outcome record instead
         // (`upstream_intent_entry`, `upstream_outcome_entry`); kept total here.
         Outcome::Forwarded(_) | Outcome::UpstreamFailed { .. } => (

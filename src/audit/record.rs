@@ -41,6 +41,8 @@ pub enum EntryKind {
     Incident,
     /// A mode switch waited for, or cancelled, upstream calls the new mode denies.
     ModeDrained,
+    /// A step in a human approval's life: approved, denied or expired.
+    Approval,
 }
 
 impl EntryKind {
@@ -53,6 +55,7 @@ impl EntryKind {
             EntryKind::AuthRefused => "auth_refused",
             EntryKind::Incident => "incident",
             EntryKind::ModeDrained => "mode_drained",
+            EntryKind::Approval => "approval",
         }
     }
 }

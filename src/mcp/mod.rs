@@ -231,12 +231,23 @@ pub struct Refusal {
     /// For a rate-limited call, the seconds to wait before calling again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after_seconds: Option<u64>,
+    /// Whether the call needs a human's approval (`reason_code` `approval_*`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub approval_required: bool,
+    /// The pending approval the identical call waits for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    /// When that approval lapses (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 impl Refusal {
     fn into_result(self) -> CallToolResult {
         let label = if self.policy_violation {
             "Policy violation"
+        } else if self.approval_id.is_some() {
+            "Waiting for a human's approval: wait, then retry the identical call"
         } else {
             "Tool call failed"
         };
@@ -291,6 +302,9 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
             audit_seq: Some(audit_seq),
             known_tools: answer.known_tools,
             retry_after_seconds: answer.retry_after_seconds,
+            approval_required: answer.reason_code.is_approval(),
+            approval_id: answer.approval.as_ref().map(|(id, _)| id.clone()),
+            expires_at: answer.approval.map(|(_, expires_at)| expires_at),
         }
         .into_result(),
         // answer() is None only for Executed and a successful Forwarded.
@@ -338,6 +352,9 @@ fn audit_unavailable(tool: &str, mode: String) -> CallToolResult {
         audit_seq: None,
         known_tools: None,
         retry_after_seconds: None,
+        approval_required: false,
+        approval_id: None,
+        expires_at: None,
     }
     .into_result()
 }
