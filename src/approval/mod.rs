@@ -349,7 +349,9 @@ impl ApprovalAnswer {
             message: format!(
                 "This call needs a human operator's approval, but {max_pending} approvals are pending already, so no new one was requested."
             ),
-            how_to_proceed: "Wait for operators to decide the pending approvals, then retry the call.".to_owned(),
+            how_to_proceed:
+                "Wait for operators to decide the pending approvals, then retry the call."
+                    .to_owned(),
         }
     }
 

@@ -52,7 +52,7 @@ pub(super) enum Gate {
     /// No rule asks for approval in the current mode.
     NotNeeded,
     /// An approval for exactly this call was consumed: it may run (decided again).
-    Consumed(Approval),
+    Consumed(Box<Approval>),
     /// It may not run; tell the caller this, decided in this mode.
     Answer(ApprovalAnswer, ModeId),
 }
@@ -67,9 +67,7 @@ pub enum ApprovalDecisionError {
     #[error("an operator cannot approve or deny a request it made itself")]
     OwnRequest,
     /// The reason is missing, invisible or too long.
-    #[error(
-        "a reason is required: 1 to {MAX_APPROVAL_REASON_CHARS} characters with visible text"
-    )]
+    #[error("a reason is required: 1 to {MAX_APPROVAL_REASON_CHARS} characters with visible text")]
     BadReason,
     /// The approval's state does not allow it.
     #[error(transparent)]
@@ -177,7 +175,7 @@ impl Gateway {
                     .map_err(store_failed)?;
                 if let Some(consumed) = consumed {
                     self.approvals_changed().await;
-                    return Ok(Gate::Consumed(consumed));
+                    return Ok(Gate::Consumed(Box::new(consumed)));
                 }
                 // An identical call consumed it first: this one needs its own.
                 Reason::ApprovalRequired
@@ -187,10 +185,13 @@ impl Gateway {
             }
             // Expired, whether or not the expiry task has recorded it yet.
             Some(found)
-                if matches!(
-                    found.status,
-                    ApprovalStatus::Expired | ApprovalStatus::Pending | ApprovalStatus::Approved
-                ) =>
+                if !live(&found)
+                    && matches!(
+                        found.status,
+                        ApprovalStatus::Expired
+                            | ApprovalStatus::Pending
+                            | ApprovalStatus::Approved
+                    ) =>
             {
                 Reason::ApprovalExpired
             }
@@ -213,7 +214,10 @@ impl Gateway {
                 if fresh {
                     self.approvals_changed().await;
                 }
-                Ok(Gate::Answer(ApprovalAnswer::waiting(reason, &approval), mode))
+                Ok(Gate::Answer(
+                    ApprovalAnswer::waiting(reason, &approval),
+                    mode,
+                ))
             }
             Err(ApprovalError::TooManyPending(max)) => {
                 Ok(Gate::Answer(ApprovalAnswer::queue_full(max), mode))
@@ -280,9 +284,9 @@ impl Gateway {
             })
             .await
             .map_err(|error| match error {
-                ApprovalError::NotFound
-                | ApprovalError::NotPending(_)
-                | ApprovalError::Expired => ApprovalDecisionError::State(error),
+                ApprovalError::NotFound | ApprovalError::NotPending(_) | ApprovalError::Expired => {
+                    ApprovalDecisionError::State(error)
+                }
                 other => ApprovalDecisionError::Gateway(store_failed(other)),
             })?;
         self.record_approval_event(approver, &decided, decided.status.as_str(), Some(reason))
@@ -307,7 +311,9 @@ impl Gateway {
             time: Utc::now(),
             principal: actor.name().clone(),
             kind: EntryKind::Approval,
-            tool: Some(truncate(&approval.binding.target, crate::tools::MAX_TOOL_NAME_LEN).to_owned()),
+            tool: Some(
+                truncate(&approval.binding.target, crate::tools::MAX_TOOL_NAME_LEN).to_owned(),
+            ),
             arguments: Some(approval.arguments.clone()),
             mode: self.mode_name(mode).clone(),
             decision: AuditDecision::Allowed,
@@ -334,7 +340,10 @@ impl Gateway {
     /// Expires every approval whose time ran out and records each expiry once.
     pub(super) async fn expire_due_approvals(&self) {
         let now = Utc::now();
-        let expired = match self.on_approval_store(move |store| store.expire_due(now)).await {
+        let expired = match self
+            .on_approval_store(move |store| store.expire_due(now))
+            .await
+        {
             Ok(expired) => expired,
             Err(error) => {
                 tracing::error!(%error, "could not expire approvals");
