@@ -19,6 +19,7 @@ pub mod credential;
 pub mod decision;
 pub mod demo;
 pub mod gateway;
+pub mod identities;
 pub mod infra;
 pub mod mcp;
 pub mod metrics;
