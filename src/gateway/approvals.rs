@@ -86,15 +86,6 @@ fn holder(name: &str) -> &str {
     name.split_once(" (mcp:").map_or(name, |(holder, _)| holder)
 }
 
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Operator => "operator",
-        Role::Agent => "agent",
-        Role::System => "system",
-        Role::Anonymous => "anonymous",
-    }
-}
-
 /// A call's arguments as an approval keeps them for operators: whole when small.
 fn shown_arguments(arguments: &Value) -> Value {
     match serde_json::to_string(arguments) {
@@ -146,7 +137,7 @@ impl Gateway {
         let binding = Binding {
             kind: ApprovalKind::ToolCall,
             principal: principal.name().to_string(),
-            role: role_name(principal.role()).to_owned(),
+            role: principal.role().as_str().to_owned(),
             target: shown_name.to_owned(),
             arguments_digest: arguments_digest(arguments),
             policy_hash: policy.policy_hash().to_owned(),
@@ -269,7 +260,7 @@ impl Gateway {
             .await
             .map_err(|error| ApprovalDecisionError::Gateway(store_failed(error)))?
             .ok_or(ApprovalDecisionError::State(ApprovalError::NotFound))?;
-        if holder(&current.binding.principal) == holder(approver.name()) {
+        if holder(&current.binding.principal) == approver.identity().name() {
             return Err(ApprovalDecisionError::OwnRequest);
         }
         let (id, approver_name, reason_text) = (
@@ -309,7 +300,7 @@ impl Gateway {
             .effective_mode(std::time::Instant::now(), self.policy().default_mode());
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: actor.name().clone(),
+            principal: actor.clone(),
             kind: EntryKind::Approval,
             tool: Some(
                 truncate(&approval.binding.target, crate::tools::MAX_TOOL_NAME_LEN).to_owned(),
