@@ -44,6 +44,9 @@ pub enum ClientError {
     /// The client could not be built.
     #[error("invalid client configuration: {0}")]
     Config(String),
+    /// An argument the caller gave cannot be sent as it is (e.g. not an approval id).
+    #[error("{0}")]
+    InvalidArgument(String),
     /// The data dir's `server.json` cannot be trusted.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
@@ -148,6 +151,40 @@ impl ProxiClient {
         request: &IncidentRequest,
     ) -> Result<IncidentResponse, ClientError> {
         self.post("/infrastructure/simulate-incident", request)
+            .await
+    }
+
+    /// `GET /approvals?status=...&limit=N` (operator token), newest first.
+    pub async fn approvals(
+        &self,
+        status: Option<crate::approval::ApprovalStatus>,
+        limit: usize,
+    ) -> Result<crate::api::ApprovalList, ClientError> {
+        let path = match status {
+            Some(status) => format!("/approvals?status={status}&limit={limit}"),
+            None => format!("/approvals?limit={limit}"),
+        };
+        self.get(&path).await
+    }
+
+    /// `POST /approvals/{id}/approve` or `/deny` (operator token), with the reason
+    /// the audit record keeps.
+    pub async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        reason: &str,
+    ) -> Result<crate::approval::Approval, ClientError> {
+        if !crate::approval::is_approval_id(id) {
+            return Err(ClientError::InvalidArgument(format!(
+                "{id:?} is not an approval id (apr_ and hex digits)"
+            )));
+        }
+        let verdict = if approve { "approve" } else { "deny" };
+        let request = crate::api::ApprovalDecisionRequest {
+            reason: reason.to_owned(),
+        };
+        self.post(&format!("/approvals/{id}/{verdict}"), &request)
             .await
     }
 

@@ -416,3 +416,86 @@ fn an_expiry_is_recorded_once_even_across_a_restart() {
     );
     server.terminate();
 }
+
+fn proxi_approvals(url: &str, token: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_proxi"))
+        .arg("approvals")
+        .args(args)
+        .args(["--server", url])
+        .env("PROXI_OPERATOR_TOKEN", token)
+        .env_remove("PROXI_SERVER")
+        .output()
+        .expect("proxi runs")
+}
+
+#[test]
+fn the_cli_lists_and_decides_approvals_through_the_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = write_approval_policy(dir.path(), 600, "cli");
+    let server = ServerProcess::start_with_policy(&data, &policy, &[]);
+    let api = Api::new(&server.url);
+    blocking(api.emergency());
+    let id = blocking(request_scale(&api, 8));
+
+    let listed = proxi_approvals(&server.url, OPERATOR_TOKEN, &["list"]);
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(
+        stdout.contains(&id) && stdout.contains("pending") && stdout.contains("scale_fleet"),
+        "{stdout}"
+    );
+    // The agent's token is refused, and nothing is decided.
+    let refused = proxi_approvals(
+        &server.url,
+        AGENT_TOKEN,
+        &["approve", &id, "--reason", "me"],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("403"),
+        "{refused:?}"
+    );
+    let bad = proxi_approvals(
+        &server.url,
+        OPERATOR_TOKEN,
+        &["approve", "../policy", "--reason", "x"],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("not an approval id"),
+        "{bad:?}"
+    );
+
+    let approved = proxi_approvals(
+        &server.url,
+        OPERATOR_TOKEN,
+        &["approve", &id, "--reason", "cli ok"],
+    );
+    let stdout = String::from_utf8_lossy(&approved.stdout);
+    assert!(approved.status.success(), "{approved:?}");
+    assert!(
+        stdout.contains("approved") && stdout.contains("cli ok"),
+        "{stdout}"
+    );
+    let again = proxi_approvals(
+        &server.url,
+        OPERATOR_TOKEN,
+        &["deny", &id, "--reason", "late"],
+    );
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("409"),
+        "{again:?}"
+    );
+
+    let (status, body) = blocking_execute(&api, 8);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let consumed = proxi_approvals(
+        &server.url,
+        OPERATOR_TOKEN,
+        &["list", "--status", "consumed"],
+    );
+    assert!(String::from_utf8_lossy(&consumed.stdout).contains(&id));
+    server.terminate();
+}
