@@ -12,6 +12,7 @@
 //! protocol (`server/discover`, `subscriptions/listen`) that the Python SDK 2.x
 //! picks by default.
 
+mod approval_wait;
 pub mod http;
 pub mod sessions;
 pub mod stdio;
@@ -435,6 +436,9 @@ impl ServerHandler for ProxiMcp {
             return Err(ErrorData::invalid_params(problem, None));
         }
         let arguments = Value::Object(request.arguments.unwrap_or_default());
+        let progress_token = context.meta.get_progress_token();
+        // Kept only to repeat a call held for approval.
+        let held_arguments = progress_token.as_ref().map(|_| arguments.clone());
         // The client's cancellation (context.ct) cancels this call, and only it;
         // the upstream's traffic during the call goes to this client alone.
         let call_context = CallContext {
@@ -450,6 +454,29 @@ impl ServerHandler for ProxiMcp {
             .execute_call(&principal, &request.name, arguments, None, &call_context)
             .await
         {
+            Ok(execution)
+                if let (Some(token), Some(arguments)) = (progress_token, held_arguments) =>
+            {
+                let hold = approval_wait::Hold {
+                    gateway: &self.shared.gateway,
+                    principal: &principal,
+                    tool: &request.name,
+                    arguments,
+                    call_context: &call_context,
+                    peer: &context.peer,
+                    token,
+                };
+                match approval_wait::hold(hold, execution).await {
+                    Ok(execution) => Ok(tool_result(execution).into()),
+                    Err(GatewayError::AuditUnavailable | GatewayError::AuditLowSpace) => Ok(
+                        audit_unavailable(&request.name, self.shared.gateway.status().mode).into(),
+                    ),
+                    Err(error) => {
+                        tracing::error!(%error, "tool call failed inside the gateway");
+                        Err(ErrorData::internal_error("internal error", None))
+                    }
+                }
+            }
             Ok(execution) => Ok(tool_result(execution).into()),
             Err(GatewayError::AuditUnavailable | GatewayError::AuditLowSpace) => {
                 Ok(audit_unavailable(&request.name, self.shared.gateway.status().mode).into())
