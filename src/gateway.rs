@@ -1430,6 +1430,40 @@ impl Gateway {
         self.append(entry, audit_priority(principal)).await
     }
 
+    /// Records a console login or logout (`console_login` / `console_logout`) by
+    /// `principal` from `source` (the peer address), and waits until it is durable,
+    /// so a session is never opened without its record.
+    pub async fn record_console_session(
+        &self,
+        principal: &Principal,
+        kind: EntryKind,
+        source: &str,
+    ) -> Result<(), GatewayError> {
+        let mode = self
+            .read_state()
+            .effective_mode(Instant::now(), self.policy().default_mode());
+        let outcome = match kind {
+            EntryKind::ConsoleLogout => "logged_out",
+            _ => "logged_in",
+        };
+        let entry = AuditEntry {
+            time: Utc::now(),
+            principal: principal.clone(),
+            kind,
+            tool: None,
+            arguments: None,
+            mode: self.mode_name(mode).clone(),
+            decision: AuditDecision::Allowed,
+            reason_code: None,
+            outcome,
+            detail: json!({"source": truncate(source, 64)}),
+            expires_at: None,
+            context: None,
+            policy_hash: None,
+        };
+        self.append(entry, audit_priority(principal)).await
+    }
+
     /// Records a tool request refused before it reached the policy (a malformed
     /// body, an oversized name): `rejected`, with the name cut to a bounded prefix.
     pub async fn record_malformed_request(

@@ -9,8 +9,10 @@
 //! the built-in `operator` and `agent` tokens still do). A `generation` counter,
 //! covered by the MAC, rises with every write; a running server refuses a file
 //! older than one it has already seen, so an old signed copy cannot be put back to
-//! undo a revocation while it runs. Without an operator token there is no key, and
-//! no named token is accepted at all.
+//! undo a revocation while it runs. With an operator credential file the newest
+//! generation is also kept, MAC'd, next to it (`<credential>.principals`, out of the
+//! agent's reach like the audit anchor), so a rollback is refused across restarts
+//! too. Without an operator token there is no key, and no named token is accepted.
 //!
 //! Storage is behind [`PrincipalStore`]; [`DataDirPrincipals`] is the data-dir file.
 
@@ -37,6 +39,8 @@ pub const MAX_PRINCIPALS: usize = 1024;
 pub const MAX_NAME_LEN: usize = 32;
 /// Largest registry file read, in bytes (far above [`MAX_PRINCIPALS`] entries).
 pub const MAX_REGISTRY_BYTES: u64 = 1024 * 1024;
+/// Suffix appended to the credential file's path to name the registry's high-water mark.
+pub const CREDENTIAL_HIGH_WATER_SUFFIX: &str = ".principals";
 /// Names that the built-in principals use and a registered one may not take.
 pub const RESERVED_NAMES: [&str; 4] = ["operator", "agent", "system", "anonymous"];
 
@@ -272,6 +276,21 @@ impl RegistryKey {
     fn verifies(&self, signed: &SignedPart, mac: &str) -> bool {
         constant_time_eq(self.sign(signed).as_bytes(), mac.as_bytes())
     }
+
+    fn sign_high_water(&self, generation: u64) -> String {
+        let mut mac = self.keyed.clone();
+        mac.update(b"proxi-principals-high-water-v1\0");
+        mac.update(&generation.to_be_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// The newest generation written, kept outside the data dir.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HighWater {
+    generation: u64,
+    mac: String,
 }
 
 /// The MAC'd part of the file.
@@ -333,10 +352,61 @@ pub struct DataDirPrincipals {
     data_dir: PathBuf,
     path: PathBuf,
     key: Option<RegistryKey>,
+    /// Where the newest generation is kept outside the data dir, if anywhere.
+    high_water: Option<PathBuf>,
     cache: Mutex<Cache>,
 }
 
 impl DataDirPrincipals {
+    /// Also keeps the newest generation next to the operator credential at
+    /// `credential_path` (see [`CREDENTIAL_HIGH_WATER_SUFFIX`]) and refuses a
+    /// registry older than it.
+    pub fn with_credential(mut self, credential_path: &Path) -> DataDirPrincipals {
+        let mut path = credential_path.as_os_str().to_owned();
+        path.push(CREDENTIAL_HIGH_WATER_SUFFIX);
+        self.high_water = Some(PathBuf::from(path));
+        self
+    }
+
+    /// The verified generation of the high-water file (0 when there is none or it
+    /// does not verify: a forged mark cannot lower it, only the operator can write it).
+    fn high_water_generation(&self, key: &RegistryKey) -> u64 {
+        let Some(path) = &self.high_water else {
+            return 0;
+        };
+        std::fs::read(path)
+            .ok()
+            .and_then(|text| serde_json::from_slice::<HighWater>(&text).ok())
+            .filter(|mark| {
+                constant_time_eq(
+                    key.sign_high_water(mark.generation).as_bytes(),
+                    mark.mac.as_bytes(),
+                )
+            })
+            .map_or(0, |mark| mark.generation)
+    }
+
+    fn write_high_water(&self, key: &RegistryKey, generation: u64) -> Result<(), IdentityError> {
+        let Some(path) = &self.high_water else {
+            return Ok(());
+        };
+        let mark = HighWater {
+            generation,
+            mac: key.sign_high_water(generation),
+        };
+        let text = serde_json::to_vec(&mark).unwrap_or_default();
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(".tmp");
+        let temporary = PathBuf::from(temporary);
+        let _ = std::fs::remove_file(&temporary);
+        crate::anchor::write_private(&temporary, &text, true)
+            .and_then(|()| std::fs::rename(&temporary, path))
+            .map_err(|error| IdentityError::File {
+                path: path.clone(),
+                error,
+            })
+    }
+
     /// The registry of `data_dir`, verified with `key` (`None`: no operator secret,
     /// so nothing verifies and no named token is accepted).
     pub fn new(data_dir: &Path, key: Option<RegistryKey>) -> DataDirPrincipals {
@@ -344,6 +414,7 @@ impl DataDirPrincipals {
             data_dir: data_dir.to_owned(),
             path: data_dir.join(PRINCIPALS_FILE),
             key,
+            high_water: None,
             cache: Mutex::new(Cache {
                 stamp: None,
                 active: None,
@@ -399,6 +470,9 @@ impl DataDirPrincipals {
         if signed.principals.len() > MAX_PRINCIPALS {
             return Err(IdentityError::Malformed(self.path.clone()));
         }
+        if signed.generation < self.high_water_generation(key) {
+            return Err(IdentityError::Tampered(self.path.clone()));
+        }
         Ok(signed)
     }
 
@@ -449,6 +523,7 @@ impl DataDirPrincipals {
         let result = change(&mut signed.principals)?;
         signed.generation += 1;
         self.write(&signed)?;
+        self.write_high_water(self.key()?, signed.generation)?;
         Ok(result)
     }
 
@@ -692,6 +767,30 @@ mod tests {
         assert!(matches!(
             registry.add("one-more", Role::Agent),
             Err(IdentityError::Full)
+        ));
+    }
+
+    #[test]
+    fn the_high_water_mark_beside_the_credential_refuses_a_rollback_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let credential = outside.path().join("operator.json");
+        let registry = store(dir.path()).with_credential(&credential);
+        let alice = registry.add("alice", Role::Operator).unwrap();
+        let signed_copy = std::fs::read(registry.path()).unwrap();
+        registry.revoke("alice").unwrap();
+        assert!(outside.path().join("operator.json.principals").exists());
+        // A fresh server (no memory of generations) still refuses the old copy.
+        std::fs::write(registry.path(), &signed_copy).unwrap();
+        let restarted = store(dir.path()).with_credential(&credential);
+        assert_eq!(
+            restarted.authenticate(&digest(&alice.token)),
+            Lookup::Untrusted
+        );
+        // Without the mark it could not tell.
+        assert!(matches!(
+            store(dir.path()).authenticate(&digest(&alice.token)),
+            Lookup::Found(_)
         ));
     }
 

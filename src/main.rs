@@ -19,6 +19,7 @@ use cli::mcp::McpArgs;
 use cli::mode::ModeCommand;
 use cli::policy::PolicyCommand;
 use cli::serve::ServeArgs;
+use cli::token::TokenCommand;
 
 // Requests allocate on Tokio workers and the audit writer frees on its own thread;
 // mimalloc handles that cross-thread pattern far better than glibc malloc.
@@ -65,6 +66,9 @@ enum Command {
     /// Manage the operator credential (operator token and audit key, kept outside the data dir).
     #[command(subcommand)]
     Credential(CredentialCommand),
+    /// Issue, list and revoke the tokens of named operators and agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Write a starter policy and an example upstream policy into DIR to edit.
     Init {
         /// Directory to write into; created if missing. Existing files are never overwritten.
@@ -136,7 +140,8 @@ fn default_log_filter(command: &Command) -> &'static str {
         | Command::Mode(_)
         | Command::Approvals(_)
         | Command::Init { .. }
-        | Command::Credential(_) => "warn",
+        | Command::Credential(_)
+        | Command::Token(_) => "warn",
     }
 }
 
@@ -147,6 +152,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Mcp(args) => cli::mcp::run(args, log).await,
         Command::Policy(command) => cli::policy::run(command).await,
         Command::Credential(command) => cli::credential::run(command),
+        Command::Token(command) => cli::token::run(command),
         Command::Audit(command) => cli::audit::run(command).await,
         Command::Mode(command) => cli::mode::run(command).await,
         Command::Approvals(command) => cli::approvals::run(command).await,

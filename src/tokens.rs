@@ -280,7 +280,13 @@ impl Tokens {
         if presented.is_empty() || presented.len() > MAX_TOKEN_LEN {
             return Authentication::Invalid;
         }
-        let presented = digest(presented);
+        self.check_digest(&digest(presented))
+    }
+
+    /// [`Tokens::check`] for a token known by its SHA-256 only (a console session
+    /// keeps the digest of the token it was opened with, to notice a revocation).
+    pub fn check_digest(&self, presented: &[u8; 32]) -> Authentication {
+        let presented = *presented;
         // Compare against both so timing does not reveal which one matched.
         let is_operator = self
             .operator

@@ -43,6 +43,10 @@ pub enum EntryKind {
     ModeDrained,
     /// A step in a human approval's life: approved, denied or expired.
     Approval,
+    /// An operator logged in to the console.
+    ConsoleLogin,
+    /// An operator logged out of the console.
+    ConsoleLogout,
 }
 
 impl EntryKind {
@@ -56,6 +60,8 @@ impl EntryKind {
             EntryKind::Incident => "incident",
             EntryKind::ModeDrained => "mode_drained",
             EntryKind::Approval => "approval",
+            EntryKind::ConsoleLogin => "console_login",
+            EntryKind::ConsoleLogout => "console_logout",
         }
     }
 }

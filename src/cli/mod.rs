@@ -36,6 +36,7 @@ pub(crate) mod model;
 pub(crate) mod policy;
 pub(crate) mod serve;
 pub(crate) mod state;
+pub(crate) mod token;
 
 /// The environment variable `name`, unless it is unset or blank.
 pub(crate) fn non_empty_env(name: &str) -> Option<String> {

@@ -11,6 +11,7 @@ use proxi::anchor::Anchoring;
 use proxi::audit::{self, Durability};
 use proxi::credential::OperatorCredential;
 use proxi::gateway::{Gateway, GatewayConfig, StartupTrust};
+use proxi::identities::{DataDirPrincipals, PrincipalStore};
 use proxi::policy_source::PolicySource;
 use proxi::tokens::{AGENT_TOKEN_ENV, OPERATOR_TOKEN_ENV, Tokens};
 
@@ -140,7 +141,43 @@ pub(crate) async fn open_gateway(
         (Launch::Stdio, None) => Tokens::resolve_without_operator(&state.data_dir, agent)?,
         (_, operator) => Tokens::resolve(&state.data_dir, operator, agent)?,
     };
+    let tokens = with_named_tokens(
+        tokens,
+        &state.data_dir,
+        state.operator_credential.as_deref(),
+        log,
+    );
     Ok((gateway, tokens, sources.file))
+}
+
+/// Attaches the data dir's registry of named tokens, signed with a key derived from
+/// the operator token; without an operator token no named token is accepted.
+fn with_named_tokens(
+    tokens: Tokens,
+    data_dir: &Path,
+    credential: Option<&Path>,
+    log: LogFormat,
+) -> Tokens {
+    let Some(key) = tokens.registry_key() else {
+        return tokens;
+    };
+    let mut principals = DataDirPrincipals::new(data_dir, Some(key));
+    if let Some(credential) = credential {
+        principals = principals.with_credential(credential);
+    }
+    match principals.list() {
+        Ok(listed) if !listed.is_empty() => notice(
+            log,
+            &format!(
+                "  named tokens: {} principal(s) in {}",
+                listed.len(),
+                principals.path().display()
+            ),
+        ),
+        Ok(_) => {}
+        Err(error) => notice(log, &format!("  named tokens: refused: {error}")),
+    }
+    tokens.with_principals(Arc::new(principals))
 }
 
 /// Starts the policy's upstreams (if any) and attaches them to the gateway; one

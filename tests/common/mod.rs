@@ -2,6 +2,7 @@
 #![allow(dead_code)] // Each test binary uses a different subset.
 
 pub mod approvals;
+pub mod identities;
 pub mod postgres;
 pub mod upstream;
 
