@@ -499,3 +499,36 @@ fn the_cli_lists_and_decides_approvals_through_the_running_server() {
     assert!(String::from_utf8_lossy(&consumed.stdout).contains(&id));
     server.terminate();
 }
+
+#[test]
+fn a_named_operator_cannot_approve_its_own_call_but_another_can() {
+    use common::identities::add_token;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let alice = add_token(&data, "alice", "operator");
+    let bob = add_token(&data, "bob", "operator");
+    let policy = write_approval_policy(dir.path(), 600, "named");
+    let server = ServerProcess::start_with_policy(&data, &policy, &[]);
+    let api = Api::new(&server.url);
+    blocking(api.emergency());
+    let (status, body) = blocking(api.post(
+        "/tools/execute",
+        Some(&alice),
+        json!({"tool_name": "restart_service", "arguments": {"service_name": "database"}}),
+    ));
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["approval_id"].as_str().unwrap().to_owned();
+    let path = format!("/approvals/{id}/approve");
+    let (status, body) = blocking(api.post(&path, Some(&alice), json!({"reason": "mine"})));
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = blocking(api.post(&path, Some(&bob), json!({"reason": "checked"})));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["decided_by"], "bob");
+    assert_eq!(body["principal"], "alice");
+    let records = blocking(api.audit(100));
+    let decision = records.iter().find(|r| r["kind"] == "approval").unwrap();
+    assert_eq!(decision["principal"], "bob");
+    assert_eq!(decision["detail"]["requested_by"], "alice");
+    server.terminate();
+}
