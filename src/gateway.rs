@@ -45,7 +45,7 @@ use crate::upstream::call::{CallContext, UpstreamCalls};
 use crate::upstream::client::UpstreamError;
 
 mod approvals;
-pub use approvals::ApprovalDecisionError;
+pub use approvals::{ApprovalDecisionError, ElevationError};
 
 /// Name of the lock file that keeps two processes off one data dir.
 pub const LOCK_FILE: &str = "proxi.lock";

@@ -532,3 +532,97 @@ fn a_named_operator_cannot_approve_its_own_call_but_another_can() {
     assert_eq!(decision["detail"]["requested_by"], "alice");
     server.terminate();
 }
+
+#[tokio::test]
+async fn an_agent_may_ask_for_emergency_but_only_an_operator_grants_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        TestServer::start_with_policy(&write_approval_policy(dir.path(), 600, "elevation")).await;
+    let api = server.api();
+    let (status, body) = api
+        .execute("restart_service", json!({"service_name": "web-server"}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["how_to_proceed"]
+            .as_str()
+            .unwrap()
+            .contains("/policy/request-mode"),
+        "{body}"
+    );
+    let request = json!({"mode": "EMERGENCY", "reason": "web-server is down", "ttl_seconds": 600});
+    let (status, body) = api
+        .post("/policy/request-mode", Some(AGENT_TOKEN), request.clone())
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["kind"], "mode_change");
+    let id = body["approval_id"].as_str().unwrap().to_owned();
+    let (_, status_now) = api.get("/policy/status", Some(AGENT_TOKEN)).await;
+    assert_eq!(status_now["mode"], "NORMAL", "asking changes nothing");
+    // Bad requests are refused before anything is pending.
+    let (status, _) = api
+        .post(
+            "/policy/request-mode",
+            Some(AGENT_TOKEN),
+            json!({"mode": "EMERGENCY"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = api
+        .post(
+            &format!("/approvals/{id}/approve"),
+            Some(AGENT_TOKEN),
+            json!({"reason": "me"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let (status, body) = decide(&api, &id, "approve", "confirmed the outage").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, status_now) = api.get("/policy/status", Some(AGENT_TOKEN)).await;
+    assert_eq!(status_now["mode"], "EMERGENCY", "{status_now}");
+    assert_eq!(status_now["changed_by"], "operator");
+    let records = api.audit(100).await;
+    let change = records
+        .iter()
+        .rev()
+        .find(|r| r["kind"] == "mode_change")
+        .unwrap();
+    assert_eq!(change["principal"], "operator");
+    let reason = change["detail"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&id) && reason.contains("by agent"),
+        "{reason}"
+    );
+    let requested = records
+        .iter()
+        .find(|r| r["kind"] == "approval" && r["outcome"] == "requested")
+        .unwrap();
+    assert_eq!(requested["principal"], "agent");
+    assert_eq!(listed(&api, "consumed").await, vec![id]);
+}
+
+#[tokio::test]
+async fn elevation_requests_are_refused_unless_the_policy_enables_them() {
+    let server = TestServer::start().await;
+    let (status, body) = server
+        .api()
+        .post(
+            "/policy/request-mode",
+            Some(AGENT_TOKEN),
+            json!({"mode": "EMERGENCY", "reason": "please"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (_, body) = server
+        .api()
+        .execute("restart_service", json!({"service_name": "web-server"}))
+        .await;
+    assert!(
+        !body["how_to_proceed"]
+            .as_str()
+            .unwrap()
+            .contains("request-mode"),
+        "{body}"
+    );
+}

@@ -80,6 +80,28 @@ pub enum ApprovalDecisionError {
     Gateway(#[from] GatewayError),
 }
 
+/// Why an agent's elevation request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ElevationError {
+    /// The policy does not set `"elevation_requests": true`.
+    #[error("this policy does not accept elevation requests (\"elevation_requests\" is not true)")]
+    Disabled,
+    /// Operators change the mode themselves.
+    #[error(
+        "operators change the mode with POST /policy/set-mode; elevation requests are for agents"
+    )]
+    NotAgent,
+    /// The request breaks a mode-change rule (unknown mode, reason, TTL).
+    #[error(transparent)]
+    Invalid(#[from] crate::mode::ModeChangeError),
+    /// Too many approvals are pending.
+    #[error("too many approvals are pending (at most {0}); wait for operators to decide")]
+    TooManyPending(usize),
+    /// The store or the audit trail failed.
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+}
+
 /// The holder of a principal's token, without the MCP client label: the
 /// operator `operator` and the MCP session `operator (mcp:x)` are one holder.
 fn holder(name: &str) -> &str {
@@ -217,6 +239,97 @@ impl Gateway {
         }
     }
 
+    /// An agent asks for a mode change (`"elevation_requests": true`): a pending
+    /// approval of kind `mode_change`, recorded (kind `approval`, outcome
+    /// `requested`). Only an operator's approval changes the mode; the agent never can.
+    pub async fn request_mode_change(
+        &self,
+        principal: &Principal,
+        change: crate::mode::ModeChange,
+    ) -> Result<Approval, ElevationError> {
+        let policy = self.policy();
+        if !policy.elevation_requests() {
+            return Err(ElevationError::Disabled);
+        }
+        if principal.role() != Role::Agent {
+            return Err(ElevationError::NotAgent);
+        }
+        let valid = crate::mode::validate_change(&policy, change)?;
+        self.audit
+            .admit(audit_priority(principal))
+            .map_err(|_| GatewayError::AuditUnavailable)?;
+        let mode = self.mode_name(valid.target).to_string();
+        let arguments = json!({"mode": mode, "ttl_seconds": valid.ttl.map(|ttl| ttl.as_secs())});
+        let current = self
+            .read_state()
+            .effective_mode(std::time::Instant::now(), policy.default_mode());
+        let now = Utc::now();
+        let ttl = policy.mode(current).approval_ttl();
+        let request = NewApproval {
+            binding: Binding {
+                kind: ApprovalKind::ModeChange,
+                principal: principal.name().to_string(),
+                role: principal.role().as_str().to_owned(),
+                target: mode,
+                arguments_digest: arguments_digest(&arguments),
+                policy_hash: policy.policy_hash().to_owned(),
+            },
+            arguments,
+            mode: self.mode_name(current).to_string(),
+            reason: valid.reason,
+            created_at: now,
+            expires_at: now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::zero()),
+        };
+        let (approval, fresh) = self
+            .on_approval_store(move |store| store.create(request, MAX_PENDING_APPROVALS))
+            .await
+            .map_err(|error| match error {
+                ApprovalError::TooManyPending(max) => ElevationError::TooManyPending(max),
+                other => ElevationError::Gateway(store_failed(other)),
+            })?;
+        if fresh {
+            let reason = approval.reason.clone();
+            self.record_approval_event(principal, &approval, "requested", reason.as_deref())
+                .await?;
+            self.approvals_changed().await;
+        }
+        Ok(approval)
+    }
+
+    /// An approved elevation request takes effect: consumed, then the mode is
+    /// changed by the approver, the record naming the requester too.
+    async fn apply_mode_change(
+        &self,
+        approver: &Principal,
+        approval: &Approval,
+    ) -> Result<(), ApprovalDecisionError> {
+        let id = approval.id.clone();
+        let now = Utc::now();
+        let consumed = self
+            .on_approval_store(move |store| store.consume(&id, now))
+            .await
+            .map_err(|error| ApprovalDecisionError::Gateway(store_failed(error)))?;
+        let Some(consumed) = consumed else {
+            return Err(ApprovalDecisionError::State(ApprovalError::Expired));
+        };
+        let ttl = consumed.arguments["ttl_seconds"]
+            .as_u64()
+            .map(Duration::from_secs);
+        let reason = format!(
+            "elevation request {} by {}: {}",
+            consumed.id,
+            consumed.binding.principal,
+            consumed.reason.as_deref().unwrap_or("")
+        );
+        let change = crate::mode::ModeChange {
+            mode: consumed.binding.target.clone(),
+            reason: Some(truncate(&reason, crate::mode::MAX_REASON_LEN).to_owned()),
+            ttl,
+        };
+        self.switch_mode(approver, change).await?;
+        Ok(())
+    }
+
     /// Approvals with `status` (all when `None`), newest first, at most `limit`.
     pub async fn list_approvals(
         &self,
@@ -283,6 +396,10 @@ impl Gateway {
         self.record_approval_event(approver, &decided, decided.status.as_str(), Some(reason))
             .await?;
         self.approvals_changed().await;
+        if decided.binding.kind == ApprovalKind::ModeChange && verdict == ApprovalVerdict::Approve {
+            self.apply_mode_change(approver, &decided).await?;
+            self.approvals_changed().await;
+        }
         Ok(decided)
     }
 

@@ -7,13 +7,13 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 
 use super::AppState;
-use super::auth::Operator;
+use super::auth::{Caller, Operator};
 use super::error::{ApiError, ApiJson, ApiQuery};
 use crate::api::{ApprovalDecisionRequest, ApprovalList};
 use crate::approval::{
     Approval, ApprovalError, ApprovalStatus, DEFAULT_APPROVAL_LIST, MAX_APPROVAL_LIST, Verdict,
 };
-use crate::gateway::ApprovalDecisionError;
+use crate::gateway::{ApprovalDecisionError, ElevationError};
 
 /// `GET /approvals` filters.
 #[derive(Debug, Deserialize)]
@@ -52,6 +52,49 @@ pub async fn list(
         count: approvals.len(),
         approvals,
     }))
+}
+
+/// `POST /policy/request-mode {"mode", "reason", "ttl_seconds"}` with the agent
+/// token: 202 and the id of a pending `mode_change` approval. The mode changes
+/// only when an operator approves it.
+pub async fn request_mode(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    ApiJson(request): ApiJson<crate::api::SetModeRequest>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let change = crate::gateway::ModeChange {
+        mode: request.mode,
+        reason: request.reason,
+        ttl: request.ttl_seconds.map(std::time::Duration::from_secs),
+    };
+    let approval = state
+        .gateway
+        .request_mode_change(&principal, change)
+        .await
+        .map_err(|error| match error {
+            ElevationError::Disabled | ElevationError::NotAgent => {
+                ApiError::new(StatusCode::FORBIDDEN, error.to_string())
+            }
+            ElevationError::TooManyPending(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, error.to_string())
+            }
+            ElevationError::Invalid(error) => ApiError::from(error),
+            ElevationError::Gateway(error) => ApiError::from(error),
+        })?;
+    let body = serde_json::json!({
+        "success": false,
+        "approval_required": true,
+        "approval_id": approval.id,
+        "kind": approval.binding.kind,
+        "mode": approval.binding.target,
+        "expires_at": crate::audit::format_time(approval.expires_at),
+        "how_to_proceed": format!(
+            "An operator must approve {} (proxi approvals approve {} --reason ...); the mode changes only then. Watch /policy/status.",
+            approval.id, approval.id
+        ),
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
 /// `POST /approvals/{id}/approve {"reason"}`.

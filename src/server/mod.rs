@@ -116,6 +116,7 @@ pub fn rest_routes() -> Router<AppState> {
             post(rest::simulate_incident),
         )
         .route("/approvals", get(approvals_api::list))
+        .route("/policy/request-mode", post(approvals_api::request_mode))
         .route("/approvals/{id}/approve", post(approvals_api::approve))
         .route("/approvals/{id}/deny", post(approvals_api::deny))
         .route("/audit", get(audit_api::audit))
