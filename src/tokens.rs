@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::identities::{Lookup, PrincipalStore, RegistryKey};
 use crate::principal::Principal;
+use crate::reason::Reason;
 
 /// File name of generated tokens inside the data dir.
 pub const TOKENS_FILE: &str = "tokens.json";
@@ -123,11 +124,11 @@ pub enum Authentication {
 
 impl Authentication {
     /// The reason code a refusal is audited with (`None` when accepted).
-    pub fn refusal_reason(&self) -> Option<&'static str> {
+    pub fn refusal_reason(&self) -> Option<Reason> {
         match self {
             Authentication::Accepted(_) => None,
-            Authentication::Invalid => Some("invalid_token"),
-            Authentication::RegistryUntrusted => Some("registry_untrusted"),
+            Authentication::Invalid => Some(Reason::InvalidToken),
+            Authentication::RegistryUntrusted => Some(Reason::RegistryUntrusted),
         }
     }
 }
@@ -340,6 +341,7 @@ pub fn generate_token() -> Result<String, TokenError> {
 mod tests {
     use super::*;
     use crate::principal::Role;
+    use std::sync::Arc;
 
     #[test]
     fn generated_tokens_are_persisted_privately_and_reused() {
@@ -400,6 +402,41 @@ mod tests {
         let fresh = tempfile::tempdir().unwrap();
         Tokens::resolve_without_operator(fresh.path(), None).unwrap();
         assert_eq!(TokensFile::read(fresh.path()).unwrap().operator_token, None);
+    }
+
+    #[test]
+    fn named_tokens_come_from_the_registry_signed_with_the_operator_key() {
+        use crate::identities::{DataDirPrincipals, PrincipalStore};
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = Tokens::new("operator-secret-123456", "agent-secret-1234567");
+        let registry = Arc::new(DataDirPrincipals::new(dir.path(), tokens.registry_key()));
+        let alice = registry.add("alice", Role::Operator).unwrap().token;
+        let tokens = tokens.with_principals(registry);
+        assert_eq!(
+            tokens.check(&alice),
+            Authentication::Accepted(Principal::named("alice", Role::Operator))
+        );
+        assert_eq!(
+            tokens.authenticate("operator-secret-123456"),
+            Some(Principal::operator())
+        );
+        assert_eq!(
+            tokens.check("unknown-token-123456"),
+            Authentication::Invalid
+        );
+        std::fs::write(dir.path().join(crate::identities::PRINCIPALS_FILE), b"{}").unwrap();
+        let refused = tokens.check(&alice);
+        assert_eq!(refused, Authentication::RegistryUntrusted);
+        assert_eq!(refused.refusal_reason(), Some(Reason::RegistryUntrusted));
+        // The built-in tokens do not depend on the registry.
+        assert_eq!(
+            tokens.authenticate("agent-secret-1234567"),
+            Some(Principal::agent())
+        );
+        // Keyed by the operator token: a server without one has no key.
+        let dir = tempfile::tempdir().unwrap();
+        let (without, _) = Tokens::resolve_without_operator(dir.path(), None).unwrap();
+        assert!(without.registry_key().is_none());
     }
 
     #[test]

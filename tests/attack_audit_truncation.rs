@@ -78,10 +78,10 @@ fn db(data_dir: &Path) -> Connection {
 fn rehash(data_dir: &Path) {
     let connection = db(data_dir);
     let rows: Vec<(i64, Vec<Option<String>>)> = connection
-        .prepare("SELECT seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, context, policy_hash FROM audit_log ORDER BY seq")
+        .prepare("SELECT seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, context, policy_hash, role FROM audit_log ORDER BY seq")
         .unwrap()
         .query_map([], |row| {
-            let fields = (1..=13).map(|i| row.get(i)).collect::<Result<Vec<_>, _>>()?;
+            let fields = (1..=14).map(|i| row.get(i)).collect::<Result<Vec<_>, _>>()?;
             Ok((row.get(0)?, fields))
         })
         .unwrap()
@@ -93,12 +93,13 @@ fn rehash(data_dir: &Path) {
         hasher.update(previous.as_bytes());
         hasher.update((seq as u64).to_be_bytes());
         for (index, field) in fields.into_iter().enumerate() {
-            // The eleven original columns, then `context` (tag 2) and
-            // `policy_hash` (tag 3), each hashed only when present.
+            // The eleven original columns, then `context` (tag 2),
+            // `policy_hash` (tag 3) and `role` (tag 4), each hashed only when present.
             let tag = match index {
                 0..=10 => 1u8,
                 11 => 2,
-                _ => 3,
+                12 => 3,
+                _ => 4,
             };
             match field {
                 None if tag == 1 => hasher.update([0u8]),

@@ -14,8 +14,11 @@
 //! Every transition is one conditional update in the store, so an approval is
 //! consumed at most once however many identical calls race for it. The store is
 //! a trait ([`ApprovalStore`]); [`sqlite::SqliteApprovals`] keeps it in the data
-//! dir, so pending and approved requests survive a restart.
+//! dir, so pending and approved requests survive a restart, and
+//! [`postgres::PostgresApprovals`] in the PostgreSQL store every instance shares
+//! ([`open_store`] picks one).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;
@@ -210,6 +213,13 @@ pub enum ApprovalError {
     /// The SQLite store failed.
     #[error("approval store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The PostgreSQL store failed or could not be reached (the SQLSTATE or what
+    /// failed, never the statement).
+    #[error("approval store (PostgreSQL): {0}")]
+    Postgres(String),
+    /// `--store` names something other than a PostgreSQL URL.
+    #[error("the approval store must be a postgres:// URL or the data dir")]
+    UnsupportedStore,
     /// The data dir could not be used.
     #[error("approval store {path}: {error}")]
     Io {
@@ -370,6 +380,24 @@ impl ApprovalAnswer {
     /// Whether the caller should wait for an operator's decision on `approval_id`.
     pub fn awaits_decision(&self) -> bool {
         self.approval_id.is_some()
+    }
+}
+
+/// The approval store for a server: PostgreSQL when `store` (the `--store` /
+/// `PROXI_STORE` value) is a `postgres://` URL, so every instance on it sees the
+/// same approvals; else `approvals.db` in `data_dir`. Migrations run here.
+pub fn open_store(
+    store: Option<&str>,
+    data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn ApprovalStore>, ApprovalError> {
+    match store {
+        Some(url) if crate::audit::is_postgres_url(url) => Ok(std::sync::Arc::new(
+            postgres::PostgresApprovals::connect(url)?,
+        )),
+        Some(_) => Err(ApprovalError::UnsupportedStore),
+        None => Ok(std::sync::Arc::new(sqlite::SqliteApprovals::open(
+            data_dir,
+        )?)),
     }
 }
 

@@ -89,7 +89,12 @@ pub async fn execute(
             record_malformed(&state, &principal, &request.tool_name, &error.message).await?;
             return Err(error);
         }
-        Some(seconds) if seconds > 0 => Some(Duration::from_secs(seconds)),
+        // The server's request timeout ends every request: hold a little less, so
+        // a still-pending approval is answered 202 rather than cut off.
+        Some(seconds) if seconds > 0 => Some(
+            Duration::from_secs(seconds)
+                .min(super::REQUEST_TIMEOUT.saturating_sub(Duration::from_secs(5))),
+        ),
         _ => None,
     };
     let retry_arguments = wait.map(|_| request.arguments.clone());
@@ -177,7 +182,10 @@ async fn record_malformed(
         })
 }
 
-/// The HTTP status the issue assigns to each outcome.
+/// The HTTP status each outcome is answered with: 200 for a result, 403 for a
+/// refusal or an unknown tool, 422 for arguments off the schema, 400 for a bad
+/// tool name, 429 over a rate limit, 409 for a call that ran and failed (or was
+/// cancelled), 502/504 when the upstream is unavailable or too slow.
 pub fn execution_status(outcome: &Outcome) -> StatusCode {
     match outcome {
         Outcome::Executed(_) => StatusCode::OK,
