@@ -21,6 +21,8 @@ pub struct Answer {
     pub known_tools: Option<Vec<String>>,
     /// For a rate-limited call or a guard's cooldown, whole seconds to wait before calling again.
     pub retry_after_seconds: Option<u64>,
+    /// For a call that waits for a human: the approval id and when it lapses (RFC 3339).
+    pub approval: Option<(String, String)>,
 }
 
 /// The answer for `outcome`, or `None` when the call succeeded (a built-in ran, or
@@ -80,6 +82,14 @@ pub fn answer(outcome: &Outcome, known_tools: impl FnOnce() -> Vec<String>) -> O
             upstream_how_to_proceed(*failure).to_owned(),
             None,
         ),
+        Outcome::Approval(answer) => (answer.message.clone(), answer.how_to_proceed.clone(), None),
+    };
+    let approval = match outcome {
+        Outcome::Approval(answer) => answer
+            .approval_id
+            .clone()
+            .zip(answer.expires_at.map(crate::audit::format_time)),
+        _ => None,
     };
     Some(Answer {
         policy_violation: outcome.is_policy_violation(),
@@ -88,6 +98,7 @@ pub fn answer(outcome: &Outcome, known_tools: impl FnOnce() -> Vec<String>) -> O
         how_to_proceed,
         known_tools: known,
         retry_after_seconds: outcome.retry_after_seconds(),
+        approval,
     })
 }
 

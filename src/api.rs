@@ -38,7 +38,15 @@ pub struct ExecuteRequest {
     /// Free-form caller context, accepted for seed compatibility and not interpreted.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub context: Map<String, Value>,
+    /// For a call that needs a human's approval: how long to hold the request
+    /// until an operator decides (at most [`MAX_APPROVAL_WAIT_SECONDS`]), then run
+    /// or refuse it. Absent: answer 202 at once, and the client retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for_approval_seconds: Option<u64>,
 }
+
+/// Longest `wait_for_approval_seconds` a request may ask for.
+pub const MAX_APPROVAL_WAIT_SECONDS: u64 = 300;
 
 /// `POST /tools/execute` answer (the seed's shape plus diagnostic fields).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -71,6 +79,15 @@ pub struct ToolResponse {
     /// seconds to wait before retrying; also sent as the `Retry-After` header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_seconds: Option<u64>,
+    /// Whether the call needs a human's approval (`reason_code` `approval_*`); it did not run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approval_required: bool,
+    /// The pending approval the identical call waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    /// When that approval lapses (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 /// `POST /policy/set-mode` body.
@@ -175,4 +192,23 @@ pub struct SetModeResponse {
 pub struct ErrorBody {
     /// What went wrong, safe to show.
     pub error: String,
+}
+
+pub use crate::approval::{Approval, ApprovalStatus};
+
+/// `GET /approvals` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalList {
+    /// Number of approvals returned.
+    pub count: usize,
+    /// The approvals, newest first.
+    pub approvals: Vec<Approval>,
+}
+
+/// `POST /approvals/{id}/approve` and `/deny` body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalDecisionRequest {
+    /// Why the operator decides so (required, at most 500 characters); recorded.
+    pub reason: String,
 }

@@ -44,6 +44,9 @@ pub enum ClientError {
     /// The client could not be built.
     #[error("invalid client configuration: {0}")]
     Config(String),
+    /// An argument the caller gave cannot be sent as it is (e.g. not an approval id).
+    #[error("{0}")]
+    InvalidArgument(String),
     /// The data dir's `server.json` cannot be trusted.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
@@ -157,6 +160,40 @@ impl ProxiClient {
             .await
     }
 
+    /// `GET /approvals?status=...&limit=N` (operator token), newest first.
+    pub async fn approvals(
+        &self,
+        status: Option<crate::approval::ApprovalStatus>,
+        limit: usize,
+    ) -> Result<crate::api::ApprovalList, ClientError> {
+        let path = match status {
+            Some(status) => format!("/approvals?status={status}&limit={limit}"),
+            None => format!("/approvals?limit={limit}"),
+        };
+        self.get(&path).await
+    }
+
+    /// `POST /approvals/{id}/approve` or `/deny` (operator token), with the reason
+    /// the audit record keeps.
+    pub async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        reason: &str,
+    ) -> Result<crate::approval::Approval, ClientError> {
+        if !crate::approval::is_approval_id(id) {
+            return Err(ClientError::InvalidArgument(format!(
+                "{id:?} is not an approval id (apr_ and hex digits)"
+            )));
+        }
+        let verdict = if approve { "approve" } else { "deny" };
+        let request = crate::api::ApprovalDecisionRequest {
+            reason: reason.to_owned(),
+        };
+        self.post(&format!("/approvals/{id}/{verdict}"), &request)
+            .await
+    }
+
     /// `GET /audit?limit=N`.
     pub async fn audit(&self, limit: u32) -> Result<AuditPage, ClientError> {
         self.get(&format!("/audit?limit={limit}")).await
@@ -211,6 +248,7 @@ impl ProxiClient {
             tool_name: tool.to_owned(),
             arguments,
             context: Default::default(),
+            wait_for_approval_seconds: None,
         };
         let response = self
             .authorize(self.http.post(self.url("/tools/execute")))
@@ -221,6 +259,7 @@ impl ProxiClient {
         let response_status = response.status();
         match response_status {
             StatusCode::OK
+            | StatusCode::ACCEPTED
             | StatusCode::BAD_REQUEST
             | StatusCode::FORBIDDEN
             | StatusCode::CONFLICT

@@ -165,6 +165,16 @@ pub enum AllowedCall {
     },
 }
 
+impl AllowedCall {
+    /// The call's arguments as constraints and approval rules read them.
+    pub fn arguments(&self) -> CallArguments<'_> {
+        match self {
+            AllowedCall::Builtin(call) => CallArguments::Builtin(call),
+            AllowedCall::Upstream { arguments, .. } => CallArguments::Json(arguments),
+        }
+    }
+}
+
 /// How one tool call is decided, before anything runs.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {

@@ -48,6 +48,8 @@ mod guard_trail;
 mod reload;
 mod shadow;
 pub use reload::{ModeFallback, ReloadError, ReloadReport, ReloadTrigger};
+mod approvals;
+pub use approvals::{ApprovalDecisionError, ElevationError};
 
 /// Name of the lock file that keeps two processes off one data dir.
 pub const LOCK_FILE: &str = "proxi.lock";
@@ -60,6 +62,12 @@ pub enum GatewayError {
     /// The audit trail cannot record, so nothing may run.
     #[error("the audit trail is unavailable; refusing to act without a record")]
     AuditUnavailable,
+    /// The approval store failed, so a call that needs approval cannot run.
+    #[error("the approval store is unavailable; calls that need approval are refused")]
+    ApprovalsUnavailable,
+    /// The approval store could not be opened.
+    #[error(transparent)]
+    Approvals(#[from] crate::approval::ApprovalError),
     /// Free disk space is below the reserve kept for operators, so agent calls are refused.
     #[error(
         "free disk space for the audit trail is below the operators' reserve; agent calls are refused until space is freed"
@@ -132,6 +140,9 @@ pub enum Outcome {
         /// What went wrong, naming the upstream, never a secret.
         message: String,
     },
+    /// The policy allows the call only with a human's approval, and there is none
+    /// to use (yet); it did not run.
+    Approval(crate::approval::ApprovalAnswer),
 }
 
 /// Why an allowed upstream call has no result.
@@ -187,6 +198,7 @@ impl Outcome {
             }
             Outcome::Forwarded(_) => None,
             Outcome::UpstreamFailed { failure, .. } => Some(failure.reason_code()),
+            Outcome::Approval(answer) => Some(answer.reason),
         }
     }
 
@@ -326,6 +338,8 @@ pub struct Gateway {
     guard_state: Mutex<crate::guards::GuardState>,
     /// `--shadow-policy`: decides every call a second time, for comparison only.
     shadow: OnceLock<SharedPolicy>,
+    /// Requests for a human's approval (`require_approval`, elevation requests).
+    approvals: approvals::Approvals,
 }
 
 /// What a mode change did: the policy state after it, and the in-flight upstream
@@ -460,6 +474,9 @@ impl Gateway {
         });
         let rate_limiter = RateLimiter::new(policy.rate_limits());
         let metrics = crate::metrics::Metrics::new(audit.metrics());
+        let approval_store: Arc<dyn crate::approval::ApprovalStore> = Arc::new(
+            crate::approval::sqlite::SqliteApprovals::open(&config.data_dir)?,
+        );
         let gateway = Arc::new(Gateway {
             policy: SharedPolicy::new(policy),
             mode_names: RwLock::new(mode_names),
@@ -478,6 +495,7 @@ impl Gateway {
             policy_source: OnceLock::new(),
             shadow: OnceLock::new(),
             guard_state: Mutex::new(crate::guards::GuardState::default()),
+            approvals: approvals::Approvals::new(approval_store),
         });
         gateway
             .restore_mode(recovered, trust.restore_elevated)
@@ -485,6 +503,10 @@ impl Gateway {
         gateway.rebuild_guard_state()?;
         gateway.mode_events.send_replace(gateway.status());
         spawn_expiry_task(Arc::downgrade(&gateway), gateway.mode_events.subscribe());
+        // Expires (and records) what lapsed while Proxi was down, then each on time.
+        gateway.expire_due_approvals().await;
+        gateway.approvals_changed().await;
+        approvals::spawn_approval_expiry_task(Arc::downgrade(&gateway));
         Ok(gateway)
     }
 
@@ -780,6 +802,53 @@ impl Gateway {
         // Argument checks need no lock: they depend on the call alone.
         let parsed_under = self.policy();
         let parsed_early = ParsedCall::parse(&parsed_under, tool_name, &arguments);
+        // The approval step, only when some mode asks for approvals at all.
+        let mut approval = None;
+        if parsed_under.has_approval_rules() {
+            match self
+                .approval_gate(
+                    principal,
+                    &parsed_under,
+                    &parsed_early,
+                    &shown_name,
+                    &arguments,
+                )
+                .await?
+            {
+                approvals::Gate::NotNeeded => {}
+                approvals::Gate::Consumed(consumed) => approval = Some(consumed),
+                approvals::Gate::Answer(answer, mode_id) => {
+                    let outcome = Outcome::Approval(answer);
+                    let mode = self.mode_name(mode_id).clone();
+                    let pending = {
+                        // Queued under the mode lock, like every decision.
+                        let _state = self.read_state();
+                        let mut entry = tool_call_entry(
+                            principal,
+                            &shown_name,
+                            arguments,
+                            &mode,
+                            &outcome,
+                            Utc::now(),
+                        );
+                        entry.context = context;
+                        entry.policy_hash = Some(Arc::from(parsed_under.policy_hash()));
+                        self.audit.submit_with(entry, priority)
+                    };
+                    let audit_seq = pending
+                        .durable()
+                        .await
+                        .map_err(|_| GatewayError::AuditUnavailable)?;
+                    self.metrics.tool_call(tool, &outcome, started.elapsed());
+                    return Ok(Execution {
+                        tool: shown_name,
+                        mode,
+                        outcome,
+                        audit_seq,
+                    });
+                }
+            }
+        }
         let now = Utc::now();
         let (pending, mode, step, shadow_input) = {
             let state = self.read_state();
@@ -794,6 +863,11 @@ impl Gateway {
                 (current, reparsed)
             };
             let mode_id = state.effective_mode(Instant::now(), policy.default_mode());
+            // Decided again under the lock: a call that needs approval and has none
+            // (the mode changed since the approval step) does not run.
+            let missed_approval = approval.is_none()
+                && policy.has_approval_rules()
+                && approvals::needs_approval(&policy, mode_id, parsed.clone());
             let verdict = parsed.decide(&policy, mode_id);
             let decided = shadow::DecisionClass::of(&verdict);
             // Checked and noted under one lock, so two calls cannot both pass a
@@ -817,6 +891,9 @@ impl Gateway {
                 _ => None,
             };
             let step = match verdict {
+                Verdict::Allow(_) if missed_approval => Step::Done(Outcome::Approval(
+                    crate::approval::ApprovalAnswer::changed_meanwhile(),
+                )),
                 Verdict::Allow(_) if let Some(refusal) = guard_refusal => {
                     Step::Done(Outcome::Guarded(refusal))
                 }
@@ -899,6 +976,9 @@ impl Gateway {
             entry.context = context;
             // The hash of the very engine that decided, not of a later reload.
             entry.policy_hash = Some(Arc::from(policy.policy_hash()));
+            if let Some(approval) = &approval {
+                entry.detail = approvals::with_approval(entry.detail, approval);
+            }
             (
                 self.audit.submit_with(entry, priority),
                 mode,
@@ -1666,6 +1746,15 @@ fn tool_call_entry(
         Outcome::Failed { message, .. } => {
             (AuditDecision::Allowed, "failed", recorded_message(message))
         }
+        Outcome::Approval(answer) => (
+            AuditDecision::Denied,
+            answer.reason.as_str(),
+            json!({
+                "approval_id": answer.approval_id,
+                "expires_at": answer.expires_at.map(format_time),
+                "message": truncate(&answer.message, MAX_RECORDED_MESSAGE_BYTES),
+            }),
+        ),
         // Upstream calls get an intent and an outcome record instead
         // (`upstream_intent_entry`, `upstream_outcome_entry`); kept total here.
         Outcome::Forwarded(_) | Outcome::UpstreamFailed { .. } => (

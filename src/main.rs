@@ -58,6 +58,9 @@ enum Command {
     Mode(ModeCommand),
     /// Run the SRE agent on a task; it acts only through the governed tools.
     Agent(AgentArgs),
+    /// List and decide the approvals of a running server (operator token).
+    #[command(subcommand)]
+    Approvals(cli::approvals::ApprovalsCommand),
     /// Run the seed's ten scenarios end to end against an in-process server (no API key needed).
     Demo(DemoArgs),
     /// Manage the operator credential (operator token and audit key, kept outside the data dir).
@@ -135,6 +138,7 @@ fn default_log_filter(command: &Command) -> &'static str {
         Command::Policy(_)
         | Command::Audit(_)
         | Command::Mode(_)
+        | Command::Approvals(_)
         | Command::Init { .. }
         | Command::Credential(_)
         | Command::Token(_) => "warn",
@@ -151,6 +155,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Token(command) => cli::token::run(command),
         Command::Audit(command) => cli::audit::run(command).await,
         Command::Mode(command) => cli::mode::run(command).await,
+        Command::Approvals(command) => cli::approvals::run(command).await,
         Command::Demo(args) => cli::demo::run(args).await,
         Command::Agent(args) => cli::agent::run(args, log).await,
         Command::Init { dir } => cli::init::run(&dir),

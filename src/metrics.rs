@@ -170,6 +170,12 @@ impl Metrics {
         metrics
     }
 
+    /// Sets `proxi_approvals_pending`: how many approvals wait for an operator now.
+    pub fn set_approvals_pending(&self, pending: usize) {
+        self.approvals_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    }
+
     /// Creates the series of the built-in tools' usual outcomes, so that the hot
     /// path only ever reads the family's table.
     fn precreate(&self) {
@@ -240,8 +246,6 @@ impl Metrics {
                 })
                 .set(i64::from(mode == current));
         }
-        // Approvals do not exist yet (issue 12): nothing is ever pending.
-        self.approvals_pending.set(0);
         let mut text = String::with_capacity(8 * 1024);
         if encode(&mut text, &self.registry).is_err() {
             // Writing into a String cannot fail; keep the output well-formed regardless.
@@ -260,7 +264,10 @@ pub fn decision_of(outcome: &Outcome) -> &'static str {
         | Outcome::Failed { .. }
         | Outcome::Forwarded(_)
         | Outcome::UpstreamFailed { .. } => "allowed",
-        Outcome::Denied { .. } | Outcome::RateLimited { .. } | Outcome::Guarded(_) => "denied",
+        Outcome::Denied { .. }
+        | Outcome::RateLimited { .. }
+        | Outcome::Guarded(_)
+        | Outcome::Approval(_) => "denied",
         Outcome::UnknownTool { .. }
         | Outcome::InvalidArguments(_)
         | Outcome::InvalidToolName(_) => "rejected",

@@ -1143,8 +1143,16 @@ impl PolicyEngine {
                 if modes.is_empty() {
                     format!("Do not retry: no mode of this policy allows '{tool}'.")
                 } else {
+                    let ask = if self.rules.elevation_requests {
+                        format!(
+                            " You may also request it yourself: POST /policy/request-mode {{\"mode\": \"{}\", \"reason\": \"...\"}}; it takes effect only when an operator approves it.",
+                            modes[0]
+                        )
+                    } else {
+                        String::new()
+                    };
                     format!(
-                        "Do not retry now. Ask an operator to declare {} (the mode(s) that allow '{tool}'); in the meantime use read-only tools to diagnose.",
+                        "Do not retry now. Ask an operator to declare {} (the mode(s) that allow '{tool}'); in the meantime use read-only tools to diagnose.{ask}",
                         modes.join(" or ")
                     )
                 }

@@ -164,6 +164,17 @@ impl Reason {
             .find(|reason| reason.as_str() == wire)
     }
 
+    /// Whether the reason is about a human's approval (`approval_*`).
+    pub fn is_approval(self) -> bool {
+        matches!(
+            self,
+            Reason::ApprovalRequired
+                | Reason::ApprovalMismatch
+                | Reason::ApprovalExpired
+                | Reason::ApprovalDenied
+        )
+    }
+
     /// Whether `wire` (a `reason_code` as received) names this reason.
     pub fn is(self, wire: Option<&str>) -> bool {
         wire == Some(self.as_str())

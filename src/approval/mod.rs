@@ -288,6 +288,101 @@ pub trait ApprovalStore: Send + Sync + fmt::Debug {
     fn count_pending(&self) -> Result<usize, ApprovalError>;
 }
 
+/// What a caller is told about a call that needs, or had, an approval and did
+/// not run: the reason code, the approval to wait for, and what to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApprovalAnswer {
+    /// `approval_required`, `approval_mismatch`, `approval_expired` or `approval_denied`.
+    pub reason: crate::reason::Reason,
+    /// The pending approval the identical call waits for; `None` when none could
+    /// be created (too many pending) or the call was denied.
+    pub approval_id: Option<String>,
+    /// When that approval lapses.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Why, in words.
+    pub message: String,
+    /// A concrete next step.
+    pub how_to_proceed: String,
+}
+
+impl ApprovalAnswer {
+    /// A pending approval for the call: `reason` says whether it is the first
+    /// request, or replaces an approval that expired or no longer matches.
+    pub fn waiting(reason: crate::reason::Reason, approval: &Approval) -> ApprovalAnswer {
+        let why = match reason {
+            crate::reason::Reason::ApprovalMismatch => {
+                "The approval given for this call was granted under another policy version, so it no longer applies; a new approval was requested. "
+            }
+            crate::reason::Reason::ApprovalExpired => {
+                "The approval for this call expired before it was used; a new approval was requested. "
+            }
+            _ => "",
+        };
+        ApprovalAnswer {
+            reason,
+            approval_id: Some(approval.id.clone()),
+            expires_at: Some(approval.expires_at),
+            message: format!(
+                "{why}Tool '{}' needs a human operator's approval in {} mode before it runs; it did not run. Approval id: {}.",
+                approval.binding.target, approval.mode, approval.id
+            ),
+            how_to_proceed: format!(
+                "Wait for an operator to approve {id} (proxi approvals approve {id} --reason ...), then retry the identical call (same tool, same arguments) before {expires}. Do not change the arguments: that needs a new approval.",
+                id = approval.id,
+                expires = crate::audit::format_time(approval.expires_at)
+            ),
+        }
+    }
+
+    /// An operator refused the approval for this exact call.
+    pub fn denied(approval: &Approval) -> ApprovalAnswer {
+        ApprovalAnswer {
+            reason: crate::reason::Reason::ApprovalDenied,
+            approval_id: None,
+            expires_at: None,
+            message: format!(
+                "An operator ({}) denied approval {} for this exact call: {}",
+                approval.decided_by.as_deref().unwrap_or("unknown"),
+                approval.id,
+                approval.decision_reason.as_deref().unwrap_or("no reason given")
+            ),
+            how_to_proceed: "Do not retry this call: a human refused it. Use read-only tools to diagnose, or ask the operator what to do instead.".to_owned(),
+        }
+    }
+
+    /// No approval could be requested: too many are pending already.
+    pub fn queue_full(max_pending: usize) -> ApprovalAnswer {
+        ApprovalAnswer {
+            reason: crate::reason::Reason::ApprovalRequired,
+            approval_id: None,
+            expires_at: None,
+            message: format!(
+                "This call needs a human operator's approval, but {max_pending} approvals are pending already, so no new one was requested."
+            ),
+            how_to_proceed:
+                "Wait for operators to decide the pending approvals, then retry the call."
+                    .to_owned(),
+        }
+    }
+
+    /// The call needed no approval when it was checked, but did by the time it
+    /// was decided (the mode or policy changed in between).
+    pub fn changed_meanwhile() -> ApprovalAnswer {
+        ApprovalAnswer {
+            reason: crate::reason::Reason::ApprovalRequired,
+            approval_id: None,
+            expires_at: None,
+            message: "The mode or policy changed while this call was decided, and it now needs a human operator's approval; it did not run.".to_owned(),
+            how_to_proceed: "Retry the identical call: it will request an approval.".to_owned(),
+        }
+    }
+
+    /// Whether the caller should wait for an operator's decision on `approval_id`.
+    pub fn awaits_decision(&self) -> bool {
+        self.approval_id.is_some()
+    }
+}
+
 /// The approval store for a server: PostgreSQL when `store` (the `--store` /
 /// `PROXI_STORE` value) is a `postgres://` URL, so every instance on it sees the
 /// same approvals; else `approvals.db` in `data_dir`. Migrations run here.

@@ -45,6 +45,8 @@ pub enum EntryKind {
     PolicyReload,
     /// A call's decision under the shadow policy (`serve --shadow-policy`) differed.
     ShadowDecision,
+    /// A step in a human approval's life: approved, denied or expired.
+    Approval,
     /// An operator logged in to the console.
     ConsoleLogin,
     /// An operator logged out of the console.
@@ -63,6 +65,7 @@ impl EntryKind {
             EntryKind::ModeDrained => "mode_drained",
             EntryKind::PolicyReload => "policy_reload",
             EntryKind::ShadowDecision => "shadow_decision",
+            EntryKind::Approval => "approval",
             EntryKind::ConsoleLogin => "console_login",
             EntryKind::ConsoleLogout => "console_logout",
         }

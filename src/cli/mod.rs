@@ -24,6 +24,7 @@ macro_rules! out {
 }
 
 pub(crate) mod agent;
+pub(crate) mod approvals;
 pub(crate) mod audit;
 pub(crate) mod credential;
 pub(crate) mod demo;

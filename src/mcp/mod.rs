@@ -12,6 +12,7 @@
 //! protocol (`server/discover`, `subscriptions/listen`) that the Python SDK 2.x
 //! picks by default.
 
+mod approval_wait;
 pub mod http;
 pub mod sessions;
 pub mod stdio;
@@ -231,12 +232,23 @@ pub struct Refusal {
     /// For a rate-limited call, the seconds to wait before calling again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after_seconds: Option<u64>,
+    /// Whether the call needs a human's approval (`reason_code` `approval_*`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub approval_required: bool,
+    /// The pending approval the identical call waits for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    /// When that approval lapses (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 impl Refusal {
     fn into_result(self) -> CallToolResult {
         let label = if self.policy_violation {
             "Policy violation"
+        } else if self.approval_id.is_some() {
+            "Waiting for a human's approval: wait, then retry the identical call"
         } else {
             "Tool call failed"
         };
@@ -291,6 +303,9 @@ pub fn tool_result(execution: Execution) -> CallToolResult {
             audit_seq: Some(audit_seq),
             known_tools: answer.known_tools,
             retry_after_seconds: answer.retry_after_seconds,
+            approval_required: answer.reason_code.is_approval(),
+            approval_id: answer.approval.as_ref().map(|(id, _)| id.clone()),
+            expires_at: answer.approval.map(|(_, expires_at)| expires_at),
         }
         .into_result(),
         // answer() is None only for Executed and a successful Forwarded.
@@ -338,6 +353,9 @@ fn audit_unavailable(tool: &str, mode: String) -> CallToolResult {
         audit_seq: None,
         known_tools: None,
         retry_after_seconds: None,
+        approval_required: false,
+        approval_id: None,
+        expires_at: None,
     }
     .into_result()
 }
@@ -418,6 +436,9 @@ impl ServerHandler for ProxiMcp {
             return Err(ErrorData::invalid_params(problem, None));
         }
         let arguments = Value::Object(request.arguments.unwrap_or_default());
+        let progress_token = context.meta.get_progress_token();
+        // Kept only to repeat a call held for approval.
+        let held_arguments = progress_token.as_ref().map(|_| arguments.clone());
         // The client's cancellation (context.ct) cancels this call, and only it;
         // the upstream's traffic during the call goes to this client alone.
         let call_context = CallContext {
@@ -433,6 +454,29 @@ impl ServerHandler for ProxiMcp {
             .execute_call(&principal, &request.name, arguments, None, &call_context)
             .await
         {
+            Ok(execution)
+                if let (Some(token), Some(arguments)) = (progress_token, held_arguments) =>
+            {
+                let hold = approval_wait::Hold {
+                    gateway: &self.shared.gateway,
+                    principal: &principal,
+                    tool: &request.name,
+                    arguments,
+                    call_context: &call_context,
+                    peer: &context.peer,
+                    token,
+                };
+                match approval_wait::hold(hold, execution).await {
+                    Ok(execution) => Ok(tool_result(execution).into()),
+                    Err(GatewayError::AuditUnavailable | GatewayError::AuditLowSpace) => Ok(
+                        audit_unavailable(&request.name, self.shared.gateway.status().mode).into(),
+                    ),
+                    Err(error) => {
+                        tracing::error!(%error, "tool call failed inside the gateway");
+                        Err(ErrorData::internal_error("internal error", None))
+                    }
+                }
+            }
             Ok(execution) => Ok(tool_result(execution).into()),
             Err(GatewayError::AuditUnavailable | GatewayError::AuditLowSpace) => {
                 Ok(audit_unavailable(&request.name, self.shared.gateway.status().mode).into())

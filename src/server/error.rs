@@ -62,6 +62,10 @@ impl From<GatewayError> for ApiError {
         match error {
             GatewayError::AuditUnavailable => ApiError::audit_unavailable(),
             GatewayError::AuditLowSpace => ApiError::audit_low_space(),
+            GatewayError::ApprovalsUnavailable => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the approval store is unavailable; calls that need approval are refused",
+            ),
             other => {
                 tracing::error!(error = %other, "request failed inside the gateway");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")

@@ -1,5 +1,6 @@
 //! The HTTP server: the REST API and MCP's Streamable HTTP (`/mcp`) over one shared [`Gateway`].
 
+pub mod approvals_api;
 pub mod audit_api;
 pub mod auth;
 pub mod connections;
@@ -116,6 +117,10 @@ pub fn rest_routes() -> Router<AppState> {
             "/infrastructure/simulate-incident",
             post(rest::simulate_incident),
         )
+        .route("/approvals", get(approvals_api::list))
+        .route("/policy/request-mode", post(approvals_api::request_mode))
+        .route("/approvals/{id}/approve", post(approvals_api::approve))
+        .route("/approvals/{id}/deny", post(approvals_api::deny))
         .route("/audit", get(audit_api::audit))
         .route("/audit/stream", get(audit_api::audit_stream))
         .route("/metrics", get(metrics::metrics))

@@ -80,6 +80,24 @@ pub async fn execute(
         record_malformed(&state, &principal, &request.tool_name, &error.message).await?;
         return Err(error);
     }
+    let wait = match request.wait_for_approval_seconds {
+        Some(seconds) if seconds > crate::api::MAX_APPROVAL_WAIT_SECONDS => {
+            let error = ApiError::bad_request(format!(
+                "wait_for_approval_seconds must be at most {}",
+                crate::api::MAX_APPROVAL_WAIT_SECONDS
+            ));
+            record_malformed(&state, &principal, &request.tool_name, &error.message).await?;
+            return Err(error);
+        }
+        // The server's request timeout ends every request: hold a little less, so
+        // a still-pending approval is answered 202 rather than cut off.
+        Some(seconds) if seconds > 0 => Some(
+            Duration::from_secs(seconds)
+                .min(super::REQUEST_TIMEOUT.saturating_sub(Duration::from_secs(5))),
+        ),
+        _ => None,
+    };
+    let retry_arguments = wait.map(|_| request.arguments.clone());
     let context = (!request.context.is_empty()).then(|| Value::Object(request.context));
     // A client that goes away drops this future, and with it the guard, which
     // cancels an upstream call in flight (its outcome is still recorded).
@@ -95,6 +113,22 @@ pub async fn execute(
             &call_context,
         )
         .await?;
+    let execution = match (wait, retry_arguments, &execution.outcome) {
+        (Some(wait), Some(arguments), Outcome::Approval(answer)) if answer.awaits_decision() => {
+            wait_and_retry(
+                &state,
+                &principal,
+                &request.tool_name,
+                arguments,
+                &call_context,
+                answer,
+                wait,
+            )
+            .await?
+            .unwrap_or(execution)
+        }
+        _ => execution,
+    };
     let status = execution_status(&execution.outcome);
     let retry_after = execution.outcome.retry_after_seconds();
     let mut response = (status, Json(tool_response(execution))).into_response();
@@ -104,6 +138,32 @@ pub async fn execute(
             .insert(axum::http::header::RETRY_AFTER, seconds.into());
     }
     Ok(response)
+}
+
+/// Holds a call that waits for approval until an operator decides (or `wait`
+/// passes, or the approval lapses), then makes the identical call once more.
+/// `None`: still undecided, answer as before.
+async fn wait_and_retry(
+    state: &AppState,
+    principal: &crate::principal::Principal,
+    tool_name: &str,
+    arguments: Value,
+    call_context: &CallContext,
+    answer: &crate::approval::ApprovalAnswer,
+    wait: Duration,
+) -> Result<Option<Execution>, ApiError> {
+    let Some(id) = &answer.approval_id else {
+        return Ok(None);
+    };
+    let decided = state.gateway.wait_for_decision(id, wait).await?;
+    if decided.is_none_or(|approval| approval.status == crate::approval::ApprovalStatus::Pending) {
+        return Ok(None);
+    }
+    let execution = state
+        .gateway
+        .execute_call(principal, tool_name, arguments, None, call_context)
+        .await?;
+    Ok(Some(execution))
 }
 
 async fn record_malformed(
@@ -138,6 +198,12 @@ pub fn execution_status(outcome: &Outcome) -> StatusCode {
         Outcome::Failed { .. } => StatusCode::CONFLICT,
         Outcome::Forwarded(result) if result.is_error == Some(true) => StatusCode::CONFLICT,
         Outcome::Forwarded(_) => StatusCode::OK,
+        Outcome::Approval(answer) if answer.reason == crate::reason::Reason::ApprovalDenied => {
+            StatusCode::FORBIDDEN
+        }
+        Outcome::Approval(answer) if answer.awaits_decision() => StatusCode::ACCEPTED,
+        // None could be requested: too many are pending.
+        Outcome::Approval(_) => StatusCode::TOO_MANY_REQUESTS,
         Outcome::UpstreamFailed { failure, .. } => match failure {
             UpstreamFailure::Unavailable | UpstreamFailure::Refused => StatusCode::BAD_GATEWAY,
             UpstreamFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -163,6 +229,9 @@ pub fn tool_response(execution: Execution) -> ToolResponse {
         known_tools: None,
         audit_seq: execution.audit_seq,
         retry_after_seconds: None,
+        approval_required: false,
+        approval_id: None,
+        expires_at: None,
     };
     match execution.outcome {
         Outcome::Executed(result) => response.result = Some(result),
@@ -177,6 +246,11 @@ pub fn tool_response(execution: Execution) -> ToolResponse {
         response.retry_after_seconds = answer.retry_after_seconds;
         response.known_tools = answer.known_tools;
         response.how_to_proceed = Some(answer.how_to_proceed);
+        response.approval_required = answer.reason_code.is_approval();
+        if let Some((id, expires_at)) = answer.approval {
+            response.approval_id = Some(id);
+            response.expires_at = Some(expires_at);
+        }
         if answer.policy_violation {
             response.blocked_reason = Some(answer.message.clone());
         }

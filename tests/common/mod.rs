@@ -1,6 +1,7 @@
 //! Shared helpers for end-to-end tests: real servers on ephemeral loopback ports.
 #![allow(dead_code)] // Each test binary uses a different subset.
 
+pub mod approvals;
 pub mod identities;
 pub mod mcp_client;
 pub mod mcp_harness;
