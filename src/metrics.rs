@@ -245,7 +245,9 @@ pub fn decision_of(outcome: &Outcome) -> &'static str {
         | Outcome::Failed { .. }
         | Outcome::Forwarded(_)
         | Outcome::UpstreamFailed { .. } => "allowed",
-        Outcome::Denied { .. } | Outcome::RateLimited { .. } => "denied",
+        Outcome::Denied { .. } | Outcome::RateLimited { .. } | Outcome::ModeChanged { .. } => {
+            "denied"
+        }
         Outcome::UnknownTool { .. }
         | Outcome::InvalidArguments(_)
         | Outcome::InvalidToolName(_) => "rejected",

@@ -44,11 +44,14 @@ pub enum Reason {
     Cancelled,
     /// The audit trail cannot record, so nothing runs.
     AuditUnavailable,
+    /// The shared mode (several instances on one store) changed between the
+    /// call's decision and its record: the call was refused, not run.
+    ModeChanged,
 }
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::AlwaysBlocked,
         Reason::BlockedInMode,
         Reason::NotAllowed,
@@ -65,6 +68,7 @@ impl Reason {
         Reason::UpstreamTimeout,
         Reason::Cancelled,
         Reason::AuditUnavailable,
+        Reason::ModeChanged,
     ];
 
     /// The stable snake_case wire name.
@@ -86,6 +90,7 @@ impl Reason {
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::Cancelled => "cancelled",
             Reason::AuditUnavailable => "audit_unavailable",
+            Reason::ModeChanged => "mode_changed",
         }
     }
 

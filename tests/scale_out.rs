@@ -320,3 +320,181 @@ async fn an_expiry_noticed_by_two_instances_is_recorded_once() {
     let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
     assert!(ok, "{output}");
 }
+
+/// A decision entry as the gateway queues it (an allowed call's write-ahead intent).
+fn intent(tool: &str, mode: &str) -> proxi::audit::AuditEntry {
+    proxi::audit::AuditEntry {
+        time: chrono::Utc::now(),
+        principal: Arc::from("agent"),
+        kind: proxi::audit::EntryKind::ToolCall,
+        tool: Some(tool.to_owned()),
+        arguments: Some(json!({"service_name": "web-server"})),
+        mode: Arc::from(mode),
+        decision: proxi::audit::AuditDecision::Allowed,
+        reason_code: None,
+        outcome: "pending",
+        detail: json!({}),
+        expires_at: None,
+        context: None,
+        policy_hash: None,
+    }
+}
+
+fn mode_change(mode: &str) -> proxi::audit::AuditEntry {
+    proxi::audit::AuditEntry {
+        kind: proxi::audit::EntryKind::ModeChange,
+        principal: Arc::from("operator"),
+        tool: None,
+        arguments: None,
+        outcome: "changed",
+        ..intent("", mode)
+    }
+}
+
+#[test]
+fn a_decision_taken_under_a_stale_epoch_is_recorded_as_refused_in_its_transaction() {
+    let postgres = PostgresServer::start();
+    let store = PostgresStore::connect(&postgres.url()).expect("the store is reachable");
+    let key = proxi::anchor::AuditKey::from_bytes([9; 32]);
+    // Epoch 0 → 1: a decision taken under 0 and queued behind the change is stale,
+    // one that carries the change's epoch is not, and an unchecked entry passes.
+    let (emergency, stale, current, unchecked) = (
+        mode_change("EMERGENCY"),
+        intent("restart_service", "NORMAL"),
+        intent("restart_service", "EMERGENCY"),
+        intent("list_services", "NORMAL"),
+    );
+    let appended = store
+        .append_decided(
+            &[&emergency, &stale, &current, &unchecked],
+            &[None, Some(0), Some(1), None],
+            &key,
+        )
+        .expect("the batch commits");
+    assert_eq!(appended.stale, vec![1]);
+    assert_eq!(appended.seqs, vec![1, 2, 3, 4]);
+    // Another instance's batch: its decision under epoch 1 is current until a
+    // change commits ahead of it in the chain.
+    let normal = mode_change("NORMAL");
+    let late = intent("restart_service", "EMERGENCY");
+    let appended = store
+        .append_decided(&[&normal, &late], &[None, Some(1)], &key)
+        .expect("the batch commits");
+    assert_eq!(appended.stale, vec![1]);
+    let records = chain(&postgres.url());
+    let summary: Vec<(&str, &str, Option<&str>, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.mode.as_str(),
+                r.decision.as_str(),
+                r.reason_code.as_deref(),
+                r.outcome.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("EMERGENCY", "allowed", None, "changed"),
+            ("EMERGENCY", "denied", Some("mode_changed"), "mode_changed"),
+            ("EMERGENCY", "allowed", None, "pending"),
+            ("NORMAL", "allowed", None, "pending"),
+            ("NORMAL", "allowed", None, "changed"),
+            ("NORMAL", "denied", Some("mode_changed"), "mode_changed"),
+        ]
+    );
+    assert_eq!(records[5].detail["decided_epoch"], 1);
+    assert_eq!(records[5].detail["epoch"], 2);
+    let row = store.shared_mode().expect("readable").expect("a row");
+    assert_eq!((row.mode.as_str(), row.epoch), ("NORMAL", 2));
+    assert!(store.verify(None).expect("verifies").first_bad.is_none());
+}
+
+/// The mode `/policy/status` reports on `url`.
+async fn mode_on(url: &str) -> String {
+    let (status, body) = Api::new(url)
+        .get("/policy/status", Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["mode"].as_str().expect("a mode").to_owned()
+}
+
+async fn wait_for_mode(url: &str, mode: &'static str) {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        wait_until(
+            "the instance to adopt the mode",
+            Duration::from_secs(10),
+            || (runtime.block_on(mode_on(&url)) == mode).then_some(()),
+        )
+    })
+    .await
+    .expect("the wait finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_acts_only_under_the_shared_mode_and_adopts_each_change() {
+    let cluster = cluster(2);
+    let url = cluster.postgres.url();
+    let a = instance(cluster.dirs[0].path(), &url, &cluster.credential);
+    let b = instance(cluster.dirs[1].path(), &url, &cluster.credential);
+    let restart = json!({"service_name": "web-server"});
+    let (status, body) = Api::new(&b.url)
+        .execute("restart_service", restart.clone())
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "NORMAL denies it: {body}");
+
+    Api::new(&a.url).emergency().await;
+    wait_for_mode(&b.url, "EMERGENCY").await;
+    let (status, body) = Api::new(&b.url)
+        .execute("restart_service", restart.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "B acts under A's emergency: {body}");
+
+    // Right after A's switch back, B has either adopted NORMAL (403) or decides
+    // under its stale emergency, which the store refuses (409): it never runs.
+    Api::new(&a.url).normal().await;
+    let (status, body) = Api::new(&b.url).execute("restart_service", restart).await;
+    assert!(
+        status == StatusCode::FORBIDDEN
+            || (status == StatusCode::CONFLICT && body["reason_code"] == "mode_changed"),
+        "{status} {body}"
+    );
+    wait_for_mode(&b.url, "NORMAL").await;
+
+    let records = chain(&url);
+    let last_normal = records
+        .iter()
+        .rposition(|r| r.kind == "mode_change" && r.mode == "NORMAL")
+        .expect("the switch back is recorded");
+    let executed: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.tool.as_deref() == Some("restart_service") && r.outcome == "executed")
+        .collect();
+    assert_eq!(executed.len(), 1, "{executed:#?}");
+    let intent_seq = executed[0].detail["intent_seq"]
+        .as_u64()
+        .expect("an outcome refers to its intent");
+    let intent = records
+        .iter()
+        .find(|r| r.seq == intent_seq)
+        .expect("the intent");
+    assert_eq!(
+        (intent.outcome.as_str(), intent.mode.as_str()),
+        ("pending", "EMERGENCY")
+    );
+    assert!(intent.detail["decided_epoch"].is_u64(), "{intent:?}");
+    assert!(
+        records[last_normal..]
+            .iter()
+            .all(|r| !(r.tool.as_deref() == Some("restart_service") && r.outcome == "executed")),
+        "nothing ran after the switch to NORMAL"
+    );
+    let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
+    assert!(ok, "{output}");
+}

@@ -338,6 +338,19 @@ impl AuditStore for PostgresStore {
     }
 
     fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<Appended, AuditError> {
+        self.append_decided(entries, &[], key)
+    }
+
+    fn shares_mode(&self) -> bool {
+        true
+    }
+
+    fn append_decided(
+        &self,
+        entries: &[&AuditEntry],
+        decided_epochs: &[Option<u64>],
+        key: &AuditKey,
+    ) -> Result<Appended, AuditError> {
         let pool = &self.pool;
         let mut buffers = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
         let buffers = &mut *buffers;
@@ -361,20 +374,24 @@ impl AuditStore for PostgresStore {
                 },
                 None => ChainHead::genesis(),
             };
-            // The shared mode as of this transaction, followed through the batch.
-            let mut shared_mode: Option<(String, u64)> = transaction
-                .query_opt("SELECT mode, seq FROM proxi_mode WHERE id = 1", &[])
+            // The shared mode as of this transaction (under the chain lock, so no
+            // other batch moves it), followed through the batch.
+            let mut shared_mode: Option<(String, u64)> = None;
+            let mut epoch = 0;
+            if let Some(row) = transaction
+                .query_opt("SELECT mode, seq, epoch FROM proxi_mode WHERE id = 1", &[])
                 .await?
-                .map(|row| -> Result<(String, u64), AuditError> {
-                    Ok((
-                        row.try_get(0)?,
-                        u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0),
-                    ))
-                })
-                .transpose()?;
+            {
+                shared_mode = Some((
+                    row.try_get(0)?,
+                    u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0),
+                ));
+                epoch = u64::try_from(row.try_get::<_, i64>(2)?).unwrap_or(0);
+            }
             let mut records = Vec::with_capacity(entries.len());
             let mut seqs = Vec::with_capacity(entries.len());
-            for entry in entries {
+            let mut stale = Vec::new();
+            for (index, entry) in entries.iter().enumerate() {
                 // Every instance that held the elevated mode notices its lapse; the
                 // first to commit records it, the others find the mode already back.
                 if entry.kind == EntryKind::ModeExpired
@@ -384,16 +401,29 @@ impl AuditStore for PostgresStore {
                     seqs.push(*seq);
                     continue;
                 }
+                // A decision taken under another epoch than the row's may rest on
+                // a mode no longer in force: it is recorded as refused, never run.
+                let refused;
+                let entry = match decided_epochs.get(index).copied().flatten() {
+                    Some(decided) if decided != epoch => {
+                        stale.push(index);
+                        let mode = shared_mode.as_ref().map_or(&*entry.mode, |(mode, _)| mode);
+                        refused = entry.refused_as_stale(decided, epoch, mode);
+                        &refused
+                    }
+                    _ => *entry,
+                };
                 let record = seal(&mut head, entry, key, buffers)?;
                 if is_mode_record(&record.kind) {
                     shared_mode = Some((record.mode.clone(), record.seq));
+                    epoch += 1;
                 }
                 seqs.push(record.seq);
                 records.push(record);
             }
             if records.is_empty() {
                 transaction.commit().await?;
-                return Ok(Appended { head, seqs });
+                return Ok(Appended { head, seqs, stale });
             }
             // One statement for the whole batch: columns as arrays, unnested.
             let column = |get: fn(&StoredRecord) -> Option<&str>| -> Vec<Option<&str>> {
@@ -468,7 +498,7 @@ impl AuditStore for PostgresStore {
                     .await?;
             }
             transaction.commit().await?;
-            Ok(Appended { head, seqs })
+            Ok(Appended { head, seqs, stale })
         })
     }
 

@@ -283,6 +283,7 @@ impl SqliteWriter {
         Ok(Appended {
             seqs: (first..=head.seq).collect(),
             head,
+            stale: Vec::new(),
         })
     }
 }

@@ -172,6 +172,10 @@ pub struct Appended {
     /// store found the event already recorded (an expiry another instance
     /// noticed first), the record that did.
     pub seqs: Vec<u64>,
+    /// The indexes (into the batch) of the allowed decisions that a shared store
+    /// found decided under a stale epoch and recorded as refused instead
+    /// ([`crate::reason::Reason::ModeChanged`]); always empty for a store of one instance.
+    pub stale: Vec<usize>,
 }
 
 /// Makes committed batches durable when a commit alone does not (SQLite's WAL
@@ -196,6 +200,27 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// Seals `entries` onto the chain with `key` and commits them in one
     /// transaction. Nothing is stored unless everything is.
     fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<Appended, AuditError>;
+
+    /// [`AuditStore::append`], where `decided_epochs[i]` is the shared-mode epoch
+    /// under which entry `i` (an allowed decision) was taken. A shared store checks
+    /// each against its mode row inside the batch's transaction and records an
+    /// entry whose epoch is stale as refused (listed in [`Appended::stale`]); a
+    /// store of one instance, whose mode lives in the one gateway's memory, ignores them.
+    fn append_decided(
+        &self,
+        entries: &[&AuditEntry],
+        decided_epochs: &[Option<u64>],
+        key: &AuditKey,
+    ) -> Result<Appended, AuditError> {
+        let _ = decided_epochs;
+        self.append(entries, key)
+    }
+
+    /// Whether several instances share this store's mode row (then decisions carry
+    /// the epoch they were taken under, see [`AuditStore::append_decided`]).
+    fn shares_mode(&self) -> bool {
+        false
+    }
 
     /// The mode shared by every instance on this store, for stores that several
     /// instances share (`None` for a store of one instance, whose mode lives in memory).
