@@ -1211,6 +1211,10 @@ impl Gateway {
         let drain = self
             .drain_and_record(principal, &target_name, change_seq, to_drain)
             .await;
+        if self.audit.store().shares_mode() {
+            self.drain_other_instances(principal, &target_name, target, change_seq)
+                .await;
+        }
         Ok(ModeSwitch {
             status: self.status(),
             drain,

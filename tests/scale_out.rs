@@ -20,9 +20,19 @@ use serde_json::{Value, json};
 
 /// One instance on the shared store, with its own data dir (tokens, lock file).
 fn instance(data_dir: &Path, store: &str, credential: &Path) -> ServerProcess {
+    instance_with_policy(data_dir, store, credential, &high_rate_limit_policy_path())
+}
+
+/// [`instance`] under the policy at `policy`.
+fn instance_with_policy(
+    data_dir: &Path,
+    store: &str,
+    credential: &Path,
+    policy: &Path,
+) -> ServerProcess {
     ServerProcess::start_with_policy(
         data_dir,
-        &high_rate_limit_policy_path(),
+        policy,
         &[
             "--store",
             store,
@@ -495,6 +505,226 @@ async fn another_instance_acts_only_under_the_shared_mode_and_adopts_each_change
             .all(|r| !(r.tool.as_deref() == Some("restart_service") && r.outcome == "executed")),
         "nothing ran after the switch to NORMAL"
     );
+    let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
+    assert!(ok, "{output}");
+}
+
+/// Calls restart_service (active: EMERGENCY only) in a loop until `stop`; counts
+/// the answers by status.
+fn active_agent(
+    api: Api,
+    stop: Arc<AtomicBool>,
+    statuses: Arc<Mutex<Vec<u16>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let (status, body) = api
+                .execute("restart_service", json!({"service_name": "web-server"}))
+                .await;
+            assert!(
+                [StatusCode::OK, StatusCode::FORBIDDEN, StatusCode::CONFLICT].contains(&status),
+                "{status} {body}"
+            );
+            if status == StatusCode::CONFLICT {
+                assert_eq!(body["reason_code"], "mode_changed", "{body}");
+            }
+            statuses.lock().expect("not poisoned").push(status.as_u16());
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_switches_on_a_while_b_and_c_call_active_tools_never_run_one_under_normal() {
+    const SWITCHES: usize = 1000;
+    let cluster = cluster(3);
+    let url = cluster.postgres.url();
+    let servers: Vec<ServerProcess> = cluster
+        .dirs
+        .iter()
+        .map(|dir| instance(dir.path(), &url, &cluster.credential))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    let agents: Vec<_> = servers[1..]
+        .iter()
+        .flat_map(|server| [server, server])
+        .map(|server| {
+            active_agent(
+                Api::new(&server.url),
+                Arc::clone(&stop),
+                Arc::clone(&statuses),
+            )
+        })
+        .collect();
+    let a = Api::new(&servers[0].url);
+    for switch in 0..SWITCHES {
+        let (status, body) = if switch % 2 == 0 {
+            a.set_mode("EMERGENCY", Some("thrash"), Some(600)).await
+        } else {
+            a.set_mode("NORMAL", None, None).await
+        };
+        assert_eq!(status, StatusCode::OK, "switch {switch}: {body}");
+    }
+    a.normal().await;
+    stop.store(true, Ordering::Relaxed);
+    for agent in agents {
+        agent.await.expect("the agent finished cleanly");
+    }
+
+    // Replay the shared chain in seq order, following its mode records.
+    let records = chain(&url);
+    let mut mode = "NORMAL".to_owned();
+    let mut mode_records_seen = 0usize;
+    // intent seq → how many mode records preceded it
+    let mut intents = std::collections::HashMap::new();
+    let (mut executed, mut refused_stale) = (0, 0);
+    for record in &records {
+        if record.kind == "mode_change" || record.kind == "mode_expired" {
+            mode = record.mode.clone();
+            mode_records_seen += 1;
+            continue;
+        }
+        if record.tool.as_deref() != Some("restart_service") {
+            continue;
+        }
+        match (record.decision.as_str(), record.outcome.as_str()) {
+            ("allowed", "pending") => {
+                assert_eq!(
+                    mode, "EMERGENCY",
+                    "an intent committed under {mode}: {record:?}"
+                );
+                assert_eq!(record.mode, "EMERGENCY", "{record:?}");
+                intents.insert(record.seq, mode_records_seen);
+            }
+            ("allowed", outcome) => {
+                let intent = record.detail["intent_seq"].as_u64().unwrap_or_else(|| {
+                    panic!("an active call ran without a committed intent: {record:?}")
+                });
+                let before = intents.remove(&intent).unwrap_or_else(|| {
+                    panic!("outcome {} of an unknown intent {intent}", record.seq)
+                });
+                // At most the switch to NORMAL between intent and outcome: that
+                // switch waited for the call before the next one was sent.
+                assert!(
+                    mode_records_seen - before <= 1,
+                    "call {intent} outlived the switch that should have drained it: {record:?}"
+                );
+                assert_eq!(outcome, "executed", "{record:?}");
+                executed += 1;
+            }
+            ("denied", "mode_changed") => refused_stale += 1,
+            ("denied", _) => assert_eq!(record.mode, "NORMAL", "{record:?}"),
+            other => panic!("unexpected restart_service record {other:?}: {record:?}"),
+        }
+    }
+    assert!(
+        intents.is_empty(),
+        "intents without an outcome: {intents:?}"
+    );
+    assert!(mode_records_seen > SWITCHES, "{mode_records_seen}");
+    let answered = statuses.lock().expect("not poisoned").clone();
+    let ok = answered.iter().filter(|&&status| status == 200).count();
+    assert_eq!(ok, executed, "every 200 is one executed call in the chain");
+    assert!(executed > 0, "B and C ran calls during the emergencies");
+    eprintln!(
+        "{SWITCHES} switches; {} calls on B and C: {executed} executed, {refused_stale} refused as stale, the rest denied",
+        answered.len()
+    );
+    let (verified, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
+    assert!(verified, "{output}");
+}
+
+/// A policy whose EMERGENCY allows the fixture upstream's slow and hanging tools,
+/// which NORMAL denies; a switch drains them for up to 2 s.
+fn policy_with_slow_upstream(dir: &Path) -> PathBuf {
+    let call_log = dir.join("calls.jsonl");
+    let policy = json!({
+        "description": "scale_out: slow upstream calls that a switch to NORMAL must drain.",
+        "simulated_cloud": true,
+        "default_mode": "NORMAL",
+        "max_emergency_ttl_seconds": 3600,
+        "drain_timeout_seconds": 2,
+        "upstreams": {
+            "fx": {
+                "command": common::upstream::python().display().to_string(),
+                "args": [common::upstream::fixture_script().display().to_string()],
+                "env": {"FIXTURE_CALL_LOG": call_log.display().to_string()},
+                "required": true
+            }
+        },
+        "modes": {
+            "NORMAL": {"allowed_tools": ["list_services"]},
+            "EMERGENCY": {"allowed_tools": ["list_services", "fx__slow", "fx__hang"]}
+        }
+    });
+    common::write_policy(dir, "slow-upstream.json", &policy.to_string())
+}
+
+/// Waits until the chain holds the intent of a call to `tool` after seq `after`; its seq.
+async fn wait_for_intent(url: &str, tool: &'static str, after: u64) -> u64 {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        wait_until("the intent to commit", Duration::from_secs(20), || {
+            chain(&url)
+                .into_iter()
+                .find(|r| {
+                    r.seq > after && r.tool.as_deref() == Some(tool) && r.outcome == "pending"
+                })
+                .map(|r| r.seq)
+        })
+    })
+    .await
+    .expect("the wait finished")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switch_to_normal_on_a_returns_only_after_the_calls_running_on_b_ended() {
+    let cluster = cluster(2);
+    let url = cluster.postgres.url();
+    let policy_dir = tempfile::tempdir().expect("temp dir");
+    let policy = policy_with_slow_upstream(policy_dir.path());
+    let a = instance_with_policy(cluster.dirs[0].path(), &url, &cluster.credential, &policy);
+    let b = instance_with_policy(cluster.dirs[1].path(), &url, &cluster.credential, &policy);
+
+    // A call on B that ends by itself within the drain timeout: A waits for it.
+    Api::new(&a.url).emergency().await;
+    wait_for_mode(&b.url, "EMERGENCY").await;
+    let b_api = Api::new(&b.url);
+    let slow = tokio::spawn(async move { b_api.execute("fx__slow", json!({"ms": 1500})).await });
+    let intent = wait_for_intent(&url, "fx__slow", 0).await;
+    Api::new(&a.url).normal().await;
+    let records = chain(&url);
+    let outcome = records
+        .iter()
+        .find(|r| r.detail["intent_seq"] == intent)
+        .expect("B's call ended before A's switch returned");
+    assert_eq!(outcome.outcome, "executed", "{outcome:?}");
+    let summary = records
+        .iter()
+        .find(|r| r.kind == "mode_drained" && r.detail["remote"].is_object())
+        .expect("A recorded what it waited for");
+    assert_eq!(
+        summary.detail["remote"]["finished"][0]["intent_seq"], intent,
+        "{summary:?}"
+    );
+    let (status, body) = slow.await.expect("the call finished");
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A call on B that never ends: B cancels it at its drain timeout, and A's switch
+    // returns only once the cancellation is recorded.
+    Api::new(&a.url).emergency().await;
+    wait_for_mode(&b.url, "EMERGENCY").await;
+    let b_api = Api::new(&b.url);
+    let hang = tokio::spawn(async move { b_api.execute("fx__hang", json!({})).await });
+    let intent = wait_for_intent(&url, "fx__hang", intent).await;
+    Api::new(&a.url).normal().await;
+    let outcome = chain(&url)
+        .into_iter()
+        .find(|r| r.detail["intent_seq"] == intent)
+        .expect("B's hanging call was cancelled before A's switch returned");
+    assert_eq!(outcome.outcome, "cancelled", "{outcome:?}");
+    let (status, body) = hang.await.expect("the call finished");
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
     let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
     assert!(ok, "{output}");
 }

@@ -25,6 +25,10 @@ const MIGRATION_LOCK: i64 = CHAIN_LOCK + 1;
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections per instance: the writer's and a few readers'.
 const POOL_SIZE: usize = 6;
+/// How long an instance may go without a heartbeat before the others count it dead.
+const ALIVE_WITHIN: &str = "3 seconds";
+/// How long the heartbeat of an instance gone for good is kept (with what it left in flight).
+const FORGET_AFTER: &str = "1 hour";
 /// Records fetched per round trip while scanning the chain.
 const SCAN_PAGE: i64 = 2000;
 
@@ -77,6 +81,19 @@ CREATE TABLE IF NOT EXISTS proxi_mode (
     epoch BIGINT NOT NULL,
     seq BIGINT NOT NULL
 );
+-- Every instance's last sign of life (its heartbeat), by the id its connection registered.
+CREATE TABLE IF NOT EXISTS proxi_instances (
+    id TEXT PRIMARY KEY,
+    seen TIMESTAMPTZ NOT NULL
+);
+-- Allowed calls whose intent is committed and whose outcome is not: inserted in the
+-- intent's transaction, deleted in the outcome's, read by a switch's drain.
+CREATE TABLE IF NOT EXISTS proxi_in_flight (
+    intent_seq BIGINT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    arguments TEXT
+);
 "#;
 
 /// Audit store failures specific to PostgreSQL.
@@ -114,6 +131,8 @@ pub struct PostgresStore {
     /// readers, which must not depend on whichever runtime the caller runs.
     runtime: Option<tokio::runtime::Runtime>,
     buffers: Mutex<SealBuffers>,
+    /// This connection's instance id (random, per process), for in-flight rows and heartbeats.
+    instance: String,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -173,13 +192,24 @@ impl PostgresStore {
             .recycle_timeout(Some(OPERATION_TIMEOUT))
             .build()
             .map_err(|error| PostgresError::Pool(error.to_string()))?;
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|error| PostgresError::Pool(error.to_string()))?;
+        let instance = format!(
+            "{}-{}",
+            std::process::id(),
+            id.iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect::<String>()
+        );
         let store = PostgresStore {
             target,
             pool,
             runtime: Some(runtime),
             buffers: Mutex::new(SealBuffers::default()),
+            instance,
         };
         store.migrate()?;
+        store.heartbeat()?;
         Ok(store)
     }
 
@@ -391,6 +421,9 @@ impl AuditStore for PostgresStore {
             let mut records = Vec::with_capacity(entries.len());
             let mut seqs = Vec::with_capacity(entries.len());
             let mut stale = Vec::new();
+            let (mut intents, mut intent_tools, mut intent_arguments) =
+                (Vec::new(), Vec::new(), Vec::new());
+            let mut resolved: Vec<i64> = Vec::new();
             for (index, entry) in entries.iter().enumerate() {
                 // Every instance that held the elevated mode notices its lapse; the
                 // first to commit records it, the others find the mode already back.
@@ -417,6 +450,22 @@ impl AuditStore for PostgresStore {
                 if is_mode_record(&record.kind) {
                     shared_mode = Some((record.mode.clone(), record.seq));
                     epoch += 1;
+                }
+                if entry.kind == EntryKind::ToolCall {
+                    if entry.decision == AuditDecision::Allowed
+                        && entry.outcome == crate::audit_view::PENDING
+                    {
+                        intents.push(seq_param(record.seq));
+                        intent_tools.push(record.tool.clone().unwrap_or_default());
+                        intent_arguments.push(record.arguments.clone());
+                    }
+                    if let Some(intent) = entry
+                        .detail
+                        .get(crate::audit_view::INTENT_SEQ)
+                        .and_then(serde_json::Value::as_u64)
+                    {
+                        resolved.push(seq_param(intent));
+                    }
                 }
                 seqs.push(record.seq);
                 records.push(record);
@@ -481,6 +530,24 @@ impl AuditStore for PostgresStore {
                     &[&seq_param(head.seq)],
                 )
                 .await?;
+            if !intents.is_empty() {
+                transaction
+                    .execute(
+                        "INSERT INTO proxi_in_flight (intent_seq, instance, tool, arguments)
+                         SELECT seq, $2, tool, arguments FROM UNNEST($1::BIGINT[], $3::TEXT[], $4::TEXT[])
+                             AS t(seq, tool, arguments)",
+                        &[&intents, &self.instance, &intent_tools, &intent_arguments],
+                    )
+                    .await?;
+            }
+            if !resolved.is_empty() {
+                transaction
+                    .execute(
+                        "DELETE FROM proxi_in_flight WHERE intent_seq = ANY($1)",
+                        &[&resolved],
+                    )
+                    .await?;
+            }
             let mode_records: Vec<&StoredRecord> = records
                 .iter()
                 .filter(|record| is_mode_record(&record.kind))
@@ -522,6 +589,59 @@ impl AuditStore for PostgresStore {
                 epoch: number(2)?,
                 seq: number(3)?,
             }))
+        })
+    }
+
+    fn in_flight_before(&self, seq: u64) -> Result<Vec<InFlightIntent>, AuditError> {
+        let pool = &self.pool;
+        self.run(async move {
+            let client = Self::client(pool).await?;
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT f.intent_seq, f.instance, COALESCE(i.seen > now() - interval '{ALIVE_WITHIN}', false),
+                                f.tool, f.arguments
+                         FROM proxi_in_flight f LEFT JOIN proxi_instances i ON i.id = f.instance
+                         WHERE f.intent_seq < $1 ORDER BY f.intent_seq"
+                    ),
+                    &[&seq_param(seq)],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(InFlightIntent {
+                        intent_seq: u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0),
+                        instance: row.try_get(1)?,
+                        alive: row.try_get(2)?,
+                        tool: row.try_get(3)?,
+                        arguments: row.try_get(4)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn heartbeat(&self) -> Result<(), AuditError> {
+        let pool = &self.pool;
+        let instance = &self.instance;
+        self.run(async move {
+            let client = Self::client(pool).await?;
+            client
+                .execute(
+                    "INSERT INTO proxi_instances (id, seen) VALUES ($1, now())
+                     ON CONFLICT (id) DO UPDATE SET seen = EXCLUDED.seen",
+                    &[instance],
+                )
+                .await?;
+            // Bounded: instances gone for long, and the calls they left unresolved.
+            client
+                .batch_execute(&format!(
+                    "DELETE FROM proxi_instances WHERE seen < now() - interval '{FORGET_AFTER}';
+                     DELETE FROM proxi_in_flight f
+                         WHERE NOT EXISTS (SELECT 1 FROM proxi_instances i WHERE i.id = f.instance);"
+                ))
+                .await?;
+            Ok(())
         })
     }
 

@@ -163,6 +163,22 @@ pub struct SharedMode {
     pub seq: u64,
 }
 
+/// An allowed call whose intent record is committed and whose outcome is not,
+/// as a store shared by several instances lists it for a mode switch's drain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlightIntent {
+    /// The seq of its intent record.
+    pub intent_seq: u64,
+    /// The instance that decided it (the id its store connection registered).
+    pub instance: String,
+    /// Whether that instance was seen alive lately; a dead one's call never resolves.
+    pub alive: bool,
+    /// The tool, as requested.
+    pub tool: String,
+    /// Its arguments (JSON text), as the intent recorded them.
+    pub arguments: Option<String>,
+}
+
 /// What one append committed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Appended {
@@ -220,6 +236,20 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// the epoch they were taken under, see [`AuditStore::append_decided`]).
     fn shares_mode(&self) -> bool {
         false
+    }
+
+    /// On a store several instances share: the allowed calls of every instance
+    /// whose intent committed before record `seq` and whose outcome has not
+    /// (empty for a store of one instance, whose gateway knows its own calls).
+    fn in_flight_before(&self, seq: u64) -> Result<Vec<InFlightIntent>, AuditError> {
+        let _ = seq;
+        Ok(Vec::new())
+    }
+
+    /// On a store several instances share: tells the others this instance is
+    /// alive, and forgets what instances long gone left behind.
+    fn heartbeat(&self) -> Result<(), AuditError> {
+        Ok(())
     }
 
     /// The mode shared by every instance on this store, for stores that several

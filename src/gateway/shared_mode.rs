@@ -123,12 +123,13 @@ impl Gateway {
     }
 }
 
-/// Reads the shared mode row every [`WATCH_INTERVAL`] until the gateway is dropped.
+/// Reads the shared mode row every [`WATCH_INTERVAL`], and sends this instance's
+/// heartbeat every [`HEARTBEAT_TICKS`] of them, until the gateway is dropped.
 pub(super) fn spawn_watcher(gateway: Weak<Gateway>) {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(WATCH_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        for tick in 0u64.. {
             ticks.tick().await;
             let Some(gateway) = gateway.upgrade() else {
                 return;
@@ -136,6 +137,164 @@ pub(super) fn spawn_watcher(gateway: Weak<Gateway>) {
             if let Err(error) = gateway.sync_shared_mode().await {
                 tracing::debug!(%error, "cannot read the shared mode");
             }
+            if tick.is_multiple_of(HEARTBEAT_TICKS) {
+                let store = Arc::clone(gateway.audit.store());
+                match tokio::task::spawn_blocking(move || store.heartbeat()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::debug!(%error, "cannot send the heartbeat"),
+                    Err(error) => tracing::debug!(%error, "the heartbeat task failed"),
+                }
+            }
         }
     });
+}
+
+/// Heartbeats every this many watcher ticks (1 s): the store counts an instance
+/// dead after 3 s without one.
+const HEARTBEAT_TICKS: u64 = 10;
+/// How often a switch's drain reads what the other instances have in flight.
+const REMOTE_POLL: Duration = Duration::from_millis(20);
+/// Beyond `drain_timeout_seconds`, how long a switch waits for the other
+/// instances: they learn of the switch within a watcher tick, cancel what is left
+/// at their own drain timeout, and take up to the cancel grace to record it.
+const REMOTE_DRAIN_MARGIN: Duration =
+    Duration::from_millis(2 * WATCH_INTERVAL.as_millis() as u64 + 1000)
+        .saturating_add(super::CANCEL_GRACE);
+
+/// What a switch found in flight on other instances and waited for.
+#[derive(Debug, Default, serde::Serialize)]
+pub(super) struct RemoteDrain {
+    /// Calls that recorded their outcome while the switch waited.
+    pub finished: Vec<RemoteCall>,
+    /// Calls of instances known dead: their outcome will never be recorded.
+    pub on_dead_instances: Vec<RemoteCall>,
+    /// Calls still unresolved when the wait ran out.
+    pub unresolved: Vec<RemoteCall>,
+}
+
+/// One call a switch waited for on another instance.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(super) struct RemoteCall {
+    intent_seq: u64,
+    instance: String,
+    tool: String,
+}
+
+impl RemoteDrain {
+    fn is_empty(&self) -> bool {
+        self.finished.is_empty() && self.on_dead_instances.is_empty() && self.unresolved.is_empty()
+    }
+}
+
+impl Gateway {
+    /// After a switch to `target` recorded at `change_seq`: waits until no call
+    /// that `target` denies, decided (on any instance) before the switch, is still
+    /// running, bounded by the drain timeout (plus [`REMOTE_DRAIN_MARGIN`]); a call
+    /// of an instance known dead does not hold the switch. Records what it waited
+    /// for (`mode_drained`, `remote`), when anything.
+    pub(super) async fn drain_other_instances(
+        &self,
+        principal: &crate::principal::Principal,
+        mode_name: &Arc<str>,
+        target: crate::policy::ModeId,
+        change_seq: u64,
+    ) {
+        let deadline =
+            tokio::time::Instant::now() + self.policy().drain_timeout() + REMOTE_DRAIN_MARGIN;
+        let mut seen: std::collections::BTreeMap<u64, RemoteCall> =
+            std::collections::BTreeMap::new();
+        let mut report = RemoteDrain::default();
+        loop {
+            let store = Arc::clone(self.audit.store());
+            let listed =
+                tokio::task::spawn_blocking(move || store.in_flight_before(change_seq)).await;
+            let Ok(Ok(rows)) = listed else {
+                tracing::warn!(
+                    "cannot read the calls in flight on other instances; the switch does not wait for them"
+                );
+                report.unresolved = seen.into_values().collect();
+                break;
+            };
+            let denied: Vec<_> = rows
+                .into_iter()
+                .filter(|row| {
+                    let arguments = row
+                        .arguments
+                        .as_deref()
+                        .and_then(|text| serde_json::from_str(text).ok())
+                        .unwrap_or(serde_json::Value::Null);
+                    !self.would_allow(target, &row.tool, &arguments)
+                })
+                .collect();
+            let running: Vec<u64> = denied
+                .iter()
+                .filter(|row| row.alive)
+                .map(|row| row.intent_seq)
+                .collect();
+            for row in denied {
+                seen.entry(row.intent_seq).or_insert(RemoteCall {
+                    intent_seq: row.intent_seq,
+                    instance: row.instance.clone(),
+                    tool: row.tool.clone(),
+                });
+                if !row.alive {
+                    // Listed once; such a call never resolves.
+                    if let Some(call) = seen.remove(&row.intent_seq) {
+                        report.on_dead_instances.push(call);
+                    }
+                }
+            }
+            let out_of_time = tokio::time::Instant::now() >= deadline;
+            if running.is_empty() || out_of_time {
+                for (seq, call) in seen {
+                    if running.contains(&seq) {
+                        report.unresolved.push(call);
+                    } else {
+                        report.finished.push(call);
+                    }
+                }
+                break;
+            }
+            tokio::time::sleep(REMOTE_POLL).await;
+        }
+        report.on_dead_instances.sort_by_key(|call| call.intent_seq);
+        report
+            .on_dead_instances
+            .dedup_by_key(|call| call.intent_seq);
+        if report.is_empty() {
+            return;
+        }
+        if !report.unresolved.is_empty() {
+            tracing::warn!(
+                calls = report.unresolved.len(),
+                "calls on other instances were still unresolved when the switch stopped waiting"
+            );
+        }
+        let entry = crate::audit::AuditEntry {
+            time: Utc::now(),
+            principal: principal.name().clone(),
+            kind: crate::audit::EntryKind::ModeDrained,
+            tool: None,
+            arguments: None,
+            mode: mode_name.clone(),
+            decision: crate::audit::AuditDecision::Allowed,
+            reason_code: None,
+            outcome: if report.unresolved.is_empty() {
+                "drained"
+            } else {
+                "unresolved"
+            },
+            detail: serde_json::json!({"change_seq": change_seq, "remote": report}),
+            expires_at: None,
+            context: None,
+            policy_hash: self.policy_version(),
+        };
+        if let Err(error) = self
+            .audit
+            .append_with(entry, crate::audit::Priority::Essential)
+            .await
+        {
+            tracing::error!(%error, "could not record the calls a mode switch waited for on other instances");
+        }
+    }
 }
