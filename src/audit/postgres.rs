@@ -57,11 +57,20 @@ CREATE TABLE IF NOT EXISTS audit_log (
 );
 -- Added after the first release of this schema: the policy that decided a call.
 ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS policy_hash TEXT;
-CREATE INDEX IF NOT EXISTS audit_log_principal ON audit_log (principal, seq);
+-- One index per query filter, continuing with seq (a page is read in seq order
+-- from it); the three that lead queries of several filters carry the other filter
+-- columns as keys, so the others are checked in the index (see sqlite.rs).
+DROP INDEX IF EXISTS audit_log_principal;
+DROP INDEX IF EXISTS audit_log_tool;
+DROP INDEX IF EXISTS audit_log_reason_code;
+CREATE INDEX IF NOT EXISTS audit_log_principal_filters
+    ON audit_log (principal, seq, kind, tool, decision, reason_code, ts);
+CREATE INDEX IF NOT EXISTS audit_log_tool_filters
+    ON audit_log (tool, seq, principal, kind, decision, reason_code, ts);
+CREATE INDEX IF NOT EXISTS audit_log_reason_code_filters
+    ON audit_log (reason_code, seq, principal, kind, tool, decision, ts);
 CREATE INDEX IF NOT EXISTS audit_log_kind ON audit_log (kind, seq);
-CREATE INDEX IF NOT EXISTS audit_log_tool ON audit_log (tool, seq);
 CREATE INDEX IF NOT EXISTS audit_log_decision ON audit_log (decision, seq);
-CREATE INDEX IF NOT EXISTS audit_log_reason_code ON audit_log (reason_code, seq);
 CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts);
 -- The highest seq ever committed, updated in every batch's transaction: a deleted
 -- tail shows as records this row vouches for but the table lacks.
