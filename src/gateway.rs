@@ -736,6 +736,7 @@ impl Gateway {
     ) -> Result<Execution, GatewayError> {
         let started = Instant::now();
         let tool = ToolName::parse(tool_name);
+        let metric_label = self.metric_label(tool, tool_name);
         let priority = audit_priority(principal);
         // Before anything runs: a call whose record were refused would act unrecorded.
         self.audit.admit(priority).map_err(|error| match error {
@@ -749,8 +750,11 @@ impl Gateway {
                 .refuse_rate_limited(principal, tool_name, retry_after)
                 .await;
             if let Ok(execution) = &refused {
-                self.metrics
-                    .tool_call(tool, &execution.outcome, started.elapsed());
+                self.metrics.tool_call_labelled(
+                    metric_label,
+                    &execution.outcome,
+                    started.elapsed(),
+                );
             }
             return refused;
         }
@@ -870,7 +874,8 @@ impl Gateway {
                         "the mode changed on another Proxi instance after this call was decided in {mode} mode; it was refused and did not run"
                     ),
                 };
-                self.metrics.tool_call(tool, &outcome, started.elapsed());
+                self.metrics
+                    .tool_call_labelled(metric_label, &outcome, started.elapsed());
                 return Ok(Execution {
                     tool: shown_name,
                     mode,
@@ -883,7 +888,8 @@ impl Gateway {
         match step {
             Step::Done(outcome) => {
                 // After the durable record and off the mode lock; allocation-free.
-                self.metrics.tool_call(tool, &outcome, started.elapsed());
+                self.metrics
+                    .tool_call_labelled(metric_label, &outcome, started.elapsed());
                 Ok(Execution {
                     tool: shown_name,
                     mode,
@@ -896,8 +902,11 @@ impl Gateway {
                 let execution = self
                     .run_after_intent(principal, shown_name, mode, audit_seq, call, in_flight)
                     .await?;
-                self.metrics
-                    .tool_call(tool, &execution.outcome, started.elapsed());
+                self.metrics.tool_call_labelled(
+                    metric_label,
+                    &execution.outcome,
+                    started.elapsed(),
+                );
                 Ok(execution)
             }
             Step::Forward(route, in_flight) => {
@@ -913,10 +922,26 @@ impl Gateway {
                         call_context,
                     )
                     .await?;
-                self.metrics
-                    .tool_call(tool, &execution.outcome, started.elapsed());
+                self.metrics.tool_call_labelled(
+                    metric_label,
+                    &execution.outcome,
+                    started.elapsed(),
+                );
                 Ok(execution)
             }
+        }
+    }
+
+    /// The `tool` label of a call's metrics: a built-in's name, an upstream tool's
+    /// exposed name when the catalog lists it (bounded by the policy and the
+    /// upstreams' listings, and capped), else `other`.
+    fn metric_label(&self, tool: Option<ToolName>, tool_name: &str) -> &'static str {
+        match tool {
+            Some(tool) => tool.as_str(),
+            None if self.policy().catalog().lookup(tool_name).is_some() => {
+                self.metrics.upstream_tool_label(tool_name)
+            }
+            None => crate::metrics::OTHER_TOOL,
         }
     }
 
