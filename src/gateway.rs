@@ -603,7 +603,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: Principal::system().name().clone(),
+            principal: Principal::system(),
             kind,
             tool: None,
             arguments: None,
@@ -1203,7 +1203,7 @@ impl Gateway {
             let pending = self.audit.submit_with(
                 AuditEntry {
                     time: now,
-                    principal: principal.name().clone(),
+                    principal: principal.clone(),
                     kind: EntryKind::ModeChange,
                     tool: None,
                     arguments: None,
@@ -1270,7 +1270,7 @@ impl Gateway {
         let report = drain(to_drain, self.policy().drain_timeout()).await;
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: EntryKind::ModeDrained,
             tool: None,
             arguments: None,
@@ -1327,7 +1327,7 @@ impl Gateway {
             let pending = self.audit.submit_with(
                 AuditEntry {
                     time: now,
-                    principal: Principal::system().name().clone(),
+                    principal: Principal::system(),
                     kind: EntryKind::ModeExpired,
                     tool: None,
                     arguments: None,
@@ -1443,7 +1443,7 @@ impl Gateway {
                 .map(|()| infra.status());
             let entry = AuditEntry {
                 time: now,
-                principal: principal.name().clone(),
+                principal: principal.clone(),
                 kind: EntryKind::Incident,
                 tool: None,
                 arguments: Some(json!({"service": truncate(service, 128), "status": health})),
@@ -1500,7 +1500,7 @@ impl Gateway {
             .effective_mode(Instant::now(), self.policy().default_mode());
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: EntryKind::AuthRefused,
             tool: None,
             arguments: None,
@@ -1529,7 +1529,7 @@ impl Gateway {
             .effective_mode(Instant::now(), self.policy().default_mode());
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: EntryKind::ToolCall,
             tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
             arguments: None,
@@ -1684,7 +1684,7 @@ fn tool_call_entry(
     };
     AuditEntry {
         time: now,
-        principal: principal.name().clone(),
+        principal: principal.clone(),
         kind: EntryKind::ToolCall,
         tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
         arguments: Some(arguments),
@@ -1802,7 +1802,7 @@ fn builtin_intent_entry(
 ) -> AuditEntry {
     AuditEntry {
         time: now,
-        principal: principal.name().clone(),
+        principal: principal.clone(),
         kind: EntryKind::ToolCall,
         tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
         arguments: Some(arguments),
@@ -1830,7 +1830,7 @@ fn upstream_intent_entry(
 ) -> AuditEntry {
     AuditEntry {
         time: now,
-        principal: principal.name().clone(),
+        principal: principal.clone(),
         kind: EntryKind::ToolCall,
         tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
         arguments: Some(arguments),
@@ -1869,7 +1869,7 @@ fn upstream_outcome_entry(
     };
     AuditEntry {
         time: Utc::now(),
-        principal: principal.name().clone(),
+        principal: principal.clone(),
         kind: EntryKind::ToolCall,
         tool: Some(tool_name.to_owned()),
         arguments: None,

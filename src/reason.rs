@@ -44,6 +44,15 @@ pub enum Reason {
     Cancelled,
     /// The audit trail cannot record, so nothing runs.
     AuditUnavailable,
+    /// The call needs a human's approval first; it did not run.
+    ApprovalRequired,
+    /// The approval found for the call was given under another policy, or the
+    /// approval named belongs to another principal, tool or arguments.
+    ApprovalMismatch,
+    /// The approval for the call ran out of time before it was used.
+    ApprovalExpired,
+    /// An operator refused the approval for this exact call.
+    ApprovalDenied,
     /// The shared mode (several instances on one store) changed between the
     /// call's decision and its record: the call was refused, not run.
     ModeChanged,
@@ -51,7 +60,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 21] = [
         Reason::AlwaysBlocked,
         Reason::BlockedInMode,
         Reason::NotAllowed,
@@ -68,6 +77,10 @@ impl Reason {
         Reason::UpstreamTimeout,
         Reason::Cancelled,
         Reason::AuditUnavailable,
+        Reason::ApprovalRequired,
+        Reason::ApprovalMismatch,
+        Reason::ApprovalExpired,
+        Reason::ApprovalDenied,
         Reason::ModeChanged,
     ];
 
@@ -90,6 +103,10 @@ impl Reason {
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::Cancelled => "cancelled",
             Reason::AuditUnavailable => "audit_unavailable",
+            Reason::ApprovalRequired => "approval_required",
+            Reason::ApprovalMismatch => "approval_mismatch",
+            Reason::ApprovalExpired => "approval_expired",
+            Reason::ApprovalDenied => "approval_denied",
             Reason::ModeChanged => "mode_changed",
         }
     }

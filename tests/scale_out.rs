@@ -335,7 +335,7 @@ async fn an_expiry_noticed_by_two_instances_is_recorded_once() {
 fn intent(tool: &str, mode: &str) -> proxi::audit::AuditEntry {
     proxi::audit::AuditEntry {
         time: chrono::Utc::now(),
-        principal: Arc::from("agent"),
+        principal: proxi::principal::Principal::agent(),
         kind: proxi::audit::EntryKind::ToolCall,
         tool: Some(tool.to_owned()),
         arguments: Some(json!({"service_name": "web-server"})),
@@ -353,7 +353,7 @@ fn intent(tool: &str, mode: &str) -> proxi::audit::AuditEntry {
 fn mode_change(mode: &str) -> proxi::audit::AuditEntry {
     proxi::audit::AuditEntry {
         kind: proxi::audit::EntryKind::ModeChange,
-        principal: Arc::from("operator"),
+        principal: proxi::principal::Principal::operator(),
         tool: None,
         arguments: None,
         outcome: "changed",

@@ -272,7 +272,7 @@ impl Gateway {
         }
         let entry = crate::audit::AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: crate::audit::EntryKind::ModeDrained,
             tool: None,
             arguments: None,
