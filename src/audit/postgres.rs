@@ -400,17 +400,21 @@ impl AuditStore for PostgresStore {
         self.run(async move {
             let mut client = Self::client(pool).await?;
             let transaction = client.transaction().await?;
-            // Held until commit or rollback: one instance's batch at a time.
-            transaction
-                .execute("SELECT pg_advisory_xact_lock($1)", &[&CHAIN_LOCK])
-                .await?;
-            let mut head = match transaction
-                .query_opt(
-                    "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-                    &[],
-                )
-                .await?
-            {
+            // Statements prepared once per connection, and sent together: each
+            // round trip saved is one more batch per second under the chain lock.
+            let (lock, read_head, read_mode) = tokio::try_join!(
+                transaction.prepare_cached("SELECT pg_advisory_xact_lock($1)"),
+                transaction.prepare_cached("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"),
+                transaction.prepare_cached("SELECT mode, seq, epoch FROM proxi_mode WHERE id = 1"),
+            )?;
+            // In this order on the one connection: the lock (held until commit or
+            // rollback: one instance's batch at a time), then the reads under it.
+            let (_, head_row, mode_row) = tokio::try_join!(
+                transaction.execute(&lock, &[&CHAIN_LOCK]),
+                transaction.query_opt(&read_head, &[]),
+                transaction.query_opt(&read_mode, &[]),
+            )?;
+            let mut head = match head_row {
                 Some(row) => ChainHead {
                     seq: u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0),
                     hash: row.try_get(1)?,
@@ -421,10 +425,7 @@ impl AuditStore for PostgresStore {
             // other batch moves it), followed through the batch.
             let mut shared_mode: Option<(String, u64)> = None;
             let mut epoch = 0;
-            if let Some(row) = transaction
-                .query_opt("SELECT mode, seq, epoch FROM proxi_mode WHERE id = 1", &[])
-                .await?
-            {
+            if let Some(row) = mode_row {
                 shared_mode = Some((
                     row.try_get(0)?,
                     u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0),
@@ -509,15 +510,21 @@ impl AuditStore for PostgresStore {
             let macs = column(|r| r.mac.as_deref());
             let policy_hashes = column(|r| r.policy_hash.as_deref());
             let roles = column(|r| r.role.as_deref());
-            transaction
-                .execute(
-                    &format!(
-                        "INSERT INTO audit_log ({COLUMNS}) SELECT * FROM UNNEST(
-                            $1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
-                            $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[],
-                            $13::TEXT[], $14::TEXT[], $15::TEXT[], $16::TEXT[], $17::TEXT[], $18::TEXT[])"
-                    ),
-                    &[
+            let insert_sql = format!(
+                "INSERT INTO audit_log ({COLUMNS}) SELECT * FROM UNNEST(
+                    $1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
+                    $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[],
+                    $13::TEXT[], $14::TEXT[], $15::TEXT[], $16::TEXT[], $17::TEXT[], $18::TEXT[])"
+            );
+            let (insert, raise_high_water) = tokio::try_join!(
+                transaction.prepare_cached(&insert_sql),
+                transaction.prepare_cached(
+                    "UPDATE audit_high_water SET seq = GREATEST(seq, $1) WHERE id = 1"
+                ),
+            )?;
+            let high_water = seq_param(head.seq);
+            let high_water_params: [&(dyn ToSql + Sync); 1] = [&high_water];
+            let insert_params: [&(dyn ToSql + Sync); 18] = [
                         &seq_column,
                         &times,
                         &principals,
@@ -536,15 +543,11 @@ impl AuditStore for PostgresStore {
                         &macs,
                         &policy_hashes,
                         &roles,
-                    ],
-                )
-                .await?;
-            transaction
-                .execute(
-                    "UPDATE audit_high_water SET seq = GREATEST(seq, $1) WHERE id = 1",
-                    &[&seq_param(head.seq)],
-                )
-                .await?;
+                    ];
+            tokio::try_join!(
+                transaction.execute(&insert, &insert_params),
+                transaction.execute(&raise_high_water, &high_water_params),
+            )?;
             if !intents.is_empty() {
                 transaction
                     .execute(
