@@ -1,7 +1,10 @@
 //! Filtered audit queries on a trail of 1,000,000 records (target: each under 50 ms).
 //!
-//! Run: `cargo bench --bench audit_query`. The first run writes the trail under
-//! `target/bench-fixtures/audit-1m/` (a minute or so); later runs reuse it.
+//! Run: `cargo bench --bench audit_query`. The first run writes the SQLite trail
+//! under `target/bench-fixtures/audit-1m/` (a minute or so); later runs reuse it
+//! (and migrate its indexes). The same queries then run on PostgreSQL: a throwaway
+//! cluster (tests/common/postgres.rs, from scripts/postgres-harness.sh) filled with
+//! the same 1,000,000 records and analyzed, a few minutes per run.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -12,8 +15,12 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use proxi::anchor::AuditKey;
 use proxi::audit::{
     AUDIT_DB_FILE, AuditDecision, AuditEntry, AuditQuery, AuditStore, Durability, EntryKind,
-    SqliteStore,
+    PostgresStore, SqliteStore,
 };
+
+#[allow(dead_code)]
+#[path = "../tests/common/postgres.rs"]
+mod postgres;
 use serde_json::json;
 
 const RECORDS: u64 = 1_000_000;
@@ -78,6 +85,8 @@ fn fixture() -> (PathBuf, chrono::DateTime<Utc>) {
             .flatten()
             .is_some_and(|head| head.seq == RECORDS)
     {
+        // Opening it for writing runs the migrations: the indexes of this version.
+        drop(SqliteStore::open(&dir, Durability::Process).expect("migrate the fixture"));
         return (db, start);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -94,10 +103,38 @@ fn fixture() -> (PathBuf, chrono::DateTime<Utc>) {
     (db, start)
 }
 
-fn queries(c: &mut Criterion) {
-    let (db, start) = fixture();
-    let store = SqliteStore::open_reader(&db).expect("open the fixture");
-    let cases = [
+/// A throwaway PostgreSQL cluster holding the same trail, analyzed (as autovacuum
+/// would after such a load) so that the planner knows the columns' spread.
+fn postgres_fixture(start: chrono::DateTime<Utc>) -> (postgres::PostgresServer, PostgresStore) {
+    let server = postgres::PostgresServer::start();
+    let store = PostgresStore::connect(&server.url()).expect("connect to the fixture cluster");
+    let key = AuditKey::from_bytes([7; 32]);
+    for batch in 0..RECORDS / BATCH {
+        let entries: Vec<AuditEntry> = (1..=BATCH)
+            .map(|n| entry(batch * BATCH + n, start))
+            .collect();
+        let refs: Vec<&AuditEntry> = entries.iter().collect();
+        store.append(&refs, &key).expect("append to the fixture");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect for ANALYZE");
+        tokio::spawn(connection);
+        client
+            .batch_execute("VACUUM ANALYZE audit_log")
+            .await
+            .expect("ANALYZE");
+    });
+    (server, store)
+}
+
+fn cases(start: chrono::DateTime<Utc>) -> [(&'static str, AuditQuery); 6] {
+    [
         (
             "newest_100_of_operator",
             AuditQuery {
@@ -155,14 +192,25 @@ fn queries(c: &mut Criterion) {
                 ..AuditQuery::default()
             },
         ),
-    ];
-    let mut group = c.benchmark_group("audit_query_1m");
-    for (name, query) in &cases {
+    ]
+}
+
+fn run_group(c: &mut Criterion, group: &str, store: &dyn AuditStore, start: chrono::DateTime<Utc>) {
+    let mut group = c.benchmark_group(group);
+    for (name, query) in &cases(start) {
         group.bench_function(*name, |b| {
             b.iter(|| store.query(black_box(query)).expect("the query answers"))
         });
     }
     group.finish();
+}
+
+fn queries(c: &mut Criterion) {
+    let (db, start) = fixture();
+    let store = SqliteStore::open_reader(&db).expect("open the fixture");
+    run_group(c, "audit_query_1m", &store, start);
+    let (_server, store) = postgres_fixture(start);
+    run_group(c, "audit_query_1m_postgres", &store, start);
 }
 
 criterion_group!(benches, queries);

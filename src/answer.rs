@@ -77,6 +77,12 @@ pub fn answer(outcome: &Outcome, known_tools: impl FnOnce() -> Vec<String>) -> O
                 .to_owned(),
             None,
         ),
+        Outcome::ModeChanged { message } => (
+            message.clone(),
+            "Nothing ran. Read the mode in force (/policy/status) and call again if it allows the tool."
+                .to_owned(),
+            None,
+        ),
         Outcome::UpstreamFailed { failure, message } => (
             message.clone(),
             upstream_how_to_proceed(*failure).to_owned(),

@@ -14,6 +14,7 @@
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,7 @@ mod shadow;
 pub use reload::{ModeFallback, ReloadError, ReloadReport, ReloadTrigger};
 mod approvals;
 pub use approvals::{ApprovalDecisionError, ElevationError};
+mod shared_mode;
 
 /// Name of the lock file that keeps two processes off one data dir.
 pub const LOCK_FILE: &str = "proxi.lock";
@@ -133,6 +135,13 @@ pub enum Outcome {
     /// An upstream ran the call and answered with this result, exactly as MCP
     /// defines it; an `isError` result is the upstream's own failure.
     Forwarded(CallToolResult),
+    /// Several instances share the mode and it changed (on another instance)
+    /// between this call's decision and its record: the call was recorded as
+    /// refused and did not run.
+    ModeChanged {
+        /// What happened, naming the mode the call was decided in.
+        message: String,
+    },
     /// The call was allowed but no upstream result came back.
     UpstreamFailed {
         /// Why there is no result.
@@ -199,6 +208,7 @@ impl Outcome {
             Outcome::Forwarded(_) => None,
             Outcome::UpstreamFailed { failure, .. } => Some(failure.reason_code()),
             Outcome::Approval(answer) => Some(answer.reason),
+            Outcome::ModeChanged { .. } => Some(Reason::ModeChanged),
         }
     }
 
@@ -329,6 +339,10 @@ pub struct Gateway {
     mode_changes: tokio::sync::Mutex<()>,
     /// Upstream calls decided but not yet recorded, for the drain on a mode switch.
     in_flight: Arc<InFlightCalls>,
+    /// On a store whose mode row several instances share: the row's epoch that
+    /// the in-memory state reflects (see `shared_mode.rs`). Moved only under the
+    /// state's write lock, read under its read side.
+    shared_epoch: AtomicU64,
     /// Where allowed upstream calls go; unset until the upstreams are attached
     /// (and then every upstream call is `upstream_unavailable`).
     upstreams: OnceLock<Arc<dyn UpstreamCalls>>,
@@ -491,6 +505,7 @@ impl Gateway {
             _data_dir_lock: lock,
             mode_changes: tokio::sync::Mutex::new(()),
             in_flight: Arc::new(InFlightCalls::default()),
+            shared_epoch: AtomicU64::new(0),
             upstreams: OnceLock::new(),
             policy_source: OnceLock::new(),
             shadow: OnceLock::new(),
@@ -501,6 +516,11 @@ impl Gateway {
             .restore_mode(recovered, trust.restore_elevated)
             .await?;
         gateway.rebuild_guard_state()?;
+        if gateway.audit.store().shares_mode() {
+            // The row, not the restored record, is the truth on a shared store.
+            gateway.sync_shared_mode().await?;
+            shared_mode::spawn_watcher(Arc::downgrade(&gateway));
+        }
         gateway.mode_events.send_replace(gateway.status());
         spawn_expiry_task(Arc::downgrade(&gateway), gateway.mode_events.subscribe());
         // Expires (and records) what lapsed while Proxi was down, then each on time.
@@ -774,6 +794,7 @@ impl Gateway {
     ) -> Result<Execution, GatewayError> {
         let started = Instant::now();
         let tool = ToolName::parse(tool_name);
+        let metric_label = self.metric_label(tool, tool_name);
         let priority = audit_priority(principal);
         // Before anything runs: a call whose record were refused would act unrecorded.
         self.audit.admit(priority).map_err(|error| match error {
@@ -792,8 +813,11 @@ impl Gateway {
                 .refuse_rate_limited(principal, tool_name, retry_after)
                 .await;
             if let Ok(execution) = &refused {
-                self.metrics
-                    .tool_call(tool, &execution.outcome, started.elapsed());
+                self.metrics.tool_call_labelled(
+                    metric_label,
+                    &execution.outcome,
+                    started.elapsed(),
+                );
             }
             return refused;
         }
@@ -839,7 +863,8 @@ impl Gateway {
                         .durable()
                         .await
                         .map_err(|_| GatewayError::AuditUnavailable)?;
-                    self.metrics.tool_call(tool, &outcome, started.elapsed());
+                    self.metrics
+                        .tool_call_labelled(metric_label, &outcome, started.elapsed());
                     return Ok(Execution {
                         tool: shown_name,
                         mode,
@@ -849,6 +874,9 @@ impl Gateway {
                 }
             }
         }
+        // On a shared store a decision that depends on the mode is checked against
+        // the shared mode row when its record commits; before that, it must not act.
+        let shared = self.audit.store().shares_mode();
         let now = Utc::now();
         let (pending, mode, step, shadow_input) = {
             let state = self.read_state();
@@ -862,6 +890,8 @@ impl Gateway {
                 let reparsed = ParsedCall::parse(&current, tool_name, &arguments);
                 (current, reparsed)
             };
+            let epoch_checked = shared && !allowed_in_every_mode(&policy, tool_name, &arguments);
+            let decided_epoch = epoch_checked.then(|| self.shared_epoch.load(Ordering::Acquire));
             let mode_id = state.effective_mode(Instant::now(), policy.default_mode());
             // Decided again under the lock: a call that needs approval and has none
             // (the mode changed since the approval step) does not run.
@@ -936,6 +966,13 @@ impl Gateway {
                     },
                     self.in_flight.register(state.epoch, tool_name, &arguments),
                 ),
+                // Write-ahead: run only once the intent committed under this epoch.
+                Verdict::Allow(AllowedCall::Builtin(call)) if decided_epoch.is_some() => {
+                    Step::RunAfterIntent(
+                        call,
+                        self.in_flight.register(state.epoch, tool_name, &arguments),
+                    )
+                }
                 Verdict::Allow(AllowedCall::Builtin(call)) => {
                     let result = self
                         .infra
@@ -972,6 +1009,9 @@ impl Gateway {
                 Step::Forward(route, _) => {
                     upstream_intent_entry(principal, &shown_name, arguments, &mode, route, now)
                 }
+                Step::RunAfterIntent(..) => {
+                    builtin_intent_entry(principal, &shown_name, arguments, &mode, now)
+                }
             };
             entry.context = context;
             // The hash of the very engine that decided, not of a later reload.
@@ -979,17 +1019,43 @@ impl Gateway {
             if let Some(approval) = &approval {
                 entry.detail = approvals::with_approval(entry.detail, approval);
             }
+            let decided_epoch = decided_epoch.filter(|_| !matches!(step, Step::Done(_)));
+            if let (Some(epoch), Some(detail)) = (decided_epoch, entry.detail.as_object_mut()) {
+                detail.insert("decided_epoch".to_owned(), json!(epoch));
+            }
             (
-                self.audit.submit_with(entry, priority),
+                self.audit.submit_decided(entry, priority, decided_epoch),
                 mode,
                 step,
                 shadow_input,
             )
         };
-        let audit_seq = pending
-            .durable()
-            .await
-            .map_err(|_| GatewayError::AuditUnavailable)?;
+        let audit_seq = match pending.durable().await {
+            Ok(seq) => seq,
+            Err(AuditError::ModeChanged(seq)) => {
+                // Nothing ran; learn the mode that is in force now.
+                let gateway = self.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = gateway.sync_shared_mode().await {
+                        tracing::warn!(%error, "cannot read the shared mode");
+                    }
+                });
+                let outcome = Outcome::ModeChanged {
+                    message: format!(
+                        "the mode changed on another Proxi instance after this call was decided in {mode} mode; it was refused and did not run"
+                    ),
+                };
+                self.metrics
+                    .tool_call_labelled(metric_label, &outcome, started.elapsed());
+                return Ok(Execution {
+                    tool: shown_name,
+                    mode,
+                    outcome,
+                    audit_seq: seq,
+                });
+            }
+            Err(_) => return Err(GatewayError::AuditUnavailable),
+        };
         if let Some((arguments, decided)) = shadow_input {
             self.compare_with_shadow(
                 principal,
@@ -1003,13 +1069,26 @@ impl Gateway {
         match step {
             Step::Done(outcome) => {
                 // After the durable record and off the mode lock; allocation-free.
-                self.metrics.tool_call(tool, &outcome, started.elapsed());
+                self.metrics
+                    .tool_call_labelled(metric_label, &outcome, started.elapsed());
                 Ok(Execution {
                     tool: shown_name,
                     mode,
                     outcome,
                     audit_seq,
                 })
+            }
+            Step::RunAfterIntent(call, in_flight) => {
+                in_flight.set_intent_seq(audit_seq);
+                let execution = self
+                    .run_after_intent(principal, shown_name, mode, audit_seq, call, in_flight)
+                    .await?;
+                self.metrics.tool_call_labelled(
+                    metric_label,
+                    &execution.outcome,
+                    started.elapsed(),
+                );
+                Ok(execution)
             }
             Step::Forward(route, in_flight) => {
                 in_flight.set_intent_seq(audit_seq);
@@ -1024,10 +1103,26 @@ impl Gateway {
                         call_context,
                     )
                     .await?;
-                self.metrics
-                    .tool_call(tool, &execution.outcome, started.elapsed());
+                self.metrics.tool_call_labelled(
+                    metric_label,
+                    &execution.outcome,
+                    started.elapsed(),
+                );
                 Ok(execution)
             }
+        }
+    }
+
+    /// The `tool` label of a call's metrics: a built-in's name, an upstream tool's
+    /// exposed name when the catalog lists it (bounded by the policy and the
+    /// upstreams' listings, and capped), else `other`.
+    fn metric_label(&self, tool: Option<ToolName>, tool_name: &str) -> &'static str {
+        match tool {
+            Some(tool) => tool.as_str(),
+            None if self.policy().catalog().lookup(tool_name).is_some() => {
+                self.metrics.upstream_tool_label(tool_name)
+            }
+            None => crate::metrics::OTHER_TOOL,
         }
     }
 
@@ -1071,6 +1166,60 @@ impl Gateway {
             })
         });
         task.await.unwrap_or(Err(GatewayError::AuditUnavailable))
+    }
+
+    /// Runs an allowed built-in whose intent record is durable (on a shared store:
+    /// committed under the epoch it was decided in), then records its outcome, which
+    /// refers to the intent by seq. A switch that cancelled it meanwhile stops it
+    /// before it runs.
+    async fn run_after_intent(
+        &self,
+        principal: &Principal,
+        tool: String,
+        mode: Arc<str>,
+        intent_seq: u64,
+        call: crate::tools::ToolCall,
+        in_flight: InFlightCall,
+    ) -> Result<Execution, GatewayError> {
+        let now = Utc::now();
+        let outcome = if in_flight.cancelled().is_cancelled() {
+            Outcome::Failed {
+                code: Reason::Cancelled,
+                message: "cancelled: the mode changed to one that denies this call before it ran"
+                    .to_owned(),
+            }
+        } else {
+            let result = self
+                .infra
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .execute(&call, now);
+            match result {
+                Ok(result) => Outcome::Executed(result),
+                Err(error) => Outcome::Failed {
+                    code: error.reason(),
+                    message: error.to_string(),
+                },
+            }
+        };
+        let mut entry = tool_call_entry(principal, &tool, Value::Null, &mode, &outcome, now);
+        entry.arguments = None;
+        entry.detail = json!({
+            crate::audit_view::INTENT_SEQ: intent_seq,
+            "result": entry.detail,
+        });
+        in_flight.set_outcome(entry.outcome);
+        // Essential: the intent was admitted, so its outcome must not be refused.
+        let recorded = self.audit.append_with(entry, Priority::Essential).await;
+        // Only now may a switch waiting for this call go on.
+        drop(in_flight);
+        let audit_seq = recorded.map_err(|_| GatewayError::AuditUnavailable)?;
+        Ok(Execution {
+            tool,
+            mode,
+            outcome,
+            audit_seq,
+        })
     }
 
     /// Calls the upstream, unless the call is cancelled first; never fails, since
@@ -1229,6 +1378,8 @@ impl Gateway {
                 changed_at: now,
                 epoch: 0,
             });
+            // Its record bumps the shared row's epoch; decisions queued behind it carry the next one.
+            let replaced_shared_epoch = self.shared_epoch.fetch_add(1, Ordering::AcqRel);
             let to_drain = self.in_flight.to_drain(state.epoch, |tool, arguments| {
                 self.would_allow(target, tool, arguments)
             });
@@ -1254,7 +1405,7 @@ impl Gateway {
                 },
                 Priority::Essential,
             );
-            (pending, replaced, to_drain)
+            (pending, (replaced, replaced_shared_epoch), to_drain)
         };
         let change_seq = match pending.durable().await {
             Ok(seq) => seq,
@@ -1268,6 +1419,10 @@ impl Gateway {
         let drain = self
             .drain_and_record(principal, &target_name, change_seq, to_drain)
             .await;
+        if self.audit.store().shares_mode() {
+            self.drain_other_instances(principal, &target_name, target, change_seq)
+                .await;
+        }
         Ok(ModeSwitch {
             status: self.status(),
             drain,
@@ -1348,6 +1503,8 @@ impl Gateway {
                 changed_at: now,
                 epoch: 0,
             });
+            // Its record bumps the shared row (or finds the lapse recorded already).
+            self.shared_epoch.fetch_add(1, Ordering::AcqRel);
             let to_drain = self.in_flight.to_drain(state.epoch, |tool, arguments| {
                 self.would_allow(default, tool, arguments)
             });
@@ -1648,11 +1805,13 @@ impl Gateway {
         &self,
         principal: &Principal,
         changed_at: DateTime<Utc>,
-        replaced: ModeState,
+        (replaced, replaced_shared_epoch): (ModeState, u64),
     ) {
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         if state.changed_at == changed_at && Arc::ptr_eq(&state.changed_by, principal.name()) {
             state.switch(replaced);
+            self.shared_epoch
+                .store(replaced_shared_epoch, Ordering::Release);
         }
     }
 }
@@ -1755,6 +1914,12 @@ fn tool_call_entry(
                 "message": truncate(&answer.message, MAX_RECORDED_MESSAGE_BYTES),
             }),
         ),
+        // Recorded by the shared store itself (`AuditEntry::refused_as_stale`).
+        Outcome::ModeChanged { message } => (
+            AuditDecision::Denied,
+            crate::audit::STALE_OUTCOME,
+            recorded_message(message),
+        ),
         // Upstream calls get an intent and an outcome record instead
         // (`upstream_intent_entry`, `upstream_outcome_entry`); kept total here.
         Outcome::Forwarded(_) | Outcome::UpstreamFailed { .. } => (
@@ -1809,6 +1974,9 @@ pub struct UpstreamCall {
 enum Step {
     /// Nothing: the outcome is known (a built-in ran, or the call was refused).
     Done(Outcome),
+    /// Run this built-in once its intent record committed (on a shared store,
+    /// under the epoch it was decided in), as this in-flight call.
+    RunAfterIntent(crate::tools::ToolCall, InFlightCall),
     /// Forward to an upstream, as this in-flight call.
     Forward(UpstreamCall, InFlightCall),
 }
@@ -1867,6 +2035,44 @@ fn recorded_outcome(outcome: &Outcome) -> &'static str {
         Outcome::Forwarded(result) if result.is_error == Some(true) => "upstream_error",
         Outcome::UpstreamFailed { failure, .. } => failure.recorded_outcome(),
         _ => "executed",
+    }
+}
+
+/// Whether every mode of `policy` allows `tool_name(arguments)`: then no mode
+/// change can make its decision stale, and it needs no epoch check.
+fn allowed_in_every_mode(policy: &PolicyEngine, tool_name: &str, arguments: &Value) -> bool {
+    policy.modes().all(|(mode, _)| {
+        matches!(
+            decide_call(policy, mode, tool_name, arguments),
+            Verdict::Allow(_)
+        )
+    })
+}
+
+/// The write-ahead record of an allowed built-in call on a shared store:
+/// `allowed`, outcome `pending`; the call runs only once it committed.
+fn builtin_intent_entry(
+    principal: &Principal,
+    tool_name: &str,
+    arguments: Value,
+    mode: &Arc<str>,
+    now: DateTime<Utc>,
+) -> AuditEntry {
+    AuditEntry {
+        time: now,
+        principal: principal.clone(),
+        kind: EntryKind::ToolCall,
+        tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
+        arguments: Some(arguments),
+        mode: mode.clone(),
+        decision: AuditDecision::Allowed,
+        reason_code: None,
+        outcome: crate::audit_view::PENDING,
+        detail: json!({}),
+        expires_at: None,
+        context: None,
+        // Set by the caller, which knows the deciding policy.
+        policy_hash: None,
     }
 }
 

@@ -1,7 +1,8 @@
 //! Prometheus metrics (`GET /metrics`), in the OpenMetrics text format of `prometheus-client`.
 //!
 //! Recording is cheap and never happens under the mode lock: every label value is
-//! a `&'static str` (built-in tool names, decisions, reason codes), so looking a
+//! a `&'static str` (built-in tool names, the catalog's upstream tool names
+//! interned once and capped, decisions, reason codes), so looking a
 //! series up hashes a few pointers and allocates nothing once the series exists,
 //! and the series of the built-in tools are created up front. Values that are
 //! state rather than events (the mode, pending approvals) are read when scraped.
@@ -27,6 +28,10 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// The tool label of every call whose name is not a built-in tool: the label set
 /// stays bounded whatever names an agent sends.
 pub const OTHER_TOOL: &str = "other";
+
+/// Most distinct upstream tool names that get a `tool` label of their own; past
+/// it (a flood of tools listed by an upstream), further names count as `other`.
+pub const MAX_UPSTREAM_TOOL_LABELS: usize = 256;
 
 /// Labels of `proxi_tool_calls_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +101,10 @@ pub struct Metrics {
     upstream_up: Family<UpstreamLabels, Gauge>,
     approvals_pending: Gauge,
     shadow_disagreements: Counter,
+    /// The label of each upstream tool seen so far: interned once (a leaked
+    /// string, at most [`MAX_UPSTREAM_TOOL_LABELS`] of them per process) so that
+    /// series keep `&'static str` labels and recording allocates nothing afterwards.
+    upstream_tools: std::sync::Mutex<std::collections::HashMap<Box<str>, &'static str>>,
 }
 
 impl Metrics {
@@ -165,6 +174,7 @@ impl Metrics {
             upstream_up,
             approvals_pending,
             shadow_disagreements,
+            upstream_tools: Default::default(),
         };
         metrics.precreate();
         metrics
@@ -200,7 +210,31 @@ impl Metrics {
     /// Call it after the mode lock is released; it allocates nothing for a series
     /// that exists, and a series exists for every built-in tool's allowed calls.
     pub fn tool_call(&self, tool: Option<ToolName>, outcome: &Outcome, elapsed: Duration) {
-        let tool = tool.map_or(OTHER_TOOL, ToolName::as_str);
+        self.tool_call_labelled(tool.map_or(OTHER_TOOL, ToolName::as_str), outcome, elapsed);
+    }
+
+    /// The `tool` label of the catalog's upstream tool `name` (the caller checks
+    /// that the catalog has it: a requested name is the agent's to choose, and
+    /// would make the label set unbounded). Allocates only the first time a name is seen.
+    pub fn upstream_tool_label(&self, name: &str) -> &'static str {
+        let mut labels = self
+            .upstream_tools
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(label) = labels.get(name) {
+            return label;
+        }
+        if labels.len() >= MAX_UPSTREAM_TOOL_LABELS {
+            return OTHER_TOOL;
+        }
+        let label: &'static str = Box::leak(Box::from(name));
+        labels.insert(Box::from(name), label);
+        label
+    }
+
+    /// [`Metrics::tool_call`] with the `tool` label given: a built-in's name,
+    /// [`Metrics::upstream_tool_label`], or [`OTHER_TOOL`].
+    pub fn tool_call_labelled(&self, tool: &'static str, outcome: &Outcome, elapsed: Duration) {
         let decision = decision_of(outcome);
         let reason_code = outcome.reason_code().map_or("", Reason::as_str);
         self.tool_calls
@@ -267,7 +301,8 @@ pub fn decision_of(outcome: &Outcome) -> &'static str {
         Outcome::Denied { .. }
         | Outcome::RateLimited { .. }
         | Outcome::Guarded(_)
-        | Outcome::Approval(_) => "denied",
+        | Outcome::Approval(_)
+        | Outcome::ModeChanged { .. } => "denied",
         Outcome::UnknownTool { .. }
         | Outcome::InvalidArguments(_)
         | Outcome::InvalidToolName(_) => "rejected",
@@ -278,6 +313,28 @@ pub fn decision_of(outcome: &Outcome) -> &'static str {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn upstream_tool_labels_are_interned_once_and_capped() {
+        let metrics = Metrics::new(&AuditMetrics::default());
+        let first = metrics.upstream_tool_label("fs__read_file");
+        assert_eq!(first, "fs__read_file");
+        assert!(std::ptr::eq(
+            first,
+            metrics.upstream_tool_label("fs__read_file")
+        ));
+        for n in 1..MAX_UPSTREAM_TOOL_LABELS {
+            assert_eq!(
+                metrics.upstream_tool_label(&format!("fs__tool_{n}")),
+                format!("fs__tool_{n}")
+            );
+        }
+        assert_eq!(metrics.upstream_tool_label("fs__one_too_many"), OTHER_TOOL);
+        assert_eq!(
+            metrics.upstream_tool_label("fs__read_file"),
+            "fs__read_file"
+        );
+    }
 
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()

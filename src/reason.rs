@@ -80,11 +80,14 @@ pub enum Reason {
     ApprovalExpired,
     /// An operator refused the approval for this exact call.
     ApprovalDenied,
+    /// The shared mode (several instances on one store) changed between the
+    /// call's decision and its record: the call was refused, not run.
+    ModeChanged,
 }
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 33] = [
         Reason::AlwaysBlocked,
         Reason::BlockedInMode,
         Reason::NotAllowed,
@@ -117,6 +120,7 @@ impl Reason {
         Reason::ApprovalMismatch,
         Reason::ApprovalExpired,
         Reason::ApprovalDenied,
+        Reason::ModeChanged,
     ];
 
     /// The stable snake_case wire name.
@@ -154,6 +158,7 @@ impl Reason {
             Reason::ApprovalMismatch => "approval_mismatch",
             Reason::ApprovalExpired => "approval_expired",
             Reason::ApprovalDenied => "approval_denied",
+            Reason::ModeChanged => "mode_changed",
         }
     }
 

@@ -20,9 +20,19 @@ use serde_json::{Value, json};
 
 /// One instance on the shared store, with its own data dir (tokens, lock file).
 fn instance(data_dir: &Path, store: &str, credential: &Path) -> ServerProcess {
+    instance_with_policy(data_dir, store, credential, &high_rate_limit_policy_path())
+}
+
+/// [`instance`] under the policy at `policy`.
+fn instance_with_policy(
+    data_dir: &Path,
+    store: &str,
+    credential: &Path,
+    policy: &Path,
+) -> ServerProcess {
     ServerProcess::start_with_policy(
         data_dir,
-        &high_rate_limit_policy_path(),
+        policy,
         &[
             "--store",
             store,
@@ -317,6 +327,404 @@ async fn an_expiry_noticed_by_two_instances_is_recorded_once() {
         .filter(|record| record.kind == "mode_expired")
         .collect();
     assert_eq!(expiries.len(), 1, "{expiries:#?}");
+    let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
+    assert!(ok, "{output}");
+}
+
+/// A decision entry as the gateway queues it (an allowed call's write-ahead intent).
+fn intent(tool: &str, mode: &str) -> proxi::audit::AuditEntry {
+    proxi::audit::AuditEntry {
+        time: chrono::Utc::now(),
+        principal: proxi::principal::Principal::agent(),
+        kind: proxi::audit::EntryKind::ToolCall,
+        tool: Some(tool.to_owned()),
+        arguments: Some(json!({"service_name": "web-server"})),
+        mode: Arc::from(mode),
+        decision: proxi::audit::AuditDecision::Allowed,
+        reason_code: None,
+        outcome: "pending",
+        detail: json!({}),
+        expires_at: None,
+        context: None,
+        policy_hash: None,
+    }
+}
+
+fn mode_change(mode: &str) -> proxi::audit::AuditEntry {
+    proxi::audit::AuditEntry {
+        kind: proxi::audit::EntryKind::ModeChange,
+        principal: proxi::principal::Principal::operator(),
+        tool: None,
+        arguments: None,
+        outcome: "changed",
+        ..intent("", mode)
+    }
+}
+
+#[test]
+fn a_decision_taken_under_a_stale_epoch_is_recorded_as_refused_in_its_transaction() {
+    let postgres = PostgresServer::start();
+    let store = PostgresStore::connect(&postgres.url()).expect("the store is reachable");
+    let key = proxi::anchor::AuditKey::from_bytes([9; 32]);
+    // Epoch 0 → 1: a decision taken under 0 and queued behind the change is stale,
+    // one that carries the change's epoch is not, and an unchecked entry passes.
+    let (emergency, stale, current, unchecked) = (
+        mode_change("EMERGENCY"),
+        intent("restart_service", "NORMAL"),
+        intent("restart_service", "EMERGENCY"),
+        intent("list_services", "NORMAL"),
+    );
+    let appended = store
+        .append_decided(
+            &[&emergency, &stale, &current, &unchecked],
+            &[None, Some(0), Some(1), None],
+            &key,
+        )
+        .expect("the batch commits");
+    assert_eq!(appended.stale, vec![1]);
+    assert_eq!(appended.seqs, vec![1, 2, 3, 4]);
+    // Another instance's batch: its decision under epoch 1 is current until a
+    // change commits ahead of it in the chain.
+    let normal = mode_change("NORMAL");
+    let late = intent("restart_service", "EMERGENCY");
+    let appended = store
+        .append_decided(&[&normal, &late], &[None, Some(1)], &key)
+        .expect("the batch commits");
+    assert_eq!(appended.stale, vec![1]);
+    let records = chain(&postgres.url());
+    let summary: Vec<(&str, &str, Option<&str>, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.mode.as_str(),
+                r.decision.as_str(),
+                r.reason_code.as_deref(),
+                r.outcome.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("EMERGENCY", "allowed", None, "changed"),
+            ("EMERGENCY", "denied", Some("mode_changed"), "mode_changed"),
+            ("EMERGENCY", "allowed", None, "pending"),
+            ("NORMAL", "allowed", None, "pending"),
+            ("NORMAL", "allowed", None, "changed"),
+            ("NORMAL", "denied", Some("mode_changed"), "mode_changed"),
+        ]
+    );
+    assert_eq!(records[5].detail["decided_epoch"], 1);
+    assert_eq!(records[5].detail["epoch"], 2);
+    let row = store.shared_mode().expect("readable").expect("a row");
+    assert_eq!((row.mode.as_str(), row.epoch), ("NORMAL", 2));
+    assert!(store.verify(None).expect("verifies").first_bad.is_none());
+}
+
+/// The mode `/policy/status` reports on `url`.
+async fn mode_on(url: &str) -> String {
+    let (status, body) = Api::new(url)
+        .get("/policy/status", Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["mode"].as_str().expect("a mode").to_owned()
+}
+
+async fn wait_for_mode(url: &str, mode: &'static str) {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        wait_until(
+            "the instance to adopt the mode",
+            Duration::from_secs(10),
+            || (runtime.block_on(mode_on(&url)) == mode).then_some(()),
+        )
+    })
+    .await
+    .expect("the wait finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_acts_only_under_the_shared_mode_and_adopts_each_change() {
+    let cluster = cluster(2);
+    let url = cluster.postgres.url();
+    let a = instance(cluster.dirs[0].path(), &url, &cluster.credential);
+    let b = instance(cluster.dirs[1].path(), &url, &cluster.credential);
+    let restart = json!({"service_name": "web-server"});
+    let (status, body) = Api::new(&b.url)
+        .execute("restart_service", restart.clone())
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "NORMAL denies it: {body}");
+
+    Api::new(&a.url).emergency().await;
+    wait_for_mode(&b.url, "EMERGENCY").await;
+    let (status, body) = Api::new(&b.url)
+        .execute("restart_service", restart.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "B acts under A's emergency: {body}");
+
+    // Right after A's switch back, B has either adopted NORMAL (403) or decides
+    // under its stale emergency, which the store refuses (409): it never runs.
+    Api::new(&a.url).normal().await;
+    let (status, body) = Api::new(&b.url).execute("restart_service", restart).await;
+    assert!(
+        status == StatusCode::FORBIDDEN
+            || (status == StatusCode::CONFLICT && body["reason_code"] == "mode_changed"),
+        "{status} {body}"
+    );
+    wait_for_mode(&b.url, "NORMAL").await;
+
+    let records = chain(&url);
+    let last_normal = records
+        .iter()
+        .rposition(|r| r.kind == "mode_change" && r.mode == "NORMAL")
+        .expect("the switch back is recorded");
+    let executed: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.tool.as_deref() == Some("restart_service") && r.outcome == "executed")
+        .collect();
+    assert_eq!(executed.len(), 1, "{executed:#?}");
+    let intent_seq = executed[0].detail["intent_seq"]
+        .as_u64()
+        .expect("an outcome refers to its intent");
+    let intent = records
+        .iter()
+        .find(|r| r.seq == intent_seq)
+        .expect("the intent");
+    assert_eq!(
+        (intent.outcome.as_str(), intent.mode.as_str()),
+        ("pending", "EMERGENCY")
+    );
+    assert!(intent.detail["decided_epoch"].is_u64(), "{intent:?}");
+    assert!(
+        records[last_normal..]
+            .iter()
+            .all(|r| !(r.tool.as_deref() == Some("restart_service") && r.outcome == "executed")),
+        "nothing ran after the switch to NORMAL"
+    );
+    let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
+    assert!(ok, "{output}");
+}
+
+/// Calls restart_service (active: EMERGENCY only) in a loop until `stop`; counts
+/// the answers by status.
+fn active_agent(
+    api: Api,
+    stop: Arc<AtomicBool>,
+    statuses: Arc<Mutex<Vec<u16>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let (status, body) = api
+                .execute("restart_service", json!({"service_name": "web-server"}))
+                .await;
+            assert!(
+                [StatusCode::OK, StatusCode::FORBIDDEN, StatusCode::CONFLICT].contains(&status),
+                "{status} {body}"
+            );
+            if status == StatusCode::CONFLICT {
+                assert_eq!(body["reason_code"], "mode_changed", "{body}");
+            }
+            statuses.lock().expect("not poisoned").push(status.as_u16());
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_switches_on_a_while_b_and_c_call_active_tools_never_run_one_under_normal() {
+    const SWITCHES: usize = 1000;
+    let cluster = cluster(3);
+    let url = cluster.postgres.url();
+    let servers: Vec<ServerProcess> = cluster
+        .dirs
+        .iter()
+        .map(|dir| instance(dir.path(), &url, &cluster.credential))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    let agents: Vec<_> = servers[1..]
+        .iter()
+        .flat_map(|server| [server, server])
+        .map(|server| {
+            active_agent(
+                Api::new(&server.url),
+                Arc::clone(&stop),
+                Arc::clone(&statuses),
+            )
+        })
+        .collect();
+    let a = Api::new(&servers[0].url);
+    for switch in 0..SWITCHES {
+        let (status, body) = if switch % 2 == 0 {
+            a.set_mode("EMERGENCY", Some("thrash"), Some(600)).await
+        } else {
+            a.set_mode("NORMAL", None, None).await
+        };
+        assert_eq!(status, StatusCode::OK, "switch {switch}: {body}");
+    }
+    a.normal().await;
+    stop.store(true, Ordering::Relaxed);
+    for agent in agents {
+        agent.await.expect("the agent finished cleanly");
+    }
+
+    // Replay the shared chain in seq order, following its mode records.
+    let records = chain(&url);
+    let mut mode = "NORMAL".to_owned();
+    let mut mode_records_seen = 0usize;
+    // intent seq → how many mode records preceded it
+    let mut intents = std::collections::HashMap::new();
+    let (mut executed, mut refused_stale) = (0, 0);
+    for record in &records {
+        if record.kind == "mode_change" || record.kind == "mode_expired" {
+            mode = record.mode.clone();
+            mode_records_seen += 1;
+            continue;
+        }
+        if record.tool.as_deref() != Some("restart_service") {
+            continue;
+        }
+        match (record.decision.as_str(), record.outcome.as_str()) {
+            ("allowed", "pending") => {
+                assert_eq!(
+                    mode, "EMERGENCY",
+                    "an intent committed under {mode}: {record:?}"
+                );
+                assert_eq!(record.mode, "EMERGENCY", "{record:?}");
+                intents.insert(record.seq, mode_records_seen);
+            }
+            ("allowed", outcome) => {
+                let intent = record.detail["intent_seq"].as_u64().unwrap_or_else(|| {
+                    panic!("an active call ran without a committed intent: {record:?}")
+                });
+                let before = intents.remove(&intent).unwrap_or_else(|| {
+                    panic!("outcome {} of an unknown intent {intent}", record.seq)
+                });
+                // At most the switch to NORMAL between intent and outcome: that
+                // switch waited for the call before the next one was sent.
+                assert!(
+                    mode_records_seen - before <= 1,
+                    "call {intent} outlived the switch that should have drained it: {record:?}"
+                );
+                assert_eq!(outcome, "executed", "{record:?}");
+                executed += 1;
+            }
+            ("denied", "mode_changed") => refused_stale += 1,
+            ("denied", _) => assert_eq!(record.mode, "NORMAL", "{record:?}"),
+            other => panic!("unexpected restart_service record {other:?}: {record:?}"),
+        }
+    }
+    assert!(
+        intents.is_empty(),
+        "intents without an outcome: {intents:?}"
+    );
+    assert!(mode_records_seen > SWITCHES, "{mode_records_seen}");
+    let answered = statuses.lock().expect("not poisoned").clone();
+    let ok = answered.iter().filter(|&&status| status == 200).count();
+    assert_eq!(ok, executed, "every 200 is one executed call in the chain");
+    assert!(executed > 0, "B and C ran calls during the emergencies");
+    eprintln!(
+        "{SWITCHES} switches; {} calls on B and C: {executed} executed, {refused_stale} refused as stale, the rest denied",
+        answered.len()
+    );
+    let (verified, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
+    assert!(verified, "{output}");
+}
+
+/// A policy whose EMERGENCY allows the fixture upstream's slow and hanging tools,
+/// which NORMAL denies; a switch drains them for up to 2 s.
+fn policy_with_slow_upstream(dir: &Path) -> PathBuf {
+    let call_log = dir.join("calls.jsonl");
+    let policy = json!({
+        "description": "scale_out: slow upstream calls that a switch to NORMAL must drain.",
+        "simulated_cloud": true,
+        "default_mode": "NORMAL",
+        "max_emergency_ttl_seconds": 3600,
+        "drain_timeout_seconds": 2,
+        "upstreams": {
+            "fx": {
+                "command": common::upstream::python().display().to_string(),
+                "args": [common::upstream::fixture_script().display().to_string()],
+                "env": {"FIXTURE_CALL_LOG": call_log.display().to_string()},
+                "required": true
+            }
+        },
+        "modes": {
+            "NORMAL": {"allowed_tools": ["list_services"]},
+            "EMERGENCY": {"allowed_tools": ["list_services", "fx__slow", "fx__hang"]}
+        }
+    });
+    common::write_policy(dir, "slow-upstream.json", &policy.to_string())
+}
+
+/// Waits until the chain holds the intent of a call to `tool` after seq `after`; its seq.
+async fn wait_for_intent(url: &str, tool: &'static str, after: u64) -> u64 {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        wait_until("the intent to commit", Duration::from_secs(20), || {
+            chain(&url)
+                .into_iter()
+                .find(|r| {
+                    r.seq > after && r.tool.as_deref() == Some(tool) && r.outcome == "pending"
+                })
+                .map(|r| r.seq)
+        })
+    })
+    .await
+    .expect("the wait finished")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switch_to_normal_on_a_returns_only_after_the_calls_running_on_b_ended() {
+    let cluster = cluster(2);
+    let url = cluster.postgres.url();
+    let policy_dir = tempfile::tempdir().expect("temp dir");
+    let policy = policy_with_slow_upstream(policy_dir.path());
+    let a = instance_with_policy(cluster.dirs[0].path(), &url, &cluster.credential, &policy);
+    let b = instance_with_policy(cluster.dirs[1].path(), &url, &cluster.credential, &policy);
+
+    // A call on B that ends by itself within the drain timeout: A waits for it.
+    Api::new(&a.url).emergency().await;
+    wait_for_mode(&b.url, "EMERGENCY").await;
+    let b_api = Api::new(&b.url);
+    let slow = tokio::spawn(async move { b_api.execute("fx__slow", json!({"ms": 1500})).await });
+    let intent = wait_for_intent(&url, "fx__slow", 0).await;
+    Api::new(&a.url).normal().await;
+    let records = chain(&url);
+    let outcome = records
+        .iter()
+        .find(|r| r.detail["intent_seq"] == intent)
+        .expect("B's call ended before A's switch returned");
+    assert_eq!(outcome.outcome, "executed", "{outcome:?}");
+    let summary = records
+        .iter()
+        .find(|r| r.kind == "mode_drained" && r.detail["remote"].is_object())
+        .expect("A recorded what it waited for");
+    assert_eq!(
+        summary.detail["remote"]["finished"][0]["intent_seq"], intent,
+        "{summary:?}"
+    );
+    let (status, body) = slow.await.expect("the call finished");
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A call on B that never ends: B cancels it at its drain timeout, and A's switch
+    // returns only once the cancellation is recorded.
+    Api::new(&a.url).emergency().await;
+    wait_for_mode(&b.url, "EMERGENCY").await;
+    let b_api = Api::new(&b.url);
+    let hang = tokio::spawn(async move { b_api.execute("fx__hang", json!({})).await });
+    let intent = wait_for_intent(&url, "fx__hang", intent).await;
+    Api::new(&a.url).normal().await;
+    let outcome = chain(&url)
+        .into_iter()
+        .find(|r| r.detail["intent_seq"] == intent)
+        .expect("B's hanging call was cancelled before A's switch returned");
+    assert_eq!(outcome.outcome, "cancelled", "{outcome:?}");
+    let (status, body) = hang.await.expect("the call finished");
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
     let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
     assert!(ok, "{output}");
 }

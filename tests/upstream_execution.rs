@@ -744,3 +744,49 @@ async fn progress_through_proxi_reaches_only_its_caller_under_the_callers_token(
     alice.cancel().await.ok();
     bob.cancel().await.ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_label_upstream_tool_calls_by_their_catalog_name_and_unknown_names_as_other() {
+    let setup = start(10, 60);
+    let (status, body) = setup
+        .api
+        .execute("fx__echo", json!({"message": "hi"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = setup.api.execute("fx__slow", json!({"ms": 1})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    // Not in the catalog: the agent chose the name, so it gets no label of its own.
+    let (status, body) = setup.api.execute("fx__no_such_tool", json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let text = http
+        .get(format!("{}/metrics", setup.server.url))
+        .bearer_auth(common::OPERATOR_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |labels: &str| {
+        let prefix = format!("proxi_tool_calls_total{{{labels}}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .map(|value| value.parse::<f64>().expect("a number"))
+    };
+    assert_eq!(
+        count(r#"tool="fx__echo",decision="allowed",reason_code="""#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        count(r#"tool="fx__slow",decision="denied",reason_code="not_allowed""#),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(!text.contains("fx__no_such_tool"), "{text}");
+    assert!(
+        text.contains(r#"tool="other",decision="rejected",reason_code="unknown_tool""#),
+        "{text}"
+    );
+}

@@ -63,6 +63,12 @@ pub enum AuditError {
         /// The I/O error.
         error: std::io::Error,
     },
+    /// A shared store recorded this allowed decision as refused (at seq `0`):
+    /// another instance changed the shared mode after it was taken.
+    #[error(
+        "the shared mode changed after this call was decided; it was recorded as refused (seq {0})"
+    )]
+    ModeChanged(u64),
     /// The writer thread stopped or a write failed; nothing more is accepted until a write succeeds.
     #[error("the audit trail is unavailable")]
     Unavailable,
@@ -161,6 +167,8 @@ struct Job {
     /// The failure count when the job was queued: a job queued before a failure
     /// may depend on state that was never recorded, so it is refused.
     generation: u64,
+    /// For an allowed decision on a shared store: the epoch it was taken under.
+    decided_epoch: Option<u64>,
     done: oneshot::Sender<Result<u64, AuditError>>,
 }
 
@@ -485,6 +493,19 @@ impl AuditLog {
     /// Free space is not checked here: work that [`AuditLog::admit`] let start
     /// gets its record, which the reserve has room for.
     pub fn submit_with(&self, entry: AuditEntry, priority: Priority) -> Pending {
+        self.submit_decided(entry, priority, None)
+    }
+
+    /// Queues an allowed decision taken under the shared-mode epoch
+    /// `decided_epoch` (see [`AuditStore::append_decided`]): on a shared store whose
+    /// mode moved on, it is recorded as refused and [`Pending::durable`] answers
+    /// [`AuditError::ModeChanged`]. Never blocks and never does I/O.
+    pub fn submit_decided(
+        &self,
+        entry: AuditEntry,
+        priority: Priority,
+        decided_epoch: Option<u64>,
+    ) -> Pending {
         // Read before the health check: a failure in between bumps the generation,
         // so the writer refuses this job rather than commit it after the failure.
         let generation = self.shared.generation.load(Ordering::SeqCst);
@@ -496,6 +517,7 @@ impl AuditLog {
             entry,
             priority,
             generation,
+            decided_epoch,
             done,
         };
         match self.sender.send(job) {
@@ -565,8 +587,18 @@ impl AuditLog {
     }
 }
 
-/// Commit acknowledgements waiting for an fsync: each caller and its sequence number.
-type Acks = Vec<(oneshot::Sender<Result<u64, AuditError>>, u64)>;
+/// Commit acknowledgements waiting for an fsync: each caller, its sequence number,
+/// and whether its decision was recorded as refused for a stale epoch.
+type Acks = Vec<(oneshot::Sender<Result<u64, AuditError>>, u64, bool)>;
+
+/// What a caller is told about its committed record.
+fn acknowledgement(seq: u64, stale: bool) -> Result<u64, AuditError> {
+    if stale {
+        Err(AuditError::ModeChanged(seq))
+    } else {
+        Ok(seq)
+    }
+}
 
 struct Writer {
     store: Arc<dyn AuditStore>,
@@ -603,17 +635,17 @@ impl Syncer {
                     self.anchor.persist(head);
                     // Published before the acks: a caller told its seq finds the
                     // watch at or past it (a stream it opens next starts after it).
-                    if let Some(newest) = acks.iter().map(|(_, seq)| *seq).max() {
+                    if let Some(newest) = acks.iter().map(|(_, seq, _)| *seq).max() {
                         self.shared.publish_committed(newest);
                     }
-                    for (done, seq) in acks {
-                        let _ = done.send(Ok(seq));
+                    for (done, seq, stale) in acks {
+                        let _ = done.send(acknowledgement(seq, stale));
                     }
                 }
                 Err(error) => {
                     tracing::error!(%error, "audit fsync failed; refusing everything until restart");
                     self.shared.fail_permanently();
-                    for (done, _) in acks {
+                    for (done, _, _) in acks {
                         let _ = done.send(Err(AuditError::Unavailable));
                     }
                 }
@@ -686,18 +718,23 @@ impl Writer {
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
         match committed {
-            Ok(seqs) => {
+            Ok((seqs, stale)) => {
                 self.shared.metrics.records.inc_by(batch.len() as u64);
                 if health == RECOVERING {
                     self.recovered();
                 }
                 self.check_space();
-                let acks: Acks = batch.drain(..).map(|job| job.done).zip(seqs).collect();
+                let acks: Acks = batch
+                    .drain(..)
+                    .zip(seqs)
+                    .enumerate()
+                    .map(|(index, (job, seq))| (job.done, seq, stale.contains(&index)))
+                    .collect();
                 match &self.syncer {
                     Some(syncer) => {
                         if let Err(mpsc::SendError(acks)) = syncer.send(acks) {
                             self.shared.fail_permanently();
-                            for (done, _) in acks {
+                            for (done, _, _) in acks {
                                 let _ = done.send(Err(AuditError::Unavailable));
                             }
                         }
@@ -705,12 +742,12 @@ impl Writer {
                     None => {
                         // Published before the acks: a reader woken by an ack (a stream
                         // opened right after a call) must not see an older head.
-                        if let Some(newest) = acks.iter().map(|(_, seq)| *seq).max() {
+                        if let Some(newest) = acks.iter().map(|(_, seq, _)| *seq).max() {
                             self.shared.publish_committed(newest);
                         }
-                        for (done, seq) in acks {
+                        for (done, seq, stale) in acks {
                             // A caller that gave up waiting is not an error for the log.
-                            let _ = done.send(Ok(seq));
+                            let _ = done.send(acknowledgement(seq, stale));
                         }
                     }
                 }
@@ -791,10 +828,17 @@ impl Writer {
         }
     }
 
-    /// Writes the batch in one transaction; returns each job's seq.
-    fn commit(&mut self, batch: &[Job]) -> Result<Vec<u64>, AuditError> {
+    /// Writes the batch in one transaction; returns each job's seq, and the indexes
+    /// of the decisions a shared store recorded as refused for a stale epoch.
+    fn commit(&mut self, batch: &[Job]) -> Result<(Vec<u64>, Vec<usize>), AuditError> {
         let entries: Vec<&AuditEntry> = batch.iter().map(|job| &job.entry).collect();
-        let appended = self.store.append(&entries, self.anchor.key())?;
+        let appended = if batch.iter().any(|job| job.decided_epoch.is_some()) {
+            let epochs: Vec<Option<u64>> = batch.iter().map(|job| job.decided_epoch).collect();
+            self.store
+                .append_decided(&entries, &epochs, self.anchor.key())?
+        } else {
+            self.store.append(&entries, self.anchor.key())?
+        };
         if appended.seqs.len() != batch.len() {
             return Err(AuditError::Encoding(
                 "the store answered a batch with the wrong number of records".to_owned(),
@@ -803,7 +847,7 @@ impl Writer {
         let head = appended.head;
         self.anchor
             .committed(head.seq, &head.hash, self.syncer.is_none());
-        Ok(appended.seqs)
+        Ok((appended.seqs, appended.stale))
     }
 }
 

@@ -25,6 +25,10 @@ const MIGRATION_LOCK: i64 = CHAIN_LOCK + 1;
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections per instance: the writer's and a few readers'.
 const POOL_SIZE: usize = 6;
+/// How long an instance may go without a heartbeat before the others count it dead.
+const ALIVE_WITHIN: &str = "3 seconds";
+/// How long the heartbeat of an instance gone for good is kept (with what it left in flight).
+const FORGET_AFTER: &str = "1 hour";
 /// Records fetched per round trip while scanning the chain.
 const SCAN_PAGE: i64 = 2000;
 
@@ -56,11 +60,20 @@ CREATE TABLE IF NOT EXISTS audit_log (
 ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS policy_hash TEXT;
 -- Added later still: the role the principal acted in.
 ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS role TEXT;
-CREATE INDEX IF NOT EXISTS audit_log_principal ON audit_log (principal, seq);
+-- One index per query filter, continuing with seq (a page is read in seq order
+-- from it); the three that lead queries of several filters carry the other filter
+-- columns as keys, so the others are checked in the index (see sqlite.rs).
+DROP INDEX IF EXISTS audit_log_principal;
+DROP INDEX IF EXISTS audit_log_tool;
+DROP INDEX IF EXISTS audit_log_reason_code;
+CREATE INDEX IF NOT EXISTS audit_log_principal_filters
+    ON audit_log (principal, seq, kind, tool, decision, reason_code, ts);
+CREATE INDEX IF NOT EXISTS audit_log_tool_filters
+    ON audit_log (tool, seq, principal, kind, decision, reason_code, ts);
+CREATE INDEX IF NOT EXISTS audit_log_reason_code_filters
+    ON audit_log (reason_code, seq, principal, kind, tool, decision, ts);
 CREATE INDEX IF NOT EXISTS audit_log_kind ON audit_log (kind, seq);
-CREATE INDEX IF NOT EXISTS audit_log_tool ON audit_log (tool, seq);
 CREATE INDEX IF NOT EXISTS audit_log_decision ON audit_log (decision, seq);
-CREATE INDEX IF NOT EXISTS audit_log_reason_code ON audit_log (reason_code, seq);
 CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts);
 -- The highest seq ever committed, updated in every batch's transaction: a deleted
 -- tail shows as records this row vouches for but the table lacks.
@@ -79,6 +92,19 @@ CREATE TABLE IF NOT EXISTS proxi_mode (
     expires_at TEXT,
     epoch BIGINT NOT NULL,
     seq BIGINT NOT NULL
+);
+-- Every instance's last sign of life (its heartbeat), by the id its connection registered.
+CREATE TABLE IF NOT EXISTS proxi_instances (
+    id TEXT PRIMARY KEY,
+    seen TIMESTAMPTZ NOT NULL
+);
+-- Allowed calls whose intent is committed and whose outcome is not: inserted in the
+-- intent's transaction, deleted in the outcome's, read by a switch's drain.
+CREATE TABLE IF NOT EXISTS proxi_in_flight (
+    intent_seq BIGINT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    arguments TEXT
 );
 "#;
 
@@ -117,6 +143,8 @@ pub struct PostgresStore {
     /// readers, which must not depend on whichever runtime the caller runs.
     runtime: Option<tokio::runtime::Runtime>,
     buffers: Mutex<SealBuffers>,
+    /// This connection's instance id (random, per process), for in-flight rows and heartbeats.
+    instance: String,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -176,13 +204,24 @@ impl PostgresStore {
             .recycle_timeout(Some(OPERATION_TIMEOUT))
             .build()
             .map_err(|error| PostgresError::Pool(error.to_string()))?;
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|error| PostgresError::Pool(error.to_string()))?;
+        let instance = format!(
+            "{}-{}",
+            std::process::id(),
+            id.iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect::<String>()
+        );
         let store = PostgresStore {
             target,
             pool,
             runtime: Some(runtime),
             buffers: Mutex::new(SealBuffers::default()),
+            instance,
         };
         store.migrate()?;
+        store.heartbeat()?;
         Ok(store)
     }
 
@@ -342,43 +381,64 @@ impl AuditStore for PostgresStore {
     }
 
     fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<Appended, AuditError> {
+        self.append_decided(entries, &[], key)
+    }
+
+    fn shares_mode(&self) -> bool {
+        true
+    }
+
+    fn append_decided(
+        &self,
+        entries: &[&AuditEntry],
+        decided_epochs: &[Option<u64>],
+        key: &AuditKey,
+    ) -> Result<Appended, AuditError> {
         let pool = &self.pool;
         let mut buffers = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
         let buffers = &mut *buffers;
         self.run(async move {
             let mut client = Self::client(pool).await?;
             let transaction = client.transaction().await?;
-            // Held until commit or rollback: one instance's batch at a time.
-            transaction
-                .execute("SELECT pg_advisory_xact_lock($1)", &[&CHAIN_LOCK])
-                .await?;
-            let mut head = match transaction
-                .query_opt(
-                    "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-                    &[],
-                )
-                .await?
-            {
+            // Statements prepared once per connection, and sent together: each
+            // round trip saved is one more batch per second under the chain lock.
+            let (lock, read_head, read_mode) = tokio::try_join!(
+                transaction.prepare_cached("SELECT pg_advisory_xact_lock($1)"),
+                transaction.prepare_cached("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"),
+                transaction.prepare_cached("SELECT mode, seq, epoch FROM proxi_mode WHERE id = 1"),
+            )?;
+            // In this order on the one connection: the lock (held until commit or
+            // rollback: one instance's batch at a time), then the reads under it.
+            let (_, head_row, mode_row) = tokio::try_join!(
+                transaction.execute(&lock, &[&CHAIN_LOCK]),
+                transaction.query_opt(&read_head, &[]),
+                transaction.query_opt(&read_mode, &[]),
+            )?;
+            let mut head = match head_row {
                 Some(row) => ChainHead {
                     seq: u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0),
                     hash: row.try_get(1)?,
                 },
                 None => ChainHead::genesis(),
             };
-            // The shared mode as of this transaction, followed through the batch.
-            let mut shared_mode: Option<(String, u64)> = transaction
-                .query_opt("SELECT mode, seq FROM proxi_mode WHERE id = 1", &[])
-                .await?
-                .map(|row| -> Result<(String, u64), AuditError> {
-                    Ok((
-                        row.try_get(0)?,
-                        u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0),
-                    ))
-                })
-                .transpose()?;
+            // The shared mode as of this transaction (under the chain lock, so no
+            // other batch moves it), followed through the batch.
+            let mut shared_mode: Option<(String, u64)> = None;
+            let mut epoch = 0;
+            if let Some(row) = mode_row {
+                shared_mode = Some((
+                    row.try_get(0)?,
+                    u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0),
+                ));
+                epoch = u64::try_from(row.try_get::<_, i64>(2)?).unwrap_or(0);
+            }
             let mut records = Vec::with_capacity(entries.len());
             let mut seqs = Vec::with_capacity(entries.len());
-            for entry in entries {
+            let mut stale = Vec::new();
+            let (mut intents, mut intent_tools, mut intent_arguments) =
+                (Vec::new(), Vec::new(), Vec::new());
+            let mut resolved: Vec<i64> = Vec::new();
+            for (index, entry) in entries.iter().enumerate() {
                 // Every instance that held the elevated mode notices its lapse; the
                 // first to commit records it, the others find the mode already back.
                 if entry.kind == EntryKind::ModeExpired
@@ -388,16 +448,45 @@ impl AuditStore for PostgresStore {
                     seqs.push(*seq);
                     continue;
                 }
+                // A decision taken under another epoch than the row's may rest on
+                // a mode no longer in force: it is recorded as refused, never run.
+                let refused;
+                let entry = match decided_epochs.get(index).copied().flatten() {
+                    Some(decided) if decided != epoch => {
+                        stale.push(index);
+                        let mode = shared_mode.as_ref().map_or(&*entry.mode, |(mode, _)| mode);
+                        refused = entry.refused_as_stale(decided, epoch, mode);
+                        &refused
+                    }
+                    _ => *entry,
+                };
                 let record = seal(&mut head, entry, key, buffers)?;
                 if is_mode_record(&record.kind) {
                     shared_mode = Some((record.mode.clone(), record.seq));
+                    epoch += 1;
+                }
+                if entry.kind == EntryKind::ToolCall {
+                    if entry.decision == AuditDecision::Allowed
+                        && entry.outcome == crate::audit_view::PENDING
+                    {
+                        intents.push(seq_param(record.seq));
+                        intent_tools.push(record.tool.clone().unwrap_or_default());
+                        intent_arguments.push(record.arguments.clone());
+                    }
+                    if let Some(intent) = entry
+                        .detail
+                        .get(crate::audit_view::INTENT_SEQ)
+                        .and_then(serde_json::Value::as_u64)
+                    {
+                        resolved.push(seq_param(intent));
+                    }
                 }
                 seqs.push(record.seq);
                 records.push(record);
             }
             if records.is_empty() {
                 transaction.commit().await?;
-                return Ok(Appended { head, seqs });
+                return Ok(Appended { head, seqs, stale });
             }
             // One statement for the whole batch: columns as arrays, unnested.
             let column = |get: fn(&StoredRecord) -> Option<&str>| -> Vec<Option<&str>> {
@@ -421,15 +510,21 @@ impl AuditStore for PostgresStore {
             let macs = column(|r| r.mac.as_deref());
             let policy_hashes = column(|r| r.policy_hash.as_deref());
             let roles = column(|r| r.role.as_deref());
-            transaction
-                .execute(
-                    &format!(
-                        "INSERT INTO audit_log ({COLUMNS}) SELECT * FROM UNNEST(
-                            $1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
-                            $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[],
-                            $13::TEXT[], $14::TEXT[], $15::TEXT[], $16::TEXT[], $17::TEXT[], $18::TEXT[])"
-                    ),
-                    &[
+            let insert_sql = format!(
+                "INSERT INTO audit_log ({COLUMNS}) SELECT * FROM UNNEST(
+                    $1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
+                    $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[],
+                    $13::TEXT[], $14::TEXT[], $15::TEXT[], $16::TEXT[], $17::TEXT[], $18::TEXT[])"
+            );
+            let (insert, raise_high_water) = tokio::try_join!(
+                transaction.prepare_cached(&insert_sql),
+                transaction.prepare_cached(
+                    "UPDATE audit_high_water SET seq = GREATEST(seq, $1) WHERE id = 1"
+                ),
+            )?;
+            let high_water = seq_param(head.seq);
+            let high_water_params: [&(dyn ToSql + Sync); 1] = [&high_water];
+            let insert_params: [&(dyn ToSql + Sync); 18] = [
                         &seq_column,
                         &times,
                         &principals,
@@ -448,15 +543,29 @@ impl AuditStore for PostgresStore {
                         &macs,
                         &policy_hashes,
                         &roles,
-                    ],
-                )
-                .await?;
-            transaction
-                .execute(
-                    "UPDATE audit_high_water SET seq = GREATEST(seq, $1) WHERE id = 1",
-                    &[&seq_param(head.seq)],
-                )
-                .await?;
+                    ];
+            tokio::try_join!(
+                transaction.execute(&insert, &insert_params),
+                transaction.execute(&raise_high_water, &high_water_params),
+            )?;
+            if !intents.is_empty() {
+                transaction
+                    .execute(
+                        "INSERT INTO proxi_in_flight (intent_seq, instance, tool, arguments)
+                         SELECT seq, $2, tool, arguments FROM UNNEST($1::BIGINT[], $3::TEXT[], $4::TEXT[])
+                             AS t(seq, tool, arguments)",
+                        &[&intents, &self.instance, &intent_tools, &intent_arguments],
+                    )
+                    .await?;
+            }
+            if !resolved.is_empty() {
+                transaction
+                    .execute(
+                        "DELETE FROM proxi_in_flight WHERE intent_seq = ANY($1)",
+                        &[&resolved],
+                    )
+                    .await?;
+            }
             let mode_records: Vec<&StoredRecord> = records
                 .iter()
                 .filter(|record| is_mode_record(&record.kind))
@@ -474,7 +583,7 @@ impl AuditStore for PostgresStore {
                     .await?;
             }
             transaction.commit().await?;
-            Ok(Appended { head, seqs })
+            Ok(Appended { head, seqs, stale })
         })
     }
 
@@ -498,6 +607,59 @@ impl AuditStore for PostgresStore {
                 epoch: number(2)?,
                 seq: number(3)?,
             }))
+        })
+    }
+
+    fn in_flight_before(&self, seq: u64) -> Result<Vec<InFlightIntent>, AuditError> {
+        let pool = &self.pool;
+        self.run(async move {
+            let client = Self::client(pool).await?;
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT f.intent_seq, f.instance, COALESCE(i.seen > now() - interval '{ALIVE_WITHIN}', false),
+                                f.tool, f.arguments
+                         FROM proxi_in_flight f LEFT JOIN proxi_instances i ON i.id = f.instance
+                         WHERE f.intent_seq < $1 ORDER BY f.intent_seq"
+                    ),
+                    &[&seq_param(seq)],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(InFlightIntent {
+                        intent_seq: u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0),
+                        instance: row.try_get(1)?,
+                        alive: row.try_get(2)?,
+                        tool: row.try_get(3)?,
+                        arguments: row.try_get(4)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn heartbeat(&self) -> Result<(), AuditError> {
+        let pool = &self.pool;
+        let instance = &self.instance;
+        self.run(async move {
+            let client = Self::client(pool).await?;
+            client
+                .execute(
+                    "INSERT INTO proxi_instances (id, seen) VALUES ($1, now())
+                     ON CONFLICT (id) DO UPDATE SET seen = EXCLUDED.seen",
+                    &[instance],
+                )
+                .await?;
+            // Bounded: instances gone for long, and the calls they left unresolved.
+            client
+                .batch_execute(&format!(
+                    "DELETE FROM proxi_instances WHERE seen < now() - interval '{FORGET_AFTER}';
+                     DELETE FROM proxi_in_flight f
+                         WHERE NOT EXISTS (SELECT 1 FROM proxi_instances i WHERE i.id = f.instance);"
+                ))
+                .await?;
+            Ok(())
         })
     }
 

@@ -129,6 +129,33 @@ pub struct AuditEntry {
     pub policy_hash: Option<Arc<str>>,
 }
 
+/// The `outcome` of a decision recorded as refused because the shared mode had
+/// moved on since it was taken.
+pub const STALE_OUTCOME: &str = "mode_changed";
+
+impl AuditEntry {
+    /// What a shared store records instead of this allowed decision when it was
+    /// taken under `decided_epoch` but the shared mode row is at `epoch` (mode
+    /// `mode`): the same call, refused with [`crate::reason::Reason::ModeChanged`],
+    /// in the mode in force. Nothing ran for it.
+    pub fn refused_as_stale(&self, decided_epoch: u64, epoch: u64, mode: &str) -> AuditEntry {
+        let mut refused = self.clone();
+        refused.decision = AuditDecision::Denied;
+        refused.reason_code = Some(crate::reason::Reason::ModeChanged);
+        refused.outcome = STALE_OUTCOME;
+        refused.mode = Arc::from(mode);
+        refused.detail = serde_json::json!({
+            "message": format!(
+                "the mode changed (to {mode}) after this call was decided in {}; it was refused and did not run",
+                self.mode
+            ),
+            "decided_epoch": decided_epoch,
+            "epoch": epoch,
+        });
+        refused
+    }
+}
+
 /// A stored, chained record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {

@@ -217,15 +217,39 @@ impl SqliteStore {
     }
 }
 
-/// One index per filter of [`AuditQuery`], each ending in `seq` so that a filtered
-/// page is read in seq order straight from the index.
+/// One index per filter of [`AuditQuery`], each continuing with `seq` so that a
+/// filtered page is read in seq order straight from the index. The three that
+/// lead a query of several filters ([`driving_filter`]) also carry every other
+/// filter column, so that SQLite checks those in the index and reads only the rows
+/// it returns: without them a conjunction costs one table lookup per row of its
+/// driving filter (280-400 ms on 1,000,000 records). `kind` and `decision` have a
+/// handful of values and lead a query only alone (or with each other, or a time window).
 const QUERY_INDEXES: &str = "
-    CREATE INDEX IF NOT EXISTS audit_log_principal ON audit_log (principal, seq);
+    DROP INDEX IF EXISTS audit_log_principal;
+    DROP INDEX IF EXISTS audit_log_tool;
+    DROP INDEX IF EXISTS audit_log_reason_code;
+    CREATE INDEX IF NOT EXISTS audit_log_principal_filters
+        ON audit_log (principal, seq, kind, tool, decision, reason_code, ts);
+    CREATE INDEX IF NOT EXISTS audit_log_tool_filters
+        ON audit_log (tool, seq, principal, kind, decision, reason_code, ts);
+    CREATE INDEX IF NOT EXISTS audit_log_reason_code_filters
+        ON audit_log (reason_code, seq, principal, kind, tool, decision, ts);
     CREATE INDEX IF NOT EXISTS audit_log_kind ON audit_log (kind, seq);
-    CREATE INDEX IF NOT EXISTS audit_log_tool ON audit_log (tool, seq);
     CREATE INDEX IF NOT EXISTS audit_log_decision ON audit_log (decision, seq);
-    CREATE INDEX IF NOT EXISTS audit_log_reason_code ON audit_log (reason_code, seq);
     CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts);";
+
+/// The filter whose index leads a query, most selective kind first: an exact tool
+/// (many values), a reason code (absent from allowed calls), a principal. `None`
+/// leaves the choice to SQLite (only `kind`, `decision`, time, or a tool glob,
+/// which is read in seq order from the cursor: its index range would need a sort).
+fn driving_filter(query: &AuditQuery) -> Option<&'static str> {
+    match query.tool_pattern() {
+        Some((_, false)) => Some("tool"),
+        _ if query.reason_code.is_some() => Some("reason_code"),
+        _ if query.principal.is_some() => Some("principal"),
+        _ => None,
+    }
+}
 
 impl SqliteWriter {
     /// Ends any transaction a failed commit left open and takes the chain head
@@ -295,6 +319,7 @@ impl SqliteWriter {
         Ok(Appended {
             seqs: (first..=head.seq).collect(),
             head,
+            stale: Vec::new(),
         })
     }
 }
@@ -447,39 +472,46 @@ impl AuditStore for SqliteStore {
 
     fn query(&self, query: &AuditQuery) -> Result<AuditPage, AuditError> {
         let (connection, columns) = self.reader()?;
-        let mut conditions: Vec<&str> = Vec::new();
+        let mut conditions: Vec<String> = Vec::new();
         let mut values: Vec<SqlValue> = Vec::new();
+        // Every filter but the driving one is written `+column`, which keeps SQLite
+        // (that has no statistics) off its index: it is checked in the driver's.
+        let driver = driving_filter(query);
+        let term = |column: &str| match driver {
+            Some(leading) if leading != column => format!("+{column}"),
+            _ => column.to_owned(),
+        };
         let mut exact = |column: &'static str, value: &Option<String>| {
             if let Some(value) = value {
-                conditions.push(column);
+                conditions.push(format!("{} = ?", term(column)));
                 values.push(SqlValue::Text(value.clone()));
             }
         };
-        exact("principal = ?", &query.principal);
-        exact("kind = ?", &query.kind);
-        exact("decision = ?", &query.decision);
-        exact("reason_code = ?", &query.reason_code);
+        exact("principal", &query.principal);
+        exact("kind", &query.kind);
+        exact("decision", &query.decision);
+        exact("reason_code", &query.reason_code);
         match query.tool_pattern() {
             Some((pattern, true)) => {
-                conditions.push("tool GLOB ?");
+                conditions.push("+tool GLOB ?".to_owned());
                 values.push(SqlValue::Text(sqlite_glob(pattern)));
             }
             Some((tool, false)) => {
-                conditions.push("tool = ?");
+                conditions.push("tool = ?".to_owned());
                 values.push(SqlValue::Text(tool.to_owned()));
             }
             None => {}
         }
         if let Some(since) = query.since {
-            conditions.push("ts >= ?");
+            conditions.push(format!("{} >= ?", term("ts")));
             values.push(SqlValue::Text(format_time(since)));
         }
         if let Some(until) = query.until {
-            conditions.push("ts < ?");
+            conditions.push(format!("{} < ?", term("ts")));
             values.push(SqlValue::Text(format_time(until)));
         }
         if let Some(after) = query.after_seq {
-            conditions.push("seq > ?");
+            conditions.push("seq > ?".to_owned());
             values.push(SqlValue::Integer(i64::try_from(after).unwrap_or(i64::MAX)));
         }
         let filter = if conditions.is_empty() {

@@ -163,6 +163,22 @@ pub struct SharedMode {
     pub seq: u64,
 }
 
+/// An allowed call whose intent record is committed and whose outcome is not,
+/// as a store shared by several instances lists it for a mode switch's drain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlightIntent {
+    /// The seq of its intent record.
+    pub intent_seq: u64,
+    /// The instance that decided it (the id its store connection registered).
+    pub instance: String,
+    /// Whether that instance was seen alive lately; a dead one's call never resolves.
+    pub alive: bool,
+    /// The tool, as requested.
+    pub tool: String,
+    /// Its arguments (JSON text), as the intent recorded them.
+    pub arguments: Option<String>,
+}
+
 /// What one append committed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Appended {
@@ -172,6 +188,10 @@ pub struct Appended {
     /// store found the event already recorded (an expiry another instance
     /// noticed first), the record that did.
     pub seqs: Vec<u64>,
+    /// The indexes (into the batch) of the allowed decisions that a shared store
+    /// found decided under a stale epoch and recorded as refused instead
+    /// ([`crate::reason::Reason::ModeChanged`]); always empty for a store of one instance.
+    pub stale: Vec<usize>,
 }
 
 /// Makes committed batches durable when a commit alone does not (SQLite's WAL
@@ -196,6 +216,41 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// Seals `entries` onto the chain with `key` and commits them in one
     /// transaction. Nothing is stored unless everything is.
     fn append(&self, entries: &[&AuditEntry], key: &AuditKey) -> Result<Appended, AuditError>;
+
+    /// [`AuditStore::append`], where `decided_epochs[i]` is the shared-mode epoch
+    /// under which entry `i` (an allowed decision) was taken. A shared store checks
+    /// each against its mode row inside the batch's transaction and records an
+    /// entry whose epoch is stale as refused (listed in [`Appended::stale`]); a
+    /// store of one instance, whose mode lives in the one gateway's memory, ignores them.
+    fn append_decided(
+        &self,
+        entries: &[&AuditEntry],
+        decided_epochs: &[Option<u64>],
+        key: &AuditKey,
+    ) -> Result<Appended, AuditError> {
+        let _ = decided_epochs;
+        self.append(entries, key)
+    }
+
+    /// Whether several instances share this store's mode row (then decisions carry
+    /// the epoch they were taken under, see [`AuditStore::append_decided`]).
+    fn shares_mode(&self) -> bool {
+        false
+    }
+
+    /// On a store several instances share: the allowed calls of every instance
+    /// whose intent committed before record `seq` and whose outcome has not
+    /// (empty for a store of one instance, whose gateway knows its own calls).
+    fn in_flight_before(&self, seq: u64) -> Result<Vec<InFlightIntent>, AuditError> {
+        let _ = seq;
+        Ok(Vec::new())
+    }
+
+    /// On a store several instances share: tells the others this instance is
+    /// alive, and forgets what instances long gone left behind.
+    fn heartbeat(&self) -> Result<(), AuditError> {
+        Ok(())
+    }
 
     /// The mode shared by every instance on this store, for stores that several
     /// instances share (`None` for a store of one instance, whose mode lives in memory).

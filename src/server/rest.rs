@@ -195,7 +195,7 @@ pub fn execution_status(outcome: &Outcome) -> StatusCode {
         Outcome::InvalidArguments(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Outcome::InvalidToolName(_) => StatusCode::BAD_REQUEST,
         Outcome::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-        Outcome::Failed { .. } => StatusCode::CONFLICT,
+        Outcome::Failed { .. } | Outcome::ModeChanged { .. } => StatusCode::CONFLICT,
         Outcome::Forwarded(result) if result.is_error == Some(true) => StatusCode::CONFLICT,
         Outcome::Forwarded(_) => StatusCode::OK,
         Outcome::Approval(answer) if answer.reason == crate::reason::Reason::ApprovalDenied => {
