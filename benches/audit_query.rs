@@ -56,7 +56,7 @@ fn entry(n: u64, start: chrono::DateTime<Utc>) -> AuditEntry {
         } else {
             AuditDecision::Allowed
         },
-        reason_code: denied.then_some("blocked_in_mode"),
+        reason_code: denied.then_some(proxi::reason::Reason::BlockedInMode),
         outcome: if denied { "denied" } else { "executed" },
         detail: json!({"ok": !denied}),
         expires_at: None,
@@ -119,7 +119,7 @@ fn queries(c: &mut Criterion) {
             "denied_by_reason_newest_1000",
             AuditQuery {
                 decision: Some("denied".into()),
-                reason_code: Some("blocked_in_mode".into()),
+                reason_code: Some(proxi::reason::Reason::BlockedInMode.as_str().into()),
                 limit: 1000,
                 ..AuditQuery::default()
             },

@@ -247,7 +247,7 @@ impl Anchoring {
         })
     }
 
-    /// The key.
+    /// The audit key that MACs every record and the anchor.
     pub fn key(&self) -> &AuditKey {
         &self.key
     }

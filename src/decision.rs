@@ -13,11 +13,9 @@ use serde_json::{Map, Value};
 
 use crate::audit::AuditDecision;
 use crate::catalog::{ToolId, ToolOrigin};
-use crate::policy::{CallArguments, Decision, Denial, ModeId, PolicyEngine, ReasonCode};
+use crate::policy::{CallArguments, Decision, Denial, ModeId, PolicyEngine};
+use crate::reason::Reason;
 use crate::tools::{ArgumentError, ToolCall, json_type_name};
-
-/// Reason code of arguments that do not match the tool's JSON Schema.
-pub const INVALID_ARGUMENTS: &str = "invalid_arguments";
 
 /// Arguments refused before any constraint: they do not fit the tool's schema.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -191,12 +189,12 @@ impl Verdict {
     }
 
     /// The reason code callers see, or `None` for an allowed call.
-    pub fn reason_code(&self) -> Option<&'static str> {
+    pub fn reason_code(&self) -> Option<Reason> {
         match self {
             Verdict::Allow(_) => None,
-            Verdict::Deny(denial) => Some(denial.reason.as_str()),
-            Verdict::UnknownTool => Some(ReasonCode::UnknownTool.as_str()),
-            Verdict::InvalidArguments(_) => Some(INVALID_ARGUMENTS),
+            Verdict::Deny(denial) => Some(denial.reason.into()),
+            Verdict::UnknownTool => Some(Reason::UnknownTool),
+            Verdict::InvalidArguments(_) => Some(Reason::InvalidArguments),
         }
     }
 }
@@ -245,6 +243,7 @@ pub fn decide_tool(policy: &PolicyEngine, mode: ModeId, tool_name: &str) -> Tool
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::ReasonCode;
     use crate::tools::ToolName;
     use serde_json::json;
 
@@ -260,7 +259,7 @@ mod tests {
         engine.mode_id(name).expect("the mode exists")
     }
 
-    fn reason(verdict: &Verdict) -> Option<&'static str> {
+    fn reason(verdict: &Verdict) -> Option<Reason> {
         verdict.reason_code()
     }
 
@@ -271,16 +270,16 @@ mod tests {
         let emergency = mode(&engine, "EMERGENCY");
         // A forbidden tool is refused as forbidden, however wrong its arguments.
         let blocked = decide_call(&engine, normal, "restart_service", &json!({}));
-        assert_eq!(reason(&blocked), Some("blocked_in_mode"));
+        assert_eq!(reason(&blocked), Some(Reason::BlockedInMode));
         assert_eq!(blocked.audit_decision(), AuditDecision::Denied);
         let always = decide_call(&engine, emergency, "delete_database", &json!({"x": 1}));
-        assert_eq!(reason(&always), Some("always_blocked"));
+        assert_eq!(reason(&always), Some(Reason::AlwaysBlocked));
         // A permitted tool with bad arguments is rejected before its constraints.
         let invalid = decide_call(&engine, emergency, "scale_fleet", &json!({"count": -1}));
-        assert_eq!(reason(&invalid), Some(INVALID_ARGUMENTS));
+        assert_eq!(reason(&invalid), Some(Reason::InvalidArguments));
         assert_eq!(invalid.audit_decision(), AuditDecision::Rejected);
         let over = decide_call(&engine, emergency, "scale_fleet", &json!({"count": 50}));
-        assert_eq!(reason(&over), Some("constraint_violated"));
+        assert_eq!(reason(&over), Some(Reason::ConstraintViolated));
         let ok = decide_call(&engine, emergency, "scale_fleet", &json!({"count": 5}));
         assert_eq!(
             ok,
@@ -296,7 +295,7 @@ mod tests {
             let verdict = decide_call(&engine, id, "summon_root", &json!({}));
             assert_eq!(verdict, Verdict::UnknownTool);
             assert_eq!(verdict.audit_decision(), AuditDecision::Rejected);
-            assert_eq!(reason(&verdict), Some("unknown_tool"));
+            assert_eq!(reason(&verdict), Some(Reason::UnknownTool));
             assert_eq!(
                 decide_tool(&engine, id, "summon_root"),
                 ToolVerdict::UnknownTool
@@ -417,7 +416,11 @@ mod tests {
             json!("SELECT 1"),
         ] {
             let verdict = decide_call(&engine, normal, "db__query", &invalid);
-            assert_eq!(reason(&verdict), Some(INVALID_ARGUMENTS), "{invalid}");
+            assert_eq!(
+                reason(&verdict),
+                Some(Reason::InvalidArguments),
+                "{invalid}"
+            );
             let Verdict::InvalidArguments(error) = verdict else {
                 unreachable!()
             };
@@ -433,19 +436,19 @@ mod tests {
             "db__query",
             &json!({"sql": "DROP TABLE t"}),
         );
-        assert_eq!(reason(&drop), Some("constraint_violated"));
+        assert_eq!(reason(&drop), Some(Reason::ConstraintViolated));
         let chained = decide_call(
             &engine,
             normal,
             "db__query",
             &json!({"sql": "select 1; drop table t"}),
         );
-        assert_eq!(reason(&chained), Some("constraint_violated"));
+        assert_eq!(reason(&chained), Some(Reason::ConstraintViolated));
         // Tool-level rules come first, whatever the arguments.
         let blocked = decide_call(&engine, normal, "db__drop", &json!({"nonsense": 1}));
-        assert_eq!(reason(&blocked), Some("blocked_in_mode"));
+        assert_eq!(reason(&blocked), Some(Reason::BlockedInMode));
         let hidden = decide_call(&engine, normal, "db__hidden", &json!({}));
-        assert_eq!(reason(&hidden), Some("not_allowed"));
+        assert_eq!(reason(&hidden), Some(Reason::NotAllowed));
         assert_eq!(
             decide_call(&engine, normal, "list_services", &json!({})),
             Verdict::UnknownTool

@@ -248,7 +248,7 @@ pub struct PolicyStatus {
 /// One tool as `GET /tools/catalog` lists it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CatalogEntry {
-    /// Wire name.
+    /// The name callers use in `/tools/execute` and MCP `tools/call`.
     pub name: String,
     /// What it does.
     pub description: String,
@@ -1288,7 +1288,7 @@ impl Gateway {
                 arguments: Some(json!({"service": truncate(service, 128), "status": health})),
                 mode: self.mode_name(mode).clone(),
                 decision: AuditDecision::Allowed,
-                reason_code: result.as_ref().err().map(InfraError::code),
+                reason_code: result.as_ref().err().map(InfraError::reason),
                 outcome: if result.is_ok() {
                     "simulated"
                 } else {
@@ -1317,7 +1317,7 @@ impl Gateway {
         &self,
         principal: &Principal,
         what: &str,
-        reason_code: &'static str,
+        reason_code: Reason,
     ) -> Result<(), GatewayError> {
         let detail = Value::String(truncate(what, 200).to_owned());
         self.record_edge_refusal(principal, reason_code, detail)
@@ -1331,7 +1331,7 @@ impl Gateway {
     pub async fn record_edge_refusal(
         &self,
         principal: &Principal,
-        reason_code: &'static str,
+        reason_code: Reason,
         detail: Value,
     ) -> Result<(), GatewayError> {
         let mode = self
@@ -1408,7 +1408,7 @@ impl Gateway {
             arguments: None,
             mode: self.mode_name(mode).clone(),
             decision: AuditDecision::Rejected,
-            reason_code: Some(Reason::MalformedRequest.as_str()),
+            reason_code: Some(Reason::MalformedRequest),
             outcome: "malformed_request",
             detail: json!({
                 "problem": truncate(problem, 200),
@@ -1555,7 +1555,7 @@ fn tool_call_entry(
         arguments: Some(arguments),
         mode: mode.clone(),
         decision,
-        reason_code: outcome.reason_code().map(Reason::as_str),
+        reason_code: outcome.reason_code(),
         outcome: outcome_name,
         detail,
         expires_at: None,
@@ -1699,7 +1699,7 @@ fn upstream_outcome_entry(
         arguments: None,
         mode: mode.clone(),
         decision: AuditDecision::Allowed,
-        reason_code: outcome.reason_code().map(Reason::as_str),
+        reason_code: outcome.reason_code(),
         outcome: recorded_outcome(outcome),
         detail,
         expires_at: None,
@@ -1925,23 +1925,19 @@ mod tests {
     async fn upstream_failures_are_recorded_with_safe_messages() {
         let (gateway, _fake, _dir) = gateway_with(10).await;
         let cases = [
-            ("fails", "upstream_error", Some("upstream_error")),
-            ("down", "unavailable", Some("upstream_unavailable")),
-            ("slowpoke", "timeout", Some("upstream_timeout")),
+            ("fails", "upstream_error", Reason::UpstreamError),
+            ("down", "unavailable", Reason::UpstreamUnavailable),
+            ("slowpoke", "timeout", Reason::UpstreamTimeout),
         ];
         for (tool, recorded, reason_code) in cases {
             let execution = call(&gateway, "list_services", tool).await;
-            assert_eq!(
-                execution.outcome.reason_code().map(Reason::as_str),
-                reason_code,
-                "{tool}"
-            );
+            assert_eq!(execution.outcome.reason_code(), Some(reason_code), "{tool}");
             if let Outcome::UpstreamFailed { message, .. } = &execution.outcome {
                 assert!(!message.contains("/opt/secret"), "{message}");
             }
             let last = trail(&gateway).pop().unwrap();
             assert_eq!(last.outcome, recorded, "{tool}");
-            assert_eq!(last.reason_code.as_deref(), reason_code, "{tool}");
+            assert_eq!(last.reason(), Some(reason_code), "{tool}");
         }
         assert!(audit_verifies(&gateway));
     }

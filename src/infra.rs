@@ -59,11 +59,6 @@ pub enum InfraError {
 }
 
 impl InfraError {
-    /// A stable machine-readable code.
-    pub fn code(&self) -> &'static str {
-        self.reason().as_str()
-    }
-
     /// The reason code of the failure.
     pub fn reason(&self) -> crate::reason::Reason {
         use crate::reason::Reason;
@@ -297,7 +292,7 @@ mod tests {
         let error = infra
             .execute(&restart("mainframe"), Utc::now())
             .unwrap_err();
-        assert_eq!(error.code(), "unknown_service");
+        assert_eq!(error.reason(), crate::reason::Reason::UnknownService);
         assert!(error.to_string().contains("web-server, api-gateway"));
         assert_eq!(infra.actions.len(), 0);
     }

@@ -5,6 +5,8 @@
 //! current mode, the simulated cloud runs the call, and the
 //! [`audit::AuditLog`] records it before anyone hears the answer.
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod anchor;
 pub mod answer;

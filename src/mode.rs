@@ -46,7 +46,7 @@ pub enum ModeChangeError {
     /// Elevated modes need a reason for the audit trail.
     #[error("a reason is required to enter {0} mode")]
     ReasonRequired(String),
-    /// The reason is too long.
+    /// The reason is longer than `MAX_REASON_LEN` characters.
     #[error("the reason must be at most {MAX_REASON_LEN} characters")]
     ReasonTooLong,
     /// The reason has no visible character: only spaces, zero-width, bidi or control characters.

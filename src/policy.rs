@@ -584,7 +584,7 @@ pub enum Finding {
         at: String,
         /// The tool's exposed name.
         tool: String,
-        /// The argument.
+        /// The argument the constraint names.
         argument: String,
         /// What the constraint compares: `integer` or `string`.
         expected: &'static str,

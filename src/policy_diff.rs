@@ -64,9 +64,9 @@ impl PolicyDiff {
 /// How one tool's decision in one mode changes.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DecisionChange {
-    /// The mode.
+    /// Name of the mode whose decision changes.
     pub mode: String,
-    /// The tool.
+    /// Exposed name of the tool whose decision changes.
     pub tool: String,
     /// What kind of change.
     pub change: ChangeKind,
@@ -266,7 +266,7 @@ fn tool_decision(engine: &PolicyEngine, mode: ModeId, tool: &str) -> ToolDecisio
         // Both engines are bound to the same catalog, built from the tools looked up.
         ToolVerdict::UnknownTool => ToolDecision {
             allowed: false,
-            reason: Some("unknown_tool"),
+            reason: Some(crate::reason::Reason::UnknownTool.as_str()),
             constraints: Vec::new(),
         },
     }

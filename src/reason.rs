@@ -44,6 +44,24 @@ pub enum Reason {
     Cancelled,
     /// The audit trail cannot record, so nothing runs.
     AuditUnavailable,
+    /// A request came without a bearer token (refused at the edge).
+    MissingToken,
+    /// The bearer token, or the token given to the console, is not valid.
+    InvalidToken,
+    /// A valid token asked for what its role may not do (an agent token at an
+    /// operator endpoint or at the console login).
+    Forbidden,
+    /// An MCP request named a session that another token opened.
+    ForeignSession,
+    /// MCP sessions are being opened too fast for this token.
+    SessionRateLimited,
+    /// This token already holds the most MCP sessions one token may.
+    SessionLimitPrincipal,
+    /// The server holds the most MCP sessions it allows, all tokens together.
+    SessionLimitTotal,
+    /// The token names a principal, but the registry of named principals cannot
+    /// be trusted (its signature does not check out), so no named token is accepted.
+    RegistryUntrusted,
     /// The call needs a human's approval first; it did not run.
     ApprovalRequired,
     /// The approval found for the call was given under another policy, or the
@@ -57,7 +75,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 28] = [
         Reason::AlwaysBlocked,
         Reason::BlockedInMode,
         Reason::NotAllowed,
@@ -74,6 +92,14 @@ impl Reason {
         Reason::UpstreamTimeout,
         Reason::Cancelled,
         Reason::AuditUnavailable,
+        Reason::MissingToken,
+        Reason::InvalidToken,
+        Reason::Forbidden,
+        Reason::ForeignSession,
+        Reason::SessionRateLimited,
+        Reason::SessionLimitPrincipal,
+        Reason::SessionLimitTotal,
+        Reason::RegistryUntrusted,
         Reason::ApprovalRequired,
         Reason::ApprovalMismatch,
         Reason::ApprovalExpired,
@@ -99,6 +125,14 @@ impl Reason {
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::Cancelled => "cancelled",
             Reason::AuditUnavailable => "audit_unavailable",
+            Reason::MissingToken => "missing_token",
+            Reason::InvalidToken => "invalid_token",
+            Reason::Forbidden => "forbidden",
+            Reason::ForeignSession => "foreign_session",
+            Reason::SessionRateLimited => "session_rate_limited",
+            Reason::SessionLimitPrincipal => "session_limit_principal",
+            Reason::SessionLimitTotal => "session_limit_total",
+            Reason::RegistryUntrusted => "registry_untrusted",
             Reason::ApprovalRequired => "approval_required",
             Reason::ApprovalMismatch => "approval_mismatch",
             Reason::ApprovalExpired => "approval_expired",
@@ -152,6 +186,24 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), Reason::ALL.len());
         assert_eq!(Reason::parse("no_such_reason"), None);
+    }
+
+    #[test]
+    fn edge_refusals_keep_the_names_already_in_trails() {
+        // These were written as literals before they became reasons; old
+        // records and `audit tail --reason-code` filters use these names.
+        for (reason, name) in [
+            (Reason::MissingToken, "missing_token"),
+            (Reason::InvalidToken, "invalid_token"),
+            (Reason::Forbidden, "forbidden"),
+            (Reason::ForeignSession, "foreign_session"),
+            (Reason::SessionRateLimited, "session_rate_limited"),
+            (Reason::SessionLimitPrincipal, "session_limit_principal"),
+            (Reason::SessionLimitTotal, "session_limit_total"),
+            (Reason::RegistryUntrusted, "registry_untrusted"),
+        ] {
+            assert_eq!(reason.as_str(), name);
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::audit::{AuditError, AuditQuery, AuditRecord, AuditStore, EntryKind, M
 use crate::decision::decide_call;
 use crate::policy::PolicyEngine;
 use crate::policy_diff::offline_catalog;
+use crate::reason::Reason;
 use crate::upstream::names::SEPARATOR;
 
 /// Most changed calls listed per direction; the counts stay exact beyond it.
@@ -35,7 +36,11 @@ pub const MAX_UPSTREAM_NAMES: usize = 10_000;
 
 /// Reason codes of refusals the policy did not make: replaying them under any
 /// policy says nothing about the policy.
-const NOT_POLICY_REFUSALS: [&str; 3] = ["rate_limited", "malformed_request", "invalid_tool_name"];
+const NOT_POLICY_REFUSALS: [Reason; 3] = [
+    Reason::RateLimited,
+    Reason::MalformedRequest,
+    Reason::InvalidToolName,
+];
 
 /// What replaying the trail under a candidate found.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -161,9 +166,9 @@ fn replay_one(policy: &PolicyEngine, mut record: AuditRecord, report: &mut Repla
     if crate::audit_view::resolved_intent(&record).is_some() {
         return;
     }
-    let not_replayed = match record.reason_code.as_deref() {
-        Some(code) if NOT_POLICY_REFUSALS.contains(&code) => Some(code),
-        _ if record.tool.is_none() => Some("malformed_request"),
+    let not_replayed = match record.reason() {
+        Some(reason) if NOT_POLICY_REFUSALS.contains(&reason) => Some(reason.as_str()),
+        _ if record.tool.is_none() => Some(Reason::MalformedRequest.as_str()),
         _ if record.arguments.as_ref().is_some_and(is_stored_digest) => {
             Some("arguments_not_stored")
         }
@@ -210,7 +215,7 @@ fn replay_one(policy: &PolicyEngine, mut record: AuditRecord, report: &mut Repla
         tool: tool.to_owned(),
         mode: record.mode,
         recorded: with_reason(&record.decision, record.reason_code.as_deref()),
-        candidate: with_reason(decision, verdict.reason_code()),
+        candidate: with_reason(decision, verdict.reason_code().map(Reason::as_str)),
     };
     let (count, list) = if was_allowed {
         (&mut report.newly_denied_count, &mut report.newly_denied)
@@ -326,7 +331,7 @@ mod tests {
             decision,
             reason_code: match decision {
                 AuditDecision::Allowed => None,
-                _ => Some("not_allowed"),
+                _ => Some(Reason::NotAllowed),
             },
             outcome: "executed",
             detail: json!(null),
@@ -384,7 +389,7 @@ mod tests {
         outcome.arguments = None;
         outcome.detail = json!({"intent_seq": 2});
         let mut rate_limited = call("git__push", json!({}), "NORMAL", AuditDecision::Denied);
-        rate_limited.reason_code = Some("rate_limited");
+        rate_limited.reason_code = Some(Reason::RateLimited);
         let entries = [
             call(
                 "git__status",

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::identities::{Lookup, PrincipalStore, RegistryKey};
 use crate::principal::Principal;
+use crate::reason::Reason;
 
 /// File name of generated tokens inside the data dir.
 pub const TOKENS_FILE: &str = "tokens.json";
@@ -123,11 +124,11 @@ pub enum Authentication {
 
 impl Authentication {
     /// The reason code a refusal is audited with (`None` when accepted).
-    pub fn refusal_reason(&self) -> Option<&'static str> {
+    pub fn refusal_reason(&self) -> Option<Reason> {
         match self {
             Authentication::Accepted(_) => None,
-            Authentication::Invalid => Some("invalid_token"),
-            Authentication::RegistryUntrusted => Some("registry_untrusted"),
+            Authentication::Invalid => Some(Reason::InvalidToken),
+            Authentication::RegistryUntrusted => Some(Reason::RegistryUntrusted),
         }
     }
 }
@@ -426,7 +427,7 @@ mod tests {
         std::fs::write(dir.path().join(crate::identities::PRINCIPALS_FILE), b"{}").unwrap();
         let refused = tokens.check(&alice);
         assert_eq!(refused, Authentication::RegistryUntrusted);
-        assert_eq!(refused.refusal_reason(), Some("registry_untrusted"));
+        assert_eq!(refused.refusal_reason(), Some(Reason::RegistryUntrusted));
         // The built-in tokens do not depend on the registry.
         assert_eq!(
             tokens.authenticate("agent-secret-1234567"),

@@ -37,7 +37,7 @@ pub enum ToolName {
     RestartService,
     /// Set the number of instances in the fleet.
     ScaleFleet,
-    /// Delete a database.
+    /// Drop one database of the simulated cloud (destructive: no mode allows it by default).
     DeleteDatabase,
 }
 

@@ -1,18 +1,17 @@
 //! End to end: the real `proxi` binary runs `proxi agent --provider mock --json`
 //! against `proxi serve` started as a child process on an ephemeral port.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
+use common::{AGENT_TOKEN, OPERATOR_TOKEN, ServerProcess};
 use proxi::agent::RunRecord;
 use proxi::agent::backend::Decision;
-use proxi::server::ServerInfo;
-
-const OPERATOR_TOKEN: &str = "operator-token-for-cli-tests-0123";
-const AGENT_TOKEN: &str = "agent-token-for-cli-tests-012345";
+use proxi::reason::Reason;
 /// Variables that would change which provider or server the agent picks.
 const AMBIENT: [&str; 8] = [
     "GOOGLE_API_KEY",
@@ -25,19 +24,6 @@ const AMBIENT: [&str; 8] = [
     "PROXI_AGENT_TOKEN",
 ];
 
-/// `proxi serve` as a child; killed (by its own handle) when dropped.
-struct Served {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn proxi(dir: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_proxi"));
     // The temp dir has no .env, so nothing leaks in from the developer's machine.
@@ -48,42 +34,9 @@ fn proxi(dir: &Path) -> Command {
     command
 }
 
-fn serve(dir: &Path) -> Served {
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/ops_policy.json");
-    let data = dir.join("data");
-    let child = proxi(dir)
-        .args(["serve", "--bind", "127.0.0.1:0", "--durability", "process"])
-        .arg("--policy")
-        .arg(&policy)
-        .arg("--data-dir")
-        .arg(&data)
-        .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
-        .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("proxi serve starts");
-    let mut served = Served {
-        child,
-        url: String::new(),
-    };
-    // The server writes server.json once it listens; poll for it with a deadline.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(info) = ServerInfo::read(&data) {
-            served.url = info.url;
-            return served;
-        }
-        if let Ok(Some(status)) = served.child.try_wait() {
-            panic!("proxi serve exited early: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "proxi serve did not write server.json in time"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// `proxi serve` on `dir/data` as a child; killed when dropped.
+fn serve(dir: &Path) -> ServerProcess {
+    ServerProcess::start(&dir.join("data"), &["--durability", "process"])
 }
 
 fn agent(dir: &Path, url: &str, task: &str) -> Output {
@@ -126,7 +79,10 @@ fn mock_agent_runs_through_a_served_proxi() {
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].tool, "restart_service");
     assert_eq!(calls[0].decision, Decision::Denied);
-    assert_eq!(calls[0].reason_code.as_deref(), Some("blocked_in_mode"));
+    assert_eq!(
+        calls[0].reason_code.as_deref(),
+        Some(Reason::BlockedInMode.as_str())
+    );
     assert!(
         run.final_answer
             .starts_with("❌ I cannot restart the web server in NORMAL mode."),

@@ -20,6 +20,7 @@ use proxi::agent::{
     RunRecord, ToolCallRecord,
 };
 use proxi::api::SetModeRequest;
+use proxi::reason::Reason;
 
 async fn run_mock(server: &TestServer, task: &str) -> RunRecord {
     let backend = RestBackend::new(server.agent.clone());
@@ -50,7 +51,10 @@ async fn restart_in_normal_mode_is_blocked_and_explained() {
     assert_eq!(calls[0].tool, "restart_service");
     assert_eq!(calls[0].arguments, json!({"service_name": "web-server"}));
     assert_eq!(calls[0].decision, Decision::Denied);
-    assert_eq!(calls[0].reason_code.as_deref(), Some("blocked_in_mode"));
+    assert_eq!(
+        calls[0].reason_code.as_deref(),
+        Some(Reason::BlockedInMode.as_str())
+    );
     assert_eq!(calls[0].mode.as_deref(), Some("NORMAL"));
     assert_eq!(record.final_answer, NORMAL_REFUSAL);
 
@@ -59,7 +63,10 @@ async fn restart_in_normal_mode_is_blocked_and_explained() {
     assert_eq!(audit[0].principal, "agent");
     assert_eq!(audit[0].tool.as_deref(), Some("restart_service"));
     assert_eq!(audit[0].decision, "denied");
-    assert_eq!(audit[0].reason_code.as_deref(), Some("blocked_in_mode"));
+    assert_eq!(
+        audit[0].reason_code.as_deref(),
+        Some(Reason::BlockedInMode.as_str())
+    );
     assert_eq!(Some(audit[0].seq), calls[0].audit_seq);
 }
 
@@ -102,7 +109,10 @@ async fn deleting_the_database_is_blocked_in_every_mode() {
     assert_eq!(calls[0].tool, "delete_database");
     assert_eq!(calls[0].arguments, json!({"db_name": "database"}));
     assert_eq!(calls[0].decision, Decision::Denied);
-    assert_eq!(calls[0].reason_code.as_deref(), Some("always_blocked"));
+    assert_eq!(
+        calls[0].reason_code.as_deref(),
+        Some(Reason::AlwaysBlocked.as_str())
+    );
     assert!(
         record.final_answer.starts_with(
             "❌ I cannot delete the database: Tool 'delete_database' is blocked in every mode"
@@ -166,7 +176,10 @@ async fn invalid_fleet_sizes_are_rejected_with_the_constraint() {
         assert_eq!(calls[0].tool, "scale_fleet");
         assert_eq!(calls[0].arguments, json!({"count": count}));
         assert_eq!(calls[0].decision, Decision::Rejected);
-        assert_eq!(calls[0].reason_code.as_deref(), Some("invalid_arguments"));
+        assert_eq!(
+            calls[0].reason_code.as_deref(),
+            Some(Reason::InvalidArguments.as_str())
+        );
         let answer = &record.final_answer;
         assert!(
             answer.starts_with(&format!("❌ I cannot scale the fleet to {count}: ")),
@@ -281,7 +294,10 @@ async fn a_hallucinated_tool_is_audited_and_answered_with_the_real_tools() {
     assert_eq!(calls[0].tool, "magic_fix");
     assert!(calls[0].forwarded);
     assert_eq!(calls[0].decision, Decision::Denied);
-    assert_eq!(calls[0].reason_code.as_deref(), Some("unknown_tool"));
+    assert_eq!(
+        calls[0].reason_code.as_deref(),
+        Some(Reason::UnknownTool.as_str())
+    );
     let known = calls[0].known_tools.clone().unwrap();
     assert!(known.contains(&"restart_service".to_owned()));
     assert_eq!(
@@ -294,7 +310,10 @@ async fn a_hallucinated_tool_is_audited_and_answered_with_the_real_tools() {
     let audit = server.tool_calls().await;
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].tool.as_deref(), Some("magic_fix"));
-    assert_eq!(audit[0].reason_code.as_deref(), Some("unknown_tool"));
+    assert_eq!(
+        audit[0].reason_code.as_deref(),
+        Some(Reason::UnknownTool.as_str())
+    );
 }
 
 #[tokio::test]
@@ -309,7 +328,10 @@ async fn an_unknown_service_fails_without_side_effects() {
         json!({"service_name": "payment-service"})
     );
     assert_eq!(calls[0].decision, Decision::Failed);
-    assert_eq!(calls[0].reason_code.as_deref(), Some("unknown_service"));
+    assert_eq!(
+        calls[0].reason_code.as_deref(),
+        Some(Reason::UnknownService.as_str())
+    );
     assert!(
         record.final_answer.starts_with(
             "❌ I cannot restart the payment service: service 'payment-service' does not exist"
@@ -444,7 +466,7 @@ async fn a_denied_call_is_never_sent_twice_and_a_repeat_ends_the_run() {
     assert_eq!(provider.seen.lock().unwrap().len(), 3);
     assert_eq!(record.outcome, RunOutcome::Refused);
     assert!(
-        record.final_answer.contains("blocked_in_mode"),
+        record.final_answer.contains(Reason::BlockedInMode.as_str()),
         "{}",
         record.final_answer
     );
@@ -504,9 +526,12 @@ async fn a_tool_outside_the_catalog_is_forwarded_and_the_model_told_the_real_too
     let calls = calls(&record);
     assert!(calls[0].forwarded);
     assert_eq!(calls[0].arguments, json!({}));
-    assert_eq!(calls[0].reason_code.as_deref(), Some("unknown_tool"));
+    assert_eq!(
+        calls[0].reason_code.as_deref(),
+        Some(Reason::UnknownTool.as_str())
+    );
     let told = provider.last_tool_result();
-    assert_eq!(told["reason_code"], "unknown_tool");
+    assert_eq!(told["reason_code"], Reason::UnknownTool.as_str());
     assert!(
         told["known_tools"]
             .as_array()
@@ -647,7 +672,7 @@ async fn a_real_provider_adapter_drives_the_same_loop() {
         .await;
     // The second turn is recognised by the server's refusal travelling back.
     Mock::given(method("POST"))
-        .and(body_string_contains("blocked_in_mode"))
+        .and(body_string_contains(Reason::BlockedInMode.as_str()))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({
             "candidates": [{"content": {"role": "model", "parts": [{
                 "text": "❌ Restarting is blocked in NORMAL mode; ask an operator for EMERGENCY."

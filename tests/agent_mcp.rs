@@ -8,6 +8,7 @@ use common::{AGENT_TOKEN, TestServer};
 use proxi::agent::backend::{Decision, McpBackend, ToolBackend};
 use proxi::agent::mock::MockPlanner;
 use proxi::agent::{Agent, RunOutcome};
+use proxi::reason::Reason;
 use proxi::tools::ToolName;
 
 #[tokio::test]
@@ -57,7 +58,10 @@ async fn the_mcp_backend_lists_tools_and_maps_outcomes() {
         .await
         .unwrap();
     assert_eq!(denied.decision, Decision::Denied);
-    assert_eq!(denied.reason_code.as_deref(), Some("blocked_in_mode"));
+    assert_eq!(
+        denied.reason_code.as_deref(),
+        Some(Reason::BlockedInMode.as_str())
+    );
     assert_eq!(denied.mode.as_deref(), Some("NORMAL"));
     assert!(denied.how_to_proceed.unwrap().contains("EMERGENCY"));
 
@@ -70,7 +74,10 @@ async fn the_mcp_backend_lists_tools_and_maps_outcomes() {
 
     let unknown = backend.call_tool("magic_fix", json!({})).await.unwrap();
     assert_eq!(unknown.decision, Decision::Denied);
-    assert_eq!(unknown.reason_code.as_deref(), Some("unknown_tool"));
+    assert_eq!(
+        unknown.reason_code.as_deref(),
+        Some(Reason::UnknownTool.as_str())
+    );
     assert!(
         unknown
             .known_tools
@@ -156,7 +163,10 @@ async fn the_mock_agent_runs_over_proxi_mcp() {
     let call = record.tool_calls().next().unwrap().clone();
     assert_eq!(call.tool, "restart_service");
     assert_eq!(call.decision, Decision::Denied);
-    assert_eq!(call.reason_code.as_deref(), Some("blocked_in_mode"));
+    assert_eq!(
+        call.reason_code.as_deref(),
+        Some(Reason::BlockedInMode.as_str())
+    );
     assert!(
         record
             .final_answer
@@ -171,7 +181,10 @@ async fn the_mock_agent_runs_over_proxi_mcp() {
         .unwrap();
     let call = record.tool_calls().next().unwrap().clone();
     assert_eq!(call.decision, Decision::Denied);
-    assert_eq!(call.reason_code.as_deref(), Some("unknown_tool"));
+    assert_eq!(
+        call.reason_code.as_deref(),
+        Some(Reason::UnknownTool.as_str())
+    );
     assert!(
         record
             .final_answer
@@ -210,7 +223,10 @@ async fn arguments_mcp_cannot_carry_are_still_rejected_and_audited() {
         .await
         .unwrap();
     assert_eq!(outcome.decision, Decision::Rejected);
-    assert_eq!(outcome.reason_code.as_deref(), Some("invalid_arguments"));
+    assert_eq!(
+        outcome.reason_code.as_deref(),
+        Some(Reason::InvalidArguments.as_str())
+    );
     let audit = server.tool_calls().await;
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].decision, "rejected");

@@ -20,6 +20,7 @@ use proxi::agent::{
     ALREADY_DENIED, ALREADY_DONE, ALREADY_FAILED, Agent, AgentConfig, AgentError,
     EMPTY_REPLY_PROMPT, EXIT_UNVERIFIED, RetryPolicy, RunOutcome, RunRecord, WRITTEN_CALL_PROMPT,
 };
+use proxi::reason::Reason;
 
 /// One tool call as the model wrote it: id (if any), name, arguments as sent on the wire.
 type Call<'a> = (Option<&'a str>, &'a str, Value);
@@ -220,13 +221,19 @@ async fn truncated_arguments_are_a_rejected_audited_call<W: Wire>() {
     assert_eq!(calls.len(), 1);
     assert!(calls[0].forwarded);
     assert_eq!(calls[0].decision, Decision::Rejected);
-    assert_eq!(calls[0].reason_code.as_deref(), Some("invalid_arguments"));
+    assert_eq!(
+        calls[0].reason_code.as_deref(),
+        Some(Reason::InvalidArguments.as_str())
+    );
     assert!(calls[0].message.as_deref().unwrap().starts_with("not JSON"));
     // Audited as such, with the text the model sent.
     let audit = server.tool_calls().await;
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].decision, "rejected");
-    assert_eq!(audit[0].reason_code.as_deref(), Some("invalid_arguments"));
+    assert_eq!(
+        audit[0].reason_code.as_deref(),
+        Some(Reason::InvalidArguments.as_str())
+    );
     // A rejected call's record keeps a digest whose prefix is the text itself.
     assert_eq!(
         audit[0].arguments,
@@ -235,7 +242,10 @@ async fn truncated_arguments_are_a_rejected_audited_call<W: Wire>() {
     // The model was told why.
     let second = bodies(&llm).await[1].to_string();
     assert!(second.contains("not JSON"), "{second}");
-    assert!(second.contains("invalid_arguments"), "{second}");
+    assert!(
+        second.contains(Reason::InvalidArguments.as_str()),
+        "{second}"
+    );
 }
 
 /// Defect 1: `""` (sent for tools without arguments) counts as `{}`.
@@ -320,7 +330,7 @@ async fn a_repeated_denial_stops_with_the_denial<W: Wire>() {
     let calls: Vec<_> = record.tool_calls().collect();
     assert_eq!(calls[1].reason_code.as_deref(), Some(ALREADY_DENIED));
     let answer = &record.final_answer;
-    assert!(answer.contains("blocked_in_mode"), "{answer}");
+    assert!(answer.contains(Reason::BlockedInMode.as_str()), "{answer}");
     assert!(answer.contains("in NORMAL mode"), "{answer}");
     assert!(answer.contains("How to proceed:"), "{answer}");
     assert!(answer.contains("EMERGENCY"), "{answer}");
@@ -349,7 +359,10 @@ async fn a_repeated_deterministic_failure_is_not_resent<W: Wire>() {
     assert!(calls[1..].iter().all(|call| !call.forwarded));
     assert_eq!(calls[1].reason_code.as_deref(), Some(ALREADY_FAILED));
     let message = calls[1].message.as_deref().unwrap();
-    assert!(message.contains("unknown_service"), "{message}");
+    assert!(
+        message.contains(Reason::UnknownService.as_str()),
+        "{message}"
+    );
     // The model was told once why the call was not sent again; asking yet again ended the run.
     let requests = bodies(&llm).await;
     assert_eq!(requests.len(), 3);
@@ -357,7 +370,7 @@ async fn a_repeated_deterministic_failure_is_not_resent<W: Wire>() {
     assert!(told.contains(ALREADY_FAILED), "{told}");
     assert!(told.contains("did not send it again"), "{told}");
     let answer = &record.final_answer;
-    assert!(answer.contains("unknown_service"), "{answer}");
+    assert!(answer.contains(Reason::UnknownService.as_str()), "{answer}");
 }
 
 /// Seen in the by-hand run after the fixes: the 1.5B model restarted a healthy

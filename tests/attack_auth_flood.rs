@@ -1,7 +1,7 @@
 //! Attack: flood the audit trail with refused authentications.
 //!
 //! Before the fix every 401 was a durable record of its own: 2,000
-//! unauthenticated requests wrote 2,000 records (the issue's run: 71,733 records,
+//! unauthenticated requests wrote 2,000 records (issue 8 measured a flood writing 71,733 records,
 //! 22 MB in 10 s), and a cross-origin POST with a foreign Host was audited too.
 //! Now refusals are aggregated per source and window (the first recorded at once,
 //! the rest as one summary with a count), and a foreign Host or Origin is refused

@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::{
     AGENT_TOKEN, OPERATOR_TOKEN, ServerProcess, audit_records, mcp_initialize_body, mcp_post,
 };
+use proxi::reason::Reason;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -83,7 +84,7 @@ async fn a_session_answers_only_the_token_that_opened_it() {
 
     let foreign: Vec<_> = audit_records(&server.data_dir)
         .into_iter()
-        .filter(|record| record.reason_code.as_deref() == Some("foreign_session"))
+        .filter(|record| record.reason_code.as_deref() == Some(Reason::ForeignSession.as_str()))
         .collect();
     assert_eq!(foreign.len(), 1, "the first attempt is recorded at once");
     assert_eq!(foreign[0].principal, "agent");

@@ -14,6 +14,7 @@ use common::{
     AGENT_TOKEN, OPERATOR_TOKEN, ServerProcess, audit_records, mcp_initialize_body, mcp_post,
     rss_mib, wait_until,
 };
+use proxi::reason::Reason;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -78,7 +79,7 @@ async fn a_session_flood_is_capped_refused_clearly_and_audited_in_aggregate() {
                 assert_eq!(error["error"]["code"], -32001);
                 assert_eq!(
                     error["error"]["data"]["reason_code"],
-                    "session_limit_principal"
+                    Reason::SessionLimitPrincipal.as_str()
                 );
                 refused += 1;
             }
@@ -116,12 +117,17 @@ async fn a_session_flood_is_capped_refused_clearly_and_audited_in_aggregate() {
 
     // 480 refusals: one record at once, the rest in one summary when the window
     // closes, here when the server stops (the window is longer than the test).
-    assert_eq!(refusals(&server, "session_limit_principal").len(), 1);
+    assert_eq!(
+        refusals(&server, Reason::SessionLimitPrincipal.as_str()).len(),
+        1
+    );
     let data_dir = server.data_dir.clone();
     assert!(server.terminate().success());
     let summary: Vec<_> = audit_records(&data_dir)
         .into_iter()
-        .filter(|record| record.reason_code.as_deref() == Some("session_limit_principal"))
+        .filter(|record| {
+            record.reason_code.as_deref() == Some(Reason::SessionLimitPrincipal.as_str())
+        })
         .collect();
     assert_eq!(summary.len(), 2);
     assert_eq!(summary[0].principal, "agent");
@@ -160,7 +166,7 @@ async fn session_creation_is_rate_limited_per_token() {
             let error: Value = serde_json::from_str(&body).expect("a JSON-RPC error");
             assert_eq!(
                 error["error"]["data"]["reason_code"],
-                "session_rate_limited"
+                Reason::SessionRateLimited.as_str()
             );
         }
         statuses.push(status);
@@ -170,7 +176,10 @@ async fn session_creation_is_rate_limited_per_token() {
         5,
         "{statuses:?}"
     );
-    assert_eq!(refusals(&server, "session_rate_limited").len(), 1);
+    assert_eq!(
+        refusals(&server, Reason::SessionRateLimited.as_str()).len(),
+        1
+    );
 }
 
 #[tokio::test]

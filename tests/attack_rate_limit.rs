@@ -8,17 +8,13 @@ mod common;
 
 use std::process::Command;
 
+use common::mcp_client::{call_tool, connect};
 use common::{
     AGENT_TOKEN, Api, McpStdio, OPERATOR_TOKEN, ServerProcess, shipped_policy_with_rate_limits,
     write_policy,
 };
+use proxi::reason::Reason;
 use reqwest::StatusCode;
-use rmcp::RoleClient;
-use rmcp::ServiceExt;
-use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation};
-use rmcp::service::RunningService;
-use rmcp::transport::StreamableHttpClientTransport;
-use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use serde_json::{Value, json};
 
 /// Five calls per agent, then one an hour: the refusals are deterministic.
@@ -73,7 +69,7 @@ async fn a_flood_is_refused_with_429_and_small_records() {
     );
     let (first_refused, retry_after, body) = refusal.expect("a refusal");
     assert_eq!(first_refused, 5);
-    assert_eq!(body["reason_code"], "rate_limited", "{body}");
+    assert_eq!(body["reason_code"], Reason::RateLimited.as_str(), "{body}");
     assert_eq!(body["success"], false);
     let seconds = body["retry_after_seconds"]
         .as_u64()
@@ -85,7 +81,7 @@ async fn a_flood_is_refused_with_429_and_small_records() {
     let records = api.audit(100).await;
     let limited: Vec<&Value> = records
         .iter()
-        .filter(|record| record["reason_code"] == "rate_limited")
+        .filter(|record| record["reason_code"] == Reason::RateLimited.as_str())
         .collect();
     assert_eq!(limited.len(), 15);
     for record in &limited {
@@ -158,21 +154,6 @@ async fn the_shipped_limit_lets_a_burst_of_100_through() {
     }
 }
 
-/// Opens an MCP session over Streamable HTTP under `client_name`.
-async fn mcp_session(url: &str, client_name: &str) -> RunningService<RoleClient, ClientConfig> {
-    proxi::tls::install_crypto_provider();
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let config = StreamableHttpClientTransportConfig::with_uri(format!("{url}/mcp"))
-        .auth_header(AGENT_TOKEN);
-    ClientConfig::new(
-        ClientCapabilities::default(),
-        Implementation::new(client_name, "1.0"),
-    )
-    .serve(StreamableHttpClientTransport::with_client(http, config))
-    .await
-    .expect("initialize over Streamable HTTP")
-}
-
 #[tokio::test]
 async fn mcp_client_names_and_transports_do_not_buy_fresh_buckets() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,12 +164,9 @@ async fn mcp_client_names_and_transports_do_not_buy_fresh_buckets() {
     // and mixes in REST: the buckets belong to the token holder, not to names.
     let mut results = Vec::new();
     for name in ["a", "b", "c", "d"] {
-        let session = mcp_session(&server.url, name).await;
+        let session = connect(&server.url, AGENT_TOKEN, name).await;
         for _ in 0..2 {
-            let result = session
-                .call_tool(CallToolRequestParams::new("list_services"))
-                .await
-                .expect("tools/call answers");
+            let result = call_tool(&session, "list_services", json!({})).await;
             results.push(serde_json::to_value(&result).unwrap());
         }
         let _ = session.cancel().await;
@@ -200,7 +178,11 @@ async fn mcp_client_names_and_transports_do_not_buy_fresh_buckets() {
     assert_eq!(limited.len(), 3, "burst 5 of 8 calls: {results:?}");
     for result in &limited {
         let refusal = &result["structuredContent"];
-        assert_eq!(refusal["reason_code"], "rate_limited", "{result}");
+        assert_eq!(
+            refusal["reason_code"],
+            Reason::RateLimited.as_str(),
+            "{result}"
+        );
         assert!(
             refusal["retry_after_seconds"].as_u64() >= Some(3000),
             "{result}"
@@ -228,7 +210,7 @@ fn stdio_mcp_calls_over_the_limit_get_an_is_error_result() {
         .iter()
         .filter(|result| {
             result["isError"] == true
-                && result["structuredContent"]["reason_code"] == "rate_limited"
+                && result["structuredContent"]["reason_code"] == Reason::RateLimited.as_str()
         })
         .count();
     assert_eq!(limited, 3, "burst 5 of 8: {results:?}");

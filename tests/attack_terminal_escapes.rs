@@ -13,6 +13,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use common::{McpStdio, OPERATOR_TOKEN, TestServer, policy_path};
 use proxi::audit::{AuditDecision, AuditEntry, AuditLog, Durability, EntryKind};
+use proxi::reason::Reason;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -36,7 +37,11 @@ async fn control_characters_in_tool_names_are_refused_and_audited_escaped() {
     ] {
         let (status, body) = api.execute(name, json!({})).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{name:?}: {body}");
-        assert_eq!(body["reason_code"], "invalid_tool_name", "{body}");
+        assert_eq!(
+            body["reason_code"],
+            Reason::InvalidToolName.as_str(),
+            "{body}"
+        );
         assert!(
             !has_terminal_controls(body.to_string().as_bytes()),
             "{body}"
@@ -52,7 +57,10 @@ async fn control_characters_in_tool_names_are_refused_and_audited_escaped() {
     for record in &records {
         assert_eq!(record.decision, "rejected");
         assert_eq!(record.outcome, "invalid_tool_name");
-        assert_eq!(record.reason_code.as_deref(), Some("invalid_tool_name"));
+        assert_eq!(
+            record.reason_code.as_deref(),
+            Some(Reason::InvalidToolName.as_str())
+        );
     }
 }
 
@@ -65,7 +73,7 @@ fn mcp_refuses_control_characters_in_tool_names() {
     assert_eq!(result["isError"], true, "{result}");
     assert_eq!(
         result["structuredContent"]["reason_code"],
-        "invalid_tool_name"
+        Reason::InvalidToolName.as_str()
     );
     mcp.close();
     let records = proxi::audit::read_recent(&data.join(proxi::audit::AUDIT_DB_FILE), 5).unwrap();
@@ -97,7 +105,7 @@ fn hostile_trail(data_dir: &std::path::Path) {
                 arguments: Some(json!({"x": "\u{1b}[31mred\u{85}\u{2029}"})),
                 mode: Arc::from("NORMAL"),
                 decision: AuditDecision::Rejected,
-                reason_code: Some("unknown_tool"),
+                reason_code: Some(Reason::UnknownTool),
                 outcome: "unknown_tool",
                 detail: json!("\r\u{1b}[2K"),
                 expires_at: None,

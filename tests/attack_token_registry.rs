@@ -14,6 +14,7 @@ use std::path::Path;
 use common::identities::{add_token, revoke_token};
 use common::{Api, OPERATOR_TOKEN, ServerProcess, audit_records};
 use proxi::identities::PRINCIPALS_FILE;
+use proxi::reason::Reason;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -69,7 +70,10 @@ async fn an_added_operator_digest_is_refused() {
         .rev()
         .find(|record| record.kind == "auth_refused")
         .expect("the refusal is audited");
-    assert_eq!(refusal.reason_code.as_deref(), Some("registry_untrusted"));
+    assert_eq!(
+        refusal.reason_code.as_deref(),
+        Some(Reason::RegistryUntrusted.as_str())
+    );
 
     // The operator's tools refuse to build on a registry that does not verify.
     let add = common::identities::token_command(dir.path(), &["add", "carol", "--role", "agent"]);

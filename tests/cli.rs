@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::{ServerProcess, policy_path};
+use proxi::reason::Reason;
 
 fn proxi(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_proxi"))
@@ -88,7 +89,7 @@ fn policy_explain_prints_the_decision_and_why() {
     assert_eq!(output.status.code(), Some(1));
     let text = stdout(&output);
     assert!(
-        text.contains("DENIED") && text.contains("blocked_in_mode"),
+        text.contains("DENIED") && text.contains(Reason::BlockedInMode.as_str()),
         "{text}"
     );
     assert!(text.contains("EMERGENCY"), "{text}");
@@ -119,7 +120,7 @@ fn policy_explain_prints_the_decision_and_why() {
         r#"{"count": 50}"#,
     ]);
     assert!(
-        stdout(&output).contains("constraint_violated"),
+        stdout(&output).contains(Reason::ConstraintViolated.as_str()),
         "{}",
         stdout(&output)
     );
@@ -135,7 +136,7 @@ fn policy_explain_prints_the_decision_and_why() {
         r#"{"count": -1}"#,
     ]);
     assert!(
-        stdout(&output).contains("invalid_arguments"),
+        stdout(&output).contains(Reason::InvalidArguments.as_str()),
         "{}",
         stdout(&output)
     );
@@ -150,7 +151,7 @@ fn policy_explain_prints_the_decision_and_why() {
         "--args",
         r#"{"db_name": "database"}"#,
     ]);
-    assert!(stdout(&output).contains("always_blocked"));
+    assert!(stdout(&output).contains(Reason::AlwaysBlocked.as_str()));
     let output = proxi(&[
         "policy",
         "explain",
@@ -158,7 +159,7 @@ fn policy_explain_prints_the_decision_and_why() {
         "--policy",
         path(&policy),
     ]);
-    assert!(stdout(&output).contains("unknown_tool"));
+    assert!(stdout(&output).contains(Reason::UnknownTool.as_str()));
     let output = proxi(&[
         "policy",
         "explain",

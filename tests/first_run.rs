@@ -9,6 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{AGENT_TOKEN, Api, OPERATOR_TOKEN, TestServer, wait_until};
+use proxi::reason::Reason;
 use proxi::server::ServerInfo;
 use serde_json::{Value, json};
 
@@ -142,7 +143,7 @@ fn explain_without_arguments_describes_the_tool_in_the_mode() {
             && out.contains("whatever the arguments"),
         "{out}"
     );
-    assert!(!out.contains("invalid_arguments"), "{out}");
+    assert!(!out.contains(Reason::InvalidArguments.as_str()), "{out}");
 
     let (code, out) = explain("scale_fleet", "EMERGENCY");
     assert_eq!(code, Some(0), "{out}");

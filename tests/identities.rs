@@ -11,6 +11,7 @@ use common::{
     AGENT_TOKEN, Api, OPERATOR_TOKEN, ServerProcess, audit_records, mcp_initialize_body, mcp_post,
 };
 use proxi::audit::AuditRecord;
+use proxi::reason::Reason;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, COOKIE, ORIGIN, SET_COOKIE};
 use serde_json::{Value, json};
@@ -247,7 +248,10 @@ async fn a_revoked_token_is_refused_by_the_running_server_on_the_next_request() 
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let refusal = last_of_kind(&audit_records(dir.path()), "auth_refused");
     assert_eq!(refusal.principal, "anonymous");
-    assert_eq!(refusal.reason_code.as_deref(), Some("invalid_token"));
+    assert_eq!(
+        refusal.reason_code.as_deref(),
+        Some(Reason::InvalidToken.as_str())
+    );
     // The built-in tokens are unaffected.
     let (status, _) = api.get("/policy/status", Some(OPERATOR_TOKEN)).await;
     assert_eq!(status, StatusCode::OK);

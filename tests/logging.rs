@@ -4,49 +4,33 @@
 mod common;
 
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Api, OPERATOR_TOKEN, policy_path, wait_until};
-use proxi::server::ServerInfo;
+use common::{Api, ServerProcess, policy_path, wait_until};
 use reqwest::StatusCode;
 use serde_json::Value;
 
 /// Starts `proxi serve` with stderr to a pipe and info logging, plus `extra` flags.
-fn serve(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_proxi"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--durability", "process"])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--policy")
-        .arg(policy_path())
+fn serve(data_dir: &std::path::Path, extra: &[&str]) -> ServerProcess {
+    let mut command = ServerProcess::command(data_dir, Some(&policy_path()));
+    command
+        .args(["--durability", "process"])
         .args(extra)
-        .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
-        .env("PROXI_AGENT_TOKEN", common::AGENT_TOKEN)
         .env("RUST_LOG", "info")
-        .env_remove("NO_COLOR")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("proxi serve starts");
-    let pid = child.id();
-    let url = wait_until("server.json", Duration::from_secs(60), || {
-        ServerInfo::read(data_dir)
-            .filter(|info| info.pid == pid)
-            .map(|info| info.url)
-    });
-    (child, url)
+        .env_remove("NO_COLOR");
+    ServerProcess::spawn(command, data_dir)
 }
 
 /// Makes the server log at run time (an elevated mode lapsing is an info event),
 /// stops it with SIGTERM, and returns everything it wrote to stderr.
 async fn run_and_collect_stderr(extra: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url) = serve(dir.path(), extra);
+    let mut server = serve(dir.path(), extra);
     let collected = Arc::new(Mutex::new(String::new()));
     let reader = {
-        let mut pipe = child.stderr.take().expect("stderr is piped");
+        let mut pipe = server.child.stderr.take().expect("stderr is piped");
         let collected = collected.clone();
         std::thread::spawn(move || {
             let mut chunk = [0u8; 4096];
@@ -56,7 +40,7 @@ async fn run_and_collect_stderr(extra: &[&str]) -> String {
             }
         })
     };
-    let api = Api::new(&url);
+    let api = Api::new(&server.url);
     let (status, body) = api.set_mode("EMERGENCY", Some("log test"), Some(1)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_until("the lapse to be logged", Duration::from_secs(30), || {
@@ -66,12 +50,7 @@ async fn run_and_collect_stderr(extra: &[&str]) -> String {
             .contains("elevated mode lapsed")
             .then_some(())
     });
-    let stopped = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(stopped.success());
-    let status = child.wait().expect("proxi exits");
+    let status = server.terminate();
     reader.join().expect("the reader ends with the pipe");
     let stderr = collected.lock().unwrap().clone();
     assert!(

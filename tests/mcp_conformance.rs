@@ -7,7 +7,7 @@
 //! relay's own port in Host/Origin. A foreign Host (the DNS-rebinding scenario's
 //! `evil.example.com`) passes through untouched, so Proxi's own check decides.
 
-mod mcp_support;
+mod common;
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -20,7 +20,8 @@ use axum::http::header::{
 };
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use mcp_support::{AGENT_TOKEN, ProxiServer, harness_file, loopback_env, run_with_deadline};
+use common::AGENT_TOKEN;
+use common::mcp_harness::{ProxiServer, harness_file, loopback_env, run_with_deadline};
 
 /// The scenarios a server without the suite's fixture tools can pass; all must.
 const SCENARIOS: [&str; 5] = [

@@ -4,11 +4,12 @@
 //! which the OpenAPI subset of Gemini function declarations may reject). Proxi's
 //! published schemas must pass it with no error and no warning.
 
-mod mcp_support;
+mod common;
 
 use std::process::Command;
 
-use mcp_support::{harness_file, loopback_env, policy, proxi_bin, run_with_deadline};
+use common::mcp_harness::{harness_file, loopback_env, proxi_bin, run_with_deadline};
+use common::policy_path;
 use serde_json::Value;
 
 #[test]
@@ -26,7 +27,7 @@ fn the_inspector_finds_no_schema_problem_in_tools_list() {
         .arg(proxi_bin())
         .arg("mcp")
         .arg("--policy")
-        .arg(policy())
+        .arg(policy_path())
         .arg("--data-dir")
         .arg(&data_dir)
         .current_dir(scratch.path())

@@ -2,7 +2,7 @@
 //! in-process server, raw HTTP for the guard (token, Host/Origin, malformed
 //! JSON-RPC, body limit), and the `proxi mcp` binary for stdio hygiene.
 
-mod mcp_support;
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -11,89 +11,52 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use proxi::audit::Durability;
-use proxi::gateway::{Gateway, GatewayConfig};
-use proxi::policy::PolicyEngine;
-use proxi::server::{self, AppState};
-use proxi::tokens::Tokens;
+use proxi::gateway::Gateway;
 use proxi::tools::ToolName;
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HOST, ORIGIN};
 use rmcp::RoleClient;
-use rmcp::ServiceExt;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation,
-    ReadResourceRequestParams,
+    CallToolResult, ClientCapabilities, ClientConfig, Implementation, ReadResourceRequestParams,
 };
 use rmcp::service::RunningService;
-use rmcp::transport::StreamableHttpClientTransport;
-use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use serde_json::{Value, json};
 
-use mcp_support::{AGENT_TOKEN, DEADLINE, OPERATOR_TOKEN};
+use common::mcp_client::{call_params, connect, connect_with};
+use common::mcp_harness::DEADLINE;
+use common::{AGENT_TOKEN, OPERATOR_TOKEN};
+use proxi::reason::Reason;
 
 const CLIENT_NAME: &str = "rust-protocol-test";
 
+/// The in-process server of tests/common, with the MCP requests these tests make.
 struct TestServer {
+    inner: common::TestServer,
     address: SocketAddr,
     gateway: Arc<Gateway>,
-    _data_dir: tempfile::TempDir,
 }
 
 impl TestServer {
     async fn start() -> TestServer {
-        let data_dir = tempfile::tempdir().expect("temp dir");
-        let policy = PolicyEngine::load(&mcp_support::policy()).expect("the shipped policy");
-        let gateway = Gateway::open(
-            policy,
-            GatewayConfig {
-                data_dir: data_dir.path().to_owned(),
-                durability: Durability::Process,
-                audit_reserve_bytes: None,
-            },
-        )
-        .await
-        .expect("open the gateway");
-        let (tokens, _) = Tokens::resolve(
-            data_dir.path(),
-            Some(OPERATOR_TOKEN.to_owned()),
-            Some(AGENT_TOKEN.to_owned()),
-        )
-        .expect("tokens");
-        let state = AppState {
-            gateway: gateway.clone(),
-            tokens: Arc::new(tokens),
-        };
-        let (address, _) = server::spawn(state, SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("start the server");
+        let inner = common::TestServer::start().await;
+        let address = inner
+            .url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("the server's address");
         TestServer {
+            gateway: inner.gateway(),
             address,
-            gateway,
-            _data_dir: data_dir,
+            inner,
         }
     }
 
     fn mcp_url(&self) -> String {
-        format!("http://{}/mcp", self.address)
+        format!("{}/mcp", self.inner.url)
     }
 
     async fn client(&self) -> RunningService<RoleClient, ClientConfig> {
-        proxi::tls::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("http client");
-        let config =
-            StreamableHttpClientTransportConfig::with_uri(self.mcp_url()).auth_header(AGENT_TOKEN);
-        let transport = StreamableHttpClientTransport::with_client(http, config);
-        ClientConfig::new(
-            ClientCapabilities::default(),
-            Implementation::new(CLIENT_NAME, "1.0"),
-        )
-        .serve(transport)
-        .await
-        .expect("initialize over Streamable HTTP")
+        connect(&self.inner.url, AGENT_TOKEN, CLIENT_NAME).await
     }
 
     /// A raw POST to /mcp with the headers a Streamable HTTP client sends.
@@ -135,11 +98,8 @@ async fn call(
     tool: &str,
     arguments: Value,
 ) -> CallToolResult {
-    let Value::Object(arguments) = arguments else {
-        panic!("arguments must be an object");
-    };
     client
-        .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments))
+        .call_tool(call_params(tool, arguments))
         .await
         .unwrap_or_else(|error| panic!("tools/call {tool} is answered with a result: {error}"))
 }
@@ -217,7 +177,7 @@ async fn tools_call_takes_the_governed_path_and_refusals_are_tool_results() {
     assert_eq!(denied.is_error, Some(true));
     let refusal = structured(&denied);
     assert_eq!(refusal["policy_violation"], true);
-    assert_eq!(refusal["reason_code"], "blocked_in_mode");
+    assert_eq!(refusal["reason_code"], Reason::BlockedInMode.as_str());
     assert_eq!(refusal["mode"], "NORMAL");
     assert_eq!(refusal["tool"], "restart_service");
     let hint = refusal["how_to_proceed"].as_str().unwrap_or_default();
@@ -238,11 +198,17 @@ async fn tools_call_takes_the_governed_path_and_refusals_are_tool_results() {
     // tool would be denied before its arguments are looked at).
     let invalid = call(&client, "read_logs", json!({"lines": "ten"})).await;
     assert_eq!(invalid.is_error, Some(true));
-    assert_eq!(structured(&invalid)["reason_code"], "invalid_arguments");
+    assert_eq!(
+        structured(&invalid)["reason_code"],
+        Reason::InvalidArguments.as_str()
+    );
     assert_eq!(structured(&invalid)["policy_violation"], false);
 
     let missing = call(&client, "get_service_status", json!({})).await;
-    assert_eq!(structured(&missing)["reason_code"], "invalid_arguments");
+    assert_eq!(
+        structured(&missing)["reason_code"],
+        Reason::InvalidArguments.as_str()
+    );
 
     let failed = call(
         &client,
@@ -251,15 +217,24 @@ async fn tools_call_takes_the_governed_path_and_refusals_are_tool_results() {
     )
     .await;
     assert_eq!(failed.is_error, Some(true));
-    assert_eq!(structured(&failed)["reason_code"], "unknown_service");
+    assert_eq!(
+        structured(&failed)["reason_code"],
+        Reason::UnknownService.as_str()
+    );
 
     // No MCP tool or method changes the mode: an agent cannot escalate itself.
     let escalate = call(&client, "set_mode", json!({"mode": "EMERGENCY"})).await;
-    assert_eq!(structured(&escalate)["reason_code"], "unknown_tool");
+    assert_eq!(
+        structured(&escalate)["reason_code"],
+        Reason::UnknownTool.as_str()
+    );
     assert_eq!(server.gateway.status().mode, "NORMAL");
 
     let always = call(&client, "delete_database", json!({"db_name": "database"})).await;
-    assert_eq!(structured(&always)["reason_code"], "always_blocked");
+    assert_eq!(
+        structured(&always)["reason_code"],
+        Reason::AlwaysBlocked.as_str()
+    );
 
     let records = server.gateway.audit().recent(20).expect("read the audit");
     let calls: Vec<_> = records
@@ -337,7 +312,10 @@ async fn a_missing_or_wrong_token_is_refused_with_401_and_audited() {
         .filter(|record| record.kind == "auth_refused")
         .filter_map(|record| record.reason_code.as_deref())
         .collect();
-    assert_eq!(refusals, ["missing_token", "invalid_token"]);
+    assert_eq!(
+        refusals,
+        [Reason::MissingToken.as_str(), Reason::InvalidToken.as_str()]
+    );
 }
 
 #[tokio::test]
@@ -433,10 +411,10 @@ fn lines_of(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
 #[test]
 fn proxi_mcp_speaks_only_protocol_on_stdout() {
     let data_dir = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(mcp_support::proxi_bin())
+    let mut child = Command::new(common::mcp_harness::proxi_bin())
         .args(["mcp", "--durability", "process"])
         .arg("--policy")
-        .arg(mcp_support::policy())
+        .arg(common::policy_path())
         .arg("--data-dir")
         .arg(data_dir.path())
         .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
@@ -487,7 +465,7 @@ fn proxi_mcp_speaks_only_protocol_on_stdout() {
     assert_eq!(answers[&4]["result"]["isError"], true);
     assert_eq!(
         answers[&4]["result"]["structuredContent"]["reason_code"],
-        "always_blocked"
+        Reason::AlwaysBlocked.as_str()
     );
     assert_eq!(
         answers[&5]["error"]["code"], -32602,
@@ -557,17 +535,7 @@ async fn a_subscribed_session_hears_of_a_mode_change_made_over_rest() {
         ),
         updates: sender,
     };
-    proxi::tls::install_crypto_provider();
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("http client");
-    let config =
-        StreamableHttpClientTransportConfig::with_uri(server.mcp_url()).auth_header(AGENT_TOKEN);
-    let client = listener
-        .serve(StreamableHttpClientTransport::with_client(http, config))
-        .await
-        .expect("initialize");
+    let client = connect_with(listener, &server.inner.url, AGENT_TOKEN).await;
     #[allow(deprecated)] // resources/subscribe is how 2025-era sessions subscribe
     client
         .subscribe(rmcp::model::SubscribeRequestParams::new(

@@ -5,14 +5,14 @@
 //!
 //! The scenario itself is tests/python/mcp_e2e.py.
 
-mod mcp_support;
+mod common;
 
 use std::process::Command;
 
-use mcp_support::{
-    AGENT_TOKEN, OPERATOR_TOKEN, ProxiServer, assert_success, loopback_env, policy, proxi_bin,
-    python, repo, run_with_deadline,
+use common::mcp_harness::{
+    ProxiServer, assert_success, loopback_env, proxi_bin, python, repo, run_with_deadline,
 };
+use common::{AGENT_TOKEN, OPERATOR_TOKEN, policy_path};
 
 fn script() -> Command {
     let mut command = Command::new(python());
@@ -33,7 +33,7 @@ fn over_stdio(mode: &str) {
         .arg("--proxi")
         .arg(proxi_bin())
         .arg("--policy")
-        .arg(policy())
+        .arg(policy_path())
         .arg("--data-dir")
         .arg(data_dir.path());
     let output = run_with_deadline(&mut command);

@@ -1,5 +1,5 @@
 //! `/metrics` end to end: the operator token on the main listener, the
-//! token-free `--metrics-bind` listener, and the series the issue names.
+//! token-free `--metrics-bind` listener, and the series README's metrics section lists.
 
 mod common;
 

@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 use common::{AGENT_TOKEN, TestServer, policy_path, write_policy};
 use proxi::audit::AuditRecord;
 use proxi::canonical::canonical_digest;
+use proxi::reason::Reason;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -113,7 +114,7 @@ fn policy_diff_lists_each_changed_decision_and_exits_1() {
             "mode": "NORMAL",
             "tool": "restart_service",
             "change": "newly_allowed",
-            "old": {"allowed": false, "reason": "blocked_in_mode", "constraints": []},
+            "old": {"allowed": false, "reason": Reason::BlockedInMode.as_str(), "constraints": []},
             "new": {"allowed": true, "reason": null, "constraints": []},
         })
     );

@@ -8,6 +8,7 @@
 mod common;
 
 use common::{McpStdio, TestServer, policy_path};
+use proxi::reason::Reason;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -20,25 +21,25 @@ async fn tool_level_denials_come_before_schema_errors() {
             "restart_service",
             json!({"service_name": 5}),
             StatusCode::FORBIDDEN,
-            "blocked_in_mode",
+            Reason::BlockedInMode.as_str(),
         ),
         (
             "restart_service",
             json!({"unexpected": true}),
             StatusCode::FORBIDDEN,
-            "blocked_in_mode",
+            Reason::BlockedInMode.as_str(),
         ),
         (
             "delete_database",
             json!({}),
             StatusCode::FORBIDDEN,
-            "always_blocked",
+            Reason::AlwaysBlocked.as_str(),
         ),
         (
             "read_logs",
             json!({"lines": "ten"}),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_arguments",
+            Reason::InvalidArguments.as_str(),
         ),
     ];
     for (tool, arguments, status, reason) in cases {
@@ -55,7 +56,10 @@ async fn tool_level_denials_come_before_schema_errors() {
     }
     let records = server.tool_calls().await;
     assert_eq!(records[0].decision, "denied");
-    assert_eq!(records[0].reason_code.as_deref(), Some("blocked_in_mode"));
+    assert_eq!(
+        records[0].reason_code.as_deref(),
+        Some(Reason::BlockedInMode.as_str())
+    );
 
     api.emergency().await;
     let cases: [(&str, Value, StatusCode, &str); 3] = [
@@ -64,20 +68,20 @@ async fn tool_level_denials_come_before_schema_errors() {
             "restart_service",
             json!({"service_name": 5}),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_arguments",
+            Reason::InvalidArguments.as_str(),
         ),
         (
             "scale_fleet",
             json!({"count": "50"}),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_arguments",
+            Reason::InvalidArguments.as_str(),
         ),
         // ... and constraints only judge schema-valid arguments.
         (
             "scale_fleet",
             json!({"count": 50}),
             StatusCode::FORBIDDEN,
-            "constraint_violated",
+            Reason::ConstraintViolated.as_str(),
         ),
     ];
     for (tool, arguments, status, reason) in cases {
@@ -94,7 +98,8 @@ fn mcp_reports_the_same_order() {
     let result = mcp.call_tool("restart_service", json!({"service_name": 5}));
     assert_eq!(result["isError"], true);
     assert_eq!(
-        result["structuredContent"]["reason_code"], "blocked_in_mode",
+        result["structuredContent"]["reason_code"],
+        Reason::BlockedInMode.as_str(),
         "{result}"
     );
     assert_eq!(result["structuredContent"]["policy_violation"], true);

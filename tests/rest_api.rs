@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{AGENT_TOKEN, Api, OPERATOR_TOKEN, TestServer};
+use proxi::reason::Reason;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -42,7 +43,7 @@ async fn scenario_1_normal_mode_blocks_restart() {
     let (status, body) = api
         .execute("restart_service", json!({"service_name": "web-server"}))
         .await;
-    assert_denied(status, &body, "blocked_in_mode");
+    assert_denied(status, &body, Reason::BlockedInMode.as_str());
     assert_eq!(body["mode"], "NORMAL");
     assert!(
         body["how_to_proceed"]
@@ -87,12 +88,12 @@ async fn scenario_3_delete_database_is_blocked_in_every_mode() {
     let (status, body) = api
         .execute("delete_database", json!({"db_name": "database"}))
         .await;
-    assert_denied(status, &body, "always_blocked");
+    assert_denied(status, &body, Reason::AlwaysBlocked.as_str());
     api.emergency().await;
     let (status, body) = api
         .execute("delete_database", json!({"db_name": "database"}))
         .await;
-    assert_denied(status, &body, "always_blocked");
+    assert_denied(status, &body, Reason::AlwaysBlocked.as_str());
     assert_eq!(service_status(&api, "database").await, "healthy");
 }
 
@@ -104,13 +105,17 @@ async fn scenario_4_chained_calls_are_each_decided() {
         (
             "restart_service",
             json!({"service_name": "web-server"}),
-            "blocked_in_mode",
+            Reason::BlockedInMode.as_str(),
         ),
-        ("scale_fleet", json!({"count": 5}), "blocked_in_mode"),
+        (
+            "scale_fleet",
+            json!({"count": 5}),
+            Reason::BlockedInMode.as_str(),
+        ),
         (
             "delete_database",
             json!({"db_name": "database"}),
-            "always_blocked",
+            Reason::AlwaysBlocked.as_str(),
         ),
     ];
     for (tool, arguments, reason) in chain {
@@ -137,14 +142,14 @@ async fn scenario_5_boundary_values_fail_argument_validation() {
     for count in [json!(-1), json!(0), json!(1000), json!("3"), json!(2.5)] {
         let (status, body) = api.execute("scale_fleet", json!({"count": count})).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-        assert_eq!(body["reason_code"], "invalid_arguments");
+        assert_eq!(body["reason_code"], Reason::InvalidArguments.as_str());
         assert_eq!(body["policy_violation"], false);
         assert!(body["error"].as_str().unwrap().contains("count"), "{body}");
     }
     assert_eq!(fleet_size(&api).await, 3);
     // Within the schema but over the EMERGENCY constraint: a policy decision.
     let (status, body) = api.execute("scale_fleet", json!({"count": 50})).await;
-    assert_denied(status, &body, "constraint_violated");
+    assert_denied(status, &body, Reason::ConstraintViolated.as_str());
     assert_eq!(fleet_size(&api).await, 3);
     let (status, body) = api.execute("scale_fleet", json!({"count": 5})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -164,7 +169,7 @@ async fn scenario_6_mode_changes_are_seen_by_the_next_call() {
     assert_eq!(body["mode"], "EMERGENCY");
     api.normal().await;
     let (status, body) = api.execute("restart_service", restart).await;
-    assert_denied(status, &body, "blocked_in_mode");
+    assert_denied(status, &body, Reason::BlockedInMode.as_str());
     assert_eq!(body["mode"], "NORMAL");
 }
 
@@ -175,7 +180,7 @@ async fn scenario_7_unknown_tools_are_rejected_with_the_real_list() {
     let (status, body) = api
         .execute("magic_fix", json!({"service_name": "web-server"}))
         .await;
-    assert_denied(status, &body, "unknown_tool");
+    assert_denied(status, &body, Reason::UnknownTool.as_str());
     let known: Vec<&str> = body["known_tools"]
         .as_array()
         .unwrap()
@@ -186,7 +191,7 @@ async fn scenario_7_unknown_tools_are_rejected_with_the_real_list() {
     assert!(known.contains(&"restart_service"));
     let records = api.audit(1).await;
     assert_eq!(records[0]["tool"], "magic_fix");
-    assert_eq!(records[0]["reason_code"], "unknown_tool");
+    assert_eq!(records[0]["reason_code"], Reason::UnknownTool.as_str());
 }
 
 #[tokio::test]
@@ -203,7 +208,7 @@ async fn scenario_8_unknown_services_fail_resource_validation() {
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["success"], false);
     assert_eq!(body["policy_violation"], false);
-    assert_eq!(body["reason_code"], "unknown_service");
+    assert_eq!(body["reason_code"], Reason::UnknownService.as_str());
     assert!(body["error"].as_str().unwrap().contains("payment-service"));
 }
 
@@ -327,11 +332,11 @@ async fn auth_refusals_are_401_or_403_and_audited() {
     assert_eq!(
         refusals,
         [
-            ("anonymous", "missing_token"),
-            ("anonymous", "invalid_token"),
+            ("anonymous", Reason::MissingToken.as_str()),
+            ("anonymous", Reason::InvalidToken.as_str()),
             // Refusals are aggregated: the first of a window per source and reason
             // is recorded at once, the other two go into its summary record.
-            ("agent", "forbidden"),
+            ("agent", Reason::Forbidden.as_str()),
         ]
     );
 }
@@ -408,7 +413,7 @@ async fn emergency_lapses_by_itself_and_the_lapse_is_audited() {
     let (status, body) = api
         .execute("restart_service", json!({"service_name": "cache"}))
         .await;
-    assert_denied(status, &body, "blocked_in_mode");
+    assert_denied(status, &body, Reason::BlockedInMode.as_str());
 }
 
 #[tokio::test]
@@ -458,7 +463,7 @@ async fn incidents_and_audit_queries_are_validated() {
     assert_eq!(records.len(), 2);
     assert_eq!(records[0]["kind"], "incident");
     assert_eq!(records[1]["outcome"], "failed");
-    assert_eq!(records[1]["reason_code"], "unknown_service");
+    assert_eq!(records[1]["reason_code"], Reason::UnknownService.as_str());
 }
 
 /// No internals in error bodies: paths, SQL, panics or Rust type names.

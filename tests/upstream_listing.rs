@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use proxi::catalog::Catalog;
 use proxi::policy::PolicyEngine;
+use proxi::reason::Reason;
 use proxi::upstream::client::{ExposedTool, ToolListing};
 use reqwest::StatusCode;
 use rmcp::model::{Tool, ToolAnnotations};
@@ -111,15 +112,27 @@ async fn a_hidden_tool_is_still_decided_and_audited_and_bad_arguments_are_reject
         .execute("fs__move_file", json!({"path": "a", "content": "b"}))
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    assert_eq!(body["reason_code"], "always_blocked", "{body}");
+    assert_eq!(
+        body["reason_code"],
+        Reason::AlwaysBlocked.as_str(),
+        "{body}"
+    );
     // Schema-invalid arguments of a permitted tool: 422, never forwarded.
     let (status, body) = api.execute("fs__read_text_file", json!({"path": 7})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    assert_eq!(body["reason_code"], "invalid_arguments", "{body}");
+    assert_eq!(
+        body["reason_code"],
+        Reason::InvalidArguments.as_str(),
+        "{body}"
+    );
     // Blocked in NORMAL, whatever the arguments.
     let (status, body) = api.execute("fs__write_file", json!({})).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    assert_eq!(body["reason_code"], "blocked_in_mode", "{body}");
+    assert_eq!(
+        body["reason_code"],
+        Reason::BlockedInMode.as_str(),
+        "{body}"
+    );
 
     let records = api.audit(10).await;
     let decided: Vec<(String, String)> = records

@@ -15,20 +15,19 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::upstream::{arguments, eventually, fixture, fixture_calls, resolved, text_of};
+use common::mcp_client::{result_of, send_call};
+use common::upstream::{
+    arguments, eventually, fixture, fixture_calls, resolved, text_of, wait_for_fixture_call,
+};
 use proxi::upstream::call::{CallContext, CallerPeer};
 use proxi::upstream::set::UpstreamSet;
 use rmcp::model::{
-    CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities,
-    ClientConfig, ClientRequest, CreateMessageRequestParams, CreateMessageResult,
-    ElicitRequestParams, ElicitResult, ElicitationAction, ErrorData, Implementation,
-    LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken, SamplingMessage,
-    ServerCapabilities, ServerConfig, ServerResult,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
+    CreateMessageRequestParams, CreateMessageResult, ElicitRequestParams, ElicitResult,
+    ElicitationAction, ErrorData, Implementation, LoggingMessageNotificationParam,
+    ProgressNotificationParam, ProgressToken, SamplingMessage, ServerCapabilities, ServerConfig,
 };
-use rmcp::service::{
-    NotificationContext, PeerRequestOptions, RequestContext, RequestHandle, RoleClient, RoleServer,
-    RunningService,
-};
+use rmcp::service::{NotificationContext, RequestContext, RoleClient, RoleServer, RunningService};
 use rmcp::{ClientHandler, ServerHandler, ServiceExt};
 use serde_json::json;
 
@@ -179,31 +178,6 @@ async fn connect(
     .await
     .expect("client handshake");
     (client, seen)
-}
-
-/// Sends `tools/call` and returns the handle: its progress token and id identify it.
-async fn send_call(
-    client: &RunningService<RoleClient, Caller>,
-    tool: &str,
-    args: serde_json::Value,
-) -> RequestHandle<RoleClient> {
-    let mut params = CallToolRequestParams::new(tool.to_owned());
-    params.arguments = arguments(args);
-    client
-        .peer()
-        .send_request_with_option(
-            ClientRequest::CallToolRequest(CallToolRequest::new(params)),
-            PeerRequestOptions::no_options(),
-        )
-        .await
-        .expect("send tools/call")
-}
-
-async fn result_of(handle: RequestHandle<RoleClient>) -> CallToolResult {
-    match handle.await_response().await.expect("a response") {
-        ServerResult::CallToolResult(result) => result,
-        other => panic!("not a tool result: {other:?}"),
-    }
 }
 
 async fn fixture_set(call_log: &Path) -> Arc<UpstreamSet> {
@@ -400,15 +374,7 @@ async fn sampling_and_elicitation_go_to_the_calling_client_only_when_it_declared
     // Over stdio a request cannot name its call: with a second call in flight it is
     // refused rather than guessed.
     let busy = send_call(&bob, "fx__slow", json!({"ms": 1500})).await;
-    eventually(
-        "the slow call to reach the fixture",
-        Duration::from_secs(10),
-        || {
-            let calls = fixture_calls(&call_log);
-            async move { calls.iter().any(|c| c["tool"] == "slow").then_some(()) }
-        },
-    )
-    .await;
+    wait_for_fixture_call(&call_log, "slow", "call").await;
     let ambiguous =
         result_of(send_call(&alice, "fx__ask", json!({"question": "again?"})).await).await;
     assert_eq!(ambiguous.is_error, Some(true), "{ambiguous:?}");
@@ -484,15 +450,7 @@ async fn over_http_a_request_is_routed_by_its_stream_even_with_calls_in_flight()
     let (bob, _) = connect(&set, None).await;
 
     let busy = send_call(&bob, "web__slow", json!({"ms": 1500})).await;
-    eventually(
-        "the slow call to reach the fixture",
-        Duration::from_secs(10),
-        || {
-            let calls = fixture_calls(&call_log);
-            async move { calls.iter().any(|c| c["tool"] == "slow").then_some(()) }
-        },
-    )
-    .await;
+    wait_for_fixture_call(&call_log, "slow", "call").await;
     // Two calls in flight, but the sampling request comes on the SSE stream of
     // Alice's POST, so it is hers without doubt.
     let answered = result_of(send_call(&alice, "web__ask", json!({"question": "ok?"})).await).await;
@@ -594,25 +552,9 @@ async fn a_dropped_call_is_cancelled_upstream_and_frees_its_route() {
     let slow = set.call("fx", "slow", arguments(json!({"ms": 30000})), &detached);
     tokio::select! {
         outcome = slow => panic!("the slow call ended: {outcome:?}"),
-        () = eventually("the fixture to receive the slow call", Duration::from_secs(10), || {
-            let calls = fixture_calls(&call_log);
-            async move { calls.iter().any(|c| c["tool"] == "slow").then_some(()) }
-        }) => {}
+        () = wait_for_fixture_call(&call_log, "slow", "call") => {}
     }
-    eventually(
-        "the fixture to see the cancellation",
-        Duration::from_secs(10),
-        || {
-            let calls = fixture_calls(&call_log);
-            async move {
-                calls
-                    .iter()
-                    .any(|c| c["tool"] == "slow" && c["event"] == "cancelled")
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    wait_for_fixture_call(&call_log, "slow", "cancelled").await;
     // Had the dropped call stayed in flight, this request could not be attributed
     // over stdio and would be refused.
     let answered =

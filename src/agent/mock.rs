@@ -982,7 +982,7 @@ mod tests {
         let line = refusal(
             "restart the web server",
             "restart_service",
-            &denied("NORMAL", "blocked_in_mode"),
+            &denied("NORMAL", Reason::BlockedInMode.as_str()),
             &catalog(),
         );
         assert_eq!(
@@ -997,7 +997,7 @@ mod tests {
         let line = refusal(
             "restart the web server",
             "restart_service",
-            &denied("NORMAL", "blocked_in_mode"),
+            &denied("NORMAL", Reason::BlockedInMode.as_str()),
             &bare,
         );
         assert_eq!(

@@ -917,6 +917,33 @@ mod tests {
 
     use super::*;
 
+    /// ARCHITECTURE.md's invariant "the agent is a client": every `crate::` path
+    /// in src/agent/ goes to the wire types, the client, the TLS set-up or the
+    /// agent itself, never into the gateway, policy or servers.
+    #[test]
+    fn the_agent_reaches_only_the_api_the_client_and_tls() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/agent");
+        let allowed = ["crate::api", "crate::client", "crate::tls", "crate::agent"];
+        let mut files = 0;
+        for entry in std::fs::read_dir(&dir).expect("src/agent is readable") {
+            let path = entry.expect("a directory entry").path();
+            let text = std::fs::read_to_string(&path).expect("a source file");
+            files += 1;
+            for (at, _) in text.match_indices("crate::") {
+                let rest = &text[at..];
+                let names_a_module = rest["crate::".len()..]
+                    .starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+                assert!(
+                    !names_a_module || allowed.iter().any(|prefix| rest.starts_with(prefix)),
+                    "{} reaches {}",
+                    path.display(),
+                    rest.lines().next().unwrap_or_default()
+                );
+            }
+        }
+        assert!(files > 5, "read only {files} files of src/agent");
+    }
+
     #[test]
     fn backoff_doubles_honours_retry_after_and_is_capped() {
         let policy = RetryPolicy {

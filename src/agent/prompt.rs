@@ -219,7 +219,7 @@ mod tests {
             forwarded: true,
             from_text: false,
             decision: Decision::Denied,
-            reason_code: Some("blocked_in_mode".into()),
+            reason_code: Some(crate::api::Reason::BlockedInMode.as_str().into()),
             message: Some("Tool 'restart_service' is blocked in NORMAL mode".into()),
             how_to_proceed: Some("Ask an operator".into()),
             known_tools: None,

@@ -50,7 +50,7 @@ pub enum ProviderChoice {
     Gemini,
     /// OpenAI, or any OpenAI-compatible server via `OPENAI_BASE_URL`.
     OpenAi,
-    /// Anthropic.
+    /// Anthropic's Messages API (`ANTHROPIC_API_KEY`).
     Anthropic,
     /// A local Ollama.
     Ollama,
@@ -89,7 +89,7 @@ impl fmt::Display for ProviderChoice {
 
 /// A ready provider and a line saying which one it is and why.
 pub struct SelectedProvider {
-    /// The provider.
+    /// The provider, configured and ready for its first turn.
     pub provider: Box<dyn LlmProvider>,
     /// E.g. `gemini (model gemini-2.5-flash, https://...; GOOGLE_API_KEY is set)`.
     pub description: String,

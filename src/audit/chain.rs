@@ -173,7 +173,7 @@ pub fn seal(
         },
         mode: cut(&entry.mode, MAX_STORED_NAME_BYTES),
         decision: entry.decision.as_str(),
-        reason_code: entry.reason_code,
+        reason_code: entry.reason_code.map(crate::reason::Reason::as_str),
         outcome: entry.outcome,
         detail: utf8(&buffers.detail)?,
         expires_at: expires_at.as_deref(),

@@ -913,7 +913,7 @@ mod tests {
             if n % 2 == 1 {
                 record.tool = Some("restart_service".into());
                 record.decision = AuditDecision::Denied;
-                record.reason_code = Some("blocked_in_mode");
+                record.reason_code = Some(crate::reason::Reason::BlockedInMode);
             } else {
                 record.principal = crate::principal::Principal::operator();
             }
@@ -1009,7 +1009,7 @@ mod tests {
         );
         assert_eq!(
             all(AuditQuery {
-                reason_code: Some("blocked_in_mode".into()),
+                reason_code: Some(crate::reason::Reason::BlockedInMode.as_str().into()),
                 kind: Some("tool_call".into()),
                 ..AuditQuery::default()
             }),

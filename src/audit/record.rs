@@ -106,7 +106,7 @@ pub struct AuditEntry {
     /// The verdict.
     pub decision: AuditDecision,
     /// Machine-readable reason for a refusal.
-    pub reason_code: Option<&'static str>,
+    pub reason_code: Option<crate::reason::Reason>,
     /// What happened: `executed`, `denied`, `invalid_arguments`, `failed`, `changed`, ...
     pub outcome: &'static str,
     /// Result, error message or explanation.
@@ -139,7 +139,8 @@ pub struct AuditRecord {
     pub mode: String,
     /// `allowed`, `denied` or `rejected`.
     pub decision: String,
-    /// Reason code of a refusal.
+    /// Reason code of a refusal, as stored: the text the chain hashed, kept even
+    /// when it names no [`crate::reason::Reason`] (see [`AuditRecord::reason`]).
     pub reason_code: Option<String>,
     /// What happened.
     pub outcome: String,
@@ -164,6 +165,16 @@ pub struct AuditRecord {
     /// was made in; absent in records written before roles were recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+}
+
+impl AuditRecord {
+    /// The reason code as a [`crate::reason::Reason`]; `None` without one, or for
+    /// a stored name no reason has (a record from another version, or forged).
+    pub fn reason(&self) -> Option<crate::reason::Reason> {
+        self.reason_code
+            .as_deref()
+            .and_then(crate::reason::Reason::parse)
+    }
 }
 
 /// One record's columns exactly as a store keeps them and as the chain hashes them
@@ -296,4 +307,48 @@ pub(super) fn json_error(error: serde_json::Error) -> AuditError {
 /// serde_json and hex emit UTF-8 only; a failure here is a bug, reported rather than panicking.
 pub(super) fn utf8(bytes: &[u8]) -> Result<&str, AuditError> {
     std::str::from_utf8(bytes).map_err(|error| AuditError::Encoding(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reason::Reason;
+
+    fn record_with_reason(reason_code: Option<&str>) -> AuditRecord {
+        AuditRecord {
+            seq: 1,
+            time: "2026-01-01T00:00:00.000000Z".to_owned(),
+            principal: "agent".to_owned(),
+            kind: "tool_call".to_owned(),
+            tool: Some("restart_service".to_owned()),
+            arguments: None,
+            mode: "NORMAL".to_owned(),
+            decision: "denied".to_owned(),
+            reason_code: reason_code.map(str::to_owned),
+            outcome: "denied".to_owned(),
+            detail: Value::Null,
+            expires_at: None,
+            prev_hash: String::new(),
+            hash: String::new(),
+            context: None,
+            mac: None,
+            policy_hash: None,
+            role: None,
+        }
+    }
+
+    #[test]
+    fn a_stored_reason_reads_back_as_its_reason_and_an_unknown_name_as_none() {
+        let known = record_with_reason(Some(Reason::BlockedInMode.as_str()));
+        assert_eq!(known.reason(), Some(Reason::BlockedInMode));
+        // A name from another version (or written by hand) is kept as stored, so
+        // the chain still verifies, and simply names no reason.
+        let unknown = record_with_reason(Some("reason_from_the_future"));
+        assert_eq!(unknown.reason(), None);
+        assert_eq!(
+            unknown.reason_code.as_deref(),
+            Some("reason_from_the_future")
+        );
+        assert_eq!(record_with_reason(None).reason(), None);
+    }
 }

@@ -337,7 +337,7 @@ fn explain(
                 }
                 Verdict::InvalidArguments(error) => {
                     println!("REJECTED  {tool} in {mode_name} mode");
-                    println!("  reason: {}", decision::INVALID_ARGUMENTS);
+                    println!("  reason: {}", proxi::reason::Reason::InvalidArguments);
                     println!("  {error}");
                     println!("  next: send arguments that match the tool's JSON Schema");
                     false

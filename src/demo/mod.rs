@@ -76,7 +76,7 @@ pub enum DemoError {
     /// The operator client failed while preparing a scenario.
     #[error("operator request failed: {0}")]
     Operator(#[from] ClientError),
-    /// No such scenario.
+    /// `--scenario` named a number outside 1 to 10.
     #[error("there is no scenario {0}; scenarios are numbered 1 to 10")]
     NoSuchScenario(u8),
 }
@@ -239,7 +239,7 @@ pub trait DemoSink: Send {
     fn scenario_started(&mut self, number: u8, title: &str);
     /// Progress of the stress scenario's mode switches.
     fn progress(&mut self, done: usize, total: usize);
-    /// A scenario finished.
+    /// A scenario finished, with its outcome and evidence.
     fn scenario_finished(&mut self, report: &ScenarioReport);
     /// The demo finished.
     fn finished(&mut self, report: &DemoReport);

@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::sessions::{BoundSessions, SessionRefusal, SessionRegistry};
 use super::{McpShared, Transport, misparsed_standard_request};
 use crate::api::MAX_BODY_BYTES;
+use crate::reason::Reason;
 use crate::server::auth::{authenticate, peer_source};
 use crate::server::refusals::RefusalTally;
 use crate::server::{AppState, Edge, error_response};
@@ -246,7 +247,7 @@ async fn guard_mcp(State(guard): State<Guard>, request: Request, next: Next) -> 
                     let source = peer_source(&parts);
                     if guard
                         .refusals
-                        .refuse(&principal, &source, &request, "foreign_session")
+                        .refuse(&principal, &source, &request, Reason::ForeignSession)
                         .await
                         .is_err()
                     {
@@ -349,7 +350,7 @@ fn session_refused(id: RequestId, refusal: SessionRefusal) -> Response {
     let error = ErrorData::new(
         rmcp::model::ErrorCode(SESSION_REFUSED_CODE),
         refusal.message(),
-        Some(serde_json::json!({"reason_code": refusal.reason_code()})),
+        Some(serde_json::json!({"reason_code": refusal.reason_code().as_str()})),
     );
     let mut response = json_rpc_error(Some(id), error);
     *response.status_mut() = refusal.status();

@@ -659,7 +659,10 @@ mod tests {
         assert_eq!(result.is_error, Some(true));
         let structured = result.structured_content.unwrap_or_default();
         assert_eq!(structured["policy_violation"], true);
-        assert_eq!(structured["reason_code"], "blocked_in_mode");
+        assert_eq!(
+            structured["reason_code"],
+            crate::reason::Reason::BlockedInMode.as_str()
+        );
         assert_eq!(structured["mode"], "NORMAL");
         assert_eq!(structured["tool"], "restart_service");
         assert_eq!(
@@ -681,14 +684,20 @@ mod tests {
         )));
         assert_eq!(invalid.is_error, Some(true));
         let structured = invalid.structured_content.unwrap_or_default();
-        assert_eq!(structured["reason_code"], "invalid_arguments");
+        assert_eq!(
+            structured["reason_code"],
+            crate::reason::Reason::InvalidArguments.as_str()
+        );
         assert_eq!(structured["policy_violation"], false);
 
         let unknown = tool_result(execution(Outcome::UnknownTool {
             message: "Tool 'x' does not exist".to_owned(),
         }));
         let structured = unknown.structured_content.unwrap_or_default();
-        assert_eq!(structured["reason_code"], "unknown_tool");
+        assert_eq!(
+            structured["reason_code"],
+            crate::reason::Reason::UnknownTool.as_str()
+        );
         assert_eq!(structured["known_tools"].as_array().map(Vec::len), Some(6));
     }
 

@@ -27,6 +27,7 @@ use rmcp::transport::streamable_http_server::session::{
     ServerSseMessage, SessionId, SessionManager,
 };
 
+use crate::reason::Reason;
 use crate::server::limits::EdgeLimits;
 
 /// Why a new session was refused.
@@ -52,11 +53,11 @@ impl SessionRefusal {
     }
 
     /// The audit record's reason code.
-    pub fn reason_code(self) -> &'static str {
+    pub fn reason_code(self) -> Reason {
         match self {
-            SessionRefusal::RateLimited => "session_rate_limited",
-            SessionRefusal::PrincipalCap(_) => "session_limit_principal",
-            SessionRefusal::TotalCap(_) => "session_limit_total",
+            SessionRefusal::RateLimited => Reason::SessionRateLimited,
+            SessionRefusal::PrincipalCap(_) => Reason::SessionLimitPrincipal,
+            SessionRefusal::TotalCap(_) => Reason::SessionLimitTotal,
         }
     }
 

@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::refusals::RefusalTally;
 use super::{AppState, Edge};
 use crate::principal::{Principal, Role};
+use crate::reason::Reason;
 use crate::tokens::Authentication;
 
 /// Any caller holding a valid token (agent or operator).
@@ -41,7 +42,10 @@ impl FromRequestParts<AppState> for Operator {
         if principal.role() == Role::Operator {
             return Ok(Operator(principal));
         }
-        if refuse(parts, state, &principal, "forbidden").await.is_err() {
+        if refuse(parts, state, &principal, Reason::Forbidden)
+            .await
+            .is_err()
+        {
             return Err(ApiError::audit_unavailable().into_response());
         }
         let message = if state.tokens.has_operator() {
@@ -64,12 +68,12 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
         Some(token) => match state.tokens.check(token) {
             Authentication::Accepted(principal) => return Ok(principal),
             refused => (
-                refused.refusal_reason().unwrap_or("invalid_token"),
+                refused.refusal_reason().unwrap_or(Reason::InvalidToken),
                 "the bearer token is not valid",
             ),
         },
         None => (
-            "missing_token",
+            Reason::MissingToken,
             "missing credentials: send Authorization: Bearer <token>",
         ),
     };
@@ -111,7 +115,7 @@ async fn refuse(
     parts: &Parts,
     state: &AppState,
     principal: &Principal,
-    reason: &'static str,
+    reason: Reason,
 ) -> Result<(), crate::gateway::GatewayError> {
     let what = describe(parts);
     match parts.extensions.get::<Edge>() {

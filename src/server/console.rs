@@ -36,6 +36,7 @@ use crate::audit::EntryKind;
 use crate::gateway::{ModeChange, ModeChangeError, PolicyStatus};
 use crate::infra::InfrastructureStatus;
 use crate::principal::{Principal, Role};
+use crate::reason::Reason;
 use crate::tokens::Authentication;
 
 /// Name of the session cookie.
@@ -372,13 +373,13 @@ async fn login(
         Authentication::Accepted(principal) if principal.role() == Role::Operator => None,
         Authentication::Accepted(principal) => Some((
             principal.clone(),
-            "forbidden",
+            Reason::Forbidden,
             StatusCode::FORBIDDEN,
             "only an operator token opens the console",
         )),
         refused => Some((
             Principal::anonymous(),
-            refused.refusal_reason().unwrap_or("invalid_token"),
+            refused.refusal_reason().unwrap_or(Reason::InvalidToken),
             StatusCode::UNAUTHORIZED,
             "that token is not valid",
         )),
@@ -455,7 +456,7 @@ async fn record_refusal(
     edge: Option<&Edge>,
     source: &str,
     principal: &Principal,
-    reason: &'static str,
+    reason: Reason,
 ) -> Result<(), crate::gateway::GatewayError> {
     let what = "POST /console/login";
     match edge {

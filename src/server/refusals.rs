@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::format_time;
 use crate::gateway::{Gateway, GatewayError, truncate};
 use crate::principal::Principal;
+use crate::reason::Reason;
 
 /// The source name shared by refusals from sources past the table's bound.
 pub const OVERFLOW_SOURCE: &str = "other";
@@ -29,7 +30,7 @@ const MAX_REQUEST_LEN: usize = 200;
 struct Key {
     principal: Arc<str>,
     source: Arc<str>,
-    reason: &'static str,
+    reason: Reason,
 }
 
 #[derive(Debug)]
@@ -70,7 +71,7 @@ impl RefusalTally {
         principal: &Principal,
         source: &str,
         request: &str,
-        reason: &'static str,
+        reason: Reason,
     ) -> Result<(), GatewayError> {
         let request = truncate(request, MAX_REQUEST_LEN);
         let source = {
@@ -221,7 +222,7 @@ mod tests {
                     &Principal::anonymous(),
                     "127.0.0.1",
                     "GET /audit",
-                    "missing_token",
+                    Reason::MissingToken,
                 )
                 .await
                 .expect("recorded");
@@ -248,7 +249,7 @@ mod tests {
                     &Principal::anonymous(),
                     &format!("10.0.0.{source}"),
                     "GET /",
-                    "invalid_token",
+                    Reason::InvalidToken,
                 )
                 .await
                 .expect("recorded");

@@ -122,7 +122,10 @@ async fn record_malformed(
         })
 }
 
-/// The HTTP status the issue assigns to each outcome.
+/// The HTTP status each outcome is answered with: 200 for a result, 403 for a
+/// refusal or an unknown tool, 422 for arguments off the schema, 400 for a bad
+/// tool name, 429 over a rate limit, 409 for a call that ran and failed (or was
+/// cancelled), 502/504 when the upstream is unavailable or too slow.
 pub fn execution_status(outcome: &Outcome) -> StatusCode {
     match outcome {
         Outcome::Executed(_) => StatusCode::OK,

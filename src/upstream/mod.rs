@@ -1,4 +1,4 @@
-//! Upstream MCP servers that Proxi governs (issue 10): their declaration in the
+//! Upstream MCP servers that Proxi governs: their declaration in the
 //! policy file, the names their tools get, an rmcp client session with each, and a
 //! supervisor that keeps a stdio upstream running.
 //!

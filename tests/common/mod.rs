@@ -2,6 +2,8 @@
 #![allow(dead_code)] // Each test binary uses a different subset.
 
 pub mod identities;
+pub mod mcp_client;
+pub mod mcp_harness;
 pub mod postgres;
 pub mod upstream;
 
@@ -20,7 +22,9 @@ use proxi::tokens::Tokens;
 use reqwest::StatusCode;
 use serde_json::Value;
 
+/// The operator token every test server started here accepts.
 pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
+/// The agent token every test server started here accepts.
 pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";
 
 /// The shipped policy file.
@@ -61,27 +65,45 @@ impl ServerProcess {
 
     /// Starts `proxi serve` with `policy` on `data_dir` and waits until it answers.
     pub fn start_with_policy(data_dir: &Path, policy: &Path, extra: &[&str]) -> ServerProcess {
-        let _ = std::fs::remove_file(data_dir.join(server::SERVER_FILE));
+        // `extra` may name another policy.
+        let policy = (!extra.contains(&"--policy")).then_some(policy);
+        let mut command = ServerProcess::command(data_dir, policy);
+        command.args(extra);
+        ServerProcess::spawn(command, data_dir)
+    }
+
+    /// The `proxi serve` command the helpers start, for a caller to add flags to
+    /// or redirect: an ephemeral loopback port, `data_dir`, `policy` (if given),
+    /// the test tokens, `warn` logs, stdout discarded and stderr piped.
+    pub fn command(data_dir: &Path, policy: Option<&Path>) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_proxi"));
         command
             .arg("serve")
             .args(["--bind", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir);
-        // `extra` may name another policy.
-        if !extra.contains(&"--policy") {
+        if let Some(policy) = policy {
             command.arg("--policy").arg(policy);
         }
-        let child = command
-            .args(extra)
+        command
             .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
             .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the proxi binary starts");
+            .stderr(Stdio::piped());
+        command
+    }
+
+    /// Spawns `command` (a `proxi serve` on `data_dir`, set up by the caller) and
+    /// waits until this child has written `server.json`; fails at once with its
+    /// exit status if it stops first.
+    pub fn spawn(mut command: Command, data_dir: &Path) -> ServerProcess {
+        let _ = std::fs::remove_file(data_dir.join(server::SERVER_FILE));
+        let mut child = command.spawn().expect("the proxi binary starts");
         let pid = child.id();
-        let url = wait_until("server.json", Duration::from_secs(30), || {
+        let url = wait_until("server.json", Duration::from_secs(60), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("proxi serve exited before it listened: {status}");
+            }
             ServerInfo::read(data_dir)
                 .filter(|info| info.pid == pid)
                 .map(|info| info.url)

@@ -172,6 +172,22 @@ pub fn fixture_calls(call_log: &Path) -> Vec<serde_json::Value> {
     }
 }
 
+/// Waits (up to a minute) until the fixture has recorded `event` ("call" or
+/// "cancelled") for its tool `tool` (the upstream's own name, without prefix).
+pub async fn wait_for_fixture_call(call_log: &Path, tool: &str, event: &str) {
+    eventually(
+        &format!("the fixture to record {event} {tool}"),
+        Duration::from_secs(60),
+        || async {
+            fixture_calls(call_log)
+                .iter()
+                .any(|call| call["tool"] == tool && call["event"] == event)
+                .then_some(())
+        },
+    )
+    .await
+}
+
 /// The process ids whose process group is `group` (walks /proc).
 pub fn processes_in_group(group: u32) -> Vec<u32> {
     let mut members = Vec::new();

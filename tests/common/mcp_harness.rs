@@ -1,30 +1,20 @@
-//! Helpers shared by the MCP end-to-end tests (tests/mcp_*.rs): the real binary, temp data dirs,
-//! and the third-party clients that `scripts/mcp-harness.sh` installs.
-
-#![allow(dead_code)] // each test binary uses a different subset
+//! Helpers for the MCP end-to-end tests against third-party clients (tests/mcp_*.rs):
+//! the real binary, a server whose log can be shown, and the clients that
+//! `scripts/mcp-harness.sh` installs.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use proxi::server::ServerInfo;
+use super::{ServerProcess, policy_path};
 
-/// Agent token every test server accepts.
-pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";
-/// Operator token every test server accepts.
-pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
 /// How long a server may take to start or a client to finish: a deadline, never a sleep.
 pub const DEADLINE: Duration = Duration::from_secs(120);
 
 /// The repository root.
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The shipped policy, as an absolute path.
-pub fn policy() -> PathBuf {
-    repo().join("policies/ops_policy.json")
 }
 
 /// The `proxi` binary cargo built for this test run.
@@ -63,9 +53,11 @@ pub fn loopback_env(command: &mut Command) -> &mut Command {
         .env("no_proxy", "127.0.0.1,localhost")
 }
 
-/// A `proxi serve` process on a fresh data dir and a free loopback port; killed on drop.
+/// A `proxi serve` process on a fresh data dir and a free loopback port, its
+/// stderr kept in a file for [`ProxiServer::log`]; killed on drop.
 pub struct ProxiServer {
-    child: Child,
+    // Declared first so that it is killed before its data dir is removed.
+    server: ServerProcess,
     /// The data dir (removed on drop).
     pub data_dir: tempfile::TempDir,
     /// Base URL, e.g. `http://127.0.0.1:41234`.
@@ -73,28 +65,19 @@ pub struct ProxiServer {
 }
 
 impl ProxiServer {
-    /// Starts `proxi serve --bind 127.0.0.1:0` and waits for `<data-dir>/server.json`.
+    /// Starts `proxi serve` with the shipped policy and waits until it answers.
     pub fn start() -> ProxiServer {
         let data_dir = tempfile::tempdir().expect("temp dir");
-        let mut command = Command::new(proxi_bin());
+        let mut command = ServerProcess::command(data_dir.path(), Some(&policy_path()));
         command
-            .args(["serve", "--bind", "127.0.0.1:0", "--durability", "process"])
-            .arg("--policy")
-            .arg(policy())
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
-            .env("PROXI_OPERATOR_TOKEN", OPERATOR_TOKEN)
-            .env("RUST_LOG", "warn")
+            .args(["--durability", "process"])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(log_file(data_dir.path()));
-        let mut child = command.spawn().expect("start proxi serve");
-        let url = wait_for_server(data_dir.path(), &mut child);
+        let server = ServerProcess::spawn(command, data_dir.path());
         ProxiServer {
-            child,
+            url: server.url.clone(),
+            server,
             data_dir,
-            url,
         }
     }
 
@@ -109,13 +92,6 @@ impl ProxiServer {
     }
 }
 
-impl Drop for ProxiServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Where a test server's stderr goes, inside its data dir.
 pub const LOG_FILE: &str = "proxi.log";
 
@@ -123,23 +99,6 @@ fn log_file(data_dir: &Path) -> Stdio {
     std::fs::File::create(data_dir.join(LOG_FILE))
         .map(Stdio::from)
         .unwrap_or_else(|_| Stdio::inherit())
-}
-
-/// Polls `<data_dir>/server.json` until the server (our child) has written it.
-pub fn wait_for_server(data_dir: &Path, child: &mut Child) -> String {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(info) = ServerInfo::read(data_dir)
-            && info.pid == child.id()
-        {
-            return info.url;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("proxi exited before it listened: {status}");
-        }
-        assert!(Instant::now() < deadline, "proxi did not start in time");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Runs `command` to completion within [`DEADLINE`], killing it if it overruns.
