@@ -723,7 +723,7 @@ impl Gateway {
         })?;
         // The rate limit comes before any other work, so a flood costs one bucket
         // check and one small record per call.
-        if let Err(retry_after) = self.rate_limiter.check(principal.role(), tool) {
+        if let Err(retry_after) = self.rate_limiter.check(principal, tool) {
             let refused = self
                 .refuse_rate_limited(principal, tool_name, retry_after)
                 .await;
