@@ -440,15 +440,18 @@ impl Gateway {
     }
 
     /// Like [`Gateway::open_with`], with the audit trail kept in `store` (a shared
-    /// PostgreSQL store) rather than in the data dir's SQLite database.
+    /// PostgreSQL store) rather than in the data dir's SQLite database, and the
+    /// approvals in `approvals` (the same shared store, so that an approval given on
+    /// one instance is consumed once on any).
     pub async fn open_with_store(
         policy: PolicyEngine,
         config: GatewayConfig,
         trust: StartupTrust,
         store: Arc<dyn crate::audit::AuditStore>,
+        approvals: Arc<dyn crate::approval::ApprovalStore>,
     ) -> Result<Arc<Gateway>, GatewayError> {
         let lock = lock_data_dir(&config.data_dir)?;
-        Gateway::open_locked(policy, config, trust, lock, Some(store)).await
+        Gateway::open_locked(policy, config, trust, lock, Some((store, approvals))).await
     }
 
     async fn open_locked(
@@ -456,11 +459,22 @@ impl Gateway {
         config: GatewayConfig,
         trust: StartupTrust,
         lock: File,
-        store: Option<Arc<dyn crate::audit::AuditStore>>,
+        shared: Option<(
+            Arc<dyn crate::audit::AuditStore>,
+            Arc<dyn crate::approval::ApprovalStore>,
+        )>,
     ) -> Result<Arc<Gateway>, GatewayError> {
-        let (audit, recovered) = match store {
-            Some(store) => AuditLog::open_store(store, trust.anchoring)?,
-            None => AuditLog::open_anchored(&config.data_dir, config.durability, trust.anchoring)?,
+        let ((audit, recovered), approval_store) = match shared {
+            Some((store, approvals)) => (AuditLog::open_store(store, trust.anchoring)?, approvals),
+            None => {
+                let local: Arc<dyn crate::approval::ApprovalStore> = Arc::new(
+                    crate::approval::sqlite::SqliteApprovals::open(&config.data_dir)?,
+                );
+                (
+                    AuditLog::open_anchored(&config.data_dir, config.durability, trust.anchoring)?,
+                    local,
+                )
+            }
         };
         if let Some(bytes) = config.audit_reserve_bytes {
             audit.set_space_reserve(bytes);
@@ -488,9 +502,6 @@ impl Gateway {
         });
         let rate_limiter = RateLimiter::new(policy.rate_limits());
         let metrics = crate::metrics::Metrics::new(audit.metrics());
-        let approval_store: Arc<dyn crate::approval::ApprovalStore> = Arc::new(
-            crate::approval::sqlite::SqliteApprovals::open(&config.data_dir)?,
-        );
         let gateway = Arc::new(Gateway {
             policy: SharedPolicy::new(policy),
             mode_names: RwLock::new(mode_names),
@@ -807,7 +818,7 @@ impl Gateway {
             .rate_limiter
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .check(principal.role(), tool);
+            .check(principal, tool);
         if let Err(retry_after) = limited {
             let refused = self
                 .refuse_rate_limited(principal, tool_name, retry_after)

@@ -14,7 +14,10 @@
 //! agent's reach like the audit anchor), so a rollback is refused across restarts
 //! too. Without an operator token there is no key, and no named token is accepted.
 //!
-//! Storage is behind [`PrincipalStore`]; [`DataDirPrincipals`] is the data-dir file.
+//! Storage is behind [`PrincipalStore`]; [`DataDirPrincipals`] is the data-dir file,
+//! [`postgres::PostgresPrincipals`] the table in a shared PostgreSQL store.
+
+pub mod postgres;
 
 use std::fmt;
 use std::io::Write;
@@ -96,6 +99,15 @@ pub enum IdentityError {
     /// A token could not be generated.
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// The PostgreSQL store failed or could not be reached (the SQLSTATE or what
+    /// failed, never the statement).
+    #[error("principal store (PostgreSQL): {0}")]
+    Store(String),
+    /// A row of the PostgreSQL store does not verify under the operator's key.
+    #[error(
+        "the principal {0:?} in the store does not verify under the operator's key; it is refused"
+    )]
+    StoreTampered(String),
 }
 
 /// Checks a principal name: `^[a-z][a-z0-9_-]{0,31}$` and not reserved.

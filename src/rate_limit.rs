@@ -4,9 +4,11 @@
 //! A rule names a principal (`agent`, `operator` or `*`), the tools it covers
 //! (`*` or one tool's name), a rate (`20/s`, `3/min`, `100/h`) and a burst. Every
 //! rule is its own bucket per principal, and a call must pass every rule that
-//! matches it. Buckets are keyed by the caller's role, which comes from the token
-//! it authenticated with, never by a name the caller chose: an agent that opens MCP
-//! sessions under a thousand client names still draws on one bucket.
+//! matches it. Buckets are keyed by the token holder ([`Identity`]: the registered
+//! name and the token's role) and the role it acts in, so two named agents each
+//! have their own budget under an `agent` rule. The key comes from the token the
+//! caller authenticated with, never from a name the caller chose: an agent that
+//! opens MCP sessions under a thousand client names still draws on one bucket.
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -16,12 +18,22 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use serde::Deserialize;
 
-use crate::principal::Role;
+use crate::principal::{Identity, Principal, Role};
 use crate::tools::ToolName;
 
 /// Largest count a rate or burst may name: far above anything a gateway serves,
 /// low enough that no period rounds to zero.
 pub const MAX_RATE_COUNT: u32 = 1_000_000;
+
+/// Most holders each rule keeps a bucket for. Far above the registry's 1,024 named
+/// principals plus the built-ins; past it, buckets that have refilled are dropped,
+/// and if that frees nothing, calls share their role's overflow bucket (never an
+/// unlimited one) until room returns, so the table cannot grow without bound.
+pub const MAX_RATE_LIMIT_KEYS: usize = 4096;
+
+/// The bucket key: the role the caller acts in and the token holder; `None` for
+/// the overflow bucket of that role.
+type BucketKey = (Role, Option<Identity>);
 
 /// The rule that applies when a policy has no `rate_limits` key.
 ///
@@ -269,7 +281,7 @@ impl RateLimitDocument {
 
 /// The live buckets for a policy's rules.
 pub struct RateLimiter {
-    rules: Vec<(RateLimitRule, DefaultKeyedRateLimiter<Role>)>,
+    rules: Vec<(RateLimitRule, DefaultKeyedRateLimiter<BucketKey>)>,
     clock: DefaultClock,
 }
 
@@ -293,19 +305,30 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one call from every bucket that covers (`role`, `tool`).
+    /// Takes one call from the holder's bucket of every rule that covers
+    /// (`principal`'s role, `tool`).
     ///
     /// `tool` is `None` for a name no tool has; only `*` rules cover those. On
-    /// refusal, returns how long until every refusing bucket has room again. The
-    /// keys are roles, so each map holds at most four entries: nothing here grows
-    /// with traffic.
-    pub fn check(&self, role: Role, tool: Option<ToolName>) -> Result<(), Duration> {
+    /// refusal, returns how long until every refusing bucket has room again. Each
+    /// rule keeps at most [`MAX_RATE_LIMIT_KEYS`] buckets (plus one overflow bucket
+    /// per role).
+    pub fn check(&self, principal: &Principal, tool: Option<ToolName>) -> Result<(), Duration> {
+        let role = principal.role();
         let mut wait: Option<Duration> = None;
         for (rule, limiter) in &self.rules {
             if !rule.matches(role, tool) {
                 continue;
             }
-            if let Err(not_until) = limiter.check_key(&role) {
+            if limiter.len() >= MAX_RATE_LIMIT_KEYS {
+                // A full bucket behaves as a fresh one: dropping it forgets nothing.
+                limiter.retain_recent();
+            }
+            let key = if limiter.len() < MAX_RATE_LIMIT_KEYS {
+                (role, Some(principal.identity().clone()))
+            } else {
+                (role, None)
+            };
+            if let Err(not_until) = limiter.check_key(&key) {
                 let this = not_until.wait_time_from(self.clock.now());
                 wait = Some(wait.map_or(this, |wait| wait.max(this)));
             }
@@ -380,14 +403,14 @@ mod tests {
     fn each_principal_has_its_own_bucket_and_refusals_say_when_to_retry() {
         let rules = [rule("*", "*", "1/h", Some(2)).compile("r").unwrap()];
         let limiter = RateLimiter::new(&rules);
-        assert!(limiter.check(Role::Agent, None).is_ok());
+        assert!(limiter.check(&Principal::agent(), None).is_ok());
         assert!(
             limiter
-                .check(Role::Agent, Some(ToolName::ListServices))
+                .check(&Principal::agent(), Some(ToolName::ListServices))
                 .is_ok()
         );
         let wait = limiter
-            .check(Role::Agent, Some(ToolName::ListServices))
+            .check(&Principal::agent(), Some(ToolName::ListServices))
             .unwrap_err();
         assert!(
             wait > Duration::from_secs(3500) && wait <= Duration::from_secs(3600),
@@ -395,9 +418,46 @@ mod tests {
         );
         assert!(
             limiter
-                .check(Role::Operator, Some(ToolName::ListServices))
+                .check(&Principal::operator(), Some(ToolName::ListServices))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn two_named_agents_under_an_agent_rule_each_have_their_own_budget() {
+        let rules = [rule("agent", "*", "1/h", Some(2)).compile("r").unwrap()];
+        let limiter = RateLimiter::new(&rules);
+        let bot = Principal::named("deploy-bot", Role::Agent);
+        let other = Principal::named("report-bot", Role::Agent);
+        let tool = Some(ToolName::ListServices);
+        assert!(limiter.check(&bot, tool).is_ok());
+        assert!(limiter.check(&bot, tool).is_ok());
+        assert!(limiter.check(&bot, tool).is_err(), "deploy-bot spent its 2");
+        // Its MCP sessions, whatever the client calls itself, draw on its bucket.
+        assert!(limiter.check(&bot.via_mcp("fresh-client"), tool).is_err());
+        assert!(
+            limiter.check(&other, tool).is_ok(),
+            "report-bot has its own"
+        );
+        assert!(limiter.check(&other, tool).is_ok());
+        assert!(limiter.check(&other, tool).is_err());
+        assert!(limiter.check(&Principal::agent(), tool).is_ok());
+    }
+
+    #[test]
+    fn the_bucket_table_is_bounded_and_overflow_shares_one_bucket() {
+        let rules = [rule("agent", "*", "1/h", Some(1)).compile("r").unwrap()];
+        let limiter = RateLimiter::new(&rules);
+        for index in 0..MAX_RATE_LIMIT_KEYS {
+            let holder = Principal::named(&format!("bot-{index}"), Role::Agent);
+            assert!(limiter.check(&holder, None).is_ok());
+        }
+        // No bucket has refilled, so newcomers share the overflow bucket: one call.
+        let late = Principal::named("late-bot", Role::Agent);
+        let later = Principal::named("later-bot", Role::Agent);
+        assert!(limiter.check(&late, None).is_ok());
+        assert!(limiter.check(&later, None).is_err());
+        assert_eq!(limiter.rules[0].1.len(), MAX_RATE_LIMIT_KEYS + 1);
     }
 
     #[test]
@@ -408,23 +468,23 @@ mod tests {
         let limiter = RateLimiter::new(&rules);
         assert!(
             limiter
-                .check(Role::Agent, Some(ToolName::RestartService))
+                .check(&Principal::agent(), Some(ToolName::RestartService))
                 .is_ok()
         );
         assert!(
             limiter
-                .check(Role::Agent, Some(ToolName::RestartService))
+                .check(&Principal::agent(), Some(ToolName::RestartService))
                 .is_err()
         );
         assert!(
             limiter
-                .check(Role::Agent, Some(ToolName::ListServices))
+                .check(&Principal::agent(), Some(ToolName::ListServices))
                 .is_ok()
         );
-        assert!(limiter.check(Role::Agent, None).is_ok());
+        assert!(limiter.check(&Principal::agent(), None).is_ok());
         assert!(
             limiter
-                .check(Role::Operator, Some(ToolName::RestartService))
+                .check(&Principal::operator(), Some(ToolName::RestartService))
                 .is_ok()
         );
     }
@@ -435,7 +495,7 @@ mod tests {
         for _ in 0..100 {
             assert!(
                 limiter
-                    .check(Role::Agent, Some(ToolName::ListServices))
+                    .check(&Principal::agent(), Some(ToolName::ListServices))
                     .is_ok()
             );
         }
@@ -444,7 +504,7 @@ mod tests {
         let refused = (0..10)
             .filter(|_| {
                 limiter
-                    .check(Role::Agent, Some(ToolName::ListServices))
+                    .check(&Principal::agent(), Some(ToolName::ListServices))
                     .is_err()
             })
             .count();

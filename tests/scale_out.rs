@@ -728,3 +728,44 @@ async fn a_switch_to_normal_on_a_returns_only_after_the_calls_running_on_b_ended
     let (ok, output) = verify_store(&url, &cluster.credential, cluster.dirs[0].path());
     assert!(ok, "{output}");
 }
+
+/// Approvals live in the shared store with `--store`: a call held on A is listed
+/// and approved on B, runs once on whichever instance the identical call reaches
+/// first, and is consumed for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_given_on_one_instance_is_consumed_once_across_instances() {
+    let cluster = cluster(2);
+    let url = cluster.postgres.url();
+    let policy_dir = tempfile::tempdir().expect("temp dir");
+    let policy = common::approvals::write_approval_policy(policy_dir.path(), 600, "shared");
+    let a = instance_with_policy(cluster.dirs[0].path(), &url, &cluster.credential, &policy);
+    let b = instance_with_policy(cluster.dirs[1].path(), &url, &cluster.credential, &policy);
+    let (api_a, api_b) = (Api::new(&a.url), Api::new(&b.url));
+    api_a.emergency().await;
+    wait_for_mode(&b.url, "EMERGENCY").await;
+
+    let id = common::approvals::request_scale(&api_a, 7).await;
+    // B sees A's pending approval: one table, not one per data dir.
+    assert_eq!(
+        common::approvals::listed(&api_b, "pending").await,
+        vec![id.clone()]
+    );
+    let (status, body) = common::approvals::decide(&api_b, &id, "approve", "capacity").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The identical call through B runs; through A afterwards it needs a new approval.
+    let (status, body) = api_b.execute("scale_fleet", json!({"count": 7})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let again = common::approvals::request_scale(&api_a, 7).await;
+    assert_ne!(again, id);
+    assert_eq!(
+        common::approvals::listed(&api_a, "consumed").await,
+        vec![id.clone()]
+    );
+    let executed = chain(&url)
+        .into_iter()
+        .filter(|record| record.tool.as_deref() == Some("scale_fleet"))
+        .filter(|record| record.outcome == "executed")
+        .count();
+    assert_eq!(executed, 1);
+}

@@ -257,3 +257,172 @@ fn an_unreachable_store_fails_with_an_error_that_names_no_statement() {
     );
     assert_eq!(pending, 0);
 }
+
+/// Two `proxi serve` instances on one store, each with its own data dir.
+struct TwoServers {
+    url: String,
+    servers: Vec<common::ServerProcess>,
+    _dirs: Vec<tempfile::TempDir>,
+    _credential_dir: tempfile::TempDir,
+    _postgres: PostgresServer,
+}
+
+fn two_servers() -> TwoServers {
+    let postgres = PostgresServer::start();
+    let url = postgres.url();
+    let credential_dir = tempfile::tempdir().expect("temp dir");
+    let credential = common::write_credential(credential_dir.path(), common::OPERATOR_TOKEN, 42);
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let servers = dirs
+        .iter()
+        .map(|dir| {
+            common::ServerProcess::start_with_policy(
+                dir.path(),
+                &common::high_rate_limit_policy_path(),
+                &[
+                    "--store",
+                    &url,
+                    "--operator-credential",
+                    credential.to_str().expect("a UTF-8 path"),
+                ],
+            )
+        })
+        .collect();
+    TwoServers {
+        url,
+        servers,
+        _dirs: dirs,
+        _credential_dir: credential_dir,
+        _postgres: postgres,
+    }
+}
+
+/// `proxi token ARGS --store URL`, which must succeed: its stdout.
+fn token_on_store(url: &str, args: &[&str]) -> String {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut args = args.to_vec();
+    args.extend(["--store", url]);
+    let output = common::identities::token_command(scratch.path(), &args);
+    assert!(
+        output.status.success(),
+        "token {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        std::fs::read_dir(scratch.path()).unwrap().next().is_none(),
+        "with --store nothing is written to the data dir"
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// The HTTP status of a read-only tool call with `token` on `server`.
+async fn call_status(server: &common::ServerProcess, token: &str) -> u16 {
+    let (status, _) = common::Api::new(&server.url)
+        .post(
+            "/tools/execute",
+            Some(token),
+            json!({"tool_name": "list_services", "arguments": {}}),
+        )
+        .await;
+    status.as_u16()
+}
+
+#[tokio::test]
+async fn a_named_token_added_to_the_store_works_on_every_instance_until_revoked_on_one() {
+    let cluster = two_servers();
+    let token = token_on_store(&cluster.url, &["add", "deploy-bot", "--role", "agent"]);
+    let token = token.trim();
+    let listed = token_on_store(&cluster.url, &["list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed[0]["name"], "deploy-bot");
+    assert!(
+        !listed.to_string().contains(token),
+        "list never shows tokens"
+    );
+    for server in &cluster.servers {
+        assert_eq!(call_status(server, token).await, 200, "{}", server.url);
+    }
+    token_on_store(&cluster.url, &["revoke", "deploy-bot"]);
+    // In force on both instances at their next request: no waiting, no restart.
+    for server in &cluster.servers {
+        assert_eq!(call_status(server, token).await, 401, "{}", server.url);
+    }
+    assert_eq!(
+        call_status(&cluster.servers[0], common::AGENT_TOKEN).await,
+        200,
+        "the built-in agent token is untouched"
+    );
+}
+
+/// Runs one SQL statement on the store as a database writer without the operator token.
+fn execute_sql(url: &str, sql: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("the store is reachable");
+        let driver = tokio::spawn(connection);
+        client.batch_execute(sql).await.expect("the statement runs");
+        drop(client);
+        let _ = driver.await;
+    });
+}
+
+#[test]
+fn a_row_written_without_the_operator_key_is_refused() {
+    use proxi::identities::postgres::PostgresPrincipals;
+    use proxi::identities::{IdentityError, Lookup, PrincipalStore, RegistryKey};
+    use proxi::principal::{Principal, Role};
+    use sha2::Digest;
+
+    let server = PostgresServer::start();
+    let url = server.url();
+    let key = || RegistryKey::from_operator_token(common::OPERATOR_TOKEN);
+    let store = PostgresPrincipals::connect(&url, key()).unwrap();
+    let issued = store.add("deploy-bot", Role::Agent).unwrap();
+    let digest: [u8; 32] = sha2::Sha256::digest(issued.token.as_bytes()).into();
+    assert_eq!(
+        store.authenticate(&digest),
+        Lookup::Found(Principal::named("deploy-bot", Role::Agent))
+    );
+    assert!(matches!(
+        store.add("deploy-bot", Role::Operator),
+        Err(IdentityError::Duplicate(_))
+    ));
+    // Another instance, signed with another operator token, trusts none of it.
+    let other_key = PostgresPrincipals::connect(
+        &url,
+        RegistryKey::from_operator_token("another-operator-token-0123456789"),
+    )
+    .unwrap();
+    assert_eq!(other_key.authenticate(&digest), Lookup::Untrusted);
+    // A database writer promotes the agent to operator: the row no longer verifies.
+    execute_sql(
+        &url,
+        "UPDATE principals SET role = 'operator' WHERE name = 'deploy-bot'",
+    );
+    assert_eq!(store.authenticate(&digest), Lookup::Untrusted);
+    assert!(matches!(store.list(), Err(IdentityError::StoreTampered(_))));
+    assert!(matches!(
+        store.revoke("deploy-bot"),
+        Err(IdentityError::StoreTampered(_))
+    ));
+    // A forged principal with a made-up MAC is refused too.
+    let forged = hex::encode(sha2::Sha256::digest(b"forged-token"));
+    execute_sql(
+        &url,
+        &format!(
+            "INSERT INTO principals (name, role, token_sha256, created, revoked, mac) \
+             VALUES ('mallory', 'operator', '{forged}', '2026-01-01T00:00:00Z', NULL, '00')"
+        ),
+    );
+    let forged_digest: [u8; 32] = sha2::Sha256::digest(b"forged-token").into();
+    assert_eq!(store.authenticate(&forged_digest), Lookup::Untrusted);
+    // Unknown tokens are unknown; a store that is down refuses every named token.
+    assert_eq!(store.authenticate(&[7u8; 32]), Lookup::Unknown);
+    server.stop();
+    assert_eq!(store.authenticate(&forged_digest), Lookup::Untrusted);
+}

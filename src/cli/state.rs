@@ -11,6 +11,7 @@ use proxi::anchor::Anchoring;
 use proxi::audit::{self, Durability};
 use proxi::credential::OperatorCredential;
 use proxi::gateway::{Gateway, GatewayConfig, StartupTrust};
+use proxi::identities::postgres::PostgresPrincipals;
 use proxi::identities::{DataDirPrincipals, PrincipalStore};
 use proxi::policy_source::PolicySource;
 use proxi::tokens::{AGENT_TOKEN_ENV, OPERATOR_TOKEN_ENV, Tokens};
@@ -131,8 +132,10 @@ pub(crate) async fn open_gateway(
                     "--store needs --operator-credential: every instance on a shared store must use the same audit key"
                 );
             }
-            let store = audit::PostgresStore::connect(&postgres_url(store)?)?;
-            Gateway::open_with_store(policy, config, trust, Arc::new(store)).await?
+            let url = postgres_url(store)?;
+            let approvals = proxi::approval::open_store(Some(&url), &state.data_dir)?;
+            let store = audit::PostgresStore::connect(&url)?;
+            Gateway::open_with_store(policy, config, trust, Arc::new(store), approvals).await?
         }
     };
     let agent = std::env::var(AGENT_TOKEN_ENV).ok();
@@ -141,12 +144,15 @@ pub(crate) async fn open_gateway(
         (Launch::Stdio, None) => Tokens::resolve_without_operator(&state.data_dir, agent)?,
         (_, operator) => Tokens::resolve(&state.data_dir, operator, agent)?,
     };
-    let tokens = with_named_tokens(
-        tokens,
-        &state.data_dir,
-        state.operator_credential.as_deref(),
-        log,
-    );
+    let tokens = match &state.store {
+        Some(store) => with_shared_named_tokens(tokens, store, log)?,
+        None => with_named_tokens(
+            tokens,
+            &state.data_dir,
+            state.operator_credential.as_deref(),
+            log,
+        ),
+    };
     Ok((gateway, tokens, sources.file))
 }
 
@@ -178,6 +184,24 @@ fn with_named_tokens(
         Err(error) => notice(log, &format!("  named tokens: refused: {error}")),
     }
     tokens.with_principals(Arc::new(principals))
+}
+
+/// Attaches the named tokens of the shared PostgreSQL store, whose rows are signed
+/// with the key derived from the operator token (as the data-dir registry is).
+fn with_shared_named_tokens(tokens: Tokens, store: &str, log: LogFormat) -> Result<Tokens> {
+    let Some(key) = tokens.registry_key() else {
+        return Ok(tokens);
+    };
+    let principals = PostgresPrincipals::connect(&postgres_url(store)?, key)?;
+    match principals.list() {
+        Ok(listed) if !listed.is_empty() => notice(
+            log,
+            &format!("  named tokens: {} principal(s) in the store", listed.len()),
+        ),
+        Ok(_) => {}
+        Err(error) => notice(log, &format!("  named tokens: {error}")),
+    }
+    Ok(tokens.with_principals(Arc::new(principals)))
 }
 
 /// Starts the policy's upstreams (if any) and attaches them to the gateway; one

@@ -8,12 +8,13 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 
 use proxi::credential::OperatorCredential;
+use proxi::identities::postgres::PostgresPrincipals;
 use proxi::identities::{DataDirPrincipals, IdentityError, PrincipalStore, RegistryKey};
 use proxi::principal::Role;
 use proxi::text::escape;
 use proxi::tokens::{OPERATOR_TOKEN_ENV, TokensFile};
 
-use super::non_empty_env;
+use super::{non_empty_env, postgres_url};
 
 #[derive(Subcommand)]
 pub(crate) enum TokenCommand {
@@ -60,11 +61,15 @@ pub(crate) struct RegistryArgs {
     /// (else PROXI_OPERATOR_TOKEN, else the operator token in the data dir's tokens.json).
     #[arg(long, env = "PROXI_OPERATOR_CREDENTIAL", value_name = "FILE")]
     operator_credential: Option<PathBuf>,
+    /// The servers' shared PostgreSQL store (`postgres://USER@HOST:PORT/DB`): named
+    /// tokens live there instead of the data dir [default: principals.json in the data dir].
+    #[arg(long, env = "PROXI_STORE", value_name = "URL")]
+    store: Option<String>,
 }
 
 impl RegistryArgs {
     /// The registry, keyed with the operator token the server uses.
-    fn open(&self) -> Result<DataDirPrincipals> {
+    fn open(&self) -> Result<Box<dyn PrincipalStore>> {
         let credential = self
             .operator_credential
             .as_deref()
@@ -82,14 +87,18 @@ impl RegistryArgs {
         let Some(operator) = operator else {
             return Err(IdentityError::NoOperatorSecret.into());
         };
-        let principals = DataDirPrincipals::new(
-            &self.data_dir,
-            Some(RegistryKey::from_operator_token(&operator)),
-        );
-        Ok(match &credential {
+        let key = RegistryKey::from_operator_token(&operator);
+        if let Some(store) = &self.store {
+            return Ok(Box::new(PostgresPrincipals::connect(
+                &postgres_url(store)?,
+                key,
+            )?));
+        }
+        let principals = DataDirPrincipals::new(&self.data_dir, Some(key));
+        Ok(Box::new(match &credential {
             Some(credential) => principals.with_credential(credential.path()),
             None => principals,
-        })
+        }))
     }
 }
 
