@@ -33,16 +33,16 @@ const TOOLS: [&str; 8] = [
 /// callers, every eighth tool, a tenth of them denied, a few mode changes.
 fn entry(n: u64, start: chrono::DateTime<Utc>) -> AuditEntry {
     let principal = match n % 20 {
-        0 => "operator",
-        1..=3 => "mcp:claude",
-        _ => "agent",
+        0 => proxi::principal::Principal::operator(),
+        1..=3 => proxi::principal::Principal::mcp_stdio_agent("claude"),
+        _ => proxi::principal::Principal::agent(),
     };
     let denied = n % 10 == 7;
     let mode_change = n.is_multiple_of(5000);
     AuditEntry {
         // One record a millisecond: the trail spans about 17 minutes.
         time: start + Duration::milliseconds(n as i64),
-        principal: Arc::from(principal),
+        principal,
         kind: if mode_change {
             EntryKind::ModeChange
         } else {
@@ -147,7 +147,7 @@ fn queries(c: &mut Criterion) {
         (
             "rare_combination_mcp_denied_delete",
             AuditQuery {
-                principal: Some("mcp:claude".into()),
+                principal: Some("agent (mcp:claude)".into()),
                 tool: Some("delete_database".into()),
                 decision: Some("denied".into()),
                 after_seq: Some(0),

@@ -25,7 +25,7 @@ fn entry(index: usize) -> AuditEntry {
     };
     AuditEntry {
         time: Utc::now(),
-        principal: Arc::from("agent"),
+        principal: proxi::principal::Principal::agent(),
         kind: EntryKind::ToolCall,
         tool: Some(tool.to_owned()),
         arguments: Some(arguments),

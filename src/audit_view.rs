@@ -69,6 +69,7 @@ mod tests {
             context: None,
             mac: None,
             policy_hash: None,
+            role: None,
         }
     }
 

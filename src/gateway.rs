@@ -582,7 +582,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: Principal::system().name().clone(),
+            principal: Principal::system(),
             kind,
             tool: None,
             arguments: None,
@@ -1048,7 +1048,7 @@ impl Gateway {
             let pending = self.audit.submit_with(
                 AuditEntry {
                     time: now,
-                    principal: principal.name().clone(),
+                    principal: principal.clone(),
                     kind: EntryKind::ModeChange,
                     tool: None,
                     arguments: None,
@@ -1111,7 +1111,7 @@ impl Gateway {
         let report = drain(to_drain, self.policy().drain_timeout()).await;
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: EntryKind::ModeDrained,
             tool: None,
             arguments: None,
@@ -1166,7 +1166,7 @@ impl Gateway {
             let pending = self.audit.submit_with(
                 AuditEntry {
                     time: now,
-                    principal: Principal::system().name().clone(),
+                    principal: Principal::system(),
                     kind: EntryKind::ModeExpired,
                     tool: None,
                     arguments: None,
@@ -1282,7 +1282,7 @@ impl Gateway {
                 .map(|()| infra.status());
             let entry = AuditEntry {
                 time: now,
-                principal: principal.name().clone(),
+                principal: principal.clone(),
                 kind: EntryKind::Incident,
                 tool: None,
                 arguments: Some(json!({"service": truncate(service, 128), "status": health})),
@@ -1339,7 +1339,7 @@ impl Gateway {
             .effective_mode(Instant::now(), self.policy().default_mode());
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: EntryKind::AuthRefused,
             tool: None,
             arguments: None,
@@ -1351,6 +1351,40 @@ impl Gateway {
             expires_at: None,
             context: None,
             policy_hash: self.policy_version(),
+        };
+        self.append(entry, audit_priority(principal)).await
+    }
+
+    /// Records a console login or logout (`console_login` / `console_logout`) by
+    /// `principal` from `source` (the peer address), and waits until it is durable,
+    /// so a session is never opened without its record.
+    pub async fn record_console_session(
+        &self,
+        principal: &Principal,
+        kind: EntryKind,
+        source: &str,
+    ) -> Result<(), GatewayError> {
+        let mode = self
+            .read_state()
+            .effective_mode(Instant::now(), self.policy().default_mode());
+        let outcome = match kind {
+            EntryKind::ConsoleLogout => "logged_out",
+            _ => "logged_in",
+        };
+        let entry = AuditEntry {
+            time: Utc::now(),
+            principal: principal.clone(),
+            kind,
+            tool: None,
+            arguments: None,
+            mode: self.mode_name(mode).clone(),
+            decision: AuditDecision::Allowed,
+            reason_code: None,
+            outcome,
+            detail: json!({"source": truncate(source, 64)}),
+            expires_at: None,
+            context: None,
+            policy_hash: None,
         };
         self.append(entry, audit_priority(principal)).await
     }
@@ -1368,7 +1402,7 @@ impl Gateway {
             .effective_mode(Instant::now(), self.policy().default_mode());
         let entry = AuditEntry {
             time: Utc::now(),
-            principal: principal.name().clone(),
+            principal: principal.clone(),
             kind: EntryKind::ToolCall,
             tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
             arguments: None,
@@ -1515,7 +1549,7 @@ fn tool_call_entry(
     };
     AuditEntry {
         time: now,
-        principal: principal.name().clone(),
+        principal: principal.clone(),
         kind: EntryKind::ToolCall,
         tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
         arguments: Some(arguments),
@@ -1620,7 +1654,7 @@ fn upstream_intent_entry(
 ) -> AuditEntry {
     AuditEntry {
         time: now,
-        principal: principal.name().clone(),
+        principal: principal.clone(),
         kind: EntryKind::ToolCall,
         tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
         arguments: Some(arguments),
@@ -1659,7 +1693,7 @@ fn upstream_outcome_entry(
     };
     AuditEntry {
         time: Utc::now(),
-        principal: principal.name().clone(),
+        principal: principal.clone(),
         kind: EntryKind::ToolCall,
         tool: Some(tool_name.to_owned()),
         arguments: None,

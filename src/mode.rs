@@ -628,6 +628,7 @@ mod tests {
             context: None,
             mac: None,
             policy_hash: None,
+            role: None,
         }
     }
 

@@ -56,6 +56,10 @@ pub const MAX_PATTERN_LEN: usize = 1024;
 const PATTERN_SIZE_LIMIT: usize = 1 << 20;
 /// Longest schema-validation message handed back to a caller, in characters.
 const MAX_SCHEMA_MESSAGE_LEN: usize = 300;
+/// How long an approval request stays valid when the mode sets no `approval_ttl_seconds`.
+pub const DEFAULT_APPROVAL_TTL: Duration = Duration::from_secs(600);
+/// Longest `approval_ttl_seconds` a mode may set: one day.
+pub const MAX_APPROVAL_TTL_SECONDS: u64 = 24 * 3600;
 
 /// Why a policy file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -358,6 +362,47 @@ struct ModeRules {
     allowed: Vec<NamePattern>,
     blocked: Vec<NamePattern>,
     constraints: Vec<Arc<ConstraintRule>>,
+    approvals: Vec<Arc<ApprovalRule>>,
+    approval_ttl: Duration,
+}
+
+/// One `require_approval` entry: the tools a name or glob selects need a human's
+/// approval when every condition holds (no conditions: always). A condition holds
+/// when its rule admits the argument, or when the argument is absent or of another
+/// type (fail closed: an approval too many, never one too few).
+#[derive(Debug)]
+struct ApprovalRule {
+    tools: NamePattern,
+    conditions: Vec<Arc<ConstraintRule>>,
+}
+
+impl ApprovalRule {
+    fn holds(&self, arguments: CallArguments<'_>) -> bool {
+        self.conditions.iter().all(|condition| {
+            arguments
+                .get(&condition.argument)
+                .is_none_or(|value| condition.rule.admits(value))
+        })
+    }
+
+    fn describe(&self) -> String {
+        if self.conditions.is_empty() {
+            return "always".to_owned();
+        }
+        let conditions: Vec<String> = self
+            .conditions
+            .iter()
+            .map(|condition| format!("`{}` is {}", condition.argument, condition.rule))
+            .collect();
+        format!("when {}", conditions.join(" and "))
+    }
+}
+
+/// An approval rule resolved to one tool the mode allows.
+#[derive(Clone, Debug)]
+struct BoundApproval {
+    tool: ToolId,
+    rule: Arc<ApprovalRule>,
 }
 
 /// The validated file: everything that does not depend on the catalog.
@@ -372,6 +417,7 @@ struct PolicyRules {
     upstreams: BTreeMap<String, UpstreamDeclaration>,
     simulated_cloud: bool,
     drain_timeout: Duration,
+    elevation_requests: bool,
     /// [`crate::canonical::canonical_digest`] of the policy document.
     policy_hash: String,
 }
@@ -391,6 +437,7 @@ pub struct Mode {
     allowed: ToolBits,
     blocked: ToolBits,
     constraints: Vec<BoundConstraint>,
+    approvals: Vec<BoundApproval>,
     rules: Arc<PolicyRules>,
     index: usize,
     catalog: Arc<Catalog>,
@@ -454,6 +501,22 @@ impl Mode {
                 )
             })
             .collect()
+    }
+
+    /// The `require_approval` rules as written: `(tool or glob, "always" or
+    /// "when `count` is at least 6")`, in file order.
+    pub fn approval_rules(&self) -> Vec<(&str, String)> {
+        self.written()
+            .approvals
+            .iter()
+            .map(|rule| (rule.tools.as_str(), rule.describe()))
+            .collect()
+    }
+
+    /// How long an approval request made in this mode stays valid
+    /// (`approval_ttl_seconds`, default [`DEFAULT_APPROVAL_TTL`]).
+    pub fn approval_ttl(&self) -> Duration {
+        self.written().approval_ttl
     }
 
     fn written(&self) -> &ModeRules {
@@ -623,6 +686,8 @@ struct PolicyDocument {
     simulated_cloud: Option<bool>,
     #[serde(default)]
     drain_timeout_seconds: Option<u64>,
+    #[serde(default)]
+    elevation_requests: bool,
 }
 
 #[derive(Default, Deserialize)]
@@ -646,9 +711,13 @@ struct ModeDocument {
     blocked_tools: Vec<String>,
     #[serde(default)]
     constraints: BTreeMap<String, BTreeMap<String, ConstraintDocument>>,
+    #[serde(default)]
+    require_approval: BTreeMap<String, BTreeMap<String, ConstraintDocument>>,
+    #[serde(default)]
+    approval_ttl_seconds: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConstraintDocument {
     #[serde(default)]
@@ -751,6 +820,7 @@ impl PolicyEngine {
                 .iter()
                 .chain(&mode.blocked)
                 .chain(mode.constraints.iter().map(|constraint| &constraint.tools))
+                .chain(mode.approvals.iter().map(|rule| &rule.tools))
         });
         rules
             .always_blocked
@@ -868,6 +938,34 @@ impl PolicyEngine {
     pub fn decide_builtin(&self, mode: ModeId, call: &ToolCall) -> Option<Decision> {
         let tool = self.catalog.builtin_id(call.tool())?;
         Some(self.decide(mode, tool, CallArguments::Builtin(call)))
+    }
+
+    /// Whether an allowed call of `tool` with `arguments` needs a human's approval
+    /// in `mode` before it runs: some `require_approval` rule of the mode selects
+    /// the tool and all its conditions hold. Asked only after
+    /// [`PolicyEngine::decide`] allowed the call.
+    pub fn requires_approval(
+        &self,
+        mode: ModeId,
+        tool: ToolId,
+        arguments: CallArguments<'_>,
+    ) -> bool {
+        self.mode(mode)
+            .approvals
+            .iter()
+            .any(|bound| bound.tool == tool && bound.rule.holds(arguments))
+    }
+
+    /// Whether any mode has `require_approval` rules, so the gateway can skip the
+    /// approval step for every call when none does.
+    pub fn has_approval_rules(&self) -> bool {
+        self.modes.iter().any(|mode| !mode.approvals.is_empty())
+    }
+
+    /// Whether agents may ask for a mode change (`"elevation_requests": true`):
+    /// `POST /policy/request-mode` and the MCP tool `request_mode_change`.
+    pub fn elevation_requests(&self) -> bool {
+        self.rules.elevation_requests
     }
 
     /// The mode's argument constraints on `tool`, each as a sentence such as
@@ -1134,12 +1232,20 @@ fn bind_rules(rules: Arc<PolicyRules>, catalog: Arc<Catalog>) -> PolicyEngine {
                 });
             }
         }
+        let approvals = bind_approvals(
+            mode,
+            &catalog,
+            |id| always_blocked.contains(id) || blocked.contains(id) || !allowed.contains(id),
+            &at,
+            &mut findings,
+        );
         modes.push(Mode {
             name: mode.name.clone(),
             description: mode.description.clone(),
             allowed,
             blocked,
             constraints,
+            approvals,
             rules: Arc::clone(&rules),
             index,
             catalog: Arc::clone(&catalog),
@@ -1176,6 +1282,43 @@ fn bind_rules(rules: Arc<PolicyRules>, catalog: Arc<Catalog>) -> PolicyEngine {
         rules,
         catalog,
     }
+}
+
+/// Resolves a mode's `require_approval` rules to the tools the mode permits; a
+/// rule selecting no permitted tool has no effect and is reported.
+fn bind_approvals(
+    mode: &ModeRules,
+    catalog: &Catalog,
+    denied: impl Fn(ToolId) -> bool,
+    at: &str,
+    findings: &mut Vec<Finding>,
+) -> Vec<BoundApproval> {
+    let mut approvals = Vec::new();
+    for rule in &mode.approvals {
+        let at = format!("{at}.require_approval.{}", rule.tools.as_str());
+        let mut matched = false;
+        for (id, tool) in catalog.tools() {
+            if !rule.tools.matches(tool.name()) || denied(id) {
+                continue;
+            }
+            matched = true;
+            for condition in &rule.conditions {
+                let at = format!("{at}.{}", condition.argument);
+                check_constraint_fits(tool, condition, &at, findings);
+            }
+            approvals.push(BoundApproval {
+                tool: id,
+                rule: Arc::clone(rule),
+            });
+        }
+        if !matched {
+            findings.push(Finding::Unmatched {
+                at,
+                pattern: rule.tools.as_str().to_owned(),
+            });
+        }
+    }
+    approvals
 }
 
 /// Whether a constraint can apply to `tool`'s schema: the argument exists and
@@ -1360,13 +1503,37 @@ fn compile(document: PolicyDocument) -> Result<PolicyRules, Vec<String>> {
                 ));
             }
         }
-        let constraints = compile_constraints(&sources, &mode.constraints, &at, &mut problems);
+        let constraints = compile_constraints(
+            &sources,
+            &mode.constraints,
+            &format!("{at}.constraints"),
+            &mut problems,
+        );
+        let approvals = compile_approvals(
+            &sources,
+            mode,
+            (&allowed, &blocked, &always_blocked),
+            &at,
+            &mut problems,
+        );
+        let approval_ttl = match mode.approval_ttl_seconds {
+            None => DEFAULT_APPROVAL_TTL,
+            Some(seconds) if seconds == 0 || seconds > MAX_APPROVAL_TTL_SECONDS => {
+                problems.push(format!(
+                    "{at}.approval_ttl_seconds must be between 1 and {MAX_APPROVAL_TTL_SECONDS}, got {seconds}"
+                ));
+                DEFAULT_APPROVAL_TTL
+            }
+            Some(seconds) => Duration::from_secs(seconds),
+        };
         modes.push(ModeRules {
             name: name.clone(),
             description: mode.description.clone(),
             allowed,
             blocked,
             constraints,
+            approvals,
+            approval_ttl,
         });
     }
 
@@ -1442,6 +1609,7 @@ fn compile(document: PolicyDocument) -> Result<PolicyRules, Vec<String>> {
             upstreams: document.upstreams,
             simulated_cloud,
             drain_timeout,
+            elevation_requests: document.elevation_requests,
             // Set by the caller, which holds the document's text.
             policy_hash: String::new(),
         }),
@@ -1587,7 +1755,7 @@ fn compile_constraints(
         let tools = match sources.check(tool_name) {
             Ok(tools) => tools,
             Err(problem) => {
-                problems.push(format!("{at}.constraints: {problem}"));
+                problems.push(format!("{at}: {problem}"));
                 continue;
             }
         };
@@ -1597,7 +1765,7 @@ fn compile_constraints(
             .then(|| ToolName::parse(tool_name))
             .flatten();
         for (argument_name, document) in arguments {
-            let at = format!("{at}.constraints.{tool_name}.{argument_name}");
+            let at = format!("{at}.{tool_name}.{argument_name}");
             let known_kind = match builtin {
                 None => None,
                 Some(tool) => match tool.argument_kind(argument_name) {
@@ -1626,6 +1794,46 @@ fn compile_constraints(
         }
     }
     compiled
+}
+
+/// Compiles a mode's `require_approval`: each entry's conditions in the
+/// constraints grammar. A tool must be allowed before it can need approval, so an
+/// exact name the mode does not allow (or blocks) is a load error; a glob is
+/// resolved at bind time against the tools the mode permits.
+fn compile_approvals(
+    sources: &Sources<'_>,
+    mode: &ModeDocument,
+    (allowed, blocked, always_blocked): (&[NamePattern], &[NamePattern], &[NamePattern]),
+    at: &str,
+    problems: &mut Vec<String>,
+) -> Vec<Arc<ApprovalRule>> {
+    let at = format!("{at}.require_approval");
+    let mut rules = Vec::new();
+    for (tool_name, arguments) in &mode.require_approval {
+        let tools = match sources.check(tool_name) {
+            Ok(tools) => tools,
+            Err(problem) => {
+                problems.push(format!("{at}: {problem}"));
+                continue;
+            }
+        };
+        if !tools.is_glob() {
+            let selects = |patterns: &[NamePattern]| patterns.iter().any(|p| p.matches(tool_name));
+            if !selects(allowed) || selects(blocked) || selects(always_blocked) {
+                problems.push(format!(
+                    "{at}: '{tool_name}' is not allowed in this mode, so it can never need approval here (allow it in allowed_tools first)"
+                ));
+                continue;
+            }
+        }
+        let single = BTreeMap::from([(tool_name.clone(), arguments.clone())]);
+        let before = problems.len();
+        let conditions = compile_constraints(sources, &single, &at, problems);
+        if problems.len() == before {
+            rules.push(Arc::new(ApprovalRule { tools, conditions }));
+        }
+    }
+    rules
 }
 
 /// The rules of one constraint object. `known_kind` is the argument's kind when
@@ -2283,6 +2491,133 @@ mod tests {
         );
     }
 
+    fn approvals_engine(require: Value) -> PolicyEngine {
+        PolicyEngine::from_json(
+            &json!({"elevation_requests": true, "modes": {
+                "NORMAL": {"allowed_tools": ["list_services"]},
+                "EMERGENCY": {"allowed_tools": ["list_services", "scale_fleet", "restart_service"],
+                    "require_approval": require, "approval_ttl_seconds": 120}}})
+            .to_string(),
+            "t",
+        )
+        .unwrap()
+    }
+
+    fn needs_approval(engine: &PolicyEngine, mode: &str, call: &ToolCall) -> bool {
+        let tool = id(engine, call.tool());
+        let mode = engine.mode_id(mode).unwrap();
+        engine.requires_approval(mode, tool, CallArguments::Builtin(call))
+    }
+
+    #[test]
+    fn approval_rules_use_the_constraints_grammar_and_empty_means_always() {
+        let engine = approvals_engine(json!({
+            "scale_fleet": {"count": {"min": 6}},
+            "restart_service": {"service_name": {"one_of": ["database"]}},
+            "list_services": {}
+        }));
+        let scale = |count| call(ToolName::ScaleFleet, json!({ "count": count }));
+        assert!(!needs_approval(&engine, "EMERGENCY", &scale(5)));
+        assert!(needs_approval(&engine, "EMERGENCY", &scale(6)));
+        let restart = |name| call(ToolName::RestartService, json!({ "service_name": name }));
+        assert!(needs_approval(&engine, "EMERGENCY", &restart("database")));
+        assert!(!needs_approval(
+            &engine,
+            "EMERGENCY",
+            &restart("web-server")
+        ));
+        let list = call(ToolName::ListServices, json!({}));
+        assert!(needs_approval(&engine, "EMERGENCY", &list));
+        // Rules are per mode: NORMAL has none.
+        assert!(!needs_approval(&engine, "NORMAL", &list));
+        assert!(engine.has_approval_rules());
+        assert!(engine.elevation_requests());
+        let emergency = engine.mode(engine.mode_id("EMERGENCY").unwrap());
+        assert_eq!(emergency.approval_ttl(), Duration::from_secs(120));
+        assert_eq!(
+            engine
+                .mode(engine.mode_id("NORMAL").unwrap())
+                .approval_ttl(),
+            DEFAULT_APPROVAL_TTL
+        );
+        assert_eq!(
+            emergency.approval_rules(),
+            [
+                ("list_services", "always".to_owned()),
+                (
+                    "restart_service",
+                    "when `service_name` is one of database".to_owned()
+                ),
+                ("scale_fleet", "when `count` is at least 6".to_owned()),
+            ]
+        );
+        assert!(!shipped().has_approval_rules());
+        assert!(!shipped().elevation_requests());
+    }
+
+    #[test]
+    fn approval_rules_on_tools_the_mode_does_not_allow_are_load_errors() {
+        let message = problems(json!({"modes": {"NORMAL": {
+            "allowed_tools": ["list_services"], "blocked_tools": ["scale_fleet"],
+            "require_approval": {"scale_fleet": {}, "read_logs": {}, "list_services": {"nope": {"min": 1}}},
+            "approval_ttl_seconds": 0}}}));
+        assert!(
+            message.contains(
+                "modes.NORMAL.require_approval: 'scale_fleet' is not allowed in this mode"
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains("modes.NORMAL.require_approval: 'read_logs' is not allowed"),
+            "{message}"
+        );
+        assert!(
+            message.contains("modes.NORMAL.require_approval.list_services.nope"),
+            "{message}"
+        );
+        assert!(
+            message.contains("approval_ttl_seconds must be between 1 and 86400"),
+            "{message}"
+        );
+        let message = problems(json!({"modes": {"NORMAL": {"approval_ttl_seconds": 86401}}}));
+        assert!(message.contains("got 86401"), "{message}");
+        // A glob binds only to the tools the mode permits; none → a finding.
+        let engine = fs_engine(fs_policy(json!({"NORMAL": {
+            "allowed_tools": ["fs__read_*"],
+            "require_approval": {"fs__*": {}, "fs__write_*": {}}}})));
+        let normal = engine.mode_id("NORMAL").unwrap();
+        let tool = |name| engine.catalog().lookup(name).unwrap();
+        let empty = Map::new();
+        assert!(engine.requires_approval(
+            normal,
+            tool("fs__read_file"),
+            CallArguments::Json(&empty)
+        ));
+        assert!(!engine.requires_approval(
+            normal,
+            tool("fs__write_file"),
+            CallArguments::Json(&empty)
+        ));
+        assert!(engine.findings().iter().any(|finding| finding.to_string()
+            == "modes.NORMAL.require_approval.fs__write_*: 'fs__write_*' matches no tool"));
+    }
+
+    #[test]
+    fn an_approval_condition_on_an_absent_argument_holds() {
+        let engine = fs_engine(fs_policy(json!({"NORMAL": {
+            "allowed_tools": ["fs__read_file"],
+            "require_approval": {"fs__read_file": {"depth": {"min": 3}}}}})));
+        let normal = engine.mode_id("NORMAL").unwrap();
+        let read = engine.catalog().lookup("fs__read_file").unwrap();
+        let args = |value: Value| value.as_object().cloned().unwrap();
+        let shallow = args(json!({"path": "/a", "depth": 1}));
+        let deep = args(json!({"path": "/a", "depth": 3}));
+        let absent = args(json!({"path": "/a"}));
+        assert!(!engine.requires_approval(normal, read, CallArguments::Json(&shallow)));
+        assert!(engine.requires_approval(normal, read, CallArguments::Json(&deep)));
+        assert!(engine.requires_approval(normal, read, CallArguments::Json(&absent)));
+    }
+
     #[test]
     fn mistyped_or_malformed_patterns_are_load_errors() {
         let message = problems(json!({"modes": {"NORMAL": {"constraints": {
@@ -2575,6 +2910,35 @@ mod tests {
                 for (mode, _) in engine.modes() {
                     prop_assert!(matches!(decide(&engine, mode, &call), Decision::Deny(_)));
                 }
+            }
+        }
+
+        #[test]
+        fn only_allowed_calls_can_need_approval(
+            Generated { document, .. } in any_policy(),
+            call in any_call(),
+        ) {
+            // Every tool of every mode needs approval, always; yet only the calls the
+            // mode allows report it.
+            let mut document = document;
+            for mode in document["modes"].as_object_mut().unwrap().values_mut() {
+                let allowed: Vec<Value> = mode["allowed_tools"].as_array().cloned().unwrap_or_default();
+                let rules: Map<String, Value> = allowed
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .filter(|name| !name.contains('*'))
+                    .map(|name| (name.to_owned(), json!({})))
+                    .collect();
+                mode["require_approval"] = Value::Object(rules);
+            }
+            // Generated allows are never blocked, so every rule is on an allowed tool.
+            let engine = PolicyEngine::from_json(&document.to_string(), "generated").unwrap();
+            let tool = id(&engine, call.tool());
+            for (mode, _) in engine.modes() {
+                prop_assert_eq!(
+                    engine.requires_approval(mode, tool, CallArguments::Builtin(&call)),
+                    engine.decide_tool(mode, tool) == Decision::Allow
+                );
             }
         }
 

@@ -194,6 +194,25 @@ pub fn diff(old: &PolicyEngine, new: &PolicyEngine) -> PolicyDiff {
             glob_constraints(old_rules),
             glob_constraints(new_rules),
         ));
+        // Approval rules are compared as written, exact names included: they
+        // change whether a call waits for a human, not whether it is allowed.
+        let approvals = |mode: &crate::policy::Mode| -> Vec<String> {
+            let mut rules: Vec<String> = mode
+                .approval_rules()
+                .into_iter()
+                .map(|(pattern, rule)| format!("{pattern}: {rule}"))
+                .collect();
+            rules.push(format!(
+                "approval_ttl_seconds: {}",
+                mode.approval_ttl().as_secs()
+            ));
+            rules
+        };
+        rules.extend(set_changes(
+            &format!("{at}.require_approval"),
+            approvals(old_rules),
+            approvals(new_rules),
+        ));
     }
     let always_blocked_globs = |engine: &PolicyEngine| -> Vec<String> {
         engine
@@ -207,6 +226,11 @@ pub fn diff(old: &PolicyEngine, new: &PolicyEngine) -> PolicyDiff {
         "global_rules.always_blocked",
         always_blocked_globs(old),
         always_blocked_globs(new),
+    ));
+    rules.extend(set_changes(
+        "elevation_requests",
+        vec![old.elevation_requests().to_string()],
+        vec![new.elevation_requests().to_string()],
     ));
     let rate_limits = |engine: &PolicyEngine| -> Vec<String> {
         engine
@@ -409,6 +433,33 @@ mod tests {
              3 changes\n"
         );
         assert_ne!(diff.old_hash, diff.new_hash);
+    }
+
+    #[test]
+    fn approval_rules_their_ttl_and_elevation_requests_are_listed() {
+        let changed = SHIPPED
+            .replace(
+                r#""constraints": {"#,
+                r#""require_approval": {"scale_fleet": {"count": {"min": 6}}, "restart_service": {}},
+      "approval_ttl_seconds": 300,
+      "constraints": {"#,
+            )
+            .replace(
+                r#""default_mode": "NORMAL","#,
+                r#""default_mode": "NORMAL", "elevation_requests": true,"#,
+            );
+        assert_ne!(changed, SHIPPED, "the replacements apply");
+        let diff = diff(&engine(SHIPPED), &engine(&changed));
+        assert_eq!(
+            diff.to_string(),
+            "modes.EMERGENCY.require_approval: - approval_ttl_seconds: 600\n\
+             modes.EMERGENCY.require_approval: + restart_service: always\n\
+             modes.EMERGENCY.require_approval: + scale_fleet: when `count` is at least 6\n\
+             modes.EMERGENCY.require_approval: + approval_ttl_seconds: 300\n\
+             elevation_requests: - false\n\
+             elevation_requests: + true\n\
+             6 changes\n"
+        );
     }
 
     #[test]

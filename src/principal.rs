@@ -19,28 +19,86 @@ pub enum Role {
     Anonymous,
 }
 
+impl Role {
+    /// The lowercase name records, the registry and the CLI use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Operator => "operator",
+            Role::Agent => "agent",
+            Role::System => "system",
+            Role::Anonymous => "anonymous",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who holds a token, independent of the front end it speaks through: the holder's
+/// name and the role its token grants.
+///
+/// Two principals with equal identities are the same holder: `alice` over REST and
+/// `alice (mcp:claude-code)` share one. Names are unique in the registry (see
+/// [`crate::identities`]) and the built-in names (`operator`, `agent`, `system`,
+/// `anonymous`) are reserved there, so equal names mean one holder. This is what
+/// "an operator cannot approve a call that it made itself" compares, never the label.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Identity {
+    name: Arc<str>,
+    role: Role,
+}
+
+impl Identity {
+    /// The holder's name: `operator`, `agent`, or a registered name such as `alice`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The role the holder's token grants (over MCP a principal acts as an agent
+    /// whatever this says).
+    pub fn role(&self) -> Role {
+        self.role
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name, self.role)
+    }
+}
+
 /// An authenticated (or refused) caller and the name the audit trail shows for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
     role: Role,
     name: Arc<str>,
+    identity: Identity,
 }
 
 impl Principal {
+    /// The holder `name` acting in `role` under its own name (no front-end label).
+    /// Registered principals are built this way; `name` is trusted to be valid
+    /// (the registry checks it, see [`crate::identities::check_name`]).
+    pub fn named(name: &str, role: Role) -> Principal {
+        let name: Arc<str> = Arc::from(name);
+        Principal {
+            role,
+            name: name.clone(),
+            identity: Identity { name, role },
+        }
+    }
+
     /// The operator token's holder.
     pub fn operator() -> Principal {
-        Principal {
-            role: Role::Operator,
-            name: Arc::from("operator"),
-        }
+        Principal::named("operator", Role::Operator)
     }
 
     /// The agent token's holder.
     pub fn agent() -> Principal {
-        Principal {
-            role: Role::Agent,
-            name: Arc::from("agent"),
-        }
+        Principal::named("agent", Role::Agent)
     }
 
     /// The name an MCP client gave in `initialize`, made safe to show: `mcp:<name>`.
@@ -71,18 +129,12 @@ impl Principal {
 
     /// Proxi acting on its own.
     pub fn system() -> Principal {
-        Principal {
-            role: Role::System,
-            name: Arc::from("system"),
-        }
+        Principal::named("system", Role::System)
     }
 
     /// A caller whose credentials were refused.
     pub fn anonymous() -> Principal {
-        Principal {
-            role: Role::Anonymous,
-            name: Arc::from("anonymous"),
-        }
+        Principal::named("anonymous", Role::Anonymous)
     }
 
     /// The same holder, labelled with the MCP client it speaks through. MCP callers
@@ -92,10 +144,22 @@ impl Principal {
             role: Role::Agent,
             name: Arc::from(format!(
                 "{} ({})",
-                self.name,
+                self.identity.name,
                 Principal::mcp_label(client_name)
             )),
+            identity: self.identity.clone(),
         }
+    }
+
+    /// The token holder behind this principal, whatever front end it speaks through.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Whether `self` and `other` are the same token holder (same name and token
+    /// role), e.g. the requester and the would-be approver of a call.
+    pub fn is_same_holder(&self, other: &Principal) -> bool {
+        self.identity == other.identity
     }
 
     /// The caller's role.
@@ -147,5 +211,29 @@ mod tests {
         );
         assert_eq!(Principal::agent().via_mcp("x").role(), Role::Agent);
         assert_eq!(Principal::operator().via_mcp("x").role(), Role::Agent);
+    }
+
+    #[test]
+    fn named_principals_keep_their_holder_through_mcp() {
+        let bot = Principal::named("deploy-bot", Role::Agent);
+        assert_eq!(bot.to_string(), "deploy-bot");
+        let over_mcp = bot.via_mcp("claude-code");
+        assert_eq!(over_mcp.to_string(), "deploy-bot (mcp:claude-code)");
+        assert_eq!(over_mcp.identity().name(), "deploy-bot");
+        assert!(over_mcp.is_same_holder(&bot));
+        // Labelling twice never nests the label.
+        assert_eq!(
+            over_mcp.via_mcp("other").to_string(),
+            "deploy-bot (mcp:other)"
+        );
+        let alice = Principal::named("alice", Role::Operator);
+        let alice_over_mcp = alice.via_mcp("inspector");
+        assert_eq!(alice_over_mcp.role(), Role::Agent);
+        assert_eq!(alice_over_mcp.identity().role(), Role::Operator);
+        assert!(alice.is_same_holder(&alice_over_mcp));
+        assert!(!alice.is_same_holder(&Principal::operator()));
+        assert!(!alice.is_same_holder(&Principal::named("alice", Role::Agent)));
+        assert!(!alice.is_same_holder(&Principal::named("bob", Role::Operator)));
+        assert_eq!(alice.identity().to_string(), "alice (operator)");
     }
 }

@@ -44,11 +44,20 @@ pub enum Reason {
     Cancelled,
     /// The audit trail cannot record, so nothing runs.
     AuditUnavailable,
+    /// The call needs a human's approval first; it did not run.
+    ApprovalRequired,
+    /// The approval found for the call was given under another policy, or the
+    /// approval named belongs to another principal, tool or arguments.
+    ApprovalMismatch,
+    /// The approval for the call ran out of time before it was used.
+    ApprovalExpired,
+    /// An operator refused the approval for this exact call.
+    ApprovalDenied,
 }
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 20] = [
         Reason::AlwaysBlocked,
         Reason::BlockedInMode,
         Reason::NotAllowed,
@@ -65,6 +74,10 @@ impl Reason {
         Reason::UpstreamTimeout,
         Reason::Cancelled,
         Reason::AuditUnavailable,
+        Reason::ApprovalRequired,
+        Reason::ApprovalMismatch,
+        Reason::ApprovalExpired,
+        Reason::ApprovalDenied,
     ];
 
     /// The stable snake_case wire name.
@@ -86,6 +99,10 @@ impl Reason {
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::Cancelled => "cancelled",
             Reason::AuditUnavailable => "audit_unavailable",
+            Reason::ApprovalRequired => "approval_required",
+            Reason::ApprovalMismatch => "approval_mismatch",
+            Reason::ApprovalExpired => "approval_expired",
+            Reason::ApprovalDenied => "approval_denied",
         }
     }
 

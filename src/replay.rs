@@ -318,7 +318,7 @@ mod tests {
     fn call(tool: &str, arguments: Value, mode: &str, decision: AuditDecision) -> AuditEntry {
         AuditEntry {
             time: Utc::now(),
-            principal: Arc::from("mcp:claude"),
+            principal: crate::principal::Principal::mcp_stdio_agent("claude"),
             kind: EntryKind::ToolCall,
             tool: Some(tool.to_owned()),
             arguments: Some(arguments),

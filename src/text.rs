@@ -89,13 +89,18 @@ pub fn escape(text: &str) -> Cow<'_, str> {
 /// this also covers DEL, C1 controls, bidi and zero-width characters and line
 /// separators, so a JSON line is as safe on a terminal as [`escape`]d text. The
 /// document's meaning does not change: outside strings JSON has only ASCII.
+///
+/// A line feed is kept as it is: serde_json writes one inside a string as `\n`,
+/// so a raw line feed can only be the layout of pretty-printed JSON, and
+/// escaping it would turn the document into invalid JSON.
 pub fn json_for_terminal(json: &str) -> Cow<'_, str> {
-    if !json.chars().any(needs_escape) {
+    let must_escape = |c: char| c != '\n' && needs_escape(c);
+    if !json.chars().any(must_escape) {
         return Cow::Borrowed(json);
     }
     let mut safe = String::with_capacity(json.len() + 16);
     for c in json.chars() {
-        if needs_escape(c) {
+        if must_escape(c) {
             let mut units = [0u16; 2];
             for unit in c.encode_utf16(&mut units) {
                 // Writing to a String cannot fail.
@@ -168,7 +173,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn json_for_terminal_keeps_pretty_printed_json_valid() {
+        let value = serde_json::json!({"records": 3, "name": "line\nbreak\u{202e}"});
+        let text = serde_json::to_string_pretty(&value).unwrap();
+        let safe = json_for_terminal(&text);
+        assert!(safe.contains('\n'), "the layout stays: {safe}");
+        assert!(!safe.contains('\u{202e}'), "{safe}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&safe).unwrap(),
+            value
+        );
+    }
+
     proptest! {
+        #[test]
+        fn pretty_json_for_terminal_round_trips(key in any::<String>(), text in any::<String>()) {
+            let value = serde_json::json!({ key: [text, 1, {"nested": null}] });
+            let pretty = serde_json::to_string_pretty(&value).unwrap();
+            let safe = json_for_terminal(&pretty);
+            prop_assert!(!safe.chars().any(|c| c != '\n' && needs_escape(c)));
+            prop_assert_eq!(serde_json::from_str::<serde_json::Value>(&safe).unwrap(), value);
+        }
+
         #[test]
         fn escaped_text_has_nothing_left_to_escape_but_backslashes(text in any::<String>()) {
             let escaped = escape(&text);

@@ -1,8 +1,11 @@
-//! Bearer tokens for the two principals, and the constant-time check of presented ones.
+//! Bearer tokens for the two built-in principals, the registry of named ones, and
+//! the constant-time check of presented tokens.
 //!
 //! Tokens come from `PROXI_OPERATOR_TOKEN` / `PROXI_AGENT_TOKEN`. A token that is
 //! not configured is generated once and kept in `<data-dir>/tokens.json` (mode
 //! 0600), so restarts keep it and local CLIs can read it. Tokens are never logged.
+//! Named tokens (`proxi token add`) live in a [`PrincipalStore`] signed with a key
+//! derived from the operator token (see [`crate::identities`]).
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -11,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::identities::{Lookup, PrincipalStore, RegistryKey};
 use crate::principal::Principal;
 
 /// File name of generated tokens inside the data dir.
@@ -95,12 +99,37 @@ impl TokensFile {
     }
 }
 
-/// The two tokens the server accepts, kept as digests for constant-time comparison.
+/// The tokens the server accepts: the two built-in ones, kept as digests for
+/// constant-time comparison, and the registry of named ones, if attached.
 #[derive(Clone)]
 pub struct Tokens {
     /// `None` when this server has no operator (`proxi mcp` without an operator credential).
     operator: Option<[u8; 32]>,
     agent: [u8; 32],
+    principals: Option<std::sync::Arc<dyn PrincipalStore>>,
+}
+
+/// The verdict on a presented token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Authentication {
+    /// The token's holder.
+    Accepted(Principal),
+    /// No token matches (or it was revoked).
+    Invalid,
+    /// Not a built-in token, and the registry of named tokens does not verify, so
+    /// none of its tokens is accepted (see [`crate::identities`]).
+    RegistryUntrusted,
+}
+
+impl Authentication {
+    /// The reason code a refusal is audited with (`None` when accepted).
+    pub fn refusal_reason(&self) -> Option<&'static str> {
+        match self {
+            Authentication::Accepted(_) => None,
+            Authentication::Invalid => Some("invalid_token"),
+            Authentication::RegistryUntrusted => Some("registry_untrusted"),
+        }
+    }
 }
 
 impl std::fmt::Debug for Tokens {
@@ -162,6 +191,7 @@ impl Tokens {
             Tokens {
                 operator: Some(digest(&operator)),
                 agent: digest(&agent),
+                principals: None,
             },
             TokenSources {
                 file: uses_file.then_some(path),
@@ -174,7 +204,22 @@ impl Tokens {
         Tokens {
             operator: Some(digest(operator)),
             agent: digest(agent),
+            principals: None,
         }
+    }
+
+    /// The key that signs the registry of named tokens: derived from the operator
+    /// token, so `None` when this server has no operator.
+    pub fn registry_key(&self) -> Option<RegistryKey> {
+        self.operator
+            .as_ref()
+            .map(RegistryKey::from_operator_digest)
+    }
+
+    /// Also accepts the named tokens of `principals`.
+    pub fn with_principals(mut self, principals: std::sync::Arc<dyn PrincipalStore>) -> Tokens {
+        self.principals = Some(principals);
+        self
     }
 
     /// The agent token only (configured, or generated into `<data_dir>/tokens.json`):
@@ -208,6 +253,7 @@ impl Tokens {
             Tokens {
                 operator: None,
                 agent: digest(&agent),
+                principals: None,
             },
             TokenSources {
                 file: uses_file.then_some(path),
@@ -222,19 +268,42 @@ impl Tokens {
 
     /// The principal a presented token belongs to, if any.
     pub fn authenticate(&self, presented: &str) -> Option<Principal> {
-        if presented.is_empty() || presented.len() > MAX_TOKEN_LEN {
-            return None;
+        match self.check(presented) {
+            Authentication::Accepted(principal) => Some(principal),
+            _ => None,
         }
-        let presented = digest(presented);
+    }
+
+    /// The verdict on a presented token: a built-in one, else a named one of the
+    /// registry (which re-reads its store if it changed, so a revocation counts at once).
+    pub fn check(&self, presented: &str) -> Authentication {
+        if presented.is_empty() || presented.len() > MAX_TOKEN_LEN {
+            return Authentication::Invalid;
+        }
+        self.check_digest(&digest(presented))
+    }
+
+    /// [`Tokens::check`] for a token known by its SHA-256 only (a console session
+    /// keeps the digest of the token it was opened with, to notice a revocation).
+    pub fn check_digest(&self, presented: &[u8; 32]) -> Authentication {
+        let presented = *presented;
         // Compare against both so timing does not reveal which one matched.
         let is_operator = self
             .operator
             .is_some_and(|operator| constant_time_eq(&presented, &operator));
         let is_agent = constant_time_eq(&presented, &self.agent);
         match (is_operator, is_agent) {
-            (true, _) => Some(Principal::operator()),
-            (false, true) => Some(Principal::agent()),
-            (false, false) => None,
+            (true, _) => Authentication::Accepted(Principal::operator()),
+            (false, true) => Authentication::Accepted(Principal::agent()),
+            (false, false) => match self
+                .principals
+                .as_ref()
+                .map(|principals| principals.authenticate(&presented))
+            {
+                Some(Lookup::Found(principal)) => Authentication::Accepted(principal),
+                Some(Lookup::Untrusted) => Authentication::RegistryUntrusted,
+                Some(Lookup::Unknown) | None => Authentication::Invalid,
+            },
         }
     }
 }

@@ -46,7 +46,7 @@ fn trail_with_records(data_dir: &std::path::Path, count: usize) {
             audit
                 .append(AuditEntry {
                     time: Utc::now(),
-                    principal: Arc::from("agent"),
+                    principal: proxi::principal::Principal::agent(),
                     kind: EntryKind::ToolCall,
                     tool: Some("list_services".to_owned()),
                     arguments: Some(json!({})),

@@ -88,7 +88,10 @@ fn hostile_trail(data_dir: &std::path::Path) {
         audit
             .append(AuditEntry {
                 time: Utc::now(),
-                principal: Arc::from("mcp:oper\u{202e}rotare\u{1b}]0;owned\u{7}"),
+                principal: proxi::principal::Principal::named(
+                    "mcp:oper\u{202e}rotare\u{1b}]0;owned\u{7}",
+                    proxi::principal::Role::Agent,
+                ),
                 kind: EntryKind::ToolCall,
                 tool: Some(REDRAW.to_owned()),
                 arguments: Some(json!({"x": "\u{1b}[31mred\u{85}\u{2029}"})),

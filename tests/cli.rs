@@ -269,6 +269,14 @@ async fn mode_commands_drive_a_running_server_and_audit_tools_read_its_trail() {
     let output = proxi(&["audit", "verify", "--data-dir", &data_dir]);
     assert!(output.status.success(), "{}", stdout(&output));
     assert!(stdout(&output).contains("audit trail OK: 2 records"));
+    // The JSON report is one valid document (its pretty-printing layout was once
+    // escaped into `\u000a`, which no JSON parser accepts).
+    let output = proxi(&["audit", "verify", "--data-dir", &data_dir, "--json"]);
+    assert!(output.status.success(), "{}", stdout(&output));
+    let report: serde_json::Value = serde_json::from_str(stdout(&output).trim())
+        .unwrap_or_else(|e| panic!("audit verify --json is not JSON ({e}): {}", stdout(&output)));
+    assert_eq!(report["records"], 2);
+    assert_eq!(report["first_bad"], serde_json::Value::Null);
     child.kill().unwrap();
     child.wait().unwrap();
 

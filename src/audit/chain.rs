@@ -26,6 +26,7 @@ pub(super) struct Fields<'a> {
     pub(super) expires_at: Option<&'a str>,
     pub(super) context: Option<&'a str>,
     pub(super) policy_hash: Option<&'a str>,
+    pub(super) role: Option<&'a str>,
 }
 
 impl Fields<'_> {
@@ -72,6 +73,12 @@ impl Fields<'_> {
             hasher.update((policy_hash.len() as u64).to_be_bytes());
             hasher.update(policy_hash.as_bytes());
         }
+        // `role` came after `policy_hash`, the same way (tag 4).
+        if let Some(role) = self.role {
+            hasher.update([4u8]);
+            hasher.update((role.len() as u64).to_be_bytes());
+            hasher.update(role.as_bytes());
+        }
         let mut hex = [0u8; 64];
         // 32 digest bytes always encode into exactly 64 hex digits.
         let _ = hex::encode_to_slice(hasher.finalize(), &mut hex);
@@ -96,6 +103,7 @@ impl StoredRecord {
             expires_at: self.expires_at.as_deref(),
             context: self.context.as_deref(),
             policy_hash: self.policy_hash.as_deref(),
+            role: self.role.as_deref(),
         }
     }
 
@@ -153,7 +161,7 @@ pub fn seal(
     let fields = Fields {
         seq,
         time: &time,
-        principal: cut(&entry.principal, MAX_STORED_NAME_BYTES),
+        principal: cut(entry.principal.name(), MAX_STORED_NAME_BYTES),
         kind: entry.kind.as_str(),
         tool: entry
             .tool
@@ -177,6 +185,7 @@ pub fn seal(
             .policy_hash
             .as_deref()
             .map(|hash| cut(hash, MAX_STORED_POLICY_HASH_BYTES)),
+        role: Some(entry.principal.role().as_str()),
     };
     let hash = utf8(&fields.hash(&head.hash))?.to_owned();
     let record = StoredRecord {
@@ -192,6 +201,7 @@ pub fn seal(
         detail: fields.detail.to_owned(),
         context: fields.context.map(str::to_owned),
         policy_hash: fields.policy_hash.map(str::to_owned),
+        role: fields.role.map(str::to_owned),
         time,
         expires_at,
         prev_hash: std::mem::replace(&mut head.hash, hash.clone()),
@@ -311,7 +321,7 @@ mod tests {
     fn entry(n: i64) -> AuditEntry {
         AuditEntry {
             time: Utc::now(),
-            principal: Arc::from("agent"),
+            principal: crate::principal::Principal::agent(),
             kind: EntryKind::ToolCall,
             tool: Some("scale_fleet".into()),
             arguments: Some(json!({"count": n})),
@@ -367,6 +377,33 @@ mod tests {
     }
 
     #[test]
+    fn the_role_is_recorded_and_hashed_and_old_records_without_it_still_check() {
+        let key = AuditKey::from_bytes([3; 32]);
+        let mut named = entry(1);
+        named.principal =
+            crate::principal::Principal::named("deploy-bot", crate::principal::Role::Agent)
+                .via_mcp("claude-code");
+        let record = seal(
+            &mut ChainHead::genesis(),
+            &named,
+            &key,
+            &mut SealBuffers::default(),
+        )
+        .unwrap();
+        assert_eq!(record.principal, "deploy-bot (mcp:claude-code)");
+        assert_eq!(record.role.as_deref(), Some("agent"));
+        let mut promoted = record.clone();
+        promoted.role = Some("operator".to_owned());
+        assert!(!promoted.hash_is_valid(), "the role is covered by the hash");
+        // A record from before roles: hashed without one, it still checks out.
+        let mut old = record;
+        old.role = None;
+        old.hash = String::from_utf8(old.fields().hash(&old.prev_hash).to_vec()).unwrap();
+        old.mac = Some(key.record_mac(&old.hash));
+        assert_eq!(first_problem(vec![old], &key), None);
+    }
+
+    #[test]
     fn a_record_sealed_with_another_key_is_named() {
         let key = AuditKey::from_bytes([3; 32]);
         let other = AuditKey::from_bytes([4; 32]);
@@ -379,7 +416,8 @@ mod tests {
     fn sealing_bounds_the_fields_it_hashes() {
         let key = AuditKey::from_bytes([3; 32]);
         let mut huge = entry(1);
-        huge.principal = Arc::from("p".repeat(10_000));
+        huge.principal =
+            crate::principal::Principal::named(&"p".repeat(10_000), crate::principal::Role::Agent);
         huge.arguments = Some(json!({"a": "x".repeat(100_000)}));
         let record = seal(
             &mut ChainHead::genesis(),

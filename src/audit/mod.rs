@@ -863,7 +863,7 @@ mod tests {
     fn entry(n: i64) -> AuditEntry {
         AuditEntry {
             time: Utc::now(),
-            principal: Arc::from("agent"),
+            principal: crate::principal::Principal::agent(),
             kind: EntryKind::ToolCall,
             tool: Some("scale_fleet".into()),
             arguments: Some(json!({"count": n})),
@@ -915,7 +915,7 @@ mod tests {
                 record.decision = AuditDecision::Denied;
                 record.reason_code = Some("blocked_in_mode");
             } else {
-                record.principal = Arc::from("operator");
+                record.principal = crate::principal::Principal::operator();
             }
             log.append(record).await.unwrap();
         }
@@ -1197,7 +1197,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = AuditLog::open(dir.path(), Durability::Process).unwrap();
         let mut huge = entry(1);
-        huge.principal = Arc::from("p".repeat(10_000));
+        huge.principal =
+            crate::principal::Principal::named(&"p".repeat(10_000), crate::principal::Role::Agent);
         huge.tool = Some("t".repeat(10_000));
         huge.arguments = Some(json!({"a": "x".repeat(100_000)}));
         huge.detail = json!("d".repeat(100_000));

@@ -28,7 +28,7 @@ const POOL_SIZE: usize = 6;
 /// Records fetched per round trip while scanning the chain.
 const SCAN_PAGE: i64 = 2000;
 
-const COLUMNS: &str = "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac, policy_hash";
+const COLUMNS: &str = "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac, policy_hash, role";
 
 /// Tables and indexes; every statement is idempotent, run at every start.
 const MIGRATIONS: &str = r#"
@@ -49,10 +49,13 @@ CREATE TABLE IF NOT EXISTS audit_log (
     hash TEXT NOT NULL,
     context TEXT,
     mac TEXT,
-    policy_hash TEXT
+    policy_hash TEXT,
+    role TEXT
 );
 -- Added after the first release of this schema: the policy that decided a call.
 ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS policy_hash TEXT;
+-- Added later still: the role the principal acted in.
+ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS role TEXT;
 CREATE INDEX IF NOT EXISTS audit_log_principal ON audit_log (principal, seq);
 CREATE INDEX IF NOT EXISTS audit_log_kind ON audit_log (kind, seq);
 CREATE INDEX IF NOT EXISTS audit_log_tool ON audit_log (tool, seq);
@@ -279,6 +282,7 @@ fn stored_record(row: &Row) -> Result<StoredRecord, AuditError> {
         context: row.try_get(14)?,
         mac: row.try_get(15)?,
         policy_hash: row.try_get(16)?,
+        role: row.try_get(17)?,
     })
 }
 
@@ -416,13 +420,14 @@ impl AuditStore for PostgresStore {
             let contexts = column(|r| r.context.as_deref());
             let macs = column(|r| r.mac.as_deref());
             let policy_hashes = column(|r| r.policy_hash.as_deref());
+            let roles = column(|r| r.role.as_deref());
             transaction
                 .execute(
                     &format!(
                         "INSERT INTO audit_log ({COLUMNS}) SELECT * FROM UNNEST(
                             $1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
                             $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[],
-                            $13::TEXT[], $14::TEXT[], $15::TEXT[], $16::TEXT[], $17::TEXT[])"
+                            $13::TEXT[], $14::TEXT[], $15::TEXT[], $16::TEXT[], $17::TEXT[], $18::TEXT[])"
                     ),
                     &[
                         &seq_column,
@@ -442,6 +447,7 @@ impl AuditStore for PostgresStore {
                         &contexts,
                         &macs,
                         &policy_hashes,
+                        &roles,
                     ],
                 )
                 .await?;

@@ -41,6 +41,10 @@ pub enum EntryKind {
     Incident,
     /// A mode switch waited for, or cancelled, upstream calls the new mode denies.
     ModeDrained,
+    /// An operator logged in to the console.
+    ConsoleLogin,
+    /// An operator logged out of the console.
+    ConsoleLogout,
 }
 
 impl EntryKind {
@@ -53,6 +57,8 @@ impl EntryKind {
             EntryKind::AuthRefused => "auth_refused",
             EntryKind::Incident => "incident",
             EntryKind::ModeDrained => "mode_drained",
+            EntryKind::ConsoleLogin => "console_login",
+            EntryKind::ConsoleLogout => "console_logout",
         }
     }
 }
@@ -85,8 +91,10 @@ impl AuditDecision {
 pub struct AuditEntry {
     /// When it happened.
     pub time: DateTime<Utc>,
-    /// Who asked: `operator`, `agent`, `mcp:<client>`, `system`, `anonymous`.
-    pub principal: Arc<str>,
+    /// Who asked: `operator`, `agent`, a registered name such as `alice`, each
+    /// perhaps with an MCP label (`deploy-bot (mcp:claude-code)`), `system` or
+    /// `anonymous`; recorded with its role.
+    pub principal: crate::principal::Principal,
     /// What kind of event.
     pub kind: EntryKind,
     /// The tool named in the request, if any.
@@ -152,6 +160,10 @@ pub struct AuditRecord {
     /// The version of the policy that decided (absent in records without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_hash: Option<String>,
+    /// The principal's role (`operator`, `agent`, `system`, `anonymous`) the request
+    /// was made in; absent in records written before roles were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// One record's columns exactly as a store keeps them and as the chain hashes them
@@ -192,6 +204,8 @@ pub struct StoredRecord {
     pub mac: Option<String>,
     /// The deciding policy's version, cut to [`MAX_STORED_POLICY_HASH_BYTES`].
     pub policy_hash: Option<String>,
+    /// The principal's role ([`crate::principal::Role::as_str`]); `None` in older records.
+    pub role: Option<String>,
 }
 
 impl StoredRecord {
@@ -218,6 +232,7 @@ impl StoredRecord {
             hash: self.hash,
             mac: self.mac,
             policy_hash: self.policy_hash,
+            role: self.role,
         }
     }
 }

@@ -34,8 +34,13 @@ pub(super) fn select_columns(connection: &Connection) -> Result<String, AuditErr
     } else {
         "NULL"
     };
+    let role = if has_column(connection, "role")? {
+        "role"
+    } else {
+        "NULL"
+    };
     Ok(format!(
-        "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, {context}, {mac}, {policy_hash}"
+        "seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, {context}, {mac}, {policy_hash}, {role}"
     ))
 }
 
@@ -69,6 +74,7 @@ impl StoredRecord {
             context: row.get(14)?,
             mac: row.get(15)?,
             policy_hash: row.get(16)?,
+            role: row.get(17)?,
         })
     }
 }
@@ -138,7 +144,8 @@ impl SqliteStore {
                 hash TEXT NOT NULL,
                 context TEXT,
                 mac TEXT,
-                policy_hash TEXT
+                policy_hash TEXT,
+                role TEXT
             );
             -- Scratch row the writer rewrites to find out whether writes succeed again.
             CREATE TABLE IF NOT EXISTS audit_probe (id INTEGER PRIMARY KEY, at TEXT NOT NULL);",
@@ -150,6 +157,10 @@ impl SqliteStore {
         if !has_column(&connection, "policy_hash")? {
             // A trail from before policy versions; its records hash the same without it.
             connection.execute_batch("ALTER TABLE audit_log ADD COLUMN policy_hash TEXT")?;
+        }
+        if !has_column(&connection, "role")? {
+            // A trail from before roles were recorded; its records hash the same without it.
+            connection.execute_batch("ALTER TABLE audit_log ADD COLUMN role TEXT")?;
         }
         if !has_column(&connection, "mac")? {
             // A trail from before audit keys: the MAC check refuses to extend it.
@@ -251,8 +262,8 @@ impl SqliteWriter {
         let mut head = self.head.clone();
         {
             let mut insert = transaction.prepare_cached(
-                "INSERT INTO audit_log (seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac, policy_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                "INSERT INTO audit_log (seq, ts, principal, kind, tool, arguments, mode, decision, reason_code, outcome, detail, expires_at, prev_hash, hash, context, mac, policy_hash, role)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             )?;
             for entry in entries {
                 let record = seal(&mut head, entry, key, &mut self.buffers)?;
@@ -274,6 +285,7 @@ impl SqliteWriter {
                     record.context,
                     record.mac,
                     record.policy_hash,
+                    record.role,
                 ])?;
             }
         }

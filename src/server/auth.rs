@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::refusals::RefusalTally;
 use super::{AppState, Edge};
 use crate::principal::{Principal, Role};
+use crate::tokens::Authentication;
 
 /// Any caller holding a valid token (agent or operator).
 pub struct Caller(pub Principal);
@@ -60,9 +61,12 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
         .and_then(|value| value.to_str().ok())
         .and_then(bearer_token);
     let (reason, message) = match presented {
-        Some(token) => match state.tokens.authenticate(token) {
-            Some(principal) => return Ok(principal),
-            None => ("invalid_token", "the bearer token is not valid"),
+        Some(token) => match state.tokens.check(token) {
+            Authentication::Accepted(principal) => return Ok(principal),
+            refused => (
+                refused.refusal_reason().unwrap_or("invalid_token"),
+                "the bearer token is not valid",
+            ),
         },
         None => (
             "missing_token",

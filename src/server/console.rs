@@ -32,9 +32,11 @@ use sha2::{Digest, Sha256};
 use super::audit_api::{self, AuditFilters, StreamShutdown};
 use super::error::{ApiError, ApiJson, ApiQuery};
 use super::{AppState, Edge};
+use crate::audit::EntryKind;
 use crate::gateway::{ModeChange, ModeChangeError, PolicyStatus};
 use crate::infra::InfrastructureStatus;
 use crate::principal::{Principal, Role};
+use crate::tokens::Authentication;
 
 /// Name of the session cookie.
 pub const SESSION_COOKIE: &str = "proxi_console";
@@ -57,6 +59,9 @@ const APP_CSS: &str = include_str!("../../assets/console/app.css");
 #[derive(Clone, Debug)]
 struct Session {
     principal: Principal,
+    /// SHA-256 of the token the session was opened with: checked again on every
+    /// request, so a revoked token ends its sessions too.
+    token_digest: [u8; 32],
     csrf: String,
     created: Instant,
 }
@@ -87,7 +92,7 @@ impl ConsoleSessions {
     }
 
     /// Opens a session for `principal`: its cookie value and CSRF token.
-    fn open(&self, principal: Principal) -> Option<(String, String)> {
+    fn open(&self, principal: Principal, token_digest: [u8; 32]) -> Option<(String, String)> {
         let id = crate::tokens::generate_token().ok()?;
         let csrf = crate::tokens::generate_token().ok()?;
         let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
@@ -105,6 +110,7 @@ impl ConsoleSessions {
             key_of(&id),
             Session {
                 principal,
+                token_digest,
                 csrf: csrf.clone(),
                 created: Instant::now(),
             },
@@ -251,10 +257,24 @@ pub struct ConsoleSession {
 impl FromRequestParts<AppState> for ConsoleSession {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Response> {
-        let session = sessions(parts)
-            .zip(session_cookie(&parts.headers))
-            .and_then(|(table, id)| table.find(id));
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let table = sessions(parts);
+        let cookie = session_cookie(&parts.headers);
+        let session = table
+            .as_ref()
+            .zip(cookie)
+            .and_then(|(table, id)| table.find(id))
+            .filter(|session| {
+                // The token behind the session still holds the operator role (not revoked).
+                let still = matches!(
+                    state.tokens.check_digest(&session.token_digest),
+                    Authentication::Accepted(ref principal) if principal.role() == Role::Operator
+                );
+                if !still && let Some((table, id)) = table.as_ref().zip(cookie) {
+                    table.close(id);
+                }
+                still
+            });
         match session {
             Some(session) => Ok(ConsoleSession {
                 principal: session.principal,
@@ -341,27 +361,33 @@ async fn login(
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
-    let principal = state.tokens.authenticate(form.token.trim());
-    let refusal = match &principal {
-        Some(principal) if principal.role() == Role::Operator => None,
-        Some(principal) => Some((
+    let token = form.token.trim();
+    let token_digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let verdict = if token.is_empty() || token.len() > crate::tokens::MAX_TOKEN_LEN {
+        Authentication::Invalid
+    } else {
+        state.tokens.check_digest(&token_digest)
+    };
+    let refusal = match &verdict {
+        Authentication::Accepted(principal) if principal.role() == Role::Operator => None,
+        Authentication::Accepted(principal) => Some((
             principal.clone(),
             "forbidden",
             StatusCode::FORBIDDEN,
             "only an operator token opens the console",
         )),
-        None => Some((
+        refused => Some((
             Principal::anonymous(),
-            "invalid_token",
+            refused.refusal_reason().unwrap_or("invalid_token"),
             StatusCode::UNAUTHORIZED,
             "that token is not valid",
         )),
     };
+    let source = peer.map_or_else(
+        || "unknown".to_owned(),
+        |Extension(ConnectInfo(address))| address.ip().to_string(),
+    );
     if let Some((who, reason, status, message)) = refusal {
-        let source = peer.map_or_else(
-            || "unknown".to_owned(),
-            |Extension(ConnectInfo(address))| address.ip().to_string(),
-        );
         let edge = edge.map(|Extension(edge)| edge);
         if record_refusal(&state, edge.as_ref(), &source, &who, reason)
             .await
@@ -374,10 +400,21 @@ async fn login(
         }
         return login_page(status, message);
     }
-    let Some(principal) = principal else {
+    let Authentication::Accepted(principal) = verdict else {
         return login_page(StatusCode::UNAUTHORIZED, "that token is not valid");
     };
-    let Some((id, _csrf)) = table.open(principal) else {
+    if state
+        .gateway
+        .record_console_session(&principal, EntryKind::ConsoleLogin, &source)
+        .await
+        .is_err()
+    {
+        return login_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit trail is unavailable",
+        );
+    }
+    let Some((id, _csrf)) = table.open(principal, token_digest) else {
         return login_page(
             StatusCode::SERVICE_UNAVAILABLE,
             "no session could be opened; try again",
@@ -440,7 +477,9 @@ struct LogoutForm {
 
 /// `POST /console/logout`: ends the session (CSRF token in the form) and clears the cookie.
 async fn logout(
+    State(state): State<AppState>,
     Extension(table): Extension<Arc<ConsoleSessions>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     session: ConsoleSession,
     headers: HeaderMap,
     Form(form): Form<LogoutForm>,
@@ -450,6 +489,18 @@ async fn logout(
     }
     if let Some(id) = session_cookie(&headers) {
         table.close(id);
+    }
+    let source = peer.map_or_else(
+        || "unknown".to_owned(),
+        |Extension(ConnectInfo(address))| address.ip().to_string(),
+    );
+    // The session is closed whatever happens; a failed record is logged, not hidden.
+    if let Err(error) = state
+        .gateway
+        .record_console_session(&session.principal, EntryKind::ConsoleLogout, &source)
+        .await
+    {
+        tracing::warn!("a console logout could not be recorded: {error}");
     }
     redirect_with_cookie(&format!(
         "{SESSION_COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0"
@@ -586,9 +637,9 @@ mod tests {
     #[test]
     fn the_session_table_is_bounded_and_sessions_expire() {
         let table = ConsoleSessions::new(Duration::from_secs(3600), 2);
-        let (first, _) = table.open(Principal::operator()).expect("opens");
-        let (second, _) = table.open(Principal::operator()).expect("opens");
-        let (third, _) = table.open(Principal::operator()).expect("opens");
+        let (first, _) = table.open(Principal::operator(), [0; 32]).expect("opens");
+        let (second, _) = table.open(Principal::operator(), [0; 32]).expect("opens");
+        let (third, _) = table.open(Principal::operator(), [0; 32]).expect("opens");
         assert_eq!(table.len(), 2);
         assert!(table.find(&first).is_none(), "the oldest session made room");
         assert!(table.find(&second).is_some());
@@ -597,7 +648,7 @@ mod tests {
         assert!(table.find(&third).is_none());
 
         let expired = ConsoleSessions::new(Duration::ZERO, 2);
-        let (id, _) = expired.open(Principal::operator()).expect("opens");
+        let (id, _) = expired.open(Principal::operator(), [0; 32]).expect("opens");
         assert!(expired.find(&id).is_none());
     }
 

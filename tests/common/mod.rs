@@ -1,6 +1,7 @@
 //! Shared helpers for end-to-end tests: real servers on ephemeral loopback ports.
 #![allow(dead_code)] // Each test binary uses a different subset.
 
+pub mod identities;
 pub mod postgres;
 pub mod upstream;
 

@@ -1,0 +1,344 @@
+//! Per-call human approval: the requests a `require_approval` rule or an agent's
+//! elevation request creates, their life cycle, and the store that keeps them.
+//!
+//! An approval is bound to the requesting principal (name and role), the tool,
+//! the SHA-256 of the arguments' canonical JSON ([`crate::canonical`]), the
+//! policy's hash and an expiry. Its states:
+//!
+//! ```text
+//! pending ──approve──► approved ──consume (once)──► consumed
+//!    │  └────deny────► denied
+//!    └──(expires_at)──► expired ◄──(expires_at)── approved
+//! ```
+//!
+//! Every transition is one conditional update in the store, so an approval is
+//! consumed at most once however many identical calls race for it. The store is
+//! a trait ([`ApprovalStore`]); [`sqlite::SqliteApprovals`] keeps it in the data
+//! dir, so pending and approved requests survive a restart.
+
+pub mod sqlite;
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Most approvals that may be pending at once; one more is refused (429), so an
+/// agent cannot flood the operators' queue or the store.
+pub const MAX_PENDING_APPROVALS: usize = 100;
+/// Longest reason an operator (or an elevation request) may give, in characters.
+pub const MAX_APPROVAL_REASON_CHARS: usize = 500;
+/// Most approvals one `GET /approvals` returns.
+pub const MAX_APPROVAL_LIST: usize = 500;
+/// Approvals `GET /approvals` returns when no limit is given.
+pub const DEFAULT_APPROVAL_LIST: usize = 100;
+/// Longest an approval id may be; anything longer is not an id.
+pub const MAX_APPROVAL_ID_LEN: usize = 64;
+
+/// Where an approval is in its life cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    /// Waiting for an operator.
+    Pending,
+    /// An operator approved it; the identical call may run once.
+    Approved,
+    /// An operator refused it.
+    Denied,
+    /// Its time ran out before it was decided or used.
+    Expired,
+    /// The approved call ran (or the approved mode change took effect).
+    Consumed,
+}
+
+impl ApprovalStatus {
+    /// Every status, for parsing.
+    pub const ALL: [ApprovalStatus; 5] = [
+        ApprovalStatus::Pending,
+        ApprovalStatus::Approved,
+        ApprovalStatus::Denied,
+        ApprovalStatus::Expired,
+        ApprovalStatus::Consumed,
+    ];
+
+    /// The stored and wire form.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ApprovalStatus::Pending => "pending",
+            ApprovalStatus::Approved => "approved",
+            ApprovalStatus::Denied => "denied",
+            ApprovalStatus::Expired => "expired",
+            ApprovalStatus::Consumed => "consumed",
+        }
+    }
+
+    /// The status with this wire name.
+    pub fn parse(text: &str) -> Option<ApprovalStatus> {
+        ApprovalStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == text)
+    }
+}
+
+impl fmt::Display for ApprovalStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an approval would allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalKind {
+    /// One tool call, with these exact arguments.
+    ToolCall,
+    /// A change of mode an agent asked for (an elevation request).
+    ModeChange,
+}
+
+impl ApprovalKind {
+    /// The stored and wire form.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ApprovalKind::ToolCall => "tool_call",
+            ApprovalKind::ModeChange => "mode_change",
+        }
+    }
+
+    fn parse(text: &str) -> Option<ApprovalKind> {
+        [ApprovalKind::ToolCall, ApprovalKind::ModeChange]
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+    }
+}
+
+/// What an approval is bound to: a later call matches it only if every field is equal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// A tool call or a mode change.
+    pub kind: ApprovalKind,
+    /// The requesting principal's name, as audit records show it.
+    pub principal: String,
+    /// The requesting principal's role (`agent`, `operator`).
+    pub role: String,
+    /// The tool (for a mode change: the requested mode).
+    pub target: String,
+    /// SHA-256 of the canonical JSON of the arguments (for a mode change: of
+    /// `{"mode", "ttl_seconds"}`).
+    pub arguments_digest: String,
+    /// The version of the policy the request was decided under.
+    pub policy_hash: String,
+}
+
+/// A request for approval, before the store gives it an id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewApproval {
+    /// What it is bound to.
+    pub binding: Binding,
+    /// The arguments as operators see them (bounded: a digest when large).
+    pub arguments: Value,
+    /// The mode the call was decided in.
+    pub mode: String,
+    /// The requester's reason (elevation requests), bounded.
+    pub reason: Option<String>,
+    /// When it was asked.
+    pub created_at: DateTime<Utc>,
+    /// When it lapses if not decided, or not used once approved.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One approval as stored and as `GET /approvals` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Opaque id, `apr_` and 32 hex digits.
+    pub id: String,
+    /// Where it is in its life cycle.
+    pub status: ApprovalStatus,
+    /// What it is bound to.
+    #[serde(flatten)]
+    pub binding: Binding,
+    /// The arguments as operators see them.
+    pub arguments: Value,
+    /// The mode the request was made in.
+    pub mode: String,
+    /// The requester's reason, if any.
+    pub reason: Option<String>,
+    /// When it was asked.
+    pub created_at: DateTime<Utc>,
+    /// When it lapses.
+    pub expires_at: DateTime<Utc>,
+    /// The operator who approved or denied it.
+    pub decided_by: Option<String>,
+    /// When.
+    pub decided_at: Option<DateTime<Utc>>,
+    /// The operator's reason.
+    pub decision_reason: Option<String>,
+}
+
+impl Approval {
+    /// Whether its time has run out at `now`, whatever the store says yet.
+    pub fn is_expired_at(&self, now: DateTime<Utc>) -> bool {
+        now >= self.expires_at
+    }
+}
+
+/// An operator's decision on a pending approval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The identical call may run once.
+    Approve,
+    /// It may not.
+    Deny,
+}
+
+/// Why an approval could not be created, decided or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    /// No approval has that id.
+    #[error("no approval has this id")]
+    NotFound,
+    /// The approval was decided, used or expired already.
+    #[error("the approval is {0}, not pending")]
+    NotPending(ApprovalStatus),
+    /// The approval's time ran out.
+    #[error("the approval has expired")]
+    Expired,
+    /// Too many approvals are pending.
+    #[error("too many approvals are pending (at most {0}); wait for operators to decide")]
+    TooManyPending(usize),
+    /// The SQLite store failed.
+    #[error("approval store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The data dir could not be used.
+    #[error("approval store {path}: {error}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// A stored row could not be read back (edited by hand?).
+    #[error("approval store holds an unreadable row: {0}")]
+    Corrupt(String),
+    /// The operating system gave no randomness for an id.
+    #[error("no randomness for an approval id: {0}")]
+    Random(String),
+}
+
+/// Where approvals live. Every method is one transaction; every state change is
+/// conditional on the state it leaves, so concurrent callers cannot both win.
+pub trait ApprovalStore: Send + Sync + fmt::Debug {
+    /// Records a pending approval, or returns the pending one already bound to the
+    /// same [`Binding`] (and `false`), so identical calls ask once. Refuses with
+    /// [`ApprovalError::TooManyPending`] when `max_pending` are pending.
+    fn create(
+        &self,
+        request: NewApproval,
+        max_pending: usize,
+    ) -> Result<(Approval, bool), ApprovalError>;
+
+    /// The approval with this id.
+    fn get(&self, id: &str) -> Result<Option<Approval>, ApprovalError>;
+
+    /// The newest approval whose binding equals `binding` in everything but the
+    /// policy hash (so a changed policy is recognised as a mismatch), any status.
+    fn latest_for(&self, binding: &Binding) -> Result<Option<Approval>, ApprovalError>;
+
+    /// Approvals with `status` (all when `None`), newest first, at most `limit`.
+    fn list(
+        &self,
+        status: Option<ApprovalStatus>,
+        limit: usize,
+    ) -> Result<Vec<Approval>, ApprovalError>;
+
+    /// Approves or denies a pending, unexpired approval.
+    fn decide(
+        &self,
+        id: &str,
+        verdict: Verdict,
+        approver: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Approval, ApprovalError>;
+
+    /// Marks an approved, unexpired approval consumed; `None` when it is not
+    /// (another call consumed it first, or it lapsed). At most one caller ever
+    /// gets `Some` for an id.
+    fn consume(&self, id: &str, now: DateTime<Utc>) -> Result<Option<Approval>, ApprovalError>;
+
+    /// Moves every pending or approved approval whose time ran out by `now` to
+    /// expired, and returns them (each exactly once, across restarts too).
+    fn expire_due(&self, now: DateTime<Utc>) -> Result<Vec<Approval>, ApprovalError>;
+
+    /// The earliest expiry among pending and approved approvals.
+    fn next_expiry(&self) -> Result<Option<DateTime<Utc>>, ApprovalError>;
+
+    /// How many approvals are pending.
+    fn count_pending(&self) -> Result<usize, ApprovalError>;
+}
+
+/// A fresh approval id: `apr_` and 16 random bytes in hex.
+pub fn new_id() -> Result<String, ApprovalError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|error| ApprovalError::Random(error.to_string()))?;
+    Ok(format!("apr_{}", hex::encode(bytes)))
+}
+
+/// Whether `text` has the shape of an approval id (so nothing else reaches the store).
+pub fn is_approval_id(text: &str) -> bool {
+    text.len() <= MAX_APPROVAL_ID_LEN
+        && text
+            .strip_prefix("apr_")
+            .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The digest an approval binds a call's arguments by: SHA-256 of their
+/// canonical JSON, with no arguments read as `{}` (as the tools read them).
+pub fn arguments_digest(arguments: &Value) -> String {
+    match arguments {
+        Value::Null => crate::canonical::canonical_digest(&Value::Object(Default::default())),
+        other => crate::canonical::canonical_digest(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn statuses_round_trip_and_ids_have_one_shape() {
+        for status in ApprovalStatus::ALL {
+            assert_eq!(ApprovalStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(ApprovalStatus::parse("PENDING"), None);
+        let id = new_id().unwrap();
+        assert!(is_approval_id(&id), "{id}");
+        assert_eq!(id.len(), 36);
+        assert_ne!(id, new_id().unwrap());
+        for not_id in [
+            "",
+            "apr_",
+            "apr_xyz",
+            "../etc",
+            "apr_12 34",
+            &"apr_0".repeat(20),
+        ] {
+            assert!(!is_approval_id(not_id), "{not_id}");
+        }
+    }
+
+    #[test]
+    fn the_arguments_digest_ignores_key_order_and_null_means_empty() {
+        assert_eq!(
+            arguments_digest(&json!({"a": 1, "b": [1, 2]})),
+            arguments_digest(&serde_json::from_str::<Value>("{ \"b\": [1,2], \"a\": 1 }").unwrap())
+        );
+        assert_ne!(
+            arguments_digest(&json!({"count": 6})),
+            arguments_digest(&json!({"count": 7}))
+        );
+        assert_eq!(arguments_digest(&Value::Null), arguments_digest(&json!({})));
+    }
+}
