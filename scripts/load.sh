@@ -78,6 +78,6 @@ proxi_p99=$(cut -d' ' -f2 "$work/proxi.results" | median)
 echo
 printf 'median  bare axum handler     %10.0f req/s  p99 %7.2f ms\n' "$bare_rps" "$bare_p99"
 printf 'median  proxi /tools/execute  %10.0f req/s  p99 %7.2f ms\n' "$proxi_rps" "$proxi_p99"
-awk -v p="$proxi_rps" -v b="$bare_rps" 'BEGIN {printf "ratio   proxi/bare throughput  %.1f%% (target >= 40%%)\n", 100*p/b}'
+awk -v p="$proxi_rps" -v b="$bare_rps" 'BEGIN {printf "ratio   proxi/bare throughput  %.1f%% (target >= 55%%)\n", 100*p/b}'
 records=$(target/release/proxi audit verify --data-dir "$work/data" | tail -1)
 echo "audit: $records"

@@ -378,6 +378,21 @@ fn unavailable(upstream: &str, reason: impl Into<String>) -> UpstreamError {
     }
 }
 
+/// The HTTP client of a Streamable HTTP upstream session: keep-alive connections
+/// reused from a pool, and no redirects followed (a redirect is answered as the
+/// error it is, so neither the session id nor the configured headers go elsewhere).
+///
+/// rmcp's default client turns pooling off (`pool_max_idle_per_host(0)`), so every
+/// call opened and closed a TCP connection (perf: 7 % of the CPU of a forwarded
+/// call went to connecting, besides the handshake's round trip). A response body left unread only keeps its connection out
+/// of the pool; Nagle's delay does not apply, since reqwest sets TCP_NODELAY.
+fn pooled_http_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .tcp_nodelay(true)
+        .build()
+}
+
 impl UpstreamClient {
     /// Spawns `target` and performs the MCP handshake over its stdio. Its stderr
     /// goes to the log, one `info` event per line, tagged with `upstream`.
@@ -453,7 +468,10 @@ impl UpstreamClient {
         }
         let config = StreamableHttpClientTransportConfig::with_uri(target.url.expose())
             .custom_headers(headers);
-        let transport = StreamableHttpClientTransport::from_config(config);
+        let transport = StreamableHttpClientTransport::with_client(
+            pooled_http_client().map_err(|error| unavailable(upstream, error.to_string()))?,
+            config,
+        );
         let service = handshake(upstream, handler.serve(transport)).await?;
         tracing::info!(upstream, "http upstream connected");
         Ok(UpstreamClient {
