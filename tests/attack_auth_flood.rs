@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{AGENT_TOKEN, Api, ServerProcess, audit_records};
+use common::{AGENT_TOKEN, Api, ServerProcess, audit_records, high_rate_limit_policy_path};
 use reqwest::StatusCode;
 
 const FLOOD: u64 = 1000;
@@ -79,7 +79,13 @@ async fn ten_thousand_bad_tokens_leave_the_trail_bounded_and_the_agent_answered(
     const BAD_TOKENS: usize = 10_000;
     const FLOODERS: usize = 4;
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = ServerProcess::start(dir.path(), &["--refusal-window", "1h"]);
+    // The agent calls in a tight loop: under the shipped 50/s limit it would be
+    // refused for its own rate, which is not what this test is about.
+    let server = ServerProcess::start_with_policy(
+        dir.path(),
+        &high_rate_limit_policy_path(),
+        &["--refusal-window", "1h"],
+    );
     let started = std::time::Instant::now();
     let mut flooders = Vec::new();
     for flooder in 0..FLOODERS {
