@@ -23,7 +23,16 @@ use proxi::audit::{
 mod postgres;
 use serde_json::json;
 
-const RECORDS: u64 = 1_000_000;
+/// The trail's size: 1,000,000 under `cargo bench`; 10,000 when the benchmark runs
+/// as a test (`cargo test`/nextest run each case once, in its own process, to check
+/// that the queries answer: writing a million records per case would take minutes).
+fn records() -> u64 {
+    if std::env::args().any(|arg| arg == "--bench") {
+        1_000_000
+    } else {
+        10_000
+    }
+}
 const BATCH: u64 = 1000;
 const TOOLS: [&str; 8] = [
     "list_services",
@@ -73,7 +82,9 @@ fn entry(n: u64, start: chrono::DateTime<Utc>) -> AuditEntry {
 }
 
 fn fixture() -> (PathBuf, chrono::DateTime<Utc>) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-fixtures/audit-1m");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench-fixtures")
+        .join(format!("audit-{}", records()));
     let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
         .expect("a valid time")
         .to_utc();
@@ -83,7 +94,7 @@ fn fixture() -> (PathBuf, chrono::DateTime<Utc>) {
             .head()
             .ok()
             .flatten()
-            .is_some_and(|head| head.seq == RECORDS)
+            .is_some_and(|head| head.seq == records())
     {
         // Opening it for writing runs the migrations: the indexes of this version.
         drop(SqliteStore::open(&dir, Durability::Process).expect("migrate the fixture"));
@@ -93,7 +104,7 @@ fn fixture() -> (PathBuf, chrono::DateTime<Utc>) {
     std::fs::create_dir_all(&dir).expect("create the fixture dir");
     let store = SqliteStore::open(&dir, Durability::Process).expect("open the fixture store");
     let key = AuditKey::from_bytes([7; 32]);
-    for batch in 0..RECORDS / BATCH {
+    for batch in 0..records() / BATCH {
         let entries: Vec<AuditEntry> = (1..=BATCH)
             .map(|n| entry(batch * BATCH + n, start))
             .collect();
@@ -109,7 +120,7 @@ fn postgres_fixture(start: chrono::DateTime<Utc>) -> (postgres::PostgresServer, 
     let server = postgres::PostgresServer::start();
     let store = PostgresStore::connect(&server.url()).expect("connect to the fixture cluster");
     let key = AuditKey::from_bytes([7; 32]);
-    for batch in 0..RECORDS / BATCH {
+    for batch in 0..records() / BATCH {
         let entries: Vec<AuditEntry> = (1..=BATCH)
             .map(|n| entry(batch * BATCH + n, start))
             .collect();
