@@ -153,7 +153,8 @@ fn mac(keyed: &HmacSha256, parts: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-fn constant_time_eq(left: &str, right: &str) -> bool {
+/// Compares two MACs in time that depends on their length only.
+pub(crate) fn constant_time_eq(left: &str, right: &str) -> bool {
     left.len() == right.len()
         && left
             .bytes()

@@ -467,8 +467,16 @@ impl Gateway {
         let ((audit, recovered), approval_store) = match shared {
             Some((store, approvals)) => (AuditLog::open_store(store, trust.anchoring)?, approvals),
             None => {
+                // The data dir may be the agent's to write (`proxi mcp`): decisions
+                // are sealed with the audit key, and where no operator can decide
+                // (no credential under `proxi mcp`) no approved row is trusted.
+                let seal = if trust.restore_elevated {
+                    crate::approval::DecisionSeal::Keyed(trust.anchoring.key().clone())
+                } else {
+                    crate::approval::DecisionSeal::NoOperator
+                };
                 let local: Arc<dyn crate::approval::ApprovalStore> = Arc::new(
-                    crate::approval::sqlite::SqliteApprovals::open(&config.data_dir)?,
+                    crate::approval::sqlite::SqliteApprovals::open(&config.data_dir, seal)?,
                 );
                 (
                     AuditLog::open_anchored(&config.data_dir, config.durability, trust.anchoring)?,

@@ -10,8 +10,8 @@ use chrono::{DateTime, Duration, Utc};
 use common::postgres::PostgresServer;
 use proxi::approval::postgres::PostgresApprovals;
 use proxi::approval::{
-    ApprovalError, ApprovalKind, ApprovalStatus, ApprovalStore, Binding, NewApproval, Verdict,
-    open_store,
+    ApprovalError, ApprovalKind, ApprovalStatus, ApprovalStore, Binding, DecisionSeal, NewApproval,
+    Verdict, open_store,
 };
 use serde_json::json;
 
@@ -220,7 +220,7 @@ fn open_store_picks_postgres_for_a_url_and_sqlite_otherwise() {
     let server = PostgresServer::start();
     let dir = tempfile::tempdir().unwrap();
     let now = Utc::now();
-    let shared = open_store(Some(&server.url()), dir.path()).unwrap();
+    let shared = open_store(Some(&server.url()), dir.path(), DecisionSeal::NoOperator).unwrap();
     let (approval, _) = shared
         .create(request(binding("bot", "x"), now), 10)
         .unwrap();
@@ -230,11 +230,11 @@ fn open_store_picks_postgres_for_a_url_and_sqlite_otherwise() {
     );
     let other_instance = PostgresApprovals::connect(&server.url()).unwrap();
     assert!(other_instance.get(&approval.id).unwrap().is_some());
-    let local = open_store(None, dir.path()).unwrap();
+    let local = open_store(None, dir.path(), DecisionSeal::NoOperator).unwrap();
     assert!(local.get(&approval.id).unwrap().is_none());
     assert!(dir.path().join("approvals.db").exists());
     assert!(matches!(
-        open_store(Some("mysql://x"), dir.path()),
+        open_store(Some("mysql://x"), dir.path(), DecisionSeal::NoOperator),
         Err(ApprovalError::UnsupportedStore)
     ));
 }

@@ -234,6 +234,65 @@ pub enum ApprovalError {
     /// The operating system gave no randomness for an id.
     #[error("no randomness for an approval id: {0}")]
     Random(String),
+    /// An approved row whose decision seal does not verify: it was written
+    /// outside Proxi (or no operator could have decided it), so it is not used.
+    #[error("approval {0} carries no valid operator decision")]
+    Untrusted(String),
+}
+
+/// How a store that an agent may be able to write (the data dir's SQLite file
+/// under `proxi mcp`) tells an operator's decision from a forged row.
+#[derive(Clone)]
+pub enum DecisionSeal {
+    /// Every decision carries an HMAC under the audit key (held with the operator
+    /// credential, or in the operator's own data dir under `proxi serve`); an
+    /// approved row is consumed only if its seal verifies.
+    Keyed(crate::anchor::AuditKey),
+    /// No operator can decide anything in this process (`proxi mcp` without an
+    /// operator credential has no operator endpoint): every approved row is forged.
+    NoOperator,
+}
+
+impl fmt::Debug for DecisionSeal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecisionSeal::Keyed(key) => write!(f, "DecisionSeal::Keyed({})", key.id()),
+            DecisionSeal::NoOperator => f.write_str("DecisionSeal::NoOperator"),
+        }
+    }
+}
+
+impl DecisionSeal {
+    /// The seal of a decision: an HMAC over every field a consumer relies on
+    /// (id, status, binding, expiry, decider), or `None` when nothing can seal.
+    pub fn seal(&self, approval: &Approval) -> Option<String> {
+        let DecisionSeal::Keyed(key) = self else {
+            return None;
+        };
+        let fields = serde_json::json!([
+            approval.id,
+            approval.status.as_str(),
+            approval.binding.kind.as_str(),
+            approval.binding.principal,
+            approval.binding.role,
+            approval.binding.target,
+            approval.binding.arguments_digest,
+            approval.binding.policy_hash,
+            approval.expires_at.timestamp_millis(),
+            approval.decided_by,
+        ]);
+        // Domain-separated from record hashes, which are bare hex.
+        let digest = crate::canonical::canonical_digest(&fields);
+        Some(key.record_mac(&format!("approval-decision-v1:{digest}")))
+    }
+
+    /// Whether `stored` is the seal of `approval`'s decision.
+    pub fn verifies(&self, approval: &Approval, stored: Option<&str>) -> bool {
+        match (self.seal(approval), stored) {
+            (Some(expected), Some(stored)) => crate::anchor::constant_time_eq(&expected, stored),
+            _ => false,
+        }
+    }
 }
 
 /// Where approvals live. Every method is one transaction; every state change is
@@ -385,10 +444,14 @@ impl ApprovalAnswer {
 
 /// The approval store for a server: PostgreSQL when `store` (the `--store` /
 /// `PROXI_STORE` value) is a `postgres://` URL, so every instance on it sees the
-/// same approvals; else `approvals.db` in `data_dir`. Migrations run here.
+/// same approvals; else `approvals.db` in `data_dir`, whose decisions `seal`
+/// authenticates (the agent's user may be able to write that file; the PostgreSQL
+/// store relies on the database's access control, whose credentials the agent never
+/// holds). Migrations run here.
 pub fn open_store(
     store: Option<&str>,
     data_dir: &std::path::Path,
+    seal: DecisionSeal,
 ) -> Result<std::sync::Arc<dyn ApprovalStore>, ApprovalError> {
     match store {
         Some(url) if crate::audit::is_postgres_url(url) => Ok(std::sync::Arc::new(
@@ -396,7 +459,7 @@ pub fn open_store(
         )),
         Some(_) => Err(ApprovalError::UnsupportedStore),
         None => Ok(std::sync::Arc::new(sqlite::SqliteApprovals::open(
-            data_dir,
+            data_dir, seal,
         )?)),
     }
 }

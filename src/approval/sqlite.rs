@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    Approval, ApprovalError, ApprovalKind, ApprovalStatus, ApprovalStore, Binding, NewApproval,
-    Verdict, new_id,
+    Approval, ApprovalError, ApprovalKind, ApprovalStatus, ApprovalStore, Binding, DecisionSeal,
+    NewApproval, Verdict, new_id,
 };
 use crate::audit::DATA_FILE_MODE;
 
@@ -20,15 +20,19 @@ pub const APPROVALS_DB_FILE: &str = "approvals.db";
 const COLUMNS: &str = "id, status, kind, principal, role, target, arguments_digest, policy_hash, \
     arguments, mode, reason, created_ms, expires_ms, decided_by, decided_ms, decision_reason";
 
-/// Approvals in a SQLite database of their own in the data dir.
+/// Approvals in a SQLite database of their own in the data dir. Under `proxi mcp`
+/// the agent's user may be able to write that file, so every decision is sealed
+/// ([`DecisionSeal`]) and an approved row is consumed only if its seal verifies.
 #[derive(Debug)]
 pub struct SqliteApprovals {
     connection: Mutex<Connection>,
+    seal: DecisionSeal,
 }
 
 impl SqliteApprovals {
-    /// Opens (creating if needed) `<data_dir>/approvals.db`, 0600.
-    pub fn open(data_dir: &Path) -> Result<SqliteApprovals, ApprovalError> {
+    /// Opens (creating if needed) `<data_dir>/approvals.db`, 0600, sealing
+    /// decisions with `seal`.
+    pub fn open(data_dir: &Path, seal: DecisionSeal) -> Result<SqliteApprovals, ApprovalError> {
         let path = data_dir.join(APPROVALS_DB_FILE);
         std::fs::File::options()
             .create(true)
@@ -61,14 +65,25 @@ impl SqliteApprovals {
                 expires_ms INTEGER NOT NULL,
                 decided_by TEXT,
                 decided_ms INTEGER,
-                decision_reason TEXT
+                decision_reason TEXT,
+                decision_seal TEXT
             );
             CREATE INDEX IF NOT EXISTS approvals_by_binding
                 ON approvals (kind, principal, role, target, arguments_digest, created_ms);
             CREATE INDEX IF NOT EXISTS approvals_by_status ON approvals (status, expires_ms);",
         )?;
+        // Files written before decisions were sealed lack the column.
+        let sealed: bool = connection.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('approvals') WHERE name = 'decision_seal'",
+            [],
+            |row| row.get(0),
+        )?;
+        if !sealed {
+            connection.execute_batch("ALTER TABLE approvals ADD COLUMN decision_seal TEXT")?;
+        }
         Ok(SqliteApprovals {
             connection: Mutex::new(connection),
+            seal,
         })
     }
 
@@ -310,10 +325,15 @@ impl ApprovalStore for SqliteApprovals {
             Verdict::Approve => ApprovalStatus::Approved,
             Verdict::Deny => ApprovalStatus::Denied,
         };
+        let seal = self.seal.seal(&Approval {
+            status,
+            decided_by: Some(approver.to_owned()),
+            ..current
+        });
         transaction.execute(
             "UPDATE approvals SET status = ?2, decided_by = ?3, decided_ms = ?4, \
-             decision_reason = ?5 WHERE id = ?1 AND status = 'pending'",
-            params![id, status.as_str(), approver, millis(now), reason],
+             decision_reason = ?5, decision_seal = ?6 WHERE id = ?1 AND status = 'pending'",
+            params![id, status.as_str(), approver, millis(now), reason, seal],
         )?;
         let decided =
             select_one(&transaction, "WHERE id = ?1", [id])?.ok_or(ApprovalError::NotFound)?;
@@ -332,9 +352,24 @@ impl ApprovalStore for SqliteApprovals {
         if changed != 1 {
             return Ok(None);
         }
-        let consumed = select_one(&transaction, "WHERE id = ?1", [id])?;
+        let Some(consumed) = select_one(&transaction, "WHERE id = ?1", [id])? else {
+            return Ok(None);
+        };
+        let stored: Option<String> = transaction.query_row(
+            "SELECT decision_seal FROM approvals WHERE id = ?1",
+            [id],
+            |row| row.get(0),
+        )?;
+        let approved = Approval {
+            status: ApprovalStatus::Approved,
+            ..consumed.clone()
+        };
+        if !self.seal.verifies(&approved, stored.as_deref()) {
+            // Rolled back on drop: the forged row is left as it was, never used.
+            return Err(ApprovalError::Untrusted(id.to_owned()));
+        }
         transaction.commit()?;
-        Ok(consumed)
+        Ok(Some(consumed))
     }
 
     fn expire_due(&self, now: DateTime<Utc>) -> Result<Vec<Approval>, ApprovalError> {
@@ -379,6 +414,10 @@ mod tests {
     use serde_json::json;
     use std::sync::Arc;
 
+    fn test_seal() -> DecisionSeal {
+        DecisionSeal::Keyed(crate::anchor::AuditKey::from_bytes([9; 32]))
+    }
+
     fn binding(principal: &str, digest: &str) -> Binding {
         Binding {
             kind: ApprovalKind::ToolCall,
@@ -401,10 +440,86 @@ mod tests {
         }
     }
 
+    /// What an agent that can write the data dir might do: mark its pending
+    /// approval approved by hand, with or without copying another row's seal.
+    fn forge_approved(dir: &Path, id: &str, seal_from: Option<&str>) {
+        let connection = Connection::open(dir.join(APPROVALS_DB_FILE)).unwrap();
+        connection
+            .execute(
+                "UPDATE approvals SET status = 'approved', decided_by = 'operator', \
+                 decision_seal = (SELECT decision_seal FROM approvals WHERE id = ?2) WHERE id = ?1",
+                params![id, seal_from.unwrap_or("")],
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn an_approval_marked_approved_outside_proxi_is_never_consumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteApprovals::open(dir.path(), test_seal()).unwrap();
+        let now = Utc::now();
+        let (real, _) = store
+            .create(request(binding("agent", "d1"), now), 10)
+            .unwrap();
+        let (forged, _) = store
+            .create(request(binding("agent", "d2"), now), 10)
+            .unwrap();
+        store
+            .decide(&real.id, Verdict::Approve, "alice", "ok", now)
+            .unwrap();
+        // No seal at all, then the seal of another (genuinely approved) row.
+        forge_approved(dir.path(), &forged.id, None);
+        assert!(matches!(
+            store.consume(&forged.id, now),
+            Err(ApprovalError::Untrusted(id)) if id == forged.id
+        ));
+        forge_approved(dir.path(), &forged.id, Some(&real.id));
+        assert!(matches!(
+            store.consume(&forged.id, now),
+            Err(ApprovalError::Untrusted(_))
+        ));
+        // Refused, not consumed: the row is as the forger left it.
+        assert_eq!(
+            store.get(&forged.id).unwrap().unwrap().status,
+            ApprovalStatus::Approved
+        );
+        // The genuine one still works, once.
+        assert!(store.consume(&real.id, now).unwrap().is_some());
+        // A store reopened under another key trusts none of the old seals.
+        let (late, _) = store
+            .create(request(binding("agent", "d3"), now), 10)
+            .unwrap();
+        store
+            .decide(&late.id, Verdict::Approve, "alice", "ok", now)
+            .unwrap();
+        drop(store);
+        let other_key = DecisionSeal::Keyed(crate::anchor::AuditKey::from_bytes([1; 32]));
+        let reopened = SqliteApprovals::open(dir.path(), other_key).unwrap();
+        assert!(matches!(
+            reopened.consume(&late.id, now),
+            Err(ApprovalError::Untrusted(_))
+        ));
+    }
+
+    #[test]
+    fn without_an_operator_no_approved_row_is_consumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteApprovals::open(dir.path(), DecisionSeal::NoOperator).unwrap();
+        let now = Utc::now();
+        let (approval, _) = store
+            .create(request(binding("agent", "d1"), now), 10)
+            .unwrap();
+        forge_approved(dir.path(), &approval.id, None);
+        assert!(matches!(
+            store.consume(&approval.id, now),
+            Err(ApprovalError::Untrusted(_))
+        ));
+    }
+
     #[test]
     fn pending_approved_consumed_once_and_identical_requests_share_one_approval() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteApprovals::open(dir.path()).unwrap();
+        let store = SqliteApprovals::open(dir.path(), test_seal()).unwrap();
         let now = Utc::now();
         let (first, fresh) = store
             .create(request(binding("agent", "d1"), now), 10)
@@ -458,7 +573,7 @@ mod tests {
     #[test]
     fn consume_is_won_by_exactly_one_of_many_threads() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteApprovals::open(dir.path()).unwrap());
+        let store = Arc::new(SqliteApprovals::open(dir.path(), test_seal()).unwrap());
         let now = Utc::now();
         let (approval, _) = store
             .create(request(binding("agent", "d"), now), 10)
@@ -487,7 +602,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let now = Utc::now();
         let ids = {
-            let store = SqliteApprovals::open(dir.path()).unwrap();
+            let store = SqliteApprovals::open(dir.path(), test_seal()).unwrap();
             let (a, _) = store
                 .create(request(binding("agent", "a"), now), 2)
                 .unwrap();
@@ -504,7 +619,7 @@ mod tests {
             (a.id, b.id)
         };
         // Reopened: the states are still there.
-        let store = SqliteApprovals::open(dir.path()).unwrap();
+        let store = SqliteApprovals::open(dir.path(), test_seal()).unwrap();
         assert_eq!(
             store.get(&ids.1).unwrap().unwrap().status,
             ApprovalStatus::Approved

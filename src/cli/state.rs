@@ -133,7 +133,11 @@ pub(crate) async fn open_gateway(
                 );
             }
             let url = postgres_url(store)?;
-            let approvals = proxi::approval::open_store(Some(&url), &state.data_dir)?;
+            let approvals = proxi::approval::open_store(
+                Some(&url),
+                &state.data_dir,
+                proxi::approval::DecisionSeal::NoOperator,
+            )?;
             let store = audit::PostgresStore::connect(&url)?;
             Gateway::open_with_store(policy, config, trust, Arc::new(store), approvals).await?
         }

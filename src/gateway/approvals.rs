@@ -184,14 +184,24 @@ impl Gateway {
                 let id = found.id.clone();
                 let consumed = self
                     .on_approval_store(move |store| store.consume(&id, now))
-                    .await
-                    .map_err(store_failed)?;
-                if let Some(consumed) = consumed {
-                    self.approvals_changed().await;
-                    return Ok(Gate::Consumed(Box::new(consumed)));
+                    .await;
+                match consumed {
+                    Ok(Some(consumed)) => {
+                        self.approvals_changed().await;
+                        return Ok(Gate::Consumed(Box::new(consumed)));
+                    }
+                    // An identical call consumed it first: this one needs its own.
+                    Ok(None) => Reason::ApprovalRequired,
+                    // Marked approved outside Proxi: never used; a real one is asked for.
+                    Err(ApprovalError::Untrusted(id)) => {
+                        tracing::warn!(
+                            approval_id = %id,
+                            "an approved row's decision seal does not verify; it is not used"
+                        );
+                        Reason::ApprovalMismatch
+                    }
+                    Err(error) => return Err(store_failed(error)),
                 }
-                // An identical call consumed it first: this one needs its own.
-                Reason::ApprovalRequired
             }
             Some(found) if found.status == ApprovalStatus::Denied && !found.is_expired_at(now) => {
                 return Ok(Gate::Answer(ApprovalAnswer::denied(&found), mode));
