@@ -232,6 +232,9 @@ async function changeMode(event) {
     }
     renderStatus(answer);
     $('mode-reason').value = '';
+    // Offer the way back next (NORMAL after an elevation).
+    const other = Array.from($('mode-select').options).find((option) => option.value !== answer.mode);
+    if (other) $('mode-select').value = other.value;
   } catch (failure) {
     error.textContent = String(failure.message || failure);
   }
@@ -271,6 +274,7 @@ function approvalItem(approval) {
   item.className = 'approval';
   item.dataset.approvalId = approval.id;
   item.dataset.expiresAt = approval.expires_at;
+  item.dataset.principal = approval.principal;
 
   const head = document.createElement('p');
   head.className = 'approval-head';
