@@ -555,9 +555,45 @@ async fn console_approvals_need_the_session_and_csrf_and_record_the_operator() {
     assert_eq!(body["decided_by"], "operator", "{body}");
 }
 
+/// Reads `approvals` events from a console approvals stream until one's pending
+/// list satisfies `check` (bounded: panics after 10 s), and returns that list.
+async fn next_approvals(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            if !event.lines().any(|line| line == "event: approvals") {
+                continue;
+            }
+            let data = event
+                .lines()
+                .filter_map(|line| line.strip_prefix("data: "))
+                .collect::<String>();
+            let list: Value = serde_json::from_str(&data).expect("the event is JSON");
+            if check(&list) {
+                return list;
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("read")
+            .expect("the stream stays open");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
 #[tokio::test]
-async fn the_approvals_stream_sends_the_pending_list_first() {
-    let server = TestServer::start().await;
+async fn the_approvals_stream_follows_requests_and_expiries() {
+    let policy_dir = tempfile::tempdir().expect("temp dir");
+    let policy =
+        common::approvals::write_approval_policy(policy_dir.path(), 1, "console stream test");
+    let server = TestServer::start_with_policy(&policy).await;
     let (cookie, _) = session(&server).await;
     let url = format!("{}/console/api/approvals/stream", server.url);
     let refused = client()
@@ -574,12 +610,28 @@ async fn the_approvals_stream_sends_the_pending_list_first() {
         .await
         .expect("sent");
     assert_eq!(response.status(), StatusCode::OK);
-    let first = tokio::time::timeout(std::time::Duration::from_secs(10), response.chunk())
-        .await
-        .expect("the first event comes at once")
-        .expect("read")
-        .expect("a chunk");
-    let text = String::from_utf8_lossy(&first);
-    assert!(text.contains("event: approvals"), "{text}");
-    assert!(text.contains(r#""count":0"#), "{text}");
+    let mut buffer = String::new();
+    next_approvals(&mut response, &mut buffer, "the first list", |list| {
+        list["count"] == 0
+    })
+    .await;
+
+    // A new request is pushed...
+    let api = server.api();
+    api.emergency().await;
+    let id = common::approvals::request_scale(&api, 8).await;
+    let list = next_approvals(&mut response, &mut buffer, "the new request", |list| {
+        list["count"] == 1
+    })
+    .await;
+    assert_eq!(list["approvals"][0]["id"], id.as_str(), "{list}");
+    // ...and so is its expiry (one second later), with no request from the page.
+    next_approvals(&mut response, &mut buffer, "the expiry", |list| {
+        list["count"] == 0
+    })
+    .await;
+    assert_eq!(
+        common::approvals::listed(&api, "expired").await,
+        vec![id.clone()]
+    );
 }
