@@ -635,3 +635,32 @@ async fn the_approvals_stream_follows_requests_and_expiries() {
         vec![id.clone()]
     );
 }
+
+#[tokio::test]
+async fn the_overview_lists_the_policys_upstreams_and_their_health() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy_dir = tempfile::tempdir().expect("temp dir");
+    // An upstream that exits at once: declared, never up, and not required.
+    let mut policy: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::policy_path()).expect("policy"))
+            .expect("JSON");
+    policy["simulated_cloud"] = json!(true);
+    policy["upstreams"] = json!({"broken": {"command": "true"}});
+    let policy = common::write_policy(policy_dir.path(), "policy.json", &policy.to_string());
+    let server = common::ServerProcess::start_with_policy(dir.path(), &policy, &[]);
+    let (cookie, _) = session_at(&server.url, OPERATOR_TOKEN).await;
+    let response = client()
+        .get(format!("{}/console/api/overview", server.url))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    let upstreams = body["upstreams"].as_array().expect("upstreams");
+    assert_eq!(upstreams.len(), 1, "{body}");
+    assert_eq!(upstreams[0]["name"], "broken");
+    assert_eq!(upstreams[0]["transport"], "stdio");
+    assert_eq!(upstreams[0]["up"], false, "{body}");
+    assert_eq!(upstreams[0]["required"], false, "{body}");
+}
