@@ -664,3 +664,43 @@ async fn the_overview_lists_the_policys_upstreams_and_their_health() {
     assert_eq!(upstreams[0]["up"], false, "{body}");
     assert_eq!(upstreams[0]["required"], false, "{body}");
 }
+
+#[tokio::test]
+async fn an_elevation_request_approved_in_the_console_changes_the_mode_as_that_operator() {
+    let policy_dir = tempfile::tempdir().expect("temp dir");
+    let policy =
+        common::approvals::write_approval_policy(policy_dir.path(), 600, "console elevation");
+    let server = TestServer::start_with_policy(&policy).await;
+    let api = server.api();
+    let (status, body) = api
+        .post(
+            "/policy/request-mode",
+            Some(AGENT_TOKEN),
+            json!({"mode": "EMERGENCY", "reason": "web-server is down", "ttl_seconds": 300}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["approval_id"]
+        .as_str()
+        .expect("approval_id")
+        .to_owned();
+    let (cookie, csrf) = session(&server).await;
+    let pending = console_pending(&server.url, &cookie).await;
+    assert_eq!(pending[0]["kind"], "mode_change", "{pending:?}");
+    assert_eq!(pending[0]["target"], "EMERGENCY", "{pending:?}");
+    assert_eq!(pending[0]["reason"], "web-server is down", "{pending:?}");
+    let decide = Decision {
+        url: &server.url,
+        cookie: Some(&cookie),
+        csrf: Some(&csrf),
+        origin: true,
+        bearer: None,
+    };
+    let (status, body) = decide
+        .send(&id, "approve", json!({"reason": "confirmed the outage"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let status = server.gateway().status();
+    assert_eq!(status.mode, "EMERGENCY");
+    assert_eq!(status.changed_by, "operator");
+}
