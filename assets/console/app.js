@@ -423,6 +423,9 @@ function watchApprovals() {
   approvalsSource.addEventListener('approvals_unavailable', (event) => {
     $('approvals-error').textContent = event.data;
   });
+  approvalsSource.onopen = () => {
+    if (auditSource && auditSource.readyState === EventSource.OPEN) setLive(true);
+  };
   approvalsSource.onerror = () => {
     setLive(false);
     if (approvalsSource.readyState === EventSource.CLOSED) refreshApprovals();
