@@ -18,10 +18,20 @@ function show(element, value) {
   element.textContent = value === null || value === undefined || value === '' ? '—' : String(value);
 }
 
+// Set once the page is going away (logout submitted, or the session ended), so
+// the streams' errors during that navigation do not start another one.
+let leaving = false;
+
+function closeStreams() {
+  for (const source of [auditSource, statusSource, approvalsSource]) {
+    if (source) source.close();
+  }
+}
+
 function loggedOut() {
-  if (auditSource) auditSource.close();
-  if (statusSource) statusSource.close();
-  if (approvalsSource) approvalsSource.close();
+  if (leaving) return;
+  leaving = true;
+  closeStreams();
   window.location.assign('/console');
 }
 
@@ -112,23 +122,41 @@ function renderCloud(overview) {
   $('upstreams').replaceChildren(...items);
 }
 
-let overviewPending = false;
-async function refreshOverview() {
-  if (overviewPending) return;
-  overviewPending = true;
-  try {
-    const response = await request('/console/api/overview');
-    if (response.ok) {
-      const overview = await response.json();
-      renderStatus(overview.status);
-      renderCloud(overview);
+// Runs `fetchAndRender` at most once at a time; a call while one is in flight
+// asks for one more run after it (that run may read state the first one missed),
+// so a burst of events costs at most two fetches and none is lost.
+function coalesced(fetchAndRender) {
+  let running = false;
+  let again = false;
+  return async function run() {
+    if (running) {
+      again = true;
+      return;
     }
-  } catch (error) {
-    // Shown by the live indicator; the next event retries.
-  } finally {
-    overviewPending = false;
-  }
+    running = true;
+    try {
+      do {
+        again = false;
+        try {
+          await fetchAndRender();
+        } catch (error) {
+          // Shown by the live indicator; the next event retries.
+        }
+      } while (again);
+    } finally {
+      running = false;
+    }
+  };
 }
+
+const refreshOverview = coalesced(async () => {
+  const response = await request('/console/api/overview');
+  if (response.ok) {
+    const overview = await response.json();
+    renderStatus(overview.status);
+    renderCloud(overview);
+  }
+});
 
 function filterQuery() {
   const params = new URLSearchParams();
@@ -367,19 +395,10 @@ function tickApprovals() {
   }
 }
 
-let approvalsPending = false;
-async function refreshApprovals() {
-  if (approvalsPending) return;
-  approvalsPending = true;
-  try {
-    const response = await request('/console/api/approvals');
-    if (response.ok) renderApprovals(await response.json());
-  } catch (error) {
-    // Shown by the live indicator; the next event retries.
-  } finally {
-    approvalsPending = false;
-  }
-}
+const refreshApprovals = coalesced(async () => {
+  const response = await request('/console/api/approvals');
+  if (response.ok) renderApprovals(await response.json());
+});
 
 async function decideApproval(id, verdict, item) {
   const error = item.querySelector('.approval-error');
@@ -434,6 +453,10 @@ function watchApprovals() {
 
 document.addEventListener('DOMContentLoaded', () => {
   $('mode-form').addEventListener('submit', changeMode);
+  $('logout').addEventListener('submit', () => {
+    leaving = true;
+    closeStreams();
+  });
   $('audit-filters').addEventListener('submit', (event) => {
     event.preventDefault();
     loadAudit();
