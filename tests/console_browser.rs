@@ -457,12 +457,16 @@ async fn an_operator_logs_in_elevates_watches_a_call_approves_one_and_logs_out()
         .click()
         .await
         .expect("click");
-    browser
-        .wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Css("#token"))
-        .await
-        .expect("back at the login form");
+    // Polled, not `wait().for_element`: that gives up when a navigation aborts
+    // its script, and logging out is a navigation.
+    let deadline = Instant::now() + PATIENCE;
+    while browser.find(Locator::Css("#token")).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the login form"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let refused = browser
         .execute(
             "return fetch('/console/api/overview').then((response) => response.status);",
