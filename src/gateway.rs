@@ -1293,6 +1293,15 @@ impl Gateway {
         self.in_flight.intent_seqs()
     }
 
+    /// The attached upstreams' state (see [`UpstreamCalls::health`]), in name
+    /// order; empty when the policy declares none.
+    pub fn upstream_health(&self) -> Vec<crate::upstream::set::UpstreamStatus> {
+        self.upstreams
+            .get()
+            .map(|upstreams| upstreams.health())
+            .unwrap_or_default()
+    }
+
     /// Sends allowed upstream calls to `upstreams` from now on. Returns false (and
     /// changes nothing) if upstreams were attached already.
     pub fn attach_upstreams(&self, upstreams: Arc<dyn UpstreamCalls>) -> bool {

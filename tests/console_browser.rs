@@ -2,6 +2,8 @@
 //! WebDriver (chromedriver on a loopback port) against the real `proxi serve`.
 //! `scripts/browser-harness.sh` (run by `scripts/test.sh`) installs Debian
 //! `chromium` and `chromium-driver`; without them this test fails and says so.
+//! Every wait polls the page (or the server) against a bounded deadline; no step
+//! sleeps a fixed time and hopes.
 
 mod common;
 
@@ -10,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::approvals::approval_policy_text;
 use common::{AGENT_TOKEN, Api, OPERATOR_TOKEN, ServerProcess};
 use fantoccini::{Client, ClientBuilder, Locator};
 use reqwest::StatusCode;
@@ -94,6 +97,35 @@ async fn text_of(browser: &Client, css: &str) -> String {
     }
 }
 
+/// Polls the page until no element matches `css`.
+async fn wait_for_absence(browser: &Client, css: &str, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while browser.find(Locator::Css(css)).await.is_ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Types `reason` into approval `id`'s reason field and clicks its `button`
+/// (`approve` or `deny`).
+async fn decide_in_page(browser: &Client, id: &str, reason: &str, button: &str) {
+    let item = format!("li.approval[data-approval-id='{id}']");
+    browser
+        .find(Locator::Css(&format!("{item} .approval-reason")))
+        .await
+        .expect("the reason field")
+        .send_keys(reason)
+        .await
+        .expect("typing");
+    browser
+        .find(Locator::Css(&format!("{item} button.{button}")))
+        .await
+        .expect("the button")
+        .click()
+        .await
+        .expect("click");
+}
+
 /// Polls the page until `check` accepts the text of `css`; panics with the last text.
 async fn wait_for_text(browser: &Client, css: &str, what: &str, check: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + PATIENCE;
@@ -118,9 +150,20 @@ fn artifact_dir() -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_logs_in_elevates_watches_a_call_arrive_and_logs_out() {
+async fn an_operator_logs_in_elevates_watches_a_call_approves_one_and_logs_out() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = ServerProcess::start(dir.path(), &[]);
+    let policy_dir = tempfile::tempdir().expect("temp dir");
+    // EMERGENCY asks for approval of scale_fleet with count >= 6 (restart_service
+    // runs at once, for step 4).
+    let mut policy: Value =
+        serde_json::from_str(&approval_policy_text(600, "console browser test")).expect("JSON");
+    policy["modes"]["EMERGENCY"]["require_approval"]
+        .as_object_mut()
+        .expect("rules")
+        .remove("restart_service");
+    let policy = common::write_policy(policy_dir.path(), "policy.json", &policy.to_string());
+    let server = ServerProcess::start_with_policy(dir.path(), &policy, &[]);
+    let bob = common::identities::add_token(dir.path(), "bob", "operator");
     let api = Api::new(&server.url);
     let driver = Driver::start();
     let browser = driver.browser().await;
@@ -260,6 +303,64 @@ async fn an_operator_logs_in_elevates_watches_a_call_arrive_and_logs_out() {
     })
     .await;
 
+    // 5. Approvals. The operator's own request: the page shows the server's refusal.
+    let (status, body) = api
+        .post(
+            "/tools/execute",
+            Some(OPERATOR_TOKEN),
+            json!({"tool_name": "scale_fleet", "arguments": {"count": 9}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let own = body["approval_id"]
+        .as_str()
+        .expect("approval_id")
+        .to_owned();
+    let own_item = format!("li.approval[data-approval-id='{own}']");
+    wait_for_text(&browser, &own_item, "the operator's own request", |text| {
+        text.contains("operator (operator)") && text.contains("count=9")
+    })
+    .await;
+    decide_in_page(&browser, &own, "my own request", "approve").await;
+    wait_for_text(
+        &browser,
+        &format!("{own_item} .approval-error"),
+        "the self-approval refusal",
+        |text| text.contains("cannot approve or deny a request it made itself"),
+    )
+    .await;
+
+    // The agent's call, held until an operator decides (`wait_for_approval_seconds`).
+    let held = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.post(
+                "/tools/execute",
+                Some(AGENT_TOKEN),
+                json!({"tool_name": "scale_fleet", "arguments": {"count": 8},
+                       "wait_for_approval_seconds": 60}),
+            )
+            .await
+        }
+    });
+    let agent_item = "li.approval[data-principal='agent']";
+    wait_for_text(&browser, agent_item, "the agent's request", |text| {
+        text.contains("agent (agent)") && text.contains("count=8") && text.contains("expires in")
+    })
+    .await;
+    let requested = browser
+        .find(Locator::Css(agent_item))
+        .await
+        .expect("the agent's request")
+        .attr("data-approval-id")
+        .await
+        .expect("attr")
+        .expect("an id");
+    wait_for_text(&browser, "#approvals-count", "two pending", |text| {
+        text == "2"
+    })
+    .await;
+
     let screenshot = browser.screenshot().await.expect("screenshot");
     let path = artifact_dir().join("console.png");
     std::fs::write(&path, &screenshot).expect("screenshot saved");
@@ -268,6 +369,15 @@ async fn an_operator_logs_in_elevates_watches_a_call_arrive_and_logs_out() {
         "a PNG at {}",
         path.display()
     );
+
+    // The whole page at the same width, for the README.
+    browser.set_window_size(1280, 1400).await.expect("resize");
+    browser
+        .execute("window.scrollTo(0, 0); return true;", vec![])
+        .await
+        .expect("script runs");
+    let full = browser.screenshot().await.expect("screenshot");
+    std::fs::write(artifact_dir().join("console-full.png"), &full).expect("saved");
 
     // Readable on a phone: nothing wider than the screen but the audit table's own scroller.
     browser.set_window_size(390, 844).await.expect("resize");
@@ -287,6 +397,53 @@ async fn an_operator_logs_in_elevates_watches_a_call_arrive_and_logs_out() {
     std::fs::write(artifact_dir().join("console-phone.png"), &phone).expect("saved");
     browser.set_window_size(1280, 800).await.expect("resize");
 
+    // Approve the agent's request in the page: the held call then runs, and its
+    // record appears in the live table.
+    decide_in_page(&browser, &requested, "capacity checked", "approve").await;
+    wait_for_absence(
+        &browser,
+        &format!("li.approval[data-approval-id='{requested}']"),
+        "the approved request to leave the panel",
+    )
+    .await;
+    let (mut status, mut body) = held.await.expect("the held call");
+    if status == StatusCode::ACCEPTED {
+        // Held past the server's limit before the click: the agent asks again.
+        (status, body) = api.execute("scale_fleet", json!({"count": 8})).await;
+    }
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let ran = format!(
+        "#audit-rows tr[data-seq='{}']",
+        body["audit_seq"].as_u64().expect("audit_seq")
+    );
+    wait_for_text(&browser, &ran, "the approved call's row", |text| {
+        text.contains("scale_fleet") && text.contains("allowed")
+    })
+    .await;
+    wait_for_text(&browser, "#fleet", "the new fleet size", |text| text == "8").await;
+    let records = api.audit(100).await;
+    let decision = records
+        .iter()
+        .find(|record| record["kind"] == "approval" && record["outcome"] == "approved")
+        .expect("the approval is recorded");
+    assert_eq!(decision["principal"], "operator", "{decision}");
+    assert_eq!(decision["detail"]["approval_id"], requested.as_str());
+
+    // Decided elsewhere (another operator over REST): the panel follows.
+    let (status, body) = api
+        .post(
+            &format!("/approvals/{own}/deny"),
+            Some(&bob),
+            json!({"reason": "not now"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for_absence(&browser, &own_item, "the denied request to leave the panel").await;
+    wait_for_text(&browser, "#approvals-count", "none pending", |text| {
+        text == "0"
+    })
+    .await;
+
     // A mode change from the CLI (its REST call) reaches the page too.
     api.normal().await;
     wait_for_text(&browser, "#mode", "NORMAL again", |text| text == "NORMAL").await;
@@ -300,12 +457,16 @@ async fn an_operator_logs_in_elevates_watches_a_call_arrive_and_logs_out() {
         .click()
         .await
         .expect("click");
-    browser
-        .wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Css("#token"))
-        .await
-        .expect("back at the login form");
+    // Polled, not `wait().for_element`: that gives up when a navigation aborts
+    // its script, and logging out is a navigation.
+    let deadline = Instant::now() + PATIENCE;
+    while browser.find(Locator::Css("#token")).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the login form"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let refused = browser
         .execute(
             "return fetch('/console/api/overview').then((response) => response.status);",

@@ -318,3 +318,389 @@ async fn a_console_session_may_use_the_connections_kept_for_operators() {
     .expect("sent");
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+/// Logs in at `url` with `token` (which must open the console): the cookie pair
+/// and the page's CSRF token.
+async fn session_at(url: &str, token: &str) -> (String, String) {
+    let response = client()
+        .post(format!("{url}/console/login"))
+        .header(ORIGIN, url)
+        .header(CONTENT_TYPE, FORM)
+        .body(format!("token={token}"))
+        .send()
+        .await
+        .expect("login is sent");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let cookie = response.headers()[SET_COOKIE]
+        .to_str()
+        .expect("cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned();
+    let page = client()
+        .get(format!("{url}/console"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("text");
+    let csrf = page
+        .split(r#"<meta name="csrf-token" content=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the page carries a CSRF token")
+        .to_owned();
+    (cookie, csrf)
+}
+
+/// How a console decision request is sent: which session headers it carries.
+struct Decision<'a> {
+    url: &'a str,
+    cookie: Option<&'a str>,
+    csrf: Option<&'a str>,
+    origin: bool,
+    bearer: Option<&'a str>,
+}
+
+impl Decision<'_> {
+    async fn send(&self, id: &str, verdict: &str, body: Value) -> (StatusCode, Value) {
+        let url = self.url;
+        let mut request = client()
+            .post(format!("{url}/console/api/approvals/{id}/{verdict}"))
+            .json(&body);
+        if let Some(cookie) = self.cookie {
+            request = request.header(COOKIE, cookie);
+        }
+        if let Some(csrf) = self.csrf {
+            request = request.header("X-CSRF-Token", csrf);
+        }
+        if self.origin {
+            request = request.header(ORIGIN, url);
+        }
+        if let Some(token) = self.bearer {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("sent");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+async fn console_pending(url: &str, cookie: &str) -> Vec<Value> {
+    let response = client()
+        .get(format!("{url}/console/api/approvals"))
+        .header(COOKIE, cookie)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    body["approvals"].as_array().expect("approvals").clone()
+}
+
+#[tokio::test]
+async fn console_approvals_need_the_session_and_csrf_and_record_the_operator() {
+    use common::approvals::{listed, request_scale, write_approval_policy};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy_dir = tempfile::tempdir().expect("temp dir");
+    let policy = write_approval_policy(policy_dir.path(), 600, "console approvals");
+    let server =
+        common::ServerProcess::start_with_policy(dir.path(), &policy, &["--durability", "process"]);
+    let alice = common::identities::add_token(dir.path(), "alice", "operator");
+    let api = common::Api::new(&server.url);
+    api.emergency().await;
+    let id = request_scale(&api, 8).await;
+
+    let (cookie, csrf) = session_at(&server.url, &alice).await;
+    let pending = console_pending(&server.url, &cookie).await;
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0]["id"], id.as_str());
+    assert_eq!(pending[0]["principal"], "agent");
+    assert_eq!(pending[0]["target"], "scale_fleet");
+    assert_eq!(pending[0]["arguments"], json!({"count": 8}));
+
+    // Bearer tokens are not console sessions: the list and the decisions refuse them.
+    for token in [AGENT_TOKEN, OPERATOR_TOKEN] {
+        let response = client()
+            .get(format!("{}/console/api/approvals", server.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let bearer = Decision {
+            url: &server.url,
+            cookie: None,
+            csrf: None,
+            origin: true,
+            bearer: Some(token),
+        };
+        let (status, _) = bearer.send(&id, "approve", json!({"reason": "x"})).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
+    // CSRF token and Origin are required.
+    let reason = json!({"reason": "checked the capacity"});
+    for (csrf, origin) in [
+        (None, true),
+        (Some("forged"), true),
+        (Some(csrf.as_str()), false),
+    ] {
+        let attempt = Decision {
+            url: &server.url,
+            cookie: Some(&cookie),
+            csrf,
+            origin,
+            bearer: None,
+        };
+        let (status, body) = attempt.send(&id, "approve", reason.clone()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    }
+    assert_eq!(listed(&api, "pending").await, vec![id.clone()]);
+
+    let alice_decides = Decision {
+        url: &server.url,
+        cookie: Some(&cookie),
+        csrf: Some(&csrf),
+        origin: true,
+        bearer: None,
+    };
+    // Bad ids and bad reasons: clear 4xx, nothing decided.
+    let (status, body) = alice_decides
+        .send("not-an-id", "approve", reason.clone())
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("error")
+            .contains("approval id"),
+        "{body}"
+    );
+    let unknown = format!("apr_{}", "0".repeat(32));
+    let (status, body) = alice_decides.send(&unknown, "deny", reason.clone()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = alice_decides
+        .send(&id, "approve", json!({"reason": "x".repeat(501)}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"].as_str().expect("error").contains("500"),
+        "{body}"
+    );
+    let (status, body) = alice_decides
+        .send(&id, "approve", json!({"reason": "  "}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = alice_decides.send(&id, "approve", json!({})).await;
+    assert!(status.is_client_error(), "{status} {body}");
+    assert_eq!(listed(&api, "pending").await, vec![id.clone()]);
+
+    // The named operator approves; the record names alice, and the call runs once.
+    let (status, body) = alice_decides.send(&id, "approve", reason.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "approved", "{body}");
+    assert_eq!(body["decided_by"], "alice", "{body}");
+    let records = api.audit(50).await;
+    let decided = records
+        .iter()
+        .find(|record| record["kind"] == "approval" && record["outcome"] == "approved")
+        .expect("the decision is recorded");
+    assert_eq!(decided["principal"], "alice", "{decided}");
+    assert_eq!(decided["detail"]["requested_by"], "agent", "{decided}");
+    let (status, body) = api.execute("scale_fleet", json!({"count": 8})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(console_pending(&server.url, &cookie).await.is_empty());
+    // Decided already: a conflict, said so.
+    let (status, body) = alice_decides.send(&id, "deny", reason.clone()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    // An operator cannot decide its own request: alice's own call, from her session.
+    let (status, body) = api
+        .post(
+            "/tools/execute",
+            Some(&alice),
+            json!({"tool_name": "scale_fleet", "arguments": {"count": 9}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let own = body["approval_id"]
+        .as_str()
+        .expect("approval_id")
+        .to_owned();
+    let (status, body) = alice_decides.send(&own, "approve", reason.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("error")
+            .contains("request it made itself"),
+        "{body}"
+    );
+    // The built-in operator's session may: another holder.
+    let (cookie, csrf) = session_at(&server.url, OPERATOR_TOKEN).await;
+    let operator_decides = Decision {
+        url: &server.url,
+        cookie: Some(&cookie),
+        csrf: Some(&csrf),
+        origin: true,
+        bearer: None,
+    };
+    let (status, body) = operator_decides.send(&own, "deny", reason.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "denied", "{body}");
+    assert_eq!(body["decided_by"], "operator", "{body}");
+}
+
+/// Reads `approvals` events from a console approvals stream until one's pending
+/// list satisfies `check` (bounded: panics after 10 s), and returns that list.
+async fn next_approvals(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            if !event.lines().any(|line| line == "event: approvals") {
+                continue;
+            }
+            let data = event
+                .lines()
+                .filter_map(|line| line.strip_prefix("data: "))
+                .collect::<String>();
+            let list: Value = serde_json::from_str(&data).expect("the event is JSON");
+            if check(&list) {
+                return list;
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("read")
+            .expect("the stream stays open");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn the_approvals_stream_follows_requests_and_expiries() {
+    let policy_dir = tempfile::tempdir().expect("temp dir");
+    let policy =
+        common::approvals::write_approval_policy(policy_dir.path(), 1, "console stream test");
+    let server = TestServer::start_with_policy(&policy).await;
+    let (cookie, _) = session(&server).await;
+    let url = format!("{}/console/api/approvals/stream", server.url);
+    let refused = client()
+        .get(&url)
+        .bearer_auth(OPERATOR_TOKEN)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let mut response = client()
+        .get(&url)
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut buffer = String::new();
+    next_approvals(&mut response, &mut buffer, "the first list", |list| {
+        list["count"] == 0
+    })
+    .await;
+
+    // A new request is pushed...
+    let api = server.api();
+    api.emergency().await;
+    let id = common::approvals::request_scale(&api, 8).await;
+    let list = next_approvals(&mut response, &mut buffer, "the new request", |list| {
+        list["count"] == 1
+    })
+    .await;
+    assert_eq!(list["approvals"][0]["id"], id.as_str(), "{list}");
+    // ...and so is its expiry (one second later), with no request from the page.
+    next_approvals(&mut response, &mut buffer, "the expiry", |list| {
+        list["count"] == 0
+    })
+    .await;
+    assert_eq!(
+        common::approvals::listed(&api, "expired").await,
+        vec![id.clone()]
+    );
+}
+
+#[tokio::test]
+async fn the_overview_lists_the_policys_upstreams_and_their_health() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy_dir = tempfile::tempdir().expect("temp dir");
+    // An upstream that exits at once: declared, never up, and not required.
+    let mut policy: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::policy_path()).expect("policy"))
+            .expect("JSON");
+    policy["simulated_cloud"] = json!(true);
+    policy["upstreams"] = json!({"broken": {"command": "true"}});
+    let policy = common::write_policy(policy_dir.path(), "policy.json", &policy.to_string());
+    let server = common::ServerProcess::start_with_policy(dir.path(), &policy, &[]);
+    let (cookie, _) = session_at(&server.url, OPERATOR_TOKEN).await;
+    let response = client()
+        .get(format!("{}/console/api/overview", server.url))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    let upstreams = body["upstreams"].as_array().expect("upstreams");
+    assert_eq!(upstreams.len(), 1, "{body}");
+    assert_eq!(upstreams[0]["name"], "broken");
+    assert_eq!(upstreams[0]["transport"], "stdio");
+    assert_eq!(upstreams[0]["up"], false, "{body}");
+    assert_eq!(upstreams[0]["required"], false, "{body}");
+}
+
+#[tokio::test]
+async fn an_elevation_request_approved_in_the_console_changes_the_mode_as_that_operator() {
+    let policy_dir = tempfile::tempdir().expect("temp dir");
+    let policy =
+        common::approvals::write_approval_policy(policy_dir.path(), 600, "console elevation");
+    let server = TestServer::start_with_policy(&policy).await;
+    let api = server.api();
+    let (status, body) = api
+        .post(
+            "/policy/request-mode",
+            Some(AGENT_TOKEN),
+            json!({"mode": "EMERGENCY", "reason": "web-server is down", "ttl_seconds": 300}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["approval_id"]
+        .as_str()
+        .expect("approval_id")
+        .to_owned();
+    let (cookie, csrf) = session(&server).await;
+    let pending = console_pending(&server.url, &cookie).await;
+    assert_eq!(pending[0]["kind"], "mode_change", "{pending:?}");
+    assert_eq!(pending[0]["target"], "EMERGENCY", "{pending:?}");
+    assert_eq!(pending[0]["reason"], "web-server is down", "{pending:?}");
+    let decide = Decision {
+        url: &server.url,
+        cookie: Some(&cookie),
+        csrf: Some(&csrf),
+        origin: true,
+        bearer: None,
+    };
+    let (status, body) = decide
+        .send(&id, "approve", json!({"reason": "confirmed the outage"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let status = server.gateway().status();
+    assert_eq!(status.mode, "EMERGENCY");
+    assert_eq!(status.changed_by, "operator");
+}

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, LOCATION, ORIGIN,
     REFERRER_POLICY, SET_COOKIE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
@@ -32,8 +32,10 @@ use sha2::{Digest, Sha256};
 use super::audit_api::{self, AuditFilters, StreamShutdown};
 use super::error::{ApiError, ApiJson, ApiQuery};
 use super::{AppState, Edge};
+use crate::api::{ApprovalDecisionRequest, ApprovalList};
+use crate::approval::{ApprovalStatus, MAX_PENDING_APPROVALS, Verdict};
 use crate::audit::EntryKind;
-use crate::gateway::{ModeChange, ModeChangeError, PolicyStatus};
+use crate::gateway::{Gateway, ModeChange, ModeChangeError, PolicyStatus};
 use crate::infra::InfrastructureStatus;
 use crate::principal::{Principal, Role};
 use crate::reason::Reason;
@@ -187,6 +189,10 @@ pub fn routes() -> Router<AppState> {
         .route("/console/api/audit", get(audit))
         .route("/console/api/audit/stream", get(audit_stream))
         .route("/console/api/status/stream", get(status_stream))
+        .route("/console/api/approvals", get(pending_approvals))
+        .route("/console/api/approvals/stream", get(approvals_stream))
+        .route("/console/api/approvals/{id}/approve", post(approve))
+        .route("/console/api/approvals/{id}/deny", post(deny))
 }
 
 /// Headers every console answer carries: no caching, no framing, no sniffing, and
@@ -514,7 +520,7 @@ struct Overview {
     status: PolicyStatus,
     /// The simulated cloud.
     infrastructure: InfrastructureStatus,
-    /// Upstream MCP servers and their health: none until upstreams are wired in.
+    /// The policy's upstream MCP servers and their health, in name order.
     upstreams: Vec<UpstreamHealth>,
     /// Who is logged in.
     principal: String,
@@ -524,7 +530,15 @@ struct Overview {
 #[derive(Serialize)]
 struct UpstreamHealth {
     name: String,
+    /// `stdio` or `http`.
+    transport: &'static str,
     up: bool,
+    /// Tools it exposes, once listed.
+    tools: Option<usize>,
+    /// Why it is down, while it is (safe for operators).
+    last_error: Option<String>,
+    /// Whether Proxi refuses to start without it.
+    required: bool,
 }
 
 /// `GET /console/api/overview`.
@@ -533,7 +547,19 @@ async fn overview(State(state): State<AppState>, session: ConsoleSession) -> Res
         Json(Overview {
             status: state.gateway.status(),
             infrastructure: state.gateway.infrastructure_status(),
-            upstreams: Vec::new(),
+            upstreams: state
+                .gateway
+                .upstream_health()
+                .into_iter()
+                .map(|status| UpstreamHealth {
+                    name: status.name,
+                    transport: status.transport.as_str(),
+                    up: status.up,
+                    tools: status.tools,
+                    last_error: status.last_error,
+                    required: status.required,
+                })
+                .collect(),
             principal: session.principal.name().to_string(),
         })
         .into_response(),
@@ -629,6 +655,123 @@ fn status_events(
             .unwrap_or_else(|_| Event::default().event("status").data("{}"));
         Some((Ok(event), (receiver, false)))
     })
+}
+
+/// The pending approvals, newest first: all of them, since at most
+/// [`MAX_PENDING_APPROVALS`] may be pending at once.
+async fn pending_list(gateway: &Gateway) -> Result<ApprovalList, ApiError> {
+    let approvals = gateway
+        .list_approvals(Some(ApprovalStatus::Pending), MAX_PENDING_APPROVALS)
+        .await?;
+    Ok(ApprovalList {
+        count: approvals.len(),
+        approvals,
+    })
+}
+
+/// `GET /console/api/approvals`: the pending approvals, as `GET /approvals?status=pending`.
+async fn pending_approvals(State(state): State<AppState>, _session: ConsoleSession) -> Response {
+    hardened(match pending_list(&state.gateway).await {
+        Ok(list) => Json(list).into_response(),
+        Err(error) => error.into_response(),
+    })
+}
+
+/// `GET /console/api/approvals/stream`: the pending approvals now and after every
+/// change this server makes or sees (a new request, a decision from the page, the
+/// CLI or REST, a consumption, an expiry). The gateway's change tick is a watch,
+/// so a burst of changes costs one list per client, not one per change.
+async fn approvals_stream(
+    State(state): State<AppState>,
+    _session: ConsoleSession,
+    shutdown: Option<Extension<StreamShutdown>>,
+) -> Response {
+    let receiver = state.gateway.approvals_changed_events();
+    let stop = shutdown
+        .map(|Extension(shutdown)| shutdown)
+        .unwrap_or_default()
+        .0;
+    hardened(
+        Sse::new(
+            approval_events(Arc::clone(&state.gateway), receiver)
+                .take_until(stop.cancelled_owned()),
+        )
+        .keep_alive(KeepAlive::default())
+        .into_response(),
+    )
+}
+
+fn approval_events(
+    gateway: Arc<Gateway>,
+    receiver: tokio::sync::watch::Receiver<u64>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures::stream::unfold(
+        (gateway, receiver, true),
+        |(gateway, mut receiver, first)| async move {
+            if !first && receiver.changed().await.is_err() {
+                return None;
+            }
+            // Marked seen before the read, so a change during it sends another list.
+            receiver.borrow_and_update();
+            let event = match pending_list(&gateway).await {
+                Ok(list) => Event::default().event("approvals").json_data(&list).ok(),
+                Err(_) => None,
+            }
+            .unwrap_or_else(|| {
+                Event::default()
+                    .event("approvals_unavailable")
+                    .data("the approval store is unavailable")
+            });
+            Some((Ok(event), (gateway, receiver, false)))
+        },
+    )
+}
+
+/// `POST /console/api/approvals/{id}/approve {"reason"}`: the session's operator
+/// approves, as `POST /approvals/{id}/approve`; the record names that operator.
+async fn approve(
+    State(state): State<AppState>,
+    ConsoleWrite(session): ConsoleWrite,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<ApprovalDecisionRequest>,
+) -> Response {
+    decide(&state, &session, &id, Verdict::Approve, &request.reason).await
+}
+
+/// `POST /console/api/approvals/{id}/deny {"reason"}`: as `approve`, denying.
+async fn deny(
+    State(state): State<AppState>,
+    ConsoleWrite(session): ConsoleWrite,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<ApprovalDecisionRequest>,
+) -> Response {
+    decide(&state, &session, &id, Verdict::Deny, &request.reason).await
+}
+
+async fn decide(
+    state: &AppState,
+    session: &ConsoleSession,
+    id: &str,
+    verdict: Verdict,
+    reason: &str,
+) -> Response {
+    // A malformed id is the page's (or a forger's) mistake, not a missing approval.
+    if !crate::approval::is_approval_id(id) {
+        return hardened(
+            ApiError::bad_request("not an approval id (apr_ followed by hex digits)")
+                .into_response(),
+        );
+    }
+    hardened(
+        match state
+            .gateway
+            .decide_approval(&session.principal, id, verdict, reason)
+            .await
+        {
+            Ok(approval) => Json(approval).into_response(),
+            Err(error) => ApiError::from(error).into_response(),
+        },
+    )
 }
 
 #[cfg(test)]

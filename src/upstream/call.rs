@@ -62,6 +62,12 @@ pub trait UpstreamCalls: Send + Sync {
         'a,
         Result<rmcp::model::CallToolResult, super::client::UpstreamError>,
     >;
+
+    /// Each upstream's state (up or down, tools listed, why it is down) for the
+    /// operator console; a fake that keeps none reports none.
+    fn health(&self) -> Vec<super::set::UpstreamStatus> {
+        Vec::new()
+    }
 }
 
 /// The running upstreams of `proxi serve` and `proxi mcp`.
@@ -79,5 +85,9 @@ impl UpstreamCalls for super::set::UpstreamSet {
         Box::pin(super::set::UpstreamSet::call(
             self, upstream, tool, arguments, context,
         ))
+    }
+
+    fn health(&self) -> Vec<super::set::UpstreamStatus> {
+        self.status()
     }
 }
