@@ -1085,6 +1085,13 @@ pub fn describe_call(record: &ToolCallRecord) -> String {
     if let Some(seq) = record.audit_seq {
         line.push_str(&format!(" (audit #{seq})"));
     }
+    if let Some(wait) = &record.approval {
+        line.push_str(&format!(
+            " (after approval {}: {})",
+            wait.approval_id,
+            wait.result.as_str()
+        ));
+    }
     if record.from_text {
         line.push_str(" (written as text)");
     }
