@@ -109,6 +109,37 @@ impl AgentObserver for LiveTranscript {
     }
 }
 
+/// Under `--json` stdout is the run record only: approval waits go to stderr.
+struct StderrNotices(LogFormat);
+
+impl AgentObserver for StderrNotices {
+    fn after_tool_call<'a>(
+        &'a self,
+        _step: usize,
+        _record: &'a ToolCallRecord,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    fn waiting_for_approval<'a>(
+        &'a self,
+        wait: &'a proxi::agent::ApprovalNotice,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            notice(
+                self.0,
+                &format!(
+                    "{} needs a human's approval: {}; waiting up to {} for an operator to run: {}",
+                    wait.tool,
+                    wait.approval_id,
+                    humantime::format_duration(wait.timeout),
+                    wait.operator_command()
+                ),
+            );
+        })
+    }
+}
+
 fn agent_provider(args: &ModelArgs) -> Result<SelectedProvider> {
     Ok(select_provider(
         args.provider.map(provider_choice),
@@ -159,7 +190,9 @@ pub(crate) async fn run(args: AgentArgs, log: LogFormat) -> Result<ExitCode> {
         ..AgentConfig::default()
     };
     let live = LiveTranscript;
-    let observer: Option<&dyn AgentObserver> = (!args.json).then_some(&live as &dyn AgentObserver);
+    let quiet = StderrNotices(log);
+    let observer: &dyn AgentObserver = if args.json { &quiet } else { &live };
+    let observer = Some(observer);
     let server = proxi::agent::run::ServerConnection {
         url,
         token,
