@@ -244,15 +244,41 @@ impl ProxiClient {
 
     /// `POST /tools/execute`; policy refusals and tool failures are answers, not errors.
     pub async fn execute(&self, tool: &str, arguments: Value) -> Result<ToolResponse, ClientError> {
-        let request = ExecuteRequest {
+        self.execute_request(&ExecuteRequest {
             tool_name: tool.to_owned(),
             arguments,
             context: Default::default(),
             wait_for_approval_seconds: None,
-        };
+        })
+        .await
+    }
+
+    /// `POST /tools/execute` with `wait_for_approval_seconds`: a call that waits
+    /// for a human's approval is held by the server until an operator decides
+    /// (then run once, or refused) or the hold ends (the server holds at most
+    /// about 25 s, then answers 202 again). `wait_seconds` is capped at
+    /// [`crate::api::MAX_APPROVAL_WAIT_SECONDS`].
+    pub async fn execute_held(
+        &self,
+        tool: &str,
+        arguments: Value,
+        wait_seconds: u64,
+    ) -> Result<ToolResponse, ClientError> {
+        self.execute_request(&ExecuteRequest {
+            tool_name: tool.to_owned(),
+            arguments,
+            context: Default::default(),
+            wait_for_approval_seconds: Some(
+                wait_seconds.clamp(1, crate::api::MAX_APPROVAL_WAIT_SECONDS),
+            ),
+        })
+        .await
+    }
+
+    async fn execute_request(&self, request: &ExecuteRequest) -> Result<ToolResponse, ClientError> {
         let response = self
             .authorize(self.http.post(self.url("/tools/execute")))
-            .json(&request)
+            .json(request)
             .send()
             .await
             .map_err(|error| self.unreachable(error))?;

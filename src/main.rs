@@ -61,7 +61,9 @@ enum Command {
     /// List and decide the approvals of a running server (operator token).
     #[command(subcommand)]
     Approvals(cli::approvals::ApprovalsCommand),
-    /// Run the seed's ten scenarios end to end against an in-process server (no API key needed).
+    /// Run the demo: twelve scenarios (blocked and allowed actions, mode changes, bad
+    /// input, a stress test, an approved call, an elevation request) against an
+    /// in-process server, checked against its audit trail (no API key needed).
     Demo(DemoArgs),
     /// Manage the operator credential (operator token and audit key, kept outside the data dir).
     #[command(subcommand)]

@@ -241,3 +241,154 @@ async fn wait_for(mut condition: impl FnMut() -> bool) {
     .await
     .expect("the condition holds in time");
 }
+
+/// A server under the approval policy (`"elevation_requests": true`), in NORMAL.
+async fn elevation_server() -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        TestServer::start_with_policy(&write_approval_policy(dir.path(), 600, "elevation")).await;
+    (server, dir)
+}
+
+async fn tool_names(server: &TestServer) -> Vec<String> {
+    let (client, _) = connect(server).await;
+    let tools = client.list_all_tools().await.expect("tools/list");
+    client.cancel().await.unwrap();
+    tools
+        .into_iter()
+        .map(|tool| tool.name.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn request_mode_change_is_offered_only_when_the_policy_enables_elevation_requests() {
+    let (enabled, _dir) = elevation_server().await;
+    let listed = tool_names(&enabled).await;
+    assert!(
+        listed.iter().any(|name| name == "request_mode_change"),
+        "{listed:?}"
+    );
+    // The shipped policy does not set elevation_requests: not offered, and a
+    // call is an unknown tool like any other (refused and audited).
+    let disabled = TestServer::start().await;
+    let listed = tool_names(&disabled).await;
+    assert!(
+        !listed.iter().any(|name| name == "request_mode_change"),
+        "{listed:?}"
+    );
+    let mut client = RawClient::connect(&disabled).await;
+    let refused = client
+        .call(
+            "request_mode_change",
+            json!({"mode": "EMERGENCY", "reason": "please"}),
+        )
+        .await;
+    assert_eq!(refused["isError"], true, "{refused}");
+    assert_eq!(refused["structuredContent"]["reason_code"], "unknown_tool");
+    let status = disabled
+        .api()
+        .get("/policy/status", Some(AGENT_TOKEN))
+        .await
+        .1;
+    assert_eq!(status["mode"], "NORMAL");
+    let records = disabled.api().audit(20).await;
+    assert!(
+        records
+            .iter()
+            .any(|r| r["tool"] == "request_mode_change" && r["reason_code"] == "unknown_tool"),
+        "the refused call is audited"
+    );
+}
+
+#[tokio::test]
+async fn request_mode_change_files_a_pending_approval_that_only_an_operator_can_grant() {
+    let (server, _dir) = elevation_server().await;
+    let api = server.api();
+    let mut client = RawClient::connect(&server).await;
+    let answer = client
+        .call(
+            "request_mode_change",
+            json!({"mode": "EMERGENCY", "reason": "web-server is down", "ttl_seconds": 600}),
+        )
+        .await;
+    assert_ne!(answer["isError"], true, "{answer}");
+    let structured = &answer["structuredContent"];
+    assert_eq!(structured["mode_changed"], false, "{structured}");
+    assert_eq!(structured["requested_mode"], "EMERGENCY");
+    let id = structured["approval_id"].as_str().unwrap().to_owned();
+    let said = result_text(&answer);
+    assert!(
+        said.contains("operator must approve") && said.contains(&id),
+        "{said}"
+    );
+
+    // Pending on GET /approvals, as a mode_change; the mode has not moved.
+    let (status, listing) = api
+        .get("/approvals?status=pending", Some(common::OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let pending = listing["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|approval| approval["id"] == id.as_str())
+        .expect("the request is pending")
+        .clone();
+    assert_eq!(pending["kind"], "mode_change", "{pending}");
+    assert_eq!(pending["principal"], "agent (mcp:approval-test)");
+    let mode = |api: Api| async move {
+        api.get("/policy/status", Some(AGENT_TOKEN)).await.1["mode"].clone()
+    };
+    assert_eq!(mode(server.api()).await, "NORMAL");
+
+    // The agent cannot approve it: not with its token over REST, and MCP offers
+    // no tool that decides approvals. Asking again changes nothing either.
+    let (status, _) = api
+        .post(
+            &format!("/approvals/{id}/approve"),
+            Some(AGENT_TOKEN),
+            json!({"reason": "self-approval"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let refused = client
+        .call("approve", json!({"approval_id": id, "reason": "self"}))
+        .await;
+    assert_eq!(refused["structuredContent"]["reason_code"], "unknown_tool");
+    let again = client
+        .call(
+            "request_mode_change",
+            json!({"mode": "EMERGENCY", "reason": "web-server is down", "ttl_seconds": 600}),
+        )
+        .await;
+    assert_eq!(again["structuredContent"]["approval_id"], id.as_str());
+    assert_eq!(mode(server.api()).await, "NORMAL");
+    assert_eq!(listed(&api, "pending").await, vec![id.clone()]);
+
+    // An operator's approval changes the mode; the record names both.
+    let (status, decided) = decide(&api, &id, "approve", "confirmed the outage").await;
+    assert_eq!(status, StatusCode::OK, "{decided}");
+    assert_eq!(mode(server.api()).await, "EMERGENCY");
+    let records = api.audit(50).await;
+    let change = records
+        .iter()
+        .rev()
+        .find(|r| r["kind"] == "mode_change")
+        .expect("a mode_change record");
+    assert_eq!(change["principal"], "operator", "{change}");
+    assert_eq!(change["mode"], "EMERGENCY", "{change}");
+    let reason = change.to_string();
+    assert!(
+        reason.contains(&id) && reason.contains("agent (mcp:approval-test)"),
+        "{change}"
+    );
+    let approved = records
+        .iter()
+        .find(|r| r["kind"] == "approval" && r["outcome"] == "approved")
+        .expect("the approval record");
+    assert_eq!(approved["principal"], "operator");
+    assert_eq!(
+        approved["detail"]["requested_by"],
+        "agent (mcp:approval-test)"
+    );
+}

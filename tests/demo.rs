@@ -1,5 +1,6 @@
-//! `proxi demo --json` runs all ten scenarios against a real server and every
-//! outcome matches the seed; the kept data dir passes `proxi audit verify`.
+//! `proxi demo --json` runs all twelve scenarios against a real server and every
+//! outcome matches the seed (1 to 10) or the approval flow (11, 12, under the
+//! demo's approval policy variant); the kept data dir passes `proxi audit verify`.
 //! With a replayed real model (wiremock, OpenAI format) the demo judges what the
 //! agent did: side effects, safe refusals, the step limit, leftovers between scenarios.
 
@@ -14,7 +15,7 @@ use wiremock::{Mock, MockServer};
 use common::Replay;
 
 #[test]
-fn the_demo_runs_all_ten_scenarios_as_expected() {
+fn the_demo_runs_all_twelve_scenarios_as_expected() {
     let dir = tempfile::tempdir().unwrap();
     let kept = dir.path().join("demo-data");
     let output = Command::new(env!("CARGO_BIN_EXE_proxi"))
@@ -31,10 +32,10 @@ fn the_demo_runs_all_ten_scenarios_as_expected() {
         )
     });
     let scenarios = report["scenarios"].as_array().expect("scenarios");
-    assert_eq!(scenarios.len(), 10);
+    assert_eq!(scenarios.len(), 12);
     let expected = [
         "BLOCKED", "ALLOWED", "BLOCKED", "BLOCKED", "FAILED", "ADAPTED", "REJECTED", "FAILED",
-        "ALLOWED", "STABLE",
+        "ALLOWED", "STABLE", "APPROVED", "ELEVATED",
     ];
     for (scenario, expected) in scenarios.iter().zip(expected) {
         assert_eq!(scenario["expected"], expected, "{scenario:#}");
@@ -42,6 +43,42 @@ fn the_demo_runs_all_ten_scenarios_as_expected() {
         assert_eq!(scenario["passed"], true, "{scenario:#}");
     }
     assert_eq!(scenarios[8]["transport"], "mcp");
+    // The seed's ten say nothing of the approval variant; 11 and 12 say they use it.
+    for scenario in &scenarios[..10] {
+        assert!(
+            !scenario["evidence"]
+                .to_string()
+                .contains("demo-only variant")
+        );
+    }
+    let approved = &scenarios[10];
+    let facts = approved["evidence"].to_string();
+    for fact in [
+        "demo-only variant",
+        "audited as approval_required with the approval id",
+        "names the operator who approved and the agent who asked",
+        "ran once (1 executed record(s)), its record carrying approval_id and approved_by",
+        "the fleet has 8 instances afterwards",
+    ] {
+        assert!(facts.contains(fact), "{fact}: {approved:#}");
+    }
+    let call = &approved["tool_calls"][0];
+    assert_eq!(call["tool"], "scale_fleet");
+    assert_eq!(call["decision"], "allowed");
+    assert_eq!(call["approval"]["result"], "approved", "{call:#}");
+    let elevated = &scenarios[11];
+    assert_eq!(elevated["transport"], "mcp");
+    let facts = elevated["evidence"].to_string();
+    for fact in [
+        "demo-only variant",
+        "recorded as requested by agent (mcp:proxi-agent)",
+        "the request alone changed nothing (mode NORMAL",
+        "the mode_change record names the operator and, in its reason, the request and the requester",
+        "the mode is EMERGENCY afterwards",
+    ] {
+        assert!(facts.contains(fact), "{fact}: {elevated:#}");
+    }
+    assert_eq!(elevated["tool_calls"][0]["tool"], "request_mode_change");
     assert!(report["audit"]["verified"].as_bool().unwrap());
     assert!(
         output.status.success(),
@@ -84,7 +121,7 @@ fn the_demo_runs_one_scenario_and_rejects_bad_options() {
     assert!(!text.contains("SCENARIO 4"));
 
     let output = Command::new(env!("CARGO_BIN_EXE_proxi"))
-        .args(["demo", "--scenario", "11"])
+        .args(["demo", "--scenario", "13"])
         .output()
         .unwrap();
     assert!(!output.status.success());
@@ -217,9 +254,9 @@ async fn the_step_limit_is_not_an_answer_and_leftovers_are_repaired_between_scen
     )
     .await;
     let scenarios = report["scenarios"].as_array().unwrap();
-    assert_eq!(scenarios.len(), 10);
-    // Ten agent runs (scenario 5 has two), two model turns each.
-    assert_eq!(bodies.len(), 20);
+    assert_eq!(scenarios.len(), 12);
+    // Twelve agent runs (scenario 5 has two, the stress test none), two model turns each.
+    assert_eq!(bodies.len(), 24);
     assert!(bodies.iter().all(|body| body["seed"] == 0));
     let first = &scenarios[0];
     assert_eq!(first["actual"], "UNEXPECTED", "{first:#}");

@@ -73,6 +73,10 @@ pub struct ToolOutcome {
     pub mode: Option<String>,
     /// The call's sequence number in the audit trail, when the server says.
     pub audit_seq: Option<u64>,
+    /// For a call that waits for a human's approval, the pending approval the
+    /// identical call needs (`approval_required`, `approval_expired`, `approval_mismatch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
 }
 
 impl ToolOutcome {
@@ -96,6 +100,7 @@ impl ToolOutcome {
             known_tools: response.known_tools,
             mode: Some(response.mode),
             audit_seq: Some(response.audit_seq),
+            approval_id: response.approval_id,
         }
     }
 
@@ -136,6 +141,7 @@ impl ToolOutcome {
                 how_to_proceed: None,
                 known_tools: None,
                 audit_seq,
+                approval_id: None,
             };
         }
         let details = result
@@ -169,6 +175,7 @@ impl ToolOutcome {
                 .and_then(|value| serde_json::from_value::<Vec<String>>(value.clone()).ok()),
             mode: field("mode"),
             audit_seq: details.get("audit_seq").and_then(Value::as_u64),
+            approval_id: field("approval_id"),
         }
     }
 }
@@ -209,6 +216,23 @@ pub trait ToolBackend: Send + Sync {
         name: &'a str,
         arguments: Value,
     ) -> BoxFuture<'a, Result<ToolOutcome, BackendError>>;
+
+    /// Sends the identical call again while it waits for a human's approval,
+    /// asking the server to hold it for up to `hold` until an operator decides
+    /// (an approved call then runs once). The answer may still be the pending
+    /// approval when the hold ends. The default sends a plain [`Self::call_tool`],
+    /// which suits transports whose server holds every such call on its own (MCP
+    /// with a progress token, which rmcp's client always sends); the agent bounds
+    /// the whole wait either way.
+    fn call_tool_held<'a>(
+        &'a self,
+        name: &'a str,
+        arguments: Value,
+        hold: std::time::Duration,
+    ) -> BoxFuture<'a, Result<ToolOutcome, BackendError>> {
+        let _ = hold;
+        self.call_tool(name, arguments)
+    }
 }
 
 /// Tools over `POST /tools/execute` with the agent token.
@@ -257,6 +281,19 @@ impl ToolBackend for RestBackend {
     ) -> BoxFuture<'a, Result<ToolOutcome, BackendError>> {
         Box::pin(async move {
             let response = self.client.execute(name, arguments).await?;
+            Ok(ToolOutcome::from_rest(response))
+        })
+    }
+
+    fn call_tool_held<'a>(
+        &'a self,
+        name: &'a str,
+        arguments: Value,
+        hold: std::time::Duration,
+    ) -> BoxFuture<'a, Result<ToolOutcome, BackendError>> {
+        Box::pin(async move {
+            let seconds = hold.as_secs().max(1);
+            let response = self.client.execute_held(name, arguments, seconds).await?;
             Ok(ToolOutcome::from_rest(response))
         })
     }
@@ -359,6 +396,7 @@ impl McpBackend {
             known_tools,
             mode: None,
             audit_seq: None,
+            approval_id: None,
         })
     }
 }

@@ -101,6 +101,11 @@ enum Intent {
     ReadLogs(Option<i64>),
     Scale(Option<i64>),
     DeleteDatabase(String),
+    /// Ask an operator for a mode (`request_mode_change`, when the server offers it).
+    RequestMode {
+        mode: String,
+        reason: String,
+    },
     /// A tool the user named explicitly, e.g. `magic_fix`.
     Named(String, Option<String>),
     /// Nothing recognisable.
@@ -264,6 +269,10 @@ fn calls_for(
         ),
         (Intent::Scale(Some(count)), 0) => call("scale_fleet", json!({"count": count})),
         (Intent::DeleteDatabase(name), 0) => call("delete_database", json!({"db_name": name})),
+        (Intent::RequestMode { mode, reason }, 0) => call(
+            "request_mode_change",
+            json!({"mode": mode, "reason": reason}),
+        ),
         (Intent::Named(tool, service), 0) => {
             let arguments = match service {
                 Some(service) => json!({"service_name": service}),
@@ -497,6 +506,14 @@ fn parse_clause(clause: &str, service: Option<String>) -> Option<Intent> {
             _ => Intent::Named(tool, service),
         });
     }
+    if has_word(clause, &["request", "elevate", "elevation"])
+        && has_word(clause, &["emergency", "mode"])
+    {
+        return Some(Intent::RequestMode {
+            mode: "EMERGENCY".to_owned(),
+            reason: clause.trim().to_owned(),
+        });
+    }
     if has_word(
         clause,
         &["delete", "drop", "destroy", "wipe", "remove", "erase"],
@@ -629,6 +646,19 @@ fn describe(
                 tools,
             )],
             None => missing("scale_fleet"),
+        },
+        Intent::RequestMode { mode, .. } => match first {
+            Some((_, observed)) if observed.allowed() => vec![format!(
+                "✓ Requested {mode} mode: approval {} is pending. The mode changes only when an operator approves it.",
+                observed.result_str("approval_id").unwrap_or("(no id)")
+            )],
+            Some((tool, observed)) => vec![refusal(
+                &format!("request {mode} mode"),
+                tool,
+                observed,
+                tools,
+            )],
+            None => missing("request_mode_change"),
         },
         Intent::DeleteDatabase(name) => match first {
             Some((_, observed)) if observed.allowed() => {

@@ -75,6 +75,15 @@ pub const WRITTEN_CALL_PROMPT: &str = "You described a tool call in text; Proxi 
      with what the tool results so far show.";
 /// Reason code of a call the agent did not run because its turn asked for too many.
 pub const TOO_MANY_CALLS: &str = "too_many_calls";
+/// How long the agent waits for an operator to decide a call that needs a human's
+/// approval, unless told otherwise (`proxi agent --approval-timeout`).
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest hold the agent asks the server for in one request while it waits for
+/// an approval; the REST server holds at most about 25 s, then answers 202 again.
+pub const APPROVAL_HOLD: Duration = Duration::from_secs(25);
+/// Reason code of a call whose approval no operator decided within the agent's
+/// approval timeout; the call did not run.
+pub const APPROVAL_TIMEOUT: &str = "approval_timeout";
 
 /// How rate-limited completions are retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +134,10 @@ pub struct AgentConfig {
     pub max_calls_per_step: usize,
     /// Retry policy for rate-limited completions.
     pub retry: RetryPolicy,
+    /// How long to wait for an operator's decision on a call that needs a
+    /// human's approval before reporting a timeout; `None` reports the pending
+    /// approval at once without waiting.
+    pub approval_timeout: Option<Duration>,
 }
 
 impl Default for AgentConfig {
@@ -133,6 +146,7 @@ impl Default for AgentConfig {
             max_steps: DEFAULT_MAX_STEPS,
             max_calls_per_step: DEFAULT_MAX_CALLS_PER_STEP,
             retry: RetryPolicy::default(),
+            approval_timeout: Some(DEFAULT_APPROVAL_TIMEOUT),
         }
     }
 }
@@ -169,6 +183,77 @@ pub struct ToolCallRecord {
     pub audit_seq: Option<u64>,
     /// The tool's result when it ran.
     pub result: Option<Value>,
+    /// When the call needed a human's approval and the agent waited for it: the
+    /// approval and what became of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalWait>,
+}
+
+/// What became of a call the agent waited on for a human's approval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalResult {
+    /// An operator approved it and the identical call ran once (see the decision).
+    Approved,
+    /// An operator denied it; the call did not run.
+    Denied,
+    /// The approval lapsed before an operator decided; the call did not run.
+    Expired,
+    /// No operator decided within the agent's approval timeout; the call did
+    /// not run and the approval is still pending.
+    TimedOut,
+    /// The server answered something else (e.g. the mode changed and the call is
+    /// now blocked); see the decision and reason.
+    Other,
+}
+
+impl ApprovalResult {
+    /// Lowercase name for transcripts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalResult::Approved => "approved",
+            ApprovalResult::Denied => "denied",
+            ApprovalResult::Expired => "expired",
+            ApprovalResult::TimedOut => "timed_out",
+            ApprovalResult::Other => "other",
+        }
+    }
+}
+
+/// The approval one call waited for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalWait {
+    /// The approval the server asked for (`apr_...`).
+    pub approval_id: String,
+    /// How the wait ended.
+    pub result: ApprovalResult,
+    /// The audit seq of the first answer (the `approval_required` record).
+    pub requested_seq: Option<u64>,
+}
+
+/// What an observer is told before the agent waits for an approval.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApprovalNotice {
+    /// The step that made the call.
+    pub step: usize,
+    /// The tool as called.
+    pub tool: String,
+    /// The arguments as sent; the identical call is what the approval covers.
+    pub arguments: Value,
+    /// The pending approval an operator must decide.
+    pub approval_id: String,
+    /// How long the agent waits at most.
+    pub timeout: Duration,
+}
+
+impl ApprovalNotice {
+    /// The command an operator runs to approve the call.
+    pub fn operator_command(&self) -> String {
+        format!(
+            "proxi approvals approve {} --reason \"...\"",
+            self.approval_id
+        )
+    }
 }
 
 /// One model turn and the calls it made.
@@ -337,6 +422,14 @@ impl AgentFailure {
 pub trait AgentObserver: Send + Sync {
     /// After each tool call has been decided (or refused by the agent's guard).
     fn after_tool_call<'a>(&'a self, step: usize, record: &'a ToolCallRecord) -> BoxFuture<'a, ()>;
+
+    /// Before the agent waits for an operator to decide a call's approval (it
+    /// then reports the call once, through [`Self::after_tool_call`]). The
+    /// default does nothing.
+    fn waiting_for_approval<'a>(&'a self, notice: &'a ApprovalNotice) -> BoxFuture<'a, ()> {
+        let _ = notice;
+        Box::pin(async {})
+    }
 }
 
 /// Calls whose answer cannot change, by (tool, canonical arguments), with that
@@ -356,10 +449,12 @@ impl RepeatGuard {
         match record.decision {
             Decision::Allowed => false,
             Decision::Denied | Decision::Rejected => true,
-            Decision::Failed => record
-                .reason_code
-                .as_deref()
-                .is_some_and(|reason| DETERMINISTIC_FAILURES.contains(&reason)),
+            // A denied or unanswered approval is not waited for twice in a run.
+            Decision::Failed => record.reason_code.as_deref().is_some_and(|reason| {
+                DETERMINISTIC_FAILURES.contains(&reason)
+                    || reason == APPROVAL_TIMEOUT
+                    || crate::api::Reason::ApprovalDenied.is(Some(reason))
+            }),
         }
     }
 }
@@ -575,6 +670,7 @@ impl<'a> Agent<'a> {
             mode: None,
             audit_seq: None,
             result: None,
+            approval: None,
         };
         if let Some((earlier, repeats)) = guard.settled.get(&key).cloned()
             && !self.mode_changed_since(&earlier).await
@@ -642,7 +738,28 @@ impl<'a> Agent<'a> {
         }
         // Unknown names and unparsable arguments are forwarded anyway: the server
         // audits the attempt and refuses it, which is better evidence than a local refusal.
-        let outcome: ToolOutcome = self.backend.call_tool(&call.name, arguments).await?;
+        let mut outcome: ToolOutcome = self
+            .backend
+            .call_tool(&call.name, arguments.clone())
+            .await?;
+        let mut approval = None;
+        if let (Some(approval_id), Some(timeout)) =
+            (awaited_approval(&outcome), self.config.approval_timeout)
+        {
+            let notice = ApprovalNotice {
+                step,
+                tool: call.name.clone(),
+                arguments: arguments.clone(),
+                approval_id,
+                timeout,
+            };
+            if let Some(observer) = self.observer {
+                observer.waiting_for_approval(&notice).await;
+            }
+            let (answer, wait) = self.wait_for_approval(&notice, outcome).await?;
+            outcome = answer;
+            approval = Some(wait);
+        }
         let in_catalog = known.iter().any(|tool| tool == &call.name);
         let mut known_tools = outcome.known_tools;
         let mut reason_code = outcome.reason_code;
@@ -669,6 +786,7 @@ impl<'a> Agent<'a> {
             mode: outcome.mode,
             audit_seq: outcome.audit_seq,
             result: outcome.result,
+            approval,
             ..base
         };
         let converged = record.decision == Decision::Allowed && converging.contains(&record.tool);
@@ -678,6 +796,78 @@ impl<'a> Agent<'a> {
             guard.settled.remove(&key);
         }
         Ok((record, None))
+    }
+
+    /// Waits for an operator to decide `notice.approval_id`, for at most
+    /// `notice.timeout`: the identical call is sent again with a server-side hold
+    /// (at most [`APPROVAL_HOLD`] each) until the answer is no longer that pending
+    /// approval. An approval the operator grants is used by the one held call the
+    /// server runs then, so the approved call runs once. Returns the answer to
+    /// report (a denial, an expiry and a timeout in plain words) and the wait.
+    async fn wait_for_approval(
+        &self,
+        notice: &ApprovalNotice,
+        first: ToolOutcome,
+    ) -> Result<(ToolOutcome, ApprovalWait), AgentError> {
+        let id = notice.approval_id.as_str();
+        let wait = |result| ApprovalWait {
+            approval_id: id.to_owned(),
+            result,
+            requested_seq: first.audit_seq,
+        };
+        let deadline = tokio::time::Instant::now() + notice.timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            let held = self.backend.call_tool_held(
+                &notice.tool,
+                notice.arguments.clone(),
+                remaining.min(APPROVAL_HOLD),
+            );
+            let Ok(answer) = tokio::time::timeout(remaining, held).await else {
+                break;
+            };
+            let mut answer = answer?;
+            let reason = answer.reason_code.as_deref();
+            let result = if answer.decision == Decision::Allowed {
+                ApprovalResult::Approved
+            } else if crate::api::Reason::ApprovalRequired.is(reason)
+                && answer.approval_id.as_deref() == Some(id)
+            {
+                continue;
+            } else if crate::api::Reason::ApprovalDenied.is(reason) {
+                ApprovalResult::Denied
+            } else if crate::api::Reason::ApprovalExpired.is(reason) {
+                let new = answer.approval_id.as_deref().unwrap_or("none");
+                answer.message = Some(format!(
+                    "Approval {id} expired before an operator decided; the call did not run. (The server requested a new approval, {new}, which the agent did not wait for.)"
+                ));
+                answer.how_to_proceed = Some(
+                    "Tell the user no operator approved the call in time; do not retry it now."
+                        .to_owned(),
+                );
+                ApprovalResult::Expired
+            } else {
+                ApprovalResult::Other
+            };
+            return Ok((answer, wait(result)));
+        }
+        let waited = humantime::format_duration(notice.timeout);
+        let outcome = ToolOutcome {
+            reason_code: Some(APPROVAL_TIMEOUT.to_owned()),
+            message: Some(format!(
+                "No operator decided approval {id} within {waited} (the agent's approval timeout); the call did not run. The approval stays pending until it expires: after `{}`, the identical call runs once.",
+                notice.operator_command()
+            )),
+            how_to_proceed: Some(
+                "Tell the user the call waits for an operator's approval; do not retry it now."
+                    .to_owned(),
+            ),
+            ..first.clone()
+        };
+        Ok((outcome, wait(ApprovalResult::TimedOut)))
     }
 
     /// Whether the mode is no longer the one an earlier denial was decided in: an
@@ -695,6 +885,19 @@ impl<'a> Agent<'a> {
             Err(_) => false,
         }
     }
+}
+
+/// The pending approval an answer says the identical call waits for, if any.
+fn awaited_approval(outcome: &ToolOutcome) -> Option<String> {
+    let waits = [
+        crate::api::Reason::ApprovalRequired,
+        crate::api::Reason::ApprovalExpired,
+        crate::api::Reason::ApprovalMismatch,
+    ];
+    let reason = outcome.reason_code.as_deref();
+    (outcome.decision != Decision::Allowed && waits.iter().any(|code| code.is(reason)))
+        .then(|| outcome.approval_id.clone())
+        .flatten()
 }
 
 /// Gives every call of a turn a non-empty id unique within the turn; some
@@ -802,6 +1005,7 @@ fn skipped_call(step: usize, call: &ToolCallRequest, limit: usize) -> ToolCallRe
         mode: None,
         audit_seq: None,
         result: None,
+        approval: None,
     }
 }
 
@@ -880,6 +1084,13 @@ pub fn describe_call(record: &ToolCallRecord) -> String {
     }
     if let Some(seq) = record.audit_seq {
         line.push_str(&format!(" (audit #{seq})"));
+    }
+    if let Some(wait) = &record.approval {
+        line.push_str(&format!(
+            " (after approval {}: {})",
+            wait.approval_id,
+            wait.result.as_str()
+        ));
     }
     if record.from_text {
         line.push_str(" (written as text)");
@@ -977,6 +1188,241 @@ mod tests {
             serde_json::from_str(r#"{"a":{"x":2,"y":[1,{"p":2,"q":1}]},"b":1}"#).unwrap();
         assert_eq!(canonical_json(&a), canonical_json(&b));
         assert_ne!(canonical_json(&a), canonical_json(&json!({"b": 2})));
+    }
+
+    /// A backend whose first answer to `scale_fleet` waits for approval `apr_1`
+    /// and whose held calls answer from `held`, in order; an empty script holds
+    /// forever (nobody decides).
+    struct ApprovalBackend {
+        held: std::sync::Mutex<std::collections::VecDeque<ToolOutcome>>,
+        plain_calls: std::sync::atomic::AtomicUsize,
+        held_calls: std::sync::atomic::AtomicUsize,
+    }
+
+    fn outcome(decision: Decision, reason: Option<&str>, approval: Option<&str>) -> ToolOutcome {
+        ToolOutcome {
+            decision,
+            reason_code: reason.map(str::to_owned),
+            message: reason.map(|reason| format!("server says {reason}")),
+            result: (decision == Decision::Allowed)
+                .then(|| json!({"message": "Fleet scaled to 8"})),
+            how_to_proceed: None,
+            known_tools: None,
+            mode: Some("EMERGENCY".to_owned()),
+            audit_seq: Some(7),
+            approval_id: approval.map(str::to_owned),
+        }
+    }
+
+    fn waiting(id: &str) -> ToolOutcome {
+        outcome(Decision::Failed, Some("approval_required"), Some(id))
+    }
+
+    impl ApprovalBackend {
+        fn new(held: Vec<ToolOutcome>) -> ApprovalBackend {
+            ApprovalBackend {
+                held: std::sync::Mutex::new(held.into()),
+                plain_calls: 0.into(),
+                held_calls: 0.into(),
+            }
+        }
+    }
+
+    impl ToolBackend for ApprovalBackend {
+        fn transport(&self) -> &'static str {
+            "rest"
+        }
+
+        fn catalog(&self) -> BoxFuture<'_, Result<Vec<provider::ToolSpec>, BackendError>> {
+            Box::pin(async {
+                Ok(vec![provider::ToolSpec {
+                    name: "scale_fleet".to_owned(),
+                    description: "Scale the fleet".to_owned(),
+                    input_schema: json!({"type": "object"}),
+                    category: Some("active".to_owned()),
+                    allowed_modes: Some(vec!["EMERGENCY".to_owned()]),
+                }])
+            })
+        }
+
+        fn policy_status(&self) -> BoxFuture<'_, Result<crate::api::PolicyStatus, BackendError>> {
+            Box::pin(async {
+                Ok(serde_json::from_value(json!({
+                    "mode": "EMERGENCY", "description": "", "allowed_tools": ["scale_fleet"],
+                    "blocked_tools": [], "always_blocked": [], "emergency_expires_at": null,
+                    "default_mode": "NORMAL", "available_modes": ["NORMAL", "EMERGENCY"],
+                    "reason": null, "changed_by": "operator", "changed_at": ""
+                }))
+                .expect("a valid status"))
+            })
+        }
+
+        fn call_tool<'a>(
+            &'a self,
+            _name: &'a str,
+            _arguments: Value,
+        ) -> BoxFuture<'a, Result<ToolOutcome, BackendError>> {
+            self.plain_calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok(waiting("apr_1")) })
+        }
+
+        fn call_tool_held<'a>(
+            &'a self,
+            _name: &'a str,
+            _arguments: Value,
+            hold: Duration,
+        ) -> BoxFuture<'a, Result<ToolOutcome, BackendError>> {
+            assert!(hold <= APPROVAL_HOLD, "asks for at most the server's hold");
+            self.held_calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let next = self.held.lock().expect("not poisoned").pop_front();
+            Box::pin(async move {
+                match next {
+                    Some(answer) => Ok(answer),
+                    None => std::future::pending().await,
+                }
+            })
+        }
+    }
+
+    /// Records the notices the agent gives before waiting.
+    #[derive(Default)]
+    struct Notices(std::sync::Mutex<Vec<ApprovalNotice>>);
+
+    impl AgentObserver for Notices {
+        fn after_tool_call<'a>(&'a self, _: usize, _: &'a ToolCallRecord) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+
+        fn waiting_for_approval<'a>(&'a self, notice: &'a ApprovalNotice) -> BoxFuture<'a, ()> {
+            self.0.lock().expect("not poisoned").push(notice.clone());
+            Box::pin(async {})
+        }
+    }
+
+    async fn run_with(
+        backend: &ApprovalBackend,
+        timeout: Option<Duration>,
+    ) -> (RunRecord, Vec<ApprovalNotice>) {
+        let planner = mock::MockPlanner::new();
+        let notices = Notices::default();
+        let config = AgentConfig {
+            approval_timeout: timeout,
+            ..AgentConfig::default()
+        };
+        let record = Agent::new(&planner, backend)
+            .with_config(config)
+            .with_observer(&notices)
+            .run("Scale the fleet to 8")
+            .await
+            .expect("the run finishes");
+        let notices = notices.0.lock().expect("not poisoned").clone();
+        (record, notices)
+    }
+
+    fn scale_call(record: &RunRecord) -> ToolCallRecord {
+        record
+            .tool_calls()
+            .find(|call| call.tool == "scale_fleet")
+            .expect("the agent scaled")
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn an_approved_call_runs_once_after_the_operator_decides() {
+        // Two holds end undecided (the server answers 202 again), the third is approved.
+        let backend = ApprovalBackend::new(vec![
+            waiting("apr_1"),
+            waiting("apr_1"),
+            outcome(Decision::Allowed, None, None),
+        ]);
+        let (record, notices) = run_with(&backend, Some(Duration::from_secs(60))).await;
+        assert_eq!(notices.len(), 1);
+        assert_eq!(notices[0].approval_id, "apr_1");
+        assert_eq!(
+            notices[0].operator_command(),
+            "proxi approvals approve apr_1 --reason \"...\""
+        );
+        let call = scale_call(&record);
+        assert_eq!(call.decision, Decision::Allowed, "{call:?}");
+        let wait = call.approval.expect("the wait is recorded");
+        assert_eq!(wait.result, ApprovalResult::Approved);
+        assert_eq!(wait.requested_seq, Some(7));
+        use std::sync::atomic::Ordering::SeqCst;
+        assert_eq!(backend.plain_calls.load(SeqCst), 1, "one first call");
+        assert_eq!(
+            backend.held_calls.load(SeqCst),
+            3,
+            "held until decided, then no more"
+        );
+        assert!(record.final_answer.contains('✓'), "{}", record.final_answer);
+    }
+
+    #[tokio::test]
+    async fn a_denial_and_an_expiry_are_reported_plainly() {
+        let denied = ApprovalBackend::new(vec![outcome(
+            Decision::Failed,
+            Some("approval_denied"),
+            None,
+        )]);
+        let (record, _) = run_with(&denied, Some(Duration::from_secs(60))).await;
+        let call = scale_call(&record);
+        assert_eq!(
+            call.approval.map(|wait| wait.result),
+            Some(ApprovalResult::Denied)
+        );
+        assert_eq!(call.reason_code.as_deref(), Some("approval_denied"));
+
+        let expired = ApprovalBackend::new(vec![outcome(
+            Decision::Failed,
+            Some("approval_expired"),
+            Some("apr_2"),
+        )]);
+        let (record, _) = run_with(&expired, Some(Duration::from_secs(60))).await;
+        let call = scale_call(&record);
+        assert_eq!(
+            call.approval.map(|wait| wait.result),
+            Some(ApprovalResult::Expired)
+        );
+        let message = call.message.unwrap_or_default();
+        assert!(
+            message.contains("apr_1 expired") && message.contains("did not run"),
+            "{message}"
+        );
+        // Not waited for again: the new approval apr_2 is only named.
+        assert_eq!(
+            expired.held_calls.load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn nobody_deciding_ends_in_a_timeout_and_no_wait_means_none() {
+        let backend = ApprovalBackend::new(Vec::new());
+        let (record, _) = run_with(&backend, Some(Duration::from_millis(20))).await;
+        let call = scale_call(&record);
+        assert_eq!(
+            call.approval.map(|wait| wait.result),
+            Some(ApprovalResult::TimedOut)
+        );
+        assert_eq!(call.reason_code.as_deref(), Some(APPROVAL_TIMEOUT));
+        let message = call.message.unwrap_or_default();
+        assert!(
+            message.contains("apr_1") && message.contains("did not run"),
+            "{message}"
+        );
+
+        let backend = ApprovalBackend::new(Vec::new());
+        let (record, notices) = run_with(&backend, None).await;
+        assert!(notices.is_empty());
+        let call = scale_call(&record);
+        assert_eq!(call.approval, None);
+        assert_eq!(call.reason_code.as_deref(), Some("approval_required"));
+        assert_eq!(
+            backend.held_calls.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
     }
 
     #[test]

@@ -226,6 +226,7 @@ mod tests {
             mode: Some("NORMAL".into()),
             audit_seq: Some(3),
             result: None,
+            approval: None,
         };
         let rendered: Value = serde_json::from_str(&render_for_model(&record)).unwrap();
         assert_eq!(rendered["decision"], "denied");

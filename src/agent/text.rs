@@ -271,6 +271,7 @@ mod tests {
             mode: None,
             audit_seq: None,
             result: None,
+            approval: None,
         }
     }
 

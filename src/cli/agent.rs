@@ -8,8 +8,8 @@ use clap::{Args, ValueEnum};
 
 use proxi::agent::select::{SelectedProvider, select_provider};
 use proxi::agent::{
-    AgentConfig, AgentObserver, DEFAULT_MAX_STEPS, RunOutcome, RunRecord, ToolCallRecord,
-    describe_call,
+    AgentConfig, AgentObserver, ApprovalResult, DEFAULT_MAX_STEPS, RunOutcome, RunRecord,
+    ToolCallRecord, describe_call,
 };
 use proxi::client::{resolve_server_url, resolve_token};
 use proxi::tokens::AGENT_TOKEN_ENV;
@@ -43,6 +43,11 @@ pub(crate) struct AgentArgs {
     /// Print one machine-readable JSON run record instead of the transcript.
     #[arg(long)]
     json: bool,
+    /// How long to wait for an operator to decide a call that needs a human's
+    /// approval (e.g. 30s, 5m, 1h; 0s reports the pending approval at once). The
+    /// approved call is then made once; a denial, an expiry or the timeout is reported.
+    #[arg(long, default_value = "5m", value_parser = parse_approval_timeout)]
+    approval_timeout: std::time::Duration,
     /// Data dir to read server.json and tokens.json from.
     #[arg(long, default_value = "./proxi-data")]
     data_dir: PathBuf,
@@ -52,6 +57,26 @@ pub(crate) struct AgentArgs {
 struct LiveTranscript;
 
 impl AgentObserver for LiveTranscript {
+    fn waiting_for_approval<'a>(
+        &'a self,
+        notice: &'a proxi::agent::ApprovalNotice,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            println!(
+                "  step {}: {} {} needs a human's approval: {}",
+                notice.step,
+                notice.tool,
+                proxi::agent::canonical_json(&notice.arguments),
+                notice.approval_id
+            );
+            println!(
+                "      waiting up to {} for an operator to run: {}",
+                humantime::format_duration(notice.timeout),
+                notice.operator_command()
+            );
+        })
+    }
+
     fn after_tool_call<'a>(
         &'a self,
         _step: usize,
@@ -59,11 +84,58 @@ impl AgentObserver for LiveTranscript {
     ) -> futures::future::BoxFuture<'a, ()> {
         Box::pin(async move {
             println!("  {}", describe_call(record));
+            if let Some(wait) = &record.approval {
+                println!(
+                    "      approval {}: {}",
+                    wait.approval_id,
+                    match wait.result {
+                        ApprovalResult::Approved =>
+                            "approved by an operator; the call was made once",
+                        ApprovalResult::Denied => "DENIED by an operator; the call did not run",
+                        ApprovalResult::Expired =>
+                            "EXPIRED before an operator decided; the call did not run",
+                        ApprovalResult::TimedOut =>
+                            "no decision within --approval-timeout; the call did not run",
+                        ApprovalResult::Other => "the server's answer changed (see below)",
+                    }
+                );
+            }
             if let Some(message) = &record.message
                 && record.decision != proxi::agent::backend::Decision::Allowed
             {
                 println!("      {message}");
             }
+        })
+    }
+}
+
+/// Under `--json` stdout is the run record only: approval waits go to stderr.
+struct StderrNotices(LogFormat);
+
+impl AgentObserver for StderrNotices {
+    fn after_tool_call<'a>(
+        &'a self,
+        _step: usize,
+        _record: &'a ToolCallRecord,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    fn waiting_for_approval<'a>(
+        &'a self,
+        wait: &'a proxi::agent::ApprovalNotice,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            notice(
+                self.0,
+                &format!(
+                    "{} needs a human's approval: {}; waiting up to {} for an operator to run: {}",
+                    wait.tool,
+                    wait.approval_id,
+                    humantime::format_duration(wait.timeout),
+                    wait.operator_command()
+                ),
+            );
         })
     }
 }
@@ -114,10 +186,13 @@ pub(crate) async fn run(args: AgentArgs, log: LogFormat) -> Result<ExitCode> {
     }
     let config = AgentConfig {
         max_steps: args.max_steps,
+        approval_timeout: (!args.approval_timeout.is_zero()).then_some(args.approval_timeout),
         ..AgentConfig::default()
     };
     let live = LiveTranscript;
-    let observer: Option<&dyn AgentObserver> = (!args.json).then_some(&live as &dyn AgentObserver);
+    let quiet = StderrNotices(log);
+    let observer: &dyn AgentObserver = if args.json { &quiet } else { &live };
+    let observer = Some(observer);
     let server = proxi::agent::run::ServerConnection {
         url,
         token,
@@ -163,4 +238,25 @@ fn print_summary(record: &RunRecord) {
             &record.mode_at_start
         }
     );
+}
+
+/// `--approval-timeout`: a duration such as `30s`, `5m` or `1h` (humantime's grammar).
+fn parse_approval_timeout(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|error| format!("{error}; give a duration with a unit, such as 30s, 5m or 1h"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_approval_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn approval_timeouts_are_durations_with_units() {
+        assert_eq!(parse_approval_timeout("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_approval_timeout("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_approval_timeout("0s"), Ok(Duration::ZERO));
+        assert!(parse_approval_timeout("5").is_err());
+        assert!(parse_approval_timeout("soon").is_err());
+    }
 }

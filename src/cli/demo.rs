@@ -1,4 +1,4 @@
-//! `proxi demo`: the ten scenarios end to end against an in-process server.
+//! `proxi demo`: the twelve scenarios end to end against an in-process server.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,8 +14,8 @@ use super::parse_max_steps;
 
 #[derive(Args)]
 pub(crate) struct DemoArgs {
-    /// Run only this scenario (1-10).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=10))]
+    /// Run only this scenario (1-12; 11 and 12 run under the demo's approval policy variant).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=proxi::demo::SCENARIO_COUNT as i64))]
     scenario: Option<u8>,
     /// Write machine-readable results to stdout instead of the transcript.
     #[arg(long)]

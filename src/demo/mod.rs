@@ -1,8 +1,15 @@
-//! `proxi demo`: the seed's ten scenarios, end to end, against a real server.
+//! `proxi demo`: the seed's ten scenarios and two approval scenarios, end to end,
+//! against a real server.
 //!
 //! The demo starts a server in-process on an ephemeral loopback port with a fresh
 //! data dir, then drives the agent (the mock planner unless told otherwise) and an
-//! operator client through the scenarios. Every outcome is decided from the
+//! operator client through the scenarios. Scenarios 1 to 10 are the seed's, under
+//! the policy given (the shipped one by default). Scenarios 11 (a call approved by
+//! an operator) and 12 (an elevation request) run under a demo-only variant of it,
+//! written to the data dir and loaded with an audited `POST /policy/reload` before
+//! scenario 11: the same policy plus `"elevation_requests": true` and, in
+//! EMERGENCY, `require_approval` for `scale_fleet` with `count` ≥ 6. The shipped
+//! policy file is not changed. Every outcome is decided from the
 //! server's answers and confirmed against the audit trail; nothing is a printed
 //! constant.
 //!
@@ -48,7 +55,12 @@ pub use scenarios::scenario_titles;
 /// Mode switches in the stress scenario unless told otherwise.
 pub const DEFAULT_STRESS_SWITCHES: usize = 1000;
 /// Number of scenarios.
-pub const SCENARIO_COUNT: u8 = 10;
+pub const SCENARIO_COUNT: u8 = 12;
+/// The seed's scenarios (1 to 10) run under the policy given; the later ones
+/// under [`approval_policy_text`]'s variant of it.
+pub const SEED_SCENARIO_COUNT: u8 = 10;
+/// Where the demo writes its approval policy variant, in its data dir.
+pub const APPROVAL_POLICY_FILE: &str = "demo_approval_policy.json";
 /// The demo's sampling temperature and seed unless told otherwise, so that runs
 /// with a real model can be repeated.
 pub const DEFAULT_TEMPERATURE: f64 = 0.0;
@@ -76,15 +88,18 @@ pub enum DemoError {
     /// The operator client failed while preparing a scenario.
     #[error("operator request failed: {0}")]
     Operator(#[from] ClientError),
-    /// `--scenario` named a number outside 1 to 10.
-    #[error("there is no scenario {0}; scenarios are numbered 1 to 10")]
+    /// `--scenario` named a number outside 1 to [`SCENARIO_COUNT`].
+    #[error("there is no scenario {0}; scenarios are numbered 1 to {SCENARIO_COUNT}")]
     NoSuchScenario(u8),
+    /// The approval policy variant of scenarios 11 and 12 could not be made or loaded.
+    #[error("cannot load the demo's approval policy variant: {0}")]
+    ApprovalPolicy(String),
 }
 
 /// How to run the demo.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
-    /// Run only this scenario (1-10).
+    /// Run only this scenario (1 to [`SCENARIO_COUNT`]).
     pub scenario: Option<u8>,
     /// The model provider (default: the mock planner).
     pub provider: Option<ProviderChoice>,
@@ -132,6 +147,10 @@ pub enum Outcome {
     Adapted,
     /// An unknown tool was refused cleanly.
     Rejected,
+    /// A call waited for a human's approval, an operator approved it, and it ran once.
+    Approved,
+    /// An agent's elevation request changed the mode only after an operator approved it.
+    Elevated,
     /// State stayed consistent under mode thrashing.
     Stable,
     /// The agent declined to attempt an action the server would have refused, and
@@ -150,6 +169,8 @@ impl fmt::Display for Outcome {
             Outcome::Failed => "FAILED",
             Outcome::Adapted => "ADAPTED",
             Outcome::Rejected => "REJECTED",
+            Outcome::Approved => "APPROVED",
+            Outcome::Elevated => "ELEVATED",
             Outcome::Stable => "STABLE",
             Outcome::NotAttempted => "NOT ATTEMPTED",
             Outcome::Unexpected => "UNEXPECTED",
@@ -160,7 +181,7 @@ impl fmt::Display for Outcome {
 /// What one scenario did and how it came out.
 #[derive(Clone, Debug, Serialize)]
 pub struct ScenarioReport {
-    /// 1 to 10.
+    /// 1 to [`SCENARIO_COUNT`].
     pub number: u8,
     /// Short name, e.g. "Normal mode block".
     pub name: String,
@@ -254,6 +275,38 @@ pub(crate) struct Environment {
     provider: Box<dyn LlmProvider>,
     max_steps: usize,
     stress_switches: usize,
+    /// The text of the policy scenarios 1 to 10 run under.
+    policy_text: String,
+    /// Where the approval policy variant is written.
+    data_dir: PathBuf,
+}
+
+/// The demo-only policy of scenarios 11 and 12: `policy_text` with elevation
+/// requests on and, in EMERGENCY, `scale_fleet` with `count` ≥ 6 needing a
+/// human's approval. Fails if `policy_text` is not a JSON object.
+pub fn approval_policy_text(policy_text: &str) -> Result<String, DemoError> {
+    let mut policy: Value = serde_json::from_str(policy_text)
+        .map_err(|error| DemoError::ApprovalPolicy(error.to_string()))?;
+    let Some(object) = policy.as_object_mut() else {
+        return Err(DemoError::ApprovalPolicy(
+            "the policy is not a JSON object".to_owned(),
+        ));
+    };
+    object.insert(
+        "description".to_owned(),
+        "proxi demo's approval variant of the policy (scenarios 11 and 12): elevation requests on; in EMERGENCY, scale_fleet to 6 or more needs an operator's approval".into(),
+    );
+    object.insert("elevation_requests".to_owned(), true.into());
+    let emergency = object
+        .get_mut("modes")
+        .and_then(|modes| modes.get_mut("EMERGENCY"))
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| DemoError::ApprovalPolicy("the policy has no EMERGENCY mode".to_owned()))?;
+    emergency.insert(
+        "require_approval".to_owned(),
+        json!({"scale_fleet": {"count": {"min": 6}}}),
+    );
+    Ok(policy.to_string())
 }
 
 /// Runs the demo and reports to `sink`.
@@ -263,7 +316,12 @@ pub async fn run(options: DemoOptions, sink: &mut dyn DemoSink) -> Result<DemoRe
     {
         return Err(DemoError::NoSuchScenario(number));
     }
-    let policy = PolicySource::from_flag(options.policy.as_deref()).load()?;
+    let source = PolicySource::from_flag(options.policy.as_deref());
+    let policy = source.load()?;
+    let policy_text = match &source {
+        PolicySource::File(path) => std::fs::read_to_string(path).map_err(DemoError::DataDir)?,
+        PolicySource::BuiltIn => crate::policy_source::BUILT_IN_POLICY.to_owned(),
+    };
     let selected = match options.provider {
         // Unlike `proxi agent`, the demo never picks a paid provider by itself.
         None => SelectedProvider {
@@ -317,20 +375,31 @@ pub async fn run(options: DemoOptions, sink: &mut dyn DemoSink) -> Result<DemoRe
         provider: selected.provider,
         max_steps: options.max_steps.max(1),
         stress_switches: options.stress_switches.max(1),
+        policy_text,
+        data_dir: data_dir.clone(),
     };
     sink.started(&selected.description, &environment.url);
 
     let started = std::time::Instant::now();
     let mut scenarios = Vec::new();
+    let mut approval_policy = None;
     for number in 1..=SCENARIO_COUNT {
         if options.scenario.is_some_and(|only| only != number) {
             continue;
         }
         let (name, title) = scenario_titles(number);
         sink.scenario_started(number, title);
+        if number > SEED_SCENARIO_COUNT && approval_policy.is_none() {
+            approval_policy = Some(environment.load_approval_policy().await?);
+        }
         let reset = environment.reset().await?;
         let mut report = environment.scenario(number, name, title, sink).await?;
         report.reset = reset;
+        if number > SEED_SCENARIO_COUNT
+            && let Some(note) = &approval_policy
+        {
+            report.evidence.insert(0, note.clone());
+        }
         sink.scenario_finished(&report);
         scenarios.push(report);
     }
@@ -382,6 +451,30 @@ fn prepare_kept_dir(dir: &Path) -> Result<(), DemoError> {
 }
 
 impl Environment {
+    /// Writes the demo-only approval policy into the data dir and puts it in force
+    /// through the operator API (`POST /policy/reload`, audited). Returns the line
+    /// the transcript shows about it.
+    async fn load_approval_policy(&self) -> Result<String, DemoError> {
+        let text = approval_policy_text(&self.policy_text)?;
+        let path = self.data_dir.join(APPROVAL_POLICY_FILE);
+        std::fs::write(&path, text).map_err(DemoError::DataDir)?;
+        if !self
+            .gateway
+            .set_policy_source(PolicySource::File(path.clone()))
+        {
+            return Err(DemoError::ApprovalPolicy(
+                "the demo server already has a policy file".to_owned(),
+            ));
+        }
+        self.operator
+            .reload_policy()
+            .await
+            .map_err(|error| DemoError::ApprovalPolicy(error.to_string()))?;
+        Ok(format!(
+            "policy: a demo-only variant ({APPROVAL_POLICY_FILE}: elevation requests on; in EMERGENCY, scale_fleet to 6 or more needs an operator's approval), loaded with POST /policy/reload; the shipped policy is unchanged"
+        ))
+    }
+
     /// Repairs what the previous scenario left broken, through the operator API:
     /// a declared EMERGENCY, a restart of each unhealthy service and a scale back
     /// to the initial fleet, all audited under the operator. Nothing is done (and

@@ -33,7 +33,10 @@ impl<W: Write + Send> TextSink<W> {
 
 impl<W: Write + Send> DemoSink for TextSink<W> {
     fn started(&mut self, provider: &str, url: &str) {
-        let _ = writeln!(self.out, "Proxi demo: the seed's ten scenarios, end to end");
+        let _ = writeln!(
+            self.out,
+            "Proxi demo: the seed's ten scenarios and two approval scenarios, end to end"
+        );
         let _ = writeln!(self.out, "  server:   {url} (in-process, fresh data dir)");
         let _ = writeln!(self.out, "  provider: {provider}");
         let _ = writeln!(self.out);

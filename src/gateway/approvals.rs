@@ -176,6 +176,12 @@ impl Gateway {
                 ApprovalStatus::Pending | ApprovalStatus::Approved
             ) && !found.is_expired_at(now)
         };
+        // A pending approval found here may be decided before `create` below
+        // reuses it; then `create` makes a new one, and a denial must still win.
+        let was_pending = latest
+            .as_ref()
+            .filter(|found| found.status == ApprovalStatus::Pending && live(found))
+            .map(|found| found.id.clone());
         let reason = match latest {
             Some(found) if live(&found) && found.binding.policy_hash != binding.policy_hash => {
                 Reason::ApprovalMismatch
@@ -236,6 +242,20 @@ impl Gateway {
             Ok((approval, fresh)) => {
                 if fresh {
                     self.approvals_changed().await;
+                }
+                if let Some(previous) = was_pending.filter(|id| fresh && *id != approval.id) {
+                    let lookup = previous.clone();
+                    let decided = self
+                        .on_approval_store(move |store| store.get(&lookup))
+                        .await
+                        .map_err(store_failed)?;
+                    if let Some(denied) = decided.filter(|found| {
+                        found.status == ApprovalStatus::Denied && !found.is_expired_at(Utc::now())
+                    }) {
+                        // Denied while this call was being decided: the denial
+                        // answers it (the new request is left to its operators).
+                        return Ok(Gate::Answer(ApprovalAnswer::denied(&denied), mode));
+                    }
                 }
                 Ok(Gate::Answer(
                     ApprovalAnswer::waiting(reason, &approval),

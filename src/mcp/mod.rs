@@ -13,6 +13,7 @@
 //! picks by default.
 
 mod approval_wait;
+pub mod elevation;
 pub mod http;
 pub mod sessions;
 pub mod stdio;
@@ -162,9 +163,11 @@ fn server_config() -> ServerConfig {
         .with_instructions(INSTRUCTIONS)
 }
 
-/// The tools as MCP advertises them, from the gateway's catalog listing.
+/// The tools as MCP advertises them, from the gateway's catalog listing, plus
+/// the gateway tool [`elevation::REQUEST_MODE_CHANGE_TOOL`] when the policy sets
+/// `"elevation_requests": true`.
 pub fn tool_definitions(gateway: &Gateway) -> Vec<Tool> {
-    gateway
+    let mut tools: Vec<Tool> = gateway
         .catalog()
         .into_iter()
         .map(|entry| {
@@ -190,7 +193,9 @@ pub fn tool_definitions(gateway: &Gateway) -> Vec<Tool> {
             };
             Tool::new(entry.name, description, schema).annotate(annotations)
         })
-        .collect()
+        .collect();
+    tools.extend(elevation::definition(gateway));
+    tools
 }
 
 fn annotations(category: ToolCategory) -> ToolAnnotations {
@@ -434,6 +439,19 @@ impl ServerHandler for ProxiMcp {
                 );
             }
             return Err(ErrorData::invalid_params(problem, None));
+        }
+        if elevation::is_offered(&self.shared.gateway, &request.name) {
+            let arguments = request.arguments.unwrap_or_default();
+            return match elevation::call(&self.shared.gateway, &principal, arguments).await {
+                Ok(result) => Ok(result.into()),
+                Err(GatewayError::AuditUnavailable | GatewayError::AuditLowSpace) => {
+                    Ok(audit_unavailable(&request.name, self.shared.gateway.status().mode).into())
+                }
+                Err(error) => {
+                    tracing::error!(%error, "an elevation request failed inside the gateway");
+                    Err(ErrorData::internal_error("internal error", None))
+                }
+            };
         }
         let arguments = Value::Object(request.arguments.unwrap_or_default());
         let progress_token = context.meta.get_progress_token();
