@@ -344,8 +344,13 @@ pub struct Gateway {
     /// state's write lock, read under its read side.
     shared_epoch: AtomicU64,
     /// Where allowed upstream calls go; unset until the upstreams are attached
-    /// (and then every upstream call is `upstream_unavailable`).
-    upstreams: OnceLock<Arc<dyn UpstreamCalls>>,
+    /// (and then every upstream call is `upstream_unavailable`). A reload that
+    /// changes the upstreams replaces it under the mode lock's write side, with the
+    /// policy; a call takes it under the read side, with its decision.
+    upstreams: RwLock<Option<Arc<dyn UpstreamCalls>>>,
+    /// Starts and stops upstreams on a reload; unset: a reload that changes the
+    /// upstreams is refused.
+    upstream_manager: OnceLock<Arc<crate::upstream::attach::UpstreamManager>>,
     /// The file the policy was loaded from, for reloads (unset: nothing to reload).
     policy_source: OnceLock<crate::policy_source::PolicySource>,
     /// What ran, when and for whom, for the policy's stateful guards.
@@ -517,7 +522,8 @@ impl Gateway {
             mode_changes: tokio::sync::Mutex::new(()),
             in_flight: Arc::new(InFlightCalls::default()),
             shared_epoch: AtomicU64::new(0),
-            upstreams: OnceLock::new(),
+            upstreams: RwLock::new(None),
+            upstream_manager: OnceLock::new(),
             policy_source: OnceLock::new(),
             shadow: OnceLock::new(),
             guard_state: Mutex::new(crate::guards::GuardState::default()),
@@ -964,6 +970,7 @@ impl Gateway {
                 Verdict::Allow(_) if let Some(route) = upstream_route => Step::Forward(
                     route,
                     self.in_flight.register(state.epoch, tool_name, &arguments),
+                    self.upstream_routes(),
                 ),
                 Verdict::Allow(AllowedCall::Upstream {
                     upstream,
@@ -976,6 +983,7 @@ impl Gateway {
                         arguments: checked,
                     },
                     self.in_flight.register(state.epoch, tool_name, &arguments),
+                    self.upstream_routes(),
                 ),
                 // Write-ahead: run only once the intent committed under this epoch.
                 Verdict::Allow(AllowedCall::Builtin(call)) if decided_epoch.is_some() => {
@@ -1017,7 +1025,7 @@ impl Gateway {
                 Step::Done(outcome) => {
                     tool_call_entry(principal, &shown_name, arguments, &mode, outcome, now)
                 }
-                Step::Forward(route, _) => {
+                Step::Forward(route, ..) => {
                     upstream_intent_entry(principal, &shown_name, arguments, &mode, route, now)
                 }
                 Step::RunAfterIntent(..) => {
@@ -1101,7 +1109,7 @@ impl Gateway {
                 );
                 Ok(execution)
             }
-            Step::Forward(route, in_flight) => {
+            Step::Forward(route, in_flight, routes) => {
                 in_flight.set_intent_seq(audit_seq);
                 let execution = self
                     .forward(
@@ -1109,7 +1117,7 @@ impl Gateway {
                         shown_name,
                         mode,
                         audit_seq,
-                        route,
+                        (route, routes),
                         in_flight,
                         call_context,
                     )
@@ -1148,7 +1156,7 @@ impl Gateway {
         tool: String,
         mode: Arc<str>,
         intent_seq: u64,
-        route: UpstreamCall,
+        (route, routes): (UpstreamCall, Option<Arc<dyn UpstreamCalls>>),
         in_flight: InFlightCall,
         call_context: &CallContext,
     ) -> Result<Execution, GatewayError> {
@@ -1159,9 +1167,8 @@ impl Gateway {
             caller: call_context.caller.clone(),
         };
         let task = tokio::spawn(async move {
-            let outcome = gateway
-                .call_upstream(&route, &in_flight, &upstream_context)
-                .await;
+            let outcome =
+                call_upstream(routes.as_deref(), &route, &in_flight, &upstream_context).await;
             in_flight.set_outcome(recorded_outcome(&outcome));
             let entry = upstream_outcome_entry(&principal, &tool, &mode, intent_seq, &outcome);
             // Essential: the intent was admitted, so its outcome must not be refused.
@@ -1233,53 +1240,6 @@ impl Gateway {
         })
     }
 
-    /// Calls the upstream, unless the call is cancelled first; never fails, since
-    /// every way it can end is an outcome to record.
-    async fn call_upstream(
-        &self,
-        route: &UpstreamCall,
-        in_flight: &InFlightCall,
-        context: &CallContext,
-    ) -> Outcome {
-        let Some(upstreams) = self.upstreams.get() else {
-            return Outcome::UpstreamFailed {
-                failure: UpstreamFailure::Unavailable,
-                message: format!("upstream {:?} is not running", route.upstream),
-            };
-        };
-        let forwarded = upstreams.call(
-            &route.upstream,
-            &route.tool,
-            Some(route.arguments.clone()),
-            context,
-        );
-        tokio::pin!(forwarded);
-        // Cancellations first: a call cancelled while its intent was being written
-        // is never sent.
-        let by_switch = tokio::select! {
-            biased;
-            () = in_flight.cancelled().cancelled() => true,
-            () = context.cancel.cancelled() => false,
-            result = &mut forwarded => return forwarded_outcome(result),
-        };
-        // The upstream client sees `context.cancel`, sends notifications/cancelled
-        // for this request alone and ends it; give it a moment to, then let go.
-        context.cancel.cancel();
-        let message = if by_switch {
-            "cancelled: the mode changed to one that denies this call, and it did not finish within drain_timeout_seconds"
-        } else {
-            "cancelled by the caller"
-        };
-        match tokio::time::timeout(CANCEL_GRACE, &mut forwarded).await {
-            // It finished after all: record what happened, not what was asked.
-            Ok(Ok(result)) => Outcome::Forwarded(result),
-            _ => Outcome::UpstreamFailed {
-                failure: UpstreamFailure::Cancelled,
-                message: message.to_owned(),
-            },
-        }
-    }
-
     /// The intent seqs of the upstream calls in flight (their outcome is not yet recorded).
     pub fn in_flight_intents(&self) -> Vec<u64> {
         self.in_flight.intent_seqs()
@@ -1288,7 +1248,30 @@ impl Gateway {
     /// Sends allowed upstream calls to `upstreams` from now on. Returns false (and
     /// changes nothing) if upstreams were attached already.
     pub fn attach_upstreams(&self, upstreams: Arc<dyn UpstreamCalls>) -> bool {
-        self.upstreams.set(upstreams).is_ok()
+        let mut attached = self
+            .upstreams
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if attached.is_some() {
+            return false;
+        }
+        *attached = Some(upstreams);
+        true
+    }
+
+    /// Lets reloads start, stop and restart upstreams through `manager` (see
+    /// `gateway/reload.rs`). Returns false (and changes nothing) if one was set already.
+    pub fn manage_upstreams(&self, manager: Arc<crate::upstream::attach::UpstreamManager>) -> bool {
+        self.upstream_manager.set(manager).is_ok()
+    }
+
+    /// The upstream routes in force; taken under the mode lock's read side with
+    /// the decision, so a call goes to the upstreams its catalog was listed from.
+    fn upstream_routes(&self) -> Option<Arc<dyn UpstreamCalls>> {
+        self.upstreams
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Records and answers a call refused by a rate limit.
@@ -1988,8 +1971,56 @@ enum Step {
     /// Run this built-in once its intent record committed (on a shared store,
     /// under the epoch it was decided in), as this in-flight call.
     RunAfterIntent(crate::tools::ToolCall, InFlightCall),
-    /// Forward to an upstream, as this in-flight call.
-    Forward(UpstreamCall, InFlightCall),
+    /// Forward to an upstream, as this in-flight call, through the routes in force
+    /// when it was decided.
+    Forward(UpstreamCall, InFlightCall, Option<Arc<dyn UpstreamCalls>>),
+}
+
+/// Calls the upstream, unless the call is cancelled first; never fails, since
+/// every way it can end is an outcome to record.
+async fn call_upstream(
+    upstreams: Option<&dyn UpstreamCalls>,
+    route: &UpstreamCall,
+    in_flight: &InFlightCall,
+    context: &CallContext,
+) -> Outcome {
+    let Some(upstreams) = upstreams else {
+        return Outcome::UpstreamFailed {
+            failure: UpstreamFailure::Unavailable,
+            message: format!("upstream {:?} is not running", route.upstream),
+        };
+    };
+    let forwarded = upstreams.call(
+        &route.upstream,
+        &route.tool,
+        Some(route.arguments.clone()),
+        context,
+    );
+    tokio::pin!(forwarded);
+    // Cancellations first: a call cancelled while its intent was being written
+    // is never sent.
+    let by_switch = tokio::select! {
+        biased;
+        () = in_flight.cancelled().cancelled() => true,
+        () = context.cancel.cancelled() => false,
+        result = &mut forwarded => return forwarded_outcome(result),
+    };
+    // The upstream client sees `context.cancel`, sends notifications/cancelled
+    // for this request alone and ends it; give it a moment to, then let go.
+    context.cancel.cancel();
+    let message = if by_switch {
+        "cancelled: the mode changed to one that denies this call, or a reload stopped its upstream, and it did not finish within drain_timeout_seconds"
+    } else {
+        "cancelled by the caller"
+    };
+    match tokio::time::timeout(CANCEL_GRACE, &mut forwarded).await {
+        // It finished after all: record what happened, not what was asked.
+        Ok(Ok(result)) => Outcome::Forwarded(result),
+        _ => Outcome::UpstreamFailed {
+            failure: UpstreamFailure::Cancelled,
+            message: message.to_owned(),
+        },
+    }
 }
 
 /// How long a cancelled upstream call may take to send its cancellation and end.
