@@ -895,7 +895,7 @@ impl Gateway {
         // the shared mode row when its record commits; before that, it must not act.
         let shared = self.audit.store().shares_mode();
         let now = Utc::now();
-        let (pending, mode, step, shadow_input) = {
+        let (pending, mode, step, disagreed) = {
             let state = self.read_state();
             // A reload swaps the policy under the write side: if one came between the
             // parse and here, parse again, so the call is decided wholly under the
@@ -1020,7 +1020,9 @@ impl Gateway {
             }
             drop(guard_state);
             let mode = self.mode_name(mode_id).clone();
-            let shadow_input = self.shadow.get().map(|_| (arguments.clone(), decided));
+            // Decided under the shadow too before the record exists, so that the
+            // record that decided carries a disagreement (pure; no shadow: skipped).
+            let shadow_decision = self.shadow_disagreement(&mode, tool_name, &arguments, decided);
             let mut entry = match &step {
                 Step::Done(outcome) => {
                     tool_call_entry(principal, &shown_name, arguments, &mode, outcome, now)
@@ -1038,6 +1040,10 @@ impl Gateway {
             if let Some(approval) = &approval {
                 entry.detail = approvals::with_approval(entry.detail, approval);
             }
+            let disagreed = shadow_decision.is_some();
+            if let Some(shadowed) = shadow_decision {
+                entry.detail = shadow::with_shadow_decision(entry.detail, shadowed);
+            }
             let decided_epoch = decided_epoch.filter(|_| !matches!(step, Step::Done(_)));
             if let (Some(epoch), Some(detail)) = (decided_epoch, entry.detail.as_object_mut()) {
                 detail.insert("decided_epoch".to_owned(), json!(epoch));
@@ -1046,7 +1052,7 @@ impl Gateway {
                 self.audit.submit_decided(entry, priority, decided_epoch),
                 mode,
                 step,
-                shadow_input,
+                disagreed,
             )
         };
         let audit_seq = match pending.durable().await {
@@ -1075,15 +1081,8 @@ impl Gateway {
             }
             Err(_) => return Err(GatewayError::AuditUnavailable),
         };
-        if let Some((arguments, decided)) = shadow_input {
-            self.compare_with_shadow(
-                principal,
-                &shown_name,
-                &mode,
-                &arguments,
-                decided,
-                audit_seq,
-            );
+        if disagreed {
+            self.metrics.shadow_disagreement();
         }
         match step {
             Step::Done(outcome) => {
@@ -2395,6 +2394,48 @@ mod tests {
         assert!(matches!(denied.outcome, Outcome::Denied { .. }));
         assert_eq!(fake.received.load(Ordering::SeqCst), 1);
         assert_eq!(trail(&gateway).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_shadow_disagreement_is_on_the_intent_of_an_upstream_call_not_its_outcome() {
+        let (gateway, _fake, _dir) = gateway_with(10).await;
+        let mut shadow: Value =
+            serde_json::from_str(include_str!("../policies/ops_policy.json")).unwrap();
+        shadow["modes"]["NORMAL"]["allowed_tools"] = json!(["get_service_status"]);
+        let shadow = PolicyEngine::from_json(&shadow.to_string(), "shadow").unwrap();
+        let shadow_hash = shadow.policy_hash().to_owned();
+        assert!(gateway.set_shadow_policy(&shadow));
+        call(&gateway, "list_services", "echo").await;
+        // Both refuse it for the same reason: nothing added.
+        call(&gateway, "delete_database", "echo").await;
+        let records = trail(&gateway);
+        let [intent, outcome, agreed] = &records[..] else {
+            panic!("three records: {records:#?}")
+        };
+        assert_eq!(
+            intent.detail["shadow_decision"],
+            json!({
+                "decision": "denied",
+                "reason_code": "not_allowed",
+                "policy_hash": shadow_hash,
+                "mode": "NORMAL",
+            })
+        );
+        assert_eq!(intent.detail["upstream"], json!("fake"));
+        assert_eq!(agreed.reason_code.as_deref(), Some("always_blocked"));
+        for record in [outcome, agreed] {
+            assert!(
+                record.detail.get("shadow_decision").is_none(),
+                "{record:#?}"
+            );
+        }
+        assert!(records.iter().all(|record| record.kind == "tool_call"));
+        assert!(
+            gateway
+                .render_metrics()
+                .lines()
+                .any(|line| line == "proxi_shadow_disagreements_total 1")
+        );
     }
 
     #[tokio::test]
