@@ -471,6 +471,10 @@ async fn a_reload_whose_new_upstream_cannot_start_is_refused_and_changes_nothing
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let problem = body["problems"][0].as_str().expect("problem").to_owned();
     assert!(problem.contains("broken"), "{problem}");
+    assert!(
+        !body.to_string().contains("node_modules"),
+        "no command line or path: {body}"
+    );
 
     // A ${VAR} that is not set: named, and nothing is started.
     let mut missing = running.clone();

@@ -181,7 +181,7 @@ impl Gateway {
                 }),
                 Err(error) => {
                     return self
-                        .refuse_reload(principal, trigger, &current, vec![error.to_string()])
+                        .refuse_reload(principal, trigger, &current, vec![error.safe_message()])
                         .await;
                 }
             }

@@ -77,6 +77,20 @@ pub enum PrepareError {
     Required(#[from] UpstreamError),
 }
 
+impl PrepareError {
+    /// The problem as a reload's answer and record state it: the upstream and what
+    /// failed, but not an unavailable upstream's reason, which may hold a path or
+    /// the command line (it is in the log, see [`UpstreamManager::prepare`]).
+    pub fn safe_message(&self) -> String {
+        match self {
+            PrepareError::Required(UpstreamError::Unavailable { upstream, .. }) => format!(
+                "a required upstream did not start: upstream {upstream:?} is unavailable (the reason is in Proxi's log)"
+            ),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl UpstreamManager {
     /// The running set (status, listings).
     pub fn set(&self) -> &Arc<UpstreamSet> {
@@ -84,7 +98,8 @@ impl UpstreamManager {
     }
 
     /// Resolves `declarations` with the lookup used at start and starts what they
-    /// add or change (see [`UpstreamSet::prepare`]); nothing is in force yet.
+    /// add or change (see [`UpstreamSet::prepare`]); nothing is in force yet. A
+    /// required upstream that does not start is logged with its reason.
     pub async fn prepare(
         &self,
         declarations: &BTreeMap<String, UpstreamDeclaration>,
@@ -93,7 +108,10 @@ impl UpstreamManager {
             .iter()
             .map(|(name, declaration)| declaration.resolve(name, &*self.lookup))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.set.prepare(resolved).await?)
+        self.set.prepare(resolved).await.map_err(|error| {
+            tracing::warn!(%error, "an upstream of the reloaded policy did not start");
+            PrepareError::Required(error)
+        })
     }
 
     /// Puts `prepared` in force: the catalog is rebuilt from its listings (the
