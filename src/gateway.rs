@@ -344,8 +344,13 @@ pub struct Gateway {
     /// state's write lock, read under its read side.
     shared_epoch: AtomicU64,
     /// Where allowed upstream calls go; unset until the upstreams are attached
-    /// (and then every upstream call is `upstream_unavailable`).
-    upstreams: OnceLock<Arc<dyn UpstreamCalls>>,
+    /// (and then every upstream call is `upstream_unavailable`). A reload that
+    /// changes the upstreams replaces it under the mode lock's write side, with the
+    /// policy; a call takes it under the read side, with its decision.
+    upstreams: RwLock<Option<Arc<dyn UpstreamCalls>>>,
+    /// Starts and stops upstreams on a reload; unset: a reload that changes the
+    /// upstreams is refused.
+    upstream_manager: OnceLock<Arc<crate::upstream::attach::UpstreamManager>>,
     /// The file the policy was loaded from, for reloads (unset: nothing to reload).
     policy_source: OnceLock<crate::policy_source::PolicySource>,
     /// What ran, when and for whom, for the policy's stateful guards.
@@ -525,7 +530,8 @@ impl Gateway {
             mode_changes: tokio::sync::Mutex::new(()),
             in_flight: Arc::new(InFlightCalls::default()),
             shared_epoch: AtomicU64::new(0),
-            upstreams: OnceLock::new(),
+            upstreams: RwLock::new(None),
+            upstream_manager: OnceLock::new(),
             policy_source: OnceLock::new(),
             shadow: OnceLock::new(),
             guard_state: Mutex::new(crate::guards::GuardState::default()),
@@ -897,7 +903,7 @@ impl Gateway {
         // the shared mode row when its record commits; before that, it must not act.
         let shared = self.audit.store().shares_mode();
         let now = Utc::now();
-        let (pending, mode, step, shadow_input) = {
+        let (pending, mode, step, disagreed) = {
             let state = self.read_state();
             // A reload swaps the policy under the write side: if one came between the
             // parse and here, parse again, so the call is decided wholly under the
@@ -972,6 +978,7 @@ impl Gateway {
                 Verdict::Allow(_) if let Some(route) = upstream_route => Step::Forward(
                     route,
                     self.in_flight.register(state.epoch, tool_name, &arguments),
+                    self.upstream_routes(),
                 ),
                 Verdict::Allow(AllowedCall::Upstream {
                     upstream,
@@ -984,6 +991,7 @@ impl Gateway {
                         arguments: checked,
                     },
                     self.in_flight.register(state.epoch, tool_name, &arguments),
+                    self.upstream_routes(),
                 ),
                 // Write-ahead: run only once the intent committed under this epoch.
                 Verdict::Allow(AllowedCall::Builtin(call)) if decided_epoch.is_some() => {
@@ -1020,12 +1028,14 @@ impl Gateway {
             }
             drop(guard_state);
             let mode = self.mode_name(mode_id).clone();
-            let shadow_input = self.shadow.get().map(|_| (arguments.clone(), decided));
+            // Decided under the shadow too before the record exists, so that the
+            // record that decided carries a disagreement (pure; no shadow: skipped).
+            let shadow_decision = self.shadow_disagreement(&mode, tool_name, &arguments, decided);
             let mut entry = match &step {
                 Step::Done(outcome) => {
                     tool_call_entry(principal, &shown_name, arguments, &mode, outcome, now)
                 }
-                Step::Forward(route, _) => {
+                Step::Forward(route, ..) => {
                     upstream_intent_entry(principal, &shown_name, arguments, &mode, route, now)
                 }
                 Step::RunAfterIntent(..) => {
@@ -1038,6 +1048,10 @@ impl Gateway {
             if let Some(approval) = &approval {
                 entry.detail = approvals::with_approval(entry.detail, approval);
             }
+            let disagreed = shadow_decision.is_some();
+            if let Some(shadowed) = shadow_decision {
+                entry.detail = shadow::with_shadow_decision(entry.detail, shadowed);
+            }
             let decided_epoch = decided_epoch.filter(|_| !matches!(step, Step::Done(_)));
             if let (Some(epoch), Some(detail)) = (decided_epoch, entry.detail.as_object_mut()) {
                 detail.insert("decided_epoch".to_owned(), json!(epoch));
@@ -1046,7 +1060,7 @@ impl Gateway {
                 self.audit.submit_decided(entry, priority, decided_epoch),
                 mode,
                 step,
-                shadow_input,
+                disagreed,
             )
         };
         let audit_seq = match pending.durable().await {
@@ -1075,15 +1089,8 @@ impl Gateway {
             }
             Err(_) => return Err(GatewayError::AuditUnavailable),
         };
-        if let Some((arguments, decided)) = shadow_input {
-            self.compare_with_shadow(
-                principal,
-                &shown_name,
-                &mode,
-                &arguments,
-                decided,
-                audit_seq,
-            );
+        if disagreed {
+            self.metrics.shadow_disagreement();
         }
         match step {
             Step::Done(outcome) => {
@@ -1109,7 +1116,7 @@ impl Gateway {
                 );
                 Ok(execution)
             }
-            Step::Forward(route, in_flight) => {
+            Step::Forward(route, in_flight, routes) => {
                 in_flight.set_intent_seq(audit_seq);
                 let execution = self
                     .forward(
@@ -1117,7 +1124,7 @@ impl Gateway {
                         shown_name,
                         mode,
                         audit_seq,
-                        route,
+                        (route, routes),
                         in_flight,
                         call_context,
                     )
@@ -1156,7 +1163,7 @@ impl Gateway {
         tool: String,
         mode: Arc<str>,
         intent_seq: u64,
-        route: UpstreamCall,
+        (route, routes): (UpstreamCall, Option<Arc<dyn UpstreamCalls>>),
         in_flight: InFlightCall,
         call_context: &CallContext,
     ) -> Result<Execution, GatewayError> {
@@ -1167,9 +1174,8 @@ impl Gateway {
             caller: call_context.caller.clone(),
         };
         let task = tokio::spawn(async move {
-            let outcome = gateway
-                .call_upstream(&route, &in_flight, &upstream_context)
-                .await;
+            let outcome =
+                call_upstream(routes.as_deref(), &route, &in_flight, &upstream_context).await;
             in_flight.set_outcome(recorded_outcome(&outcome));
             let entry = upstream_outcome_entry(&principal, &tool, &mode, intent_seq, &outcome);
             // Essential: the intent was admitted, so its outcome must not be refused.
@@ -1241,53 +1247,6 @@ impl Gateway {
         })
     }
 
-    /// Calls the upstream, unless the call is cancelled first; never fails, since
-    /// every way it can end is an outcome to record.
-    async fn call_upstream(
-        &self,
-        route: &UpstreamCall,
-        in_flight: &InFlightCall,
-        context: &CallContext,
-    ) -> Outcome {
-        let Some(upstreams) = self.upstreams.get() else {
-            return Outcome::UpstreamFailed {
-                failure: UpstreamFailure::Unavailable,
-                message: format!("upstream {:?} is not running", route.upstream),
-            };
-        };
-        let forwarded = upstreams.call(
-            &route.upstream,
-            &route.tool,
-            Some(route.arguments.clone()),
-            context,
-        );
-        tokio::pin!(forwarded);
-        // Cancellations first: a call cancelled while its intent was being written
-        // is never sent.
-        let by_switch = tokio::select! {
-            biased;
-            () = in_flight.cancelled().cancelled() => true,
-            () = context.cancel.cancelled() => false,
-            result = &mut forwarded => return forwarded_outcome(result),
-        };
-        // The upstream client sees `context.cancel`, sends notifications/cancelled
-        // for this request alone and ends it; give it a moment to, then let go.
-        context.cancel.cancel();
-        let message = if by_switch {
-            "cancelled: the mode changed to one that denies this call, and it did not finish within drain_timeout_seconds"
-        } else {
-            "cancelled by the caller"
-        };
-        match tokio::time::timeout(CANCEL_GRACE, &mut forwarded).await {
-            // It finished after all: record what happened, not what was asked.
-            Ok(Ok(result)) => Outcome::Forwarded(result),
-            _ => Outcome::UpstreamFailed {
-                failure: UpstreamFailure::Cancelled,
-                message: message.to_owned(),
-            },
-        }
-    }
-
     /// The intent seqs of the upstream calls in flight (their outcome is not yet recorded).
     pub fn in_flight_intents(&self) -> Vec<u64> {
         self.in_flight.intent_seqs()
@@ -1296,8 +1255,7 @@ impl Gateway {
     /// The attached upstreams' state (see [`UpstreamCalls::health`]), in name
     /// order; empty when the policy declares none.
     pub fn upstream_health(&self) -> Vec<crate::upstream::set::UpstreamStatus> {
-        self.upstreams
-            .get()
+        self.upstream_routes()
             .map(|upstreams| upstreams.health())
             .unwrap_or_default()
     }
@@ -1305,7 +1263,30 @@ impl Gateway {
     /// Sends allowed upstream calls to `upstreams` from now on. Returns false (and
     /// changes nothing) if upstreams were attached already.
     pub fn attach_upstreams(&self, upstreams: Arc<dyn UpstreamCalls>) -> bool {
-        self.upstreams.set(upstreams).is_ok()
+        let mut attached = self
+            .upstreams
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if attached.is_some() {
+            return false;
+        }
+        *attached = Some(upstreams);
+        true
+    }
+
+    /// Lets reloads start, stop and restart upstreams through `manager` (see
+    /// `gateway/reload.rs`). Returns false (and changes nothing) if one was set already.
+    pub fn manage_upstreams(&self, manager: Arc<crate::upstream::attach::UpstreamManager>) -> bool {
+        self.upstream_manager.set(manager).is_ok()
+    }
+
+    /// The upstream routes in force; taken under the mode lock's read side with
+    /// the decision, so a call goes to the upstreams its catalog was listed from.
+    fn upstream_routes(&self) -> Option<Arc<dyn UpstreamCalls>> {
+        self.upstreams
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Records and answers a call refused by a rate limit.
@@ -2005,8 +1986,56 @@ enum Step {
     /// Run this built-in once its intent record committed (on a shared store,
     /// under the epoch it was decided in), as this in-flight call.
     RunAfterIntent(crate::tools::ToolCall, InFlightCall),
-    /// Forward to an upstream, as this in-flight call.
-    Forward(UpstreamCall, InFlightCall),
+    /// Forward to an upstream, as this in-flight call, through the routes in force
+    /// when it was decided.
+    Forward(UpstreamCall, InFlightCall, Option<Arc<dyn UpstreamCalls>>),
+}
+
+/// Calls the upstream, unless the call is cancelled first; never fails, since
+/// every way it can end is an outcome to record.
+async fn call_upstream(
+    upstreams: Option<&dyn UpstreamCalls>,
+    route: &UpstreamCall,
+    in_flight: &InFlightCall,
+    context: &CallContext,
+) -> Outcome {
+    let Some(upstreams) = upstreams else {
+        return Outcome::UpstreamFailed {
+            failure: UpstreamFailure::Unavailable,
+            message: format!("upstream {:?} is not running", route.upstream),
+        };
+    };
+    let forwarded = upstreams.call(
+        &route.upstream,
+        &route.tool,
+        Some(route.arguments.clone()),
+        context,
+    );
+    tokio::pin!(forwarded);
+    // Cancellations first: a call cancelled while its intent was being written
+    // is never sent.
+    let by_switch = tokio::select! {
+        biased;
+        () = in_flight.cancelled().cancelled() => true,
+        () = context.cancel.cancelled() => false,
+        result = &mut forwarded => return forwarded_outcome(result),
+    };
+    // The upstream client sees `context.cancel`, sends notifications/cancelled
+    // for this request alone and ends it; give it a moment to, then let go.
+    context.cancel.cancel();
+    let message = if by_switch {
+        "cancelled: the mode changed to one that denies this call, or a reload stopped its upstream, and it did not finish within drain_timeout_seconds"
+    } else {
+        "cancelled by the caller"
+    };
+    match tokio::time::timeout(CANCEL_GRACE, &mut forwarded).await {
+        // It finished after all: record what happened, not what was asked.
+        Ok(Ok(result)) => Outcome::Forwarded(result),
+        _ => Outcome::UpstreamFailed {
+            failure: UpstreamFailure::Cancelled,
+            message: message.to_owned(),
+        },
+    }
 }
 
 /// How long a cancelled upstream call may take to send its cancellation and end.
@@ -2381,6 +2410,48 @@ mod tests {
         assert!(matches!(denied.outcome, Outcome::Denied { .. }));
         assert_eq!(fake.received.load(Ordering::SeqCst), 1);
         assert_eq!(trail(&gateway).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_shadow_disagreement_is_on_the_intent_of_an_upstream_call_not_its_outcome() {
+        let (gateway, _fake, _dir) = gateway_with(10).await;
+        let mut shadow: Value =
+            serde_json::from_str(include_str!("../policies/ops_policy.json")).unwrap();
+        shadow["modes"]["NORMAL"]["allowed_tools"] = json!(["get_service_status"]);
+        let shadow = PolicyEngine::from_json(&shadow.to_string(), "shadow").unwrap();
+        let shadow_hash = shadow.policy_hash().to_owned();
+        assert!(gateway.set_shadow_policy(&shadow));
+        call(&gateway, "list_services", "echo").await;
+        // Both refuse it for the same reason: nothing added.
+        call(&gateway, "delete_database", "echo").await;
+        let records = trail(&gateway);
+        let [intent, outcome, agreed] = &records[..] else {
+            panic!("three records: {records:#?}")
+        };
+        assert_eq!(
+            intent.detail["shadow_decision"],
+            json!({
+                "decision": "denied",
+                "reason_code": "not_allowed",
+                "policy_hash": shadow_hash,
+                "mode": "NORMAL",
+            })
+        );
+        assert_eq!(intent.detail["upstream"], json!("fake"));
+        assert_eq!(agreed.reason_code.as_deref(), Some("always_blocked"));
+        for record in [outcome, agreed] {
+            assert!(
+                record.detail.get("shadow_decision").is_none(),
+                "{record:#?}"
+            );
+        }
+        assert!(records.iter().all(|record| record.kind == "tool_call"));
+        assert!(
+            gateway
+                .render_metrics()
+                .lines()
+                .any(|line| line == "proxi_shadow_disagreements_total 1")
+        );
     }
 
     #[tokio::test]

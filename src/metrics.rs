@@ -269,6 +269,13 @@ impl Metrics {
             .set(i64::from(up));
     }
 
+    /// Drops `proxi_upstream_up{upstream=name}`: a reload removed the upstream.
+    pub fn forget_upstream(&self, name: &str) {
+        self.upstream_up.remove(&UpstreamLabels {
+            upstream: name.to_owned(),
+        });
+    }
+
     /// Renders every metric; `modes` are the policy's modes and `current` the one in force.
     pub fn render<'a>(&self, modes: impl IntoIterator<Item = &'a str>, current: &str) -> String {
         // A reload may have removed a mode: only the policy's modes in force are shown.

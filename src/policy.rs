@@ -1208,6 +1208,17 @@ impl SharedPolicy {
         (previous, engine)
     }
 
+    /// Makes `engine`, already bound to its own catalog, the binding in force (a
+    /// reload that changed the upstreams, hence the catalog); returns the engine
+    /// replaced and the one now in force.
+    pub fn install(&self, engine: PolicyEngine) -> (Arc<PolicyEngine>, Arc<PolicyEngine>) {
+        let _one_writer = self.writers.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = self.current();
+        let engine = Arc::new(engine);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&engine);
+        (previous, engine)
+    }
+
     /// Puts `engine` back in force if `expected` is still the binding in force
     /// (undoing a reload whose record failed, unless something replaced it since).
     pub fn restore(&self, expected: &Arc<PolicyEngine>, engine: Arc<PolicyEngine>) {

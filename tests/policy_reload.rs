@@ -321,8 +321,200 @@ async fn reload_needs_the_operator_and_a_policy_file() {
     assert!(body["error"].as_str().expect("error").contains("--policy"));
 }
 
+/// server-everything over stdio as a policy's upstream declaration; `env` is its
+/// extra environment (a change of it restarts the upstream).
+fn everything_declaration(required: bool, env: Value) -> Value {
+    let entry = common::upstream::harness()
+        .join("node_modules/@modelcontextprotocol/server-everything/dist/index.js");
+    assert!(
+        entry.is_file(),
+        "{} is missing: run scripts/upstream-harness.sh",
+        entry.display()
+    );
+    json!({
+        "command": "node",
+        "args": [entry.display().to_string(), "stdio"],
+        "env": env,
+        "required": required,
+    })
+}
+
+/// The base policy with `upstreams`, the built-ins kept and `ev__echo` allowed in NORMAL.
+fn policy_with_upstreams(upstreams: Value) -> Value {
+    let mut policy = base_policy();
+    policy["simulated_cloud"] = json!(true);
+    policy["upstreams"] = upstreams;
+    policy["modes"]["NORMAL"]["allowed_tools"]
+        .as_array_mut()
+        .expect("allowed_tools")
+        .push(json!("ev__echo"));
+    policy
+}
+
+/// `server`'s gateway with its upstreams attached, as `proxi serve` does it; `${VAR}`s
+/// resolve to nothing.
+async fn attach(server: &TestServer) -> proxi::upstream::attach::AttachedUpstreams {
+    proxi::upstream::attach::AttachedUpstreams::start(&server.gateway(), Arc::new(|_| None))
+        .await
+        .expect("upstreams start")
+}
+
+async fn echo(server: &TestServer, message: &str) -> (StatusCode, Value) {
+    server
+        .api()
+        .execute("ev__echo", json!({"message": message}))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_restarts_and_removes_upstreams_and_their_tools() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut base = base_policy();
+    base["simulated_cloud"] = json!(true);
+    let (server, path) = reloadable_server(dir.path(), &base).await;
+    let upstreams = attach(&server).await;
+    let mut tools_changed = server.gateway().tools_changed();
+    tools_changed.borrow_and_update();
+    let (status, body) = echo(&server, "before").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["reason_code"], json!("unknown_tool"), "{body}");
+
+    // Added: started before the reload answers (required), its tool callable at once.
+    let added = policy_with_upstreams(json!({"ev": everything_declaration(true, json!({}))}));
+    install(&path, &added);
+    let (status, body) = reload(&server).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["upstreams"],
+        json!({"added": ["ev"], "removed": [], "restarted": []})
+    );
+    assert!(tools_changed.has_changed().expect("gateway alive"));
+    let (status, body) = echo(&server, "added").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.to_string().contains("added"), "{body}");
+    let first_pid = upstreams.set().status()[0].pid.expect("ev runs");
+
+    // Changed (its env): restarted, a new process, the old one stopped.
+    let changed = policy_with_upstreams(
+        json!({"ev": everything_declaration(true, json!({"PROXI_TEST": "restart"}))}),
+    );
+    install(&path, &changed);
+    let (status, body) = reload(&server).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["upstreams"],
+        json!({"added": [], "removed": [], "restarted": ["ev"]})
+    );
+    let second_pid = upstreams.set().status()[0].pid.expect("ev runs again");
+    assert_ne!(first_pid, second_pid);
+    assert!(!common::upstream::process_exists(first_pid));
+    let (status, body) = echo(&server, "restarted").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Removed: stopped, and its tool unknown again.
+    install(&path, &base);
+    let (status, body) = reload(&server).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["upstreams"],
+        json!({"added": [], "removed": ["ev"], "restarted": []})
+    );
+    assert!(upstreams.set().status().is_empty());
+    assert!(!common::upstream::process_exists(second_pid));
+    let (status, body) = echo(&server, "removed").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["reason_code"], json!("unknown_tool"), "{body}");
+    let listed: Vec<String> = server
+        .gateway()
+        .catalog()
+        .into_iter()
+        .map(|entry| entry.name)
+        .collect();
+    assert!(
+        !listed.iter().any(|name| name.starts_with("ev__")),
+        "{listed:?}"
+    );
+
+    let reloads: Vec<Value> = audit_records(server.data_dir())
+        .into_iter()
+        .filter(|r| r.kind == "policy_reload")
+        .map(|r| r.detail["upstreams"].clone())
+        .collect();
+    assert_eq!(
+        reloads,
+        [
+            json!({"added": ["ev"], "removed": [], "restarted": []}),
+            json!({"added": [], "removed": [], "restarted": ["ev"]}),
+            json!({"added": [], "removed": ["ev"], "restarted": []}),
+        ]
+    );
+    upstreams.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_new_upstream_cannot_start_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let running = policy_with_upstreams(json!({"ev": everything_declaration(true, json!({}))}));
+    let (server, path) = reloadable_server(dir.path(), &running).await;
+    let upstreams = attach(&server).await;
+    let before = policy_hash(&server).await;
+    let pid = upstreams.set().status()[0].pid.expect("ev runs");
+    let (status, body) = echo(&server, "running").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A required upstream that is not an MCP server.
+    let mut broken = running.clone();
+    broken["upstreams"]["broken"] = json!({"command": "true", "required": true});
+    broken["description"] = json!("adds a broken upstream");
+    install(&path, &broken);
+    let (status, body) = reload(&server).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let problem = body["problems"][0].as_str().expect("problem").to_owned();
+    assert!(problem.contains("broken"), "{problem}");
+    assert!(
+        !body.to_string().contains("node_modules"),
+        "no command line or path: {body}"
+    );
+
+    // A ${VAR} that is not set: named, and nothing is started.
+    let mut missing = running.clone();
+    missing["upstreams"]["ev"]["env"] = json!({"TOKEN": "${PROXI_TEST_UNSET_SECRET}"});
+    install(&path, &missing);
+    let (status, body) = reload(&server).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let problem = body["problems"][0].as_str().expect("problem").to_owned();
+    assert!(problem.contains("PROXI_TEST_UNSET_SECRET"), "{problem}");
+
+    // The old policy and upstreams stay in force.
+    assert_eq!(policy_hash(&server).await, before);
+    let status_now = upstreams.set().status();
+    assert_eq!(status_now.len(), 1);
+    assert_eq!(status_now[0].pid, Some(pid));
+    let (status, body) = echo(&server, "still").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let refused: Vec<_> = audit_records(server.data_dir())
+        .into_iter()
+        .filter(|r| r.kind == "policy_reload")
+        .collect();
+    assert_eq!(refused.len(), 2);
+    for record in &refused {
+        assert_eq!(
+            (record.decision.as_str(), record.outcome.as_str()),
+            ("denied", "refused")
+        );
+        assert_eq!(record.detail["policy_hash"], json!(before));
+    }
+    assert!(
+        refused[0].detail["problems"][0]
+            .as_str()
+            .expect("problem")
+            .contains("broken")
+    );
+    upstreams.shutdown().await;
+}
+
 #[tokio::test]
-async fn a_reload_that_changes_the_upstreams_is_refused() {
+async fn a_reload_that_changes_the_upstreams_without_upstreams_attached_is_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (server, path) = reloadable_server(dir.path(), &base_policy()).await;
     let mut with_upstream = base_policy();

@@ -34,7 +34,7 @@ async fn optional_upstreams_never_hold_up_the_required_ones() {
     ])
     .await
     .unwrap();
-    assert_eq!(set.names().collect::<Vec<_>>(), ["broken", "ev", "fs"]);
+    assert_eq!(set.names(), ["broken", "ev", "fs"]);
 
     // The required upstream is listed by the time start returns.
     let listings = set.listings();

@@ -43,8 +43,6 @@ pub enum EntryKind {
     ModeDrained,
     /// The policy file was reloaded (old hash → new hash), or a reload was refused.
     PolicyReload,
-    /// A call's decision under the shadow policy (`serve --shadow-policy`) differed.
-    ShadowDecision,
     /// A step in a human approval's life: approved, denied or expired.
     Approval,
     /// An operator logged in to the console.
@@ -64,7 +62,6 @@ impl EntryKind {
             EntryKind::Incident => "incident",
             EntryKind::ModeDrained => "mode_drained",
             EntryKind::PolicyReload => "policy_reload",
-            EntryKind::ShadowDecision => "shadow_decision",
             EntryKind::Approval => "approval",
             EntryKind::ConsoleLogin => "console_login",
             EntryKind::ConsoleLogout => "console_logout",

@@ -31,6 +31,16 @@ pub(crate) async fn run(server: ServerArgs) -> Result<ExitCode> {
             escape(&fallback.to)
         )?;
     }
+    let upstreams = &report.upstreams;
+    for (what, names) in [
+        ("started", &upstreams.added),
+        ("stopped", &upstreams.removed),
+        ("restarted", &upstreams.restarted),
+    ] {
+        if !names.is_empty() {
+            out!("  upstreams {what}: {}", escape(&names.join(", ")))?;
+        }
+    }
     for warning in &report.warnings {
         out!("  warning: {}", escape(warning))?;
     }

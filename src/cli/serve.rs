@@ -34,7 +34,7 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     watch: bool,
     /// Also decide every call under this policy, for comparison only: calls are
-    /// answered as before; disagreements are recorded (`shadow_decision`) and counted.
+    /// answered as before; disagreements are recorded on the call's record (`detail.shadow_decision`) and counted.
     #[arg(long, value_name = "FILE")]
     shadow_policy: Option<std::path::PathBuf>,
 }

@@ -210,28 +210,28 @@ fn with_shared_named_tokens(tokens: Tokens, store: &str, log: LogFormat) -> Resu
 
 /// Starts the policy's upstreams (if any) and attaches them to the gateway; one
 /// that fails to start is logged and retried in the background unless required.
+/// Attached even when there are none, so that a reload may add some.
 pub(crate) async fn start_upstreams(
     gateway: &Arc<Gateway>,
     log: LogFormat,
 ) -> Result<Option<proxi::upstream::attach::AttachedUpstreams>> {
-    let upstreams = proxi::upstream::attach::AttachedUpstreams::start(gateway, &|name| {
-        std::env::var(name).ok()
-    })
+    let upstreams = proxi::upstream::attach::AttachedUpstreams::start(
+        gateway,
+        Arc::new(|name| std::env::var(name).ok()),
+    )
     .await?;
-    if let Some(upstreams) = &upstreams {
-        for status in upstreams.set().status() {
-            notice(
-                log,
-                &format!(
-                    "  upstream {}: {} ({})",
-                    status.name,
-                    if status.up { "up" } else { "starting" },
-                    status.transport.as_str()
-                ),
-            );
-        }
+    for status in upstreams.set().status() {
+        notice(
+            log,
+            &format!(
+                "  upstream {}: {} ({})",
+                status.name,
+                if status.up { "up" } else { "starting" },
+                status.transport.as_str()
+            ),
+        );
     }
-    Ok(upstreams)
+    Ok(Some(upstreams))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -9,10 +9,24 @@
 //! names both hashes. A reload never raises the mode: the mode in force keeps its
 //! name; if the new policy lacks it, Proxi returns to the new default mode and
 //! records that as a `mode_expired` record (so a restart restores the same).
+//!
+//! A reload whose `upstreams` differ starts the next generation of upstreams
+//! first (added ones, and changed ones again), with the same rules as at start:
+//! `${VAR}`s expanded from the same lookup (a missing one refuses the reload and
+//! is named, never its value) and the required ones up with their tools listed.
+//! If one cannot start, the reload is refused and nothing changes. Otherwise the
+//! policy is bound to the new generation's catalog and swapped in together with
+//! the routes to its upstreams, under the mode lock's write side: a call is
+//! decided and routed wholly under the old policy, catalog and upstreams or
+//! wholly under the new. Once the reload is recorded, calls still in flight to a
+//! removed or restarted upstream are drained (up to `drain_timeout_seconds`, then
+//! cancelled, as a mode switch does) and its old process is stopped.
 
 use super::*;
 use crate::policy::PolicyError;
 use crate::policy_source::PolicySource;
+use crate::upstream::attach::UpstreamManager;
+use crate::upstream::set::{PreparedUpstreams, UpstreamChanges, UpstreamRoutes};
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +97,10 @@ pub struct ReloadReport {
     /// What binding the new rules to the current catalog noticed (rules matching
     /// no tool, constraints that cannot fit a schema).
     pub warnings: Vec<String>,
+    /// The upstreams the reload started, stopped and restarted (all empty when
+    /// the `upstreams` section did not change).
+    #[serde(default)]
+    pub upstreams: UpstreamChanges,
     /// The seq of the reload's record.
     pub audit_seq: u64,
 }
@@ -94,6 +112,14 @@ struct Replaced {
     mode_names: Arc<[Arc<str>]>,
     rate_limiter: Option<RateLimiter>,
     state: ModeState,
+    /// The gateway's upstream routes before, when the reload replaced them.
+    routes: Option<Option<Arc<dyn UpstreamCalls>>>,
+}
+
+/// The next generation of upstreams of a reload, and who started it.
+struct UpstreamReload {
+    manager: Arc<UpstreamManager>,
+    prepared: PreparedUpstreams,
 }
 
 impl Gateway {
@@ -139,7 +165,29 @@ impl Gateway {
                     .await;
             }
         };
-        self.install(principal, trigger, &candidate).await
+        let upstreams = if current.upstreams() == candidate.upstreams() {
+            None
+        } else {
+            let Some(manager) = self.upstream_manager.get() else {
+                let problem = "the upstreams changed, but this process does not run upstreams, so it cannot start or stop them".to_owned();
+                return self
+                    .refuse_reload(principal, trigger, &current, vec![problem])
+                    .await;
+            };
+            match manager.prepare(candidate.upstreams()).await {
+                Ok(prepared) => Some(UpstreamReload {
+                    manager: manager.clone(),
+                    prepared,
+                }),
+                Err(error) => {
+                    return self
+                        .refuse_reload(principal, trigger, &current, vec![error.safe_message()])
+                        .await;
+                }
+            }
+        };
+        self.install(principal, trigger, &candidate, upstreams)
+            .await
     }
 
     /// Swaps `candidate` in, records it, and undoes the swap if the record fails.
@@ -148,11 +196,48 @@ impl Gateway {
         principal: &Principal,
         trigger: ReloadTrigger,
         candidate: &PolicyEngine,
+        upstreams: Option<UpstreamReload>,
     ) -> Result<ReloadReport, ReloadError> {
         let now = Utc::now();
-        let (pending, fallback_pending, replaced, report) = {
+        let changes = upstreams
+            .as_ref()
+            .map(|reload| reload.prepared.changes().clone())
+            .unwrap_or_default();
+        let swap = |catalog: Option<(Arc<crate::catalog::Catalog>, Arc<UpstreamRoutes>)>| {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-            let (previous, installed) = self.policy.replace(candidate);
+            let (previous, installed, routes) = match catalog {
+                Some((catalog, routes)) => {
+                    if let Some(shadow) = self.shadow.get() {
+                        shadow.rebind(Arc::clone(&catalog));
+                    }
+                    let (previous, installed) = self.policy.install(candidate.bind(catalog));
+                    let before = self
+                        .upstreams
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .replace(routes);
+                    (previous, installed, Some(before))
+                }
+                None => {
+                    let (previous, installed) = self.policy.replace(candidate);
+                    (previous, installed, None)
+                }
+            };
+            // Every call decided before this instant is registered by now; those
+            // bound for an upstream that goes away are drained once it is recorded.
+            let retired: Vec<String> = changes
+                .retired()
+                .map(|name| format!("{name}{}", crate::upstream::names::SEPARATOR))
+                .collect();
+            let to_drain = if retired.is_empty() {
+                Vec::new()
+            } else {
+                self.in_flight.to_drain(u64::MAX, |tool, _| {
+                    !retired
+                        .iter()
+                        .any(|prefix| tool.starts_with(prefix.as_str()))
+                })
+            };
             let names = mode_names_of(&installed);
             let old_names = std::mem::replace(
                 &mut *self
@@ -229,6 +314,7 @@ impl Gateway {
                         "policy_hash": new_hash,
                         "mode_fallback": fallback,
                         "rate_limits_changed": rate_limiter.is_some(),
+                        "upstreams": changes,
                     }),
                     expires_at: None,
                     context: None,
@@ -267,6 +353,7 @@ impl Gateway {
                 mode: mode.to_string(),
                 mode_fallback: fallback,
                 warnings: installed.findings().iter().map(|f| f.to_string()).collect(),
+                upstreams: changes.clone(),
                 audit_seq: 0,
             };
             let replaced = Replaced {
@@ -275,8 +362,20 @@ impl Gateway {
                 mode_names: old_names,
                 rate_limiter,
                 state: before,
+                routes,
             };
-            (pending, fallback_pending, replaced, report)
+            (pending, fallback_pending, replaced, report, to_drain)
+        };
+        let (set_routes, (pending, fallback_pending, replaced, report, to_drain)) = match &upstreams
+        {
+            Some(reload) => {
+                let routes = reload.prepared.routes();
+                let (previous, swapped) = reload
+                    .manager
+                    .install(&reload.prepared, |catalog| swap(Some((catalog, routes))));
+                (Some(previous), swapped)
+            }
+            None => (None, swap(None)),
         };
         let recorded = match fallback_pending {
             Some(fallback) => match pending.durable().await {
@@ -286,7 +385,15 @@ impl Gateway {
             None => pending.durable().await,
         };
         let Ok(audit_seq) = recorded else {
-            self.undo_unrecorded_reload(replaced);
+            match (upstreams, set_routes) {
+                (Some(reload), Some(previous)) => {
+                    reload.manager.reinstate(&reload.prepared, &previous, || {
+                        self.undo_unrecorded_reload(replaced)
+                    });
+                    reload.prepared.abandon().await;
+                }
+                _ => self.undo_unrecorded_reload(replaced),
+            }
             return Err(ReloadError::AuditUnavailable);
         };
         tracing::info!(
@@ -301,18 +408,54 @@ impl Gateway {
         if report.mode_fallback.is_some() {
             self.metrics.mode_changed();
         }
+        if let Some(reload) = upstreams {
+            self.retire_upstreams(reload, to_drain).await;
+        }
         Ok(ReloadReport {
             audit_seq,
             ..report
         })
     }
 
+    /// After a recorded reload: waits for the calls in flight to the upstreams it
+    /// removed or restarted (up to the new policy's `drain_timeout_seconds`, then
+    /// cancels the rest, whose `cancelled` outcome is recorded), then stops those
+    /// upstreams' old sessions and processes.
+    async fn retire_upstreams(
+        &self,
+        reload: UpstreamReload,
+        to_drain: Vec<crate::mode::DrainTarget>,
+    ) {
+        if !to_drain.is_empty() {
+            let report = drain(to_drain, self.policy().drain_timeout()).await;
+            tracing::info!(
+                drained = report.drained.len(),
+                cancelled = report.cancelled.len(),
+                "calls to reloaded upstreams finished"
+            );
+        }
+        for name in &reload.prepared.changes().removed {
+            self.metrics.forget_upstream(name);
+        }
+        reload.prepared.retire().await;
+    }
+
     /// A reload whose record failed never happened: put the old policy, names,
-    /// limiter and mode back, unless something replaced the new policy since.
+    /// limiter, mode and upstream routes back, unless something replaced the new
+    /// policy since.
     fn undo_unrecorded_reload(&self, replaced: Replaced) {
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         if !self.policy().same_rules(&replaced.installed) {
             return;
+        }
+        if let Some(routes) = replaced.routes {
+            if let Some(shadow) = self.shadow.get() {
+                shadow.rebind(Arc::clone(replaced.policy.catalog()));
+            }
+            *self
+                .upstreams
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = routes;
         }
         self.policy.restore(&replaced.installed, replaced.policy);
         *self
@@ -373,13 +516,8 @@ impl Gateway {
 const MAX_RECORDED_PROBLEMS: usize = 20;
 
 /// Why `candidate` cannot replace `current` without a restart, if it cannot:
-/// the running upstreams and the catalog follow from these settings.
+/// the catalog's built-in tools follow from `simulated_cloud`.
 fn restart_needed(current: &PolicyEngine, candidate: &PolicyEngine) -> Option<String> {
-    if current.upstreams() != candidate.upstreams() {
-        return Some(
-            "the upstreams changed: starting or stopping upstreams on a reload is not supported yet; restart proxi to apply them".to_owned(),
-        );
-    }
     if current.simulated_cloud() != candidate.simulated_cloud() {
         return Some(
             "simulated_cloud changed: the catalog's built-in tools follow from it; restart proxi to apply it".to_owned(),

@@ -1,8 +1,9 @@
 //! `serve --shadow-policy FILE`: every tool call is decided a second time, under
 //! a candidate policy, without any effect on the call. When the two decisions
-//! differ (allowed/denied/rejected, or the reason), a `shadow_decision` record
-//! refers to the call's record by seq and `proxi_shadow_disagreements_total`
-//! counts it.
+//! differ (allowed/denied/rejected, or the reason), the call's own record (the
+//! one that decided: an upstream call's intent) carries the shadow's decision in
+//! `detail.shadow_decision`, and `proxi_shadow_disagreements_total` counts it once
+//! that record is durable.
 
 use super::*;
 
@@ -27,13 +28,6 @@ impl DecisionClass {
             reason,
         }
     }
-
-    fn to_json(self) -> Value {
-        json!({
-            "decision": self.decision,
-            "reason_code": self.reason.map(Reason::as_str),
-        })
-    }
 }
 
 impl Gateway {
@@ -50,49 +44,44 @@ impl Gateway {
         self.shadow.get().map(SharedPolicy::current)
     }
 
-    /// Decides the call recorded at `call_seq` again under the shadow policy, in
-    /// the mode of the same name (else the shadow's default), and records a
-    /// disagreement. Queues the record without waiting: the call's answer does
-    /// not depend on it.
-    pub(super) fn compare_with_shadow(
+    /// The shadow's decision on a call when it differs from `decided` (the
+    /// decision, or the reason), as the call's own record carries it in
+    /// `detail.shadow_decision`: `decision`, `reason_code`, `policy_hash` (the
+    /// shadow's) and `mode` (the shadow's mode of the same name as `mode`, else its
+    /// default). `None` when no shadow is set (checked first, so a gateway without
+    /// one pays nothing more) or the two agree. Pure: no I/O, and no lock but the
+    /// shadow binding's read side, taken and released here.
+    pub(super) fn shadow_disagreement(
         &self,
-        principal: &Principal,
+        mode: &str,
         tool_name: &str,
-        mode: &Arc<str>,
         arguments: &Value,
         decided: DecisionClass,
-        call_seq: u64,
-    ) {
-        let Some(shadow) = self.shadow_policy() else {
-            return;
-        };
+    ) -> Option<Value> {
+        let shadow = self.shadow.get()?.current();
         let shadow_mode = shadow.mode_id(mode).unwrap_or(shadow.default_mode());
         let verdict = decide_call(&shadow, shadow_mode, tool_name, arguments);
         let shadowed = DecisionClass::of(&verdict);
-        if shadowed == decided {
-            return;
+        (shadowed != decided).then(|| {
+            json!({
+                "decision": shadowed.decision,
+                "reason_code": shadowed.reason.map(Reason::as_str),
+                "policy_hash": shadow.policy_hash(),
+                "mode": shadow.mode(shadow_mode).name(),
+            })
+        })
+    }
+}
+
+/// `detail` with `shadow_decision` added: into the object, or around a detail
+/// that is not one (`{"detail": ..., "shadow_decision": ...}`), as an approval's
+/// id is added.
+pub(super) fn with_shadow_decision(detail: Value, shadowed: Value) -> Value {
+    match detail {
+        Value::Object(mut object) => {
+            object.insert("shadow_decision".to_owned(), shadowed);
+            Value::Object(object)
         }
-        self.metrics.shadow_disagreement();
-        let entry = AuditEntry {
-            time: Utc::now(),
-            principal: principal.clone(),
-            kind: EntryKind::ShadowDecision,
-            tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
-            arguments: None,
-            mode: mode.clone(),
-            decision: shadowed.decision,
-            reason_code: shadowed.reason,
-            outcome: "disagrees",
-            detail: json!({
-                "call_seq": call_seq,
-                "decision": decided.to_json(),
-                "shadow_decision": shadowed.to_json(),
-                "shadow_mode": shadow.mode(shadow_mode).name(),
-            }),
-            expires_at: None,
-            context: None,
-            policy_hash: Some(Arc::from(shadow.policy_hash())),
-        };
-        drop(self.audit.submit_with(entry, audit_priority(principal)));
+        other => json!({"detail": other, "shadow_decision": shadowed}),
     }
 }

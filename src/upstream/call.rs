@@ -91,3 +91,25 @@ impl UpstreamCalls for super::set::UpstreamSet {
         self.status()
     }
 }
+
+/// One generation of the running upstreams, as the gateway routes to it.
+impl UpstreamCalls for super::set::UpstreamRoutes {
+    fn call<'a>(
+        &'a self,
+        upstream: &'a str,
+        tool: &'a str,
+        arguments: Option<rmcp::model::JsonObject>,
+        context: &'a CallContext,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<rmcp::model::CallToolResult, super::client::UpstreamError>,
+    > {
+        Box::pin(super::set::UpstreamRoutes::call(
+            self, upstream, tool, arguments, context,
+        ))
+    }
+
+    fn health(&self) -> Vec<super::set::UpstreamStatus> {
+        self.status()
+    }
+}
