@@ -769,3 +769,37 @@ async fn an_approval_given_on_one_instance_is_consumed_once_across_instances() {
         .count();
     assert_eq!(executed, 1);
 }
+
+/// The first scale-out check, with three instances: once A's set-mode has
+/// returned, B and C report the new mode on their very next status request (no
+/// waiting for a watcher tick), and their calls are decided under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mode_change_on_a_is_seen_by_b_and_c_before_set_mode_returns() {
+    let cluster = cluster(3);
+    let url = cluster.postgres.url();
+    let instances: Vec<ServerProcess> = cluster
+        .dirs
+        .iter()
+        .map(|dir| instance(dir.path(), &url, &cluster.credential))
+        .collect();
+    let apis: Vec<Api> = instances.iter().map(|i| Api::new(&i.url)).collect();
+    for round in 0..10 {
+        let (target, tool_status) = if round % 2 == 0 {
+            ("EMERGENCY", StatusCode::OK)
+        } else {
+            ("NORMAL", StatusCode::FORBIDDEN)
+        };
+        if round % 2 == 0 {
+            apis[0].emergency().await;
+        } else {
+            apis[0].normal().await;
+        }
+        for api in &apis[1..] {
+            assert_eq!(mode_on(&api.url).await, target, "round {round}");
+            let (status, body) = api
+                .execute("restart_service", json!({"service_name": "web-server"}))
+                .await;
+            assert_eq!(status, tool_status, "round {round}: {body}");
+        }
+    }
+}

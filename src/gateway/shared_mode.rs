@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::{Gateway, GatewayError, ModeState};
+use super::{Gateway, GatewayError, ModeState, PolicyStatus};
 use crate::audit::{AuditError, SharedMode};
 use crate::mode::drain;
 
@@ -25,6 +25,17 @@ use crate::mode::drain;
 pub(super) const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 impl Gateway {
+    /// The policy status, after reading the shared mode row on a shared store: so
+    /// once a switch on any instance has returned, every instance reports it
+    /// (its watcher would otherwise lag by up to a tick). An unreachable store is
+    /// an error rather than a possibly stale answer.
+    pub async fn current_status(self: &Arc<Self>) -> Result<PolicyStatus, GatewayError> {
+        if self.audit.store().shares_mode() {
+            self.sync_shared_mode().await?;
+        }
+        Ok(self.status())
+    }
+
     /// Reads the shared mode row and adopts it if it is newer than the state in
     /// memory. Blocking store I/O runs off the async workers.
     pub(super) async fn sync_shared_mode(self: &Arc<Self>) -> Result<(), GatewayError> {

@@ -31,8 +31,11 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
 }
 
 /// `GET /policy/status`.
-pub async fn policy_status(State(state): State<AppState>, _caller: Caller) -> Response {
-    Json(state.gateway.status()).into_response()
+pub async fn policy_status(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.gateway.current_status().await?).into_response())
 }
 
 /// `POST /policy/set-mode` (operator only).
