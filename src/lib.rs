@@ -31,6 +31,7 @@ pub mod policy;
 pub mod policy_diff;
 pub mod policy_source;
 pub mod policy_watch;
+mod postgres_pool;
 pub mod principal;
 pub mod rate_limit;
 pub mod reason;

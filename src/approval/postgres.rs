@@ -9,9 +9,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
 
 use super::{
     Approval, ApprovalError, ApprovalKind, ApprovalStatus, ApprovalStore, Binding, NewApproval,
@@ -62,9 +62,8 @@ CREATE INDEX IF NOT EXISTS approvals_by_status ON approvals (status, expires_ms)
 
 /// Approvals in a PostgreSQL database shared by every instance.
 pub struct PostgresApprovals {
-    pool: Pool,
-    /// The store's own runtime, so its blocking callers need no particular runtime.
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Its connections, on a runtime of their own (blocking callers, any thread).
+    client: crate::postgres_pool::BlockingPool,
 }
 
 impl std::fmt::Debug for PostgresApprovals {
@@ -72,15 +71,6 @@ impl std::fmt::Debug for PostgresApprovals {
         formatter
             .debug_struct("PostgresApprovals")
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for PostgresApprovals {
-    fn drop(&mut self) {
-        // May run inside another runtime, where a blocking shutdown would panic.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
     }
 }
 
@@ -93,43 +83,32 @@ fn server_error(error: tokio_postgres::Error) -> ApprovalError {
     ApprovalError::Postgres(detail)
 }
 
+/// What callers see when an operation could not be run: what failed, in words.
+fn pool_failure(failure: crate::postgres_pool::PoolFailure) -> ApprovalError {
+    use crate::postgres_pool::PoolFailure;
+    ApprovalError::Postgres(match failure {
+        PoolFailure::Runtime(error) => format!("no client runtime: {error}"),
+        PoolFailure::Build(error) => error,
+        PoolFailure::Closed => "store closed".to_owned(),
+        PoolFailure::Timeout(timeout) => format!("no answer within {timeout:?}"),
+        PoolFailure::ThreadFailed => "client thread failed".to_owned(),
+    })
+}
+
 impl PostgresApprovals {
     /// Connects to the database at `url` (`postgres://USER@HOST:PORT/DB`) and runs
     /// the migrations. Fails if the server cannot be reached now.
     pub fn connect(url: &str) -> Result<PostgresApprovals, ApprovalError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
+        let config = crate::postgres_pool::config(url, "proxi-approvals")
             .map_err(|_| ApprovalError::Postgres("invalid store URL".to_owned()))?;
-        config
-            .connect_timeout(Duration::from_secs(3))
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(10))
-            .application_name("proxi-approvals");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("proxi-approvals-pg")
-            .enable_all()
-            .build()
-            .map_err(|error| ApprovalError::Postgres(format!("no client runtime: {error}")))?;
-        let manager = Manager::from_config(
+        let client = crate::postgres_pool::BlockingPool::new(
             config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(OPERATION_TIMEOUT))
-            .create_timeout(Some(OPERATION_TIMEOUT))
-            .recycle_timeout(Some(OPERATION_TIMEOUT))
-            .build()
-            .map_err(|error| ApprovalError::Postgres(error.to_string()))?;
-        let store = PostgresApprovals {
-            pool,
-            runtime: Some(runtime),
-        };
+            "proxi-approvals-pg",
+            POOL_SIZE,
+            OPERATION_TIMEOUT,
+        )
+        .map_err(pool_failure)?;
+        let store = PostgresApprovals { client };
         store.run(|mut client| async move {
             let transaction = client.transaction().await.map_err(server_error)?;
             transaction
@@ -153,36 +132,17 @@ impl PostgresApprovals {
         F: Future<Output = Result<T, ApprovalError>> + Send,
         Work: FnOnce(deadpool_postgres::Object) -> F + Send,
     {
-        let Some(runtime) = &self.runtime else {
-            return Err(ApprovalError::Postgres("store closed".to_owned()));
+        let pool = self.client.pool();
+        let attempt = async move {
+            let client = pool
+                .get()
+                .await
+                .map_err(|error| ApprovalError::Postgres(format!("no connection: {error}")))?;
+            work(client).await
         };
-        let pool = &self.pool;
-        let bounded = async move {
-            let attempt = async move {
-                let client = pool
-                    .get()
-                    .await
-                    .map_err(|error| ApprovalError::Postgres(format!("no connection: {error}")))?;
-                work(client).await
-            };
-            match tokio::time::timeout(OPERATION_TIMEOUT, attempt).await {
-                Ok(result) => result,
-                Err(_) => Err(ApprovalError::Postgres(format!(
-                    "no answer within {OPERATION_TIMEOUT:?}"
-                ))),
-            }
-        };
-        let handle = runtime.handle();
-        if tokio::runtime::Handle::try_current().is_err() {
-            return handle.block_on(bounded);
-        }
-        // Inside another runtime `block_on` would panic: wait on a thread of our own.
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| handle.block_on(bounded))
-                .join()
-                .unwrap_or_else(|_| Err(ApprovalError::Postgres("client thread failed".into())))
-        })
+        self.client
+            .run(OPERATION_TIMEOUT, attempt)
+            .unwrap_or_else(|failure| Err(pool_failure(failure)))
     }
 }
 

@@ -9,12 +9,13 @@ use std::future::Future;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
+use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
 
 use super::*;
 use crate::anchor::AuditKey;
+use crate::postgres_pool::PoolFailure;
 
 /// The advisory lock that serializes appends to the chain (any fixed number; this
 /// one spells "proxi" in ASCII).
@@ -138,10 +139,10 @@ impl From<tokio_postgres::Error> for AuditError {
 pub struct PostgresStore {
     /// `user@host:port/db`, never the password.
     target: String,
-    pool: Pool,
-    /// The store's own runtime: its callers are the writer thread and blocking
-    /// readers, which must not depend on whichever runtime the caller runs.
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Its connections, on a runtime of their own: its callers are the writer
+    /// thread and blocking readers, which must not depend on whichever runtime
+    /// the caller runs.
+    connections: crate::postgres_pool::BlockingPool,
     buffers: Mutex<SealBuffers>,
     /// This connection's instance id (random, per process), for in-flight rows and heartbeats.
     instance: String,
@@ -156,12 +157,13 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-impl Drop for PostgresStore {
-    fn drop(&mut self) {
-        // May run inside another runtime, where a blocking shutdown would panic.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
+/// What an operation that could not be run counts as.
+fn pool_failure(failure: PoolFailure) -> AuditError {
+    match failure {
+        PoolFailure::Timeout(timeout) => PostgresError::Timeout(timeout).into(),
+        PoolFailure::Runtime(error) => PostgresError::Runtime(error).into(),
+        PoolFailure::Build(error) => PostgresError::Pool(error).into(),
+        PoolFailure::Closed | PoolFailure::ThreadFailed => AuditError::Unavailable,
     }
 }
 
@@ -174,36 +176,16 @@ impl PostgresStore {
     /// Connects to the database at `url` (`postgres://USER@HOST:PORT/DB`) and runs
     /// the migrations. Fails if the server cannot be reached now.
     pub fn connect(url: &str) -> Result<PostgresStore, AuditError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|error: tokio_postgres::Error| PostgresError::Url(error.to_string()))?;
-        config
-            .connect_timeout(Duration::from_secs(3))
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(10))
-            .application_name("proxi");
+        let config = crate::postgres_pool::config(url, "proxi")
+            .map_err(|error| PostgresError::Url(error.to_string()))?;
         let target = describe_config(&config);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("proxi-postgres")
-            .enable_all()
-            .build()
-            .map_err(PostgresError::Runtime)?;
-        let manager = Manager::from_config(
+        let connections = crate::postgres_pool::BlockingPool::new(
             config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(OPERATION_TIMEOUT))
-            .create_timeout(Some(OPERATION_TIMEOUT))
-            .recycle_timeout(Some(OPERATION_TIMEOUT))
-            .build()
-            .map_err(|error| PostgresError::Pool(error.to_string()))?;
+            "proxi-postgres",
+            POOL_SIZE,
+            OPERATION_TIMEOUT,
+        )
+        .map_err(pool_failure)?;
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(|error| PostgresError::Pool(error.to_string()))?;
         let instance = format!(
@@ -215,8 +197,7 @@ impl PostgresStore {
         );
         let store = PostgresStore {
             target,
-            pool,
-            runtime: Some(runtime),
+            connections,
             buffers: Mutex::new(SealBuffers::default()),
             instance,
         };
@@ -231,26 +212,9 @@ impl PostgresStore {
         &self,
         work: impl Future<Output = Result<T, AuditError>> + Send,
     ) -> Result<T, AuditError> {
-        let Some(runtime) = &self.runtime else {
-            return Err(AuditError::Unavailable);
-        };
-        let handle = runtime.handle();
-        let bounded = async {
-            match tokio::time::timeout(OPERATION_TIMEOUT, work).await {
-                Ok(result) => result,
-                Err(_) => Err(PostgresError::Timeout(OPERATION_TIMEOUT).into()),
-            }
-        };
-        if tokio::runtime::Handle::try_current().is_err() {
-            return handle.block_on(bounded);
-        }
-        // Inside another runtime `block_on` would panic: wait on a thread of our own.
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| handle.block_on(bounded))
-                .join()
-                .unwrap_or(Err(AuditError::Unavailable))
-        })
+        self.connections
+            .run(OPERATION_TIMEOUT, work)
+            .unwrap_or_else(|failure| Err(pool_failure(failure)))
     }
 
     async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, AuditError> {
@@ -260,7 +224,7 @@ impl PostgresStore {
     }
 
     fn migrate(&self) -> Result<(), AuditError> {
-        let pool = &self.pool;
+        let pool = self.connections.pool();
         self.run(async move {
             let mut client = Self::client(pool).await?;
             let transaction = client.transaction().await?;
@@ -278,7 +242,7 @@ impl PostgresStore {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<StoredRecord>, AuditError> {
-        let pool = &self.pool;
+        let pool = self.connections.pool();
         self.run(async move {
             let client = Self::client(pool).await?;
             let rows = client.query(sql, params).await?;
@@ -367,7 +331,7 @@ impl AuditStore for PostgresStore {
         if seq == 0 {
             return Ok(Some(GENESIS_HASH.to_owned()));
         }
-        let pool = &self.pool;
+        let pool = self.connections.pool();
         self.run(async move {
             let client = Self::client(pool).await?;
             let row = client
@@ -394,7 +358,7 @@ impl AuditStore for PostgresStore {
         decided_epochs: &[Option<u64>],
         key: &AuditKey,
     ) -> Result<Appended, AuditError> {
-        let pool = &self.pool;
+        let pool = self.connections.pool();
         let mut buffers = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
         let buffers = &mut *buffers;
         self.run(async move {
@@ -588,7 +552,7 @@ impl AuditStore for PostgresStore {
     }
 
     fn shared_mode(&self) -> Result<Option<SharedMode>, AuditError> {
-        let pool = &self.pool;
+        let pool = self.connections.pool();
         self.run(async move {
             let client = Self::client(pool).await?;
             let row = client
@@ -611,7 +575,7 @@ impl AuditStore for PostgresStore {
     }
 
     fn in_flight_before(&self, seq: u64) -> Result<Vec<InFlightIntent>, AuditError> {
-        let pool = &self.pool;
+        let pool = self.connections.pool();
         self.run(async move {
             let client = Self::client(pool).await?;
             let rows = client
@@ -640,7 +604,7 @@ impl AuditStore for PostgresStore {
     }
 
     fn heartbeat(&self) -> Result<(), AuditError> {
-        let pool = &self.pool;
+        let pool = self.connections.pool();
         let instance = &self.instance;
         self.run(async move {
             let client = Self::client(pool).await?;
@@ -669,7 +633,7 @@ impl AuditStore for PostgresStore {
     }
 
     fn probe(&self) -> Result<(), AuditError> {
-        let pool = &self.pool;
+        let pool = self.connections.pool();
         self.run(async move {
             let client = Self::client(pool).await?;
             client
@@ -731,7 +695,7 @@ impl AuditStore for PostgresStore {
     }
 
     fn highest_seq_written(&self) -> Result<Option<u64>, AuditError> {
-        let pool = &self.pool;
+        let pool = self.connections.pool();
         self.run(async move {
             let client = Self::client(pool).await?;
             let row = client

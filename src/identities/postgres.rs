@@ -13,10 +13,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use hmac::Mac;
 use sha2::{Digest, Sha256};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 use super::{
     IdentityError, IssuedToken, Lookup, MAX_PRINCIPALS, PrincipalListing, PrincipalStore,
@@ -50,9 +49,9 @@ const COLUMNS: &str = "name, role, token_sha256, created, revoked, mac";
 
 /// Named tokens in a PostgreSQL database shared by every instance.
 pub struct PostgresPrincipals {
-    pool: Pool,
+    /// Its connections, on a runtime of their own (blocking callers, any thread).
+    client: crate::postgres_pool::BlockingPool,
     key: RegistryKey,
-    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for PostgresPrincipals {
@@ -63,20 +62,23 @@ impl std::fmt::Debug for PostgresPrincipals {
     }
 }
 
-impl Drop for PostgresPrincipals {
-    fn drop(&mut self) {
-        // May run inside another runtime, where a blocking shutdown would panic.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
 /// A store failure as callers see it: the SQLSTATE or what failed, never the statement.
 fn server_error(error: tokio_postgres::Error) -> IdentityError {
     IdentityError::Store(match error.as_db_error() {
         Some(db) => db.code().code().to_owned(),
         None => "connection failed".to_owned(),
+    })
+}
+
+/// What callers see when an operation could not be run: what failed, in words.
+fn pool_failure(failure: crate::postgres_pool::PoolFailure) -> IdentityError {
+    use crate::postgres_pool::PoolFailure;
+    IdentityError::Store(match failure {
+        PoolFailure::Runtime(error) => format!("no client runtime: {error}"),
+        PoolFailure::Build(error) => error,
+        PoolFailure::Closed => "store closed".to_owned(),
+        PoolFailure::Timeout(timeout) => format!("no answer within {timeout:?}"),
+        PoolFailure::ThreadFailed => "client thread failed".to_owned(),
     })
 }
 
@@ -175,40 +177,16 @@ impl PostgresPrincipals {
     /// Connects to the database at `url`, runs the migrations, and signs and
     /// verifies rows with `key`. Fails if the server cannot be reached now.
     pub fn connect(url: &str, key: RegistryKey) -> Result<PostgresPrincipals, IdentityError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
+        let config = crate::postgres_pool::config(url, "proxi-principals")
             .map_err(|_| IdentityError::Store("invalid store URL".to_owned()))?;
-        config
-            .connect_timeout(Duration::from_secs(3))
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(10))
-            .application_name("proxi-principals");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("proxi-principals-pg")
-            .enable_all()
-            .build()
-            .map_err(|error| IdentityError::Store(format!("no client runtime: {error}")))?;
-        let manager = Manager::from_config(
+        let client = crate::postgres_pool::BlockingPool::new(
             config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(OPERATION_TIMEOUT))
-            .create_timeout(Some(OPERATION_TIMEOUT))
-            .recycle_timeout(Some(OPERATION_TIMEOUT))
-            .build()
-            .map_err(|error| IdentityError::Store(error.to_string()))?;
-        let store = PostgresPrincipals {
-            pool,
-            key,
-            runtime: Some(runtime),
-        };
+            "proxi-principals-pg",
+            POOL_SIZE,
+            OPERATION_TIMEOUT,
+        )
+        .map_err(pool_failure)?;
+        let store = PostgresPrincipals { client, key };
         store.run(|mut client| async move {
             let transaction = client.transaction().await.map_err(server_error)?;
             transaction
@@ -232,36 +210,17 @@ impl PostgresPrincipals {
         F: Future<Output = Result<T, IdentityError>> + Send,
         Work: FnOnce(deadpool_postgres::Object) -> F + Send,
     {
-        let Some(runtime) = &self.runtime else {
-            return Err(IdentityError::Store("store closed".to_owned()));
+        let pool = self.client.pool();
+        let attempt = async move {
+            let client = pool
+                .get()
+                .await
+                .map_err(|error| IdentityError::Store(format!("no connection: {error}")))?;
+            work(client).await
         };
-        let pool = &self.pool;
-        let bounded = async move {
-            let attempt = async move {
-                let client = pool
-                    .get()
-                    .await
-                    .map_err(|error| IdentityError::Store(format!("no connection: {error}")))?;
-                work(client).await
-            };
-            match tokio::time::timeout(OPERATION_TIMEOUT, attempt).await {
-                Ok(result) => result,
-                Err(_) => Err(IdentityError::Store(format!(
-                    "no answer within {OPERATION_TIMEOUT:?}"
-                ))),
-            }
-        };
-        let handle = runtime.handle();
-        if tokio::runtime::Handle::try_current().is_err() {
-            return handle.block_on(bounded);
-        }
-        // Inside another runtime `block_on` would panic: wait on a thread of our own.
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| handle.block_on(bounded))
-                .join()
-                .unwrap_or_else(|_| Err(IdentityError::Store("client thread failed".into())))
-        })
+        self.client
+            .run(OPERATION_TIMEOUT, attempt)
+            .unwrap_or_else(|failure| Err(pool_failure(failure)))
     }
 }
 
