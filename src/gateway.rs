@@ -2144,20 +2144,8 @@ fn upstream_intent_entry(
     now: DateTime<Utc>,
 ) -> AuditEntry {
     AuditEntry {
-        time: now,
-        principal: principal.clone(),
-        kind: EntryKind::ToolCall,
-        tool: Some(truncate(tool_name, MAX_TOOL_NAME_LEN).to_owned()),
-        arguments: Some(arguments),
-        mode: mode.clone(),
-        decision: AuditDecision::Allowed,
-        reason_code: None,
-        outcome: crate::audit_view::PENDING,
         detail: json!({"upstream": &*route.upstream, "upstream_tool": &*route.tool}),
-        expires_at: None,
-        context: None,
-        // Set by the caller, which knows the deciding policy.
-        policy_hash: None,
+        ..builtin_intent_entry(principal, tool_name, arguments, mode, now)
     }
 }
 
