@@ -37,7 +37,9 @@ use tokio_util::sync::CancellationToken;
 use super::call::{CallContext, CallerPeer};
 use super::config::{HttpTarget, StdioTarget};
 use super::names::{SkippedTool, expose_all};
-use super::routing::{Attribution, ProgressDelivery, Routes};
+use super::routing::{
+    AttributedOnArrival, AttributingTransport, Attribution, ProgressDelivery, Routes,
+};
 
 /// How long the `initialize` handshake may take before the upstream counts as down.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -222,9 +224,13 @@ impl ClientHandler for UpstreamHandler {
     async fn on_logging_message(
         &self,
         params: LoggingMessageNotificationParam,
-        _context: NotificationContext<RoleClient>,
+        context: NotificationContext<RoleClient>,
     ) {
-        match self.routes.attribute(None) {
+        let attribution = match context.extensions.get::<AttributedOnArrival>() {
+            Some(AttributedOnArrival(attribution)) => attribution.clone(),
+            None => self.routes.attribute(None),
+        };
+        match attribution {
             Attribution::Caller(caller) => {
                 if let Err(error) = caller.peer.notify_logging_message(params).await {
                     tracing::debug!(upstream = %self.upstream, %error, "caller gone; log message dropped");
@@ -435,6 +441,7 @@ impl UpstreamClient {
             tokio::spawn(forward_stderr(upstream.to_owned(), stderr));
         }
         // A failed handshake drops `group`, which kills whatever the child started.
+        let transport = AttributingTransport::new(transport, handler.routes().clone());
         let service = handshake(upstream, handler.serve(transport)).await?;
         tracing::info!(upstream, pid, "stdio upstream connected");
         Ok(UpstreamClient {
@@ -472,6 +479,7 @@ impl UpstreamClient {
             pooled_http_client().map_err(|error| unavailable(upstream, error.to_string()))?,
             config,
         );
+        let transport = AttributingTransport::new(transport, handler.routes().clone());
         let service = handshake(upstream, handler.serve(transport)).await?;
         tracing::info!(upstream, "http upstream connected");
         Ok(UpstreamClient {

@@ -10,12 +10,19 @@
 //!   Streamable HTTP upstream) belongs to that call;
 //! - anything else (stdio, the standalone stream, logging) is attributed only when
 //!   exactly one call is in flight on the connection; with several, it cannot be,
-//!   so requests are refused and log messages stay in Proxi's log.
+//!   so requests are refused and log messages stay in Proxi's log. A log message is
+//!   attributed when the transport reads it ([`AttributingTransport`]), not when its
+//!   handler task runs, which may be after the call's result has been read.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rmcp::model::{ProgressNotificationParam, ProgressToken, RequestId};
+use rmcp::model::{
+    JsonRpcMessage, JsonRpcNotification, ProgressNotificationParam, ProgressToken, RequestId,
+    ServerNotification,
+};
+use rmcp::service::{InboundStreamOrigin, RoleClient, RxJsonRpcMessage, TxJsonRpcMessage};
+use rmcp::transport::Transport;
 
 use super::call::CallerPeer;
 
@@ -198,6 +205,66 @@ fn deliver(
     })
 }
 
+/// The attribution of a log message, made when the transport read it: stored in
+/// the notification's extensions for [`on_logging_message`](rmcp::ClientHandler::on_logging_message).
+///
+/// rmcp hands each notification to its own task, so by the time that task runs,
+/// the call whose result followed the message on the wire may have finished, and
+/// the one call in flight would then be nobody's (or the next caller's). Reading
+/// is sequential, so attributing in `receive` sees the calls as they were when the
+/// message arrived.
+#[derive(Debug, Clone)]
+pub struct AttributedOnArrival(pub Attribution);
+
+/// A transport to an upstream that attributes each log message as it is read
+/// (see [`AttributedOnArrival`]); everything else passes through untouched.
+pub struct AttributingTransport<T> {
+    inner: T,
+    routes: Routes,
+}
+
+impl<T> AttributingTransport<T> {
+    /// Wraps `inner`, attributing against `routes` (the upstream handler's).
+    pub fn new(inner: T, routes: Routes) -> Self {
+        AttributingTransport { inner, routes }
+    }
+}
+
+impl<T> Transport<RoleClient> for AttributingTransport<T>
+where
+    T: Transport<RoleClient>,
+{
+    type Error = T::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleClient>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        self.inner.send(item)
+    }
+
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleClient>> {
+        let mut message = self.inner.receive().await?;
+        if let JsonRpcMessage::Notification(JsonRpcNotification {
+            notification: ServerNotification::LoggingMessageNotification(log),
+            ..
+        }) = &mut message
+        {
+            let origin = match log.extensions.get::<InboundStreamOrigin>() {
+                Some(InboundStreamOrigin::OutboundRequest(id)) => Some(id.clone()),
+                _ => None,
+            };
+            let attribution = self.routes.attribute(origin.as_ref());
+            log.extensions.insert(AttributedOnArrival(attribution));
+        }
+        Some(message)
+    }
+
+    fn close(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        self.inner.close()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,5 +335,85 @@ mod tests {
         assert_eq!(table.by_token.len(), LINGERING_ROUTES);
         assert_eq!(table.in_flight, 0);
         assert!(!table.by_token.contains_key(&token(0)));
+    }
+
+    /// Hands out the messages it was built with, then ends.
+    struct Scripted(VecDeque<RxJsonRpcMessage<RoleClient>>);
+
+    impl Transport<RoleClient> for Scripted {
+        type Error = std::io::Error;
+
+        fn send(
+            &mut self,
+            _item: TxJsonRpcMessage<RoleClient>,
+        ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+            std::future::ready(Ok(()))
+        }
+
+        async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleClient>> {
+            self.0.pop_front()
+        }
+
+        async fn close(&mut self) -> Result<(), Self::Error> {
+            Ok(())
+        }
+    }
+
+    fn log_message() -> RxJsonRpcMessage<RoleClient> {
+        #[allow(deprecated)]
+        let notification = ServerNotification::LoggingMessageNotification(
+            rmcp::model::LoggingMessageNotification::new(
+                rmcp::model::LoggingMessageNotificationParam::new(
+                    rmcp::model::LoggingLevel::Info,
+                    serde_json::json!("disk at 91%"),
+                ),
+            ),
+        );
+        JsonRpcMessage::Notification(JsonRpcNotification {
+            jsonrpc: Default::default(),
+            notification,
+        })
+    }
+
+    fn stamped(message: &RxJsonRpcMessage<RoleClient>) -> Option<Attribution> {
+        match message {
+            JsonRpcMessage::Notification(JsonRpcNotification {
+                notification: ServerNotification::LoggingMessageNotification(log),
+                ..
+            }) => log
+                .extensions
+                .get::<AttributedOnArrival>()
+                .map(|AttributedOnArrival(attribution)| attribution.clone()),
+            _ => None,
+        }
+    }
+
+    // The CI failure this fixes: the log message's handler task ran after the call's
+    // result had been read and its route finished, so the message went to Proxi's
+    // log instead of the caller. The attribution made on arrival must survive that.
+    #[tokio::test]
+    async fn a_log_message_keeps_the_attribution_it_had_when_read() {
+        let routes = Routes::default();
+        routes.register(token(1), RequestId::Number(1), None);
+        let mut transport =
+            AttributingTransport::new(Scripted(VecDeque::from([log_message()])), routes.clone());
+        let message = transport.receive().await.expect("one message");
+        routes.finish(&token(1));
+        assert!(matches!(routes.attribute(None), Attribution::Idle));
+        assert!(
+            matches!(stamped(&message), Some(Attribution::NoPeer)),
+            "{:?}",
+            stamped(&message)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_log_message_read_with_no_call_in_flight_is_nobodys() {
+        let routes = Routes::default();
+        let mut transport =
+            AttributingTransport::new(Scripted(VecDeque::from([log_message()])), routes.clone());
+        let message = transport.receive().await.expect("one message");
+        routes.register(token(2), RequestId::Number(2), None);
+        assert!(matches!(stamped(&message), Some(Attribution::Idle)));
     }
 }
