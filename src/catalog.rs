@@ -13,7 +13,6 @@ use std::sync::Arc;
 use rmcp::model::{Tool, ToolAnnotations};
 use serde_json::{Map, Value};
 
-use crate::gateway::CatalogEntry;
 use crate::policy::{ModeId, PolicyEngine};
 use crate::tools::{ToolCategory, ToolName};
 use crate::upstream::client::{ToolListing, UpstreamClient, UpstreamError, UpstreamHandler};
@@ -421,6 +420,27 @@ pub fn listed_names(policy: &PolicyEngine) -> Vec<&str> {
         .filter(|(id, tool)| tool.builtin().is_some() || !policy.modes_permitting(*id).is_empty())
         .map(|(_, tool)| tool.name())
         .collect()
+}
+
+/// One tool as the catalog lists it to callers (`GET /tools/catalog`, MCP
+/// `tools/list`) in one mode; clients get it as [`crate::api::CatalogEntry`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct CatalogEntry {
+    /// The name callers use in `/tools/execute` and MCP `tools/call`.
+    pub name: String,
+    /// What it does.
+    pub description: String,
+    /// `read_only`, `active` or `destructive`.
+    pub category: ToolCategory,
+    /// JSON Schema of its arguments.
+    pub input_schema: Value,
+    /// Whether the mode listed for allows it.
+    pub allowed: bool,
+    /// Every mode that allows it.
+    pub allowed_modes: Vec<String>,
+    /// An upstream tool's MCP annotations as its server listed them (absent for
+    /// built-ins, whose annotations follow from `category`).
+    pub annotations: Option<Value>,
 }
 
 /// The catalog as agents see it in `mode`: every built-in (listed as always,

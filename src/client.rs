@@ -9,10 +9,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::api::{
-    AuditPage, Catalog, ErrorBody, ExecuteRequest, Health, IncidentRequest, IncidentResponse,
-    InfrastructureStatus, PolicyStatus, SetModeRequest, ToolResponse,
+    AuditPage, AuditRecord, Catalog, ErrorBody, ExecuteRequest, Health, IncidentRequest,
+    IncidentResponse, InfrastructureStatus, PolicyStatus, SetModeRequest, ToolResponse,
 };
-use crate::audit::AuditRecord;
 use crate::server::ServerInfo;
 use crate::tokens::TokensFile;
 

@@ -41,7 +41,7 @@ use crate::principal::{Principal, Role};
 use crate::rate_limit::RateLimiter;
 use crate::reason::Reason;
 use crate::text;
-use crate::tools::{MAX_TOOL_NAME_LEN, ToolCategory, ToolName};
+use crate::tools::{MAX_TOOL_NAME_LEN, ToolName};
 use crate::upstream::call::{CallContext, UpstreamCalls};
 use crate::upstream::client::UpstreamError;
 
@@ -250,8 +250,10 @@ pub struct Execution {
     pub audit_seq: u64,
 }
 
-/// The policy state a client sees (`GET /policy/status`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The policy state: the mode in force, what it allows and blocks, and who
+/// entered it when. Watched by the expiry task, the console and MCP; clients get
+/// it as [`crate::api::PolicyStatus`].
+#[derive(Clone, Debug, PartialEq)]
 pub struct PolicyStatus {
     /// The mode in force.
     pub mode: String,
@@ -276,30 +278,8 @@ pub struct PolicyStatus {
     /// When.
     pub changed_at: String,
     /// The version of the policy in force: SHA-256 of its canonical JSON
-    /// ([`PolicyEngine::policy_hash`]). Empty from a server that predates it.
-    #[serde(default)]
+    /// ([`PolicyEngine::policy_hash`]).
     pub policy_hash: String,
-}
-
-/// One tool as `GET /tools/catalog` lists it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CatalogEntry {
-    /// The name callers use in `/tools/execute` and MCP `tools/call`.
-    pub name: String,
-    /// What it does.
-    pub description: String,
-    /// `read_only`, `active` or `destructive`.
-    pub category: ToolCategory,
-    /// JSON Schema of its arguments.
-    pub input_schema: Value,
-    /// Whether the current mode allows it.
-    pub allowed: bool,
-    /// Every mode that allows it.
-    pub allowed_modes: Vec<String>,
-    /// An upstream tool's MCP annotations as its server listed them (absent for
-    /// built-ins, whose annotations follow from `category`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub annotations: Option<Value>,
 }
 
 /// Where the gateway keeps its state and how it records it.
@@ -1613,7 +1593,7 @@ impl Gateway {
     /// Every tool some mode allows (and every built-in, as before), its schema,
     /// and whether the current mode allows it. An upstream tool no mode allows is
     /// left out; a call to it is still decided and audited.
-    pub fn catalog(&self) -> Vec<CatalogEntry> {
+    pub fn catalog(&self) -> Vec<crate::catalog::CatalogEntry> {
         let (policy, mode) = {
             let state = self.read_state();
             let policy = self.policy();

@@ -80,7 +80,7 @@ async fn a_flood_of_huge_rejected_calls_stores_bounded_records() {
     );
     let mut records: Vec<Value> = Vec::new();
     proxi::audit::for_each_record(&dir.path().join("audit.db"), |record| {
-        records.push(serde_json::to_value(record).unwrap());
+        records.push(serde_json::to_value(proxi::api::AuditRecord::from(record)).unwrap());
     })
     .unwrap();
     let last = records.last().expect("the flood is recorded");

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::{AGENT_TOKEN, TestServer, policy_path, write_policy};
-use proxi::audit::AuditRecord;
+use proxi::api::AuditRecord;
 use proxi::canonical::canonical_digest;
 use proxi::reason::Reason;
 use reqwest::StatusCode;

@@ -153,8 +153,10 @@ impl AuditEntry {
     }
 }
 
-/// A stored, chained record.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A stored, chained record, its JSON columns parsed back into values: what the
+/// stores' readers return. Clients get it as [`crate::api::AuditRecord`]; the
+/// chain hashes the [`StoredRecord`] columns, not a serialization of this.
+#[derive(Clone, Debug, PartialEq)]
 pub struct AuditRecord {
     /// Position in the chain, from 1.
     pub seq: u64,
@@ -186,17 +188,13 @@ pub struct AuditRecord {
     /// SHA-256 over `prev_hash` and this record's fields.
     pub hash: String,
     /// The caller's context, bounded like `arguments` (absent in records without one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<Value>,
     /// `<key id>:<HMAC-SHA-256 of hash>` under the audit key (see [`crate::anchor`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
     /// The version of the policy that decided (absent in records without one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_hash: Option<String>,
     /// The principal's role (`operator`, `agent`, `system`, `anonymous`) the request
     /// was made in; absent in records written before roles were recorded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
 }
 

@@ -217,7 +217,7 @@ pub(crate) async fn run(command: AuditCommand) -> Result<ExitCode> {
                 } else {
                     record.outcome.as_str()
                 };
-                print_record(&record, outcome, json)?;
+                print_record(&proxi::api::AuditRecord::from(&record), outcome, json)?;
                 last_seq = record.seq;
             }
             if !follow {
@@ -234,10 +234,14 @@ pub(crate) async fn run(command: AuditCommand) -> Result<ExitCode> {
     }
 }
 
-/// Prints one record; every field may hold text the agent chose (tool names,
+/// Prints one record (`--json`: as `GET /audit` sends it); every field may hold text the agent chose (tool names,
 /// client names) or that someone with file access wrote, so nothing reaches the
 /// terminal unescaped.
-fn print_record(record: &audit::AuditRecord, outcome: &str, json: bool) -> std::io::Result<()> {
+fn print_record(
+    record: &proxi::api::AuditRecord,
+    outcome: &str,
+    json: bool,
+) -> std::io::Result<()> {
     if json {
         let text = serde_json::to_string(record).map_err(std::io::Error::other)?;
         out!("{}", json_for_terminal(&text))

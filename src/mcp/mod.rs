@@ -532,7 +532,10 @@ impl ServerHandler for ProxiMcp {
         _context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, ErrorData> {
         match request.uri.as_str() {
-            POLICY_STATUS_URI => json_resource(POLICY_STATUS_URI, &self.shared.gateway.status()),
+            POLICY_STATUS_URI => json_resource(
+                POLICY_STATUS_URI,
+                &crate::api::PolicyStatus::from(self.shared.gateway.status()),
+            ),
             INFRASTRUCTURE_STATUS_URI => json_resource(
                 INFRASTRUCTURE_STATUS_URI,
                 &self.shared.gateway.infrastructure_status(),

@@ -134,7 +134,7 @@ pub async fn page(state: &AppState, filters: AuditFilters) -> Response {
                 .collect();
             Json(AuditPage {
                 count: page.records.len(),
-                records: page.records,
+                records: page.records.into_iter().map(Into::into).collect(),
                 outcome_unknown,
                 next_after_seq: page.next_after_seq,
             })
@@ -246,7 +246,7 @@ async fn feed(
                 let event = match Event::default()
                     .id(record.seq.to_string())
                     .event("record")
-                    .json_data(&record)
+                    .json_data(crate::api::AuditRecord::from(&record))
                 {
                     Ok(event) => event,
                     Err(_) => return,

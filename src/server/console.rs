@@ -517,7 +517,7 @@ async fn logout(
 /// What the console shows besides the audit table.
 #[derive(Serialize)]
 struct Overview {
-    status: PolicyStatus,
+    status: crate::api::PolicyStatus,
     /// The simulated cloud.
     infrastructure: InfrastructureStatus,
     /// The policy's upstream MCP servers and their health, in name order.
@@ -545,7 +545,7 @@ struct UpstreamHealth {
 async fn overview(State(state): State<AppState>, session: ConsoleSession) -> Response {
     hardened(
         Json(Overview {
-            status: state.gateway.status(),
+            status: state.gateway.status().into(),
             infrastructure: state.gateway.infrastructure_status(),
             upstreams: state
                 .gateway
@@ -587,7 +587,7 @@ async fn set_mode(
         ttl: form.ttl_seconds.map(Duration::from_secs),
     };
     let answer = match state.gateway.set_mode(&session.principal, change).await {
-        Ok(status) => Json(status).into_response(),
+        Ok(status) => Json(crate::api::PolicyStatus::from(status)).into_response(),
         Err(ModeChangeError::AuditUnavailable) => ApiError::audit_unavailable().into_response(),
         Err(error @ ModeChangeError::NotOperator) => {
             ApiError::new(StatusCode::FORBIDDEN, error.to_string()).into_response()
@@ -648,7 +648,7 @@ fn status_events(
         if !first && receiver.changed().await.is_err() {
             return None;
         }
-        let status = receiver.borrow_and_update().clone();
+        let status = crate::api::PolicyStatus::from(&*receiver.borrow_and_update());
         let event = Event::default()
             .event("status")
             .json_data(&status)

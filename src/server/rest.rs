@@ -35,7 +35,10 @@ pub async fn policy_status(
     State(state): State<AppState>,
     _caller: Caller,
 ) -> Result<Response, ApiError> {
-    Ok(Json(state.gateway.current_status().await?).into_response())
+    Ok(Json(crate::api::PolicyStatus::from(
+        state.gateway.current_status().await?,
+    ))
+    .into_response())
 }
 
 /// `POST /policy/set-mode` (operator only).
@@ -51,7 +54,7 @@ pub async fn set_mode(
     };
     let switch = state.gateway.switch_mode(&principal, change).await?;
     Ok(Json(SetModeResponse {
-        status: switch.status,
+        status: switch.status.into(),
         drained: switch.drain.drained,
         cancelled: switch.drain.cancelled,
     })
@@ -279,7 +282,12 @@ pub fn known_tool_names() -> Vec<String> {
 pub async fn catalog(State(state): State<AppState>, _caller: Caller) -> Json<Catalog> {
     Json(Catalog {
         mode: state.gateway.status().mode,
-        tools: state.gateway.catalog(),
+        tools: state
+            .gateway
+            .catalog()
+            .into_iter()
+            .map(Into::into)
+            .collect(),
     })
 }
 

@@ -331,7 +331,7 @@ impl TestServer {
     }
 
     /// Every tool-call record in the audit trail, oldest first.
-    pub async fn tool_calls(&self) -> Vec<AuditRecord> {
+    pub async fn tool_calls(&self) -> Vec<proxi::api::AuditRecord> {
         let AuditPage { records, .. } = self.operator.audit(1000).await.expect("audit");
         records
             .into_iter()

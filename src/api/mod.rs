@@ -1,9 +1,23 @@
-//! Wire types of the REST API, shared by the server and its clients.
+//! Wire types: the JSON shapes of the REST API, the console's API and the MCP
+//! resources, shared by the server and its clients (`src/client.rs`, the agent).
+//!
+//! Domain types (the gateway's [`crate::gateway::PolicyStatus`], the catalog's
+//! [`crate::catalog::CatalogEntry`], the trail's [`crate::audit::AuditRecord`])
+//! are not serialized to clients themselves: each has a wire type here that
+//! converts from it (`From`), so a change inside the gateway cannot change what
+//! clients receive, and what clients receive never decides what is stored.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use crate::gateway::{CatalogEntry, PolicyStatus};
+mod audit;
+mod catalog;
+mod status;
+
+pub use audit::{AuditPage, AuditRecord};
+pub use catalog::{Catalog, CatalogEntry};
+pub use status::PolicyStatus;
+
 pub use crate::infra::{INITIAL_SERVICES, InfrastructureStatus};
 pub use crate::mcp::{META_AUDIT_SEQ as MCP_META_AUDIT_SEQ, META_MODE as MCP_META_MODE};
 pub use crate::reason::Reason;
@@ -104,15 +118,6 @@ pub struct SetModeRequest {
     pub ttl_seconds: Option<u64>,
 }
 
-/// `GET /tools/catalog`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Catalog {
-    /// The mode `allowed` refers to.
-    pub mode: String,
-    /// Every tool.
-    pub tools: Vec<CatalogEntry>,
-}
-
 /// `POST /infrastructure/simulate-incident` body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -151,24 +156,6 @@ pub struct IncidentResponse {
     pub message: String,
     /// The infrastructure afterwards.
     pub infrastructure: InfrastructureStatus,
-}
-
-/// `GET /audit` answer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AuditPage {
-    /// Number of records returned.
-    pub count: usize,
-    /// The records, oldest first: the newest matching ones, or those after `after_seq`.
-    pub records: Vec<crate::audit::AuditRecord>,
-    /// Seqs of upstream-call intents among `records` whose outcome is unknown: no
-    /// record resolves them and the server is not running them (a crash cut them
-    /// short). Absent when there are none.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub outcome_unknown: Vec<u64>,
-    /// With `after_seq`: the seq of the last record returned, when more match
-    /// (pass it as the next `after_seq`); absent otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_after_seq: Option<u64>,
 }
 
 /// The answer to `POST /policy/set-mode`: the policy state after the change and,
@@ -211,4 +198,38 @@ pub struct ApprovalList {
 pub struct ApprovalDecisionRequest {
     /// Why the operator decides so (required, at most 500 characters); recorded.
     pub reason: String,
+}
+
+/// Helpers for the wire-shape tests of the submodules.
+#[cfg(test)]
+pub(crate) mod wire_tests {
+    use std::fmt;
+
+    use serde::Deserializer as _;
+    use serde::de::{IgnoredAny, MapAccess, Visitor};
+
+    /// The keys of the JSON object `text`, in the order they were written:
+    /// `serde_json::Value` sorts its keys, and clients may depend on the order.
+    pub(crate) fn keys_in_order(text: &str) -> Vec<String> {
+        struct Keys;
+        impl<'de> Visitor<'de> for Keys {
+            type Value = Vec<String>;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(keys)
+            }
+        }
+        serde_json::Deserializer::from_str(text)
+            .deserialize_map(Keys)
+            .unwrap()
+    }
 }
