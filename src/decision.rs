@@ -202,7 +202,7 @@ impl Verdict {
     pub fn reason_code(&self) -> Option<Reason> {
         match self {
             Verdict::Allow(_) => None,
-            Verdict::Deny(denial) => Some(denial.reason.into()),
+            Verdict::Deny(denial) => Some(denial.reason),
             Verdict::UnknownTool => Some(Reason::UnknownTool),
             Verdict::InvalidArguments(_) => Some(Reason::InvalidArguments),
         }
@@ -253,7 +253,7 @@ pub fn decide_tool(policy: &PolicyEngine, mode: ModeId, tool_name: &str) -> Tool
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::ReasonCode;
+    use crate::reason::Reason;
     use crate::tools::ToolName;
     use serde_json::json;
 
@@ -333,11 +333,11 @@ mod tests {
         let ToolVerdict::Denied(denial) = decide_tool(&engine, normal, "restart_service") else {
             panic!("restart_service is blocked in NORMAL");
         };
-        assert_eq!(denial.reason, ReasonCode::BlockedInMode);
+        assert_eq!(denial.reason, Reason::BlockedInMode);
         let ToolVerdict::Denied(denial) = decide_tool(&engine, emergency, "delete_database") else {
             panic!("delete_database is always blocked");
         };
-        assert_eq!(denial.reason, ReasonCode::AlwaysBlocked);
+        assert_eq!(denial.reason, Reason::AlwaysBlocked);
     }
 
     #[test]
@@ -355,7 +355,7 @@ mod tests {
                     match (&alone, &full) {
                         (ToolVerdict::Denied(a), Verdict::Deny(b)) => assert_eq!(a, b),
                         (ToolVerdict::Allowed { .. }, full) => assert!(
-                            !matches!(full, Verdict::Deny(d) if d.reason != ReasonCode::ConstraintViolated),
+                            !matches!(full, Verdict::Deny(d) if d.reason != Reason::ConstraintViolated),
                             "{tool} {arguments}: {full:?}"
                         ),
                         (alone, full) => panic!("{tool} {arguments}: {alone:?} vs {full:?}"),
@@ -500,7 +500,7 @@ mod tests {
                 (ToolVerdict::Denied(a), Verdict::Deny(b)) => proptest::prop_assert_eq!(&a, b),
                 (ToolVerdict::Allowed { .. }, Verdict::Allow(_) | Verdict::InvalidArguments(_)) => {}
                 (ToolVerdict::Allowed { .. }, Verdict::Deny(d)) => {
-                    proptest::prop_assert_eq!(d.reason, ReasonCode::ConstraintViolated);
+                    proptest::prop_assert_eq!(d.reason, Reason::ConstraintViolated);
                 }
                 (alone, full) => proptest::prop_assert!(false, "{alone:?} vs {full:?}"),
             }

@@ -179,13 +179,13 @@ impl UpstreamFailure {
         }
     }
 
-    /// The outcome its record carries.
+    /// The outcome its record carries: the reason's name where they agree,
+    /// shorter names (kept as already in trails) for the other two.
     pub fn recorded_outcome(self) -> &'static str {
         match self {
             UpstreamFailure::Unavailable => "unavailable",
             UpstreamFailure::Timeout => "timeout",
-            UpstreamFailure::Refused => "upstream_error",
-            UpstreamFailure::Cancelled => "cancelled",
+            UpstreamFailure::Refused | UpstreamFailure::Cancelled => self.reason_code().as_str(),
         }
     }
 }
@@ -195,7 +195,7 @@ impl Outcome {
     pub fn reason_code(&self) -> Option<Reason> {
         match self {
             Outcome::Executed(_) => None,
-            Outcome::Denied { denial, .. } => Some(denial.reason.into()),
+            Outcome::Denied { denial, .. } => Some(denial.reason),
             Outcome::UnknownTool { .. } => Some(Reason::UnknownTool),
             Outcome::InvalidArguments(_) => Some(Reason::InvalidArguments),
             Outcome::InvalidToolName(_) => Some(Reason::InvalidToolName),
@@ -1452,7 +1452,7 @@ impl Gateway {
             outcome: if report.cancelled.is_empty() {
                 "drained"
             } else {
-                "cancelled"
+                Reason::Cancelled.as_str()
             },
             detail: json!({
                 "change_seq": change_seq,
@@ -1755,7 +1755,7 @@ impl Gateway {
             mode,
             decision: AuditDecision::Rejected,
             reason_code: Some(Reason::MalformedRequest),
-            outcome: "malformed_request",
+            outcome: Reason::MalformedRequest.as_str(),
             detail: json!({
                 "problem": truncate(problem, 200),
                 "tool_name_bytes": tool_name.len(),
@@ -1859,6 +1859,7 @@ fn tool_call_entry(
     outcome: &Outcome,
     now: DateTime<Utc>,
 ) -> AuditEntry {
+    // A refusal's outcome is named after its reason, as the trail always had it.
     let (decision, outcome_name, detail) = match outcome {
         Outcome::Executed(result) => (AuditDecision::Allowed, "executed", result.clone()),
         Outcome::Denied { message, .. } => {
@@ -1866,17 +1867,17 @@ fn tool_call_entry(
         }
         Outcome::UnknownTool { .. } => (
             AuditDecision::Rejected,
-            "unknown_tool",
+            Reason::UnknownTool.as_str(),
             Value::String("no such tool".to_owned()),
         ),
         Outcome::InvalidArguments(message) => (
             AuditDecision::Rejected,
-            "invalid_arguments",
+            Reason::InvalidArguments.as_str(),
             recorded_message(message),
         ),
         Outcome::InvalidToolName(_) => (
             AuditDecision::Rejected,
-            "invalid_tool_name",
+            Reason::InvalidToolName.as_str(),
             Value::String(
                 "the tool name contains control, bidi or zero-width characters".to_owned(),
             ),
@@ -1888,7 +1889,7 @@ fn tool_call_entry(
         ),
         Outcome::RateLimited { retry_after } => (
             AuditDecision::Denied,
-            "rate_limited",
+            Reason::RateLimited.as_str(),
             json!({"retry_after_ms": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)}),
         ),
         Outcome::Failed { message, .. } => {
@@ -2069,7 +2070,9 @@ fn upstream_failure(error: UpstreamError) -> Outcome {
 /// The `outcome` column of an upstream call's second record.
 fn recorded_outcome(outcome: &Outcome) -> &'static str {
     match outcome {
-        Outcome::Forwarded(result) if result.is_error == Some(true) => "upstream_error",
+        Outcome::Forwarded(result) if result.is_error == Some(true) => {
+            Reason::UpstreamError.as_str()
+        }
         Outcome::UpstreamFailed { failure, .. } => failure.recorded_outcome(),
         _ => "executed",
     }
@@ -2400,13 +2403,13 @@ mod tests {
             intent.detail["shadow_decision"],
             json!({
                 "decision": "denied",
-                "reason_code": "not_allowed",
+                "reason_code": Reason::NotAllowed.as_str(),
                 "policy_hash": shadow_hash,
                 "mode": "NORMAL",
             })
         );
         assert_eq!(intent.detail["upstream"], json!("fake"));
-        assert_eq!(agreed.reason_code.as_deref(), Some("always_blocked"));
+        assert_eq!(agreed.reason(), Some(Reason::AlwaysBlocked));
         for record in [outcome, agreed] {
             assert!(
                 record.detail.get("shadow_decision").is_none(),
@@ -2426,7 +2429,11 @@ mod tests {
     async fn upstream_failures_are_recorded_with_safe_messages() {
         let (gateway, _fake, _dir) = gateway_with(10).await;
         let cases = [
-            ("fails", "upstream_error", Reason::UpstreamError),
+            (
+                "fails",
+                Reason::UpstreamError.as_str(),
+                Reason::UpstreamError,
+            ),
             ("down", "unavailable", Reason::UpstreamUnavailable),
             ("slowpoke", "timeout", Reason::UpstreamTimeout),
         ];
@@ -2519,7 +2526,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(switch.drain.cancelled.len(), 1, "{:?}", switch.drain);
-        assert_eq!(switch.drain.cancelled[0].outcome, "cancelled");
+        assert_eq!(
+            switch.drain.cancelled[0].outcome,
+            Reason::Cancelled.as_str()
+        );
         // The upstream request saw the cancellation (and would send notifications/cancelled).
         assert_eq!(fake.cancelled.load(Ordering::SeqCst), 1);
         assert_eq!(fake.abandoned.load(Ordering::SeqCst), 0);
@@ -2528,7 +2538,7 @@ mod tests {
         let last = trail(&gateway).pop().unwrap();
         assert_eq!(
             (last.kind.as_str(), last.outcome.as_str()),
-            ("mode_drained", "cancelled")
+            ("mode_drained", Reason::Cancelled.as_str())
         );
         assert!(audit_verifies(&gateway));
     }
@@ -2579,7 +2589,10 @@ mod tests {
         let execution = running.await.unwrap();
         assert_eq!(execution.outcome.reason_code(), Some(Reason::Cancelled));
         assert_eq!(fake.cancelled.load(Ordering::SeqCst), 1);
-        assert_eq!(trail(&gateway).pop().unwrap().outcome, "cancelled");
+        assert_eq!(
+            trail(&gateway).pop().unwrap().outcome,
+            Reason::Cancelled.as_str()
+        );
     }
 
     #[tokio::test]

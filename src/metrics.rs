@@ -378,7 +378,10 @@ mod tests {
         assert_eq!(
             sample(
                 &text,
-                r#"proxi_tool_calls_total{tool="other",decision="rejected",reason_code="unknown_tool"}"#
+                &format!(
+                    r#"proxi_tool_calls_total{{tool="other",decision="rejected",reason_code="{}"}}"#,
+                    crate::reason::Reason::UnknownTool
+                )
             ),
             Some(1.0)
         );

@@ -27,11 +27,12 @@ use std::time::Duration;
 
 use regex::Regex;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 use crate::catalog::{Catalog, ToolBits, ToolId, ToolOrigin};
 use crate::rate_limit::{RateLimitDocument, RateLimitRule};
+use crate::reason::Reason;
 use crate::tools::{ArgumentKind, ArgumentValue, ToolCall, ToolName};
 use crate::upstream::config::UpstreamDeclaration;
 use crate::upstream::names::{MAX_EXPOSED_NAME_LEN, SEPARATOR};
@@ -97,41 +98,6 @@ pub enum PolicyError {
         /// Every problem found, in file order.
         problems: Vec<String>,
     },
-}
-
-/// Machine-readable reason for a denial.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReasonCode {
-    /// The tool is in `global_rules.always_blocked`.
-    AlwaysBlocked,
-    /// The tool is in the current mode's `blocked_tools`.
-    BlockedInMode,
-    /// The tool is not in the current mode's `allowed_tools` (default deny).
-    NotAllowed,
-    /// No tool has that name.
-    UnknownTool,
-    /// An argument breaks one of the mode's constraints.
-    ConstraintViolated,
-}
-
-impl ReasonCode {
-    /// The snake_case wire form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReasonCode::AlwaysBlocked => "always_blocked",
-            ReasonCode::BlockedInMode => "blocked_in_mode",
-            ReasonCode::NotAllowed => "not_allowed",
-            ReasonCode::UnknownTool => "unknown_tool",
-            ReasonCode::ConstraintViolated => "constraint_violated",
-        }
-    }
-}
-
-impl fmt::Display for ReasonCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// Index of a mode inside one [`PolicyEngine`]; stable across re-binds, since
@@ -250,9 +216,11 @@ pub struct Denial {
     pub tool: ToolId,
     /// The mode the decision was made in.
     pub mode: ModeId,
-    /// Why.
-    pub reason: ReasonCode,
-    /// For [`ReasonCode::ConstraintViolated`], the index of the broken constraint in the mode.
+    /// Why: [`Reason::AlwaysBlocked`], [`Reason::BlockedInMode`],
+    /// [`Reason::NotAllowed`] or [`Reason::ConstraintViolated`], the only reasons
+    /// the policy gives (a denial is built only here).
+    pub reason: Reason,
+    /// For [`Reason::ConstraintViolated`], the index of the broken constraint in the mode.
     constraint: Option<usize>,
 }
 
@@ -926,14 +894,14 @@ impl PolicyEngine {
             })
         };
         if self.always_blocked.contains(tool) {
-            return deny(ReasonCode::AlwaysBlocked);
+            return deny(Reason::AlwaysBlocked);
         }
         let compiled = self.mode(mode);
         if compiled.blocked.contains(tool) {
-            return deny(ReasonCode::BlockedInMode);
+            return deny(Reason::BlockedInMode);
         }
         if !compiled.allowed.contains(tool) {
-            return deny(ReasonCode::NotAllowed);
+            return deny(Reason::NotAllowed);
         }
         Decision::Allow
     }
@@ -957,7 +925,7 @@ impl PolicyEngine {
                 return Decision::Deny(Denial {
                     tool,
                     mode,
-                    reason: ReasonCode::ConstraintViolated,
+                    reason: Reason::ConstraintViolated,
                     constraint: Some(index),
                 });
             }
@@ -1113,21 +1081,23 @@ impl PolicyEngine {
         let mode = self.mode(denial.mode).name();
         let tool = self.tool_name(denial.tool);
         match denial.reason {
-            ReasonCode::AlwaysBlocked => format!(
+            Reason::AlwaysBlocked => format!(
                 "Tool '{tool}' is blocked in every mode by the global rules: destructive operations are never allowed"
             ),
-            ReasonCode::BlockedInMode => format!("Tool '{tool}' is blocked in {mode} mode"),
-            ReasonCode::NotAllowed => format!(
+            Reason::BlockedInMode => format!("Tool '{tool}' is blocked in {mode} mode"),
+            Reason::NotAllowed => format!(
                 "Tool '{tool}' is not among the tools allowed in {mode} mode (default deny)"
             ),
-            ReasonCode::UnknownTool => format!("Tool '{tool}' is unknown"),
-            ReasonCode::ConstraintViolated => match self.violated_constraint(denial) {
+            Reason::ConstraintViolated => match self.violated_constraint(denial) {
                 Some(constraint) => format!(
                     "Argument `{}` of '{tool}' must be {} in {mode} mode",
                     constraint.argument, constraint.rule
                 ),
                 None => format!("Tool '{tool}' violates a constraint of {mode} mode"),
             },
+            // Only this module builds a `Denial`, with the four reasons above; a
+            // sentence that still names the tool, mode and reason beats a panic.
+            other => format!("Tool '{tool}' is refused in {mode} mode ({other})"),
         }
     }
 
@@ -1135,10 +1105,10 @@ impl PolicyEngine {
     pub fn how_to_proceed(&self, denial: &Denial) -> String {
         let tool = self.tool_name(denial.tool);
         match denial.reason {
-            ReasonCode::AlwaysBlocked => format!(
+            Reason::AlwaysBlocked => format!(
                 "Do not retry: '{tool}' is never allowed through Proxi. If it is truly needed, a human must do it outside the agent, through change management."
             ),
-            ReasonCode::BlockedInMode | ReasonCode::NotAllowed => {
+            Reason::BlockedInMode | Reason::NotAllowed => {
                 let modes = self.modes_permitting(denial.tool);
                 if modes.is_empty() {
                     format!("Do not retry: no mode of this policy allows '{tool}'.")
@@ -1157,16 +1127,15 @@ impl PolicyEngine {
                     )
                 }
             }
-            ReasonCode::UnknownTool => {
-                "Use one of the tools listed by the catalog (tools/list).".to_owned()
-            }
-            ReasonCode::ConstraintViolated => match self.violated_constraint(denial) {
+            Reason::ConstraintViolated => match self.violated_constraint(denial) {
                 Some(constraint) => format!(
                     "Retry only with `{}` {}.",
                     constraint.argument, constraint.rule
                 ),
                 None => "Do not retry with the same arguments.".to_owned(),
             },
+            // Unreachable, as in `explain`.
+            _ => "Do not retry the same call.".to_owned(),
         }
     }
 
@@ -2065,7 +2034,7 @@ mod tests {
         engine.catalog().builtin_id(tool).expect("a built-in")
     }
 
-    fn reason(engine: &PolicyEngine, mode: &str, call: &ToolCall) -> Option<ReasonCode> {
+    fn reason(engine: &PolicyEngine, mode: &str, call: &ToolCall) -> Option<Reason> {
         match decide(engine, engine.mode_id(mode).unwrap(), call) {
             Decision::Allow => None,
             Decision::Deny(denial) => Some(denial.reason),
@@ -2112,16 +2081,16 @@ mod tests {
         let status = call(ToolName::GetServiceStatus, json!({"service_name": "cache"}));
         assert_eq!(
             reason(&engine, "NORMAL", &restart),
-            Some(ReasonCode::BlockedInMode)
+            Some(Reason::BlockedInMode)
         );
         assert_eq!(reason(&engine, "EMERGENCY", &restart), None);
         assert_eq!(
             reason(&engine, "EMERGENCY", &delete),
-            Some(ReasonCode::AlwaysBlocked)
+            Some(Reason::AlwaysBlocked)
         );
         assert_eq!(
             reason(&engine, "NORMAL", &delete),
-            Some(ReasonCode::AlwaysBlocked)
+            Some(Reason::AlwaysBlocked)
         );
         assert_eq!(reason(&engine, "NORMAL", &status), None);
     }
@@ -2133,7 +2102,7 @@ mod tests {
         let ok = call(ToolName::ScaleFleet, json!({"count": 5}));
         assert_eq!(
             reason(&engine, "EMERGENCY", &big),
-            Some(ReasonCode::ConstraintViolated)
+            Some(Reason::ConstraintViolated)
         );
         assert_eq!(reason(&engine, "EMERGENCY", &ok), None);
         let Decision::Deny(denial) = decide(&engine, engine.mode_id("EMERGENCY").unwrap(), &big)
@@ -2167,7 +2136,7 @@ mod tests {
         assert_eq!(reason(&engine, "NORMAL", &cache), None);
         assert_eq!(
             reason(&engine, "NORMAL", &web),
-            Some(ReasonCode::ConstraintViolated)
+            Some(Reason::ConstraintViolated)
         );
     }
 
@@ -2188,7 +2157,7 @@ mod tests {
             PolicyEngine::from_json(&json!({"modes": {"NORMAL": {}}}).to_string(), "t").unwrap();
         assert_eq!(
             reason(&engine, "NORMAL", &ToolCall::ListServices),
-            Some(ReasonCode::NotAllowed)
+            Some(Reason::NotAllowed)
         );
     }
 
@@ -2389,7 +2358,7 @@ mod tests {
                "modes": modes})
     }
 
-    fn tool_reason(engine: &PolicyEngine, mode: &str, tool: &str) -> Option<ReasonCode> {
+    fn tool_reason(engine: &PolicyEngine, mode: &str, tool: &str) -> Option<Reason> {
         let id = engine.catalog().lookup(tool).expect("in the catalog");
         match engine.decide_tool(engine.mode_id(mode).unwrap(), id) {
             Decision::Allow => None,
@@ -2407,18 +2376,18 @@ mod tests {
         // An exact block wins over a glob allow.
         assert_eq!(
             tool_reason(&engine, "NORMAL", "fs__read_dir"),
-            Some(ReasonCode::BlockedInMode)
+            Some(Reason::BlockedInMode)
         );
         // Default deny: nothing allows writes in NORMAL.
         assert_eq!(
             tool_reason(&engine, "NORMAL", "fs__write_file"),
-            Some(ReasonCode::NotAllowed)
+            Some(Reason::NotAllowed)
         );
         assert_eq!(tool_reason(&engine, "EMERGENCY", "fs__write_file"), None);
         // A global glob block wins over `fs__*`.
         assert_eq!(
             tool_reason(&engine, "EMERGENCY", "fs__delete_file"),
-            Some(ReasonCode::AlwaysBlocked)
+            Some(Reason::AlwaysBlocked)
         );
         let normal = engine.mode(engine.mode_id("NORMAL").unwrap());
         assert_eq!(normal.allowed().names(), ["fs__read_file", "fs__read_dir"]);
@@ -2456,7 +2425,7 @@ mod tests {
         assert_eq!(tool_reason(&engine, "NORMAL", "fs__read_file"), None);
         assert_eq!(
             tool_reason(&engine, "NORMAL", "read_logs"),
-            Some(ReasonCode::NotAllowed)
+            Some(Reason::NotAllowed)
         );
         // Without upstreams nothing changes: the six built-ins.
         assert_eq!(shipped().catalog().len(), 6);
@@ -2528,18 +2497,18 @@ mod tests {
         ] {
             assert_eq!(
                 decide_path(write, json!({"path": outside})),
-                Some(ReasonCode::ConstraintViolated),
+                Some(Reason::ConstraintViolated),
                 "{outside}"
             );
         }
         // Absent or mistyped arguments fail closed.
         assert_eq!(
             decide_path(write, json!({})),
-            Some(ReasonCode::ConstraintViolated)
+            Some(Reason::ConstraintViolated)
         );
         assert_eq!(
             decide_path(write, json!({"path": 7})),
-            Some(ReasonCode::ConstraintViolated)
+            Some(Reason::ConstraintViolated)
         );
         assert_eq!(decide_path(read, json!({"path": "a", "depth": 2})), None);
         let Decision::Deny(denial) = engine.decide(
@@ -2573,7 +2542,7 @@ mod tests {
         assert_eq!(reason(&engine, "NORMAL", &web), None);
         assert_eq!(
             reason(&engine, "NORMAL", &db),
-            Some(ReasonCode::ConstraintViolated)
+            Some(Reason::ConstraintViolated)
         );
     }
 
@@ -2846,11 +2815,11 @@ mod tests {
             };
             for (id, tool) in engine.catalog().tools() {
                 let expected = if matches(&always, tool.name()) {
-                    Some(ReasonCode::AlwaysBlocked)
+                    Some(Reason::AlwaysBlocked)
                 } else if matches(&blocked, tool.name()) {
-                    Some(ReasonCode::BlockedInMode)
+                    Some(Reason::BlockedInMode)
                 } else if !matches(&allowed, tool.name()) {
-                    Some(ReasonCode::NotAllowed)
+                    Some(Reason::NotAllowed)
                 } else {
                     None
                 };
@@ -2944,13 +2913,13 @@ mod tests {
             let mode = engine.mode_id(if emergency { "EMERGENCY" } else { "NORMAL" }).unwrap();
             let tool = call.tool();
             let expected = if always.contains(&tool) {
-                Some(ReasonCode::AlwaysBlocked)
+                Some(Reason::AlwaysBlocked)
             } else if blocked[index].contains(&tool) {
-                Some(ReasonCode::BlockedInMode)
+                Some(Reason::BlockedInMode)
             } else if !allowed[index].contains(&tool) {
-                Some(ReasonCode::NotAllowed)
+                Some(Reason::NotAllowed)
             } else if let (true, ToolCall::ScaleFleet { count }) = (emergency, &call) {
-                (!(min..=max).contains(count)).then_some(ReasonCode::ConstraintViolated)
+                (!(min..=max).contains(count)).then_some(Reason::ConstraintViolated)
             } else {
                 None
             };
@@ -2978,7 +2947,7 @@ mod tests {
             let tool = id(&engine, call.tool());
             let tool_level = engine.decide_tool(mode, tool);
             match decide(&engine, mode, &call) {
-                Decision::Deny(denial) if denial.reason == ReasonCode::ConstraintViolated => {
+                Decision::Deny(denial) if denial.reason == Reason::ConstraintViolated => {
                     prop_assert_eq!(tool_level, Decision::Allow);
                 }
                 decision => prop_assert_eq!(tool_level, decision),

@@ -425,7 +425,7 @@ mod tests {
             report.not_replayed,
             BTreeMap::from([
                 ("arguments_not_stored".to_owned(), 1),
-                ("rate_limited".to_owned(), 1)
+                (Reason::RateLimited.to_string(), 1)
             ])
         );
         assert_eq!(report.mode_missing, 1);

@@ -1126,6 +1126,8 @@ fn summarize_calls(record: &RunRecord) -> String {
 mod tests {
     use serde_json::json;
 
+    use crate::api::Reason;
+
     use super::*;
 
     /// ARCHITECTURE.md's invariant "the agent is a client": every `crate::` path
@@ -1215,7 +1217,11 @@ mod tests {
     }
 
     fn waiting(id: &str) -> ToolOutcome {
-        outcome(Decision::Failed, Some("approval_required"), Some(id))
+        outcome(
+            Decision::Failed,
+            Some(Reason::ApprovalRequired.as_str()),
+            Some(id),
+        )
     }
 
     impl ApprovalBackend {
@@ -1363,7 +1369,7 @@ mod tests {
     async fn a_denial_and_an_expiry_are_reported_plainly() {
         let denied = ApprovalBackend::new(vec![outcome(
             Decision::Failed,
-            Some("approval_denied"),
+            Some(Reason::ApprovalDenied.as_str()),
             None,
         )]);
         let (record, _) = run_with(&denied, Some(Duration::from_secs(60))).await;
@@ -1372,11 +1378,14 @@ mod tests {
             call.approval.map(|wait| wait.result),
             Some(ApprovalResult::Denied)
         );
-        assert_eq!(call.reason_code.as_deref(), Some("approval_denied"));
+        assert_eq!(
+            call.reason_code.as_deref(),
+            Some(Reason::ApprovalDenied.as_str())
+        );
 
         let expired = ApprovalBackend::new(vec![outcome(
             Decision::Failed,
-            Some("approval_expired"),
+            Some(Reason::ApprovalExpired.as_str()),
             Some("apr_2"),
         )]);
         let (record, _) = run_with(&expired, Some(Duration::from_secs(60))).await;
@@ -1418,7 +1427,10 @@ mod tests {
         assert!(notices.is_empty());
         let call = scale_call(&record);
         assert_eq!(call.approval, None);
-        assert_eq!(call.reason_code.as_deref(), Some("approval_required"));
+        assert_eq!(
+            call.reason_code.as_deref(),
+            Some(Reason::ApprovalRequired.as_str())
+        );
         assert_eq!(
             backend.held_calls.load(std::sync::atomic::Ordering::SeqCst),
             0

@@ -127,8 +127,8 @@ pub struct AuditEntry {
 }
 
 /// The `outcome` of a decision recorded as refused because the shared mode had
-/// moved on since it was taken.
-pub const STALE_OUTCOME: &str = "mode_changed";
+/// moved on since it was taken: named after its reason, as refusals are.
+pub const STALE_OUTCOME: &str = crate::reason::Reason::ModeChanged.as_str();
 
 impl AuditEntry {
     /// What a shared store records instead of this allowed decision when it was

@@ -8,6 +8,7 @@ use crate::agent::backend::Decision;
 use crate::agent::{RunOutcome, RunRecord, ToolCallRecord};
 use crate::audit::AuditRecord;
 use crate::gateway::Gateway;
+use crate::reason::Reason;
 use crate::tools::{ToolCategory, ToolName};
 
 /// A scenario in progress: its facts and its verdict.
@@ -80,7 +81,9 @@ pub(crate) fn confirmed(call: &ToolCallRecord, records: &[AuditRecord]) -> bool 
                 Decision::Allowed => record.decision == "allowed" && record.outcome == "executed",
                 Decision::Failed => record.decision == "allowed" && record.outcome == "failed",
                 Decision::Rejected => record.decision == "rejected",
-                Decision::Denied => record.decision == "denied" || record.outcome == "unknown_tool",
+                Decision::Denied => {
+                    record.decision == "denied" || record.outcome == Reason::UnknownTool.as_str()
+                }
             }
     };
     // Both REST and MCP answers carry the call's audit sequence number.

@@ -656,7 +656,9 @@ impl Environment {
                 );
                 findings.check(
                     fresh.iter().any(|r| {
-                        r.kind == "tool_call" && r.outcome == "approval_required" && names(r)
+                        r.kind == "tool_call"
+                            && r.outcome == Reason::ApprovalRequired.as_str()
+                            && names(r)
                     }),
                     "the first call is audited as approval_required with the approval id",
                 );

@@ -19,7 +19,7 @@ impl DecisionClass {
     pub(super) fn of(verdict: &Verdict) -> DecisionClass {
         let reason = match verdict {
             Verdict::Allow(_) => None,
-            Verdict::Deny(denial) => Some(denial.reason.into()),
+            Verdict::Deny(denial) => Some(denial.reason),
             Verdict::UnknownTool => Some(Reason::UnknownTool),
             Verdict::InvalidArguments(_) => Some(Reason::InvalidArguments),
         };
