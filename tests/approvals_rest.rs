@@ -626,3 +626,148 @@ async fn elevation_requests_are_refused_unless_the_policy_enables_them() {
         "{body}"
     );
 }
+
+/// Makes every approval record fail to commit, as a full disk would, while the
+/// trail stays healthy for everything else: so the gateway's `admit` check before
+/// a decision passes and only the decision's own record fails.
+const BREAK_APPROVAL_RECORDS: &str = "CREATE TRIGGER break_approval_records
+    BEFORE INSERT ON audit_log WHEN NEW.kind = 'approval'
+    BEGIN SELECT RAISE(ABORT, 'injected write failure'); END;";
+
+fn audit_sql(server: &TestServer, sql: &str) {
+    rusqlite::Connection::open(server.data_dir().join("audit.db"))
+        .unwrap()
+        .execute_batch(sql)
+        .unwrap();
+}
+
+/// The agent's identical call, retried while the trail recovers from the failed
+/// write (503 until a write succeeds again).
+async fn once_the_trail_recovers(api: &Api, count: u64) -> (StatusCode, Value) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = api.execute("scale_fleet", json!({ "count": count })).await;
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            return (status, body);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trail never recovered"
+        );
+        // The probe runs on its own timer; this only paces the retries.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The approval records of `id`, as `outcome`s in trail order.
+async fn approval_records(api: &Api, id: &str) -> Vec<String> {
+    api.audit(200)
+        .await
+        .into_iter()
+        .filter(|r| r["kind"] == "approval" && r["detail"]["approval_id"] == id)
+        .map(|r| r["outcome"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_approval_whose_record_fails_is_taken_back_and_the_call_does_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(&dir, 600).await;
+    let api = server.api();
+    let (_, infra) = api.get("/infrastructure/status", Some(AGENT_TOKEN)).await;
+    let fleet_before = fleet_size(&infra);
+    let id = request_scale(&api, 8).await;
+
+    audit_sql(&server, BREAK_APPROVAL_RECORDS);
+    let (status, body) = decide(&api, &id, "approve", "capacity").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // Not in effect: pending again, nobody's decision.
+    assert_eq!(listed(&api, "pending").await, vec![id.clone()]);
+    assert!(listed(&api, "approved").await.is_empty());
+    // A denial whose record fails is taken back as well.
+    let (status, body) = decide(&api, &id, "deny", "no").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(listed(&api, "pending").await, vec![id.clone()]);
+    audit_sql(&server, "DROP TRIGGER break_approval_records");
+
+    // The agent's retry finds it still waiting: nothing ran.
+    let (status, body) = once_the_trail_recovers(&api, 8).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["approval_id"], id.as_str(), "{body}");
+    let (_, infra) = api.get("/infrastructure/status", Some(AGENT_TOKEN)).await;
+    assert_eq!(fleet_size(&infra), fleet_before, "{infra}");
+    assert!(approval_records(&api, &id).await.is_empty());
+
+    // Decided again with the trail working: recorded once, then the call runs once.
+    let (status, body) = decide(&api, &id, "approve", "capacity").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(approval_records(&api, &id).await, ["approved"]);
+    let (status, body) = api.execute("scale_fleet", json!({"count": 8})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["success"], true, "{body}");
+}
+
+#[tokio::test]
+async fn an_approval_decided_but_not_yet_recorded_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(&dir, 600).await;
+    let api = server.api();
+    let id = request_scale(&api, 8).await;
+    // The instant between the store's decision and its record becoming durable,
+    // held open: the agent's retry must not consume it (its record might fail,
+    // and the decision be taken back, after the call ran).
+    rusqlite::Connection::open(server.data_dir().join("approvals.db"))
+        .unwrap()
+        .execute(
+            "UPDATE approvals SET status = 'approved', decided_by = 'operator', \
+             decided_ms = 0, decision_recorded = 0 WHERE id = ?1",
+            [&id],
+        )
+        .unwrap();
+    let (status, body) = api.execute("scale_fleet", json!({"count": 8})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["reason_code"], "approval_required", "{body}");
+    assert_eq!(
+        body["approval_id"],
+        id.as_str(),
+        "the same approval: {body}"
+    );
+    assert_eq!(listed(&api, "approved").await, vec![id.clone()]);
+    assert!(listed(&api, "consumed").await.is_empty());
+}
+
+#[tokio::test]
+async fn an_elevation_whose_approval_record_fails_changes_no_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        TestServer::start_with_policy(&write_approval_policy(dir.path(), 600, "elevation")).await;
+    let api = server.api();
+    let request = json!({"mode": "EMERGENCY", "reason": "web-server is down", "ttl_seconds": 600});
+    let (status, body) = api
+        .post("/policy/request-mode", Some(AGENT_TOKEN), request)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["approval_id"].as_str().unwrap().to_owned();
+
+    audit_sql(&server, BREAK_APPROVAL_RECORDS);
+    let (status, body) = decide(&api, &id, "approve", "confirmed the outage").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    audit_sql(&server, "DROP TRIGGER break_approval_records");
+    let (_, status_now) = api.get("/policy/status", Some(AGENT_TOKEN)).await;
+    assert_eq!(status_now["mode"], "NORMAL", "{status_now}");
+    assert_eq!(listed(&api, "pending").await, vec![id.clone()]);
+    let changes = api
+        .audit(200)
+        .await
+        .into_iter()
+        .filter(|r| r["kind"] == "mode_change")
+        .count();
+    assert_eq!(changes, 0);
+
+    // Once decided with a record, it takes effect.
+    let (status, body) = decide(&api, &id, "approve", "confirmed the outage").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, status_now) = api.get("/policy/status", Some(AGENT_TOKEN)).await;
+    assert_eq!(status_now["mode"], "EMERGENCY", "{status_now}");
+    assert_eq!(approval_records(&api, &id).await, ["requested", "approved"]);
+}

@@ -77,6 +77,14 @@ fn an_approval_made_on_one_instance_is_decided_and_consumed_once_on_another() {
         a.get(&first.id).unwrap().unwrap().status,
         ApprovalStatus::Approved
     );
+    // Not in effect on any instance until its record is durable and confirmed.
+    assert_eq!(a.consume(&first.id, now).unwrap(), None, "not recorded yet");
+    assert!(b.confirm_decision(&first.id).unwrap());
+    assert!(
+        !a.revert_decision(&first.id, ApprovalStatus::Approved)
+            .unwrap(),
+        "a recorded decision is never taken back"
+    );
     assert!(matches!(
         a.decide(&first.id, Verdict::Deny, "bob", "no", now),
         Err(ApprovalError::NotPending(ApprovalStatus::Approved))
@@ -105,6 +113,44 @@ fn an_approval_made_on_one_instance_is_decided_and_consumed_once_on_another() {
 }
 
 #[test]
+fn an_unrecorded_decision_is_taken_back_on_either_instance_and_never_consumed() {
+    let server = PostgresServer::start();
+    let (a, b) = two_instances(&server);
+    let now = Utc::now();
+    let (approval, _) = a
+        .create(request(binding("deploy-bot", "d"), now), 10)
+        .unwrap();
+    let decided = a
+        .decide(&approval.id, Verdict::Deny, "alice", "no", now)
+        .unwrap();
+    assert!(!decided.decision_recorded);
+    assert!(!b.get(&approval.id).unwrap().unwrap().decision_recorded);
+    assert!(
+        !b.revert_decision(&approval.id, ApprovalStatus::Approved)
+            .unwrap()
+    );
+    assert!(
+        b.revert_decision(&approval.id, ApprovalStatus::Denied)
+            .unwrap()
+    );
+    let pending = a.get(&approval.id).unwrap().unwrap();
+    assert_eq!(pending.status, ApprovalStatus::Pending);
+    assert_eq!(pending.decided_by, None);
+    assert!(pending.decision_recorded);
+    // Decided again, approved: unusable until confirmed, then once.
+    b.decide(&approval.id, Verdict::Approve, "bob", "ok", now)
+        .unwrap();
+    assert_eq!(a.consume(&approval.id, now).unwrap(), None);
+    assert!(a.confirm_decision(&approval.id).unwrap());
+    assert!(!a.confirm_decision(&approval.id).unwrap(), "confirmed once");
+    assert!(b.consume(&approval.id, now).unwrap().is_some());
+    assert!(
+        !a.revert_decision(&approval.id, ApprovalStatus::Approved)
+            .unwrap()
+    );
+}
+
+#[test]
 fn twenty_concurrent_consumes_on_two_instances_have_exactly_one_winner() {
     let server = PostgresServer::start();
     let (a, b) = two_instances(&server);
@@ -114,6 +160,7 @@ fn twenty_concurrent_consumes_on_two_instances_have_exactly_one_winner() {
         .unwrap();
     b.decide(&approval.id, Verdict::Approve, "alice", "ok", now)
         .unwrap();
+    assert!(b.confirm_decision(&approval.id).unwrap());
     let barrier = std::sync::Barrier::new(20);
     let winners: usize = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..20)
@@ -162,6 +209,7 @@ fn expiry_is_recorded_once_across_instances_and_the_pending_cap_is_shared() {
     ));
     a.decide(&ids[1], Verdict::Approve, "alice", "ok", now)
         .unwrap();
+    assert!(a.confirm_decision(&ids[1]).unwrap());
     assert_eq!(
         b.next_expiry().unwrap().map(|t| t.timestamp_millis()),
         Some((now + Duration::seconds(600)).timestamp_millis())

@@ -12,7 +12,12 @@
 //! ```
 //!
 //! Every transition is one conditional update in the store, so an approval is
-//! consumed at most once however many identical calls race for it. The store is
+//! consumed at most once however many identical calls race for it. A decision
+//! takes effect only once its audit record is durable
+//! ([`ApprovalStore::confirm_decision`]); until then nothing consumes it, and if
+//! the record fails it is taken back to pending
+//! ([`ApprovalStore::revert_decision`]), so no call ever runs on a decision the
+//! trail does not show. The store is
 //! a trait ([`ApprovalStore`]); [`sqlite::SqliteApprovals`] keeps it in the data
 //! dir, so pending and approved requests survive a restart, and
 //! [`postgres::PostgresApprovals`] in the PostgreSQL store every instance shares
@@ -177,6 +182,17 @@ pub struct Approval {
     pub decided_at: Option<DateTime<Utc>>,
     /// The operator's reason.
     pub decision_reason: Option<String>,
+    /// Whether the decision's audit record is durable. A decision takes effect
+    /// (an approval can be consumed, a denial answers calls) only once it is:
+    /// until then it may still be reverted to pending because its record failed.
+    /// True for an undecided approval. Not on the wire: readers see the status.
+    #[serde(skip, default = "undecided_is_recorded")]
+    pub decision_recorded: bool,
+}
+
+/// What a deserialized approval (which never carries the flag) assumes.
+fn undecided_is_recorded() -> bool {
+    true
 }
 
 impl Approval {
@@ -321,7 +337,10 @@ pub trait ApprovalStore: Send + Sync + fmt::Debug {
         limit: usize,
     ) -> Result<Vec<Approval>, ApprovalError>;
 
-    /// Approves or denies a pending, unexpired approval.
+    /// Approves or denies a pending, unexpired approval. The decision is not in
+    /// effect yet ([`Approval::decision_recorded`] is false): the approval cannot
+    /// be consumed until [`ApprovalStore::confirm_decision`] says its audit record
+    /// is durable, so no call can use a decision the trail may never show.
     fn decide(
         &self,
         id: &str,
@@ -331,9 +350,21 @@ pub trait ApprovalStore: Send + Sync + fmt::Debug {
         now: DateTime<Utc>,
     ) -> Result<Approval, ApprovalError>;
 
-    /// Marks an approved, unexpired approval consumed; `None` when it is not
-    /// (another call consumed it first, or it lapsed). At most one caller ever
-    /// gets `Some` for an id.
+    /// The decision on `id` is in the audit trail: it takes effect. False when
+    /// there is no unconfirmed decision on it (it lapsed meanwhile).
+    fn confirm_decision(&self, id: &str) -> Result<bool, ApprovalError>;
+
+    /// The decision on `id` (whose status was `decided`) could not be recorded:
+    /// back to pending, as if it never happened. Conditional on that decision
+    /// being still unconfirmed, so it never undoes a recorded decision (nor,
+    /// since only a confirmed approval is consumed, a consumption); false when
+    /// nothing was reverted.
+    fn revert_decision(&self, id: &str, decided: ApprovalStatus) -> Result<bool, ApprovalError>;
+
+    /// Marks an approved, unexpired approval whose decision is recorded consumed;
+    /// `None` when it is not (another call consumed it first, it lapsed, or its
+    /// decision is not in the trail yet). At most one caller ever gets `Some`
+    /// for an id.
     fn consume(&self, id: &str, now: DateTime<Utc>) -> Result<Option<Approval>, ApprovalError>;
 
     /// Moves every pending or approved approval whose time ran out by `now` to

@@ -32,6 +32,10 @@ const POOL_SIZE: usize = 4;
 
 const COLUMNS: &str = "id, status, kind, principal, role, target, arguments_digest, policy_hash, \
     arguments, mode, reason, created_ms, expires_ms, decided_by, decided_ms, decision_reason";
+/// What a read selects: every inserted column and whether the decision is recorded.
+const SELECTED: &str = "id, status, kind, principal, role, target, arguments_digest, policy_hash, \
+    arguments, mode, reason, created_ms, expires_ms, decided_by, decided_ms, decision_reason, \
+    decision_recorded";
 
 /// Tables and indexes; every statement is idempotent, run at every start.
 const MIGRATIONS: &str = r#"
@@ -58,6 +62,9 @@ CREATE TABLE IF NOT EXISTS approvals (
 CREATE INDEX IF NOT EXISTS approvals_by_binding
     ON approvals (kind, principal, role, target, arguments_digest, created_ms);
 CREATE INDEX IF NOT EXISTS approvals_by_status ON approvals (status, expires_ms);
+-- False from a decision until its audit record is durable (only then is it in
+-- effect); rows from before the column were recorded before anyone heard of them.
+ALTER TABLE approvals ADD COLUMN IF NOT EXISTS decision_recorded BOOLEAN NOT NULL DEFAULT TRUE;
 "#;
 
 /// Approvals in a PostgreSQL database shared by every instance.
@@ -169,6 +176,7 @@ fn approval(row: &Row) -> Result<Approval, ApprovalError> {
     let created_ms: i64 = row.try_get(11).map_err(server_error)?;
     let expires_ms: i64 = row.try_get(12).map_err(server_error)?;
     let decided_ms: Option<i64> = row.try_get(14).map_err(server_error)?;
+    let decision_recorded: bool = row.try_get(16).map_err(server_error)?;
     Ok(Approval {
         status,
         binding: Binding {
@@ -187,6 +195,7 @@ fn approval(row: &Row) -> Result<Approval, ApprovalError> {
         decided_by: optional(13)?,
         decided_at: decided_ms.map(from_millis).transpose()?,
         decision_reason: optional(15)?,
+        decision_recorded,
         id,
     })
 }
@@ -196,7 +205,7 @@ async fn select_one(
     sql_tail: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Option<Approval>, ApprovalError> {
-    let sql = format!("SELECT {COLUMNS} FROM approvals {sql_tail}");
+    let sql = format!("SELECT {SELECTED} FROM approvals {sql_tail}");
     client
         .query_opt(&sql, params)
         .await
@@ -211,7 +220,7 @@ async fn select_many(
     sql_tail: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<Approval>, ApprovalError> {
-    let sql = format!("SELECT {COLUMNS} FROM approvals {sql_tail}");
+    let sql = format!("SELECT {SELECTED} FROM approvals {sql_tail}");
     client
         .query(&sql, params)
         .await
@@ -277,7 +286,7 @@ impl ApprovalStore for PostgresApprovals {
                     &format!(
                         "INSERT INTO approvals ({COLUMNS}) VALUES \
                          ($1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-                         NULL, NULL, NULL) RETURNING {COLUMNS}"
+                         NULL, NULL, NULL) RETURNING {SELECTED}"
                     ),
                     &[
                         &id,
@@ -370,9 +379,9 @@ impl ApprovalStore for PostgresApprovals {
                 .query_opt(
                     &format!(
                         "UPDATE approvals SET status = $2, decided_by = $3, decided_ms = $4, \
-                         decision_reason = $5 \
+                         decision_reason = $5, decision_recorded = FALSE \
                          WHERE id = $1 AND status = 'pending' AND expires_ms > $4 \
-                         RETURNING {COLUMNS}"
+                         RETURNING {SELECTED}"
                     ),
                     &[&id, &status.as_str(), &approver, &now, &reason],
                 )
@@ -392,6 +401,37 @@ impl ApprovalStore for PostgresApprovals {
         })
     }
 
+    fn confirm_decision(&self, id: &str) -> Result<bool, ApprovalError> {
+        self.run(|client| async move {
+            let changed = client
+                .execute(
+                    "UPDATE approvals SET decision_recorded = TRUE \
+                     WHERE id = $1 AND status IN ('approved', 'denied') AND NOT decision_recorded",
+                    &[&id],
+                )
+                .await
+                .map_err(server_error)?;
+            Ok(changed == 1)
+        })
+    }
+
+    fn revert_decision(&self, id: &str, decided: ApprovalStatus) -> Result<bool, ApprovalError> {
+        self.run(|client| async move {
+            // One conditional statement: an instance consuming the approval would
+            // need `decision_recorded`, which this requires to be false.
+            let changed = client
+                .execute(
+                    "UPDATE approvals SET status = 'pending', decided_by = NULL, \
+                     decided_ms = NULL, decision_reason = NULL, decision_recorded = TRUE \
+                     WHERE id = $1 AND status = $2 AND NOT decision_recorded",
+                    &[&id, &decided.as_str()],
+                )
+                .await
+                .map_err(server_error)?;
+            Ok(changed == 1)
+        })
+    }
+
     fn consume(&self, id: &str, now: DateTime<Utc>) -> Result<Option<Approval>, ApprovalError> {
         let now = millis(now);
         self.run(|client| async move {
@@ -399,8 +439,8 @@ impl ApprovalStore for PostgresApprovals {
                 .query_opt(
                     &format!(
                         "UPDATE approvals SET status = 'consumed' \
-                         WHERE id = $1 AND status = 'approved' AND expires_ms > $2 \
-                         RETURNING {COLUMNS}"
+                         WHERE id = $1 AND status = 'approved' AND decision_recorded \
+                         AND expires_ms > $2 RETURNING {SELECTED}"
                     ),
                     &[&id, &now],
                 )

@@ -19,6 +19,10 @@ pub const APPROVALS_DB_FILE: &str = "approvals.db";
 
 const COLUMNS: &str = "id, status, kind, principal, role, target, arguments_digest, policy_hash, \
     arguments, mode, reason, created_ms, expires_ms, decided_by, decided_ms, decision_reason";
+/// What a read selects: every inserted column and whether the decision is recorded.
+const SELECTED: &str = "id, status, kind, principal, role, target, arguments_digest, policy_hash, \
+    arguments, mode, reason, created_ms, expires_ms, decided_by, decided_ms, decision_reason, \
+    decision_recorded";
 
 /// Approvals in a SQLite database of their own in the data dir. Under `proxi mcp`
 /// the agent's user may be able to write that file, so every decision is sealed
@@ -66,7 +70,8 @@ impl SqliteApprovals {
                 decided_by TEXT,
                 decided_ms INTEGER,
                 decision_reason TEXT,
-                decision_seal TEXT
+                decision_seal TEXT,
+                decision_recorded INTEGER NOT NULL DEFAULT 1
             );
             CREATE INDEX IF NOT EXISTS approvals_by_binding
                 ON approvals (kind, principal, role, target, arguments_digest, created_ms);
@@ -80,6 +85,19 @@ impl SqliteApprovals {
         )?;
         if !sealed {
             connection.execute_batch("ALTER TABLE approvals ADD COLUMN decision_seal TEXT")?;
+        }
+        // Files written before decisions waited for their record lack this one;
+        // their decisions were recorded before the caller heard of them.
+        let flagged: bool = connection.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('approvals') \
+             WHERE name = 'decision_recorded'",
+            [],
+            |row| row.get(0),
+        )?;
+        if !flagged {
+            connection.execute_batch(
+                "ALTER TABLE approvals ADD COLUMN decision_recorded INTEGER NOT NULL DEFAULT 1",
+            )?;
         }
         Ok(SqliteApprovals {
             connection: Mutex::new(connection),
@@ -122,6 +140,7 @@ struct RawRow {
     decided_by: Option<String>,
     decided_ms: Option<i64>,
     decision_reason: Option<String>,
+    decision_recorded: bool,
 }
 
 fn raw_row(row: &Row<'_>) -> rusqlite::Result<RawRow> {
@@ -142,6 +161,7 @@ fn raw_row(row: &Row<'_>) -> rusqlite::Result<RawRow> {
         decided_by: row.get(13)?,
         decided_ms: row.get(14)?,
         decision_reason: row.get(15)?,
+        decision_recorded: row.get(16)?,
     })
 }
 
@@ -168,6 +188,7 @@ impl TryFrom<RawRow> for Approval {
             decided_by: raw.decided_by,
             decided_at: raw.decided_ms.map(from_millis).transpose()?,
             decision_reason: raw.decision_reason,
+            decision_recorded: raw.decision_recorded,
             id: raw.id,
         })
     }
@@ -178,7 +199,7 @@ fn select_one(
     sql_tail: &str,
     params: impl rusqlite::Params,
 ) -> Result<Option<Approval>, ApprovalError> {
-    let sql = format!("SELECT {COLUMNS} FROM approvals {sql_tail}");
+    let sql = format!("SELECT {SELECTED} FROM approvals {sql_tail}");
     connection
         .query_row(&sql, params, raw_row)
         .optional()?
@@ -191,7 +212,7 @@ fn select_many(
     sql_tail: &str,
     params: impl rusqlite::Params,
 ) -> Result<Vec<Approval>, ApprovalError> {
-    let sql = format!("SELECT {COLUMNS} FROM approvals {sql_tail}");
+    let sql = format!("SELECT {SELECTED} FROM approvals {sql_tail}");
     let mut statement = connection.prepare(&sql)?;
     let rows = statement.query_map(params, raw_row)?;
     rows.map(|row| Approval::try_from(row?)).collect()
@@ -325,15 +346,13 @@ impl ApprovalStore for SqliteApprovals {
             Verdict::Approve => ApprovalStatus::Approved,
             Verdict::Deny => ApprovalStatus::Denied,
         };
-        let seal = self.seal.seal(&Approval {
-            status,
-            decided_by: Some(approver.to_owned()),
-            ..current
-        });
+        // Unsealed and unrecorded: `confirm_decision` seals it once its record is
+        // durable, so a row flipped to recorded by hand still fails the seal.
         transaction.execute(
             "UPDATE approvals SET status = ?2, decided_by = ?3, decided_ms = ?4, \
-             decision_reason = ?5, decision_seal = ?6 WHERE id = ?1 AND status = 'pending'",
-            params![id, status.as_str(), approver, millis(now), reason, seal],
+             decision_reason = ?5, decision_seal = NULL, decision_recorded = 0 \
+             WHERE id = ?1 AND status = 'pending'",
+            params![id, status.as_str(), approver, millis(now), reason],
         )?;
         let decided =
             select_one(&transaction, "WHERE id = ?1", [id])?.ok_or(ApprovalError::NotFound)?;
@@ -341,12 +360,42 @@ impl ApprovalStore for SqliteApprovals {
         Ok(decided)
     }
 
+    fn confirm_decision(&self, id: &str) -> Result<bool, ApprovalError> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(decided) = select_one(
+            &transaction,
+            "WHERE id = ?1 AND status IN ('approved', 'denied') AND decision_recorded = 0",
+            [id],
+        )?
+        else {
+            return Ok(false);
+        };
+        let seal = self.seal.seal(&decided);
+        transaction.execute(
+            "UPDATE approvals SET decision_seal = ?2, decision_recorded = 1 WHERE id = ?1",
+            params![id, seal],
+        )?;
+        transaction.commit()?;
+        Ok(true)
+    }
+
+    fn revert_decision(&self, id: &str, decided: ApprovalStatus) -> Result<bool, ApprovalError> {
+        let changed = self.connection().execute(
+            "UPDATE approvals SET status = 'pending', decided_by = NULL, decided_ms = NULL, \
+             decision_reason = NULL, decision_seal = NULL, decision_recorded = 1 \
+             WHERE id = ?1 AND status = ?2 AND decision_recorded = 0",
+            params![id, decided.as_str()],
+        )?;
+        Ok(changed == 1)
+    }
+
     fn consume(&self, id: &str, now: DateTime<Utc>) -> Result<Option<Approval>, ApprovalError> {
         let mut connection = self.connection();
         let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let changed = transaction.execute(
             "UPDATE approvals SET status = 'consumed' \
-             WHERE id = ?1 AND status = 'approved' AND expires_ms > ?2",
+             WHERE id = ?1 AND status = 'approved' AND decision_recorded = 1 AND expires_ms > ?2",
             params![id, millis(now)],
         )?;
         if changed != 1 {
@@ -467,6 +516,7 @@ mod tests {
         store
             .decide(&real.id, Verdict::Approve, "alice", "ok", now)
             .unwrap();
+        assert!(store.confirm_decision(&real.id).unwrap());
         // No seal at all, then the seal of another (genuinely approved) row.
         forge_approved(dir.path(), &forged.id, None);
         assert!(matches!(
@@ -492,6 +542,7 @@ mod tests {
         store
             .decide(&late.id, Verdict::Approve, "alice", "ok", now)
             .unwrap();
+        assert!(store.confirm_decision(&late.id).unwrap());
         drop(store);
         let other_key = DecisionSeal::Keyed(crate::anchor::AuditKey::from_bytes([1; 32]));
         let reopened = SqliteApprovals::open(dir.path(), other_key).unwrap();
@@ -544,6 +595,7 @@ mod tests {
             .unwrap();
         assert_eq!(approved.status, ApprovalStatus::Approved);
         assert_eq!(approved.decided_by.as_deref(), Some("alice"));
+        assert!(store.confirm_decision(&first.id).unwrap());
         assert!(matches!(
             store.decide(&first.id, Verdict::Deny, "bob", "no", now),
             Err(ApprovalError::NotPending(ApprovalStatus::Approved))
@@ -571,6 +623,78 @@ mod tests {
     }
 
     #[test]
+    fn a_decision_is_usable_only_once_confirmed_and_revertible_only_until_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteApprovals::open(dir.path(), test_seal()).unwrap();
+        let now = Utc::now();
+        let (approval, _) = store
+            .create(request(binding("agent", "d"), now), 10)
+            .unwrap();
+        let decided = store
+            .decide(&approval.id, Verdict::Approve, "alice", "ok", now)
+            .unwrap();
+        assert_eq!(decided.status, ApprovalStatus::Approved);
+        assert!(!decided.decision_recorded);
+        // Its record is not durable yet: no call may use it.
+        assert_eq!(store.consume(&approval.id, now).unwrap(), None);
+        // The record failed: back to pending, and decidable again.
+        assert!(
+            !store
+                .revert_decision(&approval.id, ApprovalStatus::Denied)
+                .unwrap(),
+            "only the decision that was made is reverted"
+        );
+        assert!(
+            store
+                .revert_decision(&approval.id, ApprovalStatus::Approved)
+                .unwrap()
+        );
+        let pending = store.get(&approval.id).unwrap().unwrap();
+        assert_eq!(pending.status, ApprovalStatus::Pending);
+        assert_eq!(pending.decided_by, None);
+        assert!(
+            !store.confirm_decision(&approval.id).unwrap(),
+            "nothing to confirm"
+        );
+        store
+            .decide(&approval.id, Verdict::Approve, "bob", "ok now", now)
+            .unwrap();
+        assert!(store.confirm_decision(&approval.id).unwrap());
+        assert!(store.get(&approval.id).unwrap().unwrap().decision_recorded);
+        // Recorded: never taken back, and usable once.
+        assert!(
+            !store
+                .revert_decision(&approval.id, ApprovalStatus::Approved)
+                .unwrap()
+        );
+        let consumed = store.consume(&approval.id, now).unwrap().unwrap();
+        assert_eq!(consumed.decided_by.as_deref(), Some("bob"));
+        assert!(
+            !store
+                .revert_decision(&approval.id, ApprovalStatus::Approved)
+                .unwrap()
+        );
+        // An unconfirmed decision flipped to recorded by hand has no seal.
+        let (forged, _) = store
+            .create(request(binding("agent", "e"), now), 10)
+            .unwrap();
+        store
+            .decide(&forged.id, Verdict::Approve, "alice", "ok", now)
+            .unwrap();
+        Connection::open(dir.path().join(APPROVALS_DB_FILE))
+            .unwrap()
+            .execute(
+                "UPDATE approvals SET decision_recorded = 1 WHERE id = ?1",
+                [&forged.id],
+            )
+            .unwrap();
+        assert!(matches!(
+            store.consume(&forged.id, now),
+            Err(ApprovalError::Untrusted(_))
+        ));
+    }
+
+    #[test]
     fn consume_is_won_by_exactly_one_of_many_threads() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteApprovals::open(dir.path(), test_seal()).unwrap());
@@ -581,6 +705,7 @@ mod tests {
         store
             .decide(&approval.id, Verdict::Approve, "alice", "ok", now)
             .unwrap();
+        assert!(store.confirm_decision(&approval.id).unwrap());
         let winners: usize = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..20)
                 .map(|_| {
@@ -616,6 +741,7 @@ mod tests {
             store
                 .decide(&b.id, Verdict::Approve, "alice", "ok", now)
                 .unwrap();
+            assert!(store.confirm_decision(&b.id).unwrap());
             (a.id, b.id)
         };
         // Reopened: the states are still there.

@@ -186,6 +186,21 @@ impl Gateway {
             Some(found) if live(&found) && found.binding.policy_hash != binding.policy_hash => {
                 Reason::ApprovalMismatch
             }
+            // Decided, but its record is not durable yet (and may fail, which takes
+            // the decision back): not in effect, so the call waits as for a pending one.
+            Some(found)
+                if !found.decision_recorded
+                    && matches!(
+                        found.status,
+                        ApprovalStatus::Approved | ApprovalStatus::Denied
+                    )
+                    && !found.is_expired_at(now) =>
+            {
+                return Ok(Gate::Answer(
+                    ApprovalAnswer::waiting(Reason::ApprovalRequired, &found),
+                    mode,
+                ));
+            }
             Some(found) if found.status == ApprovalStatus::Approved && live(&found) => {
                 let id = found.id.clone();
                 let consumed = self
@@ -250,7 +265,9 @@ impl Gateway {
                         .await
                         .map_err(store_failed)?;
                     if let Some(denied) = decided.filter(|found| {
-                        found.status == ApprovalStatus::Denied && !found.is_expired_at(Utc::now())
+                        found.status == ApprovalStatus::Denied
+                            && found.decision_recorded
+                            && !found.is_expired_at(Utc::now())
                     }) {
                         // Denied while this call was being decided: the denial
                         // answers it (the new request is left to its operators).
@@ -423,14 +440,59 @@ impl Gateway {
                 }
                 other => ApprovalDecisionError::Gateway(store_failed(other)),
             })?;
-        self.record_approval_event(approver, &decided, decided.status.as_str(), Some(reason))
-            .await?;
+        // The decision is in the store but not in effect (nothing can consume it)
+        // until its record is durable; if the record fails it is taken back, so
+        // the trail shows every decision that ever took effect.
+        let recorded = self
+            .record_approval_event(approver, &decided, decided.status.as_str(), Some(reason))
+            .await;
+        if let Err(error) = recorded {
+            self.revert_unrecorded_decision(&decided).await;
+            return Err(error.into());
+        }
+        let lookup = decided.id.clone();
+        let confirmed = self
+            .on_approval_store(move |store| store.confirm_decision(&lookup))
+            .await
+            .map_err(|error| ApprovalDecisionError::Gateway(store_failed(error)))?;
         self.approvals_changed().await;
+        if !confirmed {
+            // It lapsed between the decision and now: recorded, but never in
+            // effect; the expiry task records the lapse.
+            return Err(ApprovalDecisionError::State(ApprovalError::Expired));
+        }
+        let decided = Approval {
+            decision_recorded: true,
+            ..decided
+        };
         if decided.binding.kind == ApprovalKind::ModeChange && verdict == ApprovalVerdict::Approve {
             self.apply_mode_change(approver, &decided).await?;
             self.approvals_changed().await;
         }
         Ok(decided)
+    }
+
+    /// A decision whose record failed never took effect: back to pending, so
+    /// the operator (told that it failed) can decide again once the trail
+    /// works. If even that fails, the decision stays unconfirmed, which no call
+    /// and no mode change can use, until it expires (fail closed).
+    async fn revert_unrecorded_decision(&self, decided: &Approval) {
+        let (id, status) = (decided.id.clone(), decided.status);
+        let reverted = self
+            .on_approval_store(move |store| store.revert_decision(&id, status))
+            .await;
+        match reverted {
+            Ok(true) => {
+                tracing::warn!(approval_id = %decided.id, "an approval decision could not be recorded; it was taken back and the approval is pending again");
+            }
+            Ok(false) => {
+                tracing::warn!(approval_id = %decided.id, "an approval decision could not be recorded and was not in effect; it had lapsed already");
+            }
+            Err(error) => {
+                tracing::error!(%error, approval_id = %decided.id, "an approval decision could not be recorded nor taken back; it stays unusable until it expires");
+            }
+        }
+        self.approvals_changed().await;
     }
 
     /// Records one step of an approval's life (decided, expired) as an essential
@@ -531,8 +593,10 @@ impl Gateway {
             // Marked seen before reading, so a change after the read wakes us.
             changes.borrow_and_update();
             let approval = self.approval(id).await?;
+            // A decision whose record is not durable yet is not one (it may be taken back).
             let waiting = approval.as_ref().is_some_and(|approval| {
-                approval.status == ApprovalStatus::Pending && !approval.is_expired_at(Utc::now())
+                (approval.status == ApprovalStatus::Pending || !approval.decision_recorded)
+                    && !approval.is_expired_at(Utc::now())
             });
             if !waiting {
                 return Ok(approval);
