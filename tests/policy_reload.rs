@@ -615,3 +615,140 @@ fn serve_watch_reloads_when_the_file_changes_and_the_cli_reloads_on_request() {
     assert_eq!(refused.detail["policy_hash"], json!(hash(&again)));
     drop(server);
 }
+
+/// The base policy with the fixture upstream as `fx` (its calls logged in
+/// `call_log`), `fx__slow` and `fx__hang` allowed in NORMAL, and a short drain.
+fn policy_with_fixture(call_log: &Path, drain_timeout_seconds: u64) -> Value {
+    let mut policy = base_policy();
+    policy["simulated_cloud"] = json!(true);
+    policy["drain_timeout_seconds"] = json!(drain_timeout_seconds);
+    policy["upstreams"] = json!({
+        "fx": {
+            "command": common::upstream::python().display().to_string(),
+            "args": [common::upstream::fixture_script().display().to_string()],
+            "env": {"FIXTURE_CALL_LOG": call_log.display().to_string()},
+            "required": true,
+            "call_timeout_seconds": 120,
+        }
+    });
+    let allowed = policy["modes"]["NORMAL"]["allowed_tools"]
+        .as_array_mut()
+        .expect("allowed_tools");
+    allowed.push(json!("fx__slow"));
+    allowed.push(json!("fx__hang"));
+    policy
+}
+
+/// The intent record of the one call to `tool`, and the outcome record that
+/// refers to it by seq; fails unless there is exactly one of each.
+fn intent_and_outcome(
+    records: &[proxi::audit::AuditRecord],
+    tool: &str,
+) -> (proxi::audit::AuditRecord, proxi::audit::AuditRecord) {
+    let calls: Vec<_> = records
+        .iter()
+        .filter(|r| r.kind == "tool_call" && r.tool.as_deref() == Some(tool))
+        .filter(|r| r.decision == "allowed")
+        .collect();
+    assert_eq!(
+        calls.len(),
+        2,
+        "one intent and one outcome for {tool}: {calls:?}"
+    );
+    let (intent, outcome) = (calls[0].clone(), calls[1].clone());
+    assert_eq!(
+        (intent.decision.as_str(), intent.outcome.as_str()),
+        ("allowed", "pending"),
+        "{intent:?}"
+    );
+    assert_eq!(
+        outcome.detail["intent_seq"],
+        json!(intent.seq),
+        "{outcome:?}"
+    );
+    (intent, outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_that_removes_an_upstream_ends_its_calls_in_flight_recorded_and_leaves_no_process()
+{
+    let dir = tempfile::tempdir().expect("temp dir");
+    let call_log = dir.path().join("calls.jsonl");
+    let mut base = base_policy();
+    base["simulated_cloud"] = json!(true);
+    // The drain is the new policy's: the file the reload installs sets it.
+    base["drain_timeout_seconds"] = json!(3);
+    let (server, path) = reloadable_server(dir.path(), &policy_with_fixture(&call_log, 3)).await;
+    let upstreams = attach(&server).await;
+    let pid = upstreams.set().status()[0].pid.expect("fx runs");
+
+    // Two calls in flight: one that ends within the drain, one that never ends.
+    let api = server.api();
+    let slow = tokio::spawn({
+        let api = api.clone();
+        async move { api.execute("fx__slow", json!({"ms": 1000})).await }
+    });
+    let hung = tokio::spawn({
+        let api = api.clone();
+        async move { api.execute("fx__hang", json!({})).await }
+    });
+    common::upstream::wait_for_fixture_call(&call_log, "slow", "call").await;
+    common::upstream::wait_for_fixture_call(&call_log, "hang", "call").await;
+
+    install(&path, &base);
+    let (status, body) = reload(&server).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["upstreams"],
+        json!({"added": [], "removed": ["fx"], "restarted": []})
+    );
+    // The reload answered after both calls ended: the slow one ran to its end
+    // within the drain, the hung one was cancelled at the drain timeout.
+    assert!(server.gateway().in_flight_intents().is_empty());
+    let (status, body) = slow.await.expect("slow call task");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["success"], true, "{body}");
+    let (status, body) = hung.await.expect("hung call task");
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["reason_code"], "cancelled", "{body}");
+
+    // No orphan: the fixture and its whole process group are gone.
+    assert!(upstreams.set().status().is_empty());
+    assert!(!common::upstream::process_exists(pid));
+    assert!(
+        common::upstream::processes_in_group(pid)
+            .into_iter()
+            .all(|member| !common::upstream::process_exists(member)),
+        "a process of the removed upstream's group survived"
+    );
+
+    // The tool is gone, and saying so is recorded too.
+    let (status, body) = api.execute("fx__hang", json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["reason_code"], "unknown_tool", "{body}");
+
+    // Nothing lost: each call has its intent and its outcome, which refers to it;
+    // both outcomes follow the reload's record (the drain came after it), and the
+    // refused call is the last record.
+    let mut records = audit_records(server.data_dir());
+    records.sort_by_key(|record| record.seq);
+    let reload_seq = records
+        .iter()
+        .find(|r| r.kind == "policy_reload")
+        .expect("the reload's record")
+        .seq;
+    let (slow_intent, slow_outcome) = intent_and_outcome(&records, "fx__slow");
+    let (hang_intent, hang_outcome) = intent_and_outcome(&records, "fx__hang");
+    assert_eq!(slow_outcome.outcome, "executed", "{slow_outcome:?}");
+    assert_eq!(hang_outcome.outcome, "cancelled", "{hang_outcome:?}");
+    assert!(slow_intent.seq < reload_seq && hang_intent.seq < reload_seq);
+    assert!(hang_outcome.seq > reload_seq, "{hang_outcome:?}");
+    let last = records.last().expect("records");
+    assert_eq!(last.tool.as_deref(), Some("fx__hang"));
+    assert_eq!(last.outcome, "unknown_tool", "{last:?}");
+    assert!(
+        proxi::audit_view::unresolved_intents(&records).is_empty(),
+        "an intent without an outcome"
+    );
+    upstreams.shutdown().await;
+}
