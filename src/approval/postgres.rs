@@ -30,12 +30,16 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections per instance: approvals are rare, a few suffice.
 const POOL_SIZE: usize = 4;
 
-const COLUMNS: &str = "id, status, kind, principal, role, target, arguments_digest, policy_hash, \
-    arguments, mode, reason, created_ms, expires_ms, decided_by, decided_ms, decision_reason";
+/// The columns an insert writes, in the order `approval`/`raw_row` reads them.
+macro_rules! inserted_columns {
+    () => {
+        "id, status, kind, principal, role, target, arguments_digest, policy_hash, \
+         arguments, mode, reason, created_ms, expires_ms, decided_by, decided_ms, decision_reason"
+    };
+}
+const COLUMNS: &str = inserted_columns!();
 /// What a read selects: every inserted column and whether the decision is recorded.
-const SELECTED: &str = "id, status, kind, principal, role, target, arguments_digest, policy_hash, \
-    arguments, mode, reason, created_ms, expires_ms, decided_by, decided_ms, decision_reason, \
-    decision_recorded";
+const SELECTED: &str = concat!(inserted_columns!(), ", decision_recorded");
 
 /// Tables and indexes; every statement is idempotent, run at every start.
 const MIGRATIONS: &str = r#"

@@ -17,12 +17,16 @@ use crate::audit::DATA_FILE_MODE;
 /// The database file's name in the data dir.
 pub const APPROVALS_DB_FILE: &str = "approvals.db";
 
-const COLUMNS: &str = "id, status, kind, principal, role, target, arguments_digest, policy_hash, \
-    arguments, mode, reason, created_ms, expires_ms, decided_by, decided_ms, decision_reason";
+/// The columns an insert writes, in the order `approval`/`raw_row` reads them.
+macro_rules! inserted_columns {
+    () => {
+        "id, status, kind, principal, role, target, arguments_digest, policy_hash, \
+         arguments, mode, reason, created_ms, expires_ms, decided_by, decided_ms, decision_reason"
+    };
+}
+const COLUMNS: &str = inserted_columns!();
 /// What a read selects: every inserted column and whether the decision is recorded.
-const SELECTED: &str = "id, status, kind, principal, role, target, arguments_digest, policy_hash, \
-    arguments, mode, reason, created_ms, expires_ms, decided_by, decided_ms, decision_reason, \
-    decision_recorded";
+const SELECTED: &str = concat!(inserted_columns!(), ", decision_recorded");
 
 /// Approvals in a SQLite database of their own in the data dir. Under `proxi mcp`
 /// the agent's user may be able to write that file, so every decision is sealed
@@ -77,28 +81,15 @@ impl SqliteApprovals {
                 ON approvals (kind, principal, role, target, arguments_digest, created_ms);
             CREATE INDEX IF NOT EXISTS approvals_by_status ON approvals (status, expires_ms);",
         )?;
-        // Files written before decisions were sealed lack the column.
-        let sealed: bool = connection.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('approvals') WHERE name = 'decision_seal'",
-            [],
-            |row| row.get(0),
-        )?;
-        if !sealed {
-            connection.execute_batch("ALTER TABLE approvals ADD COLUMN decision_seal TEXT")?;
-        }
+        // Files written before decisions were sealed lack the seal column.
+        add_column_if_missing(&connection, "decision_seal", "TEXT")?;
         // Files written before decisions waited for their record lack this one;
         // their decisions were recorded before the caller heard of them.
-        let flagged: bool = connection.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('approvals') \
-             WHERE name = 'decision_recorded'",
-            [],
-            |row| row.get(0),
+        add_column_if_missing(
+            &connection,
+            "decision_recorded",
+            "INTEGER NOT NULL DEFAULT 1",
         )?;
-        if !flagged {
-            connection.execute_batch(
-                "ALTER TABLE approvals ADD COLUMN decision_recorded INTEGER NOT NULL DEFAULT 1",
-            )?;
-        }
         Ok(SqliteApprovals {
             connection: Mutex::new(connection),
             seal,
@@ -192,6 +183,25 @@ impl TryFrom<RawRow> for Approval {
             id: raw.id,
         })
     }
+}
+
+/// Adds `column` to `approvals` with `definition` when an older file lacks it.
+fn add_column_if_missing(
+    connection: &Connection,
+    column: &str,
+    definition: &str,
+) -> Result<(), ApprovalError> {
+    let present: bool = connection.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('approvals') WHERE name = ?1",
+        [column],
+        |row| row.get(0),
+    )?;
+    if !present {
+        connection.execute_batch(&format!(
+            "ALTER TABLE approvals ADD COLUMN {column} {definition}"
+        ))?;
+    }
+    Ok(())
 }
 
 fn select_one(
