@@ -528,7 +528,9 @@ impl Gateway {
         }
         gateway.mode_events.send_replace(gateway.status());
         spawn_expiry_task(Arc::downgrade(&gateway), gateway.mode_events.subscribe());
-        // Expires (and records) what lapsed while Proxi was down, then each on time.
+        // Takes back decisions a crash left half-made, then expires (and records)
+        // what lapsed while Proxi was down, then each on time.
+        gateway.revert_stranded_decisions(true).await;
         gateway.expire_due_approvals().await;
         gateway.approvals_changed().await;
         approvals::spawn_approval_expiry_task(Arc::downgrade(&gateway));

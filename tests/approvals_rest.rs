@@ -736,6 +736,58 @@ async fn an_approval_decided_but_not_yet_recorded_runs_nothing() {
     assert!(listed(&api, "consumed").await.is_empty());
 }
 
+#[test]
+fn a_decision_a_crash_left_unrecorded_is_taken_back_at_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = write_approval_policy(dir.path(), 600, "t");
+    let server = ServerProcess::start_with_policy(&data, &policy, &[]);
+    let api = Api::new(&server.url);
+    blocking(api.emergency());
+    let id = blocking(request_scale(&api, 8));
+    let denied = blocking(request_scale(&api, 9));
+    server.kill();
+    // What a crash between the store's decision and its record leaves behind:
+    // decided, not confirmed. Before, it stayed listed as decided but was never
+    // usable, and a stranded denial never expired either.
+    for (id, status) in [(&id, "approved"), (&denied, "denied")] {
+        rusqlite::Connection::open(data.join("approvals.db"))
+            .unwrap()
+            .execute(
+                "UPDATE approvals SET status = ?2, decided_by = 'operator', \
+                 decided_ms = 0, decision_recorded = 0 WHERE id = ?1",
+                [id.as_str(), status],
+            )
+            .unwrap();
+    }
+
+    let server = ServerProcess::start_with_policy(&data, &policy, &[]);
+    let api = Api::new(&server.url);
+    let mut pending = blocking(listed(&api, "pending"));
+    pending.sort();
+    let mut expected = vec![id.clone(), denied.clone()];
+    expected.sort();
+    assert_eq!(pending, expected);
+    assert!(blocking(listed(&api, "approved")).is_empty());
+    assert!(blocking(listed(&api, "denied")).is_empty());
+    for stranded in [&id, &denied] {
+        let records: Vec<Value> = blocking(api.audit(200))
+            .into_iter()
+            .filter(|r| r["kind"] == "approval" && r["detail"]["approval_id"] == stranded.as_str())
+            .collect();
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0]["outcome"], "decision_reverted");
+        assert_eq!(records[0]["principal"], "system", "{records:?}");
+    }
+    // Pending again: an operator decides it anew, and the call runs once.
+    let (status, body) = blocking(decide(&api, &id, "approve", "capacity"));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = blocking_execute(&api, 8);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["success"], true, "{body}");
+    server.terminate();
+}
+
 #[tokio::test]
 async fn an_elevation_whose_approval_record_fails_changes_no_mode() {
     let dir = tempfile::tempdir().unwrap();

@@ -125,6 +125,18 @@ fn an_unrecorded_decision_is_taken_back_on_either_instance_and_never_consumed() 
         .unwrap();
     assert!(!decided.decision_recorded);
     assert!(!b.get(&approval.id).unwrap().unwrap().decision_recorded);
+    // Every instance finds it among the unconfirmed, once it is older than the cutoff.
+    let stranded = b
+        .unconfirmed_decisions(now + chrono::TimeDelta::seconds(1), 10)
+        .unwrap();
+    assert_eq!(stranded.len(), 1);
+    assert_eq!(stranded[0].id, approval.id);
+    assert_eq!(stranded[0].status, ApprovalStatus::Denied);
+    assert!(
+        b.unconfirmed_decisions(now - chrono::TimeDelta::seconds(60), 10)
+            .unwrap()
+            .is_empty()
+    );
     assert!(
         !b.revert_decision(&approval.id, ApprovalStatus::Approved)
             .unwrap()

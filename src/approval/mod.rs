@@ -371,6 +371,16 @@ pub trait ApprovalStore: Send + Sync + fmt::Debug {
     /// expired, and returns them (each exactly once, across restarts too).
     fn expire_due(&self, now: DateTime<Utc>) -> Result<Vec<Approval>, ApprovalError>;
 
+    /// Decisions taken before `decided_before` that never took effect (approved
+    /// or denied, not confirmed): the process that took them stopped between the
+    /// store's decision and its audit record. Oldest first, at most `limit`; the
+    /// gateway takes each back with [`ApprovalStore::revert_decision`].
+    fn unconfirmed_decisions(
+        &self,
+        decided_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Approval>, ApprovalError>;
+
     /// The earliest expiry among pending and approved approvals.
     fn next_expiry(&self) -> Result<Option<DateTime<Utc>>, ApprovalError>;
 

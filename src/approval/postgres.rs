@@ -485,6 +485,24 @@ impl ApprovalStore for PostgresApprovals {
         })
     }
 
+    fn unconfirmed_decisions(
+        &self,
+        decided_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Approval>, ApprovalError> {
+        let decided_before = millis(decided_before);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(|client| async move {
+            select_many(
+                &client,
+                "WHERE status IN ('approved', 'denied') AND NOT decision_recorded \
+                 AND decided_ms < $1 ORDER BY decided_ms, row_order LIMIT $2",
+                &[&decided_before, &limit],
+            )
+            .await
+        })
+    }
+
     fn next_expiry(&self) -> Result<Option<DateTime<Utc>>, ApprovalError> {
         self.run(|client| async move {
             let ms: Option<i64> = client

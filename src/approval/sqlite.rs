@@ -448,6 +448,20 @@ impl ApprovalStore for SqliteApprovals {
         Ok(due)
     }
 
+    fn unconfirmed_decisions(
+        &self,
+        decided_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Approval>, ApprovalError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        select_many(
+            &self.connection(),
+            "WHERE status IN ('approved', 'denied') AND decision_recorded = 0 \
+             AND decided_ms < ?1 ORDER BY decided_ms, rowid LIMIT ?2",
+            params![millis(decided_before), limit],
+        )
+    }
+
     fn next_expiry(&self) -> Result<Option<DateTime<Utc>>, ApprovalError> {
         let ms: Option<i64> = self.connection().query_row(
             "SELECT MIN(expires_ms) FROM approvals WHERE status IN ('pending', 'approved')",
@@ -630,6 +644,61 @@ mod tests {
             store.decide("apr_00", Verdict::Approve, "alice", "x", now),
             Err(ApprovalError::NotFound)
         ));
+    }
+
+    #[test]
+    fn unconfirmed_decisions_older_than_the_cutoff_are_listed_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteApprovals::open(dir.path(), test_seal()).unwrap();
+        let now = Utc::now();
+        let earlier = now - chrono::TimeDelta::seconds(120);
+        let mut ids = Vec::new();
+        for digest in ["a", "b", "c", "d"] {
+            let (approval, _) = store
+                .create(request(binding("agent", digest), earlier), 10)
+                .unwrap();
+            ids.push(approval.id);
+        }
+        // a: approved long ago, b: denied long ago, c: approved just now (all
+        // unconfirmed); d: approved long ago and confirmed.
+        store
+            .decide(&ids[0], Verdict::Approve, "alice", "ok", earlier)
+            .unwrap();
+        store
+            .decide(&ids[1], Verdict::Deny, "alice", "no", earlier)
+            .unwrap();
+        store
+            .decide(&ids[2], Verdict::Approve, "alice", "ok", now)
+            .unwrap();
+        store
+            .decide(&ids[3], Verdict::Approve, "alice", "ok", earlier)
+            .unwrap();
+        assert!(store.confirm_decision(&ids[3]).unwrap());
+        let listed = |cutoff, limit| -> Vec<(String, ApprovalStatus)> {
+            store
+                .unconfirmed_decisions(cutoff, limit)
+                .unwrap()
+                .into_iter()
+                .map(|approval| (approval.id, approval.status))
+                .collect()
+        };
+        let old = now - chrono::TimeDelta::seconds(60);
+        assert_eq!(
+            listed(old, 10),
+            [
+                (ids[0].clone(), ApprovalStatus::Approved),
+                (ids[1].clone(), ApprovalStatus::Denied)
+            ]
+        );
+        assert_eq!(listed(old, 1).len(), 1, "bounded by the limit");
+        let cutoff = now + chrono::TimeDelta::seconds(1);
+        assert_eq!(listed(cutoff, 10).len(), 3, "the recent one too");
+        // Taken back: none is listed any more.
+        for (id, status) in listed(cutoff, 10) {
+            assert!(store.revert_decision(&id, status).unwrap());
+        }
+        assert!(listed(cutoff, 10).is_empty());
+        assert_eq!(store.count_pending().unwrap(), 3);
     }
 
     #[test]

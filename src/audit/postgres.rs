@@ -121,7 +121,7 @@ pub enum PostgresError {
     /// No connection could be had from the pool (server down, or all busy).
     #[error("no PostgreSQL connection: {0}")]
     Pool(String),
-    /// An operation took longer than [`OPERATION_TIMEOUT`].
+    /// An operation took longer than the store allows one (5 s).
     #[error("PostgreSQL did not answer within {0:?}")]
     Timeout(Duration),
     /// The store's own runtime could not be started.

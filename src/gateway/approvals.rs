@@ -47,6 +47,14 @@ impl Approvals {
     }
 }
 
+/// How long a decision may stay unconfirmed on a shared store before any
+/// instance takes it back. A live instance confirms within the time its record
+/// takes to commit (milliseconds), so only a stopped instance's decision is this old.
+const STRANDED_DECISION_AGE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Why a stranded decision was taken back, as its record says.
+const STRANDED_DECISION_REASON: &str = "this decision never took effect: Proxi stopped after the store took it and before its record was durable; the approval is pending again";
+
 /// What the approval step found for one call.
 pub(super) enum Gate {
     /// No rule asks for approval in the current mode.
@@ -537,6 +545,69 @@ impl Gateway {
             .map_err(|_| GatewayError::AuditUnavailable)
     }
 
+    /// Takes back every decision that a stopped process took but never put in
+    /// effect (it stopped between the store's decision and its confirmation), and
+    /// records each as `decision_reverted`, so the approval is pending again for
+    /// an operator to decide anew instead of being listed as decided but unusable.
+    /// On Proxi's own store this runs at start and takes back every unconfirmed
+    /// decision (the data dir lock means no other process decides there); on a
+    /// shared store it also runs with each expiry pass, and takes back only those
+    /// older than [`STRANDED_DECISION_AGE`], so as not to race a live instance.
+    pub(super) async fn revert_stranded_decisions(&self, at_start: bool) {
+        let shared = self.audit.store().shares_mode();
+        if !shared && !at_start {
+            return;
+        }
+        let cutoff = if shared {
+            Utc::now() - STRANDED_DECISION_AGE
+        } else {
+            Utc::now()
+        };
+        let stranded = match self
+            .on_approval_store(move |store| {
+                store.unconfirmed_decisions(cutoff, crate::approval::MAX_APPROVAL_LIST)
+            })
+            .await
+        {
+            Ok(stranded) => stranded,
+            Err(error) => {
+                tracing::error!(%error, "could not look for approval decisions that never took effect");
+                return;
+            }
+        };
+        if stranded.is_empty() {
+            return;
+        }
+        for approval in &stranded {
+            let (id, status) = (approval.id.clone(), approval.status);
+            match self
+                .on_approval_store(move |store| store.revert_decision(&id, status))
+                .await
+            {
+                Ok(true) => {}
+                // Confirmed or taken back by its own instance meanwhile.
+                Ok(false) => continue,
+                Err(error) => {
+                    tracing::error!(%error, approval_id = %approval.id, "could not take back an approval decision that never took effect");
+                    continue;
+                }
+            }
+            tracing::warn!(approval_id = %approval.id, "an approval decision never took effect (Proxi stopped before recording it); the approval is pending again");
+            if let Err(error) = self
+                .record_approval_event(
+                    &Principal::system(),
+                    approval,
+                    "decision_reverted",
+                    Some(STRANDED_DECISION_REASON),
+                )
+                .await
+            {
+                tracing::error!(%error, approval_id = %approval.id, "could not record that an approval decision was taken back");
+            }
+        }
+        self.approvals_changed().await;
+    }
+
     /// Expires every approval whose time ran out and records each expiry once.
     pub(super) async fn expire_due_approvals(&self) {
         let now = Utc::now();
@@ -656,6 +727,7 @@ pub(super) fn spawn_approval_expiry_task(gateway: std::sync::Weak<Gateway>) {
                 let Some(gateway) = gateway.upgrade() else {
                     return;
                 };
+                gateway.revert_stranded_decisions(false).await;
                 gateway.expire_due_approvals().await;
                 gateway
                     .on_approval_store(|store| store.next_expiry())
