@@ -752,3 +752,74 @@ async fn a_reload_that_removes_an_upstream_ends_its_calls_in_flight_recorded_and
     );
     upstreams.shutdown().await;
 }
+
+/// Before, `proxi mcp` never learnt its policy file: an operator's reload was
+/// refused as if the policy were the built-in one. Reloads there come only from
+/// the operator's token; the agent's token (which it holds) is refused.
+#[tokio::test]
+async fn an_operator_reloads_the_policy_of_proxi_mcp_and_the_agent_cannot() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("policy.json");
+    install(&path, &base_policy());
+    let credential = dir.path().join("operator.json");
+    let init = Command::new(env!("CARGO_BIN_EXE_proxi"))
+        .args(["credential", "init"])
+        .arg(&credential)
+        .output()
+        .expect("proxi credential init runs");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(&credential).expect("credential")).unwrap();
+    let operator = file["operator_token"].as_str().expect("token").to_owned();
+    let data = dir.path().join("data");
+    let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_proxi"))
+        .args(["mcp", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--policy")
+        .arg(&path)
+        .arg("--operator-credential")
+        .arg(&credential)
+        .env_remove("PROXI_OPERATOR_TOKEN")
+        .env("PROXI_AGENT_TOKEN", AGENT_TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("proxi mcp starts");
+    let pid = child.id();
+    let url = wait_until("server.json", Duration::from_secs(30), || {
+        proxi::server::ServerInfo::read(&data)
+            .filter(|info| info.pid == pid)
+            .map(|info| info.url)
+    });
+    let api = common::Api::new(&url);
+    let next = restart_allowed_policy();
+    install(&path, &next);
+
+    let (status, body) = api
+        .post("/policy/reload", Some(AGENT_TOKEN), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = api.post("/policy/reload", Some(&operator), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["policy_hash"], json!(hash(&next)), "{body}");
+    let (_, status) = api.get("/policy/status", Some(AGENT_TOKEN)).await;
+    assert_eq!(status["policy_hash"], json!(hash(&next)), "{status}");
+    let record = wait_for_reload_to(&data, &hash(&next));
+    assert_eq!(
+        record.detail["previous_policy_hash"],
+        json!(hash(&base_policy()))
+    );
+
+    let _ = child.kill();
+    let _ = child.wait();
+    // This process's user (the agent's, under proxi mcp) can write the file: said at start.
+    let log = std::fs::read_to_string(dir.path().join("stderr.log")).expect("log");
+    assert!(log.contains("is writable by this process's user"), "{log}");
+}

@@ -1,6 +1,7 @@
 //! `proxi mcp`: MCP over stdio, with the HTTP server beside it for operators.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -33,6 +34,20 @@ pub(crate) async fn run(args: McpArgs, log: LogFormat) -> Result<ExitCode> {
         notice(
             log,
             "no operator credential: this process has no operator endpoint and stays in the default mode (pass --operator-credential FILE, see README \"Trust model\")",
+        );
+    }
+    // An operator reloads with `POST /policy/reload` (its token is required). There is
+    // no SIGHUP reloader here: this process runs as the agent's user, who can signal it.
+    gateway.set_policy_source(policy.clone());
+    if let PolicySource::File(path) = &policy
+        && let Some(writable) = writable_by_this_user(path)
+    {
+        notice(
+            log,
+            &format!(
+                "warning: {} is writable by this process's user, which under proxi mcp is the agent's: the agent could rewrite the policy, to be loaded at the next start or reload; make the file and its directory read-only to this user (README \"Trust model\")",
+                writable.display()
+            ),
         );
     }
     let bound = BoundServer::bind(args.bind).await?;
@@ -72,4 +87,16 @@ pub(crate) async fn run(args: McpArgs, log: LogFormat) -> Result<ExitCode> {
         http.await??;
     }
     outcome.map(|()| ExitCode::SUCCESS)
+}
+
+/// The policy file, or the directory it sits in (where it could be replaced), if
+/// this process's user may write it.
+fn writable_by_this_user(path: &Path) -> Option<PathBuf> {
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    [path.to_owned(), directory]
+        .into_iter()
+        .find(|candidate| rustix::fs::access(candidate, rustix::fs::Access::WRITE_OK).is_ok())
 }
