@@ -309,6 +309,9 @@ pub struct Gateway {
     /// Counts re-bindings of the policy to a new catalog, so the MCP front end can
     /// announce `notifications/tools/list_changed` after the list it serves changed.
     tools_changed: watch::Sender<u64>,
+    /// Ticks whenever an upstream's health is reported (a start, a restart, a
+    /// crash, a new listing), so the console shows it without being asked.
+    upstream_health_changed: watch::Sender<u64>,
     /// The policy's `rate_limits`; rebuilt on a reload that changes them.
     rate_limiter: RwLock<RateLimiter>,
     metrics: crate::metrics::Metrics,
@@ -503,6 +506,7 @@ impl Gateway {
             audit,
             mode_events,
             tools_changed: watch::Sender::new(0),
+            upstream_health_changed: watch::Sender::new(0),
             rate_limiter: RwLock::new(rate_limiter),
             metrics,
             data_dir: config.data_dir,
@@ -689,9 +693,18 @@ impl Gateway {
             .send_modify(|count| *count = count.wrapping_add(1));
     }
 
-    /// Sets `proxi_upstream_up{upstream}` (1 up, 0 down) for the metrics scrape.
+    /// Sets `proxi_upstream_up{upstream}` (1 up, 0 down) for the metrics scrape,
+    /// and ticks [`Gateway::upstream_health_changes`].
     pub fn set_upstream_up(&self, upstream: &str, up: bool) {
         self.metrics.set_upstream_up(upstream, up);
+        self.upstream_health_changed
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// Ticks after every report of an upstream's health; read the health itself
+    /// with [`Gateway::upstream_health`].
+    pub fn upstream_health_changes(&self) -> watch::Receiver<u64> {
+        self.upstream_health_changed.subscribe()
     }
 
     /// Ticks after every [`Gateway::rebind`]: the catalog (hence `tools/list` and

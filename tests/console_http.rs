@@ -563,20 +563,33 @@ async fn next_approvals(
     what: &str,
     check: impl Fn(&Value) -> bool,
 ) -> Value {
+    next_event(response, buffer, "approvals", what, check).await
+}
+
+/// Reads events named `name` from a console stream until one's data satisfies
+/// `check` (bounded: panics after 10 s), and returns that data.
+async fn next_event(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let event_line = format!("event: {name}");
     loop {
         while let Some(end) = buffer.find("\n\n") {
             let event: String = buffer.drain(..end + 2).collect();
-            if !event.lines().any(|line| line == "event: approvals") {
+            if !event.lines().any(|line| line == event_line) {
                 continue;
             }
             let data = event
                 .lines()
                 .filter_map(|line| line.strip_prefix("data: "))
                 .collect::<String>();
-            let list: Value = serde_json::from_str(&data).expect("the event is JSON");
-            if check(&list) {
-                return list;
+            let data: Value = serde_json::from_str(&data).expect("the event is JSON");
+            if check(&data) {
+                return data;
             }
         }
         let chunk = tokio::time::timeout_at(deadline, response.chunk())
@@ -634,6 +647,76 @@ async fn the_approvals_stream_follows_requests_and_expiries() {
         common::approvals::listed(&api, "expired").await,
         vec![id.clone()]
     );
+}
+
+/// Before, the console learnt an upstream's health only when it fetched the
+/// overview (at load, or after an audit record), so a crash showed late or not at all.
+#[tokio::test]
+async fn the_status_stream_pushes_an_upstreams_crash_and_its_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = json!({
+        "description": "console: an upstream that crashes on request.",
+        "default_mode": "NORMAL",
+        "max_emergency_ttl_seconds": 3600,
+        "upstreams": {"fx": {
+            "command": common::upstream::python().display().to_string(),
+            "args": [common::upstream::fixture_script().display().to_string()],
+            "required": true
+        }},
+        "modes": {
+            "NORMAL": {"allowed_tools": ["fx__echo", "fx__crash"]},
+            "EMERGENCY": {"allowed_tools": ["fx__echo", "fx__crash"]}
+        }
+    });
+    let policy = common::write_policy(dir.path(), "policy.json", &policy.to_string());
+    let server = common::ServerProcess::start_with_policy(&dir.path().join("data"), &policy, &[]);
+    let (cookie, _) = session_at(&server.url, OPERATOR_TOKEN).await;
+    let mut response = client()
+        .get(format!("{}/console/api/status/stream", server.url))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut buffer = String::new();
+    next_event(
+        &mut response,
+        &mut buffer,
+        "status",
+        "the first status",
+        |_| true,
+    )
+    .await;
+
+    let fx_up = |up: bool| {
+        move |list: &Value| {
+            list.as_array()
+                .and_then(|list| list.iter().find(|upstream| upstream["name"] == "fx"))
+                .is_some_and(|fx| fx["up"] == json!(up))
+        }
+    };
+    let api = common::Api::new(&server.url);
+    let (_, body) = api.execute("fx__crash", json!({})).await;
+    assert_eq!(body["success"], false, "{body}");
+    let down = next_event(
+        &mut response,
+        &mut buffer,
+        "upstreams",
+        "fx down",
+        fx_up(false),
+    )
+    .await;
+    assert_eq!(down[0]["transport"], "stdio", "{down}");
+    // The supervisor starts it again, and the page hears of that too.
+    next_event(
+        &mut response,
+        &mut buffer,
+        "upstreams",
+        "fx up again",
+        fx_up(true),
+    )
+    .await;
+    server.terminate();
 }
 
 #[tokio::test]

@@ -231,6 +231,8 @@ function watchStatus() {
     renderStatus(JSON.parse(event.data));
     refreshOverview();
   });
+  // An upstream started, crashed or came back: its health, with no call needed.
+  statusSource.addEventListener('upstreams', () => refreshOverview());
   statusSource.onerror = () => {
     setLive(false);
     // A closed stream (not a reconnect in progress) may mean the session ended.

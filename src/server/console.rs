@@ -541,25 +541,29 @@ struct UpstreamHealth {
     required: bool,
 }
 
+/// Every upstream's health, in name order.
+fn upstream_health(gateway: &Gateway) -> Vec<UpstreamHealth> {
+    gateway
+        .upstream_health()
+        .into_iter()
+        .map(|status| UpstreamHealth {
+            name: status.name,
+            transport: status.transport.as_str(),
+            up: status.up,
+            tools: status.tools,
+            last_error: status.last_error,
+            required: status.required,
+        })
+        .collect()
+}
+
 /// `GET /console/api/overview`.
 async fn overview(State(state): State<AppState>, session: ConsoleSession) -> Response {
     hardened(
         Json(Overview {
             status: state.gateway.status().into(),
             infrastructure: state.gateway.infrastructure_status(),
-            upstreams: state
-                .gateway
-                .upstream_health()
-                .into_iter()
-                .map(|status| UpstreamHealth {
-                    name: status.name,
-                    transport: status.transport.as_str(),
-                    up: status.up,
-                    tools: status.tools,
-                    last_error: status.last_error,
-                    required: status.required,
-                })
-                .collect(),
+            upstreams: upstream_health(&state.gateway),
             principal: session.principal.name().to_string(),
         })
         .into_response(),
@@ -623,7 +627,9 @@ async fn audit_stream(
     ))
 }
 
-/// `GET /console/api/status/stream`: the policy status now and after every change.
+/// `GET /console/api/status/stream`: the policy status now and after every change
+/// (`status` events), and the upstreams' health after every change of it
+/// (`upstreams` events), so a crashed upstream shows without a reload or a call.
 async fn status_stream(
     State(state): State<AppState>,
     _session: ConsoleSession,
@@ -634,10 +640,35 @@ async fn status_stream(
         .map(|Extension(shutdown)| shutdown)
         .unwrap_or_default()
         .0;
+    let events = futures::stream::select(
+        status_events(receiver),
+        upstream_events(state.gateway.clone()),
+    );
     hardened(
-        Sse::new(status_events(receiver).take_until(stop.cancelled_owned()))
+        Sse::new(events.take_until(stop.cancelled_owned()))
             .keep_alive(KeepAlive::default())
             .into_response(),
+    )
+}
+
+/// An `upstreams` event (every upstream's health) after each report of it; the
+/// health of that moment, so a burst of reports gives one event.
+fn upstream_events(gateway: Arc<Gateway>) -> impl Stream<Item = Result<Event, Infallible>> {
+    let receiver = gateway.upstream_health_changes();
+    futures::stream::unfold(
+        (Arc::downgrade(&gateway), receiver),
+        |(gateway, mut receiver)| async move {
+            receiver.changed().await.ok()?;
+            receiver.borrow_and_update();
+            let live = gateway.upgrade()?;
+            let health = upstream_health(&live);
+            drop(live);
+            let event = Event::default()
+                .event("upstreams")
+                .json_data(&health)
+                .unwrap_or_else(|_| Event::default().event("upstreams").data("[]"));
+            Some((Ok(event), (gateway, receiver)))
+        },
     )
 }
 
