@@ -137,6 +137,40 @@ fn policy_check_refuses_bad_guards() {
     assert!(stderr.contains("modes.NORMAL.guards"), "{stderr}");
 }
 
+/// Before, `policy check` listed a mode's constraints and approval rules but not
+/// its guards, so a reader could not see them without reading the file.
+#[test]
+fn policy_check_lists_each_modes_guards() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = write_policy(dir.path(), "guarded.json", &guarded_policy().to_string());
+    let output = Command::new(env!("CARGO_BIN_EXE_proxi"))
+        .args(["policy", "check"])
+        .arg(&path)
+        .output()
+        .expect("proxi runs");
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let emergency = stdout
+        .split("  NORMAL")
+        .find(|part| part.contains("EMERGENCY: allows"))
+        .expect("an EMERGENCY section");
+    assert!(
+        emergency.contains(
+            "    guard: restart_service: cooldown 120 s per service_name, requires_prior get_service_status (same service_name) within 300 s\n"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        emergency.contains("    guard: scale_fleet: max_step 2\n"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("guard:").count(),
+        2,
+        "NORMAL has none: {stdout}"
+    );
+}
+
 #[test]
 fn policy_diff_shows_guard_changes() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -402,6 +402,9 @@ fn print_policy_check(source: &PolicySource, engine: &PolicyEngine) -> std::io::
             let ttl = mode.approval_ttl().as_secs();
             out!("    needs approval: {tools} {rule} (expires after {ttl} s)")?;
         }
+        for rule in engine.guards(id).rules() {
+            out!("    guard: {}", escape(&rule.to_string()))?;
+        }
     }
     let always_blocked = if engine.upstreams().is_empty() {
         engine.always_blocked().names()
