@@ -114,6 +114,15 @@ async fn bad_filters_are_refused_with_a_clear_400() {
         ("since=yesterday", "since"),
         ("until=12", "until"),
         ("colour=red", "colour"),
+        // Before, a kind or decision no record can have answered an empty page.
+        (
+            "kind=toolcall",
+            "unknown kind \"toolcall\"; the kinds are tool_call,",
+        ),
+        (
+            "decision=maybe",
+            "unknown decision \"maybe\"; the decisions are allowed, denied, rejected",
+        ),
     ] {
         let (status, body) = audit(&api, query).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");

@@ -266,6 +266,21 @@ async fn mode_commands_drive_a_running_server_and_audit_tools_read_its_trail() {
     let record: serde_json::Value = serde_json::from_str(stdout(&output).trim()).unwrap();
     assert_eq!(record["mode"], "NORMAL");
     assert_eq!(record["kind"], "mode_change");
+    // A kind no record can have is an error, not an empty (and reassuring) answer.
+    let output = proxi(&[
+        "audit",
+        "tail",
+        "--data-dir",
+        &data_dir,
+        "--kind",
+        "mode-change",
+    ]);
+    assert!(!output.status.success(), "{}", stdout(&output));
+    assert!(
+        stderr(&output).contains("unknown kind \"mode-change\"; the kinds are tool_call"),
+        "{}",
+        stderr(&output)
+    );
 
     let output = proxi(&["audit", "verify", "--data-dir", &data_dir]);
     assert!(output.status.success(), "{}", stdout(&output));

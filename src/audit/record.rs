@@ -52,6 +52,21 @@ pub enum EntryKind {
 }
 
 impl EntryKind {
+    /// Every kind this version writes, in declaration order (a kind no longer
+    /// written moves to [`super::RETIRED_KINDS`]).
+    pub const ALL: [EntryKind; 10] = [
+        EntryKind::ToolCall,
+        EntryKind::ModeChange,
+        EntryKind::ModeExpired,
+        EntryKind::AuthRefused,
+        EntryKind::Incident,
+        EntryKind::ModeDrained,
+        EntryKind::PolicyReload,
+        EntryKind::Approval,
+        EntryKind::ConsoleLogin,
+        EntryKind::ConsoleLogout,
+    ];
+
     /// The snake_case stored form.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -82,6 +97,13 @@ pub enum AuditDecision {
 }
 
 impl AuditDecision {
+    /// Every decision.
+    pub const ALL: [AuditDecision; 3] = [
+        AuditDecision::Allowed,
+        AuditDecision::Denied,
+        AuditDecision::Rejected,
+    ];
+
     /// The snake_case stored form.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -36,7 +36,48 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
+/// A query filter that no record can match, because it names a value outside
+/// the trail's vocabulary: answered as an error rather than as an empty page, so
+/// a typo is not mistaken for "nothing happened".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// `kind` is none of [`EntryKind::ALL`] nor [`RETIRED_KINDS`].
+    #[error("unknown kind {0:?}; the kinds are {kinds}", kinds = names(EntryKind::ALL.map(EntryKind::as_str)))]
+    UnknownKind(String),
+    /// `decision` is none of [`AuditDecision::ALL`].
+    #[error("unknown decision {0:?}; the decisions are {decisions}", decisions = names(AuditDecision::ALL.map(AuditDecision::as_str)))]
+    UnknownDecision(String),
+}
+
+/// Kinds that earlier versions wrote and this one no longer does: older trails
+/// hold them, so they stay queryable (`shadow_decision`: a shadow policy's
+/// disagreement, now in the call's own record).
+pub const RETIRED_KINDS: [&str; 1] = ["shadow_decision"];
+
+fn names<const N: usize>(names: [&str; N]) -> String {
+    names.join(", ")
+}
+
 impl AuditQuery {
+    /// Refuses a `kind` or `decision` filter that no record can have. Reason codes
+    /// are not checked: older records may carry codes this version no longer uses.
+    pub fn check(&self) -> Result<(), QueryError> {
+        if let Some(kind) = &self.kind
+            && !EntryKind::ALL.iter().any(|known| known.as_str() == kind)
+            && !RETIRED_KINDS.contains(&kind.as_str())
+        {
+            return Err(QueryError::UnknownKind(kind.clone()));
+        }
+        if let Some(decision) = &self.decision
+            && !AuditDecision::ALL
+                .iter()
+                .any(|known| known.as_str() == decision)
+        {
+            return Err(QueryError::UnknownDecision(decision.clone()));
+        }
+        Ok(())
+    }
+
     /// The newest `limit` records, unfiltered.
     pub fn newest(limit: u32) -> AuditQuery {
         AuditQuery {
@@ -479,6 +520,40 @@ fn finish_unanchored<S: AuditStore + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_naming_an_unknown_kind_or_decision_is_refused() {
+        let mut query = AuditQuery::newest(10);
+        assert_eq!(query.check(), Ok(()));
+        for kind in EntryKind::ALL {
+            query.kind = Some(kind.as_str().to_owned());
+            assert_eq!(query.check(), Ok(()), "{kind:?}");
+        }
+        query.kind = Some("shadow_decision".to_owned());
+        assert_eq!(query.check(), Ok(()), "retired, but older trails hold it");
+        query.kind = Some("toolcall".to_owned());
+        assert_eq!(
+            query.check(),
+            Err(QueryError::UnknownKind("toolcall".to_owned()))
+        );
+        query.kind = None;
+        for decision in AuditDecision::ALL {
+            query.decision = Some(decision.as_str().to_owned());
+            assert_eq!(query.check(), Ok(()), "{decision:?}");
+        }
+        query.decision = Some("Allowed".to_owned());
+        assert!(
+            query
+                .check()
+                .unwrap_err()
+                .to_string()
+                .ends_with("the decisions are allowed, denied, rejected")
+        );
+        // Reason codes of older versions stay queryable.
+        query.decision = None;
+        query.reason_code = Some("some_retired_code".to_owned());
+        assert_eq!(query.check(), Ok(()));
+    }
 
     #[test]
     fn a_star_matches_any_run_of_characters() {

@@ -65,7 +65,9 @@ pub(crate) struct TailFilters {
     /// Only this principal (e.g. `agent`, `operator`).
     #[arg(long)]
     principal: Option<String>,
-    /// Only this kind (`tool_call`, `mode_change`, `mode_expired`, `auth_refused`, `incident`).
+    /// Only this kind (`tool_call`, `mode_change`, `mode_expired`, `mode_drained`,
+    /// `auth_refused`, `incident`, `policy_reload`, `approval`, `console_login`,
+    /// `console_logout`).
     #[arg(long)]
     kind: Option<String>,
     /// Only this tool; `*` matches any run of characters (`restart_*`).
@@ -114,7 +116,7 @@ impl TailFilters {
                 })
                 .transpose()
         };
-        Ok(audit::AuditQuery {
+        let query = audit::AuditQuery {
             principal: self.principal.clone(),
             kind: self.kind.clone(),
             tool: self.tool.clone(),
@@ -124,7 +126,9 @@ impl TailFilters {
             until: time("until", &self.until)?,
             after_seq: None,
             limit,
-        })
+        };
+        query.check()?;
+        Ok(query)
     }
 }
 

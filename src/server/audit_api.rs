@@ -94,7 +94,7 @@ impl AuditFilters {
                     }),
             }
         };
-        Ok(AuditQuery {
+        let query = AuditQuery {
             principal: text("principal", self.principal)?,
             kind: text("kind", self.kind)?,
             tool: text("tool", self.tool)?,
@@ -104,7 +104,11 @@ impl AuditFilters {
             until: time("until", self.until)?,
             after_seq: self.after_seq,
             limit,
-        })
+        };
+        query
+            .check()
+            .map_err(|error| ApiError::bad_request(error.to_string()))?;
+        Ok(query)
     }
 }
 
