@@ -184,15 +184,20 @@ impl Gateway {
                 ApprovalStatus::Pending | ApprovalStatus::Approved
             ) && !found.is_expired_at(now)
         };
-        // A pending approval found here may be decided before `create` below
-        // reuses it; then `create` makes a new one, and a denial must still win.
-        let was_pending = latest
-            .as_ref()
-            .filter(|found| found.status == ApprovalStatus::Pending && live(found))
-            .map(|found| found.id.clone());
         let reason = match latest {
             Some(found) if live(&found) && found.binding.policy_hash != binding.policy_hash => {
                 Reason::ApprovalMismatch
+            }
+            // Still pending: the call waits for this one. Answered here rather than by
+            // `create` (which would return it too), because an operator may decide it
+            // in between, and `create` would then open a second approval for the
+            // same call that nobody asked for, and the caller would wait on it
+            // instead of hearing the decision.
+            Some(found) if found.status == ApprovalStatus::Pending && live(&found) => {
+                return Ok(Gate::Answer(
+                    ApprovalAnswer::waiting(Reason::ApprovalRequired, &found),
+                    mode,
+                ));
             }
             // Decided, but its record is not durable yet (and may fail, which takes
             // the decision back): not in effect, so the call waits as for a pending one.
@@ -265,22 +270,6 @@ impl Gateway {
             Ok((approval, fresh)) => {
                 if fresh {
                     self.approvals_changed().await;
-                }
-                if let Some(previous) = was_pending.filter(|id| fresh && *id != approval.id) {
-                    let lookup = previous.clone();
-                    let decided = self
-                        .on_approval_store(move |store| store.get(&lookup))
-                        .await
-                        .map_err(store_failed)?;
-                    if let Some(denied) = decided.filter(|found| {
-                        found.status == ApprovalStatus::Denied
-                            && found.decision_recorded
-                            && !found.is_expired_at(Utc::now())
-                    }) {
-                        // Denied while this call was being decided: the denial
-                        // answers it (the new request is left to its operators).
-                        return Ok(Gate::Answer(ApprovalAnswer::denied(&denied), mode));
-                    }
                 }
                 Ok(Gate::Answer(
                     ApprovalAnswer::waiting(reason, &approval),
@@ -755,4 +744,163 @@ fn until(when: DateTime<Utc>) -> Duration {
         .to_std()
         .unwrap_or(Duration::ZERO)
         .saturating_add(Duration::from_millis(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::approval::sqlite::SqliteApprovals;
+    use crate::approval::{DecisionSeal, Verdict};
+    use crate::audit::{Durability, SqliteStore};
+    use crate::gateway::{Execution, GatewayConfig, Outcome, StartupTrust};
+    use crate::mode::ModeChange;
+
+    /// The SQLite store, except that one `latest_for` (once armed) has an operator
+    /// deny every pending approval, unconfirmed, just after it answers: a decision
+    /// landing in the instant after the gate's lookup.
+    #[derive(Debug)]
+    struct DecidesBeforeCreate {
+        inner: SqliteApprovals,
+        armed: AtomicBool,
+    }
+
+    impl ApprovalStore for DecidesBeforeCreate {
+        fn create(
+            &self,
+            request: NewApproval,
+            max_pending: usize,
+        ) -> Result<(Approval, bool), ApprovalError> {
+            self.inner.create(request, max_pending)
+        }
+        fn get(&self, id: &str) -> Result<Option<Approval>, ApprovalError> {
+            self.inner.get(id)
+        }
+        fn latest_for(&self, binding: &Binding) -> Result<Option<Approval>, ApprovalError> {
+            let found = self.inner.latest_for(binding)?;
+            if self.armed.swap(false, Ordering::SeqCst) {
+                for pending in self.inner.list(Some(ApprovalStatus::Pending), 10)? {
+                    self.inner.decide(
+                        &pending.id,
+                        ApprovalVerdict::Deny,
+                        "operator",
+                        "no",
+                        Utc::now(),
+                    )?;
+                }
+            }
+            Ok(found)
+        }
+        fn list(
+            &self,
+            status: Option<ApprovalStatus>,
+            limit: usize,
+        ) -> Result<Vec<Approval>, ApprovalError> {
+            self.inner.list(status, limit)
+        }
+        fn decide(
+            &self,
+            id: &str,
+            verdict: Verdict,
+            approver: &str,
+            reason: &str,
+            now: DateTime<Utc>,
+        ) -> Result<Approval, ApprovalError> {
+            self.inner.decide(id, verdict, approver, reason, now)
+        }
+        fn confirm_decision(&self, id: &str) -> Result<bool, ApprovalError> {
+            self.inner.confirm_decision(id)
+        }
+        fn revert_decision(
+            &self,
+            id: &str,
+            decided: ApprovalStatus,
+        ) -> Result<bool, ApprovalError> {
+            self.inner.revert_decision(id, decided)
+        }
+        fn consume(&self, id: &str, now: DateTime<Utc>) -> Result<Option<Approval>, ApprovalError> {
+            self.inner.consume(id, now)
+        }
+        fn expire_due(&self, now: DateTime<Utc>) -> Result<Vec<Approval>, ApprovalError> {
+            self.inner.expire_due(now)
+        }
+        fn unconfirmed_decisions(
+            &self,
+            decided_before: DateTime<Utc>,
+            limit: usize,
+        ) -> Result<Vec<Approval>, ApprovalError> {
+            self.inner.unconfirmed_decisions(decided_before, limit)
+        }
+        fn next_expiry(&self) -> Result<Option<DateTime<Utc>>, ApprovalError> {
+            self.inner.next_expiry()
+        }
+        fn count_pending(&self) -> Result<usize, ApprovalError> {
+            self.inner.count_pending()
+        }
+    }
+
+    fn answer(execution: &Execution) -> &ApprovalAnswer {
+        match &execution.outcome {
+            Outcome::Approval(answer) => answer,
+            other => panic!("not an approval answer: {other:?}"),
+        }
+    }
+
+    /// Before, an identical call whose pending approval was decided in that
+    /// instant got a second approval opened for it, and waited on that one
+    /// instead of hearing the decision (the agent then reported "other").
+    #[tokio::test]
+    async fn a_decision_between_the_lookup_and_create_opens_no_second_approval() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let mut policy: Value =
+            serde_json::from_str(include_str!("../../policies/ops_policy.json")).unwrap();
+        policy["modes"]["EMERGENCY"]["require_approval"] = json!({"scale_fleet": {}});
+        let policy = PolicyEngine::from_json(&policy.to_string(), "test policy").unwrap();
+        let config = GatewayConfig {
+            data_dir: data_dir.clone(),
+            durability: Durability::Process,
+            audit_reserve_bytes: Some(0),
+        };
+        crate::audit::create_private_dir(&data_dir).unwrap();
+        let trust = StartupTrust {
+            anchoring: crate::anchor::Anchoring::in_data_dir(&data_dir).unwrap(),
+            restore_elevated: true,
+        };
+        let audit = Arc::new(SqliteStore::open(&data_dir, Durability::Process).unwrap());
+        let seal = DecisionSeal::Keyed(crate::anchor::AuditKey::from_bytes([7; 32]));
+        let approvals = Arc::new(DecidesBeforeCreate {
+            inner: SqliteApprovals::open(&data_dir, seal).unwrap(),
+            armed: AtomicBool::new(false),
+        });
+        let gateway = Gateway::open_with_store(policy, config, trust, audit, approvals.clone())
+            .await
+            .unwrap();
+        let change = ModeChange {
+            mode: "EMERGENCY".into(),
+            reason: Some("incident".into()),
+            ttl: None,
+        };
+        gateway
+            .set_mode(&Principal::operator(), change)
+            .await
+            .unwrap();
+        let agent = Principal::agent();
+        let call = || gateway.execute(&agent, "scale_fleet", json!({"count": 4}));
+        let first = call().await.unwrap();
+        let id = answer(&first).approval_id.clone().expect("an approval id");
+
+        approvals.armed.store(true, Ordering::SeqCst);
+        let again = call().await.unwrap();
+        assert_eq!(answer(&again).reason, Reason::ApprovalRequired);
+        assert_eq!(answer(&again).approval_id.as_deref(), Some(id.as_str()));
+        let all = approvals.list(None, 10).unwrap();
+        assert_eq!(all.len(), 1, "no second approval: {all:?}");
+
+        // Once the denial is in effect, the identical call hears it.
+        assert!(approvals.confirm_decision(&id).unwrap());
+        let denied = call().await.unwrap();
+        assert_eq!(answer(&denied).reason, Reason::ApprovalDenied);
+    }
 }
