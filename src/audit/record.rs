@@ -395,6 +395,43 @@ mod tests {
     use super::*;
     use crate::reason::Reason;
 
+    /// `ALL` lists each kind once, in declaration order. The match has no
+    /// wildcard, so a new kind does not compile here until it has a place in `ALL`.
+    #[test]
+    fn every_kind_is_listed_once_and_round_trips() {
+        let position = |kind: EntryKind| match kind {
+            EntryKind::ToolCall => 0,
+            EntryKind::ModeChange => 1,
+            EntryKind::ModeExpired => 2,
+            EntryKind::AuthRefused => 3,
+            EntryKind::Incident => 4,
+            EntryKind::ModeDrained => 5,
+            EntryKind::PolicyReload => 6,
+            EntryKind::Approval => 7,
+            EntryKind::ConsoleLogin => 8,
+            EntryKind::ConsoleLogout => 9,
+        };
+        assert_eq!(EntryKind::ALL.len(), 10, "one entry per arm above");
+        for (index, kind) in EntryKind::ALL.into_iter().enumerate() {
+            assert_eq!(position(kind), index, "{kind:?}");
+            let stored = serde_json::to_value(kind).unwrap();
+            assert_eq!(stored, serde_json::Value::from(kind.as_str()));
+            assert!(!super::super::RETIRED_KINDS.contains(&kind.as_str()));
+        }
+        for (index, decision) in AuditDecision::ALL.into_iter().enumerate() {
+            let position = match decision {
+                AuditDecision::Allowed => 0,
+                AuditDecision::Denied => 1,
+                AuditDecision::Rejected => 2,
+            };
+            assert_eq!(position, index, "{decision:?}");
+            assert_eq!(
+                serde_json::to_value(decision).unwrap(),
+                serde_json::Value::from(decision.as_str())
+            );
+        }
+    }
+
     fn record_with_reason(reason_code: Option<&str>) -> AuditRecord {
         AuditRecord {
             decision: "denied".to_owned(),
