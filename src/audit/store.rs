@@ -42,10 +42,10 @@ pub struct AuditQuery {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueryError {
     /// `kind` is none of [`EntryKind::ALL`] nor [`RETIRED_KINDS`].
-    #[error("unknown kind {0:?}; the kinds are {kinds}", kinds = names(EntryKind::ALL.map(EntryKind::as_str)))]
+    #[error("unknown kind {0:?}; the kinds are {kinds}", kinds = EntryKind::ALL.map(EntryKind::as_str).join(", "))]
     UnknownKind(String),
     /// `decision` is none of [`AuditDecision::ALL`].
-    #[error("unknown decision {0:?}; the decisions are {decisions}", decisions = names(AuditDecision::ALL.map(AuditDecision::as_str)))]
+    #[error("unknown decision {0:?}; the decisions are {decisions}", decisions = AuditDecision::ALL.map(AuditDecision::as_str).join(", "))]
     UnknownDecision(String),
 }
 
@@ -53,10 +53,6 @@ pub enum QueryError {
 /// hold them, so they stay queryable (`shadow_decision`: a shadow policy's
 /// disagreement, now in the call's own record).
 pub const RETIRED_KINDS: [&str; 1] = ["shadow_decision"];
-
-fn names<const N: usize>(names: [&str; N]) -> String {
-    names.join(", ")
-}
 
 impl AuditQuery {
     /// Refuses a `kind` or `decision` filter that no record can have. Reason codes

@@ -761,12 +761,12 @@ mod tests {
     /// deny every pending approval, unconfirmed, just after it answers: a decision
     /// landing in the instant after the gate's lookup.
     #[derive(Debug)]
-    struct DecidesBeforeCreate {
+    struct DecidesAfterLookup {
         inner: SqliteApprovals,
         armed: AtomicBool,
     }
 
-    impl ApprovalStore for DecidesBeforeCreate {
+    impl ApprovalStore for DecidesAfterLookup {
         fn create(
             &self,
             request: NewApproval,
@@ -870,7 +870,7 @@ mod tests {
         };
         let audit = Arc::new(SqliteStore::open(&data_dir, Durability::Process).unwrap());
         let seal = DecisionSeal::Keyed(crate::anchor::AuditKey::from_bytes([7; 32]));
-        let approvals = Arc::new(DecidesBeforeCreate {
+        let approvals = Arc::new(DecidesAfterLookup {
             inner: SqliteApprovals::open(&data_dir, seal).unwrap(),
             armed: AtomicBool::new(false),
         });

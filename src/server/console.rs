@@ -660,9 +660,7 @@ fn upstream_events(gateway: Arc<Gateway>) -> impl Stream<Item = Result<Event, In
         |(gateway, mut receiver)| async move {
             receiver.changed().await.ok()?;
             receiver.borrow_and_update();
-            let live = gateway.upgrade()?;
-            let health = upstream_health(&live);
-            drop(live);
+            let health = upstream_health(&*gateway.upgrade()?);
             let event = Event::default()
                 .event("upstreams")
                 .json_data(&health)
